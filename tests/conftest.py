@@ -1,0 +1,27 @@
+"""Test session setup.
+
+Without CUDA, Triton's interpreter runs the kernels on the CPU: TRITON_INTERPRET
+must be set before Triton is first imported, so it is set here, at collection.
+Tests that need a GPU carry the `gpu` marker and are skipped, with the reason,
+where there is none.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
