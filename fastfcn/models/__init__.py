@@ -1,0 +1,58 @@
+"""The model zoo: nn.Modules with the exact reference geometry.
+
+    model = fastfcn.models.build("fcn8s", num_classes=21, width=1.0)
+    logits = model(x)          # x: (N, 3, H, W) preprocessed -> (N, C, H, W)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .common import SegmentationModel, fold_batchnorm, voc_palette
+from .deconvnet import DeconvNet
+from .dilated import DilatedNet
+from .fcn import FCN, FCNAlexNet
+
+_BUILDERS = {
+    "fcn32s": lambda **kw: FCN("fcn32s", **kw),
+    "fcn16s": lambda **kw: FCN("fcn16s", **kw),
+    "fcn8s": lambda **kw: FCN("fcn8s", **kw),
+    "fcn8s-atonce": lambda **kw: FCN("fcn8s-atonce", **kw),
+    "fcn-alexnet": lambda **kw: FCNAlexNet(**kw),
+    "deconvnet": lambda **kw: DeconvNet(**kw),
+    "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
+    "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
+}
+
+
+def available() -> list[str]:
+    """The architecture names `build` accepts."""
+    return list(_BUILDERS)
+
+
+def build(arch: str, num_classes: int = 21, width: float = 1.0, **options) -> SegmentationModel:
+    """Build an architecture by name (in train mode, like any new nn.Module).
+
+    arch: one of available(); width scales every channel count (1.0 is the
+    paper's net); options: learnable_upsampling (FCN, dilated), dropout,
+    context="basic" | "large" (dilated-context, default "large").
+    """
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
+    if arch == "dilated-context" and options.get("context", "large") is None:
+        raise ValueError("dilated-context needs context='basic' or 'large'; use dilated-frontend for none")
+    try:
+        return _BUILDERS[arch](num_classes=num_classes, width=width, **options)
+    except TypeError as e:
+        raise ValueError(f"bad options for {arch}: {e}") from None
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All parameters, fixed upsampling weights included."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "SegmentationModel", "available", "build",
+    "fold_batchnorm", "parameter_count", "voc_palette",
+]  # fmt: skip

@@ -1,0 +1,148 @@
+"""Pieces shared by the model families: channel scaling, preprocessing
+defaults, the fused/reference switch, Caffe-style layers, BatchNorm folding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastfcn.kernels.structure import bilinear_weight
+
+VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+# Model impl names: "reference" is the plain-PyTorch spec (the default forward);
+# "fused" routes heads and unpooling through fastfcn.ops (Triton on CUDA, C++ on CPU);
+# "triton" / "cpu" pin one implementation.
+IMPLS = ("reference", "fused", "triton", "cpu")
+
+
+def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved), n entries of (R, G, B)."""
+    pal = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal.append((r, g, b))
+    return pal
+
+
+def scaled(channels: int, width: float, multiple: int = 1) -> int:
+    """channels * width, rounded to a multiple of `multiple` (>= multiple)."""
+    return max(multiple, int(round(channels * width / multiple)) * multiple)
+
+
+def ops_impl(impl: str) -> str | None:
+    """Model impl name -> the ``impl=`` argument of fastfcn.ops."""
+    return None if impl == "fused" else impl
+
+
+class SegmentationModel(nn.Module):
+    """Base of every model: forward(x: (N, 3, H, W) preprocessed float) ->
+    logits (N, C, H, W); ``output="labels"`` / ``"probs"`` for the other forms.
+
+    ``config`` holds what a checkpoint records (arch, num_classes, width,
+    options, preprocessing); ``set_impl`` switches between the reference forward
+    and the fused ops.
+    """
+
+    def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=(1.0, 1.0, 1.0)):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+        if not (isinstance(width, (int, float)) and 0 < width <= 4):
+            raise ValueError(f"width must be a number in (0, 4]; got {width!r}")
+        self.impl = "reference"
+        self.config = {
+            "arch": arch,
+            "num_classes": num_classes,
+            "width": float(width),
+            "options": dict(options),
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            # Caffe-trained reference nets take BGR, mean-subtracted, unscaled (0..255).
+            "color_order": "BGR",
+            "input_scale": 255.0,
+            "class_names": list(VOC_CLASSES)
+            if num_classes == 21
+            else [f"class_{i}" for i in range(num_classes)],
+            "palette": [list(c) for c in voc_palette(num_classes)],
+        }
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+    def set_impl(self, impl: str) -> SegmentationModel:
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+        self.impl = impl
+        return self
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input must be a float tensor (N, 3, H, W); got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"input must be non-empty (N, 3, H, W) with N, H, W >= 1; got {tuple(x.shape)}")
+
+    def bn_pairs(self) -> list[tuple[str, str]]:
+        """(conv name, BatchNorm name) pairs that fold_batchnorm may merge."""
+        return []
+
+
+def conv_relu_names(prefix: str, counts: list[int]) -> list[str]:
+    return [f"{prefix}{b}_{i}" for b, n in enumerate(counts, 1) for i in range(1, n + 1)]
+
+
+def make_upsampler(channels: int, k: int, stride: int, learnable: bool, depthwise: bool = False):
+    """Deconvolution initialised bilinear on the diagonal, fixed unless learnable."""
+    m = nn.ConvTranspose2d(
+        channels, channels, k, stride=stride, bias=False, groups=channels if depthwise else 1
+    )
+    with torch.no_grad():
+        m.weight.copy_(bilinear_weight(channels, k, depthwise=depthwise))
+    m.weight.requires_grad_(learnable)
+    return m
+
+
+@torch.no_grad()
+def fold_batchnorm(model: SegmentationModel) -> SegmentationModel:
+    """Fold every eval-mode BatchNorm into the convolution before it, in place.
+
+    y = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta becomes a conv with
+    weight * s and bias (b - mean) * s + beta, s = gamma / sqrt(var + eps): the
+    same function up to float rounding. The BatchNorm becomes an Identity.
+    Works for Conv2d (weight (out, in, k, k)) and ConvTranspose2d (weight (in, out, k, k)).
+    """
+    for conv_name, bn_name in model.bn_pairs():
+        conv, bn = getattr(model, conv_name), getattr(model, bn_name)
+        if isinstance(bn, nn.Identity):
+            continue
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        w = conv.weight
+        if isinstance(conv, nn.ConvTranspose2d):
+            if conv.groups != 1:
+                raise ValueError(f"cannot fold {bn_name} into grouped transposed conv {conv_name}")
+            w.mul_(s.view(1, -1, 1, 1))
+        else:
+            w.mul_(s.view(-1, 1, 1, 1))
+        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_b = (b - bn.running_mean) * s + bn.bias
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_b)
+        else:
+            conv.bias.copy_(new_b)
+        setattr(model, bn_name, nn.Identity())
+    return model

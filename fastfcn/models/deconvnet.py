@@ -1,0 +1,127 @@
+"""DeconvNet (Noh, Hong, Han): VGG16 encoder with BatchNorm keeping its pooling
+switches, fc6/fc7, fc6-deconv, and a mirrored decoder of max-unpooling and
+3x3 deconvolutions, then a 1x1 seg-score.
+
+Sizes: the net was designed for 224x224 proposals (pool5 7x7, fc6 7x7 valid ->
+1x1). Any input works: it is zero-padded at the bottom and right (after mean
+subtraction, so the pad is the mean colour) to a multiple of 32 and at least
+224 on each side, run, and the logits are cropped back to H x W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..kernels.reference import finish
+from .common import VOC_MEAN_BGR, SegmentationModel, ops_impl, scaled
+from .fcn import VGG_BLOCKS
+
+# decoder blocks, coarse to fine: (unpool level, [(name, out channels at width 1)])
+DECODER = (
+    (5, (("deconv5_1", 512), ("deconv5_2", 512), ("deconv5_3", 512))),
+    (4, (("deconv4_1", 512), ("deconv4_2", 512), ("deconv4_3", 256))),
+    (3, (("deconv3_1", 256), ("deconv3_2", 256), ("deconv3_3", 128))),
+    (2, (("deconv2_1", 128), ("deconv2_2", 64))),
+    (1, (("deconv1_1", 64), ("deconv1_2", 64))),
+)
+MIN_SIZE = 224
+MULTIPLE = 32
+
+
+def _bn_name(conv: str) -> str:
+    # conv3_2 -> bn3_2, deconv3_2 -> debn3_2, fc6 -> bn6, fc6_deconv -> fc6_deconv_bn
+    if conv.startswith("conv"):
+        return "bn" + conv[4:]
+    if conv.startswith("deconv"):
+        return "debn" + conv[6:]
+    if conv in ("fc6", "fc7"):
+        return "bn" + conv[2:]
+    return conv + "_bn"
+
+
+def padded_size(h: int) -> int:
+    """The side DeconvNet runs at for an input side h: >= 224 and a multiple of 32."""
+    return max(MIN_SIZE, -(-h // MULTIPLE) * MULTIPLE)
+
+
+class DeconvNet(SegmentationModel):
+    """forward(x: (N, 3, H, W)) -> logits (N, C, H, W)."""
+
+    def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5):
+        super().__init__("deconvnet", num_classes, width, {"dropout": dropout}, VOC_MEAN_BGR)
+        self._enc: list[list[str]] = []
+        self._pairs: list[tuple[str, str]] = []
+        c_in = 3
+        for b, (c, n) in enumerate(VGG_BLOCKS, 1):
+            names = []
+            for i in range(1, n + 1):
+                name = f"conv{b}_{i}"
+                c_out = scaled(c, width)
+                self._add(name, nn.Conv2d(c_in, c_out, 3, padding=1), c_out)
+                names.append(name)
+                c_in = c_out
+            self._enc.append(names)
+        c5, c_fc = c_in, scaled(4096, width)
+        self._add("fc6", nn.Conv2d(c5, c_fc, 7), c_fc)
+        self._add("fc7", nn.Conv2d(c_fc, c_fc, 1), c_fc)
+        self._add("fc6_deconv", nn.ConvTranspose2d(c_fc, c5, 7), c5)
+        self.drop6 = nn.Dropout(dropout)
+        self.drop7 = nn.Dropout(dropout)
+        c_in = c5
+        self._dec: list[tuple[int, list[str]]] = []
+        for level, layers in DECODER:
+            names = []
+            for name, c in layers:
+                c_out = scaled(c, width)
+                self._add(name, nn.ConvTranspose2d(c_in, c_out, 3, padding=1), c_out)
+                names.append(name)
+                c_in = c_out
+            self._dec.append((level, names))
+        self.seg_score = nn.Conv2d(c_in, num_classes, 1)
+
+    def _add(self, name: str, conv: nn.Module, c: int) -> None:
+        setattr(self, name, conv)
+        setattr(self, _bn_name(name), nn.BatchNorm2d(c))
+        self._pairs.append((name, _bn_name(name)))
+
+    def bn_pairs(self) -> list[tuple[str, str]]:
+        return list(self._pairs)
+
+    def _cbr(self, name: str, h: torch.Tensor, relu: bool = True) -> torch.Tensor:
+        h = getattr(self, _bn_name(name))(getattr(self, name)(h))
+        return F.relu(h, inplace=True) if relu else h
+
+    def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
+        self._check_input(x)
+        impl = ops_impl(self.impl)
+        fused = self.impl != "reference"
+        H, W = x.shape[-2:]
+        Hp, Wp = padded_size(H), padded_size(W)
+        h = F.pad(x, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else x
+        switches = {}
+        for b, names in enumerate(self._enc, 1):
+            for name in names:
+                h = self._cbr(name, h)
+            size = (h.shape[-2], h.shape[-1])
+            if fused:
+                h, sw = ops.max_pool2d_with_switches(h, 2, 2, True, impl=impl)
+            else:
+                h, sw = F.max_pool2d(h, 2, 2, ceil_mode=True, return_indices=True)
+            switches[b] = (sw, size)
+        h = self.drop6(self._cbr("fc6", h))
+        h = self.drop7(self._cbr("fc7", h))
+        # In fused mode the ReLU before each unpooling runs inside the unpool kernel.
+        h = self._cbr("fc6_deconv", h, relu=not fused)
+        for level, names in self._dec:
+            sw, size = switches[level]
+            if fused:
+                h = ops.max_unpool2d(h, sw, size, 2, 2, relu=True, impl=impl)
+            else:
+                h = F.max_unpool2d(h, sw, 2, 2, output_size=size)
+            for i, name in enumerate(names):
+                last_before_unpool = fused and level > 1 and i == len(names) - 1
+                h = self._cbr(name, h, relu=not last_before_unpool)
+        return finish(self.seg_score(h)[:, :, :H, :W], output)

@@ -1,0 +1,127 @@
+"""FCN-32s / 16s / 8s / 8s at-once on VGG16 and FCN-AlexNet (Long, Shelhamer, Darrell).
+
+Exact reference geometry (FACTS.md): conv1_1 pad 100, Caffe ceil-mode pooling,
+fc6 7x7 pad 0 (AlexNet: 6x6), 1x1 score layers, bilinear Deconvolutions without
+bias, the crop offsets of heads.HEADS. Module names are the Caffe layer names,
+so state dicts of the common PyTorch port load by name. Output is exactly
+H x W for every H, W >= 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..heads import HEADS, run_head
+from .common import VOC_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
+
+VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+
+def _pool(x: torch.Tensor, k: int = 2, s: int = 2) -> torch.Tensor:
+    # Caffe rounds pooled sizes up; PyTorch's default floor breaks the crop offsets.
+    return F.max_pool2d(x, k, s, ceil_mode=True)
+
+
+class FCN(SegmentationModel):
+    """FCN-32s, FCN-16s, FCN-8s or FCN-8s at-once on VGG16 ("D").
+
+    forward(x: (N, 3, H, W)) -> logits (N, C, H, W).
+    """
+
+    def __init__(
+        self,
+        arch: str = "fcn8s",
+        num_classes: int = 21,
+        width: float = 1.0,
+        learnable_upsampling: bool = False,
+        dropout: float = 0.5,
+    ):
+        if arch not in ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce"):
+            raise ValueError(f"FCN arch must be fcn32s, fcn16s, fcn8s or fcn8s-atonce; got {arch!r}")
+        super().__init__(
+            arch, num_classes, width, {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
+            VOC_MEAN_BGR,
+        )  # fmt: skip
+        self.head = HEADS[arch]
+        c_in = 3
+        self._convs: list[list[str]] = []
+        for b, (c, n) in enumerate(VGG_BLOCKS, 1):
+            names = []
+            for i in range(1, n + 1):
+                name = f"conv{b}_{i}"
+                c_out = scaled(c, width)
+                pad = 100 if name == "conv1_1" else 1
+                setattr(self, name, nn.Conv2d(c_in, c_out, 3, padding=pad))
+                names.append(name)
+                c_in = c_out
+            self._convs.append(names)
+        c_fc = scaled(4096, width)
+        self.fc6 = nn.Conv2d(c_in, c_fc, 7)
+        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
+        self.drop6 = nn.Dropout(dropout)
+        self.drop7 = nn.Dropout(dropout)
+        self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
+        ch = {"pool3": scaled(256, width), "pool4": scaled(512, width)}
+        for tap in self.head.taps:
+            setattr(self, tap.score, nn.Conv2d(ch[tap.source], num_classes, 1))
+        for st in self.head.stages:
+            setattr(self, st.upsample, make_upsampler(num_classes, st.kernel, st.stride, learnable_upsampling))
+
+    def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
+        self._check_input(x)
+        size = (x.shape[-2], x.shape[-1])
+        feats = {}
+        h = x
+        for b, names in enumerate(self._convs, 1):
+            for name in names:
+                h = F.relu(getattr(self, name)(h), inplace=True)
+            h = _pool(h)
+            feats[f"pool{b}"] = h
+        h = self.drop6(F.relu(self.fc6(h), inplace=True))
+        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        score = self.score_fr(h)
+        return run_head(self.head, self, score, feats, size, output, ops_impl(self.impl))
+
+
+class FCNAlexNet(SegmentationModel):
+    """FCN-AlexNet: conv1 11x11/4 pad 100, LRN, grouped conv2/4/5, fc6 6x6,
+    upscore 63/32, final crop 18. forward(x: (N, 3, H, W)) -> (N, C, H, W)."""
+
+    def __init__(
+        self, num_classes: int = 21, width: float = 1.0, learnable_upsampling: bool = False,
+        dropout: float = 0.5,
+    ):  # fmt: skip
+        super().__init__(
+            "fcn-alexnet", num_classes, width,
+            {"learnable_upsampling": learnable_upsampling, "dropout": dropout}, VOC_MEAN_BGR,
+        )  # fmt: skip
+        self.head = HEADS["fcn-alexnet"]
+        c1, c2, c3, c4, c5 = (scaled(c, width, 2) for c in (96, 256, 384, 384, 256))
+        self.conv1 = nn.Conv2d(3, c1, 11, stride=4, padding=100)
+        self.norm1 = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=2)
+        self.norm2 = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=2)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=2)
+        c_fc = scaled(4096, width)
+        self.fc6 = nn.Conv2d(c5, c_fc, 6)
+        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
+        self.drop6 = nn.Dropout(dropout)
+        self.drop7 = nn.Dropout(dropout)
+        self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
+        self.upscore = make_upsampler(num_classes, 63, 32, learnable_upsampling)
+
+    def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
+        self._check_input(x)
+        size = (x.shape[-2], x.shape[-1])
+        h = self.norm1(_pool(F.relu(self.conv1(x), inplace=True), 3, 2))
+        h = self.norm2(_pool(F.relu(self.conv2(h), inplace=True), 3, 2))
+        h = F.relu(self.conv3(h), inplace=True)
+        h = F.relu(self.conv4(h), inplace=True)
+        h = _pool(F.relu(self.conv5(h), inplace=True), 3, 2)
+        h = self.drop6(F.relu(self.fc6(h), inplace=True))
+        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        return run_head(self.head, self, self.score_fr(h), {}, size, output, ops_impl(self.impl))
