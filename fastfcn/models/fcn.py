@@ -67,7 +67,8 @@ class FCN(SegmentationModel):
         for tap in self.head.taps:
             setattr(self, tap.score, nn.Conv2d(ch[tap.source], num_classes, 1))
         for st in self.head.stages:
-            setattr(self, st.upsample, make_upsampler(num_classes, st.kernel, st.stride, learnable_upsampling))
+            up = make_upsampler(num_classes, st.kernel, st.stride, learnable_upsampling)
+            setattr(self, st.upsample, up)
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
