@@ -1,0 +1,384 @@
+"""Datasets: PASCAL VOC segmentation on disk, and generated scenes for the demo and the tests.
+
+Both yield ``(image, label)`` pairs: ``image`` is ``(H, W, 3)`` uint8 RGB, ``label``
+is ``(H, W)`` uint8 class ids with 255 meaning "ignore" (VOC's void).
+
+``fastfcn data synth OUT`` writes :class:`SyntheticScenes` in the VOC layout, so the
+same reader serves real and generated data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+IGNORE = 255
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+# Seed of the held-out synthetic split: `fastfcn eval --data synthetic`, the demo and the
+# shipped model's test read it; `fastfcn train` refuses it as a training seed.
+HELDOUT_SEED = 1_000_003
+HELDOUT_SIZE = 96
+HELDOUT_N = 500
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: ``(n, 3)`` uint8, class id -> RGB (bit-interleaved, as in VOCdevkit)."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+# --------------------------------------------------------------------------- VOC on disk
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(f"image file {path} is missing") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"image file {path} is corrupt or not an image ({e})") from None
+
+
+def _read_label(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise InputError(
+                    f"label file {path} has mode {im.mode}; expected a palette (P) or grayscale (L) PNG "
+                    "whose pixel values are class ids"
+                )
+            return np.array(im)  # palette indices are the class ids
+    except FileNotFoundError:
+        raise InputError(f"label file {path} is missing") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"label file {path} is corrupt or not a PNG ({e})") from None
+
+
+class VOCSegmentation:
+    """PASCAL VOC segmentation: ``root`` holds ``JPEGImages/``, ``SegmentationClass/`` and
+    ``ImageSets/Segmentation/<split>.txt`` (e.g. ``VOCdevkit/VOC2012``; the devkit folder
+    itself is also accepted).
+
+    The SBD-augmented set in its usual converted form is read too: a list such as
+    ``ImageSets/Segmentation/train_aug.txt`` whose labels live in ``SegmentationClassAug/``
+    (grayscale or palette PNGs). A label is looked up in ``SegmentationClass`` first, then
+    in ``SegmentationClassAug``.
+
+    ``ds[i]`` -> ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``, 255 = ignore.
+    Missing files are reported when the dataset is opened, corrupt ones when read, each
+    by an :class:`InputError` that names the file.
+    """
+
+    LABEL_DIRS = ("SegmentationClass", "SegmentationClassAug")
+
+    def __init__(self, root: str | os.PathLike, split: str = "val"):
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"VOC root {root} is not a directory")
+        if not (root / "JPEGImages").is_dir():
+            found = sorted(p.parent for p in root.glob("*/JPEGImages")) + sorted(
+                p.parent for p in root.glob("*/*/JPEGImages")
+            )
+            if len(found) == 1:
+                root = found[0]
+            else:
+                raise InputError(
+                    f"{root} does not look like a VOC root: expected JPEGImages/, SegmentationClass/ and "
+                    "ImageSets/Segmentation/ inside it (e.g. VOCdevkit/VOC2012)"
+                )
+        self.root, self.split = root, split
+        list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not list_file.is_file():
+            have = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
+            raise InputError(f"split list {list_file} is missing; splits present: {have or 'none'}")
+        ids = []
+        for line in list_file.read_text().splitlines():
+            # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs.
+            tok = line.split()
+            if tok:
+                ids.append(Path(tok[0]).stem)
+        if not ids:
+            raise InputError(f"split list {list_file} is empty")
+        self.ids = ids
+        self.images, self.labels = [], []
+        label_dirs = [root / d for d in self.LABEL_DIRS if (root / d).is_dir()]
+        for i in ids:
+            img = root / "JPEGImages" / f"{i}.jpg"
+            if not img.is_file():
+                raise InputError(f"image file {img} (listed in {list_file}) is missing")
+            lab = next((d / f"{i}.png" for d in label_dirs if (d / f"{i}.png").is_file()), None)
+            if lab is None:
+                raise InputError(
+                    f"label file {root / 'SegmentationClass' / (i + '.png')} (listed in {list_file}) is missing"
+                )
+            self.images.append(img)
+            self.labels.append(lab)
+        self.class_names = VOC_CLASSES
+        self.num_classes = len(VOC_CLASSES)
+        names = root / "class_names.txt"  # written by `fastfcn data synth`
+        if names.is_file():
+            self.class_names = tuple(n for n in names.read_text().split() if n)
+            self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        image, label = _read_image(self.images[i]), _read_label(self.labels[i])
+        if image.shape[:2] != label.shape:
+            raise InputError(
+                f"label file {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "
+                f"{self.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
+            )
+        return image, label
+
+
+# --------------------------------------------------------------------------- synthetic scenes
+
+# Object classes differ by shape AND texture; colours are drawn per instance from one
+# distribution for every class, so colour alone says nothing about the class.
+SHAPES = ("disc", "box", "triangle", "cross", "ring", "star", "hexagon", "diamond")
+TEXTURES = ("stripes", "checker", "dots", "grid", "speckle", "rings", "waves", "gradient")
+MAX_CLASSES = len(SHAPES) + 1
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, aspect: float) -> np.ndarray:
+    """Inside test in the object's own frame; u, v are in units of its radius."""
+    rho = np.hypot(u, v)
+    if shape == "disc":
+        return (u * u + (v / aspect) ** 2) <= 1.0
+    if shape == "box":
+        return (np.abs(u) <= 0.9) & (np.abs(v) <= 0.9 * aspect)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) / aspect <= 1.0
+    if shape in ("triangle", "hexagon"):
+        # Regular polygon: inside when the projection on every edge normal is below the apothem.
+        m = 3 if shape == "triangle" else 6
+        th = 2 * np.pi * np.arange(m) / m + (np.pi / 2 if m == 3 else 0.0)
+        proj = u[..., None] * np.cos(th) + v[..., None] * np.sin(th)
+        return proj.max(-1) <= np.cos(np.pi / m)
+    if shape == "cross":
+        t = 0.38
+        return ((np.abs(u) <= 1) & (np.abs(v) <= t)) | ((np.abs(u) <= t) & (np.abs(v) <= 1))
+    if shape == "ring":
+        return (rho <= 1.0) & (rho >= 0.5)
+    if shape == "star":
+        phi = np.arctan2(v, u)
+        return rho <= 0.62 + 0.38 * np.cos(5 * phi)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _texture(tex: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A texture pattern in [0, 1], (h, w), from pixel coordinates in the object's frame."""
+    p = rng.uniform(5.0, 7.5)  # period in pixels: well above the noise, below the object size
+    if tex == "stripes":
+        return (np.sin(2 * np.pi * x / p) > 0).astype(np.float32)
+    if tex == "checker":
+        q = p * 0.6
+        return ((np.floor(x / q) + np.floor(y / q)) % 2).astype(np.float32)
+    if tex == "dots":
+        xx, yy = np.mod(x, p) - p / 2, np.mod(y, p) - p / 2
+        return (xx * xx + yy * yy <= (0.32 * p) ** 2).astype(np.float32)
+    if tex == "grid":
+        return ((np.mod(x, p) < 1.6) | (np.mod(y, p) < 1.6)).astype(np.float32)
+    if tex == "speckle":
+        # Hash of the integer position: a fixed random binary field, two pixels per cell.
+        xi, yi = np.floor(x / 2).astype(np.int64), np.floor(y / 2).astype(np.int64)
+        h = (xi * 73856093) ^ (yi * 19349663) ^ int(rng.integers(1 << 30))
+        return ((h >> 7) & 1).astype(np.float32)
+    if tex == "rings":
+        return (np.sin(2 * np.pi * np.hypot(x, y) / p) > 0).astype(np.float32)
+    if tex == "waves":
+        return (np.sin(2 * np.pi * (x + 2.0 * np.sin(2 * np.pi * y / (2.5 * p))) / p) > 0).astype(np.float32)
+    if tex == "gradient":
+        r = np.hypot(x, y)
+        return np.clip(r / (r.max() + 1e-6), 0, 1).astype(np.float32)
+    raise ValueError(f"unknown texture {tex!r}")
+
+
+def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    a = rng.uniform(0, 255, 3)
+    b = rng.uniform(0, 255, 3)
+    d = b - a
+    n = np.linalg.norm(d)
+    if n < 110:  # keep the texture visible: push the second colour away from the first
+        d = d / (n + 1e-6) if n > 1e-3 else np.ones(3) / np.sqrt(3)
+        b = np.clip(a + d * 110, 0, 255)
+        if np.linalg.norm(b - a) < 80:
+            b = np.clip(a - d * 110, 0, 255)
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+class SyntheticScenes:
+    """Deterministic generated scenes that take context to segment.
+
+    Each scene has a textured, noisy background (smooth two-colour blobs, grain, clutter
+    lines) and 1-4 objects. Object class ``k`` (1..num_classes-1) has its own shape and its
+    own texture (``SHAPES[k-1]``, ``TEXTURES[k-1]``); both colours of every object are drawn
+    from the same distribution for all classes. Objects vary in scale (radius 16-38% of the
+    shorter side), aspect, rotation and texture phase, occlude each other in paint order and
+    may be cut by the image border.
+
+    ``ds[i]`` -> ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``. Scene ``i`` depends
+    only on ``(seed, i, size, num_classes)``, so datasets with different seeds are disjoint
+    draws and any index can be read in any order.
+    """
+
+    def __init__(self, n: int, size: int | tuple[int, int] = 96, seed: int = 0, num_classes: int = 6):
+        if not 2 <= num_classes <= MAX_CLASSES:
+            raise InputError(f"num_classes must be in 2..{MAX_CLASSES} (background + shapes); got {num_classes}")
+        if n < 0:
+            raise InputError(f"n must be >= 0; got {n}")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if h < 8 or w < 8:
+            raise InputError(f"scene size must be at least 8x8; got {h}x{w}")
+        self.n, self.size, self.seed, self.num_classes = int(n), (int(h), int(w)), int(seed), int(num_classes)
+        self.class_names = ("background",) + SHAPES[: num_classes - 1]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        self._yy, self._xx = yy, xx
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} scenes")
+        i %= self.n
+        rng = np.random.default_rng([self.seed, i, 0x5EED])
+        h, w = self.size
+        img = self._background(rng)
+        label = np.zeros((h, w), np.uint8)
+        s = min(h, w)
+        for _ in range(int(rng.integers(1, 5))):
+            cls = int(rng.integers(1, self.num_classes))
+            r = rng.uniform(0.16, 0.38) * s
+            # Centres may lie a little outside the frame, so objects are cut by the border.
+            cy, cx = rng.uniform(-0.1, 1.1) * h, rng.uniform(-0.1, 1.1) * w
+            y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, h)
+            x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, w)
+            if y1 - y0 < 2 or x1 - x0 < 2:
+                continue
+            th = rng.uniform(0, 2 * np.pi)
+            c, sn = np.cos(th), np.sin(th)
+            dx, dy = self._xx[y0:y1, x0:x1] - cx, self._yy[y0:y1, x0:x1] - cy
+            u, v = c * dx + sn * dy, -sn * dx + c * dy
+            mask = _shape_mask(SHAPES[cls - 1], u / r, v / r, rng.uniform(0.65, 1.0))
+            if not mask.any():
+                continue
+            t2 = rng.uniform(0, 2 * np.pi)  # texture orientation independent of the outline
+            c2, s2 = np.cos(t2), np.sin(t2)
+            tu, tv = c2 * dx + s2 * dy + rng.uniform(0, 20), -s2 * dx + c2 * dy + rng.uniform(0, 20)
+            pat = _texture(TEXTURES[cls - 1], tu, tv, rng)[..., None]
+            a, b = _two_colours(rng)
+            obj = a * (1 - pat) + b * pat
+            region = img[y0:y1, x0:x1]
+            region[mask] = obj[mask]
+            label[y0:y1, x0:x1][mask] = cls
+        img += rng.normal(0, rng.uniform(4, 12), img.shape).astype(np.float32)
+        return np.clip(img, 0, 255).astype(np.uint8), label
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        h, w = self.size
+        a, b = _two_colours(rng)
+        # Smooth blobs: a coarse random field upsampled bilinearly.
+        g = rng.uniform(0, 1, (int(rng.integers(3, 7)), int(rng.integers(3, 7)))).astype(np.float32)
+        t = np.asarray(Image.fromarray(g, mode="F").resize((w, h), Image.BILINEAR))[..., None]
+        img = a * (1 - t) + b * t * 0.6 + a * t * 0.4
+        # Clutter: a few thin lines of random colour; background, not objects.
+        for _ in range(int(rng.integers(0, 4))):
+            th = rng.uniform(0, np.pi)
+            off = rng.uniform(-0.5, 0.5) * min(h, w)
+            d = (self._xx - w / 2) * np.cos(th) + (self._yy - h / 2) * np.sin(th) - off
+            img[np.abs(d) < rng.uniform(0.6, 1.4)] = rng.uniform(0, 255, 3)
+        return img.astype(np.float32)
+
+
+def heldout_scenes(n: int = HELDOUT_N, size: int = HELDOUT_SIZE, num_classes: int = 6) -> SyntheticScenes:
+    """The held-out synthetic split: a fixed seed that training refuses."""
+    return SyntheticScenes(n, size, HELDOUT_SEED, num_classes)
+
+
+def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, quality: int = 95) -> list[str]:
+    """Write ``dataset`` in the VOC layout under ``out`` as ``split``; returns the ids written.
+
+    Images go to ``JPEGImages/<id>.jpg``, labels to ``SegmentationClass/<id>.png`` as palette
+    PNGs with the VOC colour map (255 = void), the id list to ``ImageSets/Segmentation/<split>.txt``.
+    """
+    out = Path(out)
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    pal = voc_palette().reshape(-1).tolist()
+    ids = []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        name = f"{split}_{start + i:06d}"
+        Image.fromarray(image).save(out / "JPEGImages" / f"{name}.jpg", quality=quality)
+        lab = Image.fromarray(label)
+        lab = lab.convert("P") if lab.mode != "P" else lab
+        lab.putpalette(pal)
+        lab.save(out / "SegmentationClass" / f"{name}.png")
+        ids.append(name)
+    (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    names = getattr(dataset, "class_names", None)
+    if names:
+        (out / "class_names.txt").write_text("\n".join(names) + "\n")
+    return ids
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = sub.add_parser("synth", help="write synthetic scenes in the VOC layout (train, val, trainval lists)")
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--n", type=int, default=1000, help="training scenes (default 1000)")
+    p.add_argument("--val-n", type=int, default=200, help="validation scenes from the held-out seed (default 200)")
+    p.add_argument("--size", type=int, default=HELDOUT_SIZE, help=f"side in pixels (default {HELDOUT_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training scenes (default 0)")
+    p.add_argument("--num-classes", type=int, default=6, help="background + object classes (default 6)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.data_command != "synth":
+        raise InputError(f"unknown data action {args.data_command!r}")
+    if args.seed == HELDOUT_SEED and args.n:
+        raise InputError(f"seed {HELDOUT_SEED} is the held-out split's; choose another training seed")
+    train = SyntheticScenes(args.n, args.size, args.seed, args.num_classes)
+    val = SyntheticScenes(args.val_n, args.size, HELDOUT_SEED, args.num_classes)
+    a = write_voc(train, args.out, "train")
+    b = write_voc(val, args.out, "val")
+    seg = Path(args.out) / "ImageSets" / "Segmentation"
+    (seg / "trainval.txt").write_text("".join(f"{i}\n" for i in a + b))
+    print(
+        f"wrote {len(a)} train and {len(b)} val scenes ({args.size}x{args.size}, {args.num_classes} classes) "
+        f"to {args.out}",
+        file=sys.stderr,
+    )
+    return 0
