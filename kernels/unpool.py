@@ -1,0 +1,170 @@
+"""Triton: max pooling with one-byte switches, and max-unpooling as a gather.
+
+Unpooling with non-overlapping windows (stride >= kernel) is a gather: output pixel (Y, X)
+lies in at most one window (Y // stride, X // stride), so it reads that window's value and
+switch and keeps the value only where the switch points at itself. Every output element is
+written exactly once: no zero fill, no scatter, no atomics, and switches can be one byte per
+window (dy * kernel + dx) instead of PyTorch's int64 plane index.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def max_pool_switches_kernel(
+    x_ptr, val_ptr, sw_ptr, total, H, W, h, w,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """values[o] = max over the window of o, switches[o] = dy * KERNEL + dx of its first maximum.
+
+    x: (N, C, H, W); values, switches: (N, C, h, w), flat index o. Grid: (cdiv(total, BLOCK),).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    o = pid * BLOCK + tl.arange(0, BLOCK)
+    m = o < total
+    ox = o % w
+    t = o // w
+    oy = t % h
+    plane = t // h
+    base = x_ptr + plane * H * W
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    sw = tl.zeros((BLOCK,), dtype=tl.int32)
+    for dy in tl.static_range(KERNEL):
+        for dx in tl.static_range(KERNEL):
+            iy = oy * STRIDE + dy
+            ix = ox * STRIDE + dx
+            ok = m & (iy < H) & (ix < W)
+            v = tl.load(base + iy * W + ix, mask=ok, other=float("-inf")).to(tl.float32)
+            # torch's max_pool2d: replace when strictly greater or NaN, scanning rows then columns,
+            # so the first of equal maxima wins and the initial switch is the window's corner
+            upd = ok & ((v > best) | (v != v))
+            best = tl.where(upd, v, best)
+            sw = tl.where(upd, dy * KERNEL + dx, sw)
+    tl.store(val_ptr + o, best.to(val_ptr.dtype.element_ty), mask=m)
+    tl.store(sw_ptr + o, sw.to(tl.uint8), mask=m)
+
+
+@triton.jit
+def max_unpool_gather_kernel(
+    x_ptr, idx_ptr, out_ptr, total, H, W, h, w,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, SWITCHES: tl.constexpr, RELU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[n, c, Y, X] = x[n, c, Y // s, X // s] if that window's switch points at (Y, X) else 0.
+
+    x, idx: (N, C, h, w), idx uint8 switches (SWITCHES) or int64 plane indices Y * W + X;
+    out: (N, C, H, W), flat index o. Grid: (cdiv(total, BLOCK),). Needs STRIDE >= KERNEL.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    o = pid * BLOCK + tl.arange(0, BLOCK)
+    m = o < total
+    X = o % W
+    t = o // W
+    Y = t % H
+    plane = t // H
+    oy = Y // STRIDE
+    ox = X // STRIDE
+    dy = Y - oy * STRIDE
+    dx = X - ox * STRIDE
+    inwin = m & (dy < KERNEL) & (dx < KERNEL) & (oy < h) & (ox < w)
+    src = plane * h * w + oy * w + ox
+    if SWITCHES:
+        s = tl.load(idx_ptr + src, mask=inwin, other=255).to(tl.int32)
+        hit = inwin & (s == (dy * KERNEL + dx).to(tl.int32))
+    else:
+        s = tl.load(idx_ptr + src, mask=inwin, other=-1)
+        hit = inwin & (s == Y * W + X)
+    v = tl.load(x_ptr + src, mask=hit, other=0.0)
+    if RELU:
+        # keeps NaN as torch.relu does
+        v = tl.where(v < 0, 0.0, v)
+    tl.store(out_ptr + o, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _pool_out(size: int, kernel: int, stride: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling_output_shape with padding 0 and dilation 1."""
+    num = size - kernel + (stride - 1 if ceil_mode else 0)
+    out = num // stride + 1
+    if ceil_mode and (out - 1) * stride >= size:
+        out -= 1
+    return out
+
+
+def _block(total: int, is_cuda: bool) -> int:
+    if is_cuda:
+        return 1024
+    # interpreter: a fixed cost per tl op, so few large programs
+    return min(1 << max(0, total - 1).bit_length(), 1 << 16)
+
+
+def max_pool2d_with_switches(x, kernel, stride, ceil_mode):
+    """x: (N, C, H, W) -> values (N, C, h, w) in x.dtype, switches (N, C, h, w) uint8 = dy * kernel + dx."""
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (N, C, H, W) tensor; got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    kernel, stride = int(kernel), int(stride)
+    if kernel < 1 or stride < 1 or kernel * kernel > 256:
+        raise ValueError(f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256; got {kernel}, {stride}")
+    n, c, H, W = x.shape
+    h, w = _pool_out(H, kernel, stride, ceil_mode), _pool_out(W, kernel, stride, ceil_mode)
+    if h < 1 or w < 1:
+        raise ValueError(
+            f"a {H}x{W} input is too small for {kernel}x{kernel} pooling (ceil_mode={ceil_mode}): "
+            f"the output would be {h}x{w}"
+        )
+    values = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device)
+    switches = torch.empty((n, c, h, w), dtype=torch.uint8, device=x.device)
+    total = values.numel()
+    if total == 0:
+        return values, switches
+    block = _block(total, x.is_cuda)
+    max_pool_switches_kernel[(triton.cdiv(total, block),)](
+        x.contiguous(), values, switches, total, H, W, h, w,
+        KERNEL=kernel, STRIDE=stride, BLOCK=block, num_warps=4 if x.is_cuda else 1,
+    )
+    return values, switches
+
+
+def max_unpool2d(x, indices, output_size, kernel, stride, relu):
+    """x, indices: (N, C, h, w) -> (N, C, H, W) with output_size = (H, W).
+
+    indices: int64 flat within each (N, C) plane (torch.nn.functional.max_pool2d's), or uint8
+    switches (dy * kernel + dx). Windows must not overlap (stride >= kernel); for int64 indices
+    the gather equals torch's scatter when every index lies in its own window of the output,
+    which holds for indices from max_pool2d on an input of size output_size.
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (N, C, h, w) tensor; got {getattr(x, 'shape', type(x))}")
+    if indices.shape != x.shape:
+        raise ValueError(f"indices must have the shape of x {tuple(x.shape)}; got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.uint8):
+        raise ValueError(f"indices must be int64 (PyTorch) or uint8 (switches); got {indices.dtype}")
+    if indices.device != x.device:
+        raise ValueError(f"indices are on {indices.device} but x is on {x.device}")
+    kernel, stride = int(kernel), int(stride)
+    if kernel < 1 or stride < kernel:
+        raise ValueError(
+            f"the gather needs non-overlapping windows (stride >= kernel >= 1); got kernel={kernel}, "
+            f"stride={stride}"
+        )
+    n, c, h, w = x.shape
+    H, W = int(output_size[-2]), int(output_size[-1])
+    out = torch.empty((n, c, H, W), dtype=x.dtype, device=x.device)
+    total = out.numel()
+    if total == 0:
+        return out
+    block = _block(total, x.is_cuda)
+    max_unpool_gather_kernel[(triton.cdiv(total, block),)](
+        x.contiguous(), indices.contiguous(), out, total, H, W, h, w,
+        KERNEL=kernel, STRIDE=stride, SWITCHES=indices.dtype == torch.uint8, RELU=bool(relu),
+        BLOCK=block, num_warps=4 if x.is_cuda else 1,
+    )
+    return out
