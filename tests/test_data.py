@@ -1,0 +1,177 @@
+"""The VOC reader on generated trees (good, missing and corrupt files) and the scene generator."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastfcn import cli
+from fastfcn.data import (
+    HELDOUT_SEED,
+    SHAPES,
+    SyntheticScenes,
+    VOCSegmentation,
+    heldout_scenes,
+    voc_palette,
+    write_voc,
+)
+from fastfcn.errors import InputError
+
+
+def test_voc_palette_known_entries():
+    pal = voc_palette()
+    assert pal.shape == (256, 3)
+    assert pal[0].tolist() == [0, 0, 0]
+    assert pal[1].tolist() == [128, 0, 0]
+    assert pal[15].tolist() == [192, 128, 128]  # person
+    assert pal[255].tolist() == [224, 224, 192]  # void
+
+
+def test_synthetic_deterministic_and_seeds_differ():
+    a, b = SyntheticScenes(4, 48, seed=3, num_classes=4), SyntheticScenes(4, 48, seed=3, num_classes=4)
+    for i in (2, 0, 3):  # any order: scene i depends only on (seed, i)
+        np.testing.assert_array_equal(a[i][0], b[i][0])
+        np.testing.assert_array_equal(a[i][1], b[i][1])
+    c = SyntheticScenes(4, 48, seed=4, num_classes=4)
+    assert not np.array_equal(a[0][0], c[0][0])
+    image, label = a[1]
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+    assert label.shape == (48, 48) and label.dtype == np.uint8 and label.max() < 4
+
+
+def test_synthetic_covers_classes_and_needs_more_than_colour():
+    ds = SyntheticScenes(60, 64, seed=0, num_classes=6)
+    counts = np.zeros(6, np.int64)
+    mean_colour = np.zeros((6, 3))
+    for i in range(len(ds)):
+        image, label = ds[i]
+        counts += np.bincount(label.ravel(), minlength=6)
+        for k in range(6):
+            if (label == k).any():
+                mean_colour[k] += image[label == k].mean(0)
+    assert (counts[1:] > 0.02 * counts.sum()).all(), counts  # every object class appears
+    assert 0.4 < counts[0] / counts.sum() < 0.95  # background neither vanishes nor dominates
+    # Colours are drawn from one distribution for all classes: class means are alike.
+    per_class = mean_colour[1:] / np.maximum(1, (counts[1:] > 0))[:, None] / len(ds)
+    assert np.ptp(per_class / per_class.mean(), axis=0).max() < 1.0
+    # Objects reach the border in some scenes (partial crops).
+    edge = [ds[i][1] for i in range(20)]
+    assert any((lb[0] > 0).any() or (lb[:, -1] > 0).any() for lb in edge)
+
+
+def test_synthetic_bad_arguments():
+    with pytest.raises(InputError, match="num_classes"):
+        SyntheticScenes(1, 32, 0, len(SHAPES) + 2)
+    with pytest.raises(InputError, match="8x8"):
+        SyntheticScenes(1, 4, 0, 3)
+    with pytest.raises(IndexError):
+        SyntheticScenes(2, 32, 0, 3)[2]
+    assert heldout_scenes(3, 32, 3).seed == HELDOUT_SEED
+
+
+@pytest.fixture
+def voc_tree(tmp_path):
+    ds = SyntheticScenes(5, (40, 56), seed=1, num_classes=4)
+    ids = write_voc(ds, tmp_path / "VOC2012", "val")
+    return tmp_path / "VOC2012", ds, ids
+
+
+def test_voc_reader_round_trip(voc_tree):
+    root, ds, ids = voc_tree
+    voc = VOCSegmentation(root, "val")
+    assert len(voc) == 5 and voc.ids == ids
+    assert voc.num_classes == 4 and voc.class_names[0] == "background"
+    for i in range(5):
+        image, label = voc[i]
+        want_image, want_label = ds[i]
+        np.testing.assert_array_equal(label, want_label)  # palette PNG: exact
+        assert image.shape == (40, 56, 3)
+        assert np.abs(image.astype(int) - want_image).mean() < 12  # JPEG: close
+    with Image.open(voc.labels[0]) as im:
+        assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]
+    # The devkit folder above the VOC root is accepted as well.
+    assert len(VOCSegmentation(root.parent, "val")) == 5
+
+
+def test_voc_reader_void_label(voc_tree):
+    root, _, ids = voc_tree
+    p = root / "SegmentationClass" / f"{ids[0]}.png"
+    with Image.open(p) as im:
+        a = np.array(im)
+        pal = im.getpalette()
+    a[:3] = 255
+    out = Image.fromarray(a, mode="P")
+    out.putpalette(pal)
+    out.save(p)
+    assert (VOCSegmentation(root, "val")[0][1][:3] == 255).all()
+
+
+def test_voc_reader_missing_files(voc_tree):
+    root, _, ids = voc_tree
+    with pytest.raises(InputError, match=r"train\.txt is missing.*val"):
+        VOCSegmentation(root, "train")
+    (root / "JPEGImages" / f"{ids[2]}.jpg").unlink()
+    with pytest.raises(InputError, match=f"{ids[2]}.jpg"):
+        VOCSegmentation(root, "val")
+
+
+def test_voc_reader_missing_label(voc_tree):
+    root, _, ids = voc_tree
+    (root / "SegmentationClass" / f"{ids[1]}.png").unlink()
+    with pytest.raises(InputError, match=f"{ids[1]}.png"):
+        VOCSegmentation(root, "val")
+
+
+def test_voc_reader_corrupt_files(voc_tree):
+    root, _, ids = voc_tree
+    (root / "JPEGImages" / f"{ids[3]}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    voc = VOCSegmentation(root, "val")  # opening checks presence only; reading finds the damage
+    voc[0]
+    with pytest.raises(InputError, match=f"{ids[3]}.jpg.*corrupt"):
+        voc[3]
+    lab = root / "SegmentationClass" / f"{ids[4]}.png"
+    lab.write_bytes(lab.read_bytes()[:40])  # truncated PNG
+    with pytest.raises(InputError, match=f"{ids[4]}.png.*corrupt"):
+        voc[4]
+
+
+def test_voc_reader_rejects_rgb_labels_and_size_mismatch(voc_tree):
+    root, _, ids = voc_tree
+    Image.new("RGB", (56, 40)).save(root / "SegmentationClass" / f"{ids[0]}.png")
+    Image.new("L", (10, 10)).save(root / "SegmentationClass" / f"{ids[1]}.png")
+    voc = VOCSegmentation(root, "val")
+    with pytest.raises(InputError, match="mode RGB"):
+        voc[0]
+    with pytest.raises(InputError, match="must match"):
+        voc[1]
+
+
+def test_voc_reader_sbd_augmented_list(voc_tree):
+    root, _, ids = voc_tree
+    aug = root / "SegmentationClassAug"
+    aug.mkdir()
+    Image.new("RGB", (30, 20), (9, 9, 9)).save(root / "JPEGImages" / "2008_000001.jpg")
+    Image.fromarray(np.full((20, 30), 3, np.uint8), mode="L").save(aug / "2008_000001.png")
+    # DeepLab-style list: "image label" paths on each line.
+    lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in [ids[0], "2008_000001"]]
+    (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(lines) + "\n")
+    voc = VOCSegmentation(root, "train_aug")
+    assert len(voc) == 2 and voc.labels[1].parent.name == "SegmentationClassAug"
+    assert (voc[1][1] == 3).all()
+
+
+def test_not_a_voc_root(tmp_path):
+    with pytest.raises(InputError, match="not a directory"):
+        VOCSegmentation(tmp_path / "nope", "val")
+    with pytest.raises(InputError, match="does not look like a VOC root"):
+        VOCSegmentation(tmp_path, "val")
+
+
+def test_data_synth_command_writes_voc_layout(tmp_path):
+    out = tmp_path / "synth"
+    args = ["--n", "4", "--val-n", "2", "--size", "40", "--num-classes", "3"]
+    rc = cli.main(["data", "synth", str(out), *args])
+    assert rc == 0
+    train, val = VOCSegmentation(out, "train"), VOCSegmentation(out, "val")
+    assert len(train) == 4 and len(val) == 2 and len(VOCSegmentation(out, "trainval")) == 6
+    np.testing.assert_array_equal(val[1][1], heldout_scenes(2, 40, 3)[1][1])
+    assert cli.main(["data", "synth", str(out), "--n", "1", "--seed", str(HELDOUT_SEED)]) == 1
