@@ -2,17 +2,16 @@
 # Both create .venv on first use. On a CPU machine torch is pinned to the CPU
 # build (2.13.0) before anything else is installed, so the multi-GB CUDA wheels
 # are never pulled by accident; on a GPU machine install your CUDA torch into
-# .venv first (or set FASTFCN_EXTRAS=dev,gpu) and the range in pyproject accepts it.
+# .venv first and run `make EXTRAS=dev,gpu ...`; the range in pyproject accepts it.
 PY ?= python3
 VENV ?= .venv
-EXTRAS ?= $(or $(FASTFCN_EXTRAS),dev,cpu)
+EXTRAS ?= dev,cpu
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint bench clean
 
 $(BIN)/fastfcn: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(BIN)/fastfcn
