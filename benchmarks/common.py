@@ -175,12 +175,17 @@ def peak_tflops(info: dict, precision: str) -> tuple[float | None, str]:
     return value, peaks.get("source") or ""
 
 
-def _version(mod: str) -> str | None:
-    try:
-        m = __import__(mod)
-        return getattr(m, "__version__", "unknown")
-    except Exception:  # a broken optional install must not stop the benchmarks
-        return None
+def _version(*dists: str) -> str | None:
+    """Installed version of the first distribution found (metadata only: importing
+    triton just to read its version costs seconds and prints leak noise at exit)."""
+    from importlib import metadata
+
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _nvidia_driver() -> str | None:
@@ -211,7 +216,7 @@ def device_info(device: torch.device | str) -> dict:
         "kind": device.type,
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "onnxruntime": _version("onnxruntime"),
+        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
         "numpy": _version("numpy"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -1,0 +1,316 @@
+"""``fastfcn bench-report``: stored benchmark results -> markdown table and PNG chart.
+
+    fastfcn bench-report                                  # every file in benchmarks/results/
+    fastfcn bench-report benchmarks/results/nvidia-h200-2026-11-30.json --markdown out.md --png out.png
+
+Reads the files the benchmark suite writes (``benchmarks/results/<device>-<date>.json``)
+and pytest-benchmark's ``--benchmark-json`` files. Per device: one table of the
+end-to-end cases (case, backend, precision, ms/image, img/s, speedup over torch fp32,
+x faster than the paper's 175 ms, % of the compute floor), one of the kernel
+benchmarks (median, GB/s), and the cases that were skipped or failed, with the
+reason. Where several files hold the same case, the newest result wins.
+The chart is drawn with Pillow (no matplotlib): ms per image, log scale, one panel
+per device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile")
+PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16")
+BACKEND_COLOURS = {
+    "torch": (96, 96, 96),
+    "fused": (214, 39, 40),
+    "onnxruntime": (31, 119, 180),
+    "compile": (44, 160, 44),
+}
+DEFAULT_DIR = Path("benchmarks") / "results"
+
+
+@dataclass
+class DeviceResults:
+    """Everything stored for one device, merged over files."""
+
+    name: str
+    environment: dict = field(default_factory=dict)
+    e2e: dict = field(default_factory=dict)  # (case_key, backend, precision) -> row dict
+    kernels: dict = field(default_factory=dict)  # fullname -> row dict
+    not_measured: dict = field(default_factory=dict)  # nodeid -> {outcome, reason}
+    sources: list = field(default_factory=list)
+
+
+def _num(x):
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _fmt(x, spec: str, empty: str = "-") -> str:
+    x = _num(x)
+    return empty if x is None else format(x, spec)
+
+
+def find_files(paths: list[str]) -> list[Path]:
+    """Result files named on the command line (files or folders); the default folder when none."""
+    if not paths:
+        here = DEFAULT_DIR
+        if not here.is_dir():
+            here = Path(__file__).resolve().parent.parent / DEFAULT_DIR
+        paths = [str(here)]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(q for q in p.glob("*.json") if q.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no benchmark results at {p}: expected a .json file or a folder of them")
+    return files
+
+
+def _environment(doc: dict) -> dict:
+    if "environment" in doc:  # written by benchmarks/conftest.py
+        return doc["environment"]
+    if "fastfcn_environment" in doc:  # pytest-benchmark --benchmark-json with our hook
+        return doc["fastfcn_environment"]
+    mi = doc.get("machine_info", {})  # plain pytest-benchmark file
+    cpu = mi.get("cpu", {}).get("brand_raw") or mi.get("processor") or "unknown CPU"
+    return {"device": {"name": cpu, "kind": "cpu"}, "date": (doc.get("datetime") or "")[:10]}
+
+
+def _stamp(env: dict, bench: dict) -> str:
+    return bench.get("datetime") or env.get("started") or env.get("date") or ""
+
+
+def load(paths: list[str]) -> dict[str, DeviceResults]:
+    """Device name -> merged results of the given files (newest result per case wins)."""
+    devices: dict[str, DeviceResults] = {}
+    for path in find_files(paths):
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path} is not JSON ({e}); expected a benchmark results file") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
+            raise ValueError(f"{path} has no 'benchmarks' list; expected a fastfcn or pytest-benchmark file")
+        env = _environment(doc)
+        dev = env.get("device", {})
+        name = dev.get("name") or "unknown device"
+        d = devices.setdefault(name, DeviceResults(name))
+        d.sources.append(str(path))
+        if (env.get("started") or env.get("date") or "") >= (
+            d.environment.get("started") or d.environment.get("date") or ""
+        ):
+            d.environment = env
+        for b in doc["benchmarks"]:
+            extra = b.get("extra_info") or {}
+            stats = b.get("stats") or {}
+            row = dict(extra)
+            row.setdefault("median_ms", _num(stats.get("median")) and stats["median"] * 1e3)
+            row.setdefault("iqr_ms", _num(stats.get("iqr")) and stats["iqr"] * 1e3)
+            row["name"] = b.get("name") or b.get("fullname")
+            row["_stamp"] = _stamp(env, b)
+            if extra.get("backend") and extra.get("case_key"):
+                key = (extra["case_key"], extra["backend"], extra.get("precision", "fp32"))
+                table = d.e2e
+            else:
+                key = b.get("fullname") or row["name"]
+                table = d.kernels
+            if key not in table or row["_stamp"] >= table[key]["_stamp"]:
+                table[key] = row
+        for o in doc.get("not_measured", []):
+            d.not_measured[o["nodeid"]] = o
+    # A case measured in any file is not "not measured".
+    for d in devices.values():
+        measured = {r.get("name") for r in (*d.e2e.values(), *d.kernels.values())}
+        d.not_measured = {k: o for k, o in d.not_measured.items() if k.split("::")[-1] not in measured}
+    return devices
+
+
+def _order(row: dict):
+    b, p = row.get("backend"), row.get("precision")
+    return (
+        not row.get("headline", False),
+        row.get("arch", ""),
+        row.get("batch", 0),
+        row.get("height", 0) * row.get("width", 0),
+        BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99,
+        PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99,
+    )
+
+
+def e2e_rows(d: DeviceResults) -> list[dict]:
+    return sorted(d.e2e.values(), key=_order)
+
+
+def _speedup(row: dict, d: DeviceResults):
+    s = _num(row.get("speedup_vs_torch_fp32"))
+    if s is not None:
+        return s
+    # Older files, or a baseline measured in another session of the same device.
+    base = d.e2e.get((row.get("case_key"), "torch", "fp32"))
+    if base and _num(base.get("median_ms")) and _num(row.get("median_ms")):
+        return base["median_ms"] / row["median_ms"]
+    return None
+
+
+def device_header(d: DeviceResults) -> str:
+    env = d.environment
+    dev = env.get("device", {})
+    parts = [f"date {env.get('date', '?')}"]
+    for k in ("torch", "triton", "onnxruntime", "cuda", "driver"):
+        if dev.get(k):
+            parts.append(f"{k} {dev[k]}")
+    if env.get("profile"):
+        parts.append(f"profile {env['profile']}" + (" (reduced sizes)" if env.get("cpu_reduced") else ""))
+    return f"### {d.name}\n\n{', '.join(parts)}"
+
+
+def markdown(devices: dict[str, DeviceResults]) -> str:
+    out: list[str] = []
+    for d in devices.values():
+        out.append(device_header(d))
+        rows = e2e_rows(d)
+        if rows:
+            out.append("")
+            out.append(
+                "| case | backend | precision | ms/image | IQR ms | img/s | speedup vs torch fp32 "
+                "| x vs paper 175 ms | % of floor |"
+            )
+            out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+            for r in rows:
+                case = r.get("case", r.get("case_key", "?"))
+                if r.get("reduced_from"):
+                    case += f" (for {r['reduced_from']})"
+                floor = _num(r.get("fraction_of_floor"))
+                batch = r.get("batch") or 1
+                iqr = _num(r.get("iqr_ms"))
+                speed = _speedup(r, d)
+                ms = _fmt(r.get("ms_per_image"), ".2f")
+                out.append(
+                    f"| {case} | {r.get('backend')} | {r.get('precision')} | {ms} "
+                    f"| {_fmt(iqr / batch if iqr is not None else None, '.2f')} "
+                    f"| {_fmt(r.get('images_per_s'), '.2f')} "
+                    f"| {_fmt(speed, '.2f') + 'x' if speed is not None else '-'} "
+                    f"| {_fmt(r.get('x_faster_than_paper'), '.2f')} "
+                    f"| {_fmt(floor * 100 if floor is not None else None, '.1f')} |"
+                )
+        if d.kernels:
+            out.append("")
+            out.append("| kernel benchmark | median ms | IQR ms | GB/s | % of HBM |")
+            out.append("|---|---:|---:|---:|---:|")
+            for name in sorted(d.kernels):
+                r = d.kernels[name]
+                hbm = _num(r.get("fraction_of_hbm"))
+                hbm_pct = _fmt(hbm * 100 if hbm is not None else None, ".1f")
+                out.append(
+                    f"| {r['name']} | {_fmt(r.get('median_ms'), '.4g')} | {_fmt(r.get('iqr_ms'), '.3g')} "
+                    f"| {_fmt(r.get('gbps'), '.1f')} | {hbm_pct} |"
+                )
+        if d.not_measured:
+            out.append("")
+            out.append("Not measured:")
+            for nodeid, o in sorted(d.not_measured.items()):
+                reason = (o.get("reason") or "").splitlines()[0] if o.get("reason") else "no reason recorded"
+                out.append(f"- `{nodeid.split('::')[-1]}` {o.get('outcome', 'skipped')}: {reason}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- chart (Pillow only)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap size
+        return ImageFont.load_default()
+
+
+def chart(devices: dict[str, DeviceResults], path: str | Path) -> Path:
+    """Horizontal bars of ms per image (log scale), one panel per device; returns the path."""
+    from PIL import Image, ImageDraw
+
+    panels = [(d, e2e_rows(d)) for d in devices.values()]
+    panels = [(d, [r for r in rows if _num(r.get("ms_per_image"))]) for d, rows in panels]
+    panels = [(d, rows) for d, rows in panels if rows]
+    if not panels:
+        raise ValueError("no end-to-end results with ms/image to chart")
+    font, small = _font(14), _font(12)
+    bar_h, gap, label_w, plot_w, margin = 18, 6, 420, 560, 16
+    heights = [60 + len(rows) * (bar_h + gap) + 40 for _, rows in panels]
+    img = Image.new("RGB", (label_w + plot_w + 2 * margin + 90, sum(heights) + 40), "white")
+    draw = ImageDraw.Draw(img)
+    y0 = margin
+    for (d, rows), h in zip(panels, heights):
+        vals = [r["ms_per_image"] for r in rows]
+        lo = 10 ** math.floor(math.log10(min(vals)))
+        hi = 10 ** math.ceil(math.log10(max(vals)))
+        if hi <= lo:
+            hi = lo * 10
+        span = math.log10(hi) - math.log10(lo)
+
+        def xpos(v, lo=lo, span=span):
+            return margin + label_w + plot_w * (math.log10(v) - math.log10(lo)) / span
+
+        draw.text(
+            (margin, y0), f"{d.name}: ms per image (log scale; shorter is faster)", fill="black", font=font
+        )
+        top = y0 + 30
+        bottom = top + len(rows) * (bar_h + gap)
+        decade = lo
+        while decade <= hi * 1.0001:
+            x = xpos(decade)
+            draw.line([(x, top - 4), (x, bottom)], fill=(220, 220, 220))
+            draw.text((x - 10, bottom + 4), f"{decade:g}", fill="black", font=small)
+            decade *= 10
+        for i, r in enumerate(rows):
+            y = top + i * (bar_h + gap)
+            label = f"{r.get('case', r.get('case_key'))}  {r.get('backend')} {r.get('precision')}"
+            draw.text((margin, y + 2), label[:60], fill="black", font=small)
+            x1 = max(xpos(r["ms_per_image"]), margin + label_w + 2)
+            colour = BACKEND_COLOURS.get(r.get("backend"), (140, 86, 75))
+            draw.rectangle([margin + label_w, y, x1, y + bar_h], fill=colour)
+            v = r["ms_per_image"]
+            draw.text((x1 + 4, y + 2), f"{v:,.0f}" if v >= 100 else f"{v:.3g}", fill="black", font=small)
+        y0 += h
+    x = margin
+    for b, colour in BACKEND_COLOURS.items():
+        draw.rectangle([x, y0, x + 12, y0 + 12], fill=colour)
+        draw.text((x + 16, y0 - 1), b, fill="black", font=small)
+        x += 130
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser, command: str) -> None:
+    parser.add_argument(
+        "results", nargs="*", metavar="RESULTS",
+        help="result files or folders (default: benchmarks/results/)",
+    )  # fmt: skip
+    parser.add_argument("--markdown", metavar="OUT.md", help="also write the table to this file")
+    parser.add_argument("--png", metavar="OUT.png", help="write a bar chart of ms per image (Pillow)")
+
+
+def main(args) -> int:
+    devices = load(args.results)
+    if not devices:
+        print("fastfcn bench-report: no result files found")
+        return 1
+    text = markdown(devices)
+    print(text, end="")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text)
+    if args.png:
+        chart(devices, args.png)
+        print(f"chart: {args.png}")
+    return 0

@@ -1,0 +1,101 @@
+"""The FLOP counter: hand-computed small nets, and FCN-8s against FACTS.md's cost table.
+
+Models at width 1 are built on the meta device (no 538 MB of random weights), which
+the counter supports directly.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastfcn
+from fastfcn.flops import count_macs
+
+
+def meta_model(arch, **kw):
+    with torch.device("meta"):
+        return fastfcn.models.build(arch, **kw)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2)
+        self.extra = nn.Parameter(torch.randn(4, 4, 2, 2))  # used only functionally
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.grouped(self.conv(x))
+        h = self.up(h)
+        h = F.conv_transpose2d(h, self.extra, stride=2)
+        return self.fc(h.mean((2, 3)))
+
+
+def small_expected(n, h, w):
+    conv = n * 8 * h * w * 3 * 3 * 3
+    grouped = n * 8 * h * w * (8 // 4) * 3 * 3
+    up = n * 8 * h * w * 4 * 4 * 4  # every input element scatters into 4 outputs x 4x4 taps
+    h2, w2 = (h - 1) * 2 + 4, (w - 1) * 2 + 4
+    extra = n * 4 * h2 * w2 * 4 * 2 * 2
+    fc = n * 4 * 5
+    return {"conv": conv, "grouped": grouped, "up": up, "extra": extra, "fc": fc}
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_small_net_hand_count(device):
+    m = Small()
+    c = count_macs(m, (2, 3, 7, 13), device=device)
+    exp = small_expected(2, 7, 13)
+    got = {layer.name: layer.macs for layer in c.layers}
+    assert got == exp
+    assert c.macs == sum(exp.values()) and c.flops == 2 * c.macs
+    assert c.method == ("meta" if device == "meta" else "real-batch1-scaled")
+
+
+def test_restores_mode_and_counts_in_eval():
+    m = Small().train()
+    count_macs(m, (1, 3, 5, 5))
+    assert m.training
+
+
+def test_fcn8s_500_matches_the_cost_table():
+    m = meta_model("fcn8s")
+    c = count_macs(m, (1, 3, 500, 500))
+    # FACTS.md: 181.5 GMAC per image; conv1 18.8, conv2 26.9, conv3 45.2, conv4 45.7,
+    # conv5 13.7, fc6 26.3, fc7 4.3 GMAC; dense upscore8 553 MMAC.
+    assert c.gmac == pytest.approx(181.5, abs=0.1)
+    groups = {k: v / 1e9 for k, v in c.by_group().items()}
+    for k, v in {"conv1": 18.8, "conv2": 26.9, "conv3": 45.2, "conv4": 45.7, "conv5": 13.7,
+                 "fc6": 26.3, "fc7": 4.3}.items():  # fmt: skip
+        assert groups[k] == pytest.approx(v, abs=0.05), k
+    up8 = [layer for layer in c.layers if layer.name.startswith("upscore8")]
+    assert len(up8) == 1 and up8[0].macs / 1e6 == pytest.approx(553, abs=1)
+    # The head's deconvs run through functional ops: they must be counted too.
+    assert {"upscore2.weight", "upscore_pool4.weight"} <= {layer.name for layer in c.layers}
+
+
+def test_scales_with_batch_and_size():
+    m = meta_model("fcn32s", width=0.25)
+    one = count_macs(m, (1, 3, 64, 96)).macs
+    assert count_macs(m, (3, 3, 64, 96)).macs == 3 * one
+    assert count_macs(m, (1, 3, 128, 96)).macs > one
+
+
+def test_deconvnet_counts_transposed_convs():
+    m = meta_model("deconvnet", width=0.25)
+    c = count_macs(m, (1, 3, 224, 224))
+    kinds = {layer.kind for layer in c.layers}
+    assert {"Conv2d", "ConvTranspose2d"} <= kinds
+    dec = sum(layer.macs for layer in c.layers if layer.name.startswith("deconv"))
+    enc = sum(layer.macs for layer in c.layers if layer.name.startswith("conv"))
+    # The decoder mirrors the encoder: deconv5..2 equal conv5..2, deconv1_x costs 64->64 twice
+    # where conv1 has 3->64 then 64->64, so the decoder is a little larger.
+    assert enc < dec < 1.5 * enc
+
+
+def test_bad_input_size():
+    with pytest.raises(ValueError, match="input_size"):
+        count_macs(Small(), (1, 3, 0, 5))
