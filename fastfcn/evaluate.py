@@ -1,0 +1,140 @@
+"""``fastfcn eval CHECKPOINT --data VOCROOT|synthetic``: the paper's metrics through any backend.
+
+Pixel accuracy, mean accuracy, mean IU and frequency-weighted IU from one confusion
+matrix (fastfcn.metrics), with per-class IU. The model runs through
+``fastfcn.Segmenter``, so the same numbers check that a backend or a precision does not
+change accuracy. ``--data synthetic`` is the held-out synthetic split (a fixed seed that
+``fastfcn train`` refuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from .errors import InputError
+from .metrics import ConfusionMatrix, format_table
+
+
+def segmenter_config(seg, checkpoint=None) -> dict:
+    """The model config (num_classes, class_names, ...) behind a Segmenter."""
+    for holder in (seg, getattr(seg, "model", None)):
+        cfg = getattr(holder, "config", None)
+        if isinstance(cfg, dict) and "num_classes" in cfg:
+            return cfg
+    if checkpoint is not None and not str(checkpoint).endswith(".onnx"):
+        import fastfcn
+
+        return dict(fastfcn.load(checkpoint).config)
+    raise InputError("cannot tell the number of classes of this model; pass a fastfcn checkpoint")
+
+
+def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None) -> tuple[dict, np.ndarray]:
+    """Run ``seg`` (anything with ``run(images, output="labels")``) over ``dataset``.
+
+    dataset yields ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``; consecutive images of
+    one size go through ``run`` as one ``(N, H, W, 3)`` batch. Returns ``(scores, confusion
+    matrix (C, C))``.
+    """
+    from .metrics import scores
+
+    cm = ConfusionMatrix(num_classes)
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush():
+        if not pending:
+            return
+        images = np.stack([im for im, _ in pending])
+        labels = np.stack([lb for _, lb in pending])
+        pred = seg.run(images, output="labels")
+        pred = pred.cpu().numpy() if hasattr(pred, "cpu") else np.asarray(pred)
+        cm.update(labels, pred)
+        pending.clear()
+
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        if pending and (image.shape != pending[0][0].shape or len(pending) >= batch):
+            flush()
+        pending.append((image, label))
+        if progress is not None:
+            progress.update(i + 1)
+    flush()
+    return scores(cm.matrix), cm.matrix
+
+
+def _open_data(args, num_classes: int):
+    from . import data
+
+    if args.data == "synthetic":
+        n = args.n or data.HELDOUT_N
+        return data.heldout_scenes(n, args.size, num_classes), f"held-out synthetic split ({n} scenes)"
+    ds = data.VOCSegmentation(args.data, args.split)
+    if ds.num_classes != num_classes:
+        raise InputError(
+            f"{args.data} has {ds.num_classes} classes but the model predicts {num_classes}; "
+            "evaluate a model trained for this dataset"
+        )
+    if args.n and args.n < len(ds):
+        ds.ids, ds.images, ds.labels = ds.ids[: args.n], ds.images[: args.n], ds.labels[: args.n]
+    return ds, f"{ds.root} split {args.split} ({len(ds)} images)"
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from .data import HELDOUT_SIZE
+
+    a = parser.add_argument
+    a("checkpoint", help="a fastfcn checkpoint (or an ONNX file exported by fastfcn)")
+    a("--data", required=True, help="a VOC root (VOCdevkit/VOC2012) or 'synthetic' (the held-out split)")
+    a("--split", default="val", help="VOC split (default val)")
+    a("--n", type=int, default=0, help="evaluate only the first N images (synthetic: default 500)")
+    a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
+    a("--backend", default="auto", help="Segmenter backend: auto, torch, fused, onnxruntime, compile")
+    a("--device", default="auto", help="auto, cpu, cuda, ...")
+    a("--precision", default="auto", help="auto, fp32, tf32, bf16, fp16")
+    a("--batch", type=int, default=8, help="images per run() call (default 8)")
+    a("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    import fastfcn
+
+    from .train import Progress
+
+    seg = fastfcn.Segmenter(
+        args.checkpoint, backend=args.backend, device=args.device, precision=args.precision
+    )
+    cfg = segmenter_config(seg, args.checkpoint)
+    num_classes = int(cfg["num_classes"])
+    names = list(cfg.get("class_names") or [str(i) for i in range(num_classes)])
+    ds, what = _open_data(args, num_classes)
+    t0 = time.perf_counter()
+    bar = Progress(len(ds), "eval", enabled=not args.json)
+    result, matrix = evaluate(seg, ds, num_classes, batch=args.batch, progress=bar)
+    seconds = time.perf_counter() - t0
+    backend = getattr(seg, "backend", args.backend)
+    if args.json:
+        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+        obj = {
+            "checkpoint": str(args.checkpoint),
+            "data": args.data if args.data != "synthetic" else "synthetic",
+            "split": args.split if args.data != "synthetic" else "heldout",
+            "images": len(ds),
+            "backend": str(backend),
+            "device": str(getattr(seg, "device", args.device)),
+            "precision": str(getattr(seg, "precision", args.precision)),
+            **{k: clean(result[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")},
+            "per_class_iu": {n: clean(float(v)) for n, v in zip(names, result["per_class_iu"])},
+            "per_class_acc": {n: clean(float(v)) for n, v in zip(names, result["per_class_acc"])},
+            "confusion_matrix": matrix.tolist(),
+            "seconds": round(seconds, 3),
+        }
+        print(json.dumps(obj))
+    else:
+        print(f"{args.checkpoint} on {what}, backend {backend}, {seconds:.1f} s", file=sys.stderr)
+        print(format_table(result, names))
+    return 0

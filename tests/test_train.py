@@ -1,0 +1,120 @@
+"""Training: the loss falls, resume continues exactly, the staged schedule, 2-process gloo DDP,
+augmentation, curves; and the shipped demo model's accuracy on the held-out split."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import fastfcn
+from fastfcn import cli, models
+from fastfcn.data import HELDOUT_SEED
+from fastfcn.train import augment, init_weights, mosaic, plot_curves, preprocess
+
+TINY = ["--data", "synthetic", "--width", "0.0625", "--num-classes", "3", "--size", "32", "--batch", "2",
+        "--dropout", "0", "--threads", "1", "--val-n", "4", "--quiet"]  # fmt: skip
+
+
+def _train(tmp_path, *extra):
+    rc = cli.main(["train", "--out", str(tmp_path), *TINY, *extra])
+    assert rc == 0
+    return json.loads((tmp_path / "history.json").read_text())
+
+
+def test_short_run_loss_falls(tmp_path):
+    hist = _train(tmp_path, "--iters", "40", "--lr", "3e-3", "--val-every", "40")
+    loss = [v for _, v in hist["loss"]]
+    assert len(loss) == 40
+    assert np.mean(loss[-8:]) < 0.8 * np.mean(loss[:4]), loss
+    assert len(hist["val_mean_iu"]) == 1
+    model = fastfcn.load(tmp_path / "final.safetensors")
+    assert model.config["arch"] == "fcn8s" and model.config["num_classes"] == 3
+    assert model.config["class_names"] == ["background", "disc", "box"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    common = ["--iters", "4", "--val-every", "0", "--save-every", "2", "--scale-min", "0.8"]
+    _train(tmp_path / "a", *common)
+    _train(tmp_path / "b", *common[:1], "2", *common[2:])
+    hist = _train(tmp_path / "b", *common, "--resume")
+    assert [s for s, _ in hist["loss"]] == [1, 2, 3, 4]
+    a = fastfcn.load(tmp_path / "a" / "final.safetensors").state_dict()
+    b = fastfcn.load(tmp_path / "b" / "final.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert cli.main(["train", "--out", str(tmp_path / "c"), *TINY, "--iters", "2", "--resume"]) == 1
+
+
+def test_staged_schedule_initialises_from_coarser_net(tmp_path, capsys):
+    _train(tmp_path, "--stages", "fcn32s:2,fcn16s:2", "--val-every", "0")
+    err = capsys.readouterr().err
+    assert "fcn16s initialised from the previous stage" in err
+    assert fastfcn.load(tmp_path / "final.safetensors").config["arch"] == "fcn16s"
+
+
+def test_refuses_the_heldout_seed(tmp_path):
+    args = ["--iters", "1", "--seed", str(HELDOUT_SEED)]
+    assert cli.main(["train", "--out", str(tmp_path), *TINY, *args]) == 1
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    # One SGD step on a global batch of 4: two gloo ranks with 2 images each must give the
+    # weights that one process gets with all 4 (DDP averages the ranks' mean gradients).
+    args = [*TINY, "--iters", "2", "--batch", "4", "--val-every", "0", "--optimizer", "sgd", "--lr", "0.05",
+            "--scale-min", "1", "--scale-max", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastfcn", "train", "--out", str(tmp_path / "ddp"), *args]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stderr
+    assert "ddp: 2 processes (gloo), parameters in sync" in p.stderr
+    assert cli.main(["train", "--out", str(tmp_path / "one"), *args]) == 0
+    a = fastfcn.load(tmp_path / "ddp" / "final.safetensors").state_dict()
+    b = fastfcn.load(tmp_path / "one" / "final.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    torch.manual_seed(0)
+    init = models.build("fcn8s", num_classes=3, width=0.0625, dropout=0.0)
+    init_weights(init)
+    assert not torch.allclose(init.conv1_1.weight, a["conv1_1.weight"])  # training did move the backbone
+
+
+def test_preprocess_follows_the_config():
+    img = torch.tensor([[[[10, 20, 30]]]], dtype=torch.uint8)  # (1, 1, 1, 3) RGB
+    cfg = {"color_order": "BGR", "mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0], "input_scale": 255.0}
+    assert preprocess(img, cfg).flatten().tolist() == [29.0, 18.0, 7.0]
+    cfg = {"color_order": "RGB", "mean": [0.0, 0.0, 0.0], "std": [2.0, 2.0, 2.0], "input_scale": 1.0}
+    torch.testing.assert_close(preprocess(img, cfg).flatten(), torch.tensor([10, 20, 30]) / 255 / 2)
+
+
+def test_augment_scales_and_flips_labels_with_images():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
+    y = torch.arange(2 * 4 * 6).view(2, 4, 6) % 5
+    xa, ya = augment(x, y, 1.0, torch.tensor([True, False]))
+    assert torch.equal(ya[0], y[0].flip(-1)) and torch.equal(ya[1], y[1])
+    assert torch.equal(xa[0], x[0].flip(-1))
+    xs, ys = augment(x, y, 0.5, torch.tensor([False, False]))
+    assert xs.shape == (2, 3, 2, 3) and ys.shape == (2, 2, 3) and ys.dtype == torch.long
+    assert set(ys.unique().tolist()) <= set(y.unique().tolist())  # nearest: no blended ids
+
+
+def test_mosaic_tiles_in_order():
+    im = torch.arange(8 * 2 * 3 * 3).view(8, 2, 3, 3).to(torch.uint8)
+    lb = torch.arange(8).view(8, 1, 1).expand(8, 2, 3).contiguous()
+    a, b = mosaic(im, lb, 2)
+    assert a.shape == (2, 4, 6, 3) and b.shape == (2, 4, 6)
+    assert torch.equal(a[1, 2:4, 3:6], im[7]) and (b[0, :2, 3:] == 1).all()
+
+
+def test_curves_png(tmp_path):
+    plot_curves({"loss": [[1, 2.0], [2, 1.0], [3, 0.5]], "val_mean_iu": []}, tmp_path / "c.png", "t")
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as im:
+        a = np.asarray(im.convert("RGB"))
+    assert (np.abs(a.astype(int) - [200, 60, 40]).sum(-1) < 30).sum() > 50  # the loss line is drawn
