@@ -1,0 +1,660 @@
+"""Agreement of every fused op and implementation with kernels.reference (the spec).
+
+"triton" runs the Triton kernels (in the interpreter without a GPU), "cpu" the C++ twins,
+"reference" the spec itself (a check of the harness). Shapes are small on the CPU lane: the
+interpreter costs about 1 ms per tl op whatever the block size, so cases are chosen to cover
+every geometry, kind and output rather than every combination.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastfcn.ops as ops
+from fastfcn.kernels import reference as ref
+from fastfcn.kernels import structure as st
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _cpu_available():
+    try:
+        from fastfcn.kernels import cpu
+
+        return bool(cpu.available())
+    except Exception:
+        return False
+
+
+IMPLS = [
+    "triton",
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(not _cpu_available(), reason="fastfcn.kernels.cpu is not built here"),
+    ),
+    "reference",
+]
+
+
+def _dev(impl):
+    return "cpu" if impl == "cpu" else DEV
+
+
+# ------------------------------------------------------------------ helpers
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def make_weight(kind, c, k, layout="full", seed=0):
+    """An upsampling weight of the given structure: (C, C, k, k), or (C, 1, k, k) for layout 'dw'."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bilinear":
+        w = st.bilinear_weight(c, k, depthwise=layout == "dw")
+    elif kind == "depthwise":
+        d = torch.randn(c, k, k, generator=g)
+        if layout == "dw":
+            w = d[:, None].clone()
+        else:
+            w = torch.zeros(c, c, k, k)
+            w[torch.arange(c), torch.arange(c)] = d
+    else:
+        w = torch.randn(c, c, k, k, generator=g) / math.sqrt(c)
+    assert st.weight_kind(w) == kind or (c == 1 and kind == "dense")
+    return w
+
+
+def _abs_inputs(*ts):
+    return [None if t is None else t.detach().abs().double() for t in ts]
+
+
+def _terms(kind, c, k, s):
+    """Products summed per output element by one upsampling stage."""
+    return (c if kind == "dense" else 1) * math.ceil(k / s) ** 2
+
+
+def fp32_bound(magnitude, n_terms):
+    """Elementwise bound on |ours - reference| in fp32.
+
+    Both sides sum the same n products in fp32 in different orders; the classic bound on
+    a float sum is gamma_n * sum|terms| with gamma_n ~ n * eps (Higham, ch. 4). The bilinear
+    path takes its taps from the formula, which can differ from the rounded weight tensor
+    by one ulp: two more eps. Factor 2 for the reference's own rounding. magnitude is the
+    same computation run on absolute values in float64, i.e. sum|terms| per element.
+    """
+    return 2 * (n_terms + 2) * EPS32 * magnitude.float() + 1e-30
+
+
+def check_logits(out, want, bound):
+    assert out.shape == want.shape and out.dtype == want.dtype
+    err = (out.double() - want.double()).abs()
+    bad = err > bound.double()
+    assert not bad.any(), f"{int(bad.sum())} elements beyond the bound; max err {err.max():.3g}"
+
+
+def check_labels(out, logits, bound):
+    """Labels equal the reference argmax except where the top two are within the error bound."""
+    c = logits.shape[1]
+    assert out.dtype == (torch.uint8 if c <= 256 else torch.int32)
+    assert out.shape == (logits.shape[0], *logits.shape[2:])
+    want = logits.argmax(1)
+    diff = out.long() != want
+    if diff.any():
+        top = logits.max(1).values
+        got = logits.gather(1, out.long().clamp(0, c - 1)[:, None])[:, 0]
+        slack = 2 * bound.max(1).values if bound.dim() == 4 else 2 * bound
+        near = (top - got) <= slack
+        assert near[diff].all(), f"{int((diff & ~near).sum())} labels differ beyond near-ties"
+    # a kernel that ignored most classes would still pass the near-tie check on constant maps
+    assert diff.float().mean() <= 0.01
+
+
+def check_probs(out, logits, bound):
+    assert out.shape == logits.shape and out.dtype == logits.dtype
+    want = torch.softmax(logits.double(), 1)
+    # softmax is 1-Lipschitz per logit in the max norm up to a factor 2
+    tol = 2 * float(bound.max()) + 4 * torch.finfo(out.dtype).eps
+    err = (out.double() - want).abs().max()
+    assert err <= tol, f"probs off by {err:.3g} > {tol:.3g}"
+
+
+def check_output(out, logits, bound, output):
+    if output == "logits":
+        check_logits(out, logits, bound)
+    elif output == "labels":
+        check_labels(out, logits, bound)
+    else:
+        check_probs(out, logits, bound)
+
+
+def covering(size, k, s, offset):
+    """The smallest input length whose transposed conv covers offset + size, plus one."""
+    return max(1, math.ceil((offset + size - k) / s) + 1) + 1
+
+
+# FCN geometries: (name, kernel, stride, final crop offset) of the last stage
+FINAL = {
+    "fcn32s": (64, 32, 19),
+    "fcn16s": (32, 16, 27),
+    "fcn8s": (16, 8, 31),
+    "alexnet": (63, 32, 18),
+    "dilated": (16, 8, 4),  # grouped deconvolution k16 s8 pad 4
+    "up2": (4, 2, 0),
+}
+
+# (geometry, kind, layout, C, N, (H, W), output)
+CROP_CASES = [
+    # every geometry at a mid size, labels (what a user sees)
+    ("fcn32s", "bilinear", "full", 21, 1, (37, 53), "labels"),
+    ("fcn16s", "bilinear", "full", 21, 1, (37, 53), "labels"),
+    ("fcn8s", "bilinear", "full", 21, 1, (37, 53), "labels"),
+    ("alexnet", "bilinear", "full", 21, 1, (37, 53), "labels"),
+    ("dilated", "bilinear", "dw", 21, 1, (37, 53), "labels"),
+    ("dilated", "depthwise", "dw", 21, 3, (7, 13), "logits"),
+    # every size, batch 3
+    ("fcn8s", "bilinear", "full", 2, 3, (1, 1), "logits"),
+    ("fcn8s", "bilinear", "full", 2, 3, (2, 3), "logits"),
+    ("fcn8s", "bilinear", "full", 2, 3, (7, 13), "probs"),
+    ("fcn8s", "bilinear", "full", 2, 3, (37, 53), "logits"),
+    ("fcn8s", "bilinear", "full", 2, 1, (127, 129), "logits"),
+    ("fcn8s", "bilinear", "full", 21, 1, (127, 129), "labels"),
+    ("fcn32s", "depthwise", "full", 2, 1, (127, 129), "probs"),
+    ("up2", "dense", "full", 2, 1, (127, 129), "logits"),
+    # every kind and output
+    ("fcn8s", "depthwise", "full", 21, 1, (7, 13), "logits"),
+    ("fcn8s", "depthwise", "full", 21, 1, (7, 13), "labels"),
+    ("fcn8s", "depthwise", "full", 21, 1, (7, 13), "probs"),
+    ("fcn8s", "dense", "full", 21, 1, (7, 13), "logits"),
+    ("fcn8s", "dense", "full", 21, 3, (7, 13), "labels"),
+    ("up2", "dense", "full", 21, 1, (7, 13), "probs"),
+    ("alexnet", "dense", "full", 2, 1, (37, 53), "labels"),
+    ("fcn32s", "depthwise", "full", 2, 1, (1, 1), "labels"),
+    # class counts: 1, 60, 300 (int32 labels, several class tiles)
+    ("fcn8s", "bilinear", "full", 1, 3, (7, 13), "labels"),
+    ("fcn8s", "bilinear", "full", 1, 1, (7, 13), "probs"),
+    ("fcn8s", "depthwise", "full", 60, 1, (7, 13), "probs"),
+    ("fcn8s", "dense", "full", 60, 1, (2, 3), "labels"),
+    ("fcn8s", "bilinear", "dw", 300, 1, (7, 13), "labels"),
+    ("up2", "depthwise", "dw", 300, 1, (2, 3), "logits"),
+    ("fcn16s", "depthwise", "dw", 300, 1, (2, 3), "probs"),
+]
+
+
+def _crop_id(c):
+    return f"{c[0]}-{c[1]}-{c[2]}-C{c[3]}-N{c[4]}-{c[5][0]}x{c[5][1]}-{c[6]}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CROP_CASES, ids=_crop_id)
+def test_upsample_crop(case, impl):
+    geom, kind, layout, c, n, (H, W), output = case
+    k, s, off = FINAL[geom]
+    w = make_weight(kind, c, k, layout)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, covering(H, k, s, off), covering(W, k, s, off) + 1, generator=g)
+    want = ref.upsample_crop(x.double(), w.double(), s, off, (H, W))
+    mag = ref.upsample_crop(*_abs_inputs(x, w), s, off, (H, W))
+    bound = fp32_bound(mag, _terms(kind, c, k, s))
+    dev = _dev(impl)
+    out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, (H, W), output, impl=impl).cpu()
+    check_output(out, want.float(), bound, output)
+
+
+# (kind, C, N, x size, kernel, stride, skip offset, scale)
+ADD_CASES = [
+    ("bilinear", 21, 1, (1, 1), 4, 2, 5, 1.0),  # FCN-8s upscore2 + score_pool4
+    ("bilinear", 21, 3, (7, 13), 4, 2, 9, 1.0),  # upscore_pool4 + score_pool3
+    ("bilinear", 2, 1, (37, 53), 4, 2, 5, 0.01),  # at-once pool4 scale
+    ("bilinear", 2, 1, (37, 53), 4, 2, 9, 0.0001),  # at-once pool3 scale
+    ("depthwise", 21, 1, (2, 3), 4, 2, 5, 1.0),
+    ("depthwise", 60, 3, (7, 13), 4, 2, 9, 0.01),
+    ("dense", 21, 1, (7, 13), 4, 2, 5, 1.0),
+    ("dense", 60, 1, (2, 3), 4, 2, 9, 0.0001),
+    ("dense", 1, 3, (37, 53), 4, 2, 0, 1.0),
+    ("bilinear", 300, 1, (2, 3), 4, 2, 5, 1.0),  # a 300x300x4x4 weight: 14 MB
+    ("bilinear", 2, 1, (63, 64), 4, 2, 5, 1.0),  # output 128x130
+    ("depthwise", 2, 1, (3, 4), 32, 16, 0, 1.0),
+    ("bilinear", 2, 1, (7, 13), 4, 2, None, 1.0),  # no skip
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ADD_CASES, ids=lambda c: f"{c[0]}-C{c[1]}-N{c[2]}-{c[3][0]}x{c[3][1]}"
+                         f"-k{c[4]}s{c[5]}-off{c[6]}-scale{c[7]}")
+def test_upsample_add(case, impl):
+    kind, c, n, (h, w_), k, s, off, scale = case
+    w = make_weight(kind, c, k)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, c, h, w_, generator=g)
+    ho, wo = (h - 1) * s + k, (w_ - 1) * s + k
+    skip = None if off is None else torch.randn(n, c, ho + off + 3, wo + off + 2, generator=g) * 50
+    off = off or 0
+    want = ref.upsample_add(x.double(), w.double(), s, None if skip is None else skip.double(), off, scale)
+    mag = ref.upsample_add(*_abs_inputs(x, w), s, *_abs_inputs(skip), off, abs(scale))
+    bound = fp32_bound(mag, _terms(kind, c, k, s) + 1)
+    dev = _dev(impl)
+    out = ops.upsample_add(x.to(dev), w.to(dev), s, None if skip is None else skip.to(dev), off, scale,
+                           impl=impl).cpu()
+    check_logits(out, want.float(), bound)
+
+
+# ------------------------------------------------------------------ whole heads
+
+
+def _pool(size, k, s):
+    return ops._pool_out(size, k, s, True)
+
+
+def head_case(arch, H, W, c, n, kinds=None, seed=3):
+    """Score map, skips and stage lists with the reference nets' geometry for an H x W image."""
+    g = torch.Generator().manual_seed(seed)
+
+    def vgg(v):
+        v = v + 198  # conv1_1 pad 100
+        pools = []
+        for _ in range(5):
+            v = _pool(v, 2, 2)
+            pools.append(v)
+        return pools, pools[4] - 6  # fc6 7x7 pad 0
+
+    if arch == "alexnet":
+        def side(v):
+            v = (v + 200 - 11) // 4 + 1
+            for _ in range(3):
+                v = _pool(v, 3, 2)
+            return v - 5
+
+        score_hw = (side(H), side(W))
+        stages, skip_hw = [(63, 32, 18)], []
+    elif arch == "dilated":
+        score_hw = (math.ceil(H / 8), math.ceil(W / 8))
+        stages, skip_hw = [(16, 8, 4)], []
+    else:
+        (ph, fh), (pw, fw) = vgg(H), vgg(W)
+        score_hw = (fh, fw)
+        if arch == "fcn32s":
+            stages, skip_hw = [(64, 32, 19)], []
+        elif arch == "fcn16s":
+            stages, skip_hw = [(4, 2, 5), (32, 16, 27)], [(ph[3], pw[3])]
+        else:
+            stages, skip_hw = [(4, 2, 5), (4, 2, 9), (16, 8, 31)], [(ph[3], pw[3]), (ph[2], pw[2])]
+    scales = [0.01, 0.0001][: len(skip_hw)] if arch == "fcn8s-atonce" else [1.0] * len(skip_hw)
+    kinds = kinds or ["bilinear"] * len(stages)
+    layout = "dw" if arch == "dilated" else "full"
+    weights = [make_weight(kd, c, k, layout, seed=i) for i, (kd, (k, _, _)) in enumerate(zip(kinds, stages))]
+    score = torch.randn(n, c, *score_hw, generator=g)
+    skips = [torch.randn(n, c, *hw, generator=g) * 30 for hw in skip_hw]
+    return dict(score=score, skips=skips, weights=weights, strides=[s for _, s, _ in stages],
+                offsets=[o for _, _, o in stages], scales=scales, size=(H, W)), kinds
+
+
+def fp64_head(h):
+    """The head's exact-enough result: the reference in float64."""
+    skips, weights = [s.double() for s in h["skips"]], [w.double() for w in h["weights"]]
+    return ref.fcn_head(h["score"].double(), skips, weights, h["strides"], h["offsets"], h["scales"],
+                        h["size"])
+
+
+def _head_terms(h, kinds):
+    return sum(_terms(kd, h["score"].shape[1], w.shape[-1], s) + 1
+               for kd, w, s in zip(kinds, h["weights"], h["strides"]))
+
+
+# (arch, H, W, C, N, output, kinds)
+HEAD_CASES = [
+    ("fcn8s", 1, 1, 21, 1, "labels", None),
+    ("fcn8s", 7, 13, 21, 3, "labels", None),
+    ("fcn8s", 37, 53, 2, 1, "logits", None),
+    ("fcn8s", 127, 129, 2, 1, "labels", None),
+    ("fcn8s-atonce", 37, 53, 21, 1, "labels", None),
+    ("fcn8s-atonce", 2, 3, 2, 1, "probs", None),
+    ("fcn16s", 37, 53, 21, 1, "labels", None),
+    ("fcn16s", 2, 3, 60, 1, "probs", None),
+    ("fcn32s", 37, 53, 21, 1, "labels", None),
+    ("fcn32s", 7, 13, 1, 3, "logits", None),
+    ("alexnet", 37, 53, 21, 1, "labels", None),
+    ("dilated", 37, 53, 21, 1, "labels", None),
+    ("dilated", 7, 13, 2, 3, "probs", ["depthwise"]),
+    # learned (non-bilinear) intermediate stages, as the paper's nets may have
+    ("fcn8s", 7, 13, 21, 1, "labels", ["dense", "depthwise", "bilinear"]),
+    ("fcn16s", 2, 3, 2, 3, "logits", ["dense", "dense"]),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-C{c[3]}-N{c[4]}-{c[5]}"
+                         + ("-" + "-".join(c[6]) if c[6] else ""))
+def test_fcn_head(case, impl):
+    arch, H, W, c, n, output, kinds = case
+    h, kinds = head_case(arch, H, W, c, n, kinds)
+    want = fp64_head(h)
+    mag = ref.fcn_head(*_abs_inputs(h["score"]), _abs_inputs(*h["skips"]), _abs_inputs(*h["weights"]),
+                       h["strides"], h["offsets"], h["scales"], h["size"])
+    bound = fp32_bound(mag, _head_terms(h, kinds))
+    dev = _dev(impl)
+    out = ops.fcn_head(h["score"].to(dev), [s.to(dev) for s in h["skips"]], [w.to(dev) for w in h["weights"]],
+                       h["strides"], h["offsets"], h["scales"], h["size"], output, impl=impl).cpu()
+    check_output(out, want.float(), bound, output)
+
+
+# ------------------------------------------------------------------ low precision
+
+
+def lowp_bound(torch_lowp, want, dtype):
+    """Twice plain PyTorch's error at this dtype against the fp32-exact result, floored at half an
+    ulp of the largest output (the rounding every low-precision output must take)."""
+    torch_err = (torch_lowp.double() - want.double()).abs().max()
+    floor = 0.5 * torch.finfo(dtype).eps * want.abs().max()
+    return 2 * max(float(torch_err), float(floor))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["bilinear", "dense"])
+def test_upsample_lowp(kind, dtype, impl):
+    c, k, s, off, (H, W) = 21, 16, 8, 31, (7, 13)
+    w = make_weight(kind, c, k)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, c, covering(H, k, s, off), covering(W, k, s, off), generator=g).to(dtype)
+    want = ref.upsample_crop(x.double(), w.double(), s, off, (H, W))
+    bound = lowp_bound(ref.upsample_crop(x, w, s, off, (H, W)), want, dtype)
+    dev = _dev(impl)
+    xd, wd = x.to(dev), w.to(dev)
+    logits = ops.upsample_crop(xd, wd, s, off, (H, W), "logits", impl=impl).cpu()
+    assert logits.dtype == dtype
+    err = float((logits.double() - want).abs().max())
+    assert err <= bound, f"{dtype} logits off by {err:.3g}, bound {bound:.3g}"
+    labels = ops.upsample_crop(xd, wd, s, off, (H, W), "labels", impl=impl).cpu()
+    check_labels(labels, want.float(), torch.full_like(want.float(), bound))
+    probs = ops.upsample_crop(xd, wd, s, off, (H, W), "probs", impl=impl).cpu()
+    assert probs.dtype == dtype
+    p_want = torch.softmax(want, 1)
+    p_bound = 2 * float((ref.upsample_crop(x, w, s, off, (H, W), "probs").double() - p_want).abs().max())
+    p_bound = max(p_bound, torch.finfo(dtype).eps)
+    assert float((probs.double() - p_want).abs().max()) <= p_bound
+    # upsample_add with a skip, at the same dtype
+    skip = (torch.randn(1, c, 40, 40, generator=g) * 10).to(dtype)
+    xa = x[:, :, :5, :6]
+    w4 = make_weight(kind, c, 4)
+    want_a = ref.upsample_add(xa.double(), w4.double(), 2, skip.double(), 5, 0.5)
+    bound_a = lowp_bound(ref.upsample_add(xa, w4, 2, skip, 5, 0.5), want_a, dtype)
+    out_a = ops.upsample_add(xa.to(dev), w4.to(dev), 2, skip.to(dev), 5, 0.5, impl=impl).cpu()
+    assert out_a.dtype == dtype
+    assert float((out_a.double() - want_a).abs().max()) <= bound_a
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fcn_head_lowp(dtype, impl):
+    h, _ = head_case("fcn8s", 37, 53, 21, 1)
+    lo = dict(h, score=h["score"].to(dtype), skips=[s.to(dtype) for s in h["skips"]])
+    want = fp64_head(lo)
+    bound = lowp_bound(ref.fcn_head(**lo), want, dtype)
+    dev = _dev(impl)
+    args = (lo["score"].to(dev), [s.to(dev) for s in lo["skips"]], [w.to(dev) for w in h["weights"]],
+            h["strides"], h["offsets"], h["scales"], h["size"])
+    logits = ops.fcn_head(*args, "logits", impl=impl).cpu()
+    assert logits.dtype == dtype
+    assert float((logits.double() - want).abs().max()) <= bound
+    labels = ops.fcn_head(*args, "labels", impl=impl).cpu()
+    check_labels(labels, want.float(), torch.full_like(want.float(), bound))
+
+
+# ------------------------------------------------------------------ pooling with switches, unpooling
+
+POOL_SIZES = [(1, 1), (2, 3), (7, 13), (37, 53), (127, 129)]
+
+
+def int_valued(n, c, H, W, dtype=torch.float32, seed=5):
+    """Small integers: windows with duplicate maxima are common (first one must win)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, (n, c, H, W), generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", POOL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kernel,stride,ceil_mode", [(2, 2, True), (2, 2, False), (3, 3, True), (3, 2, True)])
+def test_max_pool2d_with_switches(size, kernel, stride, ceil_mode, impl):
+    H, W = size
+    if ops._pool_out(H, kernel, stride, ceil_mode) < 1 or ops._pool_out(W, kernel, stride, ceil_mode) < 1:
+        pytest.skip(f"{H}x{W} is smaller than one {kernel}x{kernel} window without ceil mode")
+    n, c = (3, 2) if H * W < 1000 else (1, 2)
+    x = int_valued(n, c, H, W)
+    want_v, want_s = ref.max_pool2d_with_switches(x, kernel, stride, ceil_mode)
+    v, s = ops.max_pool2d_with_switches(x.to(_dev(impl)), kernel, stride, ceil_mode, impl=impl)
+    assert torch.equal(v.cpu(), want_v)
+    assert s.dtype == torch.uint8 and torch.equal(s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_max_pool2d_with_switches_lowp_and_specials(dtype, impl):
+    x = torch.randn(2, 3, 9, 11).to(dtype)
+    x[0, 0, 0, 0] = float("nan")  # torch propagates NaN and points the switch at it
+    x[0, 1, :2, :2] = float("-inf")  # an all -inf window keeps its corner
+    x[1, 2, 4, 4] = float("inf")
+    want_v, want_s = ref.max_pool2d_with_switches(x, 2, 2, True)
+    v, s = ops.max_pool2d_with_switches(x.to(_dev(impl)), 2, 2, True, impl=impl)
+    assert torch.equal(v.cpu().isnan(), want_v.isnan())
+    assert torch.equal(v.cpu().nan_to_num(), want_v.nan_to_num())
+    assert torch.equal(s.cpu(), want_s)
+
+
+# (H, W, kernel, stride, ceil_mode, C, N)
+UNPOOL_CASES = [
+    (1, 1, 2, 2, True, 2, 3),
+    (2, 3, 2, 2, True, 2, 3),
+    (7, 13, 2, 2, True, 21, 3),
+    (8, 12, 2, 2, False, 2, 1),
+    (37, 53, 2, 2, True, 3, 1),
+    (127, 129, 2, 2, True, 2, 1),
+    (7, 13, 3, 3, True, 2, 3),
+    (10, 11, 2, 3, True, 2, 1),  # stride > kernel: pixels between windows stay zero
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("case", UNPOOL_CASES,
+                         ids=lambda c: f"{c[0]}x{c[1]}-k{c[2]}s{c[3]}-ceil{int(c[4])}-C{c[5]}")
+def test_max_unpool2d(case, relu, impl):
+    H, W, k, s, ceil_mode, c, n = case
+    x = int_valued(n, c, H, W)
+    values, idx = F.max_pool2d(x, k, s, ceil_mode=ceil_mode, return_indices=True)
+    values = values - 1.5  # negative entries exercise the fused relu
+    want = F.max_unpool2d(torch.relu(values) if relu else values, idx, k, s, output_size=(H, W))
+    dev = _dev(impl)
+    out = ops.max_unpool2d(values.to(dev), idx.to(dev), (H, W), k, s, relu=relu, impl=impl).cpu()
+    assert torch.equal(out, want)
+    # the same through one-byte switches
+    _, sw = ref.max_pool2d_with_switches(x, k, s, ceil_mode)
+    out = ops.max_unpool2d(values.to(dev), sw.to(dev), (H, W), k, s, relu=relu, impl=impl).cpu()
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_max_unpool2d_lowp(dtype, impl):
+    x = int_valued(2, 4, 15, 17, dtype)
+    values, idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+    want = F.max_unpool2d(values, idx, 2, 2, output_size=(15, 17))
+    out = ops.max_unpool2d(values.to(_dev(impl)), idx.to(_dev(impl)), (15, 17), impl=impl).cpu()
+    assert out.dtype == dtype and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpu"])
+def test_max_unpool2d_overlapping_falls_back(impl):
+    if impl == "cpu" and not _cpu_available():
+        pytest.skip("fastfcn.kernels.cpu is not built here")
+    x = int_valued(1, 2, 9, 9)
+    values, idx = F.max_pool2d(x, 3, 2, ceil_mode=True, return_indices=True)
+    want = F.max_unpool2d(values, idx, 3, 2, output_size=(9, 9))
+    with pytest.warns(RuntimeWarning, match="overlap"):
+        out = ops.max_unpool2d(values.to(_dev(impl)), idx.to(_dev(impl)), (9, 9), 3, 2, impl=impl)
+    assert torch.equal(out.cpu(), want)
+
+
+def test_deconvnet_roundtrip_through_switches():
+    """Pool with switches, then unpool: each window keeps exactly its maximum."""
+    x = int_valued(1, 3, 13, 14)
+    v, s = ops.max_pool2d_with_switches(x, impl="triton")
+    out = ops.max_unpool2d(v, s, (13, 14), impl="triton")
+    values, idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+    assert torch.equal(out, F.max_unpool2d(values, idx, 2, 2, output_size=(13, 14)))
+    assert int((out != 0).sum()) <= v.numel()
+
+
+# ------------------------------------------------------------------ validation, caching, dispatch
+
+
+def _bad_calls():
+    x = torch.randn(1, 3, 4, 5)
+    w = st.bilinear_weight(3, 4)
+    return [
+        (lambda: ops.upsample_add(x[0], w, 2), "x must be a \\(N, C, h, w\\)"),
+        (lambda: ops.upsample_add(x.long(), w, 2), "float32, float16 or bfloat16"),
+        (lambda: ops.upsample_add(x, w[:2], 2), "weight must be \\(C, C, k, k\\)"),
+        (lambda: ops.upsample_add(x, w, 0), "stride must be a positive integer"),
+        (lambda: ops.upsample_add(x, w, 2, torch.randn(1, 3, 9, 12), 0), "does not fit skip"),
+        (lambda: ops.upsample_add(x, w, 2, torch.randn(1, 2, 40, 40), 0), "skip must be \\(N, C, Hs, Ws\\)"),
+        (lambda: ops.upsample_crop(x, w, 2, 1, (10, 10)), "does not fit the upsampled map"),
+        (lambda: ops.upsample_crop(x, w, 2, -1, (3, 3)), "offset must be a non-negative integer"),
+        (lambda: ops.upsample_crop(x, w, 2, 0, (3, 3), "argmax"), "output must be one of"),
+        (lambda: ops.upsample_crop(x, w, 2, 0, (3, 3), impl="gpu"), "impl must be one of"),
+        (lambda: ops.fcn_head(x, [], [w, w], [2], [0], [], (3, 3)), "needs 1 weights, strides and offsets"),
+        (lambda: ops.max_pool2d_with_switches(x, 17, 17), "kernel\\*kernel <= 256"),
+        (lambda: ops.max_pool2d_with_switches(x, 5, 5, False), "too small"),
+        (lambda: ops.max_unpool2d(x, torch.zeros(1, 3, 4, 5, dtype=torch.int32), (8, 10)), "int64"),
+        (lambda: ops.max_unpool2d(x, torch.zeros(1, 3, 4, 4, dtype=torch.long), (8, 10)), "shape of x"),
+        (lambda: ops.max_unpool2d(x, torch.zeros_like(x, dtype=torch.long), (8, 13)), "output_size"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_bad_input_raises_clear_error(i):
+    call, match = _bad_calls()[i]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_weight_kind_cached_per_tensor(monkeypatch):
+    calls = []
+    real = st.weight_kind
+    monkeypatch.setattr(ops._structure, "weight_kind", lambda w: calls.append(1) or real(w))
+    w = st.bilinear_weight(3, 4)
+    assert ops.weight_kind(w) == "bilinear"
+    x = torch.randn(1, 3, 2, 2)
+    for _ in range(3):
+        ops.upsample_add(x, w, 2, impl="triton")
+    assert len(calls) == 1
+    with torch.no_grad():
+        w[0, 1, 0, 0] = 0.5  # an in-place change moves the version counter: detect again
+    assert ops.weight_kind(w) == "dense" and len(calls) == 2
+    assert ops.weight_kind(make_weight("depthwise", 3, 4)) == "depthwise"
+
+
+def test_default_impl_on_cpu_warns_once_without_twin(monkeypatch):
+    monkeypatch.setattr(ops, "_cpu_state", {"mod": None, "why": "test: no twin"})
+    x = torch.randn(1, 2, 3, 3)
+    w = st.bilinear_weight(2, 4)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        a = ops.upsample_crop(x, w, 2, 1, (4, 4))
+        b = ops.upsample_crop(x, w, 2, 1, (4, 4))
+    msgs = [str(r.message) for r in rec if "C++ kernels are unavailable" in str(r.message)]
+    assert len(msgs) == 1 and "test: no twin" in msgs[0]
+    assert torch.equal(a, ref.upsample_crop(x, w, 2, 1, (4, 4))) and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="test: no twin"):
+        ops.upsample_crop(x, w, 2, 1, (4, 4), impl="cpu")
+
+
+def test_default_impl_on_cpu_uses_twin_when_built():
+    if not _cpu_available():
+        pytest.skip("fastfcn.kernels.cpu is not built here")
+    assert ops._resolve(None, torch.zeros(1)) == "cpu"
+
+
+# ------------------------------------------------------------------ torch.compile / export
+
+
+# schema, fake-tensor and autograd-registration checks; the AOT-dispatch checks compile the op
+# several times (25 s here) and are covered by the compile/export test below
+OPCHECK = ("test_schema", "test_faketensor", "test_autograd_registration")
+
+
+def test_custom_ops_opcheck():
+    x = torch.randn(2, 3, 4, 5)
+    w = st.bilinear_weight(3, 4)
+    skip = torch.randn(2, 3, 20, 20)
+    xi = int_valued(2, 3, 7, 9)
+    v, sw = ops.max_pool2d_with_switches(xi, impl="triton")
+    lib = torch.ops.fastfcn
+    for op, args in [
+        (lib.upsample_add, (x, w, 2, skip, 5, 0.5, "triton")),
+        (lib.upsample_crop, (x, w, 2, 1, [6, 7], "labels", "triton")),
+        (lib.fcn_head, (x, [skip], [w, w], [2, 2], [5, 1], [0.5], [6, 7], "probs", "triton")),
+        (lib.max_pool2d_with_switches, (xi, 2, 2, True, "triton")),
+        (lib.max_unpool2d, (v, sw, [7, 9], 2, 2, True, "triton")),
+    ]:
+        torch.library.opcheck(op.default, args, test_utils=OPCHECK)
+
+
+def test_compile_and_export_see_the_fused_head():
+    w = st.bilinear_weight(3, 4)
+
+    class Head(torch.nn.Module):
+        def forward(self, x, skip):
+            return ops.fcn_head(x, [skip], [w, w], [2, 2], [5, 1], [0.5], (6, 7), "labels", impl="triton")
+
+    x, skip = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 20, 20)
+    eager = Head()(x, skip)
+    compiled = torch.compile(Head(), fullgraph=True, backend="aot_eager")(x, skip)
+    assert torch.equal(compiled, eager)
+    ep = torch.export.export(Head(), (x, skip))
+    assert "fastfcn.fcn_head" in str(ep.graph)
+    assert torch.equal(ep.module()(x, skip), eager)
+
+
+# ------------------------------------------------------------------ GPU lane: full sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("output", ["labels", "logits"])
+@pytest.mark.parametrize("arch", ["fcn8s", "fcn8s-atonce", "fcn16s", "fcn32s", "alexnet", "dilated"])
+def test_fcn_head_full_size_gpu(arch, output):
+    h, kinds = head_case(arch, 500, 375, 21, 2)
+    want = fp64_head(h)
+    mag = ref.fcn_head(*_abs_inputs(h["score"]), _abs_inputs(*h["skips"]), _abs_inputs(*h["weights"]),
+                       h["strides"], h["offsets"], h["scales"], h["size"])
+    bound = fp32_bound(mag, _head_terms(h, kinds))
+    out = ops.fcn_head(h["score"].cuda(), [s.cuda() for s in h["skips"]], [w.cuda() for w in h["weights"]],
+                       h["strides"], h["offsets"], h["scales"], h["size"], output).cpu()
+    check_output(out, want.float(), bound, output)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["depthwise", "dense"])
+def test_upsample_crop_full_size_gpu(kind):
+    c, (k, s, off), (H, W) = 21, FINAL["fcn8s"], (500, 375)
+    w = make_weight(kind, c, k)
+    x = torch.randn(2, c, covering(H, k, s, off), covering(W, k, s, off))
+    want = ref.upsample_crop(x.double(), w.double(), s, off, (H, W))
+    bound = fp32_bound(ref.upsample_crop(*_abs_inputs(x, w), s, off, (H, W)), _terms(kind, c, k, s))
+    for output in ("logits", "labels", "probs"):
+        out = ops.upsample_crop(x.cuda(), w.cuda(), s, off, (H, W), output).cpu()
+        check_output(out, want.float(), bound, output)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size,c", [((224, 224), 64), ((112, 112), 128), ((14, 14), 512), ((500, 375), 64)])
+def test_max_unpool2d_full_size_gpu(size, c):
+    x = torch.randn(2, c, *size, device="cuda")
+    values, idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+    want = F.max_unpool2d(torch.relu(values), idx, 2, 2, output_size=size)
+    assert torch.equal(ops.max_unpool2d(values, idx, size, relu=True), want)
+    v, sw = ops.max_pool2d_with_switches(x)
+    assert torch.equal(v, values)
+    assert torch.equal(ops.max_unpool2d(v, sw, size, relu=True), want)
