@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -217,7 +218,8 @@ def load(
     elif kind == "torch":
         state, config = _read_torch(path)
     else:
-        state, config = read_caffemodel(path), None
+        layers = read_caffemodel(path)
+        state, config = {f"{_caffe_name(ly.name)}.weight": _caffe_probe(ly) for ly in layers}, None
     state = _strip_prefix(state)
     fixed_defaults = False
     if config is None:
@@ -228,6 +230,8 @@ def load(
         if arch is not None:
             config["arch"] = arch
     model = _build(config, path)
+    if kind == "caffe":
+        state = _caffe_state(layers, model)
     _load_state(model, state, path, strict=strict, fill_upsampling=fixed_defaults)
     for k in _OVERRIDABLE:
         if config.get(k) is not None:
@@ -320,7 +324,7 @@ def _read_torch(path: Path) -> tuple[dict, dict | None]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = _torch_load_reason(e)
-        if "global" in msg.lower():
+        if msg.startswith("it references the global"):
             raise CheckpointError(
                 f"{path}: refused: the pickle references code or objects other than tensors and plain "
                 f"containers; nothing from it was run ({msg})"
@@ -343,12 +347,20 @@ def _read_torch(path: Path) -> tuple[dict, dict | None]:
 
 
 def _torch_load_reason(e: Exception) -> str:
-    """The informative line of a torch.load error, without its boilerplate (which
+    """The informative part of a torch.load error, without its boilerplate (which
     suggests weights_only=False: advice a checkpoint loader must not pass on)."""
-    boiler = ("Weights only load failed", "Check the documentation", "Please file an issue", "Re-running")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it references the global {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if m:
+        return m.group(1).strip()
+    boiler = ("Weights only load failed", "Check the documentation", "Please file an issue", "Re-running",
+              "(1)", "(2)")  # fmt: skip
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(boiler)]
-    text = (useful or lines or [type(e).__name__])[0]
+    text = (useful or [type(e).__name__])[0]
     return text if len(text) < 300 else text[:300] + "..."
 
 
@@ -507,7 +519,223 @@ def _load_state(model: nn.Module, state: dict, path, strict: bool, fill_upsampli
 
 
 # ------------------------------------------------------------------------------------------- caffemodel
+#
+# A .caffemodel is a serialised NetParameter (caffe.proto). Only these fields are read:
+#   NetParameter:      layer = 100 (LayerParameter), layers = 2 (V1LayerParameter, legacy)
+#   LayerParameter:    name = 1, type = 2 (string), blobs = 7
+#   V1LayerParameter:  layer = 1 (V0LayerParameter: name = 1, type = 2, blobs = 50), name = 4,
+#                      type = 5 (enum), blobs = 6
+#   BlobProto:         num/channels/height/width = 1..4 (legacy shape), data = 5 (float, packed or not),
+#                      shape = 7 (BlobShape: dim = 1, int64, packed or not), double_data = 8
+# Everything else (prototxt parameters, diffs, phase rules) is skipped by wire type.
+
+_V1_TYPES = {4: "Convolution", 39: "Deconvolution", 14: "InnerProduct"}
+# Caffe names of the DeconvNet release whose module name differs by more than '-' -> '_'.
+_CAFFE_ALIASES = {"bnfc6": "bn6", "bnfc7": "bn7", "ctx_upsample": "upscore"}
 
 
-def read_caffemodel(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    raise CheckpointError(f"{path}: caffemodel reading is not implemented yet")
+class CaffeLayer:
+    """One layer with weights: name (as in the file), type, blobs: list of float32 tensors
+    shaped as the file says ((N, C, H, W) for legacy blobs)."""
+
+    def __init__(self, name: str, type: str, blobs: list[torch.Tensor]):
+        self.name, self.type, self.blobs = name, type, blobs
+
+    def __repr__(self) -> str:
+        return f"CaffeLayer({self.name!r}, {self.type!r}, {[tuple(b.shape) for b in self.blobs]})"
+
+
+class _WireError(Exception):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _WireError("a varint runs past the end of its message")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _WireError("a varint is longer than 10 bytes")
+
+
+def _fields(buf: memoryview):
+    """Yield (field number, wire type, value) of one message: int for varints,
+    a memoryview for length-delimited and fixed 32/64-bit values."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wt = key >> 3, key & 7
+        if field == 0:
+            raise _WireError("field number 0")
+        if wt == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wt == 1 or wt == 5:
+            n = 8 if wt == 1 else 4
+            if pos + n > end:
+                raise _WireError("a fixed-size value runs past the end of its message")
+            value, pos = buf[pos:pos + n], pos + n
+        elif wt == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _WireError(f"a field of {n} bytes runs past the end of its message")
+            value, pos = buf[pos:pos + n], pos + n
+        else:
+            # Groups (3, 4) are not used by caffe.proto; 6 and 7 do not exist.
+            raise _WireError(f"wire type {wt} (field {field})")
+        yield field, wt, value
+
+
+def _packed_varints(buf: memoryview) -> list[int]:
+    out, pos = [], 0
+    while pos < len(buf):
+        v, pos = _varint(buf, pos, len(buf))
+        out.append(v)
+    return out
+
+
+def _decode_blob(buf: memoryview) -> torch.Tensor:
+    import numpy as np
+
+    legacy = [None] * 4
+    dims: list[int] | None = None
+    chunks, dchunks = [], []
+    for field, wt, v in _fields(buf):
+        if field in (1, 2, 3, 4) and wt == 0:
+            legacy[field - 1] = v
+        elif field == 5:
+            if wt == 2 and len(v) % 4:
+                raise _WireError("packed float data whose length is not a multiple of 4")
+            chunks.append(np.frombuffer(v, dtype="<f4"))
+        elif field == 8:
+            if wt == 2 and len(v) % 8:
+                raise _WireError("packed double data whose length is not a multiple of 8")
+            dchunks.append(np.frombuffer(v, dtype="<f8"))
+        elif field == 7 and wt == 2:
+            dims = []
+            for f2, wt2, d in _fields(v):
+                if f2 == 1:
+                    dims.extend(_packed_varints(d) if wt2 == 2 else [d])
+    if chunks and dchunks:
+        raise _WireError("a blob with both float and double data")
+    data = np.concatenate(chunks or dchunks) if (chunks or dchunks) else np.zeros(0, "<f4")
+    data = data.astype(np.float32)  # a copy: the tensor must not alias the file buffer
+    if dims is None and any(x is not None for x in legacy):
+        dims = [x or 0 for x in legacy]
+    if dims is None:
+        dims = [data.size]
+    if math.prod(dims) != data.size:
+        raise _WireError(f"a blob of shape {tuple(dims)} holds {data.size} values")
+    return torch.from_numpy(data.reshape(dims))
+
+
+def read_caffemodel(path: str | os.PathLike) -> list[CaffeLayer]:
+    """The layers with weights of a .caffemodel, in file order (new and V1/V0 layouts).
+
+    Raises CheckpointError for files that are not a NetParameter or are cut short.
+    """
+    path = Path(path)
+    try:
+        buf = memoryview(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    if len(buf) == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    layers: list[CaffeLayer] = []
+    try:
+        for field, wt, v in _fields(buf):
+            if wt != 2 or field not in (2, 100):
+                continue
+            if field == 100:
+                name_f, type_f, blob_f = 1, 2, 7
+            else:
+                name_f, type_f, blob_f = 4, 5, 6
+                # V0 nets nest the real layer in field 1 of the V1 message.
+                inner = [x for f, w, x in _fields(v) if f == 1 and w == 2]
+                if inner:
+                    v, name_f, type_f, blob_f = inner[0], 1, 2, 50
+            name, ltype, blobs = None, "", []
+            for f, w, x in _fields(v):
+                if f == name_f and w == 2:
+                    name = bytes(x).decode("utf-8", "replace")
+                elif f == type_f:
+                    ltype = bytes(x).decode("utf-8", "replace") if w == 2 else _V1_TYPES.get(x, f"V1:{x}")
+                elif f == blob_f and w == 2:
+                    blobs.append(_decode_blob(x))
+            if blobs:
+                layers.append(CaffeLayer(name or f"layer{len(layers)}", ltype, blobs))
+    except _WireError as e:
+        raise CheckpointError(
+            f"{path}: not a valid caffemodel (truncated or corrupt protobuf: {e})"
+        ) from None
+    if not layers:
+        raise CheckpointError(
+            f"{path}: no layers with weights found: not a caffemodel (a .prototxt holds no weights)"
+        )
+    return layers
+
+
+def _caffe_name(name: str) -> str:
+    name = name.replace("-", "_").replace("/", "_")
+    return _CAFFE_ALIASES.get(name, name)
+
+
+def _caffe_probe(layer: CaffeLayer) -> torch.Tensor:
+    """The layer's weight with its output channels first, for inferring arch, classes and width.
+
+    Legacy blobs put InnerProduct weights at (1, 1, out, in); the bias count is the
+    output count in every layout.
+    """
+    w = layer.blobs[0]
+    if len(layer.blobs) > 1 and layer.type != "BatchNorm":
+        n = layer.blobs[1].numel()
+        if n and w.numel() % n == 0 and w.shape[0] != n:
+            return w.reshape(n, -1)
+    return w
+
+
+def _caffe_state(layers: list[CaffeLayer], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map Caffe layers onto ``model``'s state dict keys (shapes fitted by reshape where
+    the element count matches: legacy 4-D biases, InnerProduct weights as 1x1 or kxk convs).
+
+    Conv / Deconvolution / InnerProduct: blob 0 -> weight, blob 1 -> bias (Caffe
+    Deconvolution and ConvTranspose2d share the (in, out, kh, kw) layout).
+    BatchNorm: blobs mean, variance, scale factor -> running_mean / running_var
+    (divided by the factor, as Caffe does); the Scale layer right after it gives
+    weight and bias (gamma = 1, beta = 0 without one). A layer named like a
+    BatchNorm module with other types (the "BN" layer of the DeconvNet/SegNet
+    Caffe forks) gives scale, shift[, mean, variance].
+    """
+    modules = dict(model.named_modules())
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    last_bn = None
+    for layer in layers:
+        name, b = _caffe_name(layer.name), layer.blobs
+        if layer.type == "BatchNorm":
+            factor = float(b[2].reshape(-1)[0]) if len(b) > 2 else 1.0
+            inv = 0.0 if factor == 0 else 1.0 / factor
+            state[f"{name}.running_mean"] = b[0] * inv
+            state[f"{name}.running_var"] = b[1] * inv
+            state[f"{name}.weight"] = torch.ones(b[0].numel())
+            state[f"{name}.bias"] = torch.zeros(b[0].numel())
+            last_bn = name
+            continue
+        if layer.type == "Scale" and last_bn is not None:
+            name = last_bn
+        last_bn = None
+        if layer.type == "Scale" or isinstance(modules.get(name), nn.BatchNorm2d):
+            keys = ("weight", "bias", "running_mean", "running_var")
+        else:
+            keys = ("weight", "bias")
+        for i, t in enumerate(b):
+            state[f"{name}.{keys[i]}" if i < len(keys) else f"{name}.blob{i}"] = t
+    for k, t in state.items():
+        if k in own and t.shape != own[k].shape and t.numel() == own[k].numel():
+            state[k] = t.reshape(own[k].shape)
+    return state
