@@ -164,3 +164,45 @@ def test_conftest_writer_feeds_the_report(pytester):
     text = bench_report.markdown(bench_report.load([str(out)]))
     assert "| test_tiny |" in text and "backend x cannot run here" in text
     res.stdout.fnmatch_lines(["*fastfcn benchmarks*", f"results: {out}*"])
+
+
+def _common():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastfcn_bench_common", BENCH_DIR / "common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "name, label, bf16, fp32",
+    [
+        ("NVIDIA H200", "H200", 989.0, 66.9),
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0, 66.9),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0, 51.2),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.5, 60.0),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB", 312.0, 19.5),
+        ("NVIDIA A100-PCIE-40GB", "A100 40GB", 312.0, 19.5),
+    ],
+)
+def test_peak_table(name, label, bf16, fp32):
+    e = _common().gpu_peak(name)
+    assert e["label"].startswith(label) and e["tflops"]["bf16"] == bf16 and e["tflops"]["fp32"] == fp32
+    assert "datasheet" in e["source"]
+
+
+def test_floor_fields():
+    common = _common()
+    assert common.gpu_peak("Tesla K40c") is None
+    info = {"name": "NVIDIA H200", "peak": common.gpu_peak("NVIDIA H200")}
+    # FACTS.md: FCN-8s 363 GFLOP at 989 TFLOP/s is a 0.37 ms floor.
+    f = common.floor_fields(363e9, 1e-3, info, "bf16")
+    assert f["floor_ms"] == pytest.approx(0.367, abs=1e-3) and f["fraction_of_floor"] == pytest.approx(
+        0.367, abs=1e-3
+    )
+    assert f["achieved_tflops"] == pytest.approx(363.0)
+    none = common.floor_fields(
+        1e9, 1.0, {"name": "x", "peak": {"tflops": {"fp32": None}, "reason": "why"}}, "fp32"
+    )
+    assert none["fraction_of_floor"] is None and none["floor_reason"] == "why"
