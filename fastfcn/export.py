@@ -1,0 +1,269 @@
+"""ONNX export of a model's reference forward.
+
+    fastfcn.export_onnx("fcn8s.safetensors", "fcn8s.onnx")            # dynamic N, H, W
+    meta = fastfcn.export.read_onnx_metadata("fcn8s.onnx")             # arch, mean, palette, ...
+
+The graph has one input ``input``: float32 (N, 3, H, W), already preprocessed
+(colour order, mean/std and scale from the metadata), and one output
+``logits``: float32 (N, C, H, W). With ``dynamic=True`` (the default) N, H and W
+are symbolic (``batch``, ``height``, ``width``) and the graph is correct at every
+size, not only the traced one: it is exported with torch.export
+(``torch.onnx.export(dynamo=True)``) on symbolic shapes, so the crop offsets,
+DeconvNet's pad to a multiple of 32 and the dilated net's reflect padding are
+shape arithmetic in the graph rather than constants of the traced size.
+
+DeconvNet's max-unpooling: PyTorch's pooling indices are flat within each (N, C)
+plane while ONNX MaxPool/MaxUnpool indices are flat over the whole N*C*H*W
+tensor. The exporter emits MaxPool's indices converted to per-plane (a second
+1x1 MaxPool supplies each plane's offset, which is subtracted) and the unpooling
+as torch's own decomposition, a ScatterND into a zero map, so the graph contains
+no ONNX MaxUnpool node at all: it agrees with PyTorch at every batch size and
+size, and runs on providers that have no MaxUnpool kernel (ONNX Runtime's CUDA
+provider has none).
+
+The model's config (arch, classes, width, options, mean, std, colour order,
+input scale, class names, palette) and the fastfcn version go into the ONNX
+model's ``metadata_props`` (key ``fastfcn.config``, JSON, the same schema as a
+checkpoint's), and the export settings under ``fastfcn.export``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, FastFCNError
+
+META_KEY = "fastfcn.config"
+EXPORT_KEY = "fastfcn.export"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PRECISIONS = ("fp32", "fp16")
+# Traced example for dynamic export: batch 2 and odd sides, because torch.export
+# specialises a dimension whose example value is 0 or 1 and would freeze it, and DeconvNet
+# needs sides over 224 so that its fc6 map (1x1 at 224) is not 1 at the traced size.
+_TRACE_SHAPE = (2, 3, 259, 291)
+
+
+class _Graph(nn.Module):
+    """What is exported: float32 (N, 3, H, W) -> float32 (N, C, H, W) logits.
+
+    For fp16 the weights and every layer run in float16; the casts at both ends
+    keep the graph's interface float32, so callers feed and read the same dtype
+    whatever the precision.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x.to(self.dtype))
+        return y.float()
+
+
+def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = model_or_checkpoint
+    elif isinstance(model_or_checkpoint, (str, os.PathLike)):
+        src = Path(model_or_checkpoint)
+        if src.suffix.lower() == ".onnx":
+            raise CheckpointError(f"{src}: already an ONNX model; export needs a checkpoint or a model")
+        from .checkpoint import load
+
+        model = load(src, arch=arch)
+    else:
+        raise TypeError(
+            "export_onnx needs a fastfcn model or a checkpoint path; got "
+            f"{type(model_or_checkpoint).__name__}"
+        )
+    if not isinstance(getattr(model, "config", None), dict) or not hasattr(model, "set_impl"):
+        raise TypeError(
+            f"export_onnx needs a fastfcn model (from fastfcn.models); got {type(model).__name__}"
+        )
+    return model
+
+
+def _config_json(model: nn.Module) -> str:
+    from . import __version__
+
+    config = dict(model.config)
+    config["options"] = dict(config.get("options") or {})
+    config["fastfcn_version"] = __version__
+    return json.dumps(config, allow_nan=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    # torch.export and onnxscript log per-node chatter (missing torchvision ops, empty
+    # attribute lists) that says nothing about this model; real failures still raise.
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+             "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _name_dims(model_proto, static: bool) -> None:
+    """Give the graph's symbolic dims readable names: batch, height, width (input and output)."""
+    if static:
+        return
+    inp = model_proto.graph.input[0].type.tensor_type.shape.dim
+    rename = {inp[i].dim_param: name for i, name in ((0, "batch"), (2, "height"), (3, "width"))
+              if inp[i].dim_param}
+
+    def fix(value_info):
+        for d in value_info.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+
+    for vi in list(model_proto.graph.input) + list(model_proto.graph.value_info):
+        fix(vi)
+    out = model_proto.graph.output[0].type.tensor_type.shape.dim
+    # The output's H and W are symbolic expressions of the input's (DeconvNet: a crop of the
+    # padded map); they always equal the input's H and W.
+    for i, name in ((0, "batch"), (2, "height"), (3, "width")):
+        if not out[i].HasField("dim_value"):
+            out[i].dim_param = name
+
+
+def export_onnx(
+    model_or_checkpoint,
+    path: str | os.PathLike,
+    *,
+    dynamic: bool = True,
+    opset: int | None = None,
+    precision: str = "fp32",
+    arch: str | None = None,
+    input_size: tuple[int, int] = (500, 500),
+    batch_size: int = 1,
+) -> Path:
+    """Export the reference forward of a model (or of a checkpoint file) to ONNX at ``path``.
+
+    Graph: ``input`` float32 (N, 3, H, W), preprocessed -> ``logits`` float32 (N, C, H, W).
+    dynamic: symbolic N, H, W (any size runs); False fixes them to ``batch_size`` x
+    ``input_size`` = (H, W). opset: the ONNX opset (None: the exporter's default, 18 or later).
+    precision: "fp32", or "fp16" (weights and compute float16, interface still float32; see
+    the README for the measured agreement). arch: passed to ``fastfcn.load`` for checkpoints
+    that do not record it. The model is not modified (a copy is exported, in eval mode).
+    Returns the path. Raises FastFCNError when the exporter fails, with its reason.
+    """
+    import onnx
+
+    from . import __version__
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 18):
+        raise ValueError(
+            f"opset must be an int >= 18 (the torch.export-based exporter's minimum); got {opset!r}"
+        )
+    if not dynamic:
+        if len(input_size) != 2 or any(int(v) != v or v < 1 for v in input_size) or batch_size < 1:
+            raise ValueError(f"static export needs input_size (H, W) >= 1 and batch_size >= 1; "
+                             f"got {input_size!r}, {batch_size!r}")
+    path = Path(path)
+    model = _resolve_model(model_or_checkpoint, arch)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    # A copy on the CPU, so the caller's model keeps its device, dtype, impl and train flag.
+    graph_model = copy.deepcopy(model).to("cpu", dtype).eval().set_impl("reference")
+    for p in graph_model.parameters():
+        p.requires_grad_(False)
+    wrapper = _Graph(graph_model, dtype).eval()
+    if dynamic:
+        example = torch.zeros(_TRACE_SHAPE)
+        auto = torch.export.Dim.AUTO
+        dynamic_shapes = {"x": {0: auto, 2: auto, 3: auto}}
+    else:
+        example = torch.zeros(int(batch_size), 3, int(input_size[0]), int(input_size[1]))
+        dynamic_shapes = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+            )
+    except Exception as e:  # the exporter's own failures come in many types; keep the reason
+        raise FastFCNError(
+            f"ONNX export of {model.config.get('arch')} failed ({type(e).__name__}: {str(e).strip()[:500]})"
+        ) from e
+    proto = program.model_proto
+    _name_dims(proto, static=not dynamic)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta[META_KEY] = _config_json(model)
+    meta[EXPORT_KEY] = json.dumps({
+        "precision": precision, "dynamic": bool(dynamic),
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "input": INPUT_NAME, "output": OUTPUT_NAME, "fastfcn_version": __version__,
+        "input_shape": None if dynamic else [int(batch_size), 3, int(input_size[0]), int(input_size[1])],
+    })
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.producer_name, proto.producer_version = "fastfcn", __version__
+    onnx.checker.check_model(proto, full_check=False)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict:
+    """The config an ONNX file exported by fastfcn carries, as a dict.
+
+    Keys: those of ``model.config`` (arch, num_classes, width, options, mean, std,
+    color_order, input_scale, class_names, palette), ``fastfcn_version``, and ``export``:
+    {precision, dynamic, opset, input, output, input_shape}. Raises CheckpointError
+    when the file is not ONNX or was not exported by fastfcn.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        # The weights are not needed: skip the external data and read the protobuf once.
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise CheckpointError(
+            f"{path}: no fastfcn metadata (metadata_props key {META_KEY!r}); export it with "
+            "fastfcn.export_onnx or `fastfcn export` so preprocessing and classes are known"
+        )
+    try:
+        config = json.loads(props[META_KEY])
+        export = json.loads(props.get(EXPORT_KEY, "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt fastfcn metadata ({e})") from None
+    if not isinstance(config, dict) or not isinstance(export, dict):
+        raise CheckpointError(f"{path}: corrupt fastfcn metadata (not a JSON object)")
+    config["export"] = export
+    return config
+
+
+__all__ = ["export_onnx", "read_onnx_metadata"]
