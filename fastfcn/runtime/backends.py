@@ -1,0 +1,229 @@
+"""Backends: one interface, one registry (DESIGN.md idea 6).
+
+A backend is built from a model (or, for onnxruntime, an ``.onnx`` path) for
+one device and precision, and answers
+
+    backend(x, output) -> torch.Tensor on the device
+
+with ``x``: preprocessed float ``(N, 3, H, W)`` on the device and ``output``
+one of "logits" (N, C, H, W), "probs" (N, C, H, W) or "labels" (N, H, W)
+(uint8 when C <= 256, else int32). Floating results may be in the compute
+dtype; the Segmenter converts them to float32.
+
+Registered backends:
+
+- ``torch``: the reference model in eager PyTorch at the requested precision;
+  nothing folded, no channels_last, no CUDA graphs: the numerical spec.
+- ``fused``: BatchNorm folded, the model's fused ops (Triton on CUDA, C++ on CPU),
+  channels_last; on the CPU the backbone runs as prepacked oneDNN convolutions
+  with the ReLU fused (``cpu_fast``); on CUDA cuDNN autotuning and CUDA graphs.
+- ``compile``: ``torch.compile`` (inductor) of the reference with BatchNorm folded,
+  channels_last and inductor freezing.
+- ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported lazily).
+
+A backend that cannot run raises BackendUnavailableError saying why.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailableError
+from ..models import SegmentationModel, fold_batchnorm
+
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Backend:
+    """The interface every backend implements.
+
+    ``Backend(source, device, precision)``: source is a SegmentationModel (the
+    backend copies what it changes) or, for backends that say so, a file path.
+    Attributes: ``name``; ``graph_safe`` (its call may be captured in a CUDA
+    graph: no host sync, no allocation outside torch's caching allocator);
+    ``thread_safe`` (it may be called from several threads at once);
+    ``input_dtype`` (the dtype it wants ``x`` in; the Segmenter preprocesses to it).
+    """
+
+    name = "base"
+    graph_safe = False
+    thread_safe = True
+
+    def __init__(self, source, device: torch.device, precision: str):
+        self.device = device
+        self.precision = precision
+        self.input_dtype = PRECISIONS[precision]
+
+    def __call__(self, x: torch.Tensor, output: str) -> torch.Tensor:
+        """x: float (N, 3, H, W) on the device -> logits/probs (N, C, H, W) or labels (N, H, W)."""
+        raise NotImplementedError
+
+
+def _prepared_copy(model: SegmentationModel, device: torch.device, precision: str, fold: bool):
+    """An eval-mode copy of the model on the device in the precision's dtype (BatchNorm folded if fold)."""
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(f"expected a model from fastfcn.models; got {type(model).__name__}")
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    if fold:
+        fold_batchnorm(m)
+    return m.to(device=device, dtype=PRECISIONS[precision])
+
+
+def _check_precision(device: torch.device, precision: str, backend: str) -> None:
+    if precision == "tf32" and device.type != "cuda":
+        raise BackendUnavailableError(
+            f"precision 'tf32' is a CUDA mode (Ampere or newer); on {device.type} use 'fp32' or 'bf16'"
+        )
+    if precision == "tf32" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise BackendUnavailableError(
+            f"precision 'tf32' needs an Ampere or newer GPU; {torch.cuda.get_device_name(device)} has none"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BackendUnavailableError(
+            f"precision 'bf16' is not supported on {torch.cuda.get_device_name(device)}; use 'fp16' or 'fp32'"
+        )
+
+
+class TorchBackend(Backend):
+    """The reference model, eager, at the requested precision (weights cast to its dtype)."""
+
+    name = "torch"
+
+    def __init__(self, source, device, precision):
+        super().__init__(source, device, precision)
+        _check_precision(device, precision, self.name)
+        self.model = _prepared_copy(source, device, precision, fold=False).set_impl("reference")
+
+    def __call__(self, x, output):
+        return self.model(x.to(self.input_dtype), output)
+
+
+class FusedBackend(Backend):
+    """fastfcn's fast path: folded BatchNorm, fused ops, channels_last; the CPU backbone
+    through prepacked oneDNN conv+ReLU (cpu_fast); on CUDA graph-capturable."""
+
+    name = "fused"
+
+    def __init__(self, source, device, precision):
+        super().__init__(source, device, precision)
+        _check_precision(device, precision, self.name)
+        model = _prepared_copy(source, device, precision, fold=True).set_impl("fused")
+        self.model = model.to(memory_format=torch.channels_last)
+        self.graph_safe = device.type == "cuda"
+        self._forward: Callable = self.model
+        if device.type == "cuda":
+            # cuDNN autotuning: each (batch, H, W) is tuned once, during the CUDA graph's warm-up.
+            torch.backends.cudnn.benchmark = True
+        else:
+            from .cpu_fast import fast_forward
+
+            self._forward = fast_forward(self.model)
+
+    def __call__(self, x, output):
+        return self._forward(x.to(self.input_dtype).contiguous(memory_format=torch.channels_last), output)
+
+
+def _cpp_compiler() -> str | None:
+    for cc in ("g++", "c++", "clang++"):
+        if shutil.which(cc):
+            return cc
+    return None
+
+
+class CompileBackend(Backend):
+    """torch.compile (inductor) of the reference model: BatchNorm folded, channels_last,
+    freezing (weights become constants, convs prepacked; measured best on the CPU).
+    Compiles once per input shape on first use; calls are serialised (dynamo state)."""
+
+    name = "compile"
+    thread_safe = False
+
+    def __init__(self, source, device, precision):
+        super().__init__(source, device, precision)
+        _check_precision(device, precision, self.name)
+        if device.type == "cpu" and _cpp_compiler() is None:
+            raise BackendUnavailableError(
+                "backend 'compile' needs a C++ compiler for inductor's CPU code; none of g++, c++, "
+                "clang++ is on PATH"
+            )
+        if device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+            except ImportError as e:
+                raise BackendUnavailableError(f"backend 'compile' on CUDA needs triton: {e}") from None
+        model = _prepared_copy(source, device, precision, fold=True).set_impl("reference")
+        self.model = model.to(memory_format=torch.channels_last)
+        self._lock = threading.Lock()
+        self._compiled = {}
+        for output in ("logits", "labels", "probs"):
+            fn = _OutputWrapper(self.model, output)
+            # dynamic=False: one specialised graph per (N, H, W); sizes are few in practice
+            # (video), and dynamic shapes defeat the freezing pass's prepacking.
+            self._compiled[output] = torch.compile(fn, dynamic=False, options={"freezing": True})
+
+    def __call__(self, x, output):
+        x = x.to(self.input_dtype).contiguous(memory_format=torch.channels_last)
+        with self._lock:
+            try:
+                return self._compiled[output](x)
+            except (RuntimeError, OSError, AssertionError) as e:
+                if "OutOfMemory" in type(e).__name__:
+                    raise
+                raise BackendUnavailableError(
+                    f"backend 'compile' could not compile the model for input {tuple(x.shape)}: "
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                ) from e
+
+
+class _OutputWrapper(nn.Module):
+    def __init__(self, model: nn.Module, output: str):
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, x):
+        return self.model(x, self.output)
+
+
+def _onnxruntime(source, device, precision):
+    try:
+        from .ort import OnnxRuntimeBackend
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"backend 'onnxruntime' is not available: {e} (install onnxruntime, or onnxruntime-gpu for CUDA)"
+        ) from None
+    return OnnxRuntimeBackend(source, device, precision)
+
+
+_REGISTRY: dict[str, Callable[..., Backend]] = {
+    "torch": TorchBackend,
+    "fused": FusedBackend,
+    "compile": CompileBackend,
+    "onnxruntime": _onnxruntime,
+}
+
+
+def register_backend(name: str, factory: Callable[..., Backend]) -> None:
+    """Add a backend: factory(source, device, precision) -> Backend."""
+    _REGISTRY[name] = factory
+
+
+def available_backends() -> list[str]:
+    """Registered backend names (whether each runs here is decided when it is built)."""
+    return list(_REGISTRY)
+
+
+def create_backend(name: str, source, device: torch.device, precision: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {available_backends()}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+    return _REGISTRY[name](source, device, precision)

@@ -1,0 +1,161 @@
+"""Input parsing and on-device preprocessing for the Segmenter.
+
+Accepted batch forms (``parse_batch``):
+
+- one RGB image ``(H, W, 3)`` uint8 (numpy array or torch tensor) -> form "image";
+- a batch ``(N, H, W, 3)`` uint8 -> form "batch";
+- a list/tuple of ``(H, W, 3)`` uint8 images, sizes may differ -> form "list";
+- an already preprocessed float tensor/array ``(N, 3, H, W)`` -> form "float".
+
+Preprocessing (``Preprocessor``) follows the checkpoint's config: pixel values
+are scaled to ``input_scale`` (255 = unscaled, the Caffe convention), the
+channels reordered to ``color_order`` and normalised with ``(x - mean) / std``
+(mean/std given in the model's colour order). The reference nets take BGR,
+mean-subtracted, unscaled pixels. It is one fused per-channel affine map
+``x * a + b`` run on the device, so the uint8 image is the only host->device copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+FORMS = ("image", "batch", "list", "float")
+
+
+@dataclass
+class Parsed:
+    """form: one of FORMS; tensors: uint8 (N, H, W, 3) groups (for "list" one per
+    image, in order) or one float (N, 3, H, W) tensor (form "float")."""
+
+    form: str
+    tensors: list[torch.Tensor]
+
+
+def _as_tensor(obj, what: str) -> torch.Tensor:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise TypeError(f"{what} must be a numeric array; got a numpy array of dtype object")
+        # from_numpy shares memory; numpy arrays with negative strides (img[:, ::-1]) need a copy.
+        if any(s < 0 for s in obj.strides):
+            obj = np.ascontiguousarray(obj)
+        try:
+            return torch.from_numpy(obj)
+        except TypeError as e:
+            raise TypeError(f"{what} has a dtype torch cannot read ({obj.dtype}); expected uint8") from e
+    if hasattr(obj, "__array_interface__") or hasattr(obj, "__array__"):
+        # PIL images and other array-likes.
+        return _as_tensor(np.asarray(obj), what)
+    raise TypeError(
+        f"{what} must be a numpy array, a torch tensor or a list of them; got {type(obj).__name__}"
+    )
+
+
+def _check_image(t: torch.Tensor, what: str) -> None:
+    if t.dim() != 3:
+        raise InputError(f"{what} must be one (H, W, 3) uint8 RGB image; got shape {tuple(t.shape)}")
+    _check_hwc(t, what)
+
+
+def _check_hwc(t: torch.Tensor, what: str) -> None:
+    if t.dtype != torch.uint8:
+        raise TypeError(
+            f"{what} has dtype {t.dtype}; expected uint8 RGB pixels, or an already preprocessed "
+            "float tensor (N, 3, H, W)"
+        )
+    if t.shape[-1] != 3:
+        raise InputError(
+            f"{what} has {t.shape[-1]} channels (shape {tuple(t.shape)}); expected 3 (RGB) in the last "
+            "dimension, (H, W, 3) or (N, H, W, 3)"
+        )
+    if t.shape[-2] == 0 or t.shape[-3] == 0:
+        raise InputError(f"{what} is empty (shape {tuple(t.shape)}); expected H, W >= 1")
+
+
+def parse_batch(batch) -> Parsed:
+    """Validate ``batch`` and bring it to tensors, without copying where possible."""
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 0:
+            raise InputError("the batch is an empty list; expected at least one (H, W, 3) uint8 image")
+        tensors = []
+        for i, img in enumerate(batch):
+            t = _as_tensor(img, f"image {i} of the list")
+            _check_image(t, f"image {i} of the list")
+            tensors.append(t.unsqueeze(0))
+        return Parsed("list", tensors)
+    t = _as_tensor(batch, "the batch")
+    if t.is_floating_point():
+        if t.dim() != 4 or t.shape[1] != 3:
+            raise InputError(
+                f"a float batch must be preprocessed (N, 3, H, W); got shape {tuple(t.shape)} "
+                "(raw images must be uint8 (H, W, 3) or (N, H, W, 3))"
+            )
+        if t.shape[0] == 0:
+            raise InputError(f"the batch is empty (shape {tuple(t.shape)}); expected N >= 1")
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise InputError(f"the batch has a zero-sized image (shape {tuple(t.shape)}); expected H, W >= 1")
+        return Parsed("float", [t])
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"the batch has dtype {t.dtype}; expected uint8 images or a float (N, 3, H, W)")
+    if t.dim() == 3:
+        _check_image(t, "the image")
+        return Parsed("image", [t.unsqueeze(0)])
+    if t.dim() == 4:
+        if t.shape[0] == 0:
+            raise InputError(f"the batch is empty (shape {tuple(t.shape)}); expected N >= 1 images")
+        _check_hwc(t, "the batch")
+        return Parsed("batch", [t])
+    raise InputError(
+        f"the batch has shape {tuple(t.shape)}; expected (H, W, 3) or (N, H, W, 3) uint8, "
+        "or a float (N, 3, H, W)"
+    )
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """Refuse NaN/Inf in float input (a host sync on GPU; uint8 input never needs it)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"the float batch contains {bad} NaN or Inf values; expected finite numbers")
+
+
+class Preprocessor:
+    """uint8 RGB (N, H, W, 3) -> float (N, 3, H, W) per the model config, on the device.
+
+    The output is a channels_last view of the NHWC data (no layout change needed
+    by the channels_last backbones). ``out``: an optional preallocated output
+    (CUDA graphs write into their static buffer).
+    """
+
+    def __init__(self, config: dict, device: torch.device, dtype: torch.dtype = torch.float32):
+        order = str(config.get("color_order", "BGR")).upper()
+        if order not in ("RGB", "BGR"):
+            raise InputError(f"config color_order must be 'RGB' or 'BGR'; got {order!r}")
+        mean = [float(m) for m in config.get("mean", (0.0, 0.0, 0.0))]
+        std = [float(s) for s in config.get("std", (1.0, 1.0, 1.0))]
+        scale = float(config.get("input_scale", 255.0))
+        if len(mean) != 3 or len(std) != 3 or any(s == 0 or not math.isfinite(s) for s in std):
+            raise InputError(f"config mean/std must be 3 finite numbers, std non-zero; got {mean}, {std}")
+        self.bgr = order == "BGR"
+        # x_model[c] = (pixel[c] * scale / 255 - mean[c]) / std[c]  ==  pixel[c] * a[c] + b[c]
+        a = [scale / 255.0 / s for s in std]
+        b = [-m / s for m, s in zip(mean, std)]
+        self.dtype = dtype
+        self.a = torch.tensor(a, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.b = torch.tensor(b, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, u8: torch.Tensor) -> torch.Tensor:
+        """u8: (N, H, W, 3) uint8 on the device -> (N, 3, H, W) float (channels_last strides)."""
+        x = u8.permute(0, 3, 1, 2)
+        if self.bgr:
+            x = x.flip(1)
+        # The affine runs in float32 (0..255 needs 8 mantissa bits: exact in bf16 but not
+        # after the mean shift); the cast to a low precision dtype comes last.
+        y = torch.addcmul(self.b, x.to(torch.float32), self.a)
+        return y if self.dtype == torch.float32 else y.to(self.dtype)
