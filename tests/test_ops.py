@@ -168,7 +168,7 @@ CROP_CASES = [
     ("fcn8s", "depthwise", "full", 21, 1, (7, 13), "labels"),
     ("fcn8s", "depthwise", "full", 21, 1, (7, 13), "probs"),
     ("fcn8s", "dense", "full", 21, 1, (7, 13), "logits"),
-    ("fcn8s", "dense", "full", 21, 3, (7, 13), "labels"),
+    ("fcn8s", "dense", "full", 5, 3, (7, 13), "labels"),
     ("up2", "dense", "full", 21, 1, (7, 13), "probs"),
     ("alexnet", "dense", "full", 2, 1, (37, 53), "labels"),
     ("fcn32s", "depthwise", "full", 2, 1, (1, 1), "labels"),
@@ -176,7 +176,7 @@ CROP_CASES = [
     ("fcn8s", "bilinear", "full", 1, 3, (7, 13), "labels"),
     ("fcn8s", "bilinear", "full", 1, 1, (7, 13), "probs"),
     ("fcn8s", "depthwise", "full", 60, 1, (7, 13), "probs"),
-    ("fcn8s", "dense", "full", 60, 1, (2, 3), "labels"),
+    ("fcn8s", "dense", "full", 60, 1, (1, 1), "labels"),
     ("fcn8s", "bilinear", "dw", 300, 1, (7, 13), "labels"),
     ("up2", "depthwise", "dw", 300, 1, (2, 3), "logits"),
     ("fcn16s", "depthwise", "dw", 300, 1, (2, 3), "probs"),
@@ -353,9 +353,10 @@ def lowp_bound(torch_lowp, want, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("kind", ["bilinear", "dense"])
+@pytest.mark.parametrize("kind", ["bilinear", "depthwise", "dense"])
 def test_upsample_lowp(kind, dtype, impl):
-    c, k, s, off, (H, W) = 21, 16, 8, 31, (7, 13)
+    # dense costs C x more interpreted work per pixel: fewer classes keep the CPU lane fast
+    c, k, s, off, (H, W) = 21 if kind != "dense" else 5, 16, 8, 31, (7, 13)
     w = make_weight(kind, c, k)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, c, covering(H, k, s, off), covering(W, k, s, off), generator=g).to(dtype)

@@ -1,0 +1,67 @@
+"""Fused mode (heads and unpooling through fastfcn.ops) equals reference mode, for every arch.
+
+The backbones run the same torch convolutions in both modes, so any difference comes from the
+fused ops: their fp32 sums over at most C * ceil(k/s)^2 products per stage in another order.
+"""
+
+import pytest
+import torch
+
+import fastfcn.models as models
+
+
+def _cpu_available():
+    try:
+        from fastfcn.kernels import cpu
+
+        return bool(cpu.available())
+    except Exception:
+        return False
+
+
+# "fused" lets fastfcn.ops pick (Triton on CUDA, C++ on CPU, else the reference with a warning)
+IMPLS = [
+    "fused",
+    "triton",
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not _cpu_available(), reason="fastfcn.kernels.cpu is not built here")
+    ),
+]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# odd sizes: every ceil-mode border window and crop offset is exercised
+SIZES = {"deconvnet": (35, 29)}
+DEFAULT_SIZE = (19, 27)
+
+
+def _model(arch):
+    torch.manual_seed(0)
+    m = models.build(arch, num_classes=5, width=0.125).eval()
+    # random BatchNorm statistics, so the unpooled maps have both signs (the fused relu matters)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", models.available())
+def test_fused_equals_reference(arch, impl):
+    m = _model(arch)
+    dev = "cpu" if impl == "cpu" else DEV
+    m = m.to(dev)
+    H, W = SIZES.get(arch, DEFAULT_SIZE)
+    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(1)).to(dev) * 50
+    with torch.no_grad():
+        want = m.set_impl("reference")(x).float()
+        got = m.set_impl(impl)(x).float()
+        labels = m(x, output="labels")
+    assert got.shape == want.shape == (1, 5, H, W)
+    # fp32 sums in another order: a few ulps of the largest logit per stage (<= 4 stages)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * torch.finfo(torch.float32).eps * scale)
+    ref_labels = want.argmax(1)
+    top2 = want.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * scale
+    assert clear.float().mean() > 0.9
+    assert torch.equal(labels.long()[clear], ref_labels[clear])
