@@ -208,7 +208,8 @@ def fcn_head(score, skips, weights, strides, offsets, scales, size, output="logi
     """
     _need_ext()
     _check_map(score, "score")
-    skips, weights, strides, offsets, scales = list(skips), list(weights), list(strides), list(offsets), list(scales)
+    skips, weights, strides = list(skips), list(weights), list(strides)
+    offsets, scales = list(offsets), list(scales)
     ns = len(skips)
     kinds = ["dense"] * (ns + 1) if kinds is None else list(kinds)
     if not (len(weights) == len(strides) == len(offsets) == len(kinds) == ns + 1 and len(scales) == ns):
@@ -308,7 +309,8 @@ def max_unpool2d(x, indices, output_size, kernel=2, stride=2, relu=False) -> tor
     stride = _int(stride, "stride", 1)
     if stride < kernel:
         raise ValueError(
-            f"the gather needs non-overlapping windows (stride >= kernel); got kernel={kernel}, stride={stride}"
+            "the gather needs non-overlapping windows (stride >= kernel); "
+            f"got kernel={kernel}, stride={stride}"
         )
     try:
         H, W = int(output_size[-2]), int(output_size[-1])
