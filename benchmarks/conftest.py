@@ -51,7 +51,7 @@ def pytest_addoption(parser):
     g.addoption(
         "--bench-budget", type=float, default=None,
         help="seconds the end-to-end cases may take in all; later cases are skipped with the reason "
-        "(default: 480 on the cpu profile, none on gpu)",
+        "(default: 400 on the cpu profile, none on gpu)",
     )  # fmt: skip
     g.addoption(
         "--bench-case-timeout",
@@ -73,7 +73,7 @@ class BenchState:
         self.device = torch.device("cuda" if self.has_cuda else "cpu")
         self.cpu_reduced = self.profile == "cpu"
         budget = opt("--bench-budget")
-        self.budget_s = budget if budget is not None else (480.0 if self.cpu_reduced else None)
+        self.budget_s = budget if budget is not None else (400.0 if self.cpu_reduced else None)
         self.case_timeout_s = opt("--bench-case-timeout")
         self.e2e_started: float | None = None
         self.started = utc_now()
