@@ -110,10 +110,20 @@ def absolute_args(x, w, skip=None):
 # ----------------------------------------------------------------- upsample_crop
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("k,s,off", VARIANTS)
-@pytest.mark.parametrize("size", SIZES)
-def test_upsample_crop_sizes(size, k, s, off, kind):
+# every size x variant x kind, except that the largest size runs the non-bilinear
+# kinds for FCN-8s' final stage only (keeps the file under a minute on 2 cores)
+CROP_CASES = [
+    (size, v, kind)
+    for size in SIZES
+    for v in VARIANTS
+    for kind in KINDS
+    if size != SIZES[-1] or kind == "bilinear" or v == (16, 8, 31)
+]
+
+
+@pytest.mark.parametrize("size,variant,kind", CROP_CASES)
+def test_upsample_crop_sizes(size, variant, kind):
+    k, s, off = variant
     big = size[0] * size[1] > 10_000
     n, c = (1, 2) if big else (3, 3)
     h, w = in_size(size[0], k, s, off, 1), in_size(size[1], k, s, off)
@@ -202,7 +212,7 @@ def test_labels_nan_wins_like_argmax():
 
 @pytest.mark.parametrize("scale", [1.0, 0.01, 0.0001])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("c,n,off,hw", [(1, 3, 5, (1, 1)), (21, 1, 9, (7, 13)), (60, 3, 5, (17, 9))])
+@pytest.mark.parametrize("c,n,off,hw", [(1, 3, 5, (1, 1)), (21, 1, 9, (7, 13)), (60, 2, 5, (9, 8))])
 def test_upsample_add(c, n, off, hw, kind, scale):
     k, s = 4, 2
     x = torch.randn(n, c, *hw)
@@ -387,7 +397,7 @@ def test_max_pool2d_low_precision_and_neg_inf():
 def test_max_unpool2d_from_real_pool(size, kernel, stride, relu):
     if size[0] < kernel - 1 or (size == (1, 1) and kernel > 2):
         pytest.skip("torch has no window for this size")
-    n, c = (1, 3) if size[0] > 100 else (3, 5)
+    n, c = (1, 2) if size[0] > 100 else (3, 5)
     x = tied_input(n, c, *size)
     x[:, 0].normal_()
     values, idx = F.max_pool2d(x, kernel, stride, ceil_mode=True, return_indices=True)
