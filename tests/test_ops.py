@@ -6,6 +6,7 @@ interpreter costs about 1 ms per tl op whatever the block size, so cases are cho
 every geometry, kind and output rather than every combination.
 """
 
+import functools
 import math
 import warnings
 
@@ -191,16 +192,24 @@ def _crop_id(c):
 @pytest.mark.parametrize("case", CROP_CASES, ids=_crop_id)
 def test_upsample_crop(case, impl):
     geom, kind, layout, c, n, (H, W), output = case
+    x, w, want, bound = _crop_expected(case[:6])
+    k, s, off = FINAL[geom]
+    dev = _dev(impl)
+    out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, (H, W), output, impl=impl).cpu()
+    check_output(out, want, bound, output)
+
+
+# the float64 expectation and its bound cost as much as a kernel run: computed once per case
+@functools.lru_cache(maxsize=8)
+def _crop_expected(case):
+    geom, kind, layout, c, n, (H, W) = case
     k, s, off = FINAL[geom]
     w = make_weight(kind, c, k, layout)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, c, covering(H, k, s, off), covering(W, k, s, off) + 1, generator=g)
     want = ref.upsample_crop(x.double(), w.double(), s, off, (H, W))
     mag = ref.upsample_crop(*_abs_inputs(x, w), s, off, (H, W))
-    bound = fp32_bound(mag, _terms(kind, c, k, s))
-    dev = _dev(impl)
-    out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, (H, W), output, impl=impl).cpu()
-    check_output(out, want.float(), bound, output)
+    return x, w, want.float(), fp32_bound(mag, _terms(kind, c, k, s))
 
 
 # (kind, C, N, x size, kernel, stride, skip offset, scale)
@@ -226,6 +235,16 @@ ADD_CASES = [
                          f"-k{c[4]}s{c[5]}-off{c[6]}-scale{c[7]}")
 def test_upsample_add(case, impl):
     kind, c, n, (h, w_), k, s, off, scale = case
+    x, w, skip, want, bound = _add_expected(case)
+    dev = _dev(impl)
+    out = ops.upsample_add(x.to(dev), w.to(dev), s, None if skip is None else skip.to(dev), off or 0, scale,
+                           impl=impl).cpu()
+    check_logits(out, want, bound)
+
+
+@functools.lru_cache(maxsize=4)
+def _add_expected(case):
+    kind, c, n, (h, w_), k, s, off, scale = case
     w = make_weight(kind, c, k)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(n, c, h, w_, generator=g)
@@ -234,11 +253,7 @@ def test_upsample_add(case, impl):
     off = off or 0
     want = ref.upsample_add(x.double(), w.double(), s, None if skip is None else skip.double(), off, scale)
     mag = ref.upsample_add(*_abs_inputs(x, w), s, *_abs_inputs(skip), off, abs(scale))
-    bound = fp32_bound(mag, _terms(kind, c, k, s) + 1)
-    dev = _dev(impl)
-    out = ops.upsample_add(x.to(dev), w.to(dev), s, None if skip is None else skip.to(dev), off, scale,
-                           impl=impl).cpu()
-    check_logits(out, want.float(), bound)
+    return x, w, skip, want.float(), fp32_bound(mag, _terms(kind, c, k, s) + 1)
 
 
 # ------------------------------------------------------------------ whole heads
@@ -329,15 +344,20 @@ HEAD_CASES = [
                          + ("-" + "-".join(c[6]) if c[6] else ""))
 def test_fcn_head(case, impl):
     arch, H, W, c, n, output, kinds = case
-    h, kinds = head_case(arch, H, W, c, n, kinds)
-    want = fp64_head(h)
-    mag = ref.fcn_head(*_abs_inputs(h["score"]), _abs_inputs(*h["skips"]), _abs_inputs(*h["weights"]),
-                       h["strides"], h["offsets"], h["scales"], h["size"])
-    bound = fp32_bound(mag, _head_terms(h, kinds))
+    h, want, bound = _head_expected(arch, H, W, c, n, None if kinds is None else tuple(kinds))
     dev = _dev(impl)
     out = ops.fcn_head(h["score"].to(dev), [s.to(dev) for s in h["skips"]], [w.to(dev) for w in h["weights"]],
                        h["strides"], h["offsets"], h["scales"], h["size"], output, impl=impl).cpu()
-    check_output(out, want.float(), bound, output)
+    check_output(out, want, bound, output)
+
+
+@functools.lru_cache(maxsize=4)
+def _head_expected(arch, H, W, c, n, kinds):
+    h, kinds = head_case(arch, H, W, c, n, None if kinds is None else list(kinds))
+    want = fp64_head(h)
+    mag = ref.fcn_head(*_abs_inputs(h["score"]), _abs_inputs(*h["skips"]), _abs_inputs(*h["weights"]),
+                       h["strides"], h["offsets"], h["scales"], h["size"])
+    return h, want.float(), fp32_bound(mag, _head_terms(h, kinds))
 
 
 # ------------------------------------------------------------------ low precision
