@@ -173,9 +173,10 @@ def _check_skip(skip, n, c, offset, out_hw, device, name="skip"):
 
 
 def _check_size(size):
-    if len(size) != 2 or any(int(v) != v or v < 0 for v in size):
+    # Symbolic sizes (torch.export) pass through: int() would specialise them to the traced value.
+    if len(size) != 2 or any(not isinstance(v, torch.SymInt) and (int(v) != v or v < 0) for v in size):
         raise ValueError(f"size must be (H, W) of non-negative integers; got {size!r}")
-    return int(size[0]), int(size[1])
+    return ref._side(size[0]), ref._side(size[1])
 
 
 def _check_output(output):

@@ -30,6 +30,12 @@ def _groups(x: torch.Tensor, weight: torch.Tensor) -> int:
     )
 
 
+def _side(v) -> int:
+    """int(v), except that a symbolic size (torch.export's SymInt) stays symbolic: int() would
+    specialise it to the traced value and freeze an exported graph's height and width."""
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
 def transposed_size(h: int, k: int, stride: int) -> int:
     """Output length of conv_transpose2d without padding: (h - 1) * stride + k."""
     return (h - 1) * stride + k
@@ -44,7 +50,7 @@ def upsample(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor
 
 def crop(t: torch.Tensor, offset: int, size: tuple[int, int]) -> torch.Tensor:
     """t[:, :, offset:offset+H, offset:offset+W], refusing a window that does not fit."""
-    h, w = int(size[0]), int(size[1])
+    h, w = _side(size[0]), _side(size[1])
     if offset < 0 or offset + h > t.shape[-2] or offset + w > t.shape[-1]:
         raise ValueError(
             f"crop of {h}x{w} at offset {offset} does not fit a {t.shape[-2]}x{t.shape[-1]} map"
@@ -180,7 +186,7 @@ def max_unpool2d(
     """
     if indices.shape != x.shape:
         raise ValueError(f"indices must have the shape of x {tuple(x.shape)}; got {tuple(indices.shape)}")
-    h, w = int(output_size[-2]), int(output_size[-1])
+    h, w = _side(output_size[-2]), _side(output_size[-1])
     if indices.dtype == torch.uint8:
         indices = switches_to_indices(indices, w, kernel, stride)
     if relu:

@@ -44,7 +44,10 @@ def _bn_name(conv: str) -> str:
 
 def padded_size(h: int) -> int:
     """The side DeconvNet runs at for an input side h: >= 224 and a multiple of 32."""
-    return max(MIN_SIZE, -(-h // MULTIPLE) * MULTIPLE)
+    # sym_max is max() for ints; for torch.export's symbolic sizes it avoids freezing the branch.
+    # Rounding up with non-negative operands only: the ONNX exporter lowers symbolic // to an
+    # integer Div, which truncates, so -(-h // 32) would round down in the exported graph.
+    return torch.sym_max(MIN_SIZE, (h + MULTIPLE - 1) // MULTIPLE * MULTIPLE)
 
 
 class DeconvNet(SegmentationModel):
@@ -100,7 +103,9 @@ class DeconvNet(SegmentationModel):
         fused = self.impl != "reference"
         H, W = x.shape[-2:]
         Hp, Wp = padded_size(H), padded_size(W)
-        h = F.pad(x, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else x
+        # Symbolic sizes (ONNX export) always pad (a zero pad is a copy) so the graph keeps both cases.
+        symbolic = isinstance(H, torch.SymInt) or isinstance(W, torch.SymInt)
+        h = F.pad(x, (0, Wp - W, 0, Hp - H)) if symbolic or (Hp, Wp) != (H, W) else x
         switches = {}
         for b, names in enumerate(self._enc, 1):
             for name in names:

@@ -34,8 +34,54 @@ CONTEXT_NAMES = ("ctx_conv1_1", "ctx_conv1_2", "ctx_conv2_1", "ctx_conv3_1", "ct
 LARGE_MULT = (2, 2, 4, 8, 16, 32, 32)
 
 
+# Symbolic pad widths (forward's bottom/right extra of < 8 rows) are assumed below this.
+_SYMBOLIC_PAD_LIMIT = 4096
+
+
+def _reflect_steps(top: int, bottom: int) -> int:
+    """Reflections reflect_pad needs along one axis in the worst case (a side of 2, whose padded
+    span grows slowest: 2 -> 4 -> 10 -> 28 ...)."""
+    lo, hi, steps = 0, 1, 0
+    while top or bottom:
+        t, b = min(top, hi - lo), min(bottom, hi - lo)
+        lo, hi, top, bottom, steps = lo - t, hi + b, top - t, bottom - b, steps + 1
+    return steps
+
+
+def _reflect_index(n, before, after, device) -> torch.Tensor:
+    """Source rows of reflect_pad along one axis of length n: (before + n + after,) int64.
+
+    The loop below, unrolled into tensor arithmetic so that n and after may be symbolic
+    (torch.export): step i reflects the span [lo_i, hi_i] by min(remaining, hi_i - lo_i) on each
+    side; an output position is mapped back through the steps in reverse. A side of 1 never
+    grows (span 0) and the final clamp replicates it, as the loop does. Same values as the loop
+    for symbolic pads up to _SYMBOLIC_PAD_LIMIT.
+    """
+    steps = _reflect_steps(*(v if isinstance(v, int) else _SYMBOLIC_PAD_LIMIT for v in (before, after)))
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    lo, hi = zero, zero + (n - 1)
+    t_rem, b_rem = zero + before, zero + after
+    spans = []
+    for _ in range(steps):
+        spans.append((lo, hi))
+        t, b = torch.minimum(t_rem, hi - lo), torch.minimum(b_rem, hi - lo)
+        lo, hi, t_rem, b_rem = lo - t, hi + b, t_rem - t, b_rem - b
+    p = torch.arange(before + n + after, device=device) - before
+    for lo, hi in reversed(spans):
+        p = torch.where(p < lo, 2 * lo - p, p)
+        p = torch.where(p > hi, 2 * hi - p, p)
+    return torch.minimum(p.clamp(min=0), zero + (n - 1))
+
+
 def reflect_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Reflect padding of any width (repeated reflection); replicate for sides of length 1."""
+    H, W = x.shape[-2:]
+    if any(isinstance(v, torch.SymInt) for v in (H, W, top, bottom, left, right)):
+        # Symbolic sizes (ONNX export): the loop's trip count depends on H and W, so gather the
+        # same rows and columns by index instead.
+        rows = _reflect_index(H, top, bottom, x.device)
+        cols = _reflect_index(W, left, right, x.device)
+        return x.index_select(-2, rows).index_select(-1, cols)
     while top or bottom or left or right:
         H, W = x.shape[-2:]
         mode_h = H > 1
