@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, FastFCNError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -224,7 +224,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return np.array(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -279,8 +279,14 @@ def _segment(args) -> int:
     files = collect_images(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seg = Segmenter(str(ckpt), arch=args.arch, device=args.device, backend=args.backend,
-                    precision=args.precision)
+    try:
+        seg = Segmenter(str(ckpt), arch=args.arch, device=args.device, backend=args.backend,
+                        precision=args.precision)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, FastFCNError):
+            raise
+        # A bad --backend / --precision / --device: the Segmenter's message, as a one-line CLI error.
+        raise InputError(str(e)) from None
     palette = seg.palette
     bar = Progress(len(files), enabled=not args.quiet)
     t0 = time.perf_counter()

@@ -1,0 +1,148 @@
+"""The `fastfcn` command end to end: info, export, segment on generated images, error exits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastfcn
+from fastfcn import models
+from fastfcn.cli import main
+
+WIDTH = 0.125
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A width-0.125 FCN-8s checkpoint (custom palette) and a directory of PNG and JPEG images."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = models.build("fcn8s", width=WIDTH).eval()
+    with torch.no_grad():
+        # A strong pool3 skip makes the labels follow local image content (several classes
+        # per image), so that comparing label maps means something.
+        model.score_pool3.weight.normal_(0, 1)
+    palette = [[(37 * i) % 256, (91 * i) % 256, (13 * i + 50) % 256] for i in range(21)]
+    ckpt = fastfcn.save(model, root / "fcn8s.safetensors", palette=palette)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 56), (33, 47), (64, 31)]):
+        # Smooth gradients plus noise: a photo-like image whose labels are not all one class.
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w) + 60], -1)
+        img = np.clip(img + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(images / (f"img{i}.png" if i != 1 else f"img{i}.jpg"), quality=95)
+    (images / "notes.txt").write_text("not an image; ignored by suffix")
+    return {"root": root, "ckpt": ckpt, "images": images, "palette": palette, "model": model}
+
+
+def run_cli(*args, capsys=None):
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr() if capsys is not None else None
+    return rc, out
+
+
+def test_info_safetensors(work, capsys):
+    rc, out = run_cli("info", work["ckpt"], capsys=capsys)
+    assert rc == 0, out.err
+    text = out.out
+    for needle in ("fcn8s", "safetensors", "21 (background", "0.125", "104.007", "BGR", "params"):
+        assert needle in text, (needle, text)
+    rc, out = run_cli("info", work["ckpt"], "--json", capsys=capsys)
+    info = json.loads(out.out)
+    assert info["arch"] == "fcn8s" and info["num_classes"] == 21 and info["params"] == sum(
+        p.numel() for p in work["model"].parameters()
+    )
+    assert info["file_size"] == work["ckpt"].stat().st_size
+
+
+@pytest.fixture(scope="module")
+def onnx_file(work):
+    out = work["root"] / "fcn8s.onnx"
+    rc = main(["export", str(work["ckpt"]), str(out)])
+    assert rc == 0 and out.is_file()
+    return out
+
+
+def test_export_and_info_onnx(work, onnx_file, capsys):
+    rc, out = run_cli("info", onnx_file, capsys=capsys)
+    assert rc == 0, out.err
+    for needle in ("fcn8s", "onnx (opset", "fp32", "dynamic", "input input", "batch", "height", "width"):
+        assert needle in out.out, (needle, out.out)
+    rc, out = run_cli("info", onnx_file, "--json", capsys=capsys)
+    info = json.loads(out.out)
+    # The graph's weights are the checkpoint's parameters (fixed upsampling included).
+    assert info["params"] == sum(p.numel() for p in work["model"].parameters())
+
+
+def _check_outputs(outdir, images, seg, palette):
+    files = sorted(p for p in images.iterdir() if p.suffix in (".png", ".jpg"))
+    assert len(files) == 3
+    for f in files:
+        lab_path, ov_path = outdir / f"{f.stem}.png", outdir / f"{f.stem}_overlay.png"
+        assert lab_path.is_file() and ov_path.is_file()
+        lab = Image.open(lab_path)
+        assert lab.mode == "P"
+        assert lab.getpalette()[: 3 * 21] == [v for c in palette for v in c]
+        img = np.asarray(Image.open(f).convert("RGB"))
+        want = seg.run(img).cpu().numpy()
+        got = np.asarray(lab)
+        assert got.shape == img.shape[:2] and np.array_equal(got, want), f.name
+        assert len(np.unique(got)) > 1, "degenerate test image: one class everywhere"
+        ov = np.asarray(Image.open(ov_path).convert("RGB")).astype(np.float32)
+        expect = 0.5 * img + 0.5 * np.asarray(palette, np.float32)[got]
+        assert np.abs(ov - expect).max() <= 1.0
+
+
+def test_segment_directory(work, capsys):
+    out = work["root"] / "seg_torch"
+    rc, cap = run_cli("segment", work["ckpt"], work["images"], "--out", out, "--backend", "torch",
+                      "--device", "cpu", capsys=capsys)
+    assert rc == 0, cap.err
+    assert "3/3" in cap.err and "segmented 3 images" in cap.err  # the progress bar and summary
+    seg = fastfcn.Segmenter(str(work["ckpt"]), backend="torch", device="cpu")
+    _check_outputs(out, work["images"], seg, work["palette"])
+
+
+def test_segment_with_onnx_file(work, onnx_file, capsys):
+    out = work["root"] / "seg_onnx"
+    rc, cap = run_cli("segment", onnx_file, work["images"], "--out", out, "--quiet", capsys=capsys)
+    assert rc == 0, cap.err
+    assert "/3" not in cap.err  # --quiet: no progress bar
+    seg = fastfcn.Segmenter(str(work["ckpt"]), backend="torch", device="cpu")
+    _check_outputs(out, work["images"], seg, work["palette"])
+
+
+def test_errors_exit_nonzero_with_one_line(work, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    cases = [
+        (["info", tmp_path / "missing.safetensors"], "missing.safetensors"),
+        (["export", tmp_path / "missing.safetensors", tmp_path / "x.onnx"], "missing.safetensors"),
+        (["export", work["ckpt"], tmp_path / "x.txt"], ".onnx"),
+        (["segment", work["ckpt"], bad, "--out", tmp_path / "o", "--backend", "torch"], "broken.png"),
+        (["segment", work["ckpt"], tmp_path / "nothing.png", "--out", tmp_path / "o"], "nothing.png"),
+        (["segment", work["ckpt"], work["images"], "--out", tmp_path / "o", "--backend", "nope"], "nope"),
+        (["info", bad], "broken.png"),
+    ]
+    for argv, needle in cases:
+        rc, cap = run_cli(*argv, capsys=capsys)
+        assert rc != 0, argv
+        lines = cap.err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in cap.err, (argv, cap.err)
+
+
+def test_subprocess_entry_point(work):
+    r = subprocess.run([sys.executable, "-m", "fastfcn", "info", str(work["ckpt"])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "fcn8s" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "fastfcn", "info", str(work["root"] / "nope.pt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("fastfcn info: error:") and "nope.pt" in r.stderr
