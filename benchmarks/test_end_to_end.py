@@ -161,15 +161,22 @@ def seeded_images(case: Case, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (case.batch, case.height, case.width, 3), generator=g, dtype=torch.uint8)
 
 
+class OverBudget(Exception):
+    """The session's end-to-end budget ran out while this case ran."""
+
+
 @contextlib.contextmanager
-def deadline(seconds: float | None, what: str):
-    """Fail the case after `seconds` (SIGALRM; main thread on Unix only, else no limit)."""
+def deadline(seconds: float | None, what: str, budget: bool = False):
+    """Stop the case after `seconds` (SIGALRM; main thread on Unix only, else no limit):
+    TimeoutError for --bench-case-timeout (a failure), OverBudget when the budget set it."""
     usable = seconds and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     if not usable:
         yield
         return
 
     def on_alarm(signum, frame):
+        if budget:
+            raise OverBudget(f"{what} was stopped after {seconds:.0f} s: the end-to-end budget ran out")
         raise TimeoutError(f"{what} took longer than {seconds:.0f} s (--bench-case-timeout)")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
@@ -220,8 +227,9 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
     cpu = device.type == "cpu"
     what = f"{case.label} {backend} {precision}"
     timeout = bench_state.case_timeout_s
-    if left is not None:
-        timeout = min(timeout, left + 60) if timeout else left + 60
+    by_budget = False
+    if left is not None and (not timeout or left + 60 < timeout):
+        timeout, by_budget = left + 60, True  # a case may finish up to 60 s past the budget
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     model = seeded_model(case.arch)
@@ -231,7 +239,7 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
     mem.reset()
     seg = None
     try:
-        with deadline(timeout, what):
+        with deadline(timeout, what, by_budget):
             t0 = time.perf_counter()
             try:
                 seg = Segmenter(
@@ -306,6 +314,8 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
             benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
             run_mem = mem.read()
             check_and_poison()
+    except OverBudget as e:
+        pytest.skip(f"{e} (--bench-budget {bench_state.budget_s:.0f} s)")
     finally:
         seg = None
         gc.collect()
