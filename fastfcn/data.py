@@ -160,8 +160,7 @@ class VOCSegmentation:
 
 # --------------------------------------------------------------------------- synthetic scenes
 
-# Object classes differ by shape AND texture; colours are drawn per instance from one
-# distribution for every class, so colour alone says nothing about the class.
+# Object classes differ by shape AND texture (and lean to a hue); backgrounds take any colour.
 SHAPES = ("disc", "box", "triangle", "cross", "ring", "star", "hexagon", "diamond")
 TEXTURES = ("stripes", "checker", "dots", "grid", "speckle", "rings", "waves", "gradient")
 MAX_CLASSES = len(SHAPES) + 1
@@ -234,15 +233,35 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(np.float32), b.astype(np.float32)
 
 
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    """One colour, h in [0, 1) (wraps), s and v in [0, 1] -> RGB float in 0..255."""
+    h6 = (h % 1.0) * 6
+    c = v * s
+    x = c * (1 - abs(h6 % 2 - 1))
+    rgb = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h6) % 6]
+    return (np.array(rgb) + (v - c)) * 255
+
+
+def _class_colours(cls: int, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An object's two texture colours: a hue typical of its class (spread over the colour
+    wheel, jittered so that neighbouring classes overlap) in a light and a dark shade."""
+    hue = (cls - 1) / (num_classes - 1) + rng.normal(0, 0.06)
+    sat = rng.uniform(0.45, 1.0)
+    light = _hsv_to_rgb(hue, sat, rng.uniform(0.75, 1.0))
+    dark = _hsv_to_rgb(hue, sat, rng.uniform(0.15, 0.4))
+    return (light, dark) if rng.random() < 0.5 else (dark, light)
+
+
 class SyntheticScenes:
     """Deterministic generated scenes that take context to segment.
 
-    Each scene has a textured, noisy background (smooth two-colour blobs, grain, clutter
-    lines) and 1-4 objects. Object class ``k`` (1..num_classes-1) has its own shape and its
-    own texture (``SHAPES[k-1]``, ``TEXTURES[k-1]``); both colours of every object are drawn
-    from the same distribution for all classes. Objects vary in scale (radius 16-38% of the
-    shorter side), aspect, rotation and texture phase, occlude each other in paint order and
-    may be cut by the image border.
+    Each scene has a textured, noisy background (smooth blobs of two random colours, grain,
+    clutter lines) and 1-3 objects. Object class ``k`` (1..num_classes-1) has its own shape
+    and its own texture (``SHAPES[k-1]``, ``TEXTURES[k-1]``) in a light and a dark shade of
+    a hue typical of the class; hues are jittered so that neighbouring classes overlap, and
+    the background takes any colour, so colour alone does not decide a pixel. Objects vary
+    in scale (radius 22-42% of the shorter side), aspect, rotation and texture phase,
+    occlude each other in paint order and may be cut by the image border.
 
     ``ds[i]`` -> ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``. Scene ``i`` depends
     only on ``(seed, i, size, num_classes)``, so datasets with different seeds are disjoint
@@ -276,9 +295,9 @@ class SyntheticScenes:
         img = self._background(rng)
         label = np.zeros((h, w), np.uint8)
         s = min(h, w)
-        for _ in range(int(rng.integers(1, 5))):
+        for _ in range(int(rng.integers(1, 4))):
             cls = int(rng.integers(1, self.num_classes))
-            r = rng.uniform(0.16, 0.38) * s
+            r = rng.uniform(0.22, 0.42) * s
             # Centres may lie a little outside the frame, so objects are cut by the border.
             cy, cx = rng.uniform(-0.1, 1.1) * h, rng.uniform(-0.1, 1.1) * w
             y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, h)
@@ -296,7 +315,7 @@ class SyntheticScenes:
             c2, s2 = np.cos(t2), np.sin(t2)
             tu, tv = c2 * dx + s2 * dy + rng.uniform(0, 20), -s2 * dx + c2 * dy + rng.uniform(0, 20)
             pat = _texture(TEXTURES[cls - 1], tu, tv, rng)[..., None]
-            a, b = _two_colours(rng)
+            a, b = _class_colours(cls, self.num_classes, rng)
             obj = a * (1 - pat) + b * pat
             region = img[y0:y1, x0:x1]
             region[mask] = obj[mask]

@@ -131,6 +131,56 @@ def init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class ConvBN(nn.Module):
+    """A convolution followed by a training-only BatchNorm (see ``add_batchnorm``)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv, self.bn = conv, nn.BatchNorm2d(conv.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def add_batchnorm(model: nn.Module) -> list[str]:
+    """Put a BatchNorm after every backbone convolution (``conv*``, ``fc*``) for training.
+
+    The reference FCNs have no normalisation: they start from ImageNet VGG weights. From
+    scratch, a plain 15-layer stack learns slowly; BatchNorm during training, folded into
+    the convolutions afterwards (``fold_added_batchnorm``), gives back the exact reference
+    architecture. Returns the wrapped module names.
+    """
+    names = [n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(("conv", "fc"))]
+    for n in names:
+        setattr(model, n, ConvBN(getattr(model, n)))
+    return names
+
+
+@torch.no_grad()
+def fold_added_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every ConvBN back into a plain convolution with the BN's running statistics (exact in eval)."""
+    for n, m in list(model.named_children()):
+        if isinstance(m, ConvBN):
+            conv, bn = m.conv, m.bn
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(s.view(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * s + bn.bias)
+            setattr(model, n, conv)
+    return model
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """The model as the reference architecture: a deep copy with any training BatchNorm folded."""
+    import copy
+
+    m = copy.deepcopy(model).cpu()
+    if any(isinstance(c, ConvBN) for c in m.children()):
+        m.eval()
+        fold_added_batchnorm(m)
+    return m
+
+
 def copy_by_name(dst: nn.Module, src_state: dict) -> list[str]:
     """Copy every tensor of ``src_state`` whose name and shape match into ``dst``; returns the names."""
     own = dst.state_dict()
@@ -375,6 +425,10 @@ def train(args: argparse.Namespace) -> dict:
             copied = copy_by_name(model, fastfcn.load(args.init).state_dict())
             if main_rank:
                 print(f"{arch} initialised from {args.init} ({len(copied)} tensors by name)", file=sys.stderr)
+        if args.batchnorm:
+            add_batchnorm(model)
+            if resumed_here and "model" in state:
+                model.load_state_dict(state["model"])
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         if args.optimizer == "sgd":
@@ -423,7 +477,8 @@ def train(args: argparse.Namespace) -> dict:
             progress.update(step, f"loss {sm:.4f}")
             last = step == stage_end
             if val is not None and main_rank and (step % args.val_every == 0 or last):
-                r = evaluate_model(model, val, num_classes, device=device)
+                r = evaluate_model(plain_copy(model) if args.batchnorm else model, val, num_classes,
+                                   device=torch.device("cpu") if args.batchnorm else device)
                 history["val_mean_iu"].append([step, r["mean_iu"]])
                 msg = f"step {step}: loss {sm:.4f}  val mean IU {100 * r['mean_iu']:.2f}  lr {lr:.3g}"
                 print(("\n" if progress.tty else "") + msg, file=sys.stderr, flush=True)
@@ -431,6 +486,7 @@ def train(args: argparse.Namespace) -> dict:
                 _save(fastfcn, model, out, step, si, opt, history, args, arch)
         if world > 1:
             _check_in_sync(model)
+        model = plain_copy(model) if args.batchnorm else model
         prev_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         done_before = stage_end
 
@@ -496,9 +552,11 @@ def _meta(args, step: int, arch: str) -> dict:
 def _save(fastfcn, model, out: Path, step, stage, opt, history, args, arch) -> None:
     # fastfcn.save writes atomically; the state file is renamed into place the same way, so an
     # interrupted save never leaves a broken resume point.
-    fastfcn.save(model, out / "last.safetensors", **_meta(args, step, arch))
+    fastfcn.save(plain_copy(model), out / "last.safetensors", **_meta(args, step, arch))
     state = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "history": history,
              "torch_rng": torch.get_rng_state()}  # fmt: skip
+    if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
+        state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, out / "train_state.pt.tmp")
     os.replace(out / "train_state.pt.tmp", out / "train_state.pt")
 
@@ -543,6 +601,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--scale-max", type=float, default=1.3, help="random scaling range, high end (0: off; default 1.3)")
     a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     a("--dropout", type=float, default=0.5, help="dropout after fc6 and fc7 (default 0.5, the paper's)")
+    a("--batchnorm", action="store_true",
+      help="train with BatchNorm after each conv, folded away in every saved model (from-scratch training)")
     a("--learnable-upsampling", action="store_true", help="learn the upsampling deconvolutions too")
     a("--init", default=None, help="initialise from a checkpoint, by layer name where shapes match")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -32,12 +32,14 @@ def test_short_run_loss_falls(tmp_path):
     assert len(hist["val_mean_iu"]) == 1
     model = fastfcn.load(tmp_path / "final.safetensors")
     assert model.config["arch"] == "fcn8s" and model.config["num_classes"] == 3
+    assert model.config["meta"]["trained"]["iterations"] == 40
     assert model.config["class_names"] == ["background", "disc", "box"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_continues_the_same_run(tmp_path):
-    common = ["--iters", "4", "--val-every", "0", "--save-every", "2", "--scale-min", "0.8"]
+    # With training BatchNorm: its statistics must be restored too, not only the folded weights.
+    common = ["--iters", "4", "--val-every", "0", "--save-every", "2", "--scale-min", "0.8", "--batchnorm"]
     _train(tmp_path / "a", *common)
     _train(tmp_path / "b", *common[:1], "2", *common[2:])
     hist = _train(tmp_path / "b", *common, "--resume")
