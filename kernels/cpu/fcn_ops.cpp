@@ -269,13 +269,92 @@ void max_pool2d_switches(const float* x, i64 planes, i64 H, i64 W, i64 kernel, i
         }
 }
 
-i64 max_unpool2d_gather(const float* x, const void* indices, bool compact, i64 planes, i64 h, i64 w,
-                        i64 H, i64 W, i64 kernel, i64 stride, bool relu, float* out, int threads) {
-    const auto* idx64 = static_cast<const i64*>(indices);
-    const auto* sw8 = static_cast<const std::uint8_t*>(indices);
-    const i64 k = kernel, s = stride;
-    // columns covered by windows; the rest of a row (output_size > windows) is zero
+namespace {
+
+// Number of windows in input row i whose index/switch does not name a pixel of
+// its own window inside the H x W output (checked once per window, on its first row).
+template <bool COMPACT>
+i64 count_bad(const void* ind, i64 w, i64 i, i64 H, i64 W, i64 k, i64 s) {
+    const i64 ybase = i * s;
+    i64 bad = 0;
+    if (COMPACT) {
+        const auto* sr = static_cast<const std::uint8_t*>(ind);
+        for (i64 j = 0; j < w; ++j) {
+            const i64 v = sr[j], vy = v / k, vx = v % k;
+            bad += (v >= k * k) | (ybase + vy >= H) | (j * s + vx >= W);
+        }
+    } else if (k == 2 && s == 2) {
+        // branch-free form of the general check below for 2x2/2 windows
+        const auto* ir = static_cast<const i64*>(ind);
+        const bool row2 = ybase + 1 < H;
+        for (i64 j = 0; j < w; ++j) {
+            const i64 rel = ir[j] - (ybase * W + 2 * j);
+            const bool col2 = 2 * j + 1 < W;
+            const bool ok = (rel == 0) | ((rel == 1) & col2) | (row2 & ((rel == W) | ((rel == W + 1) & col2)));
+            bad += ok ? 0 : 1;
+        }
+    } else {
+        const auto* ir = static_cast<const i64*>(ind);
+        for (i64 j = 0; j < w; ++j) {
+            const i64 rel = ir[j] - (ybase * W + j * s);
+            bool ok = false;
+            for (i64 ddy = 0; ddy < k && ybase + ddy < H; ++ddy) {
+                const i64 dx = rel - ddy * W;
+                ok |= (dx >= 0) & (dx < k) & (j * s + dx < W);
+            }
+            bad += ok ? 0 : 1;
+        }
+    }
+    return bad;
+}
+
+// One output row Y = i*s + dy (dy < k) of the gather. code[j] is the window's
+// position on this row: dx in [0, k) when its maximum lies on this row, anything
+// else otherwise. 2x2/2 (every DeconvNet unpooling) gets a branch-free loop that
+// writes both columns of a window at once: 64x112 -> 224x224, 1 thread, 4.2 ms
+// against 21.2 ms for the generic loop and 5.7 ms for torch's fill+scatter.
+template <bool COMPACT, bool RELU>
+void gather_row(float* __restrict orow, const float* __restrict xr, const void* ind, i64 w, i64 W, i64 Y,
+                i64 dy, i64 k, i64 s) {
+    const auto* sr = static_cast<const std::uint8_t*>(ind);
+    const auto* ir = static_cast<const i64*>(ind);
     const i64 wcov = std::min<i64>(w, (W + s - 1) / s);
+    i64 j = 0;
+    if (k == 2 && s == 2) {
+        // One 8-byte store per window: the value's bits shifted into the column of
+        // its maximum, or zero when the maximum is on the other row. SSE2 has no
+        // 64-bit compare, so a per-pixel select of int64 indices does not vectorise.
+        const i64 jfull = std::min<i64>(w, W / 2);
+        for (; j < jfull; ++j) {
+            float v = xr[j];
+            if (RELU) v = v < 0.0f ? 0.0f : v;
+            const i64 t = COMPACT ? static_cast<i64>(sr[j]) - 2 * dy : ir[j] - Y * W - 2 * j;
+            std::uint32_t bits;
+            std::memcpy(&bits, &v, 4);
+            // mask arithmetic, not ?:, which gcc compiled to a 50%-mispredicted branch
+            // (64x112 -> 224x224, 1 thread: 10.8 -> 4.2 ms; torch fill+scatter 5.7 ms)
+            const std::uint64_t mask = std::uint64_t{0} - (static_cast<std::uint64_t>(t) < 2);
+            const std::uint64_t sel = bits & mask;
+            const std::uint64_t word = sel << (32 * (t & 1));  // little-endian: column 2j in the low half
+            std::memcpy(orow + 2 * j, &word, 8);
+        }
+    }
+    for (; j < wcov; ++j) {
+        float v = xr[j];
+        if (RELU) v = v < 0.0f ? 0.0f : v;
+        const i64 xb = j * s;
+        const i64 t = COMPACT ? static_cast<i64>(sr[j]) - dy * k : ir[j] - Y * W - xb;
+        const i64 xe = std::min<i64>(xb + s, W);
+        for (i64 X = xb; X < xe; ++X) orow[X] = (X - xb == t && t < k) ? v : 0.0f;
+    }
+    if (wcov * s < W) std::fill(orow + wcov * s, orow + W, 0.0f);
+}
+
+template <bool COMPACT, bool RELU>
+i64 unpool_impl(const float* x, const void* indices, i64 planes, i64 h, i64 w, i64 H, i64 W, i64 k, i64 s,
+                float* out, int threads) {
+    const std::size_t isz = COMPACT ? 1 : sizeof(i64);
+    const auto* ib = static_cast<const unsigned char*>(indices);
     i64 bad = 0;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) reduction(+ : bad)
     for (i64 p = 0; p < planes; ++p)
@@ -286,52 +365,22 @@ i64 max_unpool2d_gather(const float* x, const void* indices, bool compact, i64 p
                 std::fill(orow, orow + W, 0.0f);
                 continue;
             }
-            const float* xr = x + (p * h + i) * w;
-            const i64 ybase = i * s;
-            // target[j] = dx of the window's maximum if it lies on this row, else out of [0, k)
-            if (compact) {
-                const std::uint8_t* sr = sw8 + (p * h + i) * w;
-                if (dy == 0) {  // validate each window once, on its first row
-                    for (i64 j = 0; j < w; ++j) {
-                        const i64 v = sr[j], vy = v / k, vx = v % k;
-                        bad += (v >= k * k || ybase + vy >= H || j * s + vx >= W) ? 1 : 0;
-                    }
-                }
-                const i64 rowcode = dy * k;
-                for (i64 j = 0; j < wcov; ++j) {
-                    float v = xr[j];
-                    if (relu && v < 0.0f) v = 0.0f;
-                    const i64 t = static_cast<i64>(sr[j]) - rowcode;
-                    const i64 xb = j * s, xe = std::min<i64>(xb + s, W);
-                    for (i64 X = xb; X < xe; ++X) orow[X] = (X - xb == t && t < k) ? v : 0.0f;
-                }
-            } else {
-                const i64* ir = idx64 + (p * h + i) * w;
-                if (dy == 0) {
-                    for (i64 j = 0; j < w; ++j) {
-                        // the index must name a pixel of its own window inside the output
-                        const i64 rel = ir[j] - (ybase * W + j * s);
-                        bool ok = false;
-                        for (i64 ddy = 0; ddy < k && ybase + ddy < H; ++ddy) {
-                            const i64 dx = rel - ddy * W;
-                            ok |= dx >= 0 && dx < k && j * s + dx < W;
-                        }
-                        bad += ok ? 0 : 1;
-                    }
-                }
-                const i64 rowbase = Y * W;
-                for (i64 j = 0; j < wcov; ++j) {
-                    float v = xr[j];
-                    if (relu && v < 0.0f) v = 0.0f;
-                    const i64 xb = j * s, xe = std::min<i64>(xb + std::min(s, k), W);
-                    const i64 t = ir[j] - rowbase;
-                    for (i64 X = xb; X < xe; ++X) orow[X] = (X == t) ? v : 0.0f;
-                    for (i64 X = xe; X < std::min<i64>(xb + s, W); ++X) orow[X] = 0.0f;
-                }
-            }
-            if (wcov * s < W) std::fill(orow + wcov * s, orow + W, 0.0f);
+            const void* ind = ib + static_cast<std::size_t>((p * h + i) * w) * isz;
+            if (dy == 0) bad += count_bad<COMPACT>(ind, w, i, H, W, k, s);
+            gather_row<COMPACT, RELU>(orow, x + (p * h + i) * w, ind, w, W, Y, dy, k, s);
         }
     return bad;
+}
+
+}  // namespace
+
+i64 max_unpool2d_gather(const float* x, const void* indices, bool compact, i64 planes, i64 h, i64 w, i64 H,
+                        i64 W, i64 kernel, i64 stride, bool relu, float* out, int threads) {
+    if (compact)
+        return relu ? unpool_impl<true, true>(x, indices, planes, h, w, H, W, kernel, stride, out, threads)
+                    : unpool_impl<true, false>(x, indices, planes, h, w, H, W, kernel, stride, out, threads);
+    return relu ? unpool_impl<false, true>(x, indices, planes, h, w, H, W, kernel, stride, out, threads)
+                : unpool_impl<false, false>(x, indices, planes, h, w, H, W, kernel, stride, out, threads);
 }
 
 }  // namespace fastfcn
