@@ -52,6 +52,11 @@ def _fmt(x, spec: str, empty: str = "-") -> str:
     return empty if x is None else format(x, spec)
 
 
+def _gb(x) -> str:
+    x = _num(x)
+    return "-" if x is None else (f"{x:.0f}" if x >= 100 else f"{x:.3g}")
+
+
 def find_files(paths: list[str]) -> list[Path]:
     """Result files named on the command line (files or folders); the default folder when none."""
     if not paths:
@@ -206,7 +211,7 @@ def markdown(devices: dict[str, DeviceResults]) -> str:
                 hbm_pct = _fmt(hbm * 100 if hbm is not None else None, ".1f")
                 out.append(
                     f"| {r['name']} | {_fmt(r.get('median_ms'), '.4g')} | {_fmt(r.get('iqr_ms'), '.3g')} "
-                    f"| {_fmt(r.get('gbps'), '.1f')} | {hbm_pct} |"
+                    f"| {_gb(r.get('gbps'))} | {hbm_pct} |"
                 )
         if d.not_measured:
             out.append("")

@@ -93,7 +93,7 @@ def test_markdown_values(gpu_dir):
     assert fused[9].strip() == "37.0"  # % of floor
     b8 = rows[3].split("|")
     assert "(for FCN-8s 500x500 b8)" in b8[1] and b8[4].strip() == "1.00" and b8[5].strip() == "0.10"
-    assert "| test_unpool[1080p] | 0.1 |" in text and "| 2900.0 | 60.0 |" in text
+    assert "| test_unpool[1080p] | 0.1 |" in text and "| 2900 | 60.0 |" in text
     assert "onnxruntime: CUDA provider not installed" in text
     assert "no triton" not in text  # measured later: not listed as skipped
     assert "torch 2.11.0" in text and "profile gpu" in text
