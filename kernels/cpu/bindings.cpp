@@ -34,8 +34,9 @@ void upsample_region(std::uintptr_t x, i64 n, i64 c, i64 h, i64 w, int kind, std
 
 // A whole head: len(skips) upsample+add stages, then upsample+crop to (H, W) as `output`.
 // The intermediate maps are (N, C, (h-1)s+k, ...) fp32 held here (for FCN-8s at
-// 500x500, C=21: 34x34 and 70x70, 0.5 MB in all, L2-resident); each stage computes
-// only the region the next one reads, and the last stage only the pixels kept.
+// 500x500, C=21: 34x34 and 70x70, 0.5 MB in all, L2-resident, 1/65 of the logits
+// the last stage would otherwise write); the last stage computes only the pixels kept
+// and, for labels/probs, writes no intermediate float map.
 void fcn_head(std::uintptr_t score, i64 n, i64 c, i64 h, i64 w, const std::vector<std::uintptr_t>& skips,
               const std::vector<i64>& skip_h, const std::vector<i64>& skip_w,
               const std::vector<std::uintptr_t>& weights, const std::vector<int>& kinds,
