@@ -103,7 +103,8 @@ class TorchBackend(Backend):
         self.model = _prepared_copy(source, device, precision, fold=False).set_impl("reference")
 
     def __call__(self, x, output):
-        return self.model(x.to(self.input_dtype), output)
+        # NCHW on purpose: a channels_last input would switch eager convs to channels_last.
+        return self.model(x.to(self.input_dtype).contiguous(), output)
 
 
 class FusedBackend(Backend):
@@ -224,6 +225,6 @@ def available_backends() -> list[str]:
 def create_backend(name: str, source, device: torch.device, precision: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {available_backends()}")
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS and not (precision == "auto" and name == "onnxruntime"):
         raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
     return _REGISTRY[name](source, device, precision)

@@ -161,7 +161,12 @@ class Segmenter:
                 "Load the checkpoint (.safetensors/.pt) to use the other backends."
             )
         self._backend_name = backend
-        self._backend: Backend = create_backend(backend, source, self._device, self._precision)
+        if backend == "onnxruntime" and precision == "auto":
+            # ORT has no bf16 path: "auto" there is the precision the graph was exported at.
+            self._backend: Backend = create_backend(backend, source, self._device, "auto")
+            self._precision = getattr(self._backend, "precision", "fp32")
+        else:
+            self._backend = create_backend(backend, source, self._device, self._precision)
         if config is None:
             config = getattr(self._backend, "config", None)
         if not isinstance(config, dict):

@@ -1,0 +1,398 @@
+"""fastfcn.Segmenter: every backend against the reference, input forms, bad input,
+threads, steady-state memory, precision agreement.
+
+Models are width 0.125 (width 0.25 for the precision test) with fixed seeds and
+small odd image sizes, so the whole file runs in well under two minutes on 2 cores.
+
+Tolerances (fp32): backends differ from the eager reference only in summation
+order (prepacked oneDNN, ORT, inductor). Measured max |logit error| / logit range
+over all archs at these sizes: <= 1e-6 for fused, <= 2e-6 for onnxruntime. The bound
+FP32_TOL = 1e-4 of the range leaves ~50x headroom and is still far below what a real
+bug produces (a wrong crop offset or colour order moves logits by > 1% of the range).
+Labels must be identical wherever the reference's top-2 margin exceeds twice that bound.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import fastfcn
+from fastfcn import BackendUnavailableError, CheckpointError, InputError
+from fastfcn.models import available, build
+
+ARCHS = available()
+FP32_TOL = 1e-4
+SIZES = [(23, 31), (17, 40)]
+
+
+def _ort_reason() -> str | None:
+    try:
+        from fastfcn.runtime import ort
+    except ImportError as e:
+        return f"fastfcn.runtime.ort is not importable: {e}"
+    ok, why = ort.available("cpu", "fp32")
+    return None if ok else why
+
+
+ORT_SKIP = _ort_reason()
+
+_MODELS: dict = {}
+
+
+def model(arch: str, width: float = 0.125) -> torch.nn.Module:
+    key = (arch, width)
+    if key not in _MODELS:
+        torch.manual_seed(sum(map(ord, arch)))
+        m = build(arch, width=width).eval()
+        # DeconvNet's BatchNorms: non-trivial running statistics, so folding them is tested.
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.data.uniform_(0.5, 1.5)
+                mod.bias.data.uniform_(-0.1, 0.1)
+        _MODELS[key] = m
+    return _MODELS[key]
+
+
+def images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """(n, h, w, 3) uint8, spatially correlated like real photos."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (n, h, w, 3)).astype(np.float32)
+    a = (a + np.roll(a, 1, 1) + np.roll(a, 1, 2)) / 3
+    return a.astype(np.uint8)
+
+
+def preprocess_ref(u8: np.ndarray, config: dict) -> torch.Tensor:
+    """Independent preprocessing: (N, H, W, 3) RGB uint8 -> (N, 3, H, W) float32."""
+    x = u8.astype(np.float64)
+    if config["color_order"] == "BGR":
+        x = x[..., ::-1]
+    x = x * config["input_scale"] / 255.0
+    x = (x - np.array(config["mean"])) / np.array(config["std"])
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float()
+
+
+def reference(arch: str, u8: np.ndarray) -> torch.Tensor:
+    m = model(arch)
+    with torch.inference_mode():
+        return m(preprocess_ref(u8, m.config))
+
+
+def assert_logits_close(got: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL) -> None:
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    span = float(ref.max() - ref.min())
+    err = float((got - ref).abs().max())
+    assert err <= tol * span, f"max |logit error| {err:.3g} > {tol} x range {span:.3g}"
+
+
+def assert_labels_match(got: torch.Tensor, ref_logits: torch.Tensor, tol: float = FP32_TOL) -> None:
+    assert got.dtype == torch.uint8 and got.shape == ref_logits.shape[:1] + ref_logits.shape[2:]
+    top2 = ref_logits.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    clear = margin > 2 * tol * float(ref_logits.max() - ref_logits.min())
+    assert clear.float().mean() > 0.5, "test input has too many near-ties to check labels"
+    same = got.long() == ref_logits.argmax(1)
+    assert bool(same[clear].all()), f"{int((~same & clear).sum())} clear-cut labels differ"
+
+
+def segmenter(arch: str, backend: str, **kw) -> fastfcn.Segmenter:
+    if backend == "onnxruntime" and ORT_SKIP:
+        pytest.skip(ORT_SKIP)
+    return fastfcn.Segmenter(model(arch), backend=backend, device="cpu", **kw)
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def check_batch_and_list(seg, arch, outputs=("logits", "labels")):
+    """uint8 NHWC batch of 2 at an odd size, and a list of mixed sizes, against the reference."""
+    (h, w), (h2, w2) = SIZES
+    batch = images(2, h, w, seed=1)
+    ref = reference(arch, batch)
+    if "logits" in outputs:
+        assert_logits_close(seg.run(batch, "logits"), ref)
+    if "labels" in outputs:
+        assert_labels_match(seg.run(torch.from_numpy(batch), "labels"), ref)
+    other = images(1, h2, w2, seed=2)
+    outs = seg.run([batch[0], other[0], batch[1]], "labels")
+    assert isinstance(outs, list) and [tuple(o.shape) for o in outs] == [(h, w), (h2, w2), (h, w)]
+    assert_labels_match(outs[0][None], ref[:1])
+    assert_labels_match(outs[1][None], reference(arch, other))
+    assert_labels_match(outs[2][None], ref[1:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_agrees_with_reference(arch):
+    seg = segmenter(arch, "fused")
+    assert seg.backend == "fused" and seg.device == torch.device("cpu") and seg.precision == "fp32"
+    check_batch_and_list(seg, arch)
+
+
+@pytest.mark.parametrize("arch", ["fcn8s", "fcn-alexnet"])
+def test_torch_agrees_with_reference(arch):
+    # The torch backend is the reference model itself: this checks its preprocessing and plumbing.
+    check_batch_and_list(segmenter(arch, "torch"), arch, outputs=("logits",))
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_input_forms(backend):
+    arch = "fcn8s"
+    seg = segmenter(arch, backend)
+    h, w = SIZES[0]
+    batch = images(2, h, w, seed=1)
+    ref = reference(arch, batch)
+    # preprocessed float (N, 3, H, W), float64 accepted too
+    x = preprocess_ref(batch, seg.config)
+    assert_logits_close(seg.run(x, "logits"), ref)
+    assert_logits_close(seg.run(x.double().numpy(), "logits"), ref)
+    # probs
+    probs = seg.run(batch[:1], "probs")
+    assert torch.allclose(probs, torch.softmax(ref[:1], 1), atol=1e-5)
+    # one image -> unbatched result; a flipped numpy view (negative strides) works
+    one = seg.run(batch[1])
+    assert one.shape == (h, w)
+    assert_labels_match(one[None], ref[1:])
+    flipped = batch[1][:, ::-1]
+    assert_labels_match(seg.run(flipped)[None], reference(arch, flipped[None].copy()))
+    # a list of torch tensors, logits
+    outs = seg.run([torch.from_numpy(batch[0]), torch.from_numpy(batch[1])], "logits")
+    assert_logits_close(torch.stack(outs), ref)
+
+
+@pytest.fixture(scope="module")
+def onnx_fcn8s(tmp_path_factory):
+    if ORT_SKIP:
+        pytest.skip(ORT_SKIP)
+    return fastfcn.export_onnx(model("fcn8s"), tmp_path_factory.mktemp("onnx") / "fcn8s.onnx")
+
+
+def test_onnx_file_runs_with_auto_backend(onnx_fcn8s):
+    seg = fastfcn.Segmenter(onnx_fcn8s, device="cpu")
+    assert seg.backend == "onnxruntime" and seg.config["arch"] == "fcn8s" and seg.precision == "fp32"
+    check_batch_and_list(seg, "fcn8s")
+    with pytest.raises(BackendUnavailableError, match="onnxruntime"):
+        fastfcn.Segmenter(onnx_fcn8s, backend="fused")
+
+
+def test_onnxruntime_backend_from_module():
+    # Exported on the fly; DeconvNet checks the unpooling and its fixed-size padding.
+    check_batch_and_list(segmenter("deconvnet", "onnxruntime"), "deconvnet", outputs=("logits",))
+
+
+def test_compile_backend_agrees():
+    # One arch and size only: inductor's first compile costs ~40 s on a shared 2-core machine.
+    # The compile backend runs the same reference graph, so one arch checks the wiring.
+    try:
+        seg = segmenter("fcn16s", "compile")
+        batch = images(2, 23, 31, seed=3)
+        got = seg.run(batch, "logits")
+    except BackendUnavailableError as e:
+        pytest.skip(str(e))
+    assert_logits_close(got, reference("fcn16s", batch))
+
+
+def test_auto_choices_and_properties():
+    seg = fastfcn.Segmenter(model("fcn8s"))
+    assert seg.backend == "fused" and seg.precision == "fp32" and seg.device.type == "cpu"
+    assert seg.class_names[0] == "background" and len(seg.class_names) == 21
+    assert seg.palette[1] == [128, 0, 0]
+    assert seg.config["mean"] == model("fcn8s").config["mean"]
+    # the user's module is copied, not changed
+    assert model("fcn8s").impl == "reference" and model("fcn8s").conv1_1.weight.requires_grad
+
+
+def test_rgb_scaled_config_is_honoured():
+    m = build("fcn32s", width=0.125).eval()
+    m.config.update(color_order="RGB", input_scale=1.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    batch = images(1, 21, 19, seed=5)
+    x = preprocess_ref(batch, m.config)
+    with torch.inference_mode():
+        ref = m(x)
+    assert_logits_close(fastfcn.Segmenter(m).run(batch, "logits"), ref)
+
+
+# --------------------------------------------------------------------------- precision
+
+# Measured on this CPU (fcn8s width 0.25, seed 0, two 64x80 images), vs the fp32 reference
+# (max |logit error| / logit range, identical labels):
+#   torch bf16 7.1e-3, 99.48%   fused bf16 4.3e-3, 99.62%
+#   torch fp16 7.6e-4, 99.92%   fused fp16 5.0e-4, 99.95%
+# An untrained net's logits are nearly flat, so labels flip more easily than in a trained one.
+# Bounds: ~4x the worst measured error; labels at most 4x as many flips as measured.
+PRECISION_BOUNDS = {"bf16": (0.03, 0.98), "fp16": (0.003, 0.997)}
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_low_precision_agreement_on_cpu(precision):
+    m = model("fcn8s", 0.25)
+    batch = images(2, 64, 80, seed=0)
+    ref = fastfcn.Segmenter(m, backend="torch").run(batch, "logits")
+    seg = fastfcn.Segmenter(m, precision=precision)
+    assert seg.precision == precision
+    got = seg.run(batch, "logits")
+    err_bound, agree_bound = PRECISION_BOUNDS[precision]
+    assert got.dtype == torch.float32
+    assert_logits_close(got, ref, tol=err_bound)
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) >= agree_bound
+
+
+def test_tf32_refused_on_cpu():
+    with pytest.raises(BackendUnavailableError, match="tf32"):
+        fastfcn.Segmenter(model("fcn32s"), precision="tf32", device="cpu")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def seg32():
+    return fastfcn.Segmenter(model("fcn32s"), device="cpu", max_pixels=300 * 300)
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (np.zeros((8, 8, 3), np.float32), InputError, "preprocessed"),  # float HWC image
+        (np.zeros((8, 8, 3), np.int32), TypeError, "uint8"),
+        (np.zeros((2, 8, 8, 3), np.uint16), TypeError, "uint8"),
+        (np.zeros((8, 8, 4), np.uint8), InputError, "channels"),
+        (np.zeros((8, 8), np.uint8), InputError, "shape"),
+        (np.zeros((2, 8, 8, 1), np.uint8), InputError, "channels"),
+        (np.zeros((0, 8, 8, 3), np.uint8), InputError, "empty"),
+        (np.zeros((0, 8, 3), np.uint8), InputError, "empty"),
+        ([], InputError, "empty list"),
+        ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)], InputError, "image 1"),
+        (torch.zeros(0, 3, 8, 8), InputError, "empty"),
+        (torch.zeros(1, 3, 0, 8), InputError, "zero-sized"),
+        (torch.zeros(1, 4, 8, 8), InputError, r"\(N, 3, H, W\)"),
+        (torch.full((1, 3, 8, 8), float("nan")), InputError, "NaN"),
+        (torch.tensor([[[[float("inf")]]] * 3]), InputError, "Inf"),
+        ("image.png", TypeError, "numpy array"),
+        (None, TypeError, "numpy array"),
+        (42, TypeError, "numpy array"),
+        (np.array([object()]), TypeError, "object"),
+        (np.zeros((301, 300, 3), np.uint8), InputError, "max_pixels"),
+    ],
+    ids=lambda v: None,
+)
+def test_bad_input(seg32, bad, exc, match):
+    with pytest.raises(exc, match=match):
+        seg32.run(bad)
+
+
+def test_bad_output_kind(seg32):
+    with pytest.raises(ValueError, match="output must be one of"):
+        seg32.run(images(1, 8, 8)[0], output="mask")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"backend": "tensorrt"}, ValueError, "unknown backend"),
+        ({"precision": "int8"}, ValueError, "unknown precision"),
+        ({"device": "tpu"}, ValueError, "device"),
+        ({"device": "cuda"} if not torch.cuda.is_available() else {"device": "cuda:99"},
+         BackendUnavailableError, "cuda"),
+        ({"arch": "fcn4s"}, CheckpointError, "unknown arch"),
+        ({"max_pixels": 0}, ValueError, "max_pixels"),
+    ],
+)  # fmt: skip
+def test_bad_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastfcn.Segmenter(model("fcn32s"), **kwargs)
+
+
+def test_bad_checkpoint_objects(tmp_path):
+    with pytest.raises(TypeError, match="fastfcn.models"):
+        fastfcn.Segmenter(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(TypeError, match="path"):
+        fastfcn.Segmenter(3.5)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fastfcn.Segmenter(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- threads, memory
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_concurrent_runs_from_8_threads(backend):
+    seg = segmenter("fcn8s", backend)
+    inputs = [images(1, 19 + i, 27 - i, seed=10 + i) for i in range(8)]
+    expected = [seg.run(x, "logits") for x in inputs]
+    results: list = [None] * 8
+    errors: list = []
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[i] = seg.run(inputs[i], "logits")
+                assert torch.equal(results[i], expected[i])
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sysconf"), reason="needs /proc (Linux)")
+def test_steady_state_memory_is_flat():
+    import tracemalloc
+
+    seg = segmenter("fcn8s", "fused")
+    frames = images(2, 64, 64, seed=7)
+    for _ in range(5):
+        seg.run(frames, "logits")
+    gc.collect()
+    tracemalloc.start()
+    rss0 = _rss_bytes()
+    py0 = tracemalloc.get_traced_memory()[0]
+    for _ in range(30):
+        out = seg.run(frames, "logits")
+        del out
+    gc.collect()
+    py_growth = tracemalloc.get_traced_memory()[0] - py0
+    tracemalloc.stop()
+    rss_growth = _rss_bytes() - rss0
+    # Each call returns 2 x 21 x 64 x 64 float32 = 0.69 MB: keeping every result would grow
+    # RSS by 21 MB over 30 calls. Measured growth: 0-1 MB (allocator noise).
+    assert rss_growth < 8 * 2**20, f"RSS grew {rss_growth / 2**20:.1f} MB over 30 calls"
+    assert py_growth < 64 * 1024, f"Python heap grew {py_growth} bytes over 30 calls"
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_path(precision):
+    m = model("fcn8s")
+    seg = fastfcn.Segmenter(m, device="cuda", precision=precision, graph_cache=2)
+    ref_seg = fastfcn.Segmenter(m, device="cuda", backend="torch", precision="fp32")
+    for size in [(23, 31), (17, 40), (23, 31), (40, 17)]:  # third: cache hit; fourth: eviction
+        batch = images(2, *size, seed=size[0])
+        got = seg.run(batch, "logits")
+        ref = ref_seg.run(batch, "logits")
+        assert got.device.type == "cuda"
+        tol = FP32_TOL if precision == "fp32" else PRECISION_BOUNDS["bf16"][0]
+        assert_logits_close(got.cpu(), ref.cpu(), tol=tol)
+    assert len(seg._graphs) <= 2
+    labels = seg.run(torch.from_numpy(images(2, 23, 31)).cuda())
+    assert labels.shape == (2, 23, 31) and labels.device.type == "cuda"
