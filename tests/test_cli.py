@@ -91,7 +91,7 @@ def _check_outputs(outdir, images, seg, palette):
         lab = Image.open(lab_path)
         assert lab.mode == "P"
         assert lab.getpalette()[: 3 * 21] == [v for c in palette for v in c]
-        img = np.asarray(Image.open(f).convert("RGB"))
+        img = np.array(Image.open(f).convert("RGB"))
         want = seg.run(img).cpu().numpy()
         got = np.asarray(lab)
         assert got.shape == img.shape[:2] and np.array_equal(got, want), f.name

@@ -213,7 +213,10 @@ def describe(path: str | os.PathLike) -> dict:
     def dtype(vi):
         return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
 
-    weights = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    # Weights only: the graph also stores small integer constants (shape arithmetic).
+    tp = onnx.TensorProto
+    floats = {tp.FLOAT, tp.FLOAT16, tp.BFLOAT16, tp.DOUBLE}
+    weights = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type in floats)
     return {
         "inputs": {vi.name: (dtype(vi), shape(vi)) for vi in proto.graph.input},
         "outputs": {vi.name: (dtype(vi), shape(vi)) for vi in proto.graph.output},
