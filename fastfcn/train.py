@@ -150,7 +150,9 @@ def add_batchnorm(model: nn.Module) -> list[str]:
     the convolutions afterwards (``fold_added_batchnorm``), gives back the exact reference
     architecture. Returns the wrapped module names.
     """
-    names = [n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(("conv", "fc"))]
+    names = [
+        n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(("conv", "fc"))
+    ]
     for n in names:
         setattr(model, n, ConvBN(getattr(model, n)))
     return names

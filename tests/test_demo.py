@@ -36,7 +36,8 @@ def test_shipped_model_mean_iu_on_heldout_split(demo_model):
 
 
 def test_eval_command_json(capsys):
-    rc = cli.main(["eval", str(DEMO_MODEL), "--data", "synthetic", "--n", "24", "--backend", "torch", "--json"])
+    args = ["--data", "synthetic", "--n", "24", "--backend", "torch", "--json"]
+    rc = cli.main(["eval", str(DEMO_MODEL), *args])
     assert rc == 0
     obj = json.loads(capsys.readouterr().out)
     assert obj["images"] == 24 and obj["split"] == "heldout"

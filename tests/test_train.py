@@ -25,14 +25,14 @@ def _train(tmp_path, *extra):
 
 
 def test_short_run_loss_falls(tmp_path):
-    hist = _train(tmp_path, "--iters", "40", "--lr", "3e-3", "--val-every", "40")
+    hist = _train(tmp_path, "--iters", "30", "--lr", "3e-3", "--val-every", "30")
     loss = [v for _, v in hist["loss"]]
-    assert len(loss) == 40
+    assert len(loss) == 30
     assert np.mean(loss[-8:]) < 0.8 * np.mean(loss[:4]), loss
     assert len(hist["val_mean_iu"]) == 1
     model = fastfcn.load(tmp_path / "final.safetensors")
     assert model.config["arch"] == "fcn8s" and model.config["num_classes"] == 3
-    assert model.config["meta"]["trained"]["iterations"] == 40
+    assert model.config["meta"]["trained"]["iterations"] == 30
     assert model.config["class_names"] == ["background", "disc", "box"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
