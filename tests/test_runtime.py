@@ -134,6 +134,29 @@ def test_fused_agrees_with_reference(arch):
     check_batch_and_list(seg, arch)
 
 
+def test_fused_nnpack_path_agrees(monkeypatch):
+    # At width 0.125 no layer reaches NNPACK_MIN_CHANNELS; lower it so the NNPACK path runs.
+    from fastfcn.runtime import cpu_fast
+
+    if not cpu_fast.nnpack_available():
+        pytest.skip("this torch build has no NNPACK")
+    monkeypatch.setattr(cpu_fast, "NNPACK_MIN_CHANNELS", 16)
+    seg = segmenter("fcn8s-atonce", "fused")
+    assert isinstance(seg._backend.model.conv4_1, cpu_fast.NNPackConv3x3)
+    check_batch_and_list(seg, "fcn8s-atonce")
+    # concurrent calls through NNPACK's shared thread pool
+    batch = images(2, *SIZES[0], seed=1)
+    expected = seg.run(batch, "logits")
+    results: list = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, seg.run(batch, "logits")))
+               for i in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None and torch.equal(r, expected) for r in results)
+
+
 @pytest.mark.parametrize("arch", ["fcn8s", "fcn-alexnet"])
 def test_torch_agrees_with_reference(arch):
     # The torch backend is the reference model itself: this checks its preprocessing and plumbing.
@@ -195,6 +218,18 @@ def test_compile_backend_agrees():
     except BackendUnavailableError as e:
         pytest.skip(str(e))
     assert_logits_close(got, reference("fcn16s", batch))
+
+
+def test_checkpoint_path(tmp_path):
+    path = fastfcn.save(model("fcn16s"), tmp_path / "m.safetensors")
+    seg = fastfcn.Segmenter(path)
+    batch = images(1, 23, 31, seed=6)
+    assert_logits_close(seg.run(batch, "logits"), reference("fcn16s", batch))
+    with pytest.raises(CheckpointError, match="fcn8s"):
+        fastfcn.Segmenter(path, arch="fcn8s")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError):
+        fastfcn.Segmenter(tmp_path / "bad.safetensors")
 
 
 def test_auto_choices_and_properties():
