@@ -198,11 +198,11 @@ def _texture(tex: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -
     if tex == "stripes":
         return (np.sin(2 * np.pi * x / p) > 0).astype(np.float32)
     if tex == "checker":
-        q = p * 0.6
+        q = p * 0.8  # coarse cells: at finer ones checker and dots look alike at stride 8
         return ((np.floor(x / q) + np.floor(y / q)) % 2).astype(np.float32)
     if tex == "dots":
         xx, yy = np.mod(x, p) - p / 2, np.mod(y, p) - p / 2
-        return (xx * xx + yy * yy <= (0.32 * p) ** 2).astype(np.float32)
+        return (xx * xx + yy * yy <= (0.26 * p) ** 2).astype(np.float32)
     if tex == "grid":
         return ((np.mod(x, p) < 1.6) | (np.mod(y, p) < 1.6)).astype(np.float32)
     if tex == "speckle":
@@ -245,7 +245,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 def _class_colours(cls: int, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """An object's two texture colours: a hue typical of its class (spread over the colour
     wheel, jittered so that neighbouring classes overlap) in a light and a dark shade."""
-    hue = (cls - 1) / (num_classes - 1) + rng.normal(0, 0.06)
+    hue = (cls - 1) / (num_classes - 1) + rng.normal(0, 0.05)
     sat = rng.uniform(0.45, 1.0)
     light = _hsv_to_rgb(hue, sat, rng.uniform(0.75, 1.0))
     dark = _hsv_to_rgb(hue, sat, rng.uniform(0.15, 0.4))
@@ -268,7 +268,7 @@ class SyntheticScenes:
     draws and any index can be read in any order.
     """
 
-    def __init__(self, n: int, size: int | tuple[int, int] = 96, seed: int = 0, num_classes: int = 6):
+    def __init__(self, n: int, size: int | tuple[int, int] = 96, seed: int = 0, num_classes: int = 5):
         if not 2 <= num_classes <= MAX_CLASSES:
             raise InputError(
                 f"num_classes must be in 2..{MAX_CLASSES} (background + shapes); got {num_classes}"
@@ -339,7 +339,7 @@ class SyntheticScenes:
         return img.astype(np.float32)
 
 
-def heldout_scenes(n: int = HELDOUT_N, size: int = HELDOUT_SIZE, num_classes: int = 6) -> SyntheticScenes:
+def heldout_scenes(n: int = HELDOUT_N, size: int = HELDOUT_SIZE, num_classes: int = 5) -> SyntheticScenes:
     """The held-out synthetic split: a fixed seed that training refuses."""
     return SyntheticScenes(n, size, HELDOUT_SEED, num_classes)
 
@@ -383,7 +383,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--val-n", type=int, default=200, help="val scenes, from the held-out seed (default 200)")
     p.add_argument("--size", type=int, default=HELDOUT_SIZE, help=f"side in pixels (default {HELDOUT_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the training scenes (default 0)")
-    p.add_argument("--num-classes", type=int, default=6, help="background + object classes (default 6)")
+    p.add_argument("--num-classes", type=int, default=5, help="background + object classes (default 5)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -585,7 +585,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--arch", default="fcn8s", help="architecture (default fcn8s); see --stages for the staged schedule")
     a("--stages", default=None, help="staged schedule, e.g. fcn32s:3000,fcn16s:1000,fcn8s:1000")
     a("--width", type=float, default=1.0, help="channel width multiplier (default 1.0 = the paper's net)")
-    a("--num-classes", type=int, default=6, help="classes of the synthetic data (VOC: from the data)")
+    a("--num-classes", type=int, default=5, help="classes of the synthetic data (VOC: from the data)")
     a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
     a("--train-n", type=int, default=100_000, help="synthetic training scenes to draw from (default 100000)")
     a("--seed", type=int, default=0, help="seed of data order, augmentation, init and synthetic scenes")
