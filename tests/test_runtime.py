@@ -204,8 +204,8 @@ def test_onnx_file_runs_with_auto_backend(onnx_fcn8s):
 
 
 def test_onnxruntime_backend_from_module():
-    # Exported on the fly; DeconvNet checks the unpooling and its fixed-size padding.
-    check_batch_and_list(segmenter("deconvnet", "onnxruntime"), "deconvnet", outputs=("logits",))
+    # Exported on the fly (every arch's export is tested in test_export.py; one here checks the wiring).
+    check_batch_and_list(segmenter("fcn-alexnet", "onnxruntime"), "fcn-alexnet", outputs=("logits",))
 
 
 def test_compile_backend_agrees():
@@ -392,7 +392,7 @@ def test_steady_state_memory_is_flat():
     import tracemalloc
 
     seg = segmenter("fcn8s", "fused")
-    frames = images(2, 64, 64, seed=7)
+    frames = images(1, 80, 80, seed=7)
     for _ in range(5):
         seg.run(frames, "logits")
     gc.collect()
@@ -406,8 +406,8 @@ def test_steady_state_memory_is_flat():
     py_growth = tracemalloc.get_traced_memory()[0] - py0
     tracemalloc.stop()
     rss_growth = _rss_bytes() - rss0
-    # Each call returns 2 x 21 x 64 x 64 float32 = 0.69 MB: keeping every result would grow
-    # RSS by 21 MB over 30 calls. Measured growth: 0-1 MB (allocator noise).
+    # Each call returns 21 x 80 x 80 float32 = 0.54 MB: keeping every result would grow
+    # RSS by 16 MB over 30 calls. Measured growth: 0-1 MB (allocator noise).
     assert rss_growth < 8 * 2**20, f"RSS grew {rss_growth / 2**20:.1f} MB over 30 calls"
     assert py_growth < 64 * 1024, f"Python heap grew {py_growth} bytes over 30 calls"
 
