@@ -135,14 +135,16 @@ def test_fused_agrees_with_reference(arch):
 
 
 def test_fused_nnpack_path_agrees(monkeypatch):
-    # At width 0.125 no layer reaches NNPACK_MIN_CHANNELS; lower it so the NNPACK path runs.
+    # At width 0.125 no layer reaches the NNPACK channel thresholds; lower them so it runs.
     from fastfcn.runtime import cpu_fast
 
     if not cpu_fast.nnpack_available():
         pytest.skip("this torch build has no NNPACK")
-    monkeypatch.setattr(cpu_fast, "NNPACK_MIN_CHANNELS", 16)
+    monkeypatch.setattr(cpu_fast, "NNPACK_MIN_IN", 8)
+    monkeypatch.setattr(cpu_fast, "NNPACK_MIN_OUT", 16)
     seg = segmenter("fcn8s-atonce", "fused")
-    assert isinstance(seg._backend.model.conv4_1, cpu_fast.NNPackConv3x3)
+    assert isinstance(seg._backend.model.conv2_1, cpu_fast.NNPackConv3x3)
+    assert isinstance(seg._backend.model.conv1_2, cpu_fast.PackedConv2d)  # 8 -> 8: oneDNN
     check_batch_and_list(seg, "fcn8s-atonce")
     # concurrent calls through NNPACK's shared thread pool
     batch = images(2, *SIZES[0], seed=1)

@@ -9,13 +9,16 @@ ReLU as a post-op, the same kernels inductor's freezing pass emits, without a
 compile step and for any input size. The head runs through fastfcn.ops (the C++
 twins on the CPU).
 
-3x3 convolutions with at least NNPACK_MIN_CHANNELS inputs and outputs run through
-NNPACK (bundled with PyTorch; Winograd F(6x6, 3x3) with AVX2 kernels), which needs
-fewer multiplies than any direct convolution. Measured one layer at a time, 1 thread,
-CPU seconds, NNPACK vs the prepacked oneDNN conv (500x500 FCN-8s shapes): 256->256 at
-175x175 0.20 vs 0.57; 512->512 at 88x88 0.18 vs 0.61; 128->128 at 349x349 0.33 vs 0.77;
-128->256 at 175x175 0.15 vs 0.33; but 64->64 at 698x698 0.52 vs 0.54 (no gain), hence the
-threshold. Its error per layer is ~1.5e-5 of the output's magnitude (vs ~1e-7 direct).
+3x3 convolutions with >= 64 inputs and >= 128 outputs run through NNPACK (bundled
+with PyTorch; Winograd F(6x6, 3x3) with AVX2 kernels), which needs fewer multiplies than
+any direct convolution. Measured one layer at a time, 1 thread, CPU seconds, NNPACK vs
+the prepacked oneDNN conv (500x500 FCN-8s shapes): 64->128 at 349x349 0.17 vs 0.27;
+128->128 at 349x349 0.33-0.38 vs 0.58-0.77; 256->256 at 175x175 0.20 vs 0.57; 512->512 at
+88x88 0.18 vs 0.61; but 64->64 at 698x698 0.52 vs 0.54 (no gain, and oneDNN fuses the
+ReLU) and fc6 (7x7, 512->4096 at 22x22) 1.19 vs 0.81, hence the rule. NNPACK's error per
+layer is ~2e-5 of the output's magnitude (vs ~1e-7 direct); end to end on FCN-8s it is
+~4e-7 of the logit range. Should NNPACK refuse a call (it can for workspace reasons), that
+call runs through torch's own conv2d instead.
 
 ``fast_forward(model)`` returns ``f(x, output)``: x float32 (N, 3, H, W) ->
 the model's forward result. VGG-based FCNs get a dedicated forward with every
@@ -69,10 +72,11 @@ class PackedConv2d(nn.Module):
         )  # fmt: skip
 
 
-NNPACK_MIN_CHANNELS = 128
+NNPACK_MIN_IN, NNPACK_MIN_OUT = 64, 128
 
 
 def nnpack_available() -> bool:
+    """Whether this torch build has NNPACK; the call also initialises it (required before use)."""
     return hasattr(torch, "_nnpack_available") and torch._nnpack_available()
 
 
@@ -90,7 +94,11 @@ class NNPackConv3x3(nn.Module):
         self.register_buffer("bias", b.detach().clone())
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        y = torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, self.padding, [1, 1])
+        x = x.contiguous()
+        try:
+            y = torch._nnpack_spatial_convolution(x, self.weight, self.bias, self.padding, [1, 1])
+        except RuntimeError:
+            y = F.conv2d(x, self.weight, self.bias, padding=self.padding)
         return y.relu_() if relu else y
 
 
@@ -99,7 +107,7 @@ def _nnpack_ok(conv: nn.Module) -> bool:
         type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
         and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str) and conv.weight.dtype == torch.float32
-        and min(conv.in_channels, conv.out_channels) >= NNPACK_MIN_CHANNELS
+        and conv.in_channels >= NNPACK_MIN_IN and conv.out_channels >= NNPACK_MIN_OUT
     )  # fmt: skip
 
 
