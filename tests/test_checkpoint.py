@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_batchnorm
 
 import fastfcn
 from fastfcn.checkpoint import infer_arch, read_caffemodel
@@ -30,16 +31,8 @@ def _input(n: int = 1) -> torch.Tensor:
 
 def _model(arch: str, seed: int = 0, width: float = W, num_classes: int = C, **options):
     torch.manual_seed(seed)
-    m = build(arch, num_classes=num_classes, width=width, **options).eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                # Non-trivial running statistics, so that losing them would show.
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    return m
+    # Non-trivial running statistics, so that losing them would show.
+    return randomize_batchnorm(build(arch, num_classes=num_classes, width=width, **options).eval())
 
 
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_batchnorm
 
 import fastfcn
 from fastfcn import models
@@ -40,11 +41,7 @@ def _model(arch: str, width: float = WIDTH):
     m = models.build(arch, width=width).eval()
     if arch == "deconvnet":
         # Non-trivial BatchNorm statistics, so that the exported BatchNorm is really tested.
-        with torch.no_grad():
-            for mod in m.modules():
-                if isinstance(mod, torch.nn.BatchNorm2d):
-                    mod.running_mean.uniform_(-0.5, 0.5)
-                    mod.running_var.uniform_(0.5, 2.0)
+        randomize_batchnorm(m, affine=False)
     return m
 
 

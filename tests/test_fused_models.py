@@ -6,25 +6,17 @@ fused ops: their fp32 sums over at most C * ceil(k/s)^2 products per stage in an
 
 import pytest
 import torch
+from helpers import cpu_twin_available, randomize_batchnorm
 
 import fastfcn.models as models
-
-
-def _cpu_available():
-    try:
-        from fastfcn.kernels import cpu
-
-        return bool(cpu.available())
-    except Exception:
-        return False
-
 
 # "fused" lets fastfcn.ops pick (Triton on CUDA, C++ on CPU, else the reference with a warning)
 IMPLS = [
     "fused",
     "triton",
     pytest.param(
-        "cpu", marks=pytest.mark.skipif(not _cpu_available(), reason="fastfcn.kernels.cpu is not built here")
+        "cpu",
+        marks=pytest.mark.skipif(not cpu_twin_available(), reason="fastfcn.kernels.cpu is not built here"),
     ),
 ]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,11 +29,7 @@ def _model(arch):
     torch.manual_seed(0)
     m = models.build(arch, num_classes=5, width=0.125).eval()
     # random BatchNorm statistics, so the unpooled maps have both signs (the fused relu matters)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m
+    return randomize_batchnorm(m, var=(0.5, 1.5), affine=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import randomize_batchnorm
 
 from fastfcn import models
 from fastfcn.heads import HEADS
@@ -143,15 +144,7 @@ def test_state_dict_keys_are_caffe_layer_names():
 
 def test_batchnorm_folding_is_exact_to_float32_rounding():
     torch.manual_seed(2)
-    m = models.build("deconvnet", width=0.0625, num_classes=5)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    m.eval()
+    m = randomize_batchnorm(models.build("deconvnet", width=0.0625, num_classes=5)).eval()
     x = torch.randn(2, 3, 37, 29)
     with torch.no_grad():
         before = m(x)

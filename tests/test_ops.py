@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_twin_available
 
 import fastfcn.ops as ops
 from fastfcn.kernels import reference as ref
@@ -22,20 +23,11 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-def _cpu_available():
-    try:
-        from fastfcn.kernels import cpu
-
-        return bool(cpu.available())
-    except Exception:
-        return False
-
-
 IMPLS = [
     "triton",
     pytest.param(
         "cpu",
-        marks=pytest.mark.skipif(not _cpu_available(), reason="fastfcn.kernels.cpu is not built here"),
+        marks=pytest.mark.skipif(not cpu_twin_available(), reason="fastfcn.kernels.cpu is not built here"),
     ),
     "reference",
 ]
@@ -508,7 +500,7 @@ def test_max_unpool2d_lowp(dtype, impl):
 
 @pytest.mark.parametrize("impl", ["triton", "cpu"])
 def test_max_unpool2d_overlapping_falls_back(impl):
-    if impl == "cpu" and not _cpu_available():
+    if impl == "cpu" and not cpu_twin_available():
         pytest.skip("fastfcn.kernels.cpu is not built here")
     x = int_valued(1, 2, 9, 9)
     values, idx = F.max_pool2d(x, 3, 2, ceil_mode=True, return_indices=True)
@@ -593,7 +585,7 @@ def test_default_impl_on_cpu_warns_once_without_twin(monkeypatch):
 
 
 def test_default_impl_on_cpu_uses_twin_when_built():
-    if not _cpu_available():
+    if not cpu_twin_available():
         pytest.skip("fastfcn.kernels.cpu is not built here")
     assert ops._resolve(None, torch.zeros(1)) == "cpu"
 

@@ -20,6 +20,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_batchnorm
 
 import fastfcn
 from fastfcn import BackendUnavailableError, CheckpointError, InputError
@@ -50,12 +51,7 @@ def model(arch: str, width: float = 0.125) -> torch.nn.Module:
         torch.manual_seed(sum(map(ord, arch)))
         m = build(arch, width=width).eval()
         # DeconvNet's BatchNorms: non-trivial running statistics, so folding them is tested.
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.data.uniform_(0.5, 1.5)
-                mod.bias.data.uniform_(-0.1, 0.1)
+        randomize_batchnorm(m, mean=0.1, var=(0.5, 1.5), bias=0.1)
         _MODELS[key] = m
     return _MODELS[key]
 
