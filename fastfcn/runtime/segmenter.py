@@ -56,22 +56,6 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _onnx_config(path: str) -> dict | None:
-    """The fastfcn config stored in an ONNX file's metadata_props (JSON), if any."""
-    import json
-
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    for key in ("fastfcn.config", "fastfcn_config", "config"):
-        if key in props:
-            try:
-                return json.loads(props[key])
-            except ValueError:
-                pass
-    return None
-
-
 class _Graph:
     """One captured CUDA graph: preprocessing + forward for one (kind, N, H, W, output),
     with its static input, pinned host staging buffer and static output."""
@@ -210,10 +194,11 @@ class Segmenter:
                 raise BackendUnavailableError(
                     f"a .onnx file runs only with backend 'onnxruntime' (or 'auto'); got backend {backend!r}"
                 )
-            try:
-                config = _onnx_config(str(path))
-            except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-                raise CheckpointError(f"{str(path)!r} is not a readable ONNX model: {e}") from None
+            from ..export import read_onnx_metadata
+
+            # Raises CheckpointError for a file that is not ONNX or carries no fastfcn metadata.
+            config = read_onnx_metadata(path)
+            config.pop("export", None)
             return str(path), config
         try:
             from ..checkpoint import load
