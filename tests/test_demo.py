@@ -1,5 +1,6 @@
 """The shipped demo model (accuracy on the held-out split), `fastfcn eval`, and `fastfcn demo` end to end."""
 
+import io
 import json
 
 import numpy as np
@@ -76,3 +77,22 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert len(files) == 3
     with Image.open(files[0]) as im:
         assert im.size == (2 * (3 * 96 + 8), 2 * 96)
+
+
+def test_demo_skips_a_backend_that_cannot_run_with_its_reason(tmp_path, monkeypatch):
+    from fastfcn.demo import run_demo
+    from fastfcn.errors import BackendUnavailableError
+
+    real = fastfcn.Segmenter
+
+    def fake(checkpoint, backend="auto", **kw):
+        if backend == "onnxruntime":
+            raise BackendUnavailableError("onnxruntime is not installed; pip install onnxruntime")
+        return real(checkpoint, backend=backend, **kw)
+
+    monkeypatch.setattr(fastfcn, "Segmenter", fake)
+    res = run_demo(tmp_path, n=2, backends=["torch", "onnxruntime"], repeats=1, stream=io.StringIO())
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["agreement"] == 1.0
+    assert rows["onnxruntime"]["status"] == "skipped" and "not installed" in rows["onnxruntime"]["reason"]
+    assert len(res["overlays"]) == 2
