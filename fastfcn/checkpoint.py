@@ -180,6 +180,11 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp (and safetensors' own writer) leave 0600; give the file the mode a plain
+        # open() would (0666 minus the umask), so a shipped or shared checkpoint is readable.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

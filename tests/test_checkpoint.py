@@ -600,3 +600,14 @@ def test_torch_file_holding_a_non_dict(tmp_path):
     torch.save({"a": torch.zeros(1), "b": 3}, p)
     with pytest.raises(CheckpointError, match="entry 'b' is a int"):
         fastfcn.load(p)
+
+
+def test_saved_file_has_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = fastfcn.save(_model("fcn32s"), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
