@@ -20,25 +20,18 @@ DEMO_MODEL = Path(__file__).parent / "assets" / "demo_fcn8s.safetensors"
 BACKENDS = ("torch", "fused", "onnxruntime", "compile")
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Blend class colours over an image: image ``(H, W, 3)`` uint8, labels ``(H, W)`` -> ``(H, W, 3)`` uint8.
-
-    Background (class 0) stays as it is, so the objects stand out.
-    """
-    colour = palette[np.clip(labels, 0, len(palette) - 1)].astype(np.float32)
-    a = np.where(labels[..., None] > 0, alpha, 0.0).astype(np.float32)
-    return (image.astype(np.float32) * (1 - a) + colour * a).round().astype(np.uint8)
-
-
 def write_overlays(out: Path, images, preds, truths, palette: np.ndarray) -> list[Path]:
     """One PNG per scene: image | prediction overlay | ground truth overlay (2x enlarged)."""
     from PIL import Image
+
+    from .runtime.commands import overlay
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (im, pr, gt) in enumerate(zip(images, preds, truths)):
         gap = np.full((im.shape[0], 4, 3), 255, np.uint8)
-        row = np.concatenate([im, gap, overlay(im, pr, palette), gap, overlay(im, gt, palette)], 1)
+        row = np.concatenate([im, gap, overlay(im, pr, palette, 0.55, True), gap,
+                              overlay(im, gt, palette, 0.55, True)], 1)
         pic = Image.fromarray(row)
         pic = pic.resize((pic.width * 2, pic.height * 2), Image.NEAREST)
         p = out / f"scene_{i:03d}.png"

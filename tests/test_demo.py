@@ -10,7 +10,8 @@ from PIL import Image
 import fastfcn
 from fastfcn import cli
 from fastfcn.data import heldout_scenes
-from fastfcn.demo import DEMO_MODEL, overlay
+from fastfcn.demo import DEMO_MODEL
+from fastfcn.runtime.commands import overlay
 from fastfcn.train import evaluate_model
 
 
@@ -59,7 +60,7 @@ def test_overlay_keeps_background():
     img = np.full((2, 2, 3), 100, np.uint8)
     lab = np.array([[0, 1], [1, 0]])
     pal = np.array([[0, 0, 0], [200, 0, 0]], np.uint8)
-    o = overlay(img, lab, pal, alpha=0.5)
+    o = overlay(img, lab, pal, alpha=0.5, skip_background=True)
     assert o[0, 0].tolist() == [100, 100, 100] and o[0, 1].tolist() == [150, 50, 50]
 
 

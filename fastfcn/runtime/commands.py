@@ -239,7 +239,7 @@ def palette_bytes(palette: list, n: int = 256) -> list[int]:
     """A flat 768-entry PIL palette: the checkpoint's colours, then the VOC colour map."""
     from ..models import voc_palette
 
-    cols = [tuple(int(v) for v in c) for c in (palette or [])][:n]
+    cols = [tuple(int(v) for v in c) for c in (palette if palette is not None else [])][:n]
     cols += voc_palette(n)[len(cols):]
     return [v for c in cols for v in c]
 
@@ -258,11 +258,18 @@ def save_labels(labels: np.ndarray, palette: list, path: Path) -> None:
     im.save(path, optimize=False)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette: list, alpha: float) -> np.ndarray:
-    """(H, W, 3) uint8 blend: (1 - alpha) * image + alpha * colour(labels)."""
+def overlay(
+    image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5, skip_background: bool = False
+) -> np.ndarray:
+    """(H, W, 3) uint8 blend: (1 - alpha) * image + alpha * colour(labels).
+
+    image: (H, W, 3) uint8; labels: (H, W) class ids; palette: (R, G, B) rows, the VOC colour
+    map beyond them. skip_background leaves class-0 pixels as they are, so objects stand out.
+    """
     n = max(256, int(labels.max(initial=0)) + 1)
     colours = np.asarray(palette_bytes(palette, n), dtype=np.float32).reshape(-1, 3)
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels]
+    a = np.where(labels[..., None] > 0, alpha, 0.0) if skip_background else alpha
+    blend = (1 - a) * image.astype(np.float32) + a * colours[labels]
     return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
