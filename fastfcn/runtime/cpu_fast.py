@@ -22,8 +22,9 @@ call runs through torch's own conv2d instead.
 
 ``fast_forward(model)`` returns ``f(x, output)``: x float32 (N, 3, H, W) ->
 the model's forward result. VGG-based FCNs get a dedicated forward with every
-conv+ReLU fused; other archs keep their forward with their Conv2d modules
-swapped for prepacked ones (the ReLU stays separate there).
+conv+ReLU fused; FCN-AlexNet keeps its forward with its Conv2d modules swapped
+for prepacked ones (the ReLU stays separate there); DeconvNet and the dilated
+nets keep torch's convolutions (see fast_forward for the measurements).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads import run_head
-from ..models import FCN, SegmentationModel
+from ..models import FCN, FCNAlexNet, SegmentationModel
 
 
 def mkldnn_available() -> bool:
@@ -155,5 +156,12 @@ def fast_forward(model: SegmentationModel) -> Callable:
                     setattr(model, name, NNPackConv3x3(getattr(model, name)))
         _swap_convs(model)
         return _fcn_forward(model)
-    _swap_convs(model)
+    if isinstance(model, FCNAlexNet):
+        _swap_convs(model)
+    # DeconvNet and the dilated nets keep torch's own convolutions: with prepacked ones they
+    # were slower (2 threads, fp32, median of 3: DeconvNet 224x224 b2 7.5 s vs 2.0 s unpacked,
+    # eager reference 2.2 s; dilated-context 250x250 6.3 s vs 5.0 s, reference 5.0 s): their
+    # pooling/unpooling and reflect padding hand NCHW maps to the next conv, and each layout
+    # change costs a reorder inside oneDNN. FCN-AlexNet keeps channels_last throughout; there
+    # prepacking measured 0.49-0.80 s vs 0.72-0.75 s unpacked at 500x500 (a noisy machine).
     return model
