@@ -97,7 +97,13 @@ class NNPackConv3x3(nn.Module):
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         x = x.contiguous()
         try:
-            y = torch._nnpack_spatial_convolution(x, self.weight, self.bias, self.padding, [1, 1])
+            # NNPACK's batched path is far slower than its batch-1 inference path: 256->256
+            # at 128x128, batch 2, 2 threads: 0.74 s batched vs 2 x 0.086 s one image at a time.
+            ys = [
+                torch._nnpack_spatial_convolution(x[i : i + 1], self.weight, self.bias, self.padding, [1, 1])
+                for i in range(x.shape[0])
+            ]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys)
         except RuntimeError:
             y = F.conv2d(x, self.weight, self.bias, padding=self.padding)
         return y.relu_() if relu else y
