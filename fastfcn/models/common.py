@@ -4,6 +4,7 @@ defaults, the fused/reference switch, Caffe-style layers, BatchNorm folding."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
@@ -97,6 +98,21 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"input must be non-empty (N, 3, H, W) with N, H, W >= 1; got {tuple(x.shape)}")
+
+    def _add_fc(self, c_in: int, kernel: int, width: float, dropout: float, dilation: int = 1) -> int:
+        """fc6 (kernel x kernel, no pad), fc7 (1x1) to 4096 * width channels, with their
+        dropouts; returns that channel count."""
+        c_fc = scaled(4096, width)
+        self.fc6 = nn.Conv2d(c_in, c_fc, kernel, dilation=dilation)
+        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
+        self.drop6 = nn.Dropout(dropout)
+        self.drop7 = nn.Dropout(dropout)
+        return c_fc
+
+    def _fc(self, h: torch.Tensor) -> torch.Tensor:
+        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout."""
+        h = self.drop6(F.relu(self.fc6(h), inplace=True))
+        return self.drop7(F.relu(self.fc7(h), inplace=True))
 
     def bn_pairs(self) -> list[tuple[str, str]]:
         """(conv name, BatchNorm name) pairs that fold_batchnorm may merge."""

@@ -151,11 +151,7 @@ class DilatedNet(SegmentationModel):
                 setattr(self, name, nn.Conv2d(c_in, c_out, 3, dilation=d))
                 self._convs.append((name, d))
                 c_in = c_out
-        c_fc = scaled(4096, width)
-        self.fc6 = nn.Conv2d(c_in, c_fc, 7, dilation=4)
-        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
-        self.drop6 = nn.Dropout(dropout)
-        self.drop7 = nn.Dropout(dropout)
+        c_fc = self._add_fc(c_in, 7, width, dropout, dilation=4)
         self.final = nn.Conv2d(c_fc, num_classes, 1)
         if context is not None:
             mult = (1,) * 7 if context == "basic" else LARGE_MULT
@@ -178,8 +174,7 @@ class DilatedNet(SegmentationModel):
             h = F.relu(getattr(self, name)(h), inplace=True)
             if name in ("conv1_2", "conv2_2", "conv3_3"):
                 h = F.max_pool2d(h, 2, 2, ceil_mode=True)
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        h = self._fc(h)
         score = self.final(h)
         if self.context is not None:
             m = CONTEXT_MARGIN

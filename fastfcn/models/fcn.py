@@ -57,11 +57,7 @@ class FCN(SegmentationModel):
                 names.append(name)
                 c_in = c_out
             self._convs.append(names)
-        c_fc = scaled(4096, width)
-        self.fc6 = nn.Conv2d(c_in, c_fc, 7)
-        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
-        self.drop6 = nn.Dropout(dropout)
-        self.drop7 = nn.Dropout(dropout)
+        c_fc = self._add_fc(c_in, 7, width, dropout)
         self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
         ch = {"pool3": scaled(256, width), "pool4": scaled(512, width)}
         for tap in self.head.taps:
@@ -80,8 +76,7 @@ class FCN(SegmentationModel):
                 h = F.relu(getattr(self, name)(h), inplace=True)
             h = _pool(h)
             feats[f"pool{b}"] = h
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        h = self._fc(h)
         score = self.score_fr(h)
         return run_head(self.head, self, score, feats, size, output, ops_impl(self.impl))
 
@@ -107,11 +102,7 @@ class FCNAlexNet(SegmentationModel):
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=2)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=2)
-        c_fc = scaled(4096, width)
-        self.fc6 = nn.Conv2d(c5, c_fc, 6)
-        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
-        self.drop6 = nn.Dropout(dropout)
-        self.drop7 = nn.Dropout(dropout)
+        c_fc = self._add_fc(c5, 6, width, dropout)
         self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
         self.upscore = make_upsampler(num_classes, 63, 32, learnable_upsampling)
 
@@ -123,6 +114,5 @@ class FCNAlexNet(SegmentationModel):
         h = F.relu(self.conv3(h), inplace=True)
         h = F.relu(self.conv4(h), inplace=True)
         h = _pool(F.relu(self.conv5(h), inplace=True), 3, 2)
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        h = self._fc(h)
         return run_head(self.head, self, self.score_fr(h), {}, size, output, ops_impl(self.impl))
