@@ -273,12 +273,17 @@ def _upsample_crop_op(
     return _upsample_crop_impl(x, weight, stride, offset, size, output, impl)
 
 
-@_upsample_crop_op.register_fake
-def _(x, weight, stride, offset, size, output, impl):
+def _fake_output(x: torch.Tensor, size, output: str) -> torch.Tensor:
+    """The shape and dtype of a final stage's result for x: (N, C, h, w): labels (N, H, W) or (N, C, H, W)."""
     n, c = x.shape[:2]
     if output == "labels":
         return x.new_empty((n, size[0], size[1]), dtype=_labels_dtype(c))
     return x.new_empty((n, c, size[0], size[1]))
+
+
+@_upsample_crop_op.register_fake
+def _(x, weight, stride, offset, size, output, impl):
+    return _fake_output(x, size, output)
 
 
 @torch.library.custom_op("fastfcn::fcn_head", mutates_args=())
@@ -291,10 +296,7 @@ def _fcn_head_op(
 
 @_fcn_head_op.register_fake
 def _(score, skips, weights, strides, offsets, scales, size, output, impl):
-    n, c = score.shape[:2]
-    if output == "labels":
-        return score.new_empty((n, size[0], size[1]), dtype=_labels_dtype(c))
-    return score.new_empty((n, c, size[0], size[1]))
+    return _fake_output(score, size, output)
 
 
 @torch.library.custom_op("fastfcn::max_pool2d_with_switches", mutates_args=())
