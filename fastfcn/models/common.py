@@ -57,6 +57,9 @@ class SegmentationModel(nn.Module):
     and the fused ops.
     """
 
+    # The backbone as data (models/backbone.py); families that run through run_steps set it.
+    backbone: tuple = ()
+
     def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=(1.0, 1.0, 1.0)):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -64,6 +67,8 @@ class SegmentationModel(nn.Module):
         if not (isinstance(width, (int, float)) and 0 < width <= 4):
             raise ValueError(f"width must be a number in (0, 4]; got {width!r}")
         self.impl = "reference"
+        # Conv step name -> ConvImpl (models/backbone.py); empty means torch's own convs.
+        self._conv_impls: dict = {}
         self.config = {
             "arch": arch,
             "num_classes": num_classes,
@@ -88,6 +93,17 @@ class SegmentationModel(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
         self.impl = impl
+        return self
+
+    def set_conv_impl(self, name: str, impl) -> SegmentationModel:
+        """Run backbone step ``name`` through ``impl(x, padding)`` (see models/backbone.py);
+        None restores torch's own convolution."""
+        if not any(getattr(s, "name", None) == name for s in self.backbone):
+            raise ValueError(f"{type(self).__name__} has no backbone conv step {name!r}")
+        if impl is None:
+            self._conv_impls.pop(name, None)
+        else:
+            self._conv_impls[name] = impl
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads import HEADS, run_head
+from .backbone import Conv, Pool, run_steps
 from .common import VOC_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
 
 VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -47,6 +48,7 @@ class FCN(SegmentationModel):
         self.head = HEADS[arch]
         c_in = 3
         self._convs: list[list[str]] = []
+        steps = []
         for b, (c, n) in enumerate(VGG_BLOCKS, 1):
             names = []
             for i in range(1, n + 1):
@@ -55,8 +57,11 @@ class FCN(SegmentationModel):
                 pad = 100 if name == "conv1_1" else 1
                 setattr(self, name, nn.Conv2d(c_in, c_out, 3, padding=pad))
                 names.append(name)
+                steps.append(Conv(name))
                 c_in = c_out
             self._convs.append(names)
+            steps.append(Pool(2, 2, tap=f"pool{b}"))
+        self.backbone = tuple(steps)
         c_fc = self._add_fc(c_in, 7, width, dropout)
         self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
         ch = {"pool3": scaled(256, width), "pool4": scaled(512, width)}
@@ -70,12 +75,7 @@ class FCN(SegmentationModel):
         self._check_input(x)
         size = (x.shape[-2], x.shape[-1])
         feats = {}
-        h = x
-        for b, names in enumerate(self._convs, 1):
-            for name in names:
-                h = F.relu(getattr(self, name)(h), inplace=True)
-            h = _pool(h)
-            feats[f"pool{b}"] = h
+        h = run_steps(self, self.backbone, x, feats)
         h = self._fc(h)
         score = self.score_fr(h)
         return run_head(self.head, self, score, feats, size, output, ops_impl(self.impl))

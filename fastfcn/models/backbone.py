@@ -1,0 +1,127 @@
+"""The backbone as data: the steps a family's encoder runs, and one runner.
+
+Every family's backbone is a chain of a few kinds of step (conv [+ BatchNorm] + ReLU,
+max pooling with Caffe's ceil rounding, LRN). Describing the chain as data lets
+the runtime swap the convolution behind every ``Conv`` step generically (prepacked
+oneDNN, NNPACK, bf16, ...: ``SegmentationModel.set_conv_impl``) and lets the planner
+of image-independent positions read the geometry of the whole chain, without a
+second forward per family. Module names stay the Caffe layer names, so state-dict
+keys do not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A convolution implementation: impl(x, padding) -> conv(x) + bias (BatchNorm folded into both),
+# followed by the step's ReLU when the step has one. ``padding`` (rows, cols) of zeros replaces the
+# module's own padding, so a caller may run the same layer on a window that it padded itself.
+ConvImpl = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Conv:
+    """``name``: a Conv2d module (the Caffe layer name); ``bn``: the BatchNorm2d after it, or None;
+    ``relu``: whether a ReLU follows."""
+
+    name: str
+    bn: str | None = None
+    relu: bool = True
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Max pooling, kernel x kernel, stride, ceil rounding (Caffe), no padding.
+
+    ``tap``: keep the output under this name (the head's skip sources, "pool3", "pool4");
+    ``switches``: keep the argmax positions under this key (DeconvNet's unpooling levels).
+    """
+
+    kernel: int = 2
+    stride: int = 2
+    tap: str | None = None
+    switches: int | None = None
+
+    def __post_init__(self):
+        if self.kernel < 1 or self.stride < 1:
+            raise ValueError(f"pool kernel and stride must be >= 1; got {self.kernel}, {self.stride}")
+
+
+@dataclass(frozen=True)
+class LRN:
+    """A LocalResponseNorm module (across channels: pointwise in space)."""
+
+    name: str
+
+
+Step = Conv | Pool | LRN
+
+
+Pair = tuple[int, int]
+
+
+def conv_geometry(module: nn.Conv2d) -> tuple[Pair, Pair, Pair, Pair]:
+    """(kernel, stride, padding, dilation) of a Conv2d, each (rows, cols)."""
+    if isinstance(module.padding, str):
+        raise ValueError(f"string padding {module.padding!r} is not supported in a backbone step")
+    return (
+        tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation)
+    )  # fmt: skip
+
+
+def reference_conv(model: nn.Module, step: Conv) -> ConvImpl:
+    """The step's reference implementation: torch's conv (+ BatchNorm) (+ ReLU)."""
+    conv = getattr(model, step.name)
+    bn = getattr(model, step.bn) if step.bn is not None else None
+
+    def impl(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        if tuple(padding) == tuple(conv.padding):
+            y = conv(x)
+        else:
+            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        if bn is not None:
+            y = bn(y)
+        return F.relu(y, inplace=True) if step.relu else y
+
+    return impl
+
+
+def run_steps(
+    model: nn.Module,
+    steps: Sequence[Step],
+    h: torch.Tensor,
+    feats: dict,
+    switches: dict | None = None,
+    pool_with_switches: Callable | None = None,
+) -> torch.Tensor:
+    """Run ``steps`` on ``h`` (N, C, H, W); taps go to ``feats``, pooling switches to ``switches``
+    as (switches, pre-pool size). ``pool_with_switches(h, k, s) -> (y, switches)`` defaults to
+    torch's max_pool2d(return_indices=True)."""
+    impls = getattr(model, "_conv_impls", {})
+    for step in steps:
+        if isinstance(step, Conv):
+            impl = impls.get(step.name) or reference_conv(model, step)
+            h = impl(h, tuple(getattr(model, step.name).padding))
+        elif isinstance(step, Pool):
+            if step.switches is not None:
+                size = (h.shape[-2], h.shape[-1])
+                if pool_with_switches is None:
+                    h, sw = F.max_pool2d(h, step.kernel, step.stride, ceil_mode=True, return_indices=True)
+                else:
+                    h, sw = pool_with_switches(h, step.kernel, step.stride)
+                switches[step.switches] = (sw, size)
+            else:
+                # Caffe rounds pooled sizes up; PyTorch's default floor breaks the crop offsets.
+                h = F.max_pool2d(h, step.kernel, step.stride, ceil_mode=True)
+            if step.tap is not None:
+                feats[step.tap] = h
+        elif isinstance(step, LRN):
+            h = getattr(model, step.name)(h)
+        else:
+            raise TypeError(f"unknown backbone step {step!r}")
+    return h
