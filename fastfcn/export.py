@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import warnings
 from pathlib import Path
 
@@ -256,13 +257,17 @@ def export_onnx(
         proto.metadata_props.add(key=k, value=v)
     proto.producer_name, proto.producer_version = "fastfcn", __version__
     onnx.checker.check_model(proto, full_check=False)
-    tmp = path.with_name(path.name + ".tmp")
+    # A temporary file of our own (unique name, same folder so os.replace is atomic): a fixed
+    # name such as OUT.tmp could be someone else's file, and removing it on failure would lose it.
+    # O_EXCL with mode 0o666 (mkstemp's is 0o600): the file gets the umask's permissions.
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        onnx.save_model(proto, str(tmp))
+        onnx.save_model(proto, tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

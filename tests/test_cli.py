@@ -86,7 +86,7 @@ def _check_outputs(outdir, images, seg, palette):
     files = sorted(p for p in images.iterdir() if p.suffix in (".png", ".jpg"))
     assert len(files) == 3
     for f in files:
-        lab_path, ov_path = outdir / f"{f.stem}.png", outdir / f"{f.stem}_overlay.png"
+        lab_path, ov_path = outdir / "labels" / f"{f.stem}.png", outdir / "overlays" / f"{f.stem}.png"
         assert lab_path.is_file() and ov_path.is_file()
         lab = Image.open(lab_path)
         assert lab.mode == "P"
@@ -127,7 +127,8 @@ def test_errors_exit_nonzero_with_one_line(work, tmp_path, capsys):
         (["info", tmp_path / "missing.safetensors"], "missing.safetensors"),
         (["export", tmp_path / "missing.safetensors", tmp_path / "x.onnx"], "missing.safetensors"),
         (["export", work["ckpt"], tmp_path / "x.txt"], ".onnx"),
-        (["segment", work["ckpt"], bad, "--out", tmp_path / "o", "--backend", "torch"], "broken.png"),
+        (["segment", work["ckpt"], bad, "--out", tmp_path / "o", "--backend", "torch", "--on-error", "stop"],
+         "broken.png"),
         (["segment", work["ckpt"], tmp_path / "nothing.png", "--out", tmp_path / "o"], "nothing.png"),
         (["segment", work["ckpt"], work["images"], "--out", tmp_path / "o", "--backend", "nope"], "nope"),
         (["info", bad], "broken.png"),

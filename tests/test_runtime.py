@@ -170,8 +170,8 @@ def test_input_forms(backend):
     ref = reference(arch, batch)
     # preprocessed float (N, 3, H, W), float64 accepted too
     x = preprocess_ref(batch, seg.config)
-    assert_logits_close(seg.run(x, "logits"), ref)
-    assert_logits_close(seg.run(x.double().numpy(), "logits"), ref)
+    assert_logits_close(seg.run(x, "logits", preprocessed=True), ref)
+    assert_logits_close(seg.run(x.double().numpy(), "logits", preprocessed=True), ref)
     # probs
     probs = seg.run(batch[:1], "probs")
     assert torch.allclose(probs, torch.softmax(ref[:1], 1), atol=1e-5)

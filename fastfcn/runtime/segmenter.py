@@ -97,7 +97,7 @@ class Segmenter:
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
-    num_threads: if given, torch.set_num_threads(num_threads) (process-wide).
+    num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
 
     run(batch, output="labels") returns torch tensors on ``self.device``:
       labels (N, H, W) uint8 class ids (int32 above 256 classes); logits / probs
@@ -129,8 +129,11 @@ class Segmenter:
             raise ValueError(f"max_pixels must be a positive int; got {max_pixels!r}")
         if not isinstance(graph_cache, int) or graph_cache < 0:
             raise ValueError(f"graph_cache must be an int >= 0; got {graph_cache!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
         if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
+            torch.set_num_threads(num_threads)
         self._device = _resolve_device(device)
         self._precision = _resolve_precision(precision, self._device)
         self.max_pixels = max_pixels
@@ -240,17 +243,19 @@ class Segmenter:
         )
 
     # ---------------------------------------------------------------------- run
-    def run(self, batch, output: str = "labels"):
+    def run(self, batch, output: str = "labels", *, preprocessed: bool = False):
         """Segment ``batch``.
 
         batch: (H, W, 3) uint8 RGB image | (N, H, W, 3) uint8 | list of (H, W, 3) uint8
-        images (sizes may differ) | preprocessed float (N, 3, H, W). numpy or torch.
+        images (sizes may differ) | float (N, 3, H, W) already preprocessed for the model, with
+        ``preprocessed=True``. numpy or torch. Float input without ``preprocessed=True`` is
+        range-checked: one that looks like an image in [0, 1] or [0, 255] raises InputError.
         output: "labels" -> (N, H, W) uint8 ids; "logits" / "probs" -> (N, C, H, W) float32.
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        p: Parsed = parse_batch(batch)
+        p: Parsed = parse_batch(batch, preprocessed)
         if p.form == "list":
             groups: dict[tuple[int, int], list[int]] = {}
             for i, t in enumerate(p.tensors):
@@ -265,8 +270,8 @@ class Segmenter:
         out = self._run(p.tensors[0], "float" if p.form == "float" else "u8", output)
         return out[0] if p.form == "image" else out
 
-    def __call__(self, batch, output: str = "labels"):
-        return self.run(batch, output)
+    def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False):
+        return self.run(batch, output, preprocessed=preprocessed)
 
     def _check_size(self, h: int, w: int) -> None:
         if h * w > self.max_pixels:
