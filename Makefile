@@ -6,6 +6,9 @@
 PY ?= python3
 VENV ?= .venv
 EXTRAS ?= dev,cpu
+# The tests fail (instead of skipping about 280 of them) when the C++ kernels did not build:
+# a missing compiler must not turn into a green run. REQUIRE_CPP=0 accepts a build without them.
+REQUIRE_CPP ?= 1
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint bench clean
@@ -22,7 +25,7 @@ demo: setup
 	$(BIN)/fastfcn demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	FASTFCN_REQUIRE_CPP=$(REQUIRE_CPP) $(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .

@@ -5,12 +5,17 @@ import torch
 
 def cpu_twin_available() -> bool:
     """Whether the C++ twins (fastfcn.kernels.cpu) are built and loadable here."""
+    return cpu_twin_problem() is None
+
+
+def cpu_twin_problem() -> str | None:
+    """Why the C++ twins cannot be used here, or None when they can."""
     try:
         from fastfcn.kernels import cpu
 
-        return bool(cpu.available())
-    except Exception:
-        return False
+        return None if cpu.available() else "fastfcn.kernels.cpu.available() is False"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
 
 
 @torch.no_grad()
