@@ -98,7 +98,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
         msg = str(e)
         raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     except Image.DecompressionBombError as e:
-        raise InputError(f"{path}: refused before decoding ({e})") from None
+        raise InputError(f"{path}: refused from its header, nothing decoded ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
