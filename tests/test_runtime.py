@@ -311,12 +311,48 @@ def seg32():
         (42, TypeError, "numpy array"),
         (np.array([object()]), TypeError, "object"),
         (np.zeros((301, 300, 3), np.uint8), InputError, "max_pixels"),
+        # images in torchvision's float form are refused, not taken as preprocessed input
+        (torch.rand(1, 3, 8, 8), InputError, r"images in \[0, 1\].*preprocessed=True"),
+        (torch.rand(2, 3, 8, 8) * 255, InputError, r"images in \[0, 255\].*uint8"),
+        (torch.zeros(3, 16, 12, dtype=torch.uint8), InputError, r"CHW.*HWC.*permute\(1, 2, 0\)"),
+        (torch.zeros(2, 3, 16, 12, dtype=torch.uint8), InputError, r"CHW.*permute\(0, 2, 3, 1\)"),
+        (torch.zeros(2, 8, 8, 3, dtype=torch.uint8, device="meta"), InputError, "meta device"),
+        (torch.zeros(1, 3, 8, 8, device="meta"), InputError, "meta device"),
+        ([torch.zeros(8, 8, 3, dtype=torch.uint8, device="meta")], InputError, "image 0 .*meta device"),
     ],
     ids=lambda v: None,
 )
 def test_bad_input(seg32, bad, exc, match):
     with pytest.raises(exc, match=match):
         seg32.run(bad)
+
+
+def test_preprocessed_must_be_declared(seg32):
+    """Float input: declared with preprocessed=True it runs as given; undeclared, it runs only
+    when its range cannot be an image (preprocessed VOC input is mean-subtracted: negative)."""
+    x = preprocess_ref(images(2, 12, 14, seed=3), seg32.config)
+    assert float(x.min()) < 0
+    ref = seg32.run(x, "logits", preprocessed=True)
+    assert torch.equal(seg32.run(x, "logits"), ref)  # negative values: clearly preprocessed
+    # a mean-coloured image preprocesses to all zeros: valid, but only when declared
+    zeros = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(InputError, match="preprocessed=True"):
+        seg32.run(zeros)
+    assert seg32.run(zeros, preprocessed=True).shape == (1, 8, 8)
+    with pytest.raises(InputError, match="expects a float"):
+        seg32.run(images(1, 8, 8), preprocessed=True)
+    with pytest.raises(InputError, match="got a list"):
+        seg32.run([images(1, 8, 8)[0]], preprocessed=True)
+    with pytest.raises(TypeError, match="True or False"):
+        seg32.run(x, preprocessed="yes")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_num_threads(threads):
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="num_threads must be"):
+        fastfcn.Segmenter(model("fcn32s"), device="cpu", num_threads=threads)
+    assert torch.get_num_threads() == before
 
 
 def test_bad_output_kind(seg32):
