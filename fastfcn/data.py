@@ -391,6 +391,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"unknown data action {args.data_command!r}")
     if args.seed == HELDOUT_SEED and args.n:
         raise InputError(f"seed {HELDOUT_SEED} is the held-out split's; choose another training seed")
+    from .paths import check_output_dir
+
+    check_output_dir(args.out, "OUT")
     train = SyntheticScenes(args.n, args.size, args.seed, args.num_classes)
     val = SyntheticScenes(args.val_n, args.size, HELDOUT_SEED, args.num_classes)
     a = write_voc(train, args.out, "train")

@@ -138,9 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .errors import InputError
+    from .paths import check_output_dir
 
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1; got {args.n}")
+    if args.n < 1 or args.repeats < 1:
+        raise InputError(f"--n and --repeats must be >= 1; got {args.n} and {args.repeats}")
+    check_output_dir(args.out, "--out")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     unknown = sorted(set(backends or ()) - set(BACKENDS))
     if unknown:

@@ -650,6 +650,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--init {args.init}: no such checkpoint file")
     if args.data != "synthetic" and not Path(args.data).is_dir():
         raise InputError(f"--data {args.data}: not a folder; expected a VOC root or 'synthetic'")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"--device {args.device}: expected auto, cpu, cuda or cuda:N") from None
     check_output_dir(args.out, "--out")
     if args.export:
         check_output_file(args.export, "--export")

@@ -35,14 +35,16 @@ from .segmenter import DEFAULT_MAX_PIXELS
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from ..models import available
+
     if command == "info":
         parser.add_argument("checkpoint", help=".safetensors, .pt/.pth, .caffemodel (with --arch) or .onnx")
-        parser.add_argument("--arch", help="architecture, for files that do not record it (fcn8s-atonce)")
+        parser.add_argument("--arch", choices=available(), help="for files that do not record it")
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     elif command == "export":
         parser.add_argument("checkpoint", help=".safetensors, .pt/.pth or .caffemodel (with --arch)")
         parser.add_argument("out", help="the .onnx file to write")
-        parser.add_argument("--arch", help="architecture, for files that do not record it")
+        parser.add_argument("--arch", choices=available(), help="for files that do not record it")
         parser.add_argument("--static", action="store_true",
                             help="fix batch, height and width (to --batch x --size) instead of dynamic")
         parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(500, 500),
@@ -66,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help=f"refuse images over this many pixels, from their header, before "
                                  f"decoding (default {DEFAULT_MAX_PIXELS})")
-        parser.add_argument("--arch", help="architecture, for files that do not record it")
+        parser.add_argument("--arch", choices=available(), help="for files that do not record it")
         parser.add_argument("--backend", default="auto", choices=("auto", *available_backends()),
                             help="default auto")
         parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
