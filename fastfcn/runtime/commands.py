@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import imageio
 from ..errors import CheckpointError, FastFCNError, InputError
-from ..imageio import IMAGE_SUFFIXES, check_regular_file
+from ..imageio import IMAGE_SUFFIXES, check_regular_file, read_image
 from ..paths import check_output_dir, check_output_file
 from .backends import PRECISIONS, available_backends
 from .segmenter import DEFAULT_MAX_PIXELS
@@ -299,10 +298,9 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
     bases = [os.path.abspath(b) for _, b in found]
     try:
         root = os.path.commonpath(bases) if bases else ""
-    except ValueError:  # different drives (Windows): mirror from each drive's root
-        root = ""
-    rels = [Path(os.path.relpath(os.path.abspath(f), root)) if root else Path(*Path(f).absolute().parts[1:])
-            for f, _ in found]
+    except ValueError:  # Windows: no common folder across drives
+        raise InputError("the inputs are on different drives; segment each drive's in its own run") from None
+    rels = [Path(os.path.relpath(os.path.abspath(f), root)) for f, _ in found]
     stems: dict[tuple[Path, str], int] = {}
     for r in rels:
         key = (r.parent, r.stem.lower())
@@ -317,11 +315,6 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
         owner[key] = f
         jobs.append(Job(f, out / "labels" / rel, out / "overlays" / rel))
     return jobs
-
-
-def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (see fastfcn.imageio.read_image)."""
-    return imageio.read_image(path, max_pixels)
 
 
 def palette_bytes(palette: list, n: int = 256) -> list[int]:
