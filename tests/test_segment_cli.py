@@ -226,10 +226,13 @@ def test_max_pixels_option(ckpt, tmp_path, capsys):
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     values = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], np.uint16)
-    Image.fromarray(values).save(tmp_path / "g16.png")
-    got = read_image(tmp_path / "g16.png")
-    want = np.round(values / 257).astype(np.uint8)
-    assert got.shape == (2, 4, 3) and np.array_equal(got, np.repeat(want[..., None], 3, -1))
+    want = np.repeat(np.round(values / 257).astype(np.uint8)[..., None], 3, -1)
+    Image.fromarray(values).save(tmp_path / "g16.png")  # opens as "I;16"
+    Image.frombytes("I;16B", (4, 2), values.astype(">u2").tobytes()).save(tmp_path / "g16b.tif")
+    Image.fromarray(values.astype(np.int32), "I").save(tmp_path / "g32.tif")  # older Pillows' 16-bit PNGs
+    for name in ("g16.png", "g16b.tif", "g32.tif"):
+        got = read_image(tmp_path / name)
+        assert got.shape == (2, 4, 3) and np.array_equal(got, want), name
 
 
 def test_palette_greyscale_rgba_cmyk(tmp_path):
@@ -248,6 +251,12 @@ def test_palette_greyscale_rgba_cmyk(tmp_path):
     Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(tmp_path / "rgba.png")
     assert np.array_equal(read_image(tmp_path / "rgba.png"), rgb)
 
+    Image.fromarray(np.stack([grey, alpha[..., 0]], -1), "LA").save(tmp_path / "la.png")
+    assert np.array_equal(read_image(tmp_path / "la.png"), np.repeat(grey[..., None], 3, -1))
+    Image.fromarray(grey > 127).save(tmp_path / "bw.png")  # mode "1"
+    bw = np.where(grey > 127, 255, 0).astype(np.uint8)
+    assert np.array_equal(read_image(tmp_path / "bw.png"), np.repeat(bw[..., None], 3, -1))
+
     cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 255, 0, 0], [0, 0, 0, 255]]], np.uint8)
     Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.tif")
     want_c = np.array([[[255, 255, 255], [0, 255, 255], [255, 0, 255], [0, 0, 0]]], np.uint8)
@@ -262,6 +271,11 @@ def test_exif_orientation_is_applied(tmp_path, orientation, turn):
     exif[0x0112] = orientation
     Image.fromarray(stored).save(tmp_path / "e.png", exif=exif)
     assert np.array_equal(read_image(tmp_path / "e.png"), turn(stored))
+
+
+def test_devices_are_refused_without_reading():
+    with pytest.raises(InputError, match="/dev/zero: is a device"):
+        read_image("/dev/zero")  # reading it would never end
 
 
 def test_float_images_are_refused(tmp_path):
