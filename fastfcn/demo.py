@@ -24,7 +24,7 @@ def write_overlays(out: Path, images, preds, truths, palette: np.ndarray) -> lis
     """One PNG per scene: image | prediction overlay | ground truth overlay (2x enlarged)."""
     from PIL import Image
 
-    from .runtime.commands import overlay
+    from .viz import overlay
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []

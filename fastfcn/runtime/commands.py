@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, FastFCNError, InputError
+from ..viz import overlay, palette_bytes, save_labels  # noqa: F401  (re-exported: the old import path)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -233,44 +234,6 @@ def _out_names(files: list[Path]) -> list[str]:
     # Output stems; a.png and a.jpg in one run would collide, so those keep their suffix.
     stems = [f.stem for f in files]
     return [f.name.replace(".", "_") if stems.count(f.stem) > 1 else f.stem for f in files]
-
-
-def palette_bytes(palette: list, n: int = 256) -> list[int]:
-    """A flat 768-entry PIL palette: the checkpoint's colours, then the VOC colour map."""
-    from ..models import voc_palette
-
-    cols = [tuple(int(v) for v in c) for c in (palette if palette is not None else [])][:n]
-    cols += voc_palette(n)[len(cols):]
-    return [v for c in cols for v in c]
-
-
-def save_labels(labels: np.ndarray, palette: list, path: Path) -> None:
-    """labels: (H, W) class ids -> a palette ("P") PNG whose pixel values are the ids; more than
-    256 classes do not fit a palette PNG and are written as 16-bit greyscale."""
-    from PIL import Image
-
-    if labels.max(initial=0) > 255:
-        Image.fromarray(labels.astype(np.uint16)).save(path)
-        return
-    im = Image.fromarray(labels.astype(np.uint8))
-    # putpalette turns the "L" image into "P" keeping its values (convert("P") would requantise).
-    im.putpalette(palette_bytes(palette))
-    im.save(path, optimize=False)
-
-
-def overlay(
-    image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5, skip_background: bool = False
-) -> np.ndarray:
-    """(H, W, 3) uint8 blend: (1 - alpha) * image + alpha * colour(labels).
-
-    image: (H, W, 3) uint8; labels: (H, W) class ids; palette: (R, G, B) rows, the VOC colour
-    map beyond them. skip_background leaves class-0 pixels as they are, so objects stand out.
-    """
-    n = max(256, int(labels.max(initial=0)) + 1)
-    colours = np.asarray(palette_bytes(palette, n), dtype=np.float32).reshape(-1, 3)
-    a = np.where(labels[..., None] > 0, alpha, 0.0) if skip_background else alpha
-    blend = (1 - a) * image.astype(np.float32) + a * colours[labels]
-    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
 def _segment(args) -> int:
