@@ -53,12 +53,15 @@ def _av():
 class _VideoWriter:
     """One output container with one video stream (created at the first frame) and optionally
     audio streams copied from the input. write(arr, pts, time_base): arr (H, W, 3) uint8 RGB or
-    (H, W) class ids."""
+    (H, W) class ids (``labels``). Pictures go to H.264, or to FFV1 (lossless) with ``lossless``;
+    class ids always to FFV1."""
 
-    def __init__(self, path: Path, *, labels: bool, time_base, rate, audio=(), wide_ids: bool = False):
+    def __init__(self, path: Path, *, labels: bool, time_base, rate, audio=(), wide_ids: bool = False,
+                 lossless: bool = False):  # fmt: skip
         av = _av()
         self.path, self.labels, self.time_base, self.rate = path, labels, time_base, rate
         self.fmt = ("gray16le" if wide_ids else "gray") if labels else "rgb24"
+        self.lossless = labels or lossless
         try:
             self.container = av.open(str(path), "w")
         except (OSError, av.error.FFmpegError, ValueError) as e:
@@ -67,9 +70,9 @@ class _VideoWriter:
         self.stream = None
 
     def _open_video(self, h: int, w: int) -> None:
-        if self.labels:
+        if self.lossless:
             s = self.container.add_stream("ffv1", rate=self.rate)
-            s.pix_fmt = self.fmt
+            s.pix_fmt = self.fmt if self.labels else "bgr0"  # RGB without chroma subsampling
         else:
             s = self.container.add_stream("libx264", rate=self.rate, options=dict(H264_OPTIONS))
             s.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
@@ -150,6 +153,22 @@ def _label_writer(path, palette, num_classes: int, time_base, rate):
             "(or give a directory for one palette PNG per frame)"
         )
     return _VideoWriter(p, labels=True, time_base=time_base, rate=rate, wide_ids=num_classes > 256)
+
+
+def write_video(path, frames, fps: int = 25, *, lossless: bool = False) -> int:
+    """Write (H, W, 3) uint8 RGB ``frames`` (any iterable) as a video at ``fps`` frames per
+    second: H.264 (yuv420p), or FFV1 (.mkv, exact) with ``lossless``. Returns the frame count."""
+    from fractions import Fraction
+
+    tb = Fraction(1, int(fps))
+    w = _VideoWriter(Path(path), labels=False, time_base=tb, rate=int(fps), lossless=lossless)
+    n = 0
+    try:
+        for n, frame in enumerate(frames, 1):
+            w.write(np.asarray(frame, np.uint8), n - 1, tb)
+    finally:
+        w.close()
+    return n
 
 
 # ----------------------------------------------------------------------------------- progress
