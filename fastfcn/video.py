@@ -86,14 +86,18 @@ class _VideoWriter:
 
     def write(self, arr: np.ndarray, pts: int, time_base) -> None:
         av = _av()
-        if self.stream is None:
-            self._open_video(arr.shape[0], arr.shape[1])
         if self.labels:
             arr = arr.astype(np.uint16 if self.fmt == "gray16le" else np.uint8, copy=False)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=self.fmt)
         frame.pts, frame.time_base = pts, time_base
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
+        try:
+            if self.stream is None:
+                self._open_video(arr.shape[0], arr.shape[1])
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        except (OSError, av.error.FFmpegError) as e:
+            # The file is created when the header is written, with the first frame.
+            raise InputError(f"{self.path}: cannot write the output video ({e})") from None
 
     def mux_audio(self, packet) -> None:
         """Copy an input audio packet; called after the first video frame (the header is
@@ -469,8 +473,9 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
     bar = _Progress(dec.estimated_frames(), progress)
     out = segmented = 0
     encode_s = 0.0
+    results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats)
     try:
-        for labels in stream(seg, dec.frames(), batch_size=batch_size, stats=stats):
+        for labels in results:
             t = time.perf_counter()
             lab = labels.numpy()
             segmented += 1
@@ -494,6 +499,7 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
         cause = e.__cause__
         raise (cause if isinstance(cause, FastFCNError) else e) from None
     finally:
+        results.close()  # on an error, too: the traceback would keep the threads' iterator alive
         bar.finish()
     while dec.audio_packets:
         main.mux_audio(dec.audio_packets.popleft())

@@ -3,6 +3,7 @@
 import fractions
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -150,6 +151,7 @@ def test_corrupt_video_writes_frames_before_the_damage(seg, tmp_path):
     n = int(re.search(r"at frame (\d+)", str(e.value)).group(1))
     assert 0 < n < 40
     assert len(decode(out)) == n  # closed and playable, every frame before the damage
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastfcn-stream")]
 
 
 def test_truncated_video_is_reported(seg, tmp_path):
