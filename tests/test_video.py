@@ -231,3 +231,18 @@ def test_stream_accepts_video_frames(seg, clip):
     assert len(got) == len(frames)
     for f, r in zip(frames, got):
         assert torch.equal(r, seg.run(f.to_ndarray(format="rgb24")).cpu())
+
+
+def test_thousand_vfr_frames_in_order_with_their_timestamps(tmp_path):
+    torch.manual_seed(0)
+    model = fastfcn.models.build("fcn-alexnet", width=0.03125, num_classes=3).eval()
+    tiny = fastfcn.Segmenter(model, device="cpu", precision="fp32")
+    src = tmp_path / "many.mkv"
+    stamps = make_video(src, n=1000, size=(16, 16), audio=False, codec="ffv1", step=(40, 33, 51, 40))
+    out = tmp_path / "labels.mkv"
+    s = segment_video(src, out, tiny, mode="labels", batch_size=16, progress=False)
+    got = decode(out)
+    assert s["frames_in"] == s["frames_out"] == len(got) == 1000
+    assert [round(t * 1000) for t, _ in got] == stamps
+    expect = tiny.run([f for _, f in decode(src)])
+    assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))

@@ -131,7 +131,7 @@ class _Pipeline:
             from .stream_cuda import CudaStager
 
             # queue_size batches wait in each of two queues, one is being filled, one computed.
-            self.stager = CudaStager(seg, output, slots=2 * queue_size + 2)
+            self.stager = CudaStager(seg, output, slots=2 * queue_size + 2, stop=self.stop)
         self.threads = [
             threading.Thread(target=self._guard, args=(f, q), name=f"fastfcn-stream-{n}", daemon=True)
             for n, f, q in (
@@ -208,7 +208,7 @@ class _Pipeline:
         start = pending[0][0]
         frames = [f for _, f in pending]
         if self.cuda:
-            batch = self.stager.stage(frames, self.stop)
+            batch = self.stager.stage(frames)
         else:
             batch = frames[0].unsqueeze(0) if len(frames) == 1 else torch.stack(frames)
         self.stats.batch_s += time.perf_counter() - t0

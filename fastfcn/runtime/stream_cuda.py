@@ -64,19 +64,17 @@ class _Ring:
 
 
 class CudaStager:
-    def __init__(self, seg, output: str, slots: int):
-        self.seg, self.output = seg, output
+    def __init__(self, seg, output: str, slots: int, stop: threading.Event):
+        self.seg, self.output, self.stop = seg, output, stop
         self.device = seg.device
         self.inputs, self.outputs = _Ring(slots), _Ring(slots)
         self.uploaded: list[torch.cuda.Event | None] = [None] * slots
         self.h2d = torch.cuda.Stream(self.device)
         self.d2h = torch.cuda.Stream(self.device)
-        self.stop: threading.Event | None = None
 
-    def stage(self, frames: list[torch.Tensor], stop: threading.Event) -> Staged:
+    def stage(self, frames: list[torch.Tensor]) -> Staged:
         """Batcher thread: frames (H, W, 3) uint8 -> a pinned slot (blocks while all are in use)."""
-        self.stop = stop
-        slot = _take(self.inputs.free, stop)
+        slot = _take(self.inputs.free, self.stop)
         ev = self.uploaded[slot]
         if ev is not None:
             ev.synchronize()  # the slot's previous batch has left for the device
