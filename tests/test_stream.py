@@ -152,6 +152,28 @@ def test_close_stops_threads_while_consumer_is_slow(seg):
     assert not threads_now()
 
 
+def test_close_does_not_wait_for_a_blocked_live_source(seg):
+    f = frames_of(1)[0]
+    release = threading.Event()
+
+    def camera():
+        yield f
+        yield f
+        release.wait(30)  # no next frame yet
+        yield f
+
+    it = seg.stream(camera(), batch_size=1)
+    next(it), next(it)
+    t0 = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t0 < 1.0
+    release.set()  # the frame comes: the reader sees the stop flag and ends
+    deadline = time.perf_counter() + 3
+    while threads_now() and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert not threads_now()
+
+
 def test_backpressure_bounds_frames_read_ahead(seg):
     read = {"n": 0}
     f = frames_of(1)[0]

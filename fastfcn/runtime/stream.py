@@ -127,6 +127,7 @@ class _Pipeline:
         self.q_batches: queue.Queue = queue.Queue(queue_size)
         self.q_results: queue.Queue = queue.Queue(queue_size)
         self.cuda = seg.device.type == "cuda"
+        self.in_source = False  # the reader is inside next(frames)
         if self.cuda:
             from .stream_cuda import CudaStager
 
@@ -157,12 +158,17 @@ class _Pipeline:
         i = 0
         while True:
             t0 = time.perf_counter()
+            self.in_source = True
             try:
                 obj = next(self.source)
             except StopIteration:
                 break
             except Exception as e:
                 _put(self.q_frames, _Failure(i, e, "the source"), self.stop)
+                return
+            finally:
+                self.in_source = False
+            if self.stop.is_set():
                 return
             try:
                 frame = to_frame(obj, i)
@@ -271,7 +277,10 @@ class _Pipeline:
         self.stop.set()
         for t in self.threads:
             if t.is_alive() and t is not threading.current_thread():
-                t.join(JOIN_S)
+                # A reader blocked inside the source's next() (a live camera) cannot be
+                # interrupted: it ends, without touching the queues, when next() returns.
+                reader_blocked = t is self.threads[0] and self.in_source
+                t.join(POLL_S if reader_blocked else JOIN_S)
 
 
 def stream(
