@@ -466,14 +466,15 @@ def segment_video(
 
 
 def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progress, palette) -> dict:
-    from .runtime.stream import StreamStats, stream
+    from .runtime.stream import JOIN_S, StreamStats, stream
     from .viz import overlay, side_by_side
 
     stats = StreamStats()
     bar = _Progress(dec.estimated_frames(), progress)
     out = segmented = 0
     encode_s = 0.0
-    results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats)
+    # Closing waits for the reader to leave the decoder: the container is closed after this.
+    results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats, source_wait_s=JOIN_S)
     try:
         for labels in results:
             t = time.perf_counter()

@@ -117,8 +117,8 @@ def _get(q: queue.Queue, stop: threading.Event, timeout: float | None = None):
 
 
 class _Pipeline:
-    def __init__(self, seg, frames, batch_size, output, max_delay, queue_size, stats):
-        self.seg, self.output = seg, output
+    def __init__(self, seg, frames, batch_size, output, max_delay, queue_size, stats, source_wait_s):
+        self.seg, self.output, self.source_wait_s = seg, output, source_wait_s
         self.batch_size, self.max_delay = batch_size, max_delay
         self.stats = stats if stats is not None else StreamStats()
         self.source = iter(frames)
@@ -280,7 +280,7 @@ class _Pipeline:
                 # A reader blocked inside the source's next() (a live camera) cannot be
                 # interrupted: it ends, without touching the queues, when next() returns.
                 reader_blocked = t is self.threads[0] and self.in_source
-                t.join(POLL_S if reader_blocked else JOIN_S)
+                t.join(self.source_wait_s if reader_blocked else JOIN_S)
 
 
 def stream(
@@ -292,8 +292,11 @@ def stream(
     max_delay: float | None = None,
     queue_size: int | None = None,
     stats: StreamStats | None = None,
+    source_wait_s: float = POLL_S,
 ) -> Iterator[torch.Tensor]:
-    """The body of ``Segmenter.stream`` (see there); ``stats`` collects per-stage busy time."""
+    """The body of ``Segmenter.stream`` (see there); ``stats`` collects per-stage busy time;
+    ``source_wait_s``: how long closing waits for a reader inside the source's next() (a
+    decoder whose container is closed next must be waited for)."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -310,5 +313,5 @@ def stream(
         raise TypeError(
             f"frames must be an iterable of (H, W, 3) uint8 frames; got {type(frames).__name__}"
         ) from None
-    pipe = _Pipeline(seg, frames, batch_size, output, max_delay, queue_size, stats)
+    pipe = _Pipeline(seg, frames, batch_size, output, max_delay, queue_size, stats, source_wait_s)
     return pipe.results()
