@@ -148,7 +148,12 @@ def test_close_stops_threads_while_consumer_is_slow(seg):
     next(it)
     time.sleep(0.2)  # the producer fills the bounded queues and blocks on them (backpressure)
     assert threads_now()
+    t0 = time.perf_counter()
     it.close()
+    assert time.perf_counter() - t0 < 1.0
+    deadline = time.perf_counter() + 3  # a reader caught inside next() ends when it returns
+    while threads_now() and time.perf_counter() < deadline:
+        time.sleep(0.01)
     assert not threads_now()
 
 
