@@ -20,6 +20,7 @@ COMMANDS = {
     "info": ("fastfcn.runtime.commands", "describe a checkpoint"),
     "export": ("fastfcn.runtime.commands", "export a checkpoint to ONNX"),
     "segment": ("fastfcn.runtime.commands", "segment images to label PNGs and overlays"),
+    "video": ("fastfcn.video", "segment a video file: overlay, side by side or a lossless label video"),
     "train": ("fastfcn.train", "train a model"),
     "eval": ("fastfcn.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
     "data": ("fastfcn.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),

@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CheckpointError, FastFCNError, InputError
 from ..imageio import IMAGE_SUFFIXES, check_regular_file, read_image
 from ..paths import check_output_dir, check_output_file
+from ..viz import overlay, palette_bytes, save_labels  # noqa: F401  (re-exported: the old import path)
 from .backends import PRECISIONS, available_backends
 from .segmenter import DEFAULT_MAX_PIXELS
 
@@ -315,44 +314,6 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
         owner[key] = f
         jobs.append(Job(f, out / "labels" / rel, out / "overlays" / rel))
     return jobs
-
-
-def palette_bytes(palette: list, n: int = 256) -> list[int]:
-    """A flat 768-entry PIL palette: the checkpoint's colours, then the VOC colour map."""
-    from ..models import voc_palette
-
-    cols = [tuple(int(v) for v in c) for c in (palette if palette is not None else [])][:n]
-    cols += voc_palette(n)[len(cols):]
-    return [v for c in cols for v in c]
-
-
-def save_labels(labels: np.ndarray, palette: list, path: Path) -> None:
-    """labels: (H, W) class ids -> a palette ("P") PNG whose pixel values are the ids; more than
-    256 classes do not fit a palette PNG and are written as 16-bit greyscale."""
-    from PIL import Image
-
-    if labels.max(initial=0) > 255:
-        Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
-        return
-    im = Image.fromarray(labels.astype(np.uint8))
-    # putpalette turns the "L" image into "P" keeping its values (convert("P") would requantise).
-    im.putpalette(palette_bytes(palette))
-    im.save(path, format="PNG", optimize=False)
-
-
-def overlay(
-    image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5, skip_background: bool = False
-) -> np.ndarray:
-    """(H, W, 3) uint8 blend: (1 - alpha) * image + alpha * colour(labels).
-
-    image: (H, W, 3) uint8; labels: (H, W) class ids; palette: (R, G, B) rows, the VOC colour
-    map beyond them. skip_background leaves class-0 pixels as they are, so objects stand out.
-    """
-    n = max(256, int(labels.max(initial=0)) + 1)
-    colours = np.asarray(palette_bytes(palette, n), dtype=np.float32).reshape(-1, 3)
-    a = np.where(labels[..., None] > 0, alpha, 0.0) if skip_background else alpha
-    blend = (1 - a) * image.astype(np.float32) + a * colours[labels]
-    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
 def _segment(args) -> int:

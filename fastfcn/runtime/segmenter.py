@@ -273,6 +273,17 @@ class Segmenter:
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False):
         return self.run(batch, output, preprocessed=preprocessed)
 
+    def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
+        """Segment an iterable of frames: an iterator with one CPU tensor per frame, in order,
+        each equal to ``run(frame, output).cpu()``. frames: (H, W, 3) uint8 RGB (numpy, torch,
+        PIL) or PyAV VideoFrames, sizes may change. Batches of up to ``batch_size``; a partial
+        batch is pushed after ``max_delay`` seconds; at most ``queue_size`` (default 2) batches
+        wait between stages. See fastfcn.runtime.stream."""
+        from .stream import stream
+
+        return stream(self, frames, batch_size=batch_size, output=output, max_delay=max_delay,
+                      queue_size=queue_size)  # fmt: skip
+
     def _check_size(self, h: int, w: int) -> None:
         if h * w > self.max_pixels:
             raise InputError(
