@@ -1,0 +1,280 @@
+"""The CUDA-side runtime logic, tested without a GPU: CUDA-graph capture (thread-local, one
+process-wide lock, out-of-memory during capture), precision flags per Segmenter, one cuDNN
+setting for every backend, independent compile backends, and the CUDA conv epilogues
+(which implementation is chosen, fallbacks when cuDNN's fused op is missing or refuses)."""
+
+import gc
+import weakref
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastfcn
+from fastfcn.models import build
+from fastfcn.runtime import backends, cuda_fast, cuda_graphs, segmenter
+
+
+def _images(n, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------ CUDA graphs
+
+
+def test_is_oom_recognises_untyped_capture_errors():
+    assert cuda_graphs.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert cuda_graphs.is_oom(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert cuda_graphs.is_oom(RuntimeError("operation failed: cudaErrorMemoryAllocation"))
+    assert not cuda_graphs.is_oom(RuntimeError("operation not permitted when stream is capturing"))
+    assert not cuda_graphs.is_oom(ValueError("out of memory"))
+
+
+def _fake_graph_cm(calls, end_error=None):
+    @contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        calls.append({"mode": capture_error_mode, "locked": cuda_graphs.CAPTURE_LOCK.locked()})
+        yield
+        if end_error is not None:
+            raise end_error  # as capture_end does
+
+    return graph
+
+
+def test_capture_is_thread_local_under_the_process_lock(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "graph", _fake_graph_cm(calls))
+    seen = []
+    out = cuda_graphs.capture(object(), lambda: seen.append(cuda_graphs.CAPTURE_LOCK.locked()) or 7, 0, 0)
+    assert out == 7 and seen == [True]
+    assert calls == [{"mode": "thread_local", "locked": True}]
+    assert not cuda_graphs.CAPTURE_LOCK.locked()
+
+
+def test_oom_at_capture_end_becomes_out_of_memory_error(monkeypatch):
+    calls = []
+    err = RuntimeError("CUDA error: out of memory")
+    monkeypatch.setattr(torch.cuda, "graph", _fake_graph_cm(calls, err))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="during CUDA graph capture"):
+        cuda_graphs.capture(object(), lambda: 1, None, None)
+    assert not cuda_graphs.CAPTURE_LOCK.locked()
+    other = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "graph", _fake_graph_cm(calls, other))
+    with pytest.raises(RuntimeError, match="not permitted") as ei:
+        cuda_graphs.capture(object(), lambda: 1, None, None)
+    assert not isinstance(ei.value, torch.cuda.OutOfMemoryError)
+
+
+def test_untyped_oom_from_a_capture_halves_the_batch(monkeypatch):
+    """_run_split treats capture_end's untyped out-of-memory like any other: halve and retry."""
+    seg = fastfcn.Segmenter(build("fcn32s", 21, 0.0625).eval(), device="cpu", backend="torch")
+    seg._use_graphs = True
+    sizes = []
+
+    def replay(t, kind, output):
+        sizes.append(t.shape[0])
+        if t.shape[0] > 1:
+            raise RuntimeError("CUDA error: out of memory")  # as capture_end raises it
+        return seg._finish(seg._compute(t, kind, output))
+
+    monkeypatch.setattr(seg, "_replay", replay)
+    batch = _images(4, 20, 24)
+    with torch.inference_mode():
+        got = seg._run_split(batch, "u8", "labels")
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    seg._use_graphs = False
+    assert torch.equal(got, seg.run(batch))
+    def broken(*args):
+        raise RuntimeError("illegal memory access")
+
+    monkeypatch.setattr(seg, "_replay", broken)
+    seg._use_graphs = True
+    with pytest.raises(RuntimeError, match="illegal memory access"), torch.inference_mode():
+        seg._run_split(batch, "u8", "labels")
+
+
+# ------------------------------------------------------------------ precision, cuDNN setting
+
+
+@pytest.fixture
+def tf32_flags():
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _flags():
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+
+@pytest.mark.parametrize("precision,inside", [("fp32", (False,) * 2), ("tf32", (True,) * 2), ("bf16", None)])
+def test_precision_flags_are_per_segmenter(precision, inside, tf32_flags):
+    seg = fastfcn.Segmenter(build("fcn32s", 21, 0.0625).eval(), device="cpu", backend="torch")
+    seg._device, seg._precision = torch.device("cuda"), precision  # the CUDA logic, on the CPU
+    for before in ((True, True), (False, True)):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        with seg._precision_flags():
+            assert _flags() == (inside or before)
+            # fp32 / tf32 hold the process-wide lock while they run; bf16 never takes it
+            assert segmenter._TF32_LOCK.locked() == (inside is not None)
+        assert _flags() == before
+
+
+def test_every_cuda_backend_sets_the_same_cudnn_mode(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    backends.Backend(None, torch.device("cpu"), "fp32")
+    assert torch.backends.cudnn.benchmark is False  # the CPU leaves cuDNN alone
+    backends.Backend(None, torch.device("cuda"), "bf16")  # the base class: torch, fused, compile
+    assert torch.backends.cudnn.benchmark is True
+
+
+# ------------------------------------------------------------------ compile backends
+
+
+def test_compile_backends_are_independent_and_freed(monkeypatch):
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+
+    # dynamo's own eager backend: the same caching as inductor without inductor's compile time
+    monkeypatch.setattr(backends.CompileBackend, "dynamo_backend", "eager")
+    m = build("fcn32s", 21, 0.0625).eval()
+    a = backends.CompileBackend(m, torch.device("cpu"), "fp32")
+    b = backends.CompileBackend(m, torch.device("cpu"), "fp32")
+    codes = a._codes + b._codes
+    assert len({id(c) for c in codes}) == 6  # one code object per (backend, output)
+    x = torch.randn(1, 3, 16, 16)
+    want = m(x)
+    torch.testing.assert_close(a(x, "logits"), want)
+    assert torch.equal(b(x, "labels"), want.argmax(1).to(torch.uint8))
+    assert [len(entries(c)) for c in codes] == [1, 0, 0, 0, 1, 0]
+    model_ref = weakref.ref(a.model)
+    del a
+    gc.collect()
+    assert model_ref() is None  # its graphs and weights go with it
+    assert len(entries(codes[0])) == 0 and len(entries(codes[4])) == 1
+    b.close()
+    assert len(entries(codes[4])) == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        b(x, "labels")
+
+
+# ------------------------------------------------------------------ CUDA conv epilogues
+
+
+def _conv(cin=4, cout=6, k=3, pad=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, padding=pad)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        conv.bias.copy_(torch.randn(cout, generator=g))
+    return conv.requires_grad_(False)
+
+
+def _fake_timer(order):
+    """A timer under which candidates are 'measured' in the given order of speed."""
+    calls = []
+
+    def timer(fn, cuda):
+        fn()
+        calls.append(cuda)
+        timer.n += 1
+        return order[(timer.n - 1) % len(order)]
+
+    timer.n = 0
+    timer.calls = calls
+    return timer
+
+
+def test_fused_epilogue_chosen_when_fastest_and_agrees(monkeypatch):
+    conv = _conv()
+    fused_calls = []
+
+    def fake_cudnn_relu(x, w, b, stride, padding, dilation, groups):
+        fused_calls.append(tuple(padding))
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", fake_cudnn_relu, raising=False)
+    impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0]))
+    assert list(impl.chooser.candidates) == ["cudnn_relu", "eager"]
+    x = torch.randn(2, 4, 9, 11)
+    want = torch.relu(conv(x))
+    assert torch.equal(impl(x, (1, 1)), want)
+    assert impl.chooser.choice == {cuda_fast._key(x, (1, 1)): "cudnn_relu"}
+    n = len(fused_calls)
+    assert torch.equal(impl(x, (1, 1)), want) and len(fused_calls) == n + 1  # cached, not re-measured
+    # a padding other than the module's (a caller's window) is honoured and measured separately
+    assert torch.equal(impl(x, (0, 2)), torch.relu(F.conv2d(x, conv.weight, conv.bias, 1, (0, 2))))
+
+
+def test_fused_epilogue_falls_back_when_missing_or_refused(monkeypatch):
+    conv = _conv()
+    x = torch.randn(1, 4, 8, 8)
+    want = torch.relu(conv(x))
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    impl = cuda_fast.EpilogueConv(conv, relu=True)
+    assert list(impl.chooser.candidates) == ["eager"]
+    assert torch.equal(impl(x, (1, 1)), want)
+
+    def refuses(*args):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", refuses, raising=False)
+    impl = cuda_fast.EpilogueConv(conv, relu=True)
+    assert torch.equal(impl(x, (1, 1)), want)  # eager took over
+    assert "NOT_SUPPORTED" in next(iter(impl.chooser.failed.values()))
+    no_relu = cuda_fast.EpilogueConv(conv, relu=False)  # the fused op is conv+bias+ReLU only
+    assert list(no_relu.chooser.candidates) == ["eager"]
+    assert torch.equal(no_relu(x, (1, 1)), conv(x))
+
+
+def test_out_of_memory_while_measuring_is_not_a_fallback(monkeypatch):
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", oom, raising=False)
+    impl = cuda_fast.EpilogueConv(_conv(), relu=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        impl(torch.randn(1, 4, 8, 8), (1, 1))
+    assert impl.chooser.choice == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fc6_gemm_path_agrees_and_is_chosen_by_measurement(dtype):
+    conv = _conv(16, 24, 7, 0).to(dtype)
+    x = torch.randn(2, 16, 12, 13).to(dtype).contiguous(memory_format=torch.channels_last)
+    want = conv(x)
+    gemm = cuda_fast.gemm_conv(conv, relu=False)(x, (0, 0))
+    assert gemm.shape == want.shape and gemm.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(gemm.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    fc6 = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([1.0, 2.0]))
+    assert fc6.weight is conv.weight and set(fc6.state_dict()) == {"weight", "bias"}
+    fc6(x)
+    assert list(fc6.chooser.choice.values()) == ["gemm"]
+    slow = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([2.0, 1.0]))
+    assert torch.equal(slow(x), want) and list(slow.chooser.choice.values()) == ["eager"]
+
+
+def test_gemm_path_refuses_large_outputs():
+    conv = _conv(4, 4, 3, 1)
+    x = torch.randn(1, 4, 50, 50)  # 2500 output rows > GEMM_MAX_ROWS
+    with pytest.raises(NotImplementedError, match="GEMM_MAX_ROWS"):
+        cuda_fast.gemm_conv(conv, relu=True)(x, (1, 1))
+    fc = cuda_fast.ChosenConv2d.wrap(conv)
+    assert torch.equal(fc(x), conv(x)) and list(fc.chooser.choice.values()) == ["eager"]
+
+
+def test_install_on_fcn_keeps_keys_and_results(monkeypatch):
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
+    keys = list(m.state_dict())
+    x = torch.randn(1, 3, 40, 36)
+    with torch.inference_mode():
+        want = m(x)
+        done = cuda_fast.install(m)
+        got = m(x)
+    assert list(m.state_dict()) == keys
+    assert "fc6" in done and sum(n.startswith("conv") for n in done) == 13
+    assert isinstance(m.fc6, cuda_fast.ChosenConv2d)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
