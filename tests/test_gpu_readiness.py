@@ -86,6 +86,7 @@ def test_untyped_oom_from_a_capture_halves_the_batch(monkeypatch):
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
     seg._use_graphs = False
     assert torch.equal(got, seg.run(batch))
+
     def broken(*args):
         raise RuntimeError("illegal memory access")
 
@@ -195,8 +196,8 @@ def test_fused_epilogue_chosen_when_fastest_and_agrees(monkeypatch):
         return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
 
     monkeypatch.setattr(torch, "cudnn_convolution_relu", fake_cudnn_relu, raising=False)
-    impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0]))
-    assert list(impl.chooser.candidates) == ["cudnn_relu", "eager"]
+    impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0, 3.0]))
+    assert list(impl.chooser.candidates) == ["cudnn_relu", "triton", "eager"]
     x = torch.randn(2, 4, 9, 11)
     want = torch.relu(conv(x))
     assert torch.equal(impl(x, (1, 1)), want)
@@ -212,9 +213,11 @@ def test_fused_epilogue_falls_back_when_missing_or_refused(monkeypatch):
     x = torch.randn(1, 4, 8, 8)
     want = torch.relu(conv(x))
     monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton conv
     impl = cuda_fast.EpilogueConv(conv, relu=True)
-    assert list(impl.chooser.candidates) == ["eager"]
+    assert list(impl.chooser.candidates) == ["triton", "eager"]
     assert torch.equal(impl(x, (1, 1)), want)
+    assert "CUDA tensors" in next(iter(impl.chooser.failed.values()))
 
     def refuses(*args):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
@@ -223,6 +226,7 @@ def test_fused_epilogue_falls_back_when_missing_or_refused(monkeypatch):
     impl = cuda_fast.EpilogueConv(conv, relu=True)
     assert torch.equal(impl(x, (1, 1)), want)  # eager took over
     assert "NOT_SUPPORTED" in next(iter(impl.chooser.failed.values()))
+    assert torch.equal(impl.conv_pool(x, (1, 1), 2, 2), F.max_pool2d(want, 2, 2, ceil_mode=True))
     no_relu = cuda_fast.EpilogueConv(conv, relu=False)  # the fused op is conv+bias+ReLU only
     assert list(no_relu.chooser.candidates) == ["eager"]
     assert torch.equal(no_relu(x, (1, 1)), conv(x))
@@ -267,6 +271,7 @@ def test_gemm_path_refuses_large_outputs():
 
 def test_install_on_fcn_keeps_keys_and_results(monkeypatch):
     monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager only: the interpreter is too slow at 238x234
     m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
     keys = list(m.state_dict())
     x = torch.randn(1, 3, 40, 36)
@@ -278,3 +283,112 @@ def test_install_on_fcn_keeps_keys_and_results(monkeypatch):
     assert "fc6" in done and sum(n.startswith("conv") for n in done) == 13
     assert isinstance(m.fc6, cuda_fast.ChosenConv2d)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+# ------------------------------------------------------------------ Triton conv with the epilogue
+
+
+CONV_CASES = [
+    # (N, C_in, H, W, C_out, k, pad, stride, dilation, pool)
+    (2, 3, 9, 11, 20, 3, 1, 1, 1, False),  # conv1_1-like: 3 input channels
+    (1, 5, 7, 13, 17, 3, 1, 1, 1, True),  # odd sizes: ceil-mode windows hang over the edge
+    (2, 4, 8, 9, 8, 7, 0, 1, 1, False),  # fc6-like 7x7 without padding
+    (1, 16, 12, 10, 24, 3, 2, 1, 2, True),  # dilated (conv5 of the dilated net)
+    (1, 3, 19, 17, 16, 5, 3, 2, 1, False),  # strided
+]
+
+
+def _conv_id(c):
+    return "x".join(map(str, c[:5])) + f"-k{c[5]}-pool{int(c[9])}"
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_triton_conv_bias_relu_pool_matches_reference(case):
+    from fastfcn.kernels import conv_epilogue as ce
+
+    n, c, h, w, co, k, pad, stride, dil, pool = case
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(sum(case[:6]))
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(co, c, k, k, generator=g) / (c * k * k) ** 0.5
+    b = torch.randn(co, generator=g)
+    want = F.relu(F.conv2d(x.double(), wt.double(), b.double(), stride, pad, dil))
+    if pool:
+        want = F.max_pool2d(want, 2, 2, ceil_mode=True)
+    packed = ce.pack_weight(wt).to(dev)
+    got = ce.conv_bias_relu(x.to(dev), packed, b.to(dev), (k, k), (pad, pad), stride, dil, pool)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    # fp32 sums of c*k*k products: within a few eps of the float64 value
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert bool((got == 0).any()) and bool((got > 0).any())  # the ReLU both clipped and passed
+
+
+def test_triton_conv_bf16_and_bad_input():
+    from fastfcn.kernels import conv_epilogue as ce
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 10, 9, generator=g).bfloat16()
+    wt = (torch.randn(32, 16, 3, 3, generator=g) * 0.2).bfloat16()
+    b = torch.randn(32, generator=g)
+    got = ce.conv_bias_relu(x.to(dev), ce.pack_weight(wt).to(dev), b.to(dev), (3, 3), (1, 1), pool=True)
+    want = F.relu(F.conv2d(x.double(), wt.double(), b.double(), padding=1))
+    want = F.max_pool2d(want, 2, 2, ceil_mode=True)
+    assert got.dtype == torch.bfloat16
+    # the output is cast to bf16: relative error <= 2**-8 when rounded (CUDA), <= 2**-7 when
+    # truncated, as Triton's interpreter does (measured: every |cast| <= |value|; max 0.0077 here)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2**-7, atol=1e-3)
+    with pytest.raises(ValueError, match="packed weight"):
+        ce.conv_bias_relu(x, ce.pack_weight(wt).float(), b, (3, 3), (1, 1))
+    with pytest.raises(ValueError, match="bias must be float32"):
+        ce.conv_bias_relu(x, ce.pack_weight(wt), b.bfloat16(), (3, 3), (1, 1))
+    with pytest.raises(ValueError, match="too small"):
+        ce.conv_bias_relu(x[..., :2, :2], ce.pack_weight(wt), b, (3, 3), (0, 0))
+
+
+def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    conv = _conv(4, 6, 3, 1)
+    x = torch.randn(1, 4, 9, 7)
+    impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0]))
+    assert list(impl.chooser.candidates) == ["triton", "eager"]
+    want = torch.relu(conv(x))
+    torch.testing.assert_close(impl(x, (1, 1)), want, rtol=1e-5, atol=1e-5)
+    assert list(impl.chooser.choice.values()) == ["triton"]
+    pooled = impl.conv_pool(x, (1, 1), 2, 2)
+    torch.testing.assert_close(pooled, F.max_pool2d(want, 2, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
+    assert list(impl._pool_choosers[(2, 2)].choice.values()) == ["triton_pool"]
+    # a 3x3/2 pool has no fused kernel: the conv's choice, then torch's pool
+    got = impl.conv_pool(x, (1, 1), 3, 2)
+    assert list(impl._pool_choosers[(3, 2)].candidates) == ["separate"]
+    torch.testing.assert_close(got, F.max_pool2d(want, 3, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_runner_hands_the_pool_to_conv_pool():
+    """run_steps gives a conv's conv_pool the Pool step after it (taps kept); other convs run plainly."""
+    m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 30, 26)
+    with torch.inference_mode():
+        want = m(x, "logits")
+    calls = []
+
+    class Recording:
+        def __init__(self, conv):
+            self.conv = conv
+
+        def __call__(self, x, padding):
+            calls.append(("conv", self.conv))
+            return F.relu(F.conv2d(x, self.conv.weight, self.conv.bias, 1, padding))
+
+        def conv_pool(self, x, padding, kernel, stride):
+            calls.append(("conv_pool", kernel, stride))
+            return F.max_pool2d(self(x, padding), kernel, stride, ceil_mode=True)
+
+    for step in m.backbone:
+        if hasattr(step, "name"):
+            m.set_conv_impl(step.name, Recording(getattr(m, step.name)))
+    with torch.inference_mode():
+        got = m(x, "logits")
+    assert torch.equal(got, want)
+    assert [c for c in calls if c[0] == "conv_pool"] == [("conv_pool", 2, 2)] * 5  # conv1_2 .. conv5_3
+    assert sum(c[0] == "conv" for c in calls) == 13

@@ -8,6 +8,10 @@ them) would win by. Two remedies, both per layer and both measured before use:
 
 - ``cudnn_relu``: cuDNN's fused convolution-bias-activation (``torch.cudnn_convolution_relu``),
   one kernel for conv + bias + ReLU;
+- ``triton``: fastfcn's implicit-GEMM convolution (kernels/conv_epilogue.py) with bias + ReLU in
+  the epilogue, and for the last conv of a block (``conv_pool``) the 2x2 max pool too, so the
+  block's full-size activation is never written (conv1_2 at 500x500: 698 x 698 x 64 bf16,
+  62 MB written and read back per image by the separate pool);
 - ``gemm`` (fc6 at small batch): fc6 is a 7x7 conv, 512 -> 4096, over 22x22 at 500x500, i.e.
   a GEMM of M = 256 N output positions, N = 4096, K = 25088. At batch 1 an implicit-GEMM
   convolution has few output tiles for 132 SMs; im2col + cuBLAS matmul lets cuBLAS split K
@@ -23,6 +27,7 @@ during a capture. Nothing is measured on a GPU yet (no GPU run since this was wr
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -154,12 +159,43 @@ def gemm_conv(conv: nn.Conv2d, relu: bool):
     return run
 
 
+def _triton_here(x: torch.Tensor) -> None:
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise NotImplementedError("the Triton convolution runs on CUDA tensors (or in Triton's interpreter)")
+
+
+def triton_conv(conv: nn.Conv2d, pool: bool = False):
+    """fastfcn's Triton conv + bias + ReLU (+ 2x2/2 ceil max pool), or None where it does not apply
+    (grouped, unequal strides or dilations, no bias). The packed weight is made once per dtype."""
+    if conv.groups != 1 or conv.bias is None or len(set(conv.stride)) != 1 or len(set(conv.dilation)) != 1:
+        return None
+    packed: dict = {}
+
+    def run(x, padding):
+        _triton_here(x)
+        from ..kernels import conv_epilogue as ce
+
+        key = (x.dtype, conv.weight._version, conv.bias._version)
+        if packed.get("key") != key:
+            w = ce.pack_weight(conv.weight.to(x.dtype))
+            packed.update(key=key, w=w, b=conv.bias.float().contiguous())
+        # fp32 means fp32 products unless the Segmenter asked for TF32 (it sets the flag per call)
+        ieee = not torch.backends.cuda.matmul.allow_tf32
+        geom = (conv.kernel_size, padding, conv.stride[0], conv.dilation[0])
+        return ce.conv_bias_relu(x, packed["w"], packed["b"], *geom, pool, ieee)
+
+    return run
+
+
 def conv_candidates(conv: nn.Conv2d, relu: bool, gemm: bool = False) -> dict[str, Callable]:
     """The implementations worth measuring for one conv step, eager last (the fallback)."""
     cands: dict[str, Callable] = {}
     fused = cudnn_relu_conv(conv) if relu else None
     if fused is not None:
         cands["cudnn_relu"] = fused
+    tri = triton_conv(conv) if relu else None
+    if tri is not None:
+        cands["triton"] = tri
     if gemm and conv.groups == 1:
         cands["gemm"] = gemm_conv(conv, relu)
     cands["eager"] = eager_conv(conv, relu)
@@ -167,13 +203,32 @@ def conv_candidates(conv: nn.Conv2d, relu: bool, gemm: bool = False) -> dict[str
 
 
 class EpilogueConv:
-    """A ConvImpl (models/backbone.py) for one backbone Conv step: impl(x, padding)."""
+    """A ConvImpl (models/backbone.py) for one backbone Conv step: impl(x, padding), and
+    conv_pool(x, padding, kernel, stride) for a step followed by max pooling."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool, gemm: bool = False, timer: Timer = device_timer):
         self.chooser = Chooser(conv_candidates(conv, relu, gemm), timer)
+        fused = triton_conv(conv, pool=True) if relu else None
+        self._pool_candidates = {"triton_pool": fused} if fused is not None else {}
+        self._pool_choosers: dict = {}
+        self.timer = timer
 
     def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
         return self.chooser(_key(x, padding), x, padding)
+
+    def conv_pool(self, x: torch.Tensor, padding, kernel: int, stride: int) -> torch.Tensor:
+        """max_pool2d(self(x, padding), kernel, stride, ceil_mode=True): the pool inside the conv's
+        epilogue (2x2/2 only) where measured faster than the conv's best followed by torch's pool."""
+        chooser = self._pool_choosers.get((kernel, stride))
+        if chooser is None:
+            cands = dict(self._pool_candidates) if (kernel, stride) == (2, 2) else {}
+
+            def separate(x, padding):
+                return F.max_pool2d(self(x, padding), kernel, stride, ceil_mode=True)
+
+            cands["separate"] = separate
+            chooser = self._pool_choosers[(kernel, stride)] = Chooser(cands, self.timer)
+        return chooser(_key(x, padding), x, padding)
 
 
 class ChosenConv2d(nn.Conv2d):
