@@ -419,6 +419,84 @@ def _graph_path(rec: Record, dev: str, dry: bool) -> None:
         rec.error("graph path", ex)
 
 
+def _conv_case(rec, ce, cuda_fast, name, shape, pool, dt, dev, g, cuda) -> None:
+    import torch.nn.functional as F
+
+    n, c, co, h, w, k, pad = shape
+    x = torch.randn(n, c, h, w, device=dev, generator=g).to(dt).contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(co, c, k, k, device=dev, generator=g) / (c * k * k) ** 0.5).to(dt)
+    b = torch.randn(co, device=dev, generator=g)
+    tri = functools.partial(ce.conv_bias_relu, x, ce.pack_weight(wt), b, (k, k), (pad, pad), 1, 1, pool)
+
+    def eager():
+        y = F.relu(F.conv2d(x, wt, b.to(x.dtype), padding=pad), inplace=True)
+        return F.max_pool2d(y, 2, 2, ceil_mode=True) if pool else y
+
+    got, want = tri(), eager()
+    # fp32 reference of the same (rounded) inputs, TF32 off (set by the stage)
+    ref = F.relu(F.conv2d(x.float(), wt.float(), b, padding=pad))
+    ref = F.max_pool2d(ref, 2, 2, ceil_mode=True) if pool else ref
+    scale = float(ref.abs().max())
+    item = {
+        "name": f"triton_conv_{name}",
+        "ms": bench(tri, cuda) * 1e3,
+        "torch_ms": bench(eager, cuda) * 1e3,
+        "err_over_max": float((got.float() - ref).abs().max()) / scale,
+        "torch_err_over_max": float((want.float() - ref).abs().max()) / scale,
+    }
+    fused = cuda_fast.cudnn_relu_conv(torch.nn.Conv2d(c, co, k, padding=pad).to(dev, dt))
+    if fused is not None and cuda:
+        try:
+            item["cudnn_relu_ms"] = bench(lambda: fused(x, (pad, pad)), cuda) * 1e3
+        except RuntimeError as ex:
+            item["cudnn_relu_error"] = str(ex)[:200]
+    rec.add("kernels", item)
+
+
+def _conv_epilogue(rec: Record, dev: str, cuda: bool, dry: bool) -> None:
+    """The Triton conv with its epilogue vs torch (conv + bias + ReLU (+ pool)) and cuDNN's fused
+    op, at FCN-8s 500x500 layer shapes; fc6 as a GEMM vs the conv."""
+    from fastfcn.kernels import conv_epilogue as ce
+    from fastfcn.runtime import cuda_fast
+
+    # (name, N, C_in, C_out, H, W, k, pad, pool)
+    cases = [
+        ("conv1_2_pool", 1, 64, 64, 698, 698, 3, 1, True),
+        ("conv3_3", 8, 256, 256, 175, 175, 3, 1, False),
+        ("conv5_3_pool", 8, 512, 512, 44, 44, 3, 1, True),
+    ]
+    if dry:
+        cases = [("conv_pool", 1, 16, 16, 9, 11, 3, 1, True), ("conv", 2, 16, 32, 8, 8, 3, 1, False)]
+    g = torch.Generator(device=dev).manual_seed(2)
+    for name, n, c, co, h, w, k, pad, pool in cases:
+        try:
+            for dt in (torch.float32, torch.bfloat16) if not pool or dry else (torch.bfloat16,):
+                label = f"{name}_{str(dt).split('.')[-1]}_b{n}"
+                _conv_case(rec, ce, cuda_fast, label, (n, c, co, h, w, k, pad), pool, dt, dev, g, cuda)
+                free(cuda)
+        except Exception as ex:  # noqa: BLE001
+            rec.error(f"triton conv {name}", ex)
+    try:  # fc6: 7x7, 512 -> 4096 on 22x22 (16x16 out): GEMM (cuBLAS split-K) vs cuDNN's conv
+        c, co, hw = (512, 4096, 22) if not dry else (16, 32, 9)
+        conv = torch.nn.Conv2d(c, co, 7).to(dev, torch.bfloat16).requires_grad_(False)
+        gemm = cuda_fast.gemm_conv(conv, relu=False)
+        for n in (1, 8) if not dry else (1,):
+            x = (
+                torch.randn(n, c, hw, hw, device=dev, generator=g)
+                .bfloat16()
+                .contiguous(memory_format=torch.channels_last)
+            )
+            with torch.inference_mode():
+                a, ref_out = gemm(x, (0, 0)), conv(x)
+                err = float((a.float() - ref_out.float()).abs().max() / ref_out.float().abs().max())
+                t_g = bench(lambda x=x: gemm(x, (0, 0)), cuda)
+                t_c = bench(lambda x=x: conv(x), cuda)
+            rec.add("kernels", {"name": f"fc6_gemm_vs_conv_b{n}", "ms": t_g * 1e3, "conv_ms": t_c * 1e3,
+                                "err_over_max": err})  # fmt: skip
+    except Exception as ex:  # noqa: BLE001
+        rec.error("fc6 gemm", ex)
+
+
 def stage_correctness(out: str, dry: bool) -> None:
     cuda = cuda_here(dry)
     dev = "cuda" if cuda else "cpu"
@@ -428,6 +506,7 @@ def stage_correctness(out: str, dry: bool) -> None:
     rec = Record(out, "correctness", device=dev, dry_run=dry)
     _final_stage(rec, dev, cuda, dry)
     _head_add_pool(rec, dev, cuda, dry)
+    _conv_epilogue(rec, dev, cuda, dry)
     _graph_path(rec, dev, dry)
 
 
@@ -596,6 +675,11 @@ def stage_profile(out: str, dry: bool) -> None:
             item["total_ms"] = sum(v[0] for v in cats.values())
             item["by_category_ms_count"] = {
                 k: [round(v[0], 4), v[1]] for k, v in sorted(cats.items(), key=lambda kv: -kv[1][0])
+            }
+            impls = getattr(seg._backend.model, "_conv_impls", {})
+            item["conv_choices"] = {
+                name: {str(k[0]): v for k, v in getattr(getattr(impl, "chooser", None), "choice", {}).items()}
+                for name, impl in impls.items()
             }
             item["top_kernels_ms"] = [
                 [k[:100], round(ms, 4), cnt] for k, ms, cnt in sorted(rows, key=lambda r: -r[1])[:15]

@@ -59,6 +59,9 @@ def test_dry_run_writes_every_stage(tmp_path):
             and k["probs_max_abs_err"] < 1e-5
         )
         assert all(v["equals_chosen"] for n, v in kernels.items() if n.startswith(f"variant_{kind}_labels"))
+    convs = [v for n, v in kernels.items() if n.startswith("triton_conv_")]
+    assert len(convs) == 4
+    assert all(v["err_over_max"] < (1e-5 if "float32" in v["name"] else 2e-2) for v in convs)
     exact = [v["exact"] for n, v in kernels.items() if n.startswith(("maxpool", "unpool"))]
     assert len(exact) == 6 and all(exact)
     checks = data["correctness"]["graph_checks"]

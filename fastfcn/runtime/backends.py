@@ -17,7 +17,8 @@ Registered backends:
 - ``fused``: BatchNorm folded, the model's fused ops (Triton on CUDA, C++ on CPU),
   channels_last; on the CPU the backbone runs through NNPACK Winograd (3x3 convs with
   >= 64/128 channels) and prepacked oneDNN convolutions with the ReLU fused (``cpu_fast``);
-  on CUDA cuDNN autotuning and CUDA graphs.
+  on CUDA each backbone conv's bias + ReLU (and a block's pool) fused into the convolution and
+  fc6 as a GEMM where measured faster (``cuda_fast``), cuDNN autotuning and CUDA graphs.
 - ``compile``: ``torch.compile`` (inductor) of the reference with BatchNorm folded,
   channels_last and inductor freezing.
 - ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported lazily).
