@@ -4,13 +4,14 @@
 # machine's start included, so one run plus one rerun):
 #
 #   stage        cap (s)  what
-#   env             25    device, driver, versions; copy bandwidth, bf16/fp32 matmul TFLOP/s
-#   correctness     95    every Triton kernel compiled vs the reference at full size; CUDA graphs
-#   headline       190    FCN-8s 500x500 bf16 fused/torch/compile at batch 1, 8, 32
-#   profile         45    device time per kernel category, fused and torch
-#   tests           90    pytest -m gpu, then tests/test_ops.py compiled (45 s each)
+#   env             20    device, driver, versions; copy bandwidth, bf16/fp32 matmul TFLOP/s
+#   correctness    120    every Triton kernel compiled vs the reference at full size; CUDA graphs;
+#                         the conv-epilogue candidates vs torch and cuDNN
+#   headline       160    FCN-8s 500x500 bf16 fused/torch/compile at batch 1, 8, 32 (compile last)
+#   profile         40    device time per kernel category, fused and torch
+#   tests           80    pytest -m gpu, then tests/test_ops.py compiled (40 s each)
 #   summary         10
-#   total          455 s + 5 s kill grace per stage = 485 s at the very worst; ~6 min expected
+#   total          430 s + nvidia-smi 10 s + 5 s kill grace per timeout (8) = 480 s at the very worst
 #
 # Results go to the folder given as the first argument, else $FC_OUT, else $OUT (the device
 # tool's), else ./fc_out: env.json correctness.json headline.json profile.json tests.log
@@ -69,22 +70,22 @@ stage() {  # stage NAME CAP [extra args]
 if has env; then
     timeout -k 5 10 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.sm,power.draw,temperature.gpu,memory.used \
         --format=csv >>"$LOG" 2>&1 || echo "nvidia-smi: not available" >>"$LOG"
-    stage env 25
+    stage env 20
 fi
-has correctness && stage correctness 95
-has headline && stage headline 190 --budget 175
-has profile && stage profile 45
+has correctness && stage correctness 120
+has headline && stage headline 160 --budget 145
+has profile && stage profile 40
 
 if has tests; then
-    say "tests (cap 2 x 45 s)"
+    say "tests (cap 2 x 40 s)"
     TO=()
-    "$PY" -c "import pytest_timeout" 2>/dev/null && TO=(--timeout=40)
+    "$PY" -c "import pytest_timeout" 2>/dev/null && TO=(--timeout=35)
     PT=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short "${TO[@]}")
     [ "$DRY" = 1 ] && PT+=(--collect-only)  # the dry run checks that both selections collect
     echo "--- pytest -m gpu (full-size kernels, CUDA-graph path)" >"$OUTDIR/tests.log"
-    timeout -k 5 45 "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py >>"$OUTDIR/tests.log" 2>&1
+    timeout -k 5 40 "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py >>"$OUTDIR/tests.log" 2>&1
     echo "--- tests/test_ops.py compiled (not gpu)" >>"$OUTDIR/tests.log"
-    timeout -k 5 45 "${PT[@]}" -m "not gpu" tests/test_ops.py >>"$OUTDIR/tests.log" 2>&1
+    timeout -k 5 40 "${PT[@]}" -m "not gpu" tests/test_ops.py >>"$OUTDIR/tests.log" 2>&1
     grep -E "(passed|failed|error|tests? collected|selected)" "$OUTDIR/tests.log" | tee -a "$LOG"
 fi
 has summary && stage summary 10 && tail -n 60 "$OUTDIR/summary.txt"
