@@ -83,9 +83,12 @@ if has tests; then
     PT=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short "${TO[@]}")
     [ "$DRY" = 1 ] && PT+=(--collect-only)  # the dry run checks that both selections collect
     echo "--- pytest -m gpu (full-size kernels, CUDA-graph path)" >"$OUTDIR/tests.log"
-    timeout -k 5 40 "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py >>"$OUTDIR/tests.log" 2>&1
-    echo "--- tests/test_ops.py compiled (not gpu)" >>"$OUTDIR/tests.log"
-    timeout -k 5 40 "${PT[@]}" -m "not gpu" tests/test_ops.py >>"$OUTDIR/tests.log" 2>&1
+    timeout -k 5 40 "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py tests/test_gpu_readiness.py \
+        >>"$OUTDIR/tests.log" 2>&1
+    echo "--- tests/test_ops.py and the Triton conv tests compiled (not gpu)" >>"$OUTDIR/tests.log"
+    timeout -k 5 40 "${PT[@]}" -m "not gpu" tests/test_ops.py \
+        tests/test_gpu_readiness.py::test_triton_conv_bias_relu_pool_matches_reference \
+        tests/test_gpu_readiness.py::test_triton_conv_bf16_and_bad_input >>"$OUTDIR/tests.log" 2>&1
     grep -E "(passed|failed|error|tests? collected|selected)" "$OUTDIR/tests.log" | tee -a "$LOG"
 fi
 has summary && stage summary 10 && tail -n 60 "$OUTDIR/summary.txt"

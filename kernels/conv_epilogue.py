@@ -129,7 +129,7 @@ def conv_bias_relu(x, packed, bias, kernel, padding, stride=1, dilation=1, pool=
     if ho < 1 or wo < 1:
         raise ValueError(f"a {h}x{w} input is too small for a {kh}x{kw} conv with padding {padding}")
     hp, wp = ((ho + 1) // 2, (wo + 1) // 2) if pool else (ho, wo)
-    if max(n * hp * wp, h * w, ho * wo) >= 2**31 - 4096:
+    if max(n * hp * wp, n * h * w, n * ho * wo) >= 2**31 - 4096:  # int32 pixel indices over the batch
         raise ValueError(f"input {tuple(x.shape)} has too many pixels for one launch; split the batch")
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, cout, hp, wp), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)

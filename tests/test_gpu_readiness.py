@@ -344,6 +344,10 @@ def test_triton_conv_bf16_and_bad_input():
         ce.conv_bias_relu(x, ce.pack_weight(wt), b.bfloat16(), (3, 3), (1, 1))
     with pytest.raises(ValueError, match="too small"):
         ce.conv_bias_relu(x[..., :2, :2], ce.pack_weight(wt), b, (3, 3), (0, 0))
+    big = torch.empty(1, 1, 46341, 46341, device="meta")  # 2**31 pixels: past int32 pixel indices
+    with pytest.raises(ValueError, match="too many pixels"):
+        meta = {"device": "meta"}
+        ce.conv_bias_relu(big, torch.empty(9, 4, **meta), torch.empty(4, **meta), (3, 3), (1, 1))
 
 
 def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
@@ -392,3 +396,20 @@ def test_backbone_runner_hands_the_pool_to_conv_pool():
     assert torch.equal(got, want)
     assert [c for c in calls if c[0] == "conv_pool"] == [("conv_pool", 2, 2)] * 5  # conv1_2 .. conv5_3
     assert sum(c[0] == "conv" for c in calls) == 13
+
+
+@pytest.mark.gpu
+def test_fused_cuda_backend_chooses_an_epilogue_for_every_conv():
+    """On a GPU: every backbone conv of the fused backend has measured its candidates once per
+    shape (during the graph warm-up), and the result agrees with the fp32 reference."""
+    m = build("fcn8s", 21, 0.25).eval()
+    seg = fastfcn.Segmenter(m, device="cuda", precision="bf16")
+    ref = fastfcn.Segmenter(m, device="cuda", backend="torch", precision="fp32")
+    batch = _images(2, 64, 80, seed=1)
+    got, want = seg.run(batch, "logits").cpu(), ref.run(batch, "logits").cpu()
+    impls = seg._backend.model._conv_impls
+    assert len(impls) == 13 and all(len(i.chooser.choice) == 1 for i in impls.values())
+    pooled = [i for i in impls.values() if i._pool_choosers]
+    assert len(pooled) == 5 and all(len(c.choice) == 1 for i in pooled for c in i._pool_choosers.values())
+    assert float((got - want).abs().max() / (want.max() - want.min())) < 0.03
+    assert float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.98
