@@ -248,16 +248,32 @@ def test_fc6_gemm_path_agrees_and_is_chosen_by_measurement(dtype):
     conv = _conv(16, 24, 7, 0).to(dtype)
     x = torch.randn(2, 16, 12, 13).to(dtype).contiguous(memory_format=torch.channels_last)
     want = conv(x)
-    gemm = cuda_fast.gemm_conv(conv, relu=False)(x, (0, 0))
-    assert gemm.shape == want.shape and gemm.is_contiguous(memory_format=torch.channels_last)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(gemm.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
-    fc6 = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([1.0, 2.0]))
+    for split in (1, 4, 8):  # cuBLAS's own choice, and explicit split-K over 4 and 8 slices of K
+        got = cuda_fast.gemm_conv(conv, relu=False, split=split)(x, (0, 0))
+        assert got.shape == want.shape and got.dtype == dtype
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    fc6 = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([1.0, 2.0, 3.0, 4.0]))
+    assert list(fc6.chooser.candidates) == ["gemm", "gemm_splitk4", "gemm_splitk8", "eager"]
     assert fc6.weight is conv.weight and set(fc6.state_dict()) == {"weight", "bias"}
     fc6(x)
     assert list(fc6.chooser.choice.values()) == ["gemm"]
-    slow = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([2.0, 1.0]))
+    split = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([3.0, 2.0, 1.0, 4.0]))
+    got = split(x)
+    assert list(split.chooser.choice.values()) == ["gemm_splitk8"]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    slow = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([2.0, 2.0, 2.0, 1.0]))
     assert torch.equal(slow(x), want) and list(slow.chooser.choice.values()) == ["eager"]
+
+
+def test_splitk_matmul():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 40, generator=g), torch.randn(40, 3, generator=g)
+    for split in (1, 2, 4, 8):
+        torch.testing.assert_close(cuda_fast.splitk_matmul(a, b, split), a @ b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="multiple of split"):
+        cuda_fast.splitk_matmul(a, b, 3)
 
 
 def test_gemm_path_refuses_large_outputs():

@@ -15,7 +15,8 @@ them) would win by. Two remedies, both per layer and both measured before use:
 - ``gemm`` (fc6 at small batch): fc6 is a 7x7 conv, 512 -> 4096, over 22x22 at 500x500, i.e.
   a GEMM of M = 256 N output positions, N = 4096, K = 25088. At batch 1 an implicit-GEMM
   convolution has few output tiles for 132 SMs; im2col + cuBLAS matmul lets cuBLAS split K
-  across SMs (its heuristics do split-K for such shapes).
+  across SMs where its heuristics do, and ``gemm_splitk4`` / ``gemm_splitk8`` split K
+  explicitly (one batched GEMM over the K slices, partials summed in fp32).
 
 ``eager`` (torch's conv2d, then bias and ReLU as torch does them) is always a candidate and
 the fallback: when cuDNN's fused op is missing from this torch build or refuses a call (a
@@ -42,6 +43,9 @@ from .cuda_graphs import is_oom
 # im2col for the GEMM path costs rows x K elements (fc6: K = 25088): at most 2048 rows
 # (batch 8 at 500x500, 103 MB in bf16), beyond which the conv's own tiles fill the GPU anyway.
 GEMM_MAX_ROWS = 2048
+
+# explicit split-K factors tried for fc6 (K = 512 * 49 = 25088 divides by each)
+SPLITS = (4, 8)
 
 Timer = Callable[[Callable[[], object], bool], float]
 
@@ -137,8 +141,28 @@ def cudnn_relu_conv(conv: nn.Conv2d):
     return run
 
 
-def gemm_conv(conv: nn.Conv2d, relu: bool):
-    """The conv as im2col + one matmul (cuBLAS chooses split-K): output channels_last."""
+def splitk_matmul(a: torch.Tensor, b: torch.Tensor, split: int) -> torch.Tensor:
+    """a (M, K) @ b (K, N) as ``split`` partial products over K slices, summed in fp32: (M, N).
+
+    Each slice is one GEMM of a batched call, so a small M x N (fc6 at batch 1: 256 x 4096,
+    64 tiles of 128 x 128 for 132 SMs) still fills the GPU. On CUDA the bf16 / fp16 partials
+    come out in fp32 (``bmm(..., out_dtype)``); elsewhere the operands are upcast.
+    """
+    m, k = a.shape
+    if k % split:
+        raise NotImplementedError(f"K={k} is not a multiple of split={split}")
+    a3 = a.view(m, split, k // split).transpose(0, 1)  # (S, M, K/S), a strided view
+    b3 = b.reshape(split, k // split, b.shape[1])
+    if a.is_cuda and a.dtype != torch.float32:
+        parts = torch.bmm(a3, b3, out_dtype=torch.float32)
+    else:
+        parts = torch.bmm(a3.float(), b3.float())
+    return parts.sum(0)
+
+
+def gemm_conv(conv: nn.Conv2d, relu: bool, split: int = 1):
+    """The conv as im2col + one matmul (split 1: cuBLAS decides on split-K itself) or an explicit
+    split-K over ``split`` slices of K: output channels_last."""
 
     def run(x, padding):
         n = x.shape[0]
@@ -149,12 +173,16 @@ def gemm_conv(conv: nn.Conv2d, relu: bool):
             raise NotImplementedError(f"{n * ho * wo} output rows exceed GEMM_MAX_ROWS={GEMM_MAX_ROWS}")
         cols = F.unfold(x, (kh, kw), dilation=conv.dilation, padding=tuple(padding), stride=conv.stride)
         w2 = conv.weight.reshape(conv.weight.shape[0], -1)
-        y = torch.matmul(cols.transpose(1, 2), w2.t())  # (N, L, C_out)
+        if split == 1:
+            y = torch.matmul(cols.transpose(1, 2), w2.t())  # (N, L, C_out)
+        else:
+            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, K)
+            y = splitk_matmul(a, w2.t(), split).view(n, ho * wo, -1)
         if conv.bias is not None:
             y = y.add_(conv.bias)
         if relu:
             y = y.relu_()
-        return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+        return y.to(x.dtype).view(n, ho, wo, -1).permute(0, 3, 1, 2)
 
     return run
 
@@ -242,7 +270,11 @@ class ChosenConv2d(nn.Conv2d):
     def wrap(cls, conv: nn.Conv2d, timer: Timer = device_timer) -> ChosenConv2d:
         new = cls.__new__(cls)
         new.__dict__.update(conv.__dict__)  # the same Parameters: keys and weights unchanged
-        new.chooser = Chooser({"gemm": gemm_conv(new, False), "eager": eager_conv(new, False)}, timer)
+        cands = {"gemm": gemm_conv(new, False)}
+        for split in SPLITS:
+            cands[f"gemm_splitk{split}"] = gemm_conv(new, False, split)
+        cands["eager"] = eager_conv(new, False)
+        new.chooser = Chooser(cands, timer)
         return new
 
 
