@@ -15,9 +15,15 @@ from ..errors import BackendUnavailableError, CheckpointError, InputError
 from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
 from .backends import PRECISIONS, Backend, available_backends, create_backend
+from .cuda_graphs import CapturedForward, is_oom
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# The TF32 switches are process-wide: a Segmenter at fp32 or tf32 on CUDA holds this lock while
+# its forward runs with its own setting, so Segmenters of different precisions in other threads
+# never see each other's. bf16 / fp16 convolutions do not read them and never take it.
+_TF32_LOCK = threading.Lock()
 
 
 def _resolve_device(device) -> torch.device:
@@ -54,28 +60,6 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
     return precision
-
-
-class _Graph:
-    """One captured CUDA graph: preprocessing + forward for one (kind, N, H, W, output),
-    with its static input, pinned host staging buffer and static output."""
-
-    def __init__(self, seg: Segmenter, kind: str, shape: tuple, dtype: torch.dtype, output: str, pool):
-        dev = seg.device
-        self.static_in = torch.zeros(shape, dtype=dtype, device=dev)
-        self.pinned = torch.empty(shape, dtype=dtype, pin_memory=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record(seg._stream)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(seg._stream)
-        with torch.cuda.stream(side), torch.inference_mode():
-            # Warm-up outside the capture: cuDNN autotuning (benchmark mode) and lazy inits.
-            for _ in range(2):
-                seg._compute(self.static_in, kind, output)
-        seg._stream.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool, stream=side):
-            self.static_out = seg._finish(seg._compute(self.static_in, kind, output))
 
 
 class Segmenter:
@@ -317,19 +301,22 @@ class Segmenter:
 
     @contextmanager
     def _precision_flags(self):
-        # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default, so the flags are
-        # set for the call (under the lock) and restored afterwards.
-        if self._device.type != "cuda":
+        # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default. The precision is fixed
+        # per Segmenter; the flags are written only when they differ from it (with CUDA graphs
+        # the forward runs in Python only while capturing), and only for fp32 / tf32.
+        if self._device.type != "cuda" or self._precision not in ("fp32", "tf32"):
             yield
             return
         tf32 = self._precision == "tf32"
-        old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+        with _TF32_LOCK:
+            old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            if old != (tf32, tf32):
+                torch.backends.cudnn.allow_tf32 = tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                yield
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
     # --------------------------------------------------------------------- CUDA
     def _run_cuda(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
@@ -351,7 +338,9 @@ class Segmenter:
                 return self._replay(t, kind, output)
             x = t.to(self._device, non_blocking=False)
             return self._finish(self._compute(x, kind, output))
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # OutOfMemoryError, or an untyped one from a graph capture
+            if not is_oom(e):
+                raise
             self._graphs.clear()
             torch.cuda.empty_cache()
             n = t.shape[0]
@@ -373,17 +362,12 @@ class Segmenter:
         if g is None:
             while len(self._graphs) >= self._graph_cache:
                 self._graphs.popitem(last=False)
-            g = _Graph(self, kind, tuple(t.shape), dtype, output, self._pool)
+
+            def forward(static_in):
+                return self._finish(self._compute(static_in, kind, output))
+
+            g = CapturedForward(forward, tuple(t.shape), dtype, self._device, self._stream, self._pool)
             self._graphs[key] = g
         else:
             self._graphs.move_to_end(key)
-        if t.device.type == "cpu":
-            # Pinned staging: wait only for this buffer's previous upload, then copy asynchronously.
-            g.copied.synchronize()
-            g.pinned.copy_(t)
-            g.static_in.copy_(g.pinned, non_blocking=True)
-            g.copied.record(self._stream)
-        else:
-            g.static_in.copy_(t)
-        g.graph.replay()
-        return g.static_out.clone()
+        return g.run(t)
