@@ -71,6 +71,7 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
     kept. A directory, or a parent path that is a file, is a CheckpointError. Returns the path.
     """
     path = Path(path)
+    save_target(path)  # a directory or a parent that is a file: refused before any work
     model = getattr(model, "module", model) if isinstance(model, nn.DataParallel) else model
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, Mapping):

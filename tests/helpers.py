@@ -1,5 +1,8 @@
 """Helpers shared by the test files (tests/ is on sys.path under pytest's default import mode)."""
 
+import struct
+
+import numpy as np
 import torch
 
 
@@ -25,3 +28,74 @@ def randomize_batchnorm(model, mean=0.5, var=(0.5, 2.0), weight=(0.5, 1.5), bias
                 mod.weight.uniform_(*weight)
                 mod.bias.uniform_(-bias, bias)
     return model
+
+
+# .caffemodel bytes for tests: a minimal protobuf encoder for NetParameter, LayerParameter,
+# V1LayerParameter and BlobProto.
+
+
+def pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_key(field: int, wt: int) -> bytes:
+    return pb_varint(field << 3 | wt)
+
+
+def pb_ld(field: int, payload: bytes) -> bytes:
+    return pb_key(field, 2) + pb_varint(len(payload)) + payload
+
+
+def caffe_blob(
+    t: torch.Tensor, packed=True, legacy=False, packed_dims=True, double=False, shape=None
+) -> bytes:
+    a = t.detach().numpy().astype(np.float64 if double else np.float32)
+    dims = list(shape if shape is not None else a.shape)
+    if legacy:
+        dims = [1] * (4 - len(dims)) + dims
+        out = b"".join(pb_key(f, 0) + pb_varint(d) for f, d in zip((1, 2, 3, 4), dims))
+    elif packed_dims:
+        out = pb_ld(7, pb_ld(1, b"".join(pb_varint(d) for d in dims)))
+    else:
+        out = pb_ld(7, b"".join(pb_key(1, 0) + pb_varint(d) for d in dims))
+    flat = a.reshape(-1)
+    if double:
+        out += pb_ld(8, flat.astype("<f8").tobytes())
+    elif packed:
+        out += pb_ld(5, flat.astype("<f4").tobytes())
+    else:
+        out += b"".join(pb_key(5, 5) + struct.pack("<f", x) for x in flat.tolist())
+    return out
+
+
+def caffe_layer(name: str, ltype: str, blobs: list[bytes]) -> bytes:
+    # bottom/top strings and a convolution_param (field 106) that the reader must skip.
+    extra = pb_ld(3, b"data") + pb_ld(4, name.encode()) + pb_ld(106, pb_key(1, 0) + pb_varint(64))
+    return pb_ld(1, name.encode()) + pb_ld(2, ltype.encode()) + extra + b"".join(pb_ld(7, b) for b in blobs)
+
+
+def caffe_v1_layer(name: str, type_enum: int, blobs: list[bytes]) -> bytes:
+    return (
+        pb_ld(2, b"data")
+        + pb_ld(4, name.encode())
+        + pb_key(5, 0)
+        + pb_varint(type_enum)
+        + b"".join(pb_ld(6, b) for b in blobs)
+    )
+
+
+def caffe_v0_layer(name: str, ltype: str, blobs: list[bytes]) -> bytes:
+    return pb_ld(
+        1, pb_ld(1, name.encode()) + pb_ld(2, ltype.encode()) + b"".join(pb_ld(50, b) for b in blobs)
+    )
+
+
+def caffe_net(layers: list[bytes], v1=False) -> bytes:
+    field = 2 if v1 else 100
+    return pb_ld(1, b"FCN") + pb_ld(3, b"data") + b"".join(pb_ld(field, ly) for ly in layers)
