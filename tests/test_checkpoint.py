@@ -856,3 +856,53 @@ def test_save_follows_a_symlink_and_keeps_it(tmp_path):
     target.unlink()
     fastfcn.save(cached("fcn32s"), link)
     assert link.is_symlink() and fastfcn.load(target).config["arch"] == "fcn32s"
+
+
+def _rss(field: str) -> int:
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def _peak_rss_of(fn) -> int:
+    """Peak RSS growth while ``fn()`` runs. Freed heap goes back to the OS first (malloc_trim),
+    so ``fn`` cannot reuse resident pages unseen; the peak (VmHWM) is reset through
+    /proc/self/clear_refs."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss("VmRSS")
+    out = fn()
+    peak = _rss("VmHWM") - before
+    del out
+    return peak
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory):
+    torch.manual_seed(0)
+    m = build("fcn32s", num_classes=21, width=0.25).eval()  # 39 MiB, fc6 alone 24.5 MiB
+    d = tmp_path_factory.mktemp("big")
+    paths = {".safetensors": fastfcn.save(m, d / "m.safetensors"), ".pt": fastfcn.save(m, d / "m.pt"),
+             ".caffemodel": d / "m.caffemodel"}  # fmt: skip
+    paths[".caffemodel"].write_bytes(_caffe_fcn(m, v1=False))
+    for p in paths.values():
+        fastfcn.load(p)  # lazy imports and first-call allocations happen before any measurement
+    return paths, sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".caffemodel"])
+def test_load_peak_memory_is_about_twice_the_tensor_bytes(big_files, suffix):
+    """The file's tensors plus the model, nothing more: measured 2.07x for all three formats
+    on a 135 MiB FCN-32s (3.1x to 3.35x before the finiteness check, the caffemodel decoder
+    and reader stopped making whole-tensor and whole-file temporaries). At 39 MiB the fixed
+    part (allocator retention, the model's filled upsampling weights) is up to 14 MiB."""
+    paths, held = big_files
+    peak = _peak_rss_of(lambda: fastfcn.load(paths[suffix]))
+    assert held < peak <= 2 * held + 24 * 2**20, f"peak {peak / 2**20:.1f} MiB for {held / 2**20:.1f} MiB"
