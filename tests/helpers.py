@@ -99,3 +99,32 @@ def caffe_v0_layer(name: str, ltype: str, blobs: list[bytes]) -> bytes:
 def caffe_net(layers: list[bytes], v1=False) -> bytes:
     field = 2 if v1 else 100
     return pb_ld(1, b"FCN") + pb_ld(3, b"data") + b"".join(pb_ld(field, ly) for ly in layers)
+
+
+def tiny_onnx(path, config, *, channels=None, stride=1, input_dims=None, output_dims=None, export=None):
+    """A one-node fastfcn-style ONNX file: ``input`` float32 (N, 3, H, W) -> 1x1 conv ->
+    ``logits`` (N, channels, H / stride, W / stride), with ``config`` (a dict, or raw text)
+    under ``fastfcn.config`` and ``export`` (dict or text) under ``fastfcn.export``.
+    input_dims / output_dims override the declared shapes (default: symbolic N, H, W)."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = channels if channels is not None else config["num_classes"]
+    w = numpy_helper.from_array(np.linspace(-1, 1, c * 3, dtype=np.float32).reshape(c, 3, 1, 1), "w")
+    node = helper.make_node("Conv", ["input", "w"], ["logits"], strides=[stride, stride])
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                        input_dims or ["batch", 3, "height", "width"])  # fmt: skip
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                        output_dims or ["batch", c, "height", "width"])  # fmt: skip
+    model = helper.make_model(helper.make_graph([node], "g", [inp], [out], [w]),
+                              opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+    model.ir_version = 8
+    if export is None:
+        export = {"precision": "fp32", "dynamic": True, "opset": 18, "input": "input", "output": "logits",
+                  "input_shape": None}  # fmt: skip
+    for key, value in (("fastfcn.config", config), ("fastfcn.export", export)):
+        model.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    onnx.save(model, str(path))
+    return path
