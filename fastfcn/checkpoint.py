@@ -364,7 +364,7 @@ def _check_st_entry(name: str, v, path) -> int:
     if not isinstance(v, dict):
         bad("not an object")
     dtype, shape, offs = v.get("dtype"), v.get("shape"), v.get("data_offsets")
-    if dtype not in _ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
         bad(f"dtype {dtype!r}; expected one of {sorted(_ST_DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):  # fmt: skip
@@ -790,17 +790,18 @@ def _decode_blob(buf: memoryview) -> torch.Tensor:
     for field, wt, v in _fields(buf):
         if field in (1, 2, 3, 4) and wt == 0:
             legacy[field - 1] = v
-        elif field == 5:
-            if wt == 2 and len(v) % 4:
-                raise _WireError("packed float data whose length is not a multiple of 4")
-            chunks.append(np.frombuffer(v, dtype="<f4"))
-        elif field == 8:
-            if wt == 2 and len(v) % 8:
-                raise _WireError("packed double data whose length is not a multiple of 8")
-            dchunks.append(np.frombuffer(v, dtype="<f8"))
+        elif field in (5, 8):
+            # float data: packed (wire type 2) or one fixed32 each; double data: fixed64.
+            size, fixed = (4, 5) if field == 5 else (8, 1)
+            if wt not in (2, fixed) or len(v) % size:
+                raise _WireError(f"blob data (field {field}) of wire type {wt}; expected whole "
+                                 f"{'floats' if size == 4 else 'doubles'}")  # fmt: skip
+            (chunks if field == 5 else dchunks).append(np.frombuffer(v, dtype=f"<f{size}"))
         elif field == 7 and wt == 2:
             dims = []
             for f2, wt2, d in _fields(v):
+                if f2 == 1 and wt2 not in (0, 2):
+                    raise _WireError(f"a blob dim of wire type {wt2}; expected a varint")
                 if f2 == 1:
                     dims.extend(_packed_varints(d) if wt2 == 2 else [d])
     if chunks and dchunks:
@@ -860,8 +861,10 @@ def _read_layers(f, size: int, path: Path) -> list[CaffeLayer]:
             for f, w, x in _fields(v):
                 if f == name_f and w == 2:
                     name = bytes(x).decode("utf-8", "replace")
-                elif f == type_f:
-                    ltype = bytes(x).decode("utf-8", "replace") if w == 2 else _V1_TYPES.get(x, f"V1:{x}")
+                elif f == type_f and w == 2:
+                    ltype = bytes(x).decode("utf-8", "replace")
+                elif f == type_f and w == 0:
+                    ltype = _V1_TYPES.get(x, f"V1:{x}")
                 elif f == blob_f and w == 2:
                     blobs.append(_decode_blob(x))
             if blobs:

@@ -101,6 +101,33 @@ def caffe_net(layers: list[bytes], v1=False) -> bytes:
     return pb_ld(1, b"FCN") + pb_ld(3, b"data") + b"".join(pb_ld(field, ly) for ly in layers)
 
 
+def caffe_fcn(m, v1: bool) -> bytes:
+    """An FCN state dict as a caffemodel, varying the encodings across layers."""
+    layers = [caffe_layer("data", "Input", []) if not v1 else caffe_v1_layer("data", 5, [])]
+    for i, (name, mod) in enumerate(m.named_children()):
+        if not hasattr(mod, "weight"):
+            layers.append(caffe_layer(name, "ReLU", []) if not v1 else caffe_v1_layer(name, 18, []))
+            continue
+        small = mod.weight.numel() < 2000
+        w_kwargs = {"packed": not small, "legacy": v1 and i % 2 == 0, "packed_dims": i % 3 != 0,
+                    "double": name == "score_fr"}  # fmt: skip
+        if name == "fc7":
+            w_kwargs["shape"] = mod.weight.shape[:2]  # InnerProduct-shaped (out, in)
+        blobs = [caffe_blob(mod.weight, **w_kwargs)]
+        if getattr(mod, "bias", None) is not None:
+            # Legacy Caffe biases are (1, 1, 1, C).
+            blobs.append(caffe_blob(mod.bias, packed=i % 2 == 1, legacy=v1))
+        ltype = "Deconvolution" if isinstance(mod, torch.nn.ConvTranspose2d) else "Convolution"
+        if v1 and name == "conv1_1":
+            layers.append(caffe_v0_layer(name, "conv", blobs))
+        elif v1:
+            layers.append(caffe_v1_layer(name, 39 if ltype == "Deconvolution" else 4, blobs))
+        else:
+            layers.append(caffe_layer(name, ltype, blobs))
+    layers.append(caffe_layer("loss", "SoftmaxWithLoss", []) if not v1 else caffe_v1_layer("loss", 21, []))
+    return caffe_net(layers, v1=v1)
+
+
 def tiny_onnx(path, config, *, channels=None, stride=1, input_dims=None, output_dims=None, export=None):
     """A one-node fastfcn-style ONNX file: ``input`` float32 (N, 3, H, W) -> 1x1 conv ->
     ``logits`` (N, channels, H / stride, W / stride), with ``config`` (a dict, or raw text)

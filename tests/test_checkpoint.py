@@ -10,10 +10,9 @@ import pytest
 import torch
 from helpers import (
     caffe_blob,
+    caffe_fcn,
     caffe_layer,
     caffe_net,
-    caffe_v0_layer,
-    caffe_v1_layer,
     pb_ld,
     randomize_batchnorm,
 )
@@ -328,40 +327,13 @@ def _safetensors_meta(path):
 
 
 # ------------------------------------------------------------------------------------------- caffemodel
-def _caffe_fcn(m, v1: bool) -> bytes:
-    """An FCN state dict as a caffemodel, varying the encodings across layers."""
-    layers = [caffe_layer("data", "Input", []) if not v1 else caffe_v1_layer("data", 5, [])]
-    for i, (name, mod) in enumerate(m.named_children()):
-        if not hasattr(mod, "weight"):
-            layers.append(caffe_layer(name, "ReLU", []) if not v1 else caffe_v1_layer(name, 18, []))
-            continue
-        small = mod.weight.numel() < 2000
-        w_kwargs = {"packed": not small, "legacy": v1 and i % 2 == 0, "packed_dims": i % 3 != 0,
-                    "double": name == "score_fr"}  # fmt: skip
-        if name == "fc7":
-            w_kwargs["shape"] = mod.weight.shape[:2]  # InnerProduct-shaped (out, in)
-        blobs = [caffe_blob(mod.weight, **w_kwargs)]
-        if getattr(mod, "bias", None) is not None:
-            # Legacy Caffe biases are (1, 1, 1, C).
-            blobs.append(caffe_blob(mod.bias, packed=i % 2 == 1, legacy=v1))
-        ltype = "Deconvolution" if isinstance(mod, torch.nn.ConvTranspose2d) else "Convolution"
-        if v1 and name == "conv1_1":
-            layers.append(caffe_v0_layer(name, "conv", blobs))
-        elif v1:
-            layers.append(caffe_v1_layer(name, 39 if ltype == "Deconvolution" else 4, blobs))
-        else:
-            layers.append(caffe_layer(name, ltype, blobs))
-    layers.append(caffe_layer("loss", "SoftmaxWithLoss", []) if not v1 else caffe_v1_layer("loss", 21, []))
-    return caffe_net(layers, v1=v1)
-
-
 @pytest.mark.parametrize("v1", [False, True], ids=["layer", "v1-layers"])
 def test_caffemodel_fcn8s(tmp_path, v1):
     m = _model("fcn8s", seed=5)
     with torch.no_grad():
         m.upscore2.weight.normal_(0, 0.1)
     path = tmp_path / "fcn8s.caffemodel"
-    path.write_bytes(_caffe_fcn(m, v1))
+    path.write_bytes(caffe_fcn(m, v1))
     layers = read_caffemodel(path)
     assert [ly.name for ly in layers][:2] == ["conv1_1", "conv1_2"]
     assert tuple(layers[0].blobs[0].shape) == (8, 3, 3, 3)
@@ -413,7 +385,7 @@ def test_caffemodel_batchnorm_without_scale_is_identity_affine(tmp_path):
 
 def test_caffemodel_unexpected_layer_is_named(tmp_path):
     m = cached("fcn32s")
-    raw = _caffe_fcn(m, v1=False) + pb_ld(
+    raw = caffe_fcn(m, v1=False) + pb_ld(
         100, caffe_layer("mystery", "Convolution", [caffe_blob(torch.zeros(2, 2))])
     )
     path = tmp_path / "x.caffemodel"
@@ -461,7 +433,7 @@ def test_truncated_file(tmp_path, suffix, keep):
     m = cached("fcn32s")
     p = tmp_path / f"m{suffix}"
     if suffix == ".caffemodel":
-        p.write_bytes(_caffe_fcn(m, v1=False))
+        p.write_bytes(caffe_fcn(m, v1=False))
     else:
         fastfcn.save(m, p)
     data = p.read_bytes()
@@ -713,7 +685,7 @@ def test_caffe_blob_with_absurd_dims(tmp_path):
 
 def _atonce_caffemodel(m, pool4=0.01, pool3=0.0001) -> bytes:
     """voc-fcn8s-atonce's layout: the FCN-8s layers plus two Scale layers with one fixed blob."""
-    body = _caffe_fcn(m, v1=False)
+    body = caffe_fcn(m, v1=False)
     scales = [caffe_layer("scale_pool4", "Scale", [caffe_blob(torch.tensor([pool4]))]),
               caffe_layer("scale_pool3", "Scale", [caffe_blob(torch.tensor([pool3]))])]  # fmt: skip
     return body + b"".join(pb_ld(100, s) for s in scales)
@@ -890,7 +862,7 @@ def big_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("big")
     paths = {".safetensors": fastfcn.save(m, d / "m.safetensors"), ".pt": fastfcn.save(m, d / "m.pt"),
              ".caffemodel": d / "m.caffemodel"}  # fmt: skip
-    paths[".caffemodel"].write_bytes(_caffe_fcn(m, v1=False))
+    paths[".caffemodel"].write_bytes(caffe_fcn(m, v1=False))
     for p in paths.values():
         fastfcn.load(p)  # lazy imports and first-call allocations happen before any measurement
     return paths, sum(t.numel() * t.element_size() for t in m.state_dict().values())
