@@ -21,8 +21,14 @@ keys (``fcn8s`` / ``fcn16s`` / ``fcn32s`` / ``fcn-alexnet`` / ``deconvnet`` /
 ``dilated-frontend`` / ``dilated-context``), num_classes from the last score
 layer, width from the channel counts. FCN-8s and FCN-8s at-once have the same
 keys and shapes (at-once differs only by constant scales in the forward): such
-files load as ``fcn8s`` unless ``arch="fcn8s-atonce"`` is given. Preprocessing
-defaults (mean, BGR, 0..255) are the reference nets'.
+files load as ``fcn8s`` unless the file says otherwise (a torchfcn Trainer
+checkpoint's ``arch``, voc-fcn8s-atonce's Scale layers in a caffemodel) or
+``arch="fcn8s-atonce"`` is given. Preprocessing defaults (mean, BGR, 0..255) are
+the reference nets'.
+
+Trust: every size a file claims is checked before anything is allocated (see
+``load`` and ``fastfcn.config``), and every failure is one CheckpointError line
+naming the file. tests/test_fuzz_loaders.py holds the loaders to that.
 """
 
 from __future__ import annotations
