@@ -608,6 +608,14 @@ def test_stride0_views_are_refused(tmp_path):
     torch.save(sd, p)
     with pytest.raises(CheckpointError, match="tensor 'fc6.weight' of shape .* claims more elements"):
         fastfcn.load(p)
+    # Views of part of a larger storage (slices) are ordinary and still load.
+    m = cached("fcn32s")
+    sd = dict(m.state_dict())
+    w = sd["fc7.weight"]
+    sd["fc7.weight"] = torch.cat([w, torch.zeros_like(w)], dim=1)[:, : w.shape[1]]
+    assert not sd["fc7.weight"].is_contiguous()
+    torch.save(sd, p)
+    assert_same_weights(m, fastfcn.load(p))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
