@@ -58,15 +58,23 @@ def _is_finite_number(x) -> bool:
     return _is_number(x) and math.isfinite(x)
 
 
-def json_depth(obj) -> int:
-    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
-    depth, stack = 0, [(obj, 0)]
+MAX_CONFIG_VALUES = 1_000_000
+
+
+def json_depth(obj, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of parsed JSON or unpickled containers (a scalar is 0), without
+    recursion. Stops at ``limit + 1`` levels or MAX_CONFIG_VALUES values, returning
+    ``limit + 1``: a pickled config can be self-referential (a list holding itself)."""
+    depth, stack, seen = 0, [(obj, 0)], 0
     while stack:
         o, d = stack.pop()
         if isinstance(o, dict):
             o = list(o.values())
         if isinstance(o, (list, tuple)):
             depth = max(depth, d + 1)
+            seen += len(o)
+            if depth > limit or seen > MAX_CONFIG_VALUES:
+                return limit + 1
             stack.extend((v, d + 1) for v in o)
     return depth
 
@@ -106,6 +114,8 @@ def validate_config(c: Mapping, source) -> dict:
 
     if not isinstance(c, Mapping):
         bad(f"the config must be a JSON object; got {type(c).__name__}")
+    if json_depth(c) > MAX_JSON_DEPTH:
+        bad(f"the config nests deeper than {MAX_JSON_DEPTH} levels or holds over {MAX_CONFIG_VALUES} values")
     c = dict(c)
     arch = c.get("arch")
     if not isinstance(arch, str) or arch not in available():

@@ -656,6 +656,17 @@ def test_corrupt_safetensors_headers_are_one_line_errors(tmp_path, header, probl
     assert "\n" not in str(e.value)
 
 
+def test_self_referential_config_in_a_torch_file(tmp_path):
+    loop: list = []
+    loop.append(loop)
+    obj = {"format": "fastfcn", "config": dict(cached("fcn32s").config, meta={"x": loop}),
+           "state_dict": dict(cached("fcn32s").state_dict())}  # fmt: skip
+    p = tmp_path / "loop.pt"
+    torch.save(obj, p)
+    with pytest.raises(CheckpointError, match="loop.pt: the config nests deeper than 32 levels"):
+        fastfcn.load(p)
+
+
 def test_metadata_length_is_bounded(tmp_path):
     big = json.dumps({"arch": "fcn32s", "pad": "x" * (4 * 2**20)})
     p = _st_file(tmp_path / "big.safetensors", {"a": torch.zeros(1)}, None)
