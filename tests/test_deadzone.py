@@ -450,3 +450,19 @@ def test_bad_input():
         DeadZonePlan(Toy("dilated"), [Conv("conv4")], (2, 2))  # 3x3, no padding
     with pytest.raises(ValueError, match="4-d"):
         DeadZoneForward(model)(torch.zeros(3, 7, 13), {})
+
+
+def test_channels_last_and_autocast_have_their_own_entries():
+    model = fcn().to(memory_format=torch.channels_last)
+    fwd = DeadZoneForward(model)
+    x = (torch.randn(2, 3, 37, 50) * 50).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, ref = fwd(x, {}), run_steps(model, model.backbone, x, {})
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert_float32_equal(got, ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, ref = fwd(x, {}), run_steps(model, model.backbone, x, {})
+        assert got.dtype == ref.dtype == torch.bfloat16
+        # bf16 rounding of both is alike; bound it by 2 bf16 ulps of the largest value.
+        assert (got.float() - ref.float()).abs().max() <= 2 * 2**-8 * ref.float().abs().max()
+    assert len(fwd.cache) == 2
