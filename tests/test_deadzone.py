@@ -466,3 +466,17 @@ def test_channels_last_and_autocast_have_their_own_entries():
         # bf16 rounding of both is alike; bound it by 2 bf16 ulps of the largest value.
         assert (got.float() - ref.float()).abs().max() <= 2 * 2**-8 * ref.float().abs().max()
     assert len(fwd.cache) == 2
+
+
+def test_a_failed_build_leaves_the_cache_usable():
+    cache = DeadZoneCache()
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.get("k", broken)
+    assert len(cache) == 0 and not cache._building
+    entry = deadzone._Entry([[]], [None], [None])
+    assert cache.get("k", lambda: entry) is entry
+    assert cache.get("k", broken) is entry  # a hit builds nothing
