@@ -92,6 +92,11 @@ class Toy(nn.Module):
                 Conv("conv3"),
                 Conv("conv4", relu=False),
             )
+        elif kind == "sampler":  # a strided 1x1 conv that skips the image's columns 0-1
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 8, 1, stride=3, padding=1)
+            self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+            self.backbone = (Conv("conv1"), Pool(2, 2, tap="p1"), Conv("conv2"), Conv("conv3"), Pool(2, 2))
         else:
             raise ValueError(kind)
         randomize_batchnorm(self)
@@ -267,24 +272,30 @@ def test_backbone_maps_equal_run_steps_and_skip_is_dominant():
     assert sp.dependent_fraction < 0.01
 
 
-@pytest.mark.parametrize("kind, size, image", [("alexnet", (45, 30), None), ("dilated", (33, 50), None)])
-def test_other_step_kinds_equal_run_steps(kind, size, image):
-    model = Toy(kind)
-    fwd = DeadZoneForward(model)
-    x = torch.randn(3, 3, *size) * 50
-    with torch.no_grad():
-        ref_feats, feats = {}, {}
-        ref = run_steps(model, model.backbone, x, ref_feats)
-        got = fwd(x, feats)
-    assert_float32_equal(got, ref)
-    for tap in ref_feats:
-        assert_float32_equal(feats[tap], ref_feats[tap])
-
-
 def padded_input(n, size, image, g):
     x = torch.zeros(n, 3, *size)
     x[..., : image[0], : image[1]] = torch.randn(n, 3, *image, generator=g) * 50
     return x
+
+
+@pytest.mark.parametrize(
+    "kind, size, image",
+    [("alexnet", (45, 30), None), ("dilated", (33, 50), None), ("sampler", (40, 30), (40, 2))],
+)
+def test_other_step_kinds_equal_run_steps(kind, size, image):
+    model = Toy(kind)
+    fwd = DeadZoneForward(model)
+    g = torch.Generator().manual_seed(4)
+    x = padded_input(3, size, image or size, g)
+    with torch.no_grad():
+        ref_feats, feats = {}, {}
+        ref = run_steps(model, model.backbone, x, ref_feats)
+        got = fwd(x, feats, image_size=image)
+    if kind == "sampler":  # no output of conv2 reads the image: the rest comes from the cache
+        assert [sp.empty for sp in fwd.plan(size, image).steps] == [False, False, True, True, True]
+    assert_float32_equal(got, ref)
+    for tap in ref_feats:
+        assert_float32_equal(feats[tap], ref_feats[tap])
 
 
 @pytest.mark.parametrize("size, image", [((64, 96), (20, 37)), ((64, 64), (64, 64)), ((32, 64), (1, 1))])
