@@ -463,6 +463,18 @@ def test_bad_input():
         DeadZoneForward(model)(torch.zeros(3, 7, 13), {})
 
 
+def test_new_batchnorm_statistics_rebuild_the_cache():
+    model = Toy("deconvnet")
+    fwd = DeadZoneForward(model)
+    x = padded_input(2, (32, 64), (20, 37), torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fwd(x, {}, {}, image_size=(20, 37))
+        model.bn2_1.running_mean.add_(0.5)  # only a buffer changes
+        ref = run_steps(model, model.backbone, x, {}, {})
+        assert_float32_equal(fwd(x, {}, {}, image_size=(20, 37)), ref)
+    assert len(fwd.cache) == 2
+
+
 def test_channels_last_and_autocast_have_their_own_entries():
     model = fcn().to(memory_format=torch.channels_last)
     fwd = DeadZoneForward(model)

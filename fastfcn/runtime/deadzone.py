@@ -330,6 +330,8 @@ class DeadZoneForward:
             )
         self.enabled = enabled
         self.cache = DeadZoneCache() if cache is None else cache
+        names = [n for st in self.steps for n in (getattr(st, "name", None), getattr(st, "bn", None)) if n]
+        self._step_modules = [getattr(model, n) for n in names]
         self._plans: dict = {}
 
     def plan(self, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> DeadZonePlan:
@@ -355,10 +357,15 @@ class DeadZoneForward:
         entry = self.cache.get(self._key(x, plan), lambda: self._build(x, plan))
         return self._run(x, plan, entry, feats, switches)
 
+    @property
+    def _step_tensors(self) -> list[torch.Tensor]:
+        return [t for m in self._step_modules for t in (*m.parameters(), *m.buffers())]
+
     def _key(self, x: torch.Tensor, plan: DeadZonePlan) -> tuple:
         impls = getattr(self.model, "_conv_impls", {})
-        # Weights changed in place (load_state_dict) bump _version; replaced ones change data_ptr.
-        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        # Weights and BatchNorm statistics changed in place (load_state_dict) bump _version;
+        # replaced ones (fold_batchnorm) change data_ptr.
+        weights = tuple((t.data_ptr(), t._version) for t in self._step_tensors)
         autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
         return (
             plan.size, plan.image_size, x.dtype, x.device, _memory_format(x), autocast,
