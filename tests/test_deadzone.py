@@ -22,7 +22,7 @@ from fastfcn.heads import run_head
 from fastfcn.models.backbone import LRN, Conv, Pool, run_steps
 from fastfcn.models.common import ops_impl
 from fastfcn.runtime import deadzone
-from fastfcn.runtime.deadzone import DeadZoneCache, DeadZoneForward, DeadZonePlan, conv_dim, pool_dim
+from fastfcn.runtime.deadzone import DeadZoneCache, DeadZoneForward, DeadZonePlan, _inside, conv_dim, pool_dim
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -254,9 +254,27 @@ def test_fcn_logits_equal_the_reference(arch, size):
     assert len(fwd.cache) == 1
 
 
-def test_backbone_maps_equal_run_steps_and_skip_is_dominant():
+def test_convs_before_pools_compute_the_pool_window():
+    """conv1_2, conv2_2, conv3_3 compute the 1 px the pool reads beyond their dependent outputs
+    (<= 2% more), so pool1-3 read their window without a copy; conv4_3 would need 5.5%: no."""
+    model = meta_fcn()
+    plan = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13])
+    by = {sp.step.tap if isinstance(sp.step, Pool) else sp.step.name: sp for sp in plan.steps}
+    assert by["conv1_2"].rows.out_comp == (96, 602) and by["conv1_2"].rows.out_dep == (97, 601)
+    assert by["conv2_2"].rows.out_comp == (46, 304) and by["conv3_3"].rows.out_comp == (20, 156)
+    assert by["conv4_3"].rows.out_comp == by["conv4_3"].rows.out_dep == (7, 81)
+    for pool in ("pool1", "pool2", "pool3"):
+        assert _inside(by[pool].window, by[pool].avail), pool
+    assert not _inside(by["pool4"].window, by["pool4"].avail)
+    assert by["conv4_1"].avail == by["pool3"].whole  # pool3 is kept whole (a tap)
+    plain = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13], align=0)
+    assert all(sp.comp == (sp.rows.out_dep, sp.cols.out_dep) for sp in plain.steps)
+
+
+@pytest.mark.parametrize("align", [0.0, 0.02])
+def test_backbone_maps_equal_run_steps_and_skip_is_dominant(align):
     model = fcn()
-    fwd = DeadZoneForward(model)
+    fwd = DeadZoneForward(model, align=align)
     x = torch.randn(2, 3, 7, 13) * 50
     with torch.no_grad():
         ref_feats, feats = {}, {}
@@ -356,7 +374,7 @@ def test_meta_device_large_sizes(size):
 def test_cache_memory_per_entry():
     """The numbers DeadZoneCache documents (FCN-8s width 1, fp32; sizes are exact on meta)."""
     model = meta_fcn()
-    for size, mib in [((500, 500), 13.97), ((224, 224), 7.13), ((1080, 1920), 37.67)]:
+    for size, mib in [((500, 500), 13.98), ((224, 224), 7.13), ((1080, 1920), 37.68)]:
         fwd = DeadZoneForward(model)
         fwd(torch.empty(1, 3, *size, device="meta"), {})
         assert fwd.cache.nbytes / 2**20 == pytest.approx(mib, abs=0.01)
