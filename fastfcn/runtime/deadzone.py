@@ -4,7 +4,7 @@ conv1_1's padding of 100 (FCN-VGG, FCN-AlexNet) and DeconvNet's zero padding to 
 multiple of 32 surround the image with positions whose receptive field never reaches it: their
 values depend only on (H, W) and the weights. For FCN-8s at 500x500 that is 56 of 181.5 GMAC
 (31%), about 50% at 224x224 and 14% at 1920x1080 (FACTS.md, "Image-independent positions";
-``fastfcn.flops.count_macs(...).computed_macs`` reports the same numbers from this plan).
+``fastfcn.flops.count_macs(...).computed_macs`` reports what this plan computes: 125.6 GMAC).
 
 Two parts:
 
@@ -24,11 +24,11 @@ Exact: each computed value is the same conv / pool of the same inputs as in the 
 results agree to float32 rounding (the convolution may pick another blocking for another
 shape). Built from torch ops only, so it runs wherever the steps do (CPU, CUDA, meta).
 
-Measured (FCN-8s width 1, 500x500, fp32, batch 1, torch's own convs, AMD EPYC Zen 4 shared
-with other jobs, load 6-8 on 2 cores, 1 thread, minima of interleaved rounds): backbone 4.32 s
-with the skip vs 7.20 s without (0.60; MACs 0.63); whole model 6.57 vs 9.03 s (0.73; MACs
-0.69), medians 9.55 vs 12.39 s (benchmarks/deadzone_ablation.py --threads 1). Filling the
-cache costs one plain backbone forward per shape.
+Measured (FCN-8s width 1, 500x500, fp32, batch 1, torch's own convs, logits; AMD EPYC Zen 4,
+2 cores shared with other jobs at load 8-10, so absolute times are inflated; medians of 7
+interleaved rounds, benchmarks/deadzone_ablation.py): 2 threads 13.9 s with the skip vs
+18.2 s without (0.77), 1 thread 9.8 vs 12.9 s (0.76); the MACs computed are 0.69 of the
+nominal (125.6 of 181.5 G). Filling the cache costs one plain backbone forward per shape.
 """
 
 from __future__ import annotations
