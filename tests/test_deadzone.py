@@ -6,7 +6,7 @@ so only the convolution's blocking (summation order) may differ. Measured: max |
 the logits 0-4.4 float32 ulps of their largest value over test_fcn_logits_equal_the_reference's
 cases (1.1e-8 on backbone maps of max 0.05); the bound used is 32 ulps of the largest value
 (32 * 1.19e-7 * max|ref|), while a single wrong or stale cached value is off by the size of
-the values themselves (a missing ring strip or unshifted switches fail 23 of these tests).
+the values themselves (dropping one ring strip failed 21 tests here, unshifted switches 2).
 """
 
 import copy
