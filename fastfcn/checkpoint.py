@@ -208,8 +208,11 @@ def load(
     ``model.config`` holds the file's class names, palette and preprocessing.
     With ``strict=False`` missing and unexpected keys are tolerated, wrong
     shapes never are. Raises CheckpointError naming the file and the problem.
+    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo).
     """
-    path = Path(path)
+    from .zoo import resolve
+
+    path = Path(resolve(path))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
