@@ -150,6 +150,18 @@ def test_builtin_name_loads_the_packaged_file():
         builtin_path("nope")
 
 
+def test_builtin_files_are_package_data():
+    """A wheel (non-editable install) carries the built-in models: they match the package-data
+    globs that setuptools installs, and zoo finds them through importlib.resources."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["fastfcn"]
+    for name, (file, _) in BUILTIN.items():
+        assert any(fnmatch.fnmatch(f"assets/{file}", g) for g in globs), (name, globs)
+
+
 def test_builtin_name_wins_over_a_file_of_that_name(tmp_path, monkeypatch, capsys):
     other = fastfcn.models.build("fcn32s", num_classes=3, width=0.0625)
     fastfcn.save(other, tmp_path / "other.safetensors")
