@@ -269,6 +269,8 @@ def test_plan_and_argument_checks():
         cover[t.y0:t.y1, t.x0:t.x1] += 1
     assert (cover == 1).all()
     assert check_tiling(32, 8) == ((32, 32), 8)
+    with pytest.raises(fastfcn.InputError, match="pass tile="):
+        fastfcn.Segmenter("demo", backend="torch").run(_photo(), overlap=16)
     assert check_tiling((500, 300)) == ((500, 300), 64) and check_tiling((40, 90)) == ((40, 90), 20)
     for bad, overlap, msg in [((0, 4), 0, "two ints >= 1"), ((4,), 0, "two ints"), ((8, 8), 8, "smaller"),
                               ((8, 8), -1, "overlap must be"), ((8.0, 8), 0, "two ints")]:

@@ -355,6 +355,8 @@ def _segment(args) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
     tiling = {}
+    if args.tile is None and args.overlap is not None:
+        raise InputError(f"--overlap {args.overlap} is for tiled runs; add --tile H W")
     if args.tile is not None:
         from .tiling import check_tiling
 

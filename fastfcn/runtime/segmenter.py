@@ -303,6 +303,8 @@ class Segmenter:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
         run = self._run
+        if tile is None and overlap is not None:
+            raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
         if tile is not None:
             tile, overlap = check_tiling(tile, overlap)
             run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
