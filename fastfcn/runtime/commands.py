@@ -1,8 +1,9 @@
 """``fastfcn info``, ``fastfcn export`` and ``fastfcn segment``.
 
-    fastfcn info fcn8s.safetensors
+    fastfcn info fcn8s.safetensors                  (or a built-in model by name: fastfcn info demo)
     fastfcn export fcn8s.safetensors fcn8s.onnx [--static --size 500 500] [--opset 18] [--precision fp16]
     fastfcn segment fcn8s.safetensors photos/ street.jpg --out seg/ [--recursive] [--on-error stop]
+        [--batch-size 8] [--tile 1024 1024 --overlap 128]
 
 segment writes, per image, ``OUT/labels/<path>.png`` (the class ids as a palette PNG in the
 checkpoint's colours: pixel values are class ids) and ``OUT/overlays/<path>.png`` (the image
