@@ -198,6 +198,9 @@ def test_segment_demo_from_another_folder(tmp_path, monkeypatch, capsys):
         got = np.asarray(Image.open(tmp_path / "seg" / "labels" / f"{name}.png"))
         want = seg.run(tmp_path / "photos" / f"{name}.png").numpy()
         np.testing.assert_array_equal(got, want)
+    capsys.readouterr()
+    assert cli.main(["eval", "demo", "--data", "synthetic", "--n", "2", "--backend", "torch", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
 
 
 # ----------------------------------------------------------------- paths and PIL images in run()
