@@ -199,8 +199,11 @@ def load(
     the config describes against the tensor bytes the file holds (``MODEL_SLACK`` more at
     most), so loading takes about twice the file's tensor bytes. Non-finite weights are
     refused with the tensor's name.
+    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo).
     """
-    path = Path(path)
+    from .zoo import resolve
+
+    path = Path(resolve(path))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():

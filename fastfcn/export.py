@@ -77,7 +77,9 @@ def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
     elif isinstance(model_or_checkpoint, (str, os.PathLike)):
-        src = Path(model_or_checkpoint)
+        from .zoo import resolve
+
+        src = Path(resolve(model_or_checkpoint))
         if src.suffix.lower() == ".onnx":
             raise CheckpointError(f"{src}: already an ONNX model; export needs a checkpoint or a model")
         from .checkpoint import load

@@ -308,7 +308,7 @@ def seg32():
         (torch.zeros(1, 4, 8, 8), InputError, r"\(N, 3, H, W\)"),
         (torch.full((1, 3, 8, 8), float("nan")), InputError, "NaN"),
         (torch.tensor([[[[float("inf")]]] * 3]), InputError, "Inf"),
-        ("image.png", TypeError, "numpy array"),
+        ("image.png", InputError, "image.png: no such file"),
         (None, TypeError, "numpy array"),
         (42, TypeError, "numpy array"),
         (np.array([object()]), TypeError, "object"),
