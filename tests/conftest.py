@@ -15,6 +15,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The fused CPU backend's convolution choices are measured per run here, never read from or
+# written to the user's cache (fastfcn.runtime.cpu_fast).
+os.environ["FASTFCN_PLAN_CACHE"] = "off"
+
 torch.manual_seed(0)
 
 

@@ -225,6 +225,16 @@ class Segmenter:
         return dict(self._config)
 
     @property
+    def plan(self) -> list[dict]:
+        """The convolution implementations the backend chose, one dict per (layer, input shape):
+        layer, input, input_dtype, compute_dtype, chosen, source ("measured" or "cache") and
+        times_ms per candidate. Filled at the first run of each input shape (fused backend on the
+        CPU: see fastfcn.runtime.cpu_fast); [] for backends that do not choose.
+        ``fastfcn.runtime.cpu_fast.format_plan(seg.plan)`` gives it as text."""
+        plan = getattr(self._backend, "plan", None)
+        return plan() if callable(plan) else []
+
+    @property
     def class_names(self) -> list[str]:
         return list(self._config.get("class_names", []))
 
