@@ -263,7 +263,7 @@ class ConvPlanner:
         if not isinstance(model, SegmentationModel):
             raise TypeError(f"expected a model from fastfcn.models; got {type(model).__name__}")
         self.timer = timer or wall_timer
-        self.store = _Store(_cache_file() if persist and timer is None else None)
+        self.store = _Store(_cache_file() if persist else None)
         self._lock = threading.Lock()
         self._entries: list[dict] = []
         self.convs: dict[str, PlannedConv] = {}
