@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default="torch:fp32,fused:fp32,torch:bf16,fused:bf16")
+    # "process": CPU seconds of this process (all its threads), steadier than wall time when
+    # other jobs share the machine; compare it at --threads 1.
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = ap.parse_args()
     os.environ.setdefault("FASTFCN_CACHE_DIR", tempfile.mkdtemp(prefix="fastfcn-plan-"))
     torch.set_num_threads(args.threads)
@@ -46,13 +49,15 @@ def main() -> None:
         labels[cfg] = segs[cfg].run(batch)
         print(f"{cfg:<12} build + first call {time.perf_counter() - t0:6.2f} s", flush=True)
         times[cfg] = []
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     for _ in range(args.rounds):
         for cfg, seg in segs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             seg.run(batch)
-            times[cfg].append(time.perf_counter() - t0)
+            times[cfg].append(clock() - t0)
     ref = labels.get("torch:fp32")
-    print(f"{args.arch} {args.h}x{args.w} batch {args.batch}, {args.threads} threads, {args.rounds} rounds")
+    print(f"{args.arch} {args.h}x{args.w} batch {args.batch}, {args.threads} threads, {args.rounds} rounds, "
+          f"{args.clock} seconds")  # fmt: skip
     for cfg, ts in times.items():
         same = None if ref is None else float((labels[cfg] == ref).float().mean())
         agree = "" if same is None else f"  labels = torch:fp32 {same:.4f}"

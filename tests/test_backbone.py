@@ -294,3 +294,19 @@ def test_wall_timer_cuts_a_clear_loser_short():
     calls.clear()
     secs, _ = cpu_fast.wall_timer("slow", slow, None)
     assert len(calls) == 2 and secs >= 0.02
+
+
+def test_auto_precision_on_the_cpu(monkeypatch):
+    m = small("fcn32s")
+    monkeypatch.delenv("FASTFCN_CPU_PRECISION")
+    monkeypatch.setattr(cpu_fast, "native_bf16", lambda: True)
+    seg = fastfcn.Segmenter(m, device="cpu")
+    assert seg.backend == "fused" and seg.precision == "bf16"
+    assert fastfcn.Segmenter(m, device="cpu", backend="torch").precision == "fp32"  # the spec stays fp32
+    monkeypatch.setattr(cpu_fast, "native_bf16", lambda: False)
+    assert fastfcn.Segmenter(m, device="cpu").precision == "fp32"
+    monkeypatch.setenv("FASTFCN_CPU_PRECISION", "bf16")
+    assert fastfcn.Segmenter(m, device="cpu").precision == "bf16"
+    monkeypatch.setenv("FASTFCN_CPU_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="FASTFCN_CPU_PRECISION must be 'fp32' or 'bf16'"):
+        fastfcn.Segmenter(m, device="cpu")
