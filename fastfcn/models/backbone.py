@@ -122,9 +122,15 @@ def reference_conv(model: nn.Module, step: Conv) -> ConvImpl:
 
 
 def run_conv(model: nn.Module, step: Conv, h: torch.Tensor) -> torch.Tensor:
-    """One Conv step on h at the layer's own padding: the ConvImpl set on the model, else torch's."""
-    impl = getattr(model, "_conv_impls", {}).get(step.name) or reference_conv(model, step)
-    return impl(h, conv_padding(getattr(model, step.name)))
+    """One Conv step on h at the layer's own padding: the ConvImpl set on the model, else the
+    module itself (+ BatchNorm) (+ ReLU), whatever it is (training wraps convs, train.ConvBN)."""
+    impl = getattr(model, "_conv_impls", {}).get(step.name)
+    if impl is not None:
+        return impl(h, conv_padding(getattr(model, step.name)))
+    y = getattr(model, step.name)(h)
+    if step.bn is not None:
+        y = getattr(model, step.bn)(y)
+    return F.relu(y, inplace=True) if step.relu else y
 
 
 def local_response_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
