@@ -131,7 +131,9 @@ class FusedBackend(Backend):
         cpu = device.type == "cpu"
         # On the CPU the weights stay fp32: each conv step casts its own (bf16 backbone, fp32 head).
         model = _prepared_copy(source, device, "fp32" if cpu else precision, fold=True).set_impl("fused")
-        self.model = model.to(memory_format=torch.channels_last)
+        # On the CPU every conv runs through a planned ConvImpl that keeps its own weights, so the
+        # modules keep theirs as they are (a channels_last copy would only cost memory).
+        self.model = model if cpu else model.to(memory_format=torch.channels_last)
         self.graph_safe = device.type == "cuda"
         self.planner = None
         if not cpu:

@@ -129,9 +129,9 @@ class OneDnnConv:
     """Prepacked oneDNN conv (+ fused ReLU) at ``dtype``: (x, padding) -> channels_last output.
     The weight is packed once per padding (the pack depends on the geometry)."""
 
-    def __init__(self, g: _Geom, dtype: torch.dtype):
+    def __init__(self, g: _Geom, dtype: torch.dtype, weight: torch.Tensor | None = None):
         self.g, self.dtype = g, dtype
-        self.weight = g.weight.to(dtype)
+        self.weight = g.weight.to(dtype) if weight is None else weight
         self.bias = g.bias if dtype == torch.bfloat16 else g.bias.to(dtype)  # oneDNN takes fp32 bias at bf16
         self.packed: dict = {}
 
@@ -172,9 +172,9 @@ class NNPackConv:
 class TorchConv:
     """torch's own conv2d (+ ReLU) at ``dtype`` on channels_last input."""
 
-    def __init__(self, g: _Geom, dtype: torch.dtype):
+    def __init__(self, g: _Geom, dtype: torch.dtype, weight: torch.Tensor | None = None):
         self.g, self.dtype = g, dtype
-        self.weight = g.weight.to(dtype)  # fp32: the model's own tensor, no copy
+        self.weight = g.weight.to(dtype) if weight is None else weight  # fp32: the model's own tensor
         self.bias = g.bias.to(dtype)
 
     def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
@@ -188,11 +188,12 @@ def candidates(g: _Geom, dtype: torch.dtype) -> dict:
     """name -> ConvImpl for one layer at compute dtype ``dtype``."""
     out = {}
     suffix = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
+    w = g.weight.to(dtype)  # one copy shared by the candidates (none at fp32)
     if mkldnn_available():
-        out["onednn" + suffix] = OneDnnConv(g, dtype)
+        out["onednn" + suffix] = OneDnnConv(g, dtype, w)
     if dtype == torch.float32 and NNPackConv.applies(g) and nnpack_available():
         out["nnpack"] = NNPackConv(g)
-    out["torch" + suffix] = TorchConv(g, dtype)
+    out["torch" + suffix] = TorchConv(g, dtype, w)
     return out
 
 
