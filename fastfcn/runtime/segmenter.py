@@ -62,12 +62,13 @@ def _cpu_auto_precision() -> str:
     """bf16 where the CPU computes it natively (AVX512-BF16 / AMX), else fp32; the environment
     variable FASTFCN_CPU_PRECISION=fp32|bf16 pins the choice.
 
-    Measured on a 2-core Zen 4 with AVX512-BF16 (shared machine, 2 threads, medians of 3; the
-    machine's load differed between runs, compare within a row): fused bf16 vs fused fp32,
-    FCN-8s 500x500 2.9 vs 9.5 s, DeconvNet 224x224 b2 3.6 vs 5.2 s, dilated-context 250x250 8.7
-    vs 10.4 s, FCN-AlexNet 500x500 1.37 vs 1.68 s. Shipped FCN-8s on 32 held-out scenes: 99.986%
-    of labels equal the fp32 ones, mean IU 91.99 vs 91.98; untrained nets (nearly flat logits)
-    98.7-100% (benchmarks/cpu_bf16_agreement.py). OpenVINO also defaults to bf16 on such CPUs.
+    Measured on a 2-core Zen 4 with AVX512-BF16 (shared machine, 2 threads, medians of 3
+    interleaved rounds, benchmarks/cpu_fused_vs_torch.py): fused bf16 vs fused fp32, FCN-8s
+    500x500 2.14 vs 3.06 s (torch fp32 5.12 s), FCN-AlexNet 500x500 1.37 vs 1.68 s; DeconvNet
+    224x224 batch 2 3.6 vs 5.2 s (two runs at a similar load of ~7.5). Shipped FCN-8s on 32
+    held-out scenes: 99.986% of labels equal the fp32 ones, mean IU 91.99 vs 91.98; untrained
+    nets (nearly flat logits) 98.7-100% (benchmarks/cpu_bf16_agreement.py). OpenVINO also
+    defaults to bf16 on such CPUs.
     """
     pinned = os.environ.get("FASTFCN_CPU_PRECISION", "").strip().lower()
     if pinned:
@@ -117,7 +118,7 @@ class Segmenter:
         support it and, for the fused backend, on CPUs with native bf16 (AVX512-BF16 or AMX,
         detected here, when the Segmenter is built); fp32 otherwise. On the CPU, bf16 runs the
         convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU fused) and the head's
-        score layers and upsampling in fp32: on a Zen 4 it measured 1.2-3x faster than fp32 and
+        score layers and upsampling in fp32: on a Zen 4 it measured 1.2-1.45x faster than fp32 and
         kept 99.986% of the shipped FCN-8s's labels (mean IU unchanged: 91.99 vs 91.98); see
         _cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
