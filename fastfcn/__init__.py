@@ -11,7 +11,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402
-from .errors import BackendUnavailableError, CheckpointError, FastFCNError, InputError  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendUnavailableError,
+    CheckpointError,
+    FastFCNError,
+    InputError,
+    StreamError,
+)
 
 __all__ = [
     "BackendUnavailableError",
@@ -19,6 +25,7 @@ __all__ = [
     "FastFCNError",
     "InputError",
     "Segmenter",
+    "StreamError",
     "__version__",
     "export_onnx",
     "load",

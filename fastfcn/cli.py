@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import FastFCNError
@@ -19,6 +20,7 @@ COMMANDS = {
     "info": ("fastfcn.runtime.commands", "describe a checkpoint"),
     "export": ("fastfcn.runtime.commands", "export a checkpoint to ONNX"),
     "segment": ("fastfcn.runtime.commands", "segment images to label PNGs and overlays"),
+    "video": ("fastfcn.video", "segment a video file: overlay, side by side or a lossless label video"),
     "train": ("fastfcn.train", "train a model"),
     "eval": ("fastfcn.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
     "data": ("fastfcn.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),
@@ -30,12 +32,20 @@ def _module(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr naming the option and the
+    value, exit status 1 (argparse's default prints the usage block and exits 2)."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="fastfcn", description="Fully convolutional segmentation, fast.")
+    parser = _Parser(prog="fastfcn", description="Fully convolutional segmentation, fast.")
     parser.add_argument("--version", action="version", version=f"fastfcn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (_, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if only == name:
@@ -48,23 +58,37 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     only = first if first in COMMANDS else None
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error (1, already printed)
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
     if args.command is None:
         parser.print_help()
         return 2
     mod = _module(args.command)
     try:
         rc = mod.main(args)
-    except FastFCNError as e:
-        print(f"fastfcn {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"fastfcn {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"fastfcn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's contract: one line per error, exit 1
+        if os.environ.get("FASTFCN_TRACEBACK") == "1":
+            raise
+        print(f"fastfcn {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 1
     return int(rc or 0)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line. fastfcn's own errors, bad values (ValueError) and file
+    system errors (OSError: they name the path) speak for themselves; anything else is
+    unexpected and keeps its type, with the way to see the traceback."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    if isinstance(e, (FastFCNError, ValueError, OSError)):
+        return text
+    return f"unexpected {type(e).__name__}: {text} (set FASTFCN_TRACEBACK=1 to see the traceback)"
 
 
 if __name__ == "__main__":

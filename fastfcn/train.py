@@ -367,8 +367,6 @@ def train(args: argparse.Namespace) -> dict:
         raise InputError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
     main_rank = rank == 0
     out = Path(args.out)
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
 
     stages = parse_stages(args.stages, args.arch, args.iters)
     total = sum(n for _, n in stages)
@@ -395,6 +393,8 @@ def train(args: argparse.Namespace) -> dict:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         step, history = int(state["step"]), state["history"]
     if main_rank:
+        # Only now, with the arguments, the data and the resume state checked, is anything written.
+        out.mkdir(parents=True, exist_ok=True)
         print(f"training {' -> '.join(f'{a} ({n} it)' for a, n in stages)} on {args.data} "
               f"({len(ds)} images, {num_classes} classes), {world} process(es), device {device}",
               file=sys.stderr)  # fmt: skip
@@ -575,6 +575,7 @@ def _for_plot(history: dict) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from .data import HELDOUT_SIZE
+    from .models import available
 
     a = parser.add_argument
     a("--data", default="synthetic", help="a VOC root, or 'synthetic' (SyntheticScenes; default)")
@@ -582,7 +583,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--val-split", default="val", help="VOC split for validation during training (default val)")
     a("--out", default="runs/train", help="output folder: checkpoints, history, curves (default runs/train)")
     a("--export", default=None, help="also write the final model to this path")
-    a("--arch", default="fcn8s", help="architecture (default fcn8s); see --stages for the staged schedule")
+    a("--arch", default="fcn8s", choices=available(),
+      help="architecture (default fcn8s); see --stages for the staged schedule")  # fmt: skip
     a("--stages", default=None, help="staged schedule, e.g. fcn32s:3000,fcn16s:1000,fcn8s:1000")
     a("--width", type=float, default=1.0, help="channel width multiplier (default 1.0 = the paper's net)")
     a("--num-classes", type=int, default=5, help="classes of the synthetic data (VOC: from the data)")
@@ -616,12 +618,51 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--quiet", action="store_true", help="no progress bar")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments with one InputError naming the option and its value, before any
+    data is read or anything is written (a bad --export found after training loses the run)."""
+    from .models import available
+    from .paths import check_output_dir, check_output_file
+
+    def need(ok: bool, option: str, value, expected: str) -> None:
+        if not ok:
+            raise InputError(f"{option} {value}: expected {expected}")
+
+    finite = math.isfinite
+    need(finite(args.lr) and args.lr > 0, "--lr", args.lr, "a learning rate > 0")
+    need(0 < args.width <= 4, "--width", args.width, "a channel width multiplier in (0, 4]")
+    need(finite(args.momentum) and 0 <= args.momentum < 1, "--momentum", args.momentum, "a value in [0, 1)")
+    need(finite(args.weight_decay) and args.weight_decay >= 0, "--weight-decay", args.weight_decay, ">= 0")
+    need(0 <= args.dropout < 1, "--dropout", args.dropout, "a probability in [0, 1)")
+    for option in ("batch", "iters", "mosaic", "save_every", "train_n"):
+        v = getattr(args, option)
+        need(v >= 1, "--" + option.replace("_", "-"), v, ">= 1")
+    for option in ("val_every", "val_n", "threads"):
+        v = getattr(args, option)
+        need(v >= 0, "--" + option.replace("_", "-"), v, ">= 0")
+    need(args.num_classes >= 2, "--num-classes", args.num_classes, ">= 2 (background and one object class)")
+    need(args.size >= 8, "--size", args.size, ">= 8 pixels")
+    if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
+        raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
+    for arch, _ in parse_stages(args.stages, args.arch, args.iters):
+        need(arch in available(), "--stages architecture", repr(arch), f"one of {', '.join(available())}")
+    if args.init is not None and not Path(args.init).is_file():
+        raise InputError(f"--init {args.init}: no such checkpoint file")
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: not a folder; expected a VOC root or 'synthetic'")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"--device {args.device}: expected auto, cpu, cuda or cuda:N") from None
+    check_output_dir(args.out, "--out")
+    if args.export:
+        check_output_file(args.export, "--export")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.lr is None:
         args.lr = 1e-3 if args.optimizer == "adam" else 1e-2
-    if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
-        raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
-    if args.batch < 1 or args.iters < 1:
-        raise InputError("--batch and --iters must be >= 1")
+    check_args(args)
     train(args)
     return 0

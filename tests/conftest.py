@@ -3,7 +3,8 @@
 Without CUDA, Triton's interpreter runs the kernels on the CPU: TRITON_INTERPRET
 must be set before Triton is first imported, so it is set here, at collection.
 Tests that need a GPU carry the `gpu` marker and are skipped, with the reason,
-where there is none.
+where there is none. With FASTFCN_REQUIRE_CPP=1 (set by `make test` and CI) a missing C++
+extension ends the session with an error instead of skipping the tests that need it.
 """
 
 import os
@@ -23,6 +24,17 @@ os.environ["FASTFCN_PLAN_CACHE"] = "off"
 os.environ["FASTFCN_CPU_PRECISION"] = "fp32"
 
 torch.manual_seed(0)
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("FASTFCN_REQUIRE_CPP") == "1":
+        from helpers import cpu_twin_available, cpu_twin_problem
+
+        if not cpu_twin_available():
+            raise pytest.UsageError(
+                f"FASTFCN_REQUIRE_CPP=1 but the C++ kernels are not available ({cpu_twin_problem()}); "
+                "install a C++ compiler and reinstall (pip install -e .), or unset FASTFCN_REQUIRE_CPP"
+            )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,9 +15,15 @@ from ..errors import BackendUnavailableError, CheckpointError, InputError
 from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
 from .backends import PRECISIONS, Backend, available_backends, create_backend
+from .cuda_graphs import CapturedForward, is_oom
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# The TF32 switches are process-wide: a Segmenter at fp32 or tf32 on CUDA holds this lock while
+# its forward runs with its own setting, so Segmenters of different precisions in other threads
+# never see each other's. bf16 / fp16 convolutions do not read them and never take it.
+_TF32_LOCK = threading.Lock()
 
 
 def _resolve_device(device) -> torch.device:
@@ -80,28 +86,6 @@ def _cpu_auto_precision() -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
-class _Graph:
-    """One captured CUDA graph: preprocessing + forward for one (kind, N, H, W, output),
-    with its static input, pinned host staging buffer and static output."""
-
-    def __init__(self, seg: Segmenter, kind: str, shape: tuple, dtype: torch.dtype, output: str, pool):
-        dev = seg.device
-        self.static_in = torch.zeros(shape, dtype=dtype, device=dev)
-        self.pinned = torch.empty(shape, dtype=dtype, pin_memory=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record(seg._stream)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(seg._stream)
-        with torch.cuda.stream(side), torch.inference_mode():
-            # Warm-up outside the capture: cuDNN autotuning (benchmark mode) and lazy inits.
-            for _ in range(2):
-                seg._compute(self.static_in, kind, output)
-        seg._stream.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool, stream=side):
-            self.static_out = seg._finish(seg._compute(self.static_in, kind, output))
-
-
 class Segmenter:
     """Semantic segmentation with a fastfcn model.
 
@@ -126,7 +110,7 @@ class Segmenter:
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
-    num_threads: if given, torch.set_num_threads(num_threads) (process-wide).
+    num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
 
     plan: the convolution implementations chosen on this machine (fused backend on the CPU), per
       layer and input shape with the measured times; filled at the first run of each shape.
@@ -161,8 +145,11 @@ class Segmenter:
             raise ValueError(f"max_pixels must be a positive int; got {max_pixels!r}")
         if not isinstance(graph_cache, int) or graph_cache < 0:
             raise ValueError(f"graph_cache must be an int >= 0; got {graph_cache!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
         if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
+            torch.set_num_threads(num_threads)
         self._device = _resolve_device(device)
         self._precision = _resolve_precision(precision, self._device, backend)
         self.max_pixels = max_pixels
@@ -282,17 +269,19 @@ class Segmenter:
         )
 
     # ---------------------------------------------------------------------- run
-    def run(self, batch, output: str = "labels"):
+    def run(self, batch, output: str = "labels", *, preprocessed: bool = False):
         """Segment ``batch``.
 
         batch: (H, W, 3) uint8 RGB image | (N, H, W, 3) uint8 | list of (H, W, 3) uint8
-        images (sizes may differ) | preprocessed float (N, 3, H, W). numpy or torch.
+        images (sizes may differ) | float (N, 3, H, W) already preprocessed for the model, with
+        ``preprocessed=True``. numpy or torch. Float input without ``preprocessed=True`` is
+        range-checked: one that looks like an image in [0, 1] or [0, 255] raises InputError.
         output: "labels" -> (N, H, W) uint8 ids; "logits" / "probs" -> (N, C, H, W) float32.
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        p: Parsed = parse_batch(batch)
+        p: Parsed = parse_batch(batch, preprocessed)
         if p.form == "list":
             groups: dict[tuple[int, int], list[int]] = {}
             for i, t in enumerate(p.tensors):
@@ -307,8 +296,19 @@ class Segmenter:
         out = self._run(p.tensors[0], "float" if p.form == "float" else "u8", output)
         return out[0] if p.form == "image" else out
 
-    def __call__(self, batch, output: str = "labels"):
-        return self.run(batch, output)
+    def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False):
+        return self.run(batch, output, preprocessed=preprocessed)
+
+    def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
+        """Segment an iterable of frames: an iterator with one CPU tensor per frame, in order,
+        each equal to ``run(frame, output).cpu()``. frames: (H, W, 3) uint8 RGB (numpy, torch,
+        PIL) or PyAV VideoFrames, sizes may change. Batches of up to ``batch_size``; a partial
+        batch is pushed after ``max_delay`` seconds; at most ``queue_size`` (default 2) batches
+        wait between stages. See fastfcn.runtime.stream."""
+        from .stream import stream
+
+        return stream(self, frames, batch_size=batch_size, output=output, max_delay=max_delay,
+                      queue_size=queue_size)  # fmt: skip
 
     def _check_size(self, h: int, w: int) -> None:
         if h * w > self.max_pixels:
@@ -343,19 +343,22 @@ class Segmenter:
 
     @contextmanager
     def _precision_flags(self):
-        # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default, so the flags are
-        # set for the call (under the lock) and restored afterwards.
-        if self._device.type != "cuda":
+        # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default. The precision is fixed
+        # per Segmenter; the flags are written only when they differ from it (with CUDA graphs
+        # the forward runs in Python only while capturing), and only for fp32 / tf32.
+        if self._device.type != "cuda" or self._precision not in ("fp32", "tf32"):
             yield
             return
         tf32 = self._precision == "tf32"
-        old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+        with _TF32_LOCK:
+            old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            if old != (tf32, tf32):
+                torch.backends.cudnn.allow_tf32 = tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                yield
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
     # --------------------------------------------------------------------- CUDA
     def _run_cuda(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
@@ -377,7 +380,9 @@ class Segmenter:
                 return self._replay(t, kind, output)
             x = t.to(self._device, non_blocking=False)
             return self._finish(self._compute(x, kind, output))
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # OutOfMemoryError, or an untyped one from a graph capture
+            if not is_oom(e):
+                raise
             self._graphs.clear()
             torch.cuda.empty_cache()
             n = t.shape[0]
@@ -399,17 +404,12 @@ class Segmenter:
         if g is None:
             while len(self._graphs) >= self._graph_cache:
                 self._graphs.popitem(last=False)
-            g = _Graph(self, kind, tuple(t.shape), dtype, output, self._pool)
+
+            def forward(static_in):
+                return self._finish(self._compute(static_in, kind, output))
+
+            g = CapturedForward(forward, tuple(t.shape), dtype, self._device, self._stream, self._pool)
             self._graphs[key] = g
         else:
             self._graphs.move_to_end(key)
-        if t.device.type == "cpu":
-            # Pinned staging: wait only for this buffer's previous upload, then copy asynchronously.
-            g.copied.synchronize()
-            g.pinned.copy_(t)
-            g.static_in.copy_(g.pinned, non_blocking=True)
-            g.copied.record(self._stream)
-        else:
-            g.static_in.copy_(t)
-        g.graph.replay()
-        return g.static_out.clone()
+        return g.run(t)
