@@ -10,6 +10,8 @@ subtraction, so the pad is the mean colour) to a multiple of 32 and at least
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,14 +117,19 @@ class DeconvNet(SegmentationModel):
         h = run_steps(self, self.backbone, h, {}, switches, pool)
         fc6, fc7, fc6_deconv = self.extra_steps[:3]
         h = self.drop7(run_conv(self, fc7, self.drop6(run_conv(self, fc6, h))))
-        h = run_conv(self, fc6_deconv, h)
+        # Fused mode: the ReLU of a conv right before an unpooling runs inside the unpool kernel
+        # (one pass fewer), unless a ConvImpl already fuses it (the CPU's planned convs do).
+        defer = fused and "fc6_deconv" not in self._conv_impls
+        h = run_conv(self, replace(fc6_deconv, relu=False) if defer else fc6_deconv, h)
         for level, steps in self._dec:
             sw, size = switches[level]
             if fused:
-                h = ops.max_unpool2d(h, sw, size, 2, 2, impl=impl)
+                h = ops.max_unpool2d(h, sw, size, 2, 2, relu=defer, impl=impl)
             else:
                 h = F.max_unpool2d(h, sw, 2, 2, output_size=size)
-            for step in steps:
-                h = run_conv(self, step, h)
+            for i, step in enumerate(steps):
+                last = i == len(steps) - 1
+                defer = fused and level > 1 and last and step.name not in self._conv_impls
+                h = run_conv(self, replace(step, relu=False) if defer else step, h)
         score = run_conv(self, self.extra_steps[-1], h)
         return finish(score[:, :, :H, :W], output)
