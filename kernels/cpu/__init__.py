@@ -70,7 +70,8 @@ def _channels_last(t: torch.Tensor) -> bool:
     channels_last convolutions around them need no layout copy. DeconvNet width 1, 224x224,
     batch 2, fused fp32, 1 thread, median CPU-seconds of 5 interleaved runs on a shared 2-core
     Zen 4: 1.39 s with the NHWC twins vs 1.50 s converting to and from NCHW around them."""
-    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+    # hasattr: an extension built before the NHWC twins existed keeps working through NCHW.
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous() and hasattr(_ext, "max_unpool2d_nhwc")
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
