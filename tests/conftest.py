@@ -16,6 +16,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The fused CPU backend's convolution choices are measured per run here, never read from or
+# written to the user's cache (fastfcn.runtime.cpu_fast).
+os.environ["FASTFCN_PLAN_CACHE"] = "off"
+# precision="auto" is bf16 on CPUs with native bf16; the tests compare "auto" runs with the fp32
+# reference at fp32 tolerances, so they pin it to fp32 (bf16 is tested with precision="bf16").
+os.environ["FASTFCN_CPU_PRECISION"] = "fp32"
+
 torch.manual_seed(0)
 
 

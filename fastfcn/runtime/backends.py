@@ -15,10 +15,11 @@ Registered backends:
 - ``torch``: the reference model in eager PyTorch at the requested precision;
   nothing folded, no channels_last, no CUDA graphs: the numerical spec.
 - ``fused``: BatchNorm folded, the model's fused ops (Triton on CUDA, C++ on CPU),
-  channels_last; on the CPU the backbone runs through NNPACK Winograd (3x3 convs with
-  >= 64/128 channels) and prepacked oneDNN convolutions with the ReLU fused (``cpu_fast``);
-  on CUDA each backbone conv's bias + ReLU (and a block's pool) fused into the convolution and
-  fc6 as a GEMM where measured faster (``cuda_fast``), cuDNN autotuning and CUDA graphs.
+  channels_last; on the CPU every conv step runs through the implementation timed fastest
+  for its shape on this machine (prepacked oneDNN with the ReLU fused, NNPACK Winograd,
+  torch's conv; ``cpu_fast``); on CUDA each backbone conv's bias + ReLU (and a block's pool)
+  fused into the convolution and fc6 as a GEMM where measured faster (``cuda_fast``), cuDNN
+  autotuning and CUDA graphs.
 - ``compile``: ``torch.compile`` (inductor) of the reference with BatchNorm folded,
   channels_last and inductor freezing.
 - ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported lazily).
@@ -124,36 +125,53 @@ class TorchBackend(Backend):
 
 
 class FusedBackend(Backend):
-    """fastfcn's fast path: folded BatchNorm, fused ops, channels_last; the CPU backbone
-    through NNPACK / prepacked oneDNN conv+ReLU (cpu_fast); on CUDA graph-capturable.
+    """fastfcn's fast path: folded BatchNorm, fused ops, channels_last. On the CPU every conv step
+    of every family runs through the implementation measured fastest for its shape (cpu_fast:
+    prepacked oneDNN + fused ReLU, NNPACK Winograd, torch's conv), at bf16 with bf16
+    channels_last activations and the head's score layers and upsampling in fp32; on CUDA
+    graph-capturable with cuDNN autotuning.
 
     FCN-8s, width 1, 500x500, fp32, one image (labels), this project's shared 2-core CPU
     under load ~4, median CPU-seconds at 1 thread: fused 4.2-4.3, onnxruntime 5.1,
     compile (freezing, channels_last) 7.2, eager channels_last 7.1; 2 threads, wall
     median: fused 5.7 s, onnxruntime 6.5 s, eager channels_last 7.8 s, eager NCHW 13.9 s.
+
+    ``plan()``: the CPU convolution choices so far (cpu_fast.ConvPlanner.plan); [] on CUDA.
     """
 
     name = "fused"
 
-    def __init__(self, source, device, precision):
+    def __init__(self, source, device, precision, *, planner_options: dict | None = None):
         super().__init__(source, device, precision)
         _check_precision(device, precision, self.name)
-        model = _prepared_copy(source, device, precision, fold=True).set_impl("fused")
-        self.model = model.to(memory_format=torch.channels_last)
+        cpu = device.type == "cpu"
+        # On the CPU the weights stay fp32: each conv step casts its own (bf16 backbone, fp32 head).
+        model = _prepared_copy(source, device, "fp32" if cpu else precision, fold=True).set_impl("fused")
+        # On the CPU every conv runs through a planned ConvImpl that keeps its own weights, so the
+        # modules keep theirs as they are (a channels_last copy would only cost memory).
+        self.model = model if cpu else model.to(memory_format=torch.channels_last)
         self.graph_safe = device.type == "cuda"
-        self._forward: Callable = self.model
-        if device.type == "cuda":
+        self.planner = None
+        if not cpu:
             # conv + bias + ReLU fused by cuDNN and fc6 as a split-K GEMM, where measured faster
             from .cuda_fast import install
 
             install(self.model)
         else:
-            from .cpu_fast import fast_forward
+            from .cpu_fast import plan_model
 
-            self._forward = fast_forward(self.model)
+            self.native_bf16 = None
+            if precision == "bf16":
+                from .cpu_fast import native_bf16
+
+                self.native_bf16 = native_bf16()
+            self.planner = plan_model(self.model, PRECISIONS[precision], **(planner_options or {}))
+
+    def plan(self) -> list[dict]:
+        return self.planner.plan() if self.planner is not None else []
 
     def __call__(self, x, output):
-        return self._forward(x.to(self.input_dtype).contiguous(memory_format=torch.channels_last), output)
+        return self.model(x.to(self.input_dtype).contiguous(memory_format=torch.channels_last), output)
 
 
 def _cpp_compiler() -> str | None:
