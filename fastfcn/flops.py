@@ -194,6 +194,8 @@ def _run(model: nn.Module, x: torch.Tensor, state: dict | None) -> list[LayerCou
 
 def _skip_dead_zone(model: nn.Module, size: tuple[int, ...], layers: list[LayerCount]) -> None:
     """Set ``computed_macs`` of the backbone convs to their image-dependent outputs' share."""
+    if not getattr(model, "has_dead_zone", False):
+        return  # the dilated nets reflect-pad: every position depends on the image
     steps = getattr(model, "backbone", ())
     by_name = {layer.name: layer for layer in layers}
     first = by_name.get(getattr(steps[0], "name", None)) if steps else None

@@ -72,7 +72,10 @@ def test_dry_run_writes_every_stage(tmp_path):
         "threads_4x3_consistent",
     ):
         assert checks[key] is True, key
-    assert checks["graph_vs_no_graph"]["label_agreement"] == 1.0
+    # Two Segmenters each measure and choose their own convolutions (CPU planner here, cuDNN's
+    # benchmark mode on a GPU); at bf16 on a random net with nearly flat logits another choice
+    # moves a few labels (measured 0.9962 in a dry run); a broken path agrees on ~1/C of them.
+    assert checks["graph_vs_no_graph"]["label_agreement"] >= 0.99
     cases = data["headline"]["cases"]
     measured = {(c["backend"], c["batch"]) for c in cases if c.get("ms_per_image", 0) > 0}
     assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2)}

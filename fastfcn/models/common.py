@@ -8,7 +8,7 @@ from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
 
-from .backbone import Conv, run_conv
+from .backbone import Conv, run_conv, run_steps
 
 VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
@@ -65,6 +65,11 @@ class SegmentationModel(nn.Module):
     # may run these at higher precision than the backbone).
     extra_steps: tuple = ()
     head_convs: frozenset = frozenset()
+    # Whether the input's padding (conv1_1's 100 px, DeconvNet's pad to >= 224 and a multiple
+    # of 32) surrounds the image with positions that do not depend on it, which a backbone runner
+    # may skip (fastfcn.runtime.deadzone). The dilated nets reflect-pad: every position depends
+    # on the image.
+    has_dead_zone: bool = False
 
     def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=(1.0, 1.0, 1.0)):
         super().__init__()
@@ -75,6 +80,9 @@ class SegmentationModel(nn.Module):
         self.impl = "reference"
         # Conv step name -> ConvImpl (models/backbone.py); empty means torch's own convs.
         self._conv_impls: dict = {}
+        # runner(h, feats, switches, image_size) -> h: runs the backbone steps in place of
+        # run_steps (set by the runtime, e.g. its planner of image-independent positions).
+        self.backbone_runner = None
         self.config = {
             "arch": arch,
             "num_classes": num_classes,
@@ -104,6 +112,15 @@ class SegmentationModel(nn.Module):
     def conv_steps(self) -> tuple[Conv, ...]:
         """Every Conv step of the model, in forward order: the backbone's, then extra_steps."""
         return tuple(s for s in self.backbone if isinstance(s, Conv)) + tuple(self.extra_steps)
+
+    def run_backbone(self, h: torch.Tensor, feats: dict, switches: dict | None = None,
+                     pool_with_switches=None, image_size=None) -> torch.Tensor:
+        """The backbone steps on h (N, C, H, W): through ``backbone_runner`` when one is set,
+        else ``run_steps``. image_size: the top-left (H, W) of h that holds the image (DeconvNet's
+        padding), None for all of it."""
+        if self.backbone_runner is not None:
+            return self.backbone_runner(h, feats, switches, image_size)
+        return run_steps(self, self.backbone, h, feats, switches, pool_with_switches)
 
     def apply_conv(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """Conv step ``name`` on h (its ConvImpl if one is set, else torch's conv + BN + ReLU)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..kernels.reference import finish
-from .backbone import Conv, Pool, run_conv, run_steps
+from .backbone import Conv, Pool, run_conv
 from .common import VOC_MEAN_BGR, SegmentationModel, ops_impl, scaled
 from .fcn import VGG_BLOCKS
 
@@ -55,6 +55,8 @@ def padded_size(h: int) -> int:
 
 class DeconvNet(SegmentationModel):
     """forward(x: (N, 3, H, W)) -> logits (N, C, H, W)."""
+
+    has_dead_zone = True  # the zero padding to >= 224 and a multiple of 32 (encoder only)
 
     def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5):
         super().__init__("deconvnet", num_classes, width, {"dropout": dropout}, VOC_MEAN_BGR)
@@ -103,6 +105,10 @@ class DeconvNet(SegmentationModel):
     def bn_pairs(self) -> list[tuple[str, str]]:
         return list(self._pairs)
 
+    def pool_with_switches(self, h: torch.Tensor, kernel: int, stride: int):
+        """The fused mode's pooling: (pooled, one-byte switches) through fastfcn.ops."""
+        return ops.max_pool2d_with_switches(h, kernel, stride, True, impl=ops_impl(self.impl))
+
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
         impl = ops_impl(self.impl)
@@ -113,8 +119,8 @@ class DeconvNet(SegmentationModel):
         symbolic = isinstance(H, torch.SymInt) or isinstance(W, torch.SymInt)
         h = F.pad(x, (0, Wp - W, 0, Hp - H)) if symbolic or (Hp, Wp) != (H, W) else x
         switches = {}
-        pool = (lambda t, k, st: ops.max_pool2d_with_switches(t, k, st, True, impl=impl)) if fused else None
-        h = run_steps(self, self.backbone, h, {}, switches, pool)
+        image = None if symbolic else (H, W)
+        h = self.run_backbone(h, {}, switches, self.pool_with_switches if fused else None, image)
         fc6, fc7, fc6_deconv = self.extra_steps[:3]
         h = self.drop7(run_conv(self, fc7, self.drop6(run_conv(self, fc6, h))))
         # Fused mode: the ReLU of a conv right before an unpooling runs inside the unpool kernel

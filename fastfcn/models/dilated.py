@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads import HEADS, run_head
-from .backbone import Conv, Pool, run_conv, run_steps
+from .backbone import Conv, Pool, run_conv
 from .common import DILATED_MEAN_BGR, FC_STEPS, SegmentationModel, make_upsampler, ops_impl, scaled
 from .fcn import VGG_BLOCKS
 
@@ -175,7 +175,7 @@ class DilatedNet(SegmentationModel):
         H, W = x.shape[-2:]
         eh, ew = -H % 8, -W % 8
         h = reflect_pad(x, MARGIN, MARGIN + eh, MARGIN, MARGIN + ew)
-        h = self._fc(run_steps(self, self.backbone, h, {}))
+        h = self._fc(self.run_backbone(h, {}))
         score = run_conv(self, self.extra_steps[2], h)
         if self.context is not None:
             m = CONTEXT_MARGIN

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..heads import HEADS, run_head
-from .backbone import LRN, Conv, Pool, run_conv, run_steps
+from .backbone import LRN, Conv, Pool, run_conv
 from .common import FC_STEPS, VOC_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
 
 VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -29,6 +29,8 @@ class FCN(SegmentationModel):
 
     forward(x: (N, 3, H, W)) -> logits (N, C, H, W).
     """
+
+    has_dead_zone = True  # conv1_1's pad 100
 
     def __init__(
         self,
@@ -72,8 +74,7 @@ class FCN(SegmentationModel):
         self._check_input(x)
         size = (x.shape[-2], x.shape[-1])
         feats = {}
-        h = run_steps(self, self.backbone, x, feats)
-        h = self._fc(h)
+        h = self._fc(self.run_backbone(x, feats))
         score = run_conv(self, self.extra_steps[2], h)
         return run_head(self.head, self, score, feats, size, output, ops_impl(self.impl))
 
@@ -81,6 +82,8 @@ class FCN(SegmentationModel):
 class FCNAlexNet(SegmentationModel):
     """FCN-AlexNet: conv1 11x11/4 pad 100, LRN, grouped conv2/4/5, fc6 6x6,
     upscore 63/32, final crop 18. forward(x: (N, 3, H, W)) -> (N, C, H, W)."""
+
+    has_dead_zone = True  # conv1's pad 100
 
     def __init__(
         self, num_classes: int = 21, width: float = 1.0, learnable_upsampling: bool = False,
@@ -112,6 +115,6 @@ class FCNAlexNet(SegmentationModel):
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
         size = (x.shape[-2], x.shape[-1])
-        h = self._fc(run_steps(self, self.backbone, x, {}))
+        h = self._fc(self.run_backbone(x, {}))
         score = run_conv(self, self.extra_steps[2], h)
         return run_head(self.head, self, score, {}, size, output, ops_impl(self.impl))

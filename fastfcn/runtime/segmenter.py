@@ -119,7 +119,8 @@ class Segmenter:
     """Semantic segmentation with a fastfcn model.
 
     Segmenter(checkpoint, *, arch=None, device="auto", backend="auto", precision="auto",
-              max_pixels=4096*4096, graph_cache=8, check_finite=True, num_threads=None)
+              max_pixels=4096*4096, graph_cache=8, check_finite=True, num_threads=None,
+              skip_dead_zone=True)
 
     checkpoint: a path fastfcn.load reads (``arch=`` as there), a built-in model's name
         (``"demo"``, see fastfcn.zoo), a ``.onnx`` file exported by
@@ -141,6 +142,10 @@ class Segmenter:
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
     num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
+    skip_dead_zone: backend "fused" on the CPU computes only the positions whose receptive field
+        reaches the image (FCN-VGG, FCN-AlexNet, DeconvNet's encoder; fastfcn.runtime.deadzone),
+        taking the rest from maps cached per input size; False computes everything (ablation).
+        The results agree to float32 rounding either way.
 
     Properties: device, backend, precision, config, num_classes, class_names, palette, plan.
     plan: the convolution implementations chosen on this machine (fused backend on the CPU), per
@@ -165,6 +170,7 @@ class Segmenter:
         graph_cache: int = 8,
         check_finite: bool = True,
         num_threads: int | None = None,
+        skip_dead_zone: bool = True,
     ):
         if arch is not None and arch not in available():
             raise CheckpointError(f"unknown arch {arch!r}; expected one of {available()}")
@@ -200,7 +206,8 @@ class Segmenter:
             self._backend: Backend = create_backend(backend, source, self._device, "auto")
             self._precision = getattr(self._backend, "precision", "fp32")
         else:
-            self._backend = create_backend(backend, source, self._device, self._precision)
+            options = {"skip_dead_zone": bool(skip_dead_zone)} if backend == "fused" else {}
+            self._backend = create_backend(backend, source, self._device, self._precision, **options)
         if config is None:
             config = getattr(self._backend, "config", None)
         if not isinstance(config, dict):

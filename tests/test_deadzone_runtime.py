@@ -1,0 +1,109 @@
+"""The dead-zone skip inside the fused backend: installed for the families whose input padding
+surrounds the image (FCN-VGG, FCN-AlexNet, DeconvNet's encoder), not for the reflect-padded
+dilated nets; equal to the reference forward with the skip on and off; counted by fastfcn.flops.
+
+Tolerance, max |fused - reference| / max |reference|: the skip only changes the blocking of the
+convolutions; the fused backend's own convolutions differ from torch's by their own rounding.
+With oneDNN measured <= 3.2e-7 on these cases, with and without the skip (bound 2e-5); NNPACK's
+Winograd transform is less exact: 1.5e-3 on DeconvNet 224x224 (26 layers, folded random
+BatchNorm) with or without the skip, <= 1e-5 elsewhere (bound 5e-3). A wrong or stale cached
+value is off by the size of the values themselves.
+"""
+
+import pytest
+import torch
+from helpers import randomize_batchnorm
+
+import fastfcn
+from fastfcn.flops import count_macs
+from fastfcn.runtime.backends import create_backend
+from fastfcn.runtime.deadzone import DeadZoneForward
+
+CPU = torch.device("cpu")
+TOL = {"onednn": 2e-5, "nnpack": 5e-3}
+
+
+def model(arch, width=0.125, seed=0):
+    torch.manual_seed(seed)
+    m = fastfcn.models.build(arch, width=width, num_classes=5)
+    randomize_batchnorm(m)
+    return m.eval()
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def prefer(monkeypatch, impl):
+    """A timer under which ``impl`` wins wherever it applies: the planner's choice, and so the
+    rounding, is the same on every run."""
+    from fastfcn.runtime import cpu_fast
+
+    def timer(name, fn, best=None):
+        return (0.0 if name == impl else 1.0), fn()
+
+    monkeypatch.setattr(cpu_fast, "wall_timer", timer)
+
+
+@pytest.mark.parametrize("impl", ["onednn", "nnpack"])
+@pytest.mark.parametrize(
+    "arch,size",
+    [("fcn8s", (37, 53)), ("fcn32s", (1, 1)), ("fcn-alexnet", (45, 61)), ("deconvnet", (100, 150)),
+     ("deconvnet", (224, 224))],
+)  # fmt: skip
+def test_fused_backend_with_skip_equals_reference(arch, size, impl, monkeypatch):
+    prefer(monkeypatch, impl)
+    m = model(arch)
+    x = torch.randn(2, 3, *size) * 50
+    with torch.no_grad():
+        ref = m(x)
+    on = create_backend("fused", m, CPU, "fp32")
+    off = create_backend("fused", m, CPU, "fp32", skip_dead_zone=False)
+    assert isinstance(on.dead_zone, DeadZoneForward) and on.model.backbone_runner is on.dead_zone
+    assert off.dead_zone is None and off.model.backbone_runner is None
+    with torch.no_grad():
+        a, b = on(x, "logits"), off(x, "logits")
+        a2 = on(x, "logits")  # second call: from the cache
+    for got in (a, b, a2):
+        assert got.shape == ref.shape
+        assert rel_err(got, ref) < TOL[impl], rel_err(got, ref)
+    assert impl in {e["chosen"] for e in on.plan()}
+    if size != (224, 224) or arch != "deconvnet":  # 224x224 DeconvNet has no padding to skip
+        assert len(on.dead_zone.cache) == 1
+
+
+def test_dilated_nets_get_no_runner():
+    for arch in ("dilated-frontend", "dilated-context"):
+        b = create_backend("fused", model(arch), CPU, "fp32")
+        assert b.dead_zone is None and b.model.backbone_runner is None
+
+
+def test_segmenter_switch():
+    m = model("fcn8s")
+    img = torch.randint(0, 256, (41, 29, 3), dtype=torch.uint8)
+    on = fastfcn.Segmenter(m, backend="fused", precision="fp32")
+    off = fastfcn.Segmenter(m, backend="fused", precision="fp32", skip_dead_zone=False)
+    assert on._backend.dead_zone is not None and off._backend.dead_zone is None
+    lo, lf = on.run(img, output="logits"), off.run(img, output="logits")
+    assert rel_err(lo, lf) < 2e-5
+
+
+@pytest.mark.parametrize("arch,size,lo,hi", [("fcn-alexnet", (500, 500), 0.08, 0.11),
+                                             ("deconvnet", (100, 150), 0.24, 0.29)])  # fmt: skip
+def test_flops_count_the_skip_of_other_families(arch, size, lo, hi):
+    """Measured shares of the MACs skipped: FCN-AlexNet 500x500 9.6% (conv1's stride 4 shrinks
+    the 100 px pad to 25 px at once, and most of its work is in fc6), DeconvNet 100x150 (padded to
+    224x224) 26.4% (the encoder is about half the work; the decoder after fc6 depends on the
+    whole image); the bounds are +-1.5 points around them."""
+    with torch.device("meta"):
+        m = fastfcn.models.build(arch).eval()
+    c = count_macs(m, (1, 3, *size))
+    skipped = 1 - c.computed_macs / c.macs
+    assert lo < skipped < hi, skipped
+
+
+def test_flops_of_dilated_nets_skip_nothing():
+    with torch.device("meta"):
+        m = fastfcn.models.build("dilated-context").eval()
+    c = count_macs(m, (1, 3, 250, 250))
+    assert c.computed_macs == c.macs
