@@ -5,7 +5,7 @@
 # .venv first and run `make EXTRAS=dev,gpu,video ...`; the range in pyproject accepts it.
 PY ?= python3
 VENV ?= .venv
-EXTRAS ?= dev,cpu,video
+EXTRAS ?= dev,cpu,video,ray
 # The tests fail (instead of skipping about 280 of them) when the C++ kernels did not build:
 # a missing compiler must not turn into a green run. REQUIRE_CPP=0 accepts a build without them.
 REQUIRE_CPP ?= 1

@@ -21,6 +21,7 @@ COMMANDS = {
     "export": ("fastfcn.runtime.commands", "export a checkpoint to ONNX"),
     "segment": ("fastfcn.runtime.commands", "segment images to label PNGs and overlays"),
     "video": ("fastfcn.video", "segment a video file: overlay, side by side or a lossless label video"),
+    "batch": ("fastfcn.batch", "segment folders of images and videos on a Ray cluster (extra: ray)"),
     "train": ("fastfcn.train", "train a model"),
     "eval": ("fastfcn.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
     "data": ("fastfcn.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),
