@@ -468,17 +468,21 @@ def _connected(address):
         ray.shutdown()
 
 
+def _check_gpus(resources: dict, num_gpus_per_worker) -> None:
+    if num_gpus_per_worker and resources.get("GPU", 0) < num_gpus_per_worker:
+        have = resources.get("GPU", 0)
+        raise InputError(f"num_gpus_per_worker={num_gpus_per_worker} but the Ray cluster has {have:g} GPUs; "
+                         "start the nodes with GPUs or use 0 (CPU)")  # fmt: skip
+
+
 def _pool(ray, concurrency, num_gpus_per_worker, work: int) -> tuple[int, float]:
     """(actors, CPUs per actor). By default one actor per GPU share, or per CPU without GPUs;
     on CPU the actors split the cluster's CPUs (2 cores: 1 actor x 2 threads or 2 x 1)."""
     res = ray.cluster_resources()
     cpus = max(int(res.get("CPU", 1)), 1)
+    _check_gpus(res, num_gpus_per_worker)
     if concurrency is None:
-        concurrency = int(res.get("GPU", 0) // num_gpus_per_worker) if num_gpus_per_worker else cpus
-        concurrency = max(concurrency, 1)
-        if num_gpus_per_worker and concurrency < 1:
-            raise InputError(f"the cluster has {res.get('GPU', 0)} GPUs; {num_gpus_per_worker} per worker "
-                             "do not fit one worker")  # fmt: skip
+        concurrency = int(res["GPU"] // num_gpus_per_worker) if num_gpus_per_worker else cpus
     n = max(min(concurrency, work), 1)
     per = 1.0 if num_gpus_per_worker else max(cpus // n, 1)
     return n, float(per)
@@ -565,6 +569,7 @@ def segment_dataset(
         remove_stale_temporaries(out)
         device = "cuda" if num_gpus_per_worker else "cpu"
         with _connected(address) as ray:
+            _check_gpus(ray.cluster_resources(), num_gpus_per_worker)  # before anything is written
             ckpt_ref = ray.put(ckpt_bytes)
             manifest = Manifest(manifest_path, previous)
             try:

@@ -147,7 +147,28 @@ def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
         distributed._ray()
 
 
+def test_cli_starts_a_local_ray_without_address(ckpt, tmp_path):
+    """In a fresh process (this module's Ray is not running yet): Ray is started and stopped."""
+    import subprocess
+
+    images(tmp_path / "in", 3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+    p = subprocess.run([sys.executable, "-m", "fastfcn", "batch", str(ckpt), str(tmp_path / "in"), "--out",
+                        str(tmp_path / "out"), "--workers", "1", "--backend", "torch", "--batch-size", "2"],
+                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "3 done, 0 skipped (complete before), 0 failed" in p.stderr
+    assert len(rows(tmp_path / "out")) == 3
+
+
 # --------------------------------------------------------------------------------- with Ray
+
+
+def test_gpus_the_cluster_lacks_are_refused(ray_local, ckpt, tmp_path):
+    images(tmp_path / "in", 1)
+    with pytest.raises(InputError, match="num_gpus_per_worker=1 but the Ray cluster has 0 GPUs"):
+        distributed.segment_dataset([tmp_path / "in"], tmp_path / "out", ckpt, num_gpus_per_worker=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_images_and_videos_equal_segmenter_and_segment_video(ray_local, ckpt, seg, tmp_path):
