@@ -345,20 +345,50 @@ class _Worker:
         self.pictures, self.alpha = tuple(pictures), alpha
 
     def __call__(self, batch: dict) -> dict:
-        rows = []
-        for src, kind, outputs in zip(batch["src"], batch["kind"], batch["outputs"]):
-            task = Task(str(src), str(kind), tuple(json.loads(outputs)))
-            rows.append(json.dumps(self._attempt(task)))
-        return {"row": rows}
+        tasks = [Task(str(s), str(k), tuple(json.loads(o)))
+                 for s, k, o in zip(batch["src"], batch["kind"], batch["outputs"])]  # fmt: skip
+        t0 = time.perf_counter()
+        ready = self._segment_batch([t for t in tasks if t.kind == "image"])
+        share = (time.perf_counter() - t0) / max(len(ready), 1)
+        rows = [self._attempt(t, ready.get(t.src), share if t.src in ready else 0.0) for t in tasks]
+        return {"row": [json.dumps(r) for r in rows]}
 
-    def _attempt(self, task: Task) -> dict:
+    def _read(self, src: str):
+        from .imageio import decode_image, read_image
+
+        if _is_uri(src):
+            return decode_image(_read_bytes(src), src, self.seg.max_pixels)
+        return read_image(src, self.seg.max_pixels)
+
+    def _segment_batch(self, tasks: list[Task]) -> dict:
+        """``{src: (image, labels)}`` for the images of one batch, segmented by one ``run`` call
+        (one forward per image size). Best effort: an image that fails to read is left out,
+        and all of them are when the call fails; ``_attempt`` then does each on its own and
+        reports its error."""
+        images = {}
+        for t in tasks:
+            try:
+                images[t.src] = self._read(t.src)
+            except Exception:  # noqa: BLE001 - reported by the input's own attempts
+                pass
+        if not images:
+            return {}
+        try:
+            labels = self.seg.run(list(images.values()))
+        except Exception:  # noqa: BLE001 - the inputs are retried one by one
+            return {}
+        return {src: (im, lab.cpu().numpy()) for (src, im), lab in zip(images.items(), labels)}
+
+    def _attempt(self, task: Task, ready=None, spent: float = 0.0) -> dict:
+        """Write ``task``'s outputs, up to ATTEMPTS times; its manifest row. ready: (image,
+        labels) already computed for the first attempt; spent: seconds already spent on it."""
         row = {"input": task.src, "kind": task.kind, "worker": _worker_name(), "outputs": list(task.outputs)}
         t0 = time.perf_counter()
         attempt = 0
         while attempt < ATTEMPTS:
             attempt += 1
             try:
-                frames = self.process(task)
+                frames = self.process(task, ready if attempt == 1 else None)
             except Exception as e:  # noqa: BLE001 - recorded in the manifest, the run goes on
                 error = " ".join(f"{type(e).__name__}: {e}".split())
                 continue
@@ -367,24 +397,23 @@ class _Worker:
             break
         else:
             row.update(status="failed", frames=0, sizes=[], error=error)
-        row.update(attempts=attempt, seconds=round(time.perf_counter() - t0, 4))
+        row.update(attempts=attempt, seconds=round(spent + time.perf_counter() - t0, 4))
         return row
 
-    def process(self, task: Task) -> int:
+    def process(self, task: Task, ready=None) -> int:
         """Write ``task``'s outputs; returns the frames segmented (1 for an image)."""
-        return self._image(task) if task.kind == "image" else self._video(task)
+        return self._image(task, ready) if task.kind == "image" else self._video(task)
 
-    def _image(self, task: Task) -> int:
+    def _image(self, task: Task, ready=None) -> int:
         from PIL import Image
 
-        from .imageio import decode_image, read_image
         from .viz import overlay, save_labels, side_by_side
 
-        if _is_uri(task.src):
-            image = decode_image(_read_bytes(task.src), task.src, self.seg.max_pixels)
+        if ready is None:
+            image = self._read(task.src)
+            labels = self.seg.run(image).cpu().numpy()
         else:
-            image = read_image(task.src, self.seg.max_pixels)
-        labels = self.seg.run(image).cpu().numpy()
+            image, labels = ready
         palette = self.seg.palette
         with _atomic(task.outputs[0]) as tmp:
             save_labels(labels, palette, tmp)

@@ -212,12 +212,12 @@ def test_images_and_videos_equal_segmenter_and_segment_video(ray_local, ckpt, se
 class _KillOnce(distributed._Worker):
     """Exits its process (as a crash or an OOM kill would) on the first attempt at ``img005``."""
 
-    def process(self, task):
+    def process(self, task, ready=None):
         marker = Path(task.outputs[0]).parents[3] / "killed"  # beside OUT
         if task.src.endswith("img005.png") and not marker.exists():
             marker.write_text(str(os.getpid()))
             os._exit(1)
-        return super().process(task)
+        return super().process(task, ready)
 
 
 def test_killed_worker_leaves_each_input_processed_once(ray_local, ckpt, tmp_path, monkeypatch):
