@@ -20,7 +20,7 @@ from fastfcn.cli import main
 from fastfcn.errors import InputError
 from fastfcn.imageio import read_image
 from fastfcn.runtime.commands import plan_outputs
-from fastfcn.viz import overlay
+from fastfcn.viz import overlay, side_by_side
 
 pytest.importorskip("ray", reason="Ray Data is the ray extra: pip install 'fastfcn[ray]'")
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'fastfcn[video]'")
@@ -264,23 +264,33 @@ def test_interrupted_run_resumes_without_redoing(ray_local, ckpt, tmp_path, monk
     assert (s["skipped"], s["done"]) == (10, 0)
 
 
-def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, tmp_path, capsys):
+def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
     good = images(tmp_path / "in", 4)
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     cut = tmp_path / "in" / "cut.jpg"
     Image.fromarray(photo(1, 48, 64)).save(cut, quality=90)
     cut.write_bytes(cut.read_bytes()[:300])
+    clip = tmp_path / "in" / "cut.mkv"  # lossless: every frame is large, so the cut is mid-stream
+    write_video(clip, [photo(k, 32, 48) for k in range(8)], lossless=True)
+    clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
     out = tmp_path / "out"
     rc = main(["batch", str(ckpt), str(tmp_path / "in"), "--out", str(out), "--workers", "2",
-               "--backend", "torch", "--precision", "fp32"])  # fmt: skip
+               "--mode", "side-by-side", "--backend", "torch", "--precision", "fp32"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 1
-    assert "4 done, 0 skipped (complete before), 2 failed" in err
-    assert f"failed {tmp_path / 'in' / 'bad.png'}" in err and f"failed {cut}" in err
+    assert "4 done, 0 skipped (complete before), 3 failed" in err
+    for bad in ("bad.png", "cut.jpg", "cut.mkv"):
+        assert f"failed {tmp_path / 'in' / bad}" in err
     by = distributed.read_manifest(out / "manifest.jsonl")
     assert {k for k, r in by.items() if r["status"] == "ok"} == set(map(str, good))
-    for name in ("bad.png", "cut.jpg"):
+    for name in ("bad.png", "cut.jpg", "cut.mkv"):
         r = by[str(tmp_path / "in" / name)]
         assert r["status"] == "failed" and r["attempts"] == distributed.ATTEMPTS
         assert name in r["error"] and "InputError" in r["error"]
-        assert not any(os.path.exists(p) for p in r["outputs"])
+        assert not any(os.path.exists(p) for p in r["outputs"])  # nothing partial left behind
+    assert not [f for f in files(out) if ".fastfcn-tmp-" in f]
+    p = good[0]
+    image = read_image(p)
+    want = side_by_side(image, seg.run(image).numpy(), seg.palette)
+    np.testing.assert_array_equal(np.array(Image.open(out / "side-by-side" / p.relative_to(tmp_path / "in"))),
+                                  want)  # fmt: skip
