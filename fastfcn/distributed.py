@@ -108,7 +108,10 @@ def _local(item: str, out: Path) -> list[tuple[str, str]]:
     if any(c in item for c in _GLOB_CHARS) and not os.path.exists(item):
         base = os.path.abspath(_glob_base(item))
         files = sorted(f for f in glob.glob(item, recursive=True) if os.path.isfile(f))
-        return [(os.path.abspath(f), base) for f in files if _kind(f) and not inside_out(f)]
+        found = [(os.path.abspath(f), base) for f in files if _kind(f) and not inside_out(f)]
+        if not found:
+            raise InputError(f"{item}: no image or video matches this pattern")
+        return found
     if not os.path.exists(item):
         raise InputError(f"{item}: no such file, folder or matching glob")
     if inside_out(item):
@@ -119,6 +122,9 @@ def _local(item: str, out: Path) -> list[tuple[str, str]]:
             dirnames[:] = sorted(d for d in dirnames if not inside_out(os.path.join(dirpath, d)))
             found += [(os.path.abspath(os.path.join(dirpath, f)), os.path.abspath(item))
                       for f in sorted(filenames) if _kind(f)]  # fmt: skip
+        if not found:
+            raise InputError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) or videos "
+                             f"({', '.join(VIDEO_SUFFIXES)}) in this folder or its subfolders")  # fmt: skip
         return found
     if _kind(item) is None:
         raise InputError(f"{item}: not an image ({', '.join(IMAGE_SUFFIXES)}) or video "
@@ -151,14 +157,17 @@ def _remote(item: str) -> list[tuple[str, str]]:
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if i.type == pafs.FileType.File and _kind(i.path))  # fmt: skip
     if pattern:
-        files = [f for f in files if fnmatch.fnmatchcase(uri(f), pattern)]
+        files = [f for f in files if fnmatch.fnmatchcase(uri(f), pattern)]  # "*" also matches "/"
+    if not files:
+        raise InputError(f"{item}: no images or videos here")
     return [(uri(f), uri(path)) for f in files]
 
 
 def collect_inputs(inputs, output) -> list[tuple[str, str]]:
     """``[(file, base)]``: every image and video named, in named folders (recursively) or matching
     a glob, in order, each once; local files as absolute paths, others as URIs. Raises
-    InputError for a missing input, an input inside ``output``, or no input found at all."""
+    InputError for a missing input, an input inside ``output``, and a folder, glob or URI
+    without images or videos."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     out = Path(output)
@@ -166,14 +175,13 @@ def collect_inputs(inputs, output) -> list[tuple[str, str]]:
     for item in inputs:
         item = os.fspath(item)
         found += _remote(item) if _is_uri(item) else _local(item, out)
+    if not found:
+        raise InputError("no inputs given; expected image or video files, folders, globs or URIs")
     seen, unique = set(), []
     for f, base in found:
         if f not in seen:
             seen.add(f)
             unique.append((f, base))
-    if not unique:
-        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or videos ({', '.join(VIDEO_SUFFIXES)}) "
-                         f"in {', '.join(map(str, inputs))}")  # fmt: skip
     return unique
 
 

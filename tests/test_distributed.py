@@ -104,6 +104,13 @@ def test_inputs_folders_globs_and_uris(tmp_path):
         distributed.collect_inputs([out / "cam0"], out)
     with pytest.raises(InputError, match="not an image"):
         distributed.collect_inputs([src / "notes.txt"], tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        distributed.collect_inputs([src, tmp_path / "empty"], tmp_path / "o")
+    with pytest.raises(InputError, match="no image or video matches"):
+        distributed.collect_inputs([str(src / "*.jpg")], tmp_path / "o")
+    with pytest.raises(InputError, match="no images or videos here"):
+        distributed.collect_inputs([f"file://{src}/cam*/*.jpg"], tmp_path / "o")
 
 
 def test_plan_names_outputs_as_segment_does(tmp_path):
