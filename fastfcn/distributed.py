@@ -277,7 +277,8 @@ class Manifest:
         """Rewrite the file (temp + rename) with one row per input: ``order`` first, then rows
         of inputs this run did not name, as they were."""
         self._f.close()
-        keys = [k for k in order if k in self.rows] + [k for k in self.rows if k not in set(order)]
+        named = set(order)
+        keys = [k for k in order if k in self.rows] + [k for k in self.rows if k not in named]
         with _atomic(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for k in keys:
                 f.write(json.dumps(self.rows[k]) + "\n")
@@ -588,6 +589,9 @@ def segment_dataset(
     from .paths import check_output_dir
 
     _check_options(batch_size, concurrency, num_gpus_per_worker, mode)
+    if _is_uri(os.fspath(output)):
+        raise InputError(f"output {output}: expected a folder path (local, or a shared file system mounted "
+                         "on every node); URIs are for inputs")  # fmt: skip
     out = check_output_dir(output, "output")
     pictures = tuple(p for p in ("overlay", "side-by-side") if p == mode or (p == "overlay" and overlays))
     tasks = plan(collect_inputs(inputs, out), out, pictures)

@@ -149,6 +149,8 @@ def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
     for kw, msg in bad:
         with pytest.raises(InputError, match=msg):
             distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, **kw)
+    with pytest.raises(InputError, match="URIs are for inputs"):
+        distributed.segment_dataset([tmp_path], "s3://bucket/out", ckpt)
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(InputError, match=r"fastfcn\[ray\]"):
         distributed._ray()
