@@ -335,20 +335,23 @@ def _worker_name() -> str:
 class _Worker:
     """One actor: a Segmenter loaded from the checkpoint's bytes (shipped by the driver)."""
 
-    def __init__(self, checkpoint, suffix: str, options: dict, pictures: tuple[str, ...] = (),
+    def __init__(self, checkpoint, name: str, options: dict, pictures: tuple[str, ...] = (),
                  alpha: float = 0.5):
         """checkpoint: the file's bytes, or a Ray object reference to them (put once by the
-        driver: an FCN-8s is 540 MB, not to be copied into every actor's arguments)."""
+        driver: an FCN-8s is 540 MB, not to be copied into every actor's arguments); name:
+        the checkpoint's path or URI (its suffix picks the format; errors name it)."""
+        from .errors import FastFCNError
         from .runtime import Segmenter
 
         if not isinstance(checkpoint, bytes):
             checkpoint = _ray().get(checkpoint)
-
-        fd, path = tempfile.mkstemp(suffix=suffix, prefix="fastfcn-ckpt-")
+        fd, path = tempfile.mkstemp(suffix=PurePosixPath(name).suffix, prefix="fastfcn-ckpt-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(checkpoint)
             self.seg = Segmenter(path, **options)
+        except FastFCNError as e:
+            raise type(e)(str(e).replace(path, name)) from None
         finally:
             os.unlink(path)
         self.pictures, self.alpha = tuple(pictures), alpha
@@ -487,6 +490,23 @@ def _check_options(batch_size, concurrency, num_gpus_per_worker, mode) -> None:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}")
 
 
+def _check_model(ckpt: str, backend: str, precision: str) -> None:
+    """Before a cluster is asked for anything: the names are known, and a local checkpoint
+    loads (``describe_checkpoint``, on the CPU), so that a bad file is one line here rather
+    than an actor that dies at start on every node."""
+    from .runtime.backends import PRECISIONS, available_backends
+    from .runtime.commands import describe_checkpoint
+
+    if backend != "auto" and backend not in available_backends():
+        raise InputError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+    if not _is_uri(ckpt):
+        if not os.path.exists(ckpt):
+            raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+        describe_checkpoint(ckpt)
+
+
 @contextmanager
 def _connected(address):
     """Ray, connected: the running one (ray.init done by the caller), the cluster at ``address``
@@ -596,10 +616,8 @@ def segment_dataset(
     pictures = tuple(p for p in ("overlay", "side-by-side") if p == mode or (p == "overlay" and overlays))
     tasks = plan(collect_inputs(inputs, out), out, pictures)
     ckpt = os.fspath(checkpoint)
-    try:
-        ckpt_bytes = _read_bytes(ckpt)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint") from None
+    _check_model(ckpt, backend, precision)
+    ckpt_bytes = _read_bytes(ckpt)
     manifest_path = out / MANIFEST
     previous = read_manifest(manifest_path)  # kept for inputs this run does not name
     todo = [t for t in tasks if not (resume and is_complete(previous.get(t.src), t))]
@@ -620,7 +638,7 @@ def segment_dataset(
                         continue
                     actors, cpus = _pool(ray, concurrency, num_gpus_per_worker, len(part) if kind == "video"
                                          else -(-len(part) // size))  # fmt: skip
-                    args = {"checkpoint": ckpt_ref, "suffix": PurePosixPath(ckpt).suffix,
+                    args = {"checkpoint": ckpt_ref, "name": ckpt,
                             "options": {"backend": backend, "precision": precision, "device": device,
                                         "num_threads": None if num_gpus_per_worker else int(cpus)},
                             "pictures": pictures}  # fmt: skip

@@ -17,7 +17,7 @@ from PIL import Image
 import fastfcn
 from fastfcn import distributed, models
 from fastfcn.cli import main
-from fastfcn.errors import InputError
+from fastfcn.errors import CheckpointError, InputError
 from fastfcn.imageio import read_image
 from fastfcn.runtime.commands import plan_outputs
 from fastfcn.viz import overlay, side_by_side
@@ -149,6 +149,14 @@ def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
     for kw, msg in bad:
         with pytest.raises(InputError, match=msg):
             distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, **kw)
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="unknown backend 'tensorrt'"):
+        distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, backend="tensorrt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):  # before Ray is asked for anything
+        distributed.segment_dataset([tmp_path], tmp_path / "o", bad)
+    assert not (tmp_path / "o").exists()
     with pytest.raises(InputError, match="URIs are for inputs"):
         distributed.segment_dataset([tmp_path], "s3://bucket/out", ckpt)
     monkeypatch.setitem(sys.modules, "ray", None)
