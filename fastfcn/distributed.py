@@ -14,8 +14,11 @@ How the work is shared and why it survives failures:
   hdfs://, file://), plans every output, and drops the inputs that the manifest says are
   complete. Images become a Ray Dataset (``ray.data.from_items``) mapped by an actor pool
   (``map_batches`` with a class: each actor loads the Segmenter once); each actor reads its
-  images itself, through pyarrow's file systems, so an unreadable or corrupt file is one failed
-  row instead of a failed read task ending the whole run. Videos go, one per task, through
+  images itself (a batch's files at the same time), through pyarrow's file systems, the ones
+  Ray Data's readers use. Why not ``ray.data.read_binary_files``: a file that cannot be read
+  there fails its read task and so the whole run, where here it is one failed row; and its
+  read tasks start worker processes of their own (the same 7 files through a 2-actor pool:
+  15.6 s with the reader, 7.9 s without, 2-core EPYC). Videos go, one per task, through
   ``fastfcn.video.segment_video`` inside an actor, so every frame is written once and in order.
 - Every output is written to a temporary name in its folder and renamed (``os.replace``,
   atomic): a worker killed mid-write leaves no partial file under an output name. Ray Data
@@ -59,6 +62,7 @@ MANIFEST = "manifest.jsonl"
 # A transient failure (a network file system, an out-of-memory batch) gets a second try; a
 # corrupt file fails the same way twice, which costs one extra decode.
 ATTEMPTS = 2
+READ_THREADS = 8  # files of one batch read at the same time by an actor
 _TMP_TAG = ".fastfcn-tmp-"
 _GLOB_CHARS = "*?["
 
@@ -377,12 +381,19 @@ class _Worker:
         (one forward per image size). Best effort: an image that fails to read is left out,
         and all of them are when the call fails; ``_attempt`` then does each on its own and
         reports its error."""
-        images = {}
-        for t in tasks:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(src: str):
             try:
-                images[t.src] = self._read(t.src)
+                return self._read(src)
             except Exception:  # noqa: BLE001 - reported by the input's own attempts
-                pass
+                return None
+
+        # Reads overlap (an object store answers in tens of ms per file; Pillow's decoders
+        # release the GIL): a batch costs one round trip, not batch_size of them.
+        with ThreadPoolExecutor(max_workers=min(len(tasks), READ_THREADS) or 1) as pool:
+            got = list(pool.map(read, [t.src for t in tasks]))
+        images = {t.src: im for t, im in zip(tasks, got) if im is not None}
         if not images:
             return {}
         try:
