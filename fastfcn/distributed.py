@@ -270,11 +270,16 @@ class Manifest:
     def __init__(self, path: Path, previous: dict[str, dict]):
         self.path, self.rows = path, dict(previous)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        self._f = open(path, "a+b")
+        # A run killed mid-line left no newline: the next row must not be glued onto it.
+        if self._f.tell() > 0:
+            self._f.seek(-1, os.SEEK_END)
+            if self._f.read(1) != b"\n":
+                self._f.write(b"\n")
 
     def add(self, row: dict) -> None:
         self.rows[row["input"]] = row
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(json.dumps(row).encode() + b"\n")
         self._f.flush()
 
     def close(self, order: list[str]) -> None:

@@ -141,6 +141,12 @@ def test_manifest_completeness_and_truncated_lines(tmp_path):
     m = tmp_path / "manifest.jsonl"
     m.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "sizes": [9]}) + "\n" + '{"input": "b.png", "st')
     assert distributed.read_manifest(m) == {"in.png": {**ok, "sizes": [9]}}  # the last row wins
+    other = {**ok, "input": "c.png"}
+    manifest = distributed.Manifest(m, distributed.read_manifest(m))
+    manifest.add(other)  # after the cut line, not glued onto it
+    assert distributed.read_manifest(m) == {"in.png": {**ok, "sizes": [9]}, "c.png": other}
+    manifest.close(["c.png"])
+    assert [json.loads(line)["input"] for line in m.read_text().splitlines()] == ["c.png", "in.png"]
 
 
 def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
