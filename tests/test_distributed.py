@@ -296,16 +296,24 @@ def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, s
     clip = tmp_path / "in" / "cut.mkv"  # lossless: every frame is large, so the cut is mid-stream
     write_video(clip, [photo(k, 32, 48) for k in range(8)], lossless=True)
     clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    far = images(tmp_path / "far", 1)[0]  # through pyarrow's file systems, as s3:// would be
+    write_video(tmp_path / "far" / "v.mp4", [photo(k, 32, 48) for k in range(3)])
     out = tmp_path / "out"
-    rc = main(["batch", str(ckpt), str(tmp_path / "in"), "--out", str(out), "--workers", "2",
-               "--mode", "side-by-side", "--backend", "torch", "--precision", "fp32"])  # fmt: skip
+    rc = main(["batch", str(ckpt), str(tmp_path / "in"), f"file://{tmp_path / 'far'}", "--out", str(out),
+               "--workers", "2", "--mode", "side-by-side", "--backend", "torch",
+               "--precision", "fp32"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 1
-    assert "4 done, 0 skipped (complete before), 3 failed" in err
+    assert "6 done, 0 skipped (complete before), 3 failed" in err
     for bad in ("bad.png", "cut.jpg", "cut.mkv"):
         assert f"failed {tmp_path / 'in' / bad}" in err
     by = distributed.read_manifest(out / "manifest.jsonl")
-    assert {k for k, r in by.items() if r["status"] == "ok"} == set(map(str, good))
+    assert {k for k, r in by.items() if r["status"] == "ok"} == {*map(str, good), f"file://{far}",
+                                                                 f"file://{tmp_path / 'far' / 'v.mp4'}"}
+    far_labels = np.array(Image.open(out / "labels" / "far" / far.relative_to(tmp_path / "far")))
+    np.testing.assert_array_equal(far_labels, seg.run(read_image(far)).numpy())
+    with av.open(str(out / "side-by-side" / "far" / "v.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
     for name in ("bad.png", "cut.jpg", "cut.mkv"):
         r = by[str(tmp_path / "in" / name)]
         assert r["status"] == "failed" and r["attempts"] == distributed.ATTEMPTS
@@ -315,5 +323,5 @@ def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, s
     p = good[0]
     image = read_image(p)
     want = side_by_side(image, seg.run(image).numpy(), seg.palette)
-    np.testing.assert_array_equal(np.array(Image.open(out / "side-by-side" / p.relative_to(tmp_path / "in"))),
-                                  want)  # fmt: skip
+    got = np.array(Image.open(out / "side-by-side" / "in" / p.relative_to(tmp_path / "in")))
+    np.testing.assert_array_equal(got, want)
