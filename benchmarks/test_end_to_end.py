@@ -148,11 +148,17 @@ def seeded_model(arch: str) -> torch.nn.Module:
     return _MODELS[arch]
 
 
-def case_flops(case: Case) -> int:
+def case_count(case: Case):
+    """The case's FlopCount: nominal MACs and those computed with the image-independent
+    positions skipped (fastfcn.runtime.deadzone)."""
     key = (case.arch, case.batch, case.height, case.width)
     if key not in _FLOPS:
-        _FLOPS[key] = count_macs(seeded_model(case.arch), (case.batch, 3, case.height, case.width)).flops
+        _FLOPS[key] = count_macs(seeded_model(case.arch), (case.batch, 3, case.height, case.width))
     return _FLOPS[key]
+
+
+def case_flops(case: Case) -> int:
+    return case_count(case).flops
 
 
 def seeded_images(case: Case, seed: int) -> torch.Tensor:
@@ -337,7 +343,7 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
         q1_ms=s.q1 * 1e3, q3_ms=s.q3 * 1e3, min_ms=s.min * 1e3, max_ms=s.max * 1e3, rounds=s.rounds,
         warmup_runs=warmups, ms_per_image=med * 1e3 / n, images_per_s=n / med,
         paper_ms=PAPER_MS, paper_source=PAPER_SOURCE, x_faster_than_paper=PAPER_MS / (med * 1e3 / n),
-        gmac=flops / 2e9, flops=flops,
+        gmac=flops / 2e9, flops=flops, computed_gmac=case_count(case).computed_gmac,
         flops_source="fastfcn.flops.count_macs (layer hooks, reference forward)",
         setup_s=setup_s, input=f"uint8 (N, H, W, 3) on the {where}", output="labels",
         fresh_outputs="checked every round: labels equal the warm-up's; the previous output is "

@@ -19,9 +19,12 @@ from .errors import InputError
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from .distributed import MODES
+    from .names import BACKENDS, PRECISIONS
+    from .zoo import BUILTIN
 
     a = parser.add_argument
-    a("checkpoint", help="a checkpoint fastfcn.load reads, or an exported .onnx (path or URI)")
+    a("checkpoint", help=f"a checkpoint fastfcn.load reads, an exported .onnx (path or URI), or a built-in "
+                         f"model by name ({', '.join(BUILTIN)})")
     a("inputs", nargs="+", metavar="INPUT",
       help="image and video files, folders (walked recursively), globs, or URIs (s3://, gs://, file://)")
     a("--out", required=True, help="output folder: labels/, overlays/ and manifest.jsonl")
@@ -36,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help="the picture beside the labels: labels (none, the default), overlay or side-by-side")
     a("--no-resume", dest="resume", action="store_false",
       help="redo every input (default: skip inputs the manifest records as complete)")
-    a("--backend", default="auto", help="auto | fused | torch | compile | onnxruntime (default auto)")
-    a("--precision", default="auto", help="auto | fp32 | tf32 | bf16 | fp16")
+    a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
+    a("--precision", default="auto", choices=("auto", *PRECISIONS), help="compute precision")
 
 
 def main(args: argparse.Namespace) -> int:

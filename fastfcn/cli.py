@@ -29,6 +29,48 @@ COMMANDS = {
 }
 
 
+# name -> example lines shown at the end of its --help (every command has some)
+EXAMPLES = {
+    "demo": ["fastfcn demo", "fastfcn demo --backends torch,fused --n 4 --out demo-out"],
+    "info": ["fastfcn info demo", "fastfcn info fcn8s.safetensors --json",
+             "fastfcn info fcn8s-heavy-pascal.caffemodel --arch fcn8s"],
+    "export": ["fastfcn export demo demo.onnx",
+               "fastfcn export fcn8s.safetensors fcn8s.onnx --static --size 500 500"],
+    "segment": ["fastfcn segment demo photos/ --out seg/",
+                "fastfcn segment fcn8s.safetensors photos/ street.jpg --out seg/ --recursive --batch-size 8",
+                "fastfcn segment demo aerial.tif --out seg/ --tile 1024 1024 --overlap 128"],
+    "video": ["fastfcn video demo clip.mp4 clip_seg.mp4",
+              "fastfcn video fcn8s.safetensors street.mp4 street.mkv --mode labels --every 2",
+              "fastfcn video demo clip.mp4 side.mp4 --mode side-by-side --labels-out labels.mkv"],
+    "batch": ["fastfcn batch demo photos/ clips/ --out seg/ --workers 2",
+              "fastfcn batch fcn8s.safetensors s3://bucket/frames/ --out /shared/seg --address auto "
+              "--gpus-per-worker 1 --overlays"],
+    "train": ["fastfcn train --iters 200 --width 0.125 --out runs/tiny",
+              "fastfcn train --data VOCdevkit/VOC2012 --stages fcn32s:3000,fcn16s:1000,fcn8s:1000"],
+    "eval": ["fastfcn eval demo --data synthetic",
+             "fastfcn eval fcn8s.safetensors --data VOCdevkit/VOC2012 --json"],
+    "data": ["fastfcn data synth synth-voc/ --n 1000"],
+    "bench-report": ["fastfcn bench-report", "fastfcn bench-report benchmarks/results/ --markdown table.md"],
+}
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option with a default shows it (unless its help does)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] and action.nargs in ("*", "+")):
+            return text
+        shown = action.default
+        if isinstance(shown, (list, tuple)):
+            shown = " ".join(map(str, shown))
+        return f"{text} (default: {shown})"
+
+
+def _epilog(name: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+
+
 def _module(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
@@ -44,11 +86,16 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="fastfcn", description="Fully convolutional segmentation, fast.")
+    parser = _Parser(prog="fastfcn", description="Fully convolutional segmentation, fast.",
+                     formatter_class=_Formatter,
+                     epilog="examples:\n  fastfcn demo\n  fastfcn info demo\n"
+                            "  fastfcn segment demo photos/ --out seg/\n"
+                            "run 'fastfcn COMMAND --help' for the options of a command")
     parser.add_argument("--version", action="version", version=f"fastfcn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (_, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, epilog=_epilog(name),
+                           formatter_class=_Formatter)
         if only == name:
             _module(name).add_arguments(p, name)
     return parser

@@ -90,9 +90,10 @@ def run_demo(out: str | Path = "fastfcn-demo-out", n: int = 16, backends=None, c
     from .data import HELDOUT_SIZE, heldout_scenes
     from .errors import FastFCNError
     from .metrics import confusion_matrix, scores
+    from .zoo import resolve
 
     stream = stream or sys.stdout
-    checkpoint = Path(checkpoint or DEMO_MODEL)
+    checkpoint = Path(resolve(checkpoint or "demo"))
     model = fastfcn.load(checkpoint)
     cfg = model.config
     num_classes = int(cfg["num_classes"])

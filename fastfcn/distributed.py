@@ -613,7 +613,8 @@ def segment_dataset(
 
     inputs: a path, folder, glob or URI, or a list of them (folders are walked recursively).
     output: a local or shared folder; gets labels/, overlays/, side-by-side/ and manifest.jsonl.
-    checkpoint: what fastfcn.Segmenter loads (a path or URI; read once, shipped to the actors).
+    checkpoint: what fastfcn.Segmenter loads (a path, a URI or a built-in name such as "demo";
+    read once by the driver, shipped to the actors).
     batch_size: images per actor call. concurrency: actors (default: one per CPU, or per
     ``num_gpus_per_worker`` GPUs). mode: the picture written beside the labels: "labels" (none),
     "overlay" or "side-by-side"; ``overlays=True`` adds the overlay. resume: skip inputs the
@@ -631,7 +632,9 @@ def segment_dataset(
     out = check_output_dir(output, "output")
     pictures = tuple(p for p in ("overlay", "side-by-side") if p == mode or (p == "overlay" and overlays))
     tasks = plan(collect_inputs(inputs, out), out, pictures)
-    ckpt = os.fspath(checkpoint)
+    from .zoo import resolve
+
+    ckpt = os.fspath(resolve(checkpoint))  # "demo": the built-in model's file
     _check_model(ckpt, backend, precision)
     ckpt_bytes = _read_bytes(ckpt)
     manifest_path = out / MANIFEST

@@ -69,6 +69,23 @@ def to_rgb(im) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)
 
 
+def from_pil(im, max_pixels: int | None = None) -> np.ndarray:
+    """A PIL image of any mode -> (H, W, 3) uint8 RGB, as ``read_image`` decodes files: the size
+    checked against ``max_pixels`` before decoding (an image from ``Image.open`` is still lazy),
+    EXIF orientation applied, modes converted as the module docstring says."""
+    from PIL import ImageOps
+
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise InputError(
+            f"the image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+            "(checked from its header, nothing decoded); resize it, raise max_pixels (--max-pixels) "
+            "or segment it in tiles (tile=, --tile)"
+        )
+    im.load()
+    return to_rgb(ImageOps.exif_transpose(im))
+
+
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB of the image file ``path``, EXIF orientation applied.
 
@@ -91,22 +108,14 @@ def _decode(source, path, max_pixels: int | None) -> np.ndarray:
     """source: a path or a binary file object; path: what the messages call it."""
     import warnings
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             # Between MAX_IMAGE_PIXELS and twice that Pillow only warns; max_pixels decides here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
-                w, h = im.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise InputError(
-                        f"{path}: the image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                        "(checked from its header, nothing decoded); resize it or raise --max-pixels"
-                    )
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+                return from_pil(im, max_pixels)
     except InputError as e:
         msg = str(e)
         raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None

@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import InputError
 from .metrics import ConfusionMatrix
+from .progress import Progress
 
 VAL_SEED_OFFSET = 7919  # synthetic validation during training: seed + this, never the held-out seed
 
@@ -208,44 +209,7 @@ def parse_stages(spec: str | None, arch: str, iters: int) -> list[tuple[str, int
     return out
 
 
-# --------------------------------------------------------------------------- progress and curves
-
-
-class Progress:
-    """A one-line progress bar on stderr (plain lines every 10% when stderr is not a terminal)."""
-
-    def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None):
-        self.total, self.label, self.enabled = max(1, total), label, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.time()
-        self.start = 0
-        self._last_tenth = -1
-
-    def update(self, done: int, text: str = "") -> None:
-        if not self.enabled:
-            return
-        frac = min(1.0, done / self.total)
-        elapsed = time.time() - self.t0
-        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
-        line = f"{self.label} [{bar}] {done}/{self.total} {text} {rate:.2f} it/s eta {_hms(eta)}"
-        if self.tty:
-            self.stream.write("\r" + line + "\033[K")
-            if done >= self.total:
-                self.stream.write("\n")
-        elif int(frac * 10) != self._last_tenth or done >= self.total:
-            self._last_tenth = int(frac * 10)
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _hms(s: float) -> str:
-    if s != s or s == float("inf"):
-        return "--:--"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+# --------------------------------------------------------------------------- curves
 
 
 def plot_curves(history: dict, path: str | os.PathLike, title: str = "") -> None:
@@ -576,6 +540,7 @@ def _for_plot(history: dict) -> dict:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from .data import HELDOUT_SIZE
     from .models import available
+    from .names import device_arg
 
     a = parser.add_argument
     a("--data", default="synthetic", help="a VOC root, or 'synthetic' (SyntheticScenes; default)")
@@ -613,7 +578,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--val-every", type=int, default=200, help="validate every N iterations (0: never; default 200)")
     a("--val-n", type=int, default=100, help="validation images (default 100)")
     a("--save-every", type=int, default=200, help="checkpoint every N iterations (default 200)")
-    a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the GPU of this rank, else CPU)")
+    a("--device", default="auto", type=device_arg,
+      help="cpu, cuda, cuda:1 ... (default: the GPU of this rank, else CPU)")
     a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a("--quiet", action="store_true", help="no progress bar")
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FastFCNError, InputError, StreamError
+from .names import ARCHS, BACKENDS, PRECISIONS, device_arg
+from .zoo import BUILTIN, resolve
 
 MODES = ("overlay", "labels", "side-by-side")
 LABEL_VIDEO_SUFFIXES = (".mkv", ".avi", ".nut")
@@ -528,7 +530,8 @@ def format_summary(s: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a = parser.add_argument
-    a("checkpoint", help="a checkpoint fastfcn.load reads, or an exported .onnx")
+    a("checkpoint", help=f"a checkpoint fastfcn.load reads, an exported .onnx, or a built-in model by name "
+                         f"({', '.join(BUILTIN)})")
     a("input", help="the video file to segment")
     a("output", help="the video to write (.mp4, .mkv, ...; --mode labels: .mkv or a folder for PNGs)")
     a("--mode", choices=MODES, default="overlay",
@@ -541,10 +544,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help="segment every Nth frame, reusing its labels for the frames between (default 1)")
     a("--start", type=float, default=None, help="start at this time, in seconds")
     a("--duration", type=float, default=None, help="segment this many seconds")
-    a("--backend", default="auto", help="auto | fused | torch | compile | onnxruntime (default auto)")
-    a("--precision", default="auto", help="auto | fp32 | tf32 | bf16 | fp16")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--arch", help="architecture, for checkpoint files that do not record it")
+    a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
+    a("--precision", default="auto", choices=("auto", *PRECISIONS), help="compute precision")
+    a("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    a("--arch", choices=ARCHS, help="architecture, for checkpoint files that do not record it")
     a("--quiet", action="store_true", help="no progress bar")
 
 
@@ -553,11 +556,11 @@ def main(args: argparse.Namespace) -> int:
 
     _check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
     _check_paths(args.input, args.output, args.labels_out)
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(resolve(args.checkpoint))
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint")
     try:
-        seg = Segmenter(str(ckpt), arch=args.arch, device=args.device, backend=args.backend,
+        seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
                         precision=args.precision)  # fmt: skip
     except (ValueError, TypeError) as e:
         if isinstance(e, FastFCNError):

@@ -220,7 +220,7 @@ def test_compile_backend_agrees():
 
 def test_checkpoint_path(tmp_path):
     path = fastfcn.save(model("fcn16s"), tmp_path / "m.safetensors")
-    seg = fastfcn.Segmenter(path)
+    seg = fastfcn.Segmenter(path, device="cpu")
     batch = images(1, 23, 31, seed=6)
     assert_logits_close(seg.run(batch, "logits"), reference("fcn16s", batch))
     with pytest.raises(CheckpointError, match="fcn8s"):
@@ -232,7 +232,9 @@ def test_checkpoint_path(tmp_path):
 
 def test_auto_choices_and_properties():
     seg = fastfcn.Segmenter(model("fcn8s"))
-    assert seg.backend == "fused" and seg.precision == "fp32" and seg.device.type == "cpu"
+    cuda = torch.cuda.is_available()
+    assert seg.backend == "fused" and seg.device.type == ("cuda" if cuda else "cpu")
+    assert seg.precision == ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
     assert seg.class_names[0] == "background" and len(seg.class_names) == 21
     assert seg.palette[1] == [128, 0, 0]
     assert seg.config["mean"] == model("fcn8s").config["mean"]
@@ -247,7 +249,7 @@ def test_rgb_scaled_config_is_honoured():
     x = preprocess_ref(batch, m.config)
     with torch.inference_mode():
         ref = m(x)
-    assert_logits_close(fastfcn.Segmenter(m).run(batch, "logits"), ref)
+    assert_logits_close(fastfcn.Segmenter(m, device="cpu").run(batch, "logits"), ref)
 
 
 # --------------------------------------------------------------------------- precision
@@ -265,8 +267,8 @@ PRECISION_BOUNDS = {"bf16": (0.03, 0.98), "fp16": (0.003, 0.997)}
 def test_low_precision_agreement_on_cpu(precision):
     m = model("fcn8s", 0.25)
     batch = images(2, 64, 80, seed=0)
-    ref = fastfcn.Segmenter(m, backend="torch").run(batch, "logits")
-    seg = fastfcn.Segmenter(m, precision=precision)
+    ref = fastfcn.Segmenter(m, backend="torch", device="cpu").run(batch, "logits")
+    seg = fastfcn.Segmenter(m, precision=precision, device="cpu")
     assert seg.precision == precision
     got = seg.run(batch, "logits")
     err_bound, agree_bound = PRECISION_BOUNDS[precision]
@@ -306,7 +308,7 @@ def seg32():
         (torch.zeros(1, 4, 8, 8), InputError, r"\(N, 3, H, W\)"),
         (torch.full((1, 3, 8, 8), float("nan")), InputError, "NaN"),
         (torch.tensor([[[[float("inf")]]] * 3]), InputError, "Inf"),
-        ("image.png", TypeError, "numpy array"),
+        ("image.png", InputError, "image.png: no such file"),
         (None, TypeError, "numpy array"),
         (42, TypeError, "numpy array"),
         (np.array([object()]), TypeError, "object"),

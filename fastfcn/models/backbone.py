@@ -21,6 +21,9 @@ from torch import nn
 # A convolution implementation: impl(x, padding) -> conv(x) + bias (BatchNorm folded into both),
 # followed by the step's ReLU when the step has one. ``padding`` (rows, cols) of zeros replaces the
 # module's own padding, so a caller may run the same layer on a window that it padded itself.
+# An impl may also have ``conv_pool(x, padding, kernel, stride)`` = Caffe's ceil max pooling of
+# impl(x, padding): run_steps then hands it the Pool step that follows (one without switches), so
+# the pooling can happen in the convolution's epilogue.
 ConvImpl = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
@@ -103,10 +106,23 @@ def run_steps(
     as (switches, pre-pool size). ``pool_with_switches(h, k, s) -> (y, switches)`` defaults to
     torch's max_pool2d(return_indices=True)."""
     impls = getattr(model, "_conv_impls", {})
-    for step in steps:
-        if isinstance(step, Conv):
+    steps = tuple(steps)
+    fused_pool = None  # a Pool step already run by the conv before it
+    for i, step in enumerate(steps):
+        if step is fused_pool:
+            fused_pool = None
+            if step.tap is not None:
+                feats[step.tap] = h
+        elif isinstance(step, Conv):
             impl = impls.get(step.name) or reference_conv(model, step)
-            h = impl(h, tuple(getattr(model, step.name).padding))
+            padding = tuple(getattr(model, step.name).padding)
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            conv_pool = getattr(impl, "conv_pool", None)
+            if conv_pool is not None and isinstance(nxt, Pool) and nxt.switches is None:
+                h = conv_pool(h, padding, nxt.kernel, nxt.stride)
+                fused_pool = nxt
+            else:
+                h = impl(h, padding)
         elif isinstance(step, Pool):
             if step.switches is not None:
                 size = (h.shape[-2], h.shape[-1])

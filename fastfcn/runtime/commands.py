@@ -1,8 +1,9 @@
 """``fastfcn info``, ``fastfcn export`` and ``fastfcn segment``.
 
-    fastfcn info fcn8s.safetensors
+    fastfcn info fcn8s.safetensors                  (or a built-in model by name: fastfcn info demo)
     fastfcn export fcn8s.safetensors fcn8s.onnx [--static --size 500 500] [--opset 18] [--precision fp16]
     fastfcn segment fcn8s.safetensors photos/ street.jpg --out seg/ [--recursive] [--on-error stop]
+        [--batch-size 8] [--tile 1024 1024 --overlap 128]
 
 segment writes, per image, ``OUT/labels/<path>.png`` (the class ids as a palette PNG in the
 checkpoint's colours: pixel values are class ids) and ``OUT/overlays/<path>.png`` (the image
@@ -24,25 +25,29 @@ from pathlib import Path
 
 from ..errors import CheckpointError, FastFCNError, InputError
 from ..imageio import IMAGE_SUFFIXES, check_regular_file, read_image
+from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
 from ..paths import check_output_dir, check_output_file
+from ..progress import Progress
 from ..viz import overlay, palette_bytes, save_labels  # noqa: F401  (re-exported: the old import path)
-from .backends import PRECISIONS, available_backends
-from .segmenter import DEFAULT_MAX_PIXELS
+from ..zoo import BUILTIN, resolve
+
+# Torch is imported by the commands when they run, never here: `fastfcn segment --help` stays fast.
 
 # ------------------------------------------------------------------------------------ arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from ..models import available
-
+    builtin = f"or a built-in model by name ({', '.join(BUILTIN)})"
     if command == "info":
-        parser.add_argument("checkpoint", help=".safetensors, .pt/.pth, .caffemodel (with --arch) or .onnx")
-        parser.add_argument("--arch", choices=available(), help="for files that do not record it")
+        parser.add_argument("checkpoint",
+                            help=f".safetensors, .pt/.pth, .caffemodel (with --arch), .onnx {builtin}")
+        parser.add_argument("--arch", choices=ARCHS, help="for files that do not record it")
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     elif command == "export":
-        parser.add_argument("checkpoint", help=".safetensors, .pt/.pth or .caffemodel (with --arch)")
+        parser.add_argument("checkpoint",
+                            help=f".safetensors, .pt/.pth or .caffemodel (with --arch) {builtin}")
         parser.add_argument("out", help="the .onnx file to write")
-        parser.add_argument("--arch", choices=available(), help="for files that do not record it")
+        parser.add_argument("--arch", choices=ARCHS, help="for files that do not record it")
         parser.add_argument("--static", action="store_true",
                             help="fix batch, height and width (to --batch x --size) instead of dynamic")
         parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(500, 500),
@@ -53,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                             help="fp16: weights and compute in float16, input/output still float32")
     elif command == "segment":
-        parser.add_argument("checkpoint", help="a checkpoint fastfcn.load reads, or an exported .onnx")
+        parser.add_argument("checkpoint",
+                            help=f"a checkpoint fastfcn.load reads, an exported .onnx {builtin}")
         parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
         parser.add_argument("--out", required=True,
                             help="output folder (created when the first result is written); it must not "
@@ -66,11 +72,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help=f"refuse images over this many pixels, from their header, before "
                                  f"decoding (default {DEFAULT_MAX_PIXELS})")
-        parser.add_argument("--arch", choices=available(), help="for files that do not record it")
-        parser.add_argument("--backend", default="auto", choices=("auto", *available_backends()),
-                            help="default auto")
-        parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
-        parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        parser.add_argument("--arch", choices=ARCHS, help="for files that do not record it")
+        parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                            help="Segmenter backend")
+        parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                            help="compute precision")
+        parser.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+        parser.add_argument("--batch-size", type=int, default=1,
+                            help="images per Segmenter.run call (images of one size run as one batch)")
+        parser.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), default=None,
+                            help="segment each image in tiles of H x W pixels (for images over --max-pixels, "
+                                 "or to bound memory); --max-pixels then applies per tile")
+        parser.add_argument("--overlap", type=int, default=None,
+                            help="pixels shared by neighbouring tiles, with --tile; each pixel's label comes "
+                                 "from the tile where it lies farthest from the edge (default: 64, at most "
+                                 "half the tile's smaller side)")
         parser.add_argument("--alpha", type=float, default=0.5,
                             help="overlay opacity of the class colours, 0..1 (default 0.5)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,7 +117,7 @@ def _format_name(path: Path) -> str:
 
 def describe_checkpoint(path: str | Path, arch: str | None = None) -> dict:
     """What ``fastfcn info`` prints, as a dict (arch, classes, width, params, preprocessing, format)."""
-    path = Path(path)
+    path = Path(resolve(path))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not path.is_file():
@@ -171,7 +187,7 @@ def _info(args) -> int:
 def _export(args) -> int:
     from ..export import export_onnx
 
-    src, out = Path(args.checkpoint), Path(args.out)
+    src, out = Path(resolve(args.checkpoint)), Path(args.out)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file")
     if out.suffix.lower() != ".onnx":
@@ -191,34 +207,6 @@ def _export(args) -> int:
 
 
 # -------------------------------------------------------------------------------------- segment
-
-
-class Progress:
-    """A one-line progress bar on stderr: ``[#####.....] 5/10 name`` (redrawn on a terminal,
-    one line per step otherwise, so logs stay readable)."""
-
-    def __init__(self, total: int, stream=None, width: int = 30, enabled: bool = True):
-        self.total, self.done, self.width = total, 0, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled and total > 1
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-
-    def step(self, name: str = "") -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        filled = self.width * self.done // self.total
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                f"{rate:.2f} img/s {name}")
-        if self.tty:
-            self.stream.write("\r" + line[:120].ljust(120))
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 @dataclass(frozen=True)
@@ -326,13 +314,23 @@ def _segment(args) -> int:
         raise InputError(f"--alpha must be between 0 and 1; got {args.alpha}")
     if args.max_pixels < 1:
         raise InputError(f"--max-pixels must be >= 1; got {args.max_pixels}")
-    ckpt = Path(args.checkpoint)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
+    tiling = {}
+    if args.tile is None and args.overlap is not None:
+        raise InputError(f"--overlap {args.overlap} is for tiled runs; add --tile H W")
+    if args.tile is not None:
+        from .tiling import check_tiling
+
+        tile, overlap = check_tiling(tuple(args.tile), args.overlap)
+        tiling = {"tile": tile, "overlap": overlap}
+    ckpt = Path(resolve(args.checkpoint))
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint")
     out = check_output_dir(args.out, "--out")
     jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
     try:
-        seg = Segmenter(str(ckpt), arch=args.arch, device=args.device, backend=args.backend,
+        seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
                         precision=args.precision, max_pixels=args.max_pixels)
     except (ValueError, TypeError) as e:
         if isinstance(e, FastFCNError):
@@ -340,29 +338,55 @@ def _segment(args) -> int:
         # A bad --device: the Segmenter's message, as a one-line CLI error.
         raise InputError(str(e)) from None
     palette = seg.palette
-    bar = Progress(len(jobs), enabled=not args.quiet)
+    bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()
     skipped = replaced = 0
-    for job in jobs:
-        try:
-            image = read_image(job.src, args.max_pixels)
-            labels = seg.run(image).cpu().numpy()
-        except InputError as e:
-            if args.on_error == "stop":
-                raise
-            skipped += 1
-            print(("\n" if bar.tty and bar.enabled else "") + f"fastfcn segment: skipped {e}",
-                  file=sys.stderr)  # fmt: skip
-            bar.step(job.src.name)
-            continue
-        replaced += job.labels.exists() + job.overlay.exists()
-        for path in (job.labels, job.overlay):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        save_labels(labels, palette, job.labels)
-        # format= explicitly: Pillow takes the format from os.path.splitext, which sees no
-        # suffix in a name like "..png".
-        Image.fromarray(overlay(image, labels, palette, args.alpha)).save(job.overlay, format="PNG")
+    # With --tile, --max-pixels is the limit per tile, not per file (Pillow's own limit still holds).
+    read_limit = None if tiling else args.max_pixels
+
+    def skip(job: Job, e: InputError) -> None:
+        nonlocal skipped
+        if args.on_error == "stop":
+            raise e
+        skipped += 1
+        print(bar.interrupt() + f"fastfcn segment: skipped {e}", file=sys.stderr)
         bar.step(job.src.name)
+
+    for i in range(0, len(jobs), args.batch_size):
+        loaded = []
+        for job in jobs[i:i + args.batch_size]:
+            try:
+                loaded.append((job, read_image(job.src, read_limit)))
+            except InputError as e:
+                skip(job, e)
+        if not loaded:
+            continue
+        try:
+            results = seg.run([im for _, im in loaded], **tiling)
+        except InputError as e:
+            if len(loaded) > 1:  # find the image that failed: one at a time
+                results = []
+                for job, im in loaded:
+                    try:
+                        results.append(seg.run(im, **tiling))
+                    except InputError as e1:
+                        skip(job, e1)
+                        results.append(None)
+            else:
+                skip(loaded[0][0], e)
+                continue
+        for (job, image), labels in zip(loaded, results):
+            if labels is None:
+                continue
+            labels = labels.cpu().numpy()
+            replaced += job.labels.exists() + job.overlay.exists()
+            for path in (job.labels, job.overlay):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            save_labels(labels, palette, job.labels)
+            # format= explicitly: Pillow takes the format from os.path.splitext, which sees no
+            # suffix in a name like "..png".
+            Image.fromarray(overlay(image, labels, palette, args.alpha)).save(job.overlay, format="PNG")
+            bar.step(job.src.name)
     dt = time.perf_counter() - t0
     done = len(jobs) - skipped
     msg = (f"segmented {done} image{'s' * (done != 1)} with {seg.backend} on {seg.device} "

@@ -62,7 +62,8 @@ def _as_tensor(obj, what: str) -> torch.Tensor:
         # PIL images and other array-likes.
         return _as_tensor(np.asarray(obj), what)
     raise TypeError(
-        f"{what} must be a numpy array, a torch tensor or a list of them; got {type(obj).__name__}"
+        f"{what} must be a numpy array, a torch tensor, an image file path, a PIL image or a list of "
+        f"them; got {type(obj).__name__}"
     )
 
 
