@@ -171,12 +171,13 @@ def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
 
 
 def test_cli_starts_a_local_ray_without_address(ckpt, tmp_path):
-    """In a fresh process (this module's Ray is not running yet): Ray is started and stopped."""
+    """In a fresh process (this module's Ray is not running yet): Ray is started and stopped;
+    the built-in model by its name."""
     import subprocess
 
     images(tmp_path / "in", 3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
-    p = subprocess.run([sys.executable, "-m", "fastfcn", "batch", str(ckpt), str(tmp_path / "in"), "--out",
+    p = subprocess.run([sys.executable, "-m", "fastfcn", "batch", "demo", str(tmp_path / "in"), "--out",
                         str(tmp_path / "out"), "--workers", "1", "--backend", "torch", "--batch-size", "2"],
                        capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
