@@ -570,6 +570,9 @@ def _map(ray, tasks: list[Task], worker_args: dict, *, batch_size: int, actors: 
     ds = ds.map_batches(_Worker, fn_constructor_kwargs=worker_args, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
                         num_gpus=gpus or None)  # fmt: skip
+    # A dead actor is restarted and its batches run again: Ray Data's own defaults for actor pools
+    # (max_restarts=-1, max_task_retries=-1 in ray 2.60; passing them is deprecated there, to be
+    # removed in 2.64). test_killed_worker_leaves_each_input_processed_once holds them.
     for row in ds.iter_rows():
         yield json.loads(row["row"])
 
