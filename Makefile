@@ -5,7 +5,7 @@
 # .venv first and run `make EXTRAS=dev,gpu,video,ray ...`; the range in pyproject accepts it.
 PY ?= python3
 VENV ?= .venv
-# ray (Ray Data: fastfcn batch and its tests) adds about 510 MB and 90 s to a first setup.
+# ray (Ray Data: fastfcn batch and its tests) adds about 530 MB and 110 s to a first setup.
 EXTRAS ?= dev,cpu,video,ray
 # The tests fail (instead of skipping about 280 of them) when the C++ kernels did not build:
 # a missing compiler must not turn into a green run. REQUIRE_CPP=0 accepts a build without them.
