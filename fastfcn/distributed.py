@@ -480,10 +480,16 @@ def _local_copy(src: str):
     if not _is_uri(src):
         yield src
         return
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    fs, remote = pafs.FileSystem.from_uri(src)
     fd, path = tempfile.mkstemp(suffix=PurePosixPath(src).suffix, prefix="fastfcn-video-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_read_bytes(src))
+        # Copied in pieces: a video may be larger than the actor's memory.
+        with os.fdopen(fd, "wb") as f, fs.open_input_stream(remote) as r:
+            shutil.copyfileobj(r, f, 8 << 20)
         yield path
     finally:
         os.unlink(path)
