@@ -2,10 +2,11 @@
 # Both create .venv on first use. On a CPU machine torch is pinned to the CPU
 # build (2.13.0) before anything else is installed, so the multi-GB CUDA wheels
 # are never pulled by accident; on a GPU machine install your CUDA torch into
-# .venv first and run `make EXTRAS=dev,gpu,video ...`; the range in pyproject accepts it.
+# .venv first and run `make EXTRAS=dev,gpu,video,ray ...`; the range in pyproject accepts it.
 PY ?= python3
 VENV ?= .venv
-EXTRAS ?= dev,cpu,video
+# ray (Ray Data: fastfcn batch and its tests) adds about 530 MB and 110 s to a first setup.
+EXTRAS ?= dev,cpu,video,ray
 # The tests fail (instead of skipping about 280 of them) when the C++ kernels did not build:
 # a missing compiler must not turn into a green run. REQUIRE_CPP=0 accepts a build without them.
 REQUIRE_CPP ?= 1

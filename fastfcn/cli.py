@@ -21,6 +21,7 @@ COMMANDS = {
     "export": ("fastfcn.runtime.commands", "export a checkpoint to ONNX"),
     "segment": ("fastfcn.runtime.commands", "segment images to label PNGs and overlays"),
     "video": ("fastfcn.video", "segment a video file: overlay, side by side or a lossless label video"),
+    "batch": ("fastfcn.batch", "segment folders of images and videos on a Ray cluster (extra: ray)"),
     "train": ("fastfcn.train", "train a model"),
     "eval": ("fastfcn.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
     "data": ("fastfcn.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),
@@ -41,6 +42,9 @@ EXAMPLES = {
     "video": ["fastfcn video demo clip.mp4 clip_seg.mp4",
               "fastfcn video fcn8s.safetensors street.mp4 street.mkv --mode labels --every 2",
               "fastfcn video demo clip.mp4 side.mp4 --mode side-by-side --labels-out labels.mkv"],
+    "batch": ["fastfcn batch demo photos/ clips/ --out seg/ --workers 2",
+              "fastfcn batch fcn8s.safetensors s3://bucket/frames/ --out /shared/seg --address auto "
+              "--gpus-per-worker 1 --overlays"],
     "train": ["fastfcn train --iters 200 --width 0.125 --out runs/tiny",
               "fastfcn train --data VOCdevkit/VOC2012 --stages fcn32s:3000,fcn16s:1000,fcn8s:1000"],
     "eval": ["fastfcn eval demo --data synthetic",

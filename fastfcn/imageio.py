@@ -92,16 +92,29 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     max_pixels: refuse (InputError, from the header, before decoding) images with more than
     this many pixels. Every failure is an InputError whose message starts with the path.
     """
+    check_regular_file(path)
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """``read_image`` for the bytes of an image file (read from any file system); ``name``
+    (the file's path or URI) starts every error message."""
+    import io
+
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, path, max_pixels: int | None) -> np.ndarray:
+    """source: a path or a binary file object; path: what the messages call it."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
-    check_regular_file(path)
     try:
         with warnings.catch_warnings():
             # Between MAX_IMAGE_PIXELS and twice that Pillow only warns; max_pixels decides here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 return from_pil(im, max_pixels)
     except InputError as e:
         msg = str(e)

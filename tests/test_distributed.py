@@ -1,0 +1,328 @@
+"""fastfcn.distributed and `fastfcn batch`: outputs equal to Segmenter.run / segment_video,
+exactly once under a killed worker, resume after an interruption, failures recorded.
+
+One local Ray (2 CPUs) for the module; a tiny FCN-8s (width 1/16, 5 classes) at small sizes.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastfcn
+from fastfcn import distributed, models
+from fastfcn.cli import main
+from fastfcn.errors import CheckpointError, InputError
+from fastfcn.imageio import read_image
+from fastfcn.runtime.commands import plan_outputs
+from fastfcn.viz import overlay, side_by_side
+
+pytest.importorskip("ray", reason="Ray Data is the ray extra: pip install 'fastfcn[ray]'")
+av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'fastfcn[video]'")
+
+from fastfcn.video import segment_video, write_video  # noqa: E402
+
+OPTS = {"backend": "torch", "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+             log_to_driver=False)  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models.build("fcn8s", width=0.0625, num_classes=5).eval()
+    with torch.no_grad():
+        model.score_pool3.weight.normal_(0, 1)  # labels follow local content: several classes
+    return fastfcn.save(model, tmp_path_factory.mktemp("dist") / "m.safetensors")
+
+
+@pytest.fixture(scope="module")
+def seg(ckpt):
+    return fastfcn.Segmenter(str(ckpt), device="cpu", **OPTS)
+
+
+def photo(seed: int, h: int = 24, w: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 40.0 * (seed % 6))], -1)
+    return np.clip(img + rng.normal(0, 40, img.shape), 0, 255).astype(np.uint8)
+
+
+def images(folder: Path, n: int, start: int = 0) -> list[Path]:
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"cam{i % 2}" / f"img{i:03d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo(i, 24 + 4 * (i % 3), 32)).save(p)
+        paths.append(p)
+    return paths
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------ without Ray
+
+
+def test_inputs_folders_globs_and_uris(tmp_path):
+    src = tmp_path / "in"
+    imgs = images(src, 4)
+    (src / "notes.txt").write_text("not an image")
+    write_video(src / "clip.mp4", [photo(k, 32, 48) for k in range(3)])
+    out = src / "out"  # inside the input folder: skipped while walking
+    images(out, 1)
+    found = distributed.collect_inputs([src], out)
+    assert [f for f, _ in found] == sorted(map(str, [*imgs, src / "clip.mp4"]), key=lambda s: (
+        Path(s).parent != src, s))  # fmt: skip
+    assert {b for _, b in found} == {str(src)}
+    globbed = distributed.collect_inputs([str(src / "cam*" / "*.png")], tmp_path / "o")
+    assert [f for f, _ in globbed] == sorted(map(str, imgs))
+    assert {b for _, b in globbed} == {str(src)}
+    uri = distributed.collect_inputs([f"file://{src}/cam1"], tmp_path / "o")
+    assert [f for f, _ in uri] == [f"file://{p}" for p in sorted(imgs) if p.parent.name == "cam1"]
+    with pytest.raises(InputError, match="no such file"):
+        distributed.collect_inputs([tmp_path / "missing"], tmp_path / "o")
+    with pytest.raises(InputError, match="holds the input"):
+        distributed.collect_inputs([out / "cam0"], out)
+    with pytest.raises(InputError, match="not an image"):
+        distributed.collect_inputs([src / "notes.txt"], tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        distributed.collect_inputs([src, tmp_path / "empty"], tmp_path / "o")
+    with pytest.raises(InputError, match="no image or video matches"):
+        distributed.collect_inputs([str(src / "*.jpg")], tmp_path / "o")
+    with pytest.raises(InputError, match="no images or videos here"):
+        distributed.collect_inputs([f"file://{src}/cam*/*.jpg"], tmp_path / "o")
+
+
+def test_plan_names_outputs_as_segment_does(tmp_path):
+    found = [(str(tmp_path / "a" / "x.png"), str(tmp_path)), (str(tmp_path / "b" / "x.jpg"), str(tmp_path)),
+             (str(tmp_path / "b" / "y.mp4"), str(tmp_path))]  # fmt: skip
+    tasks = distributed.plan(found, tmp_path / "o", ("overlay", "side-by-side"))
+    jobs = plan_outputs([(Path(f), Path(b)) for f, b in found], tmp_path / "o")
+    assert [t.outputs[:2] for t in tasks[:2]] == [(str(j.labels), str(j.overlay)) for j in jobs[:2]]
+    assert tasks[0].outputs[2] == str(tmp_path / "o" / "side-by-side" / "a" / "x.png")
+    assert tasks[2].kind == "video" and tasks[2].outputs == tuple(
+        str(tmp_path / "o" / d / "b" / f) for d, f in
+        (("labels", "y.mkv"), ("overlays", "y.mp4"), ("side-by-side", "y.mp4")))  # fmt: skip
+    uri = distributed.plan([("s3://bkt/cam/z.png", "s3://bkt")], tmp_path / "o", ())
+    assert uri[0].outputs == (str(tmp_path / "o" / "labels" / "cam" / "z.png"),)
+
+
+def test_manifest_completeness_and_truncated_lines(tmp_path):
+    out = tmp_path / "o.png"
+    out.write_bytes(b"12345")
+    task = distributed.Task("in.png", "image", (str(out),))
+    ok = {"input": "in.png", "status": "ok", "outputs": [str(out)], "sizes": [5]}
+    assert distributed.is_complete(ok, task)
+    assert not distributed.is_complete({**ok, "status": "failed"}, task)
+    assert not distributed.is_complete({**ok, "sizes": [4]}, task)  # cut short
+    assert not distributed.is_complete(ok, distributed.Task("in.png", "image", (str(out), "ov.png")))
+    out.unlink()
+    assert not distributed.is_complete(ok, task)
+    m = tmp_path / "manifest.jsonl"
+    m.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "sizes": [9]}) + "\n" + '{"input": "b.png", "st')
+    assert distributed.read_manifest(m) == {"in.png": {**ok, "sizes": [9]}}  # the last row wins
+    other = {**ok, "input": "c.png"}
+    manifest = distributed.Manifest(m, distributed.read_manifest(m))
+    manifest.add(other)  # after the cut line, not glued onto it
+    assert distributed.read_manifest(m) == {"in.png": {**ok, "sizes": [9]}, "c.png": other}
+    manifest.close(["c.png"])
+    assert [json.loads(line)["input"] for line in m.read_text().splitlines()] == ["c.png", "in.png"]
+
+
+def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
+    bad = (({"batch_size": 0}, "batch_size"), ({"concurrency": 0}, "concurrency"), ({"mode": "x"}, "mode"),
+           ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"))  # fmt: skip
+    for kw, msg in bad:
+        with pytest.raises(InputError, match=msg):
+            distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, **kw)
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="unknown backend 'tensorrt'"):
+        distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, backend="tensorrt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):  # before Ray is asked for anything
+        distributed.segment_dataset([tmp_path], tmp_path / "o", bad)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match="URIs are for inputs"):
+        distributed.segment_dataset([tmp_path], "s3://bucket/out", ckpt)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(InputError, match=r"fastfcn\[ray\]"):
+        distributed._ray()
+
+
+def test_cli_starts_a_local_ray_without_address(ckpt, tmp_path):
+    """In a fresh process (this module's Ray is not running yet): Ray is started and stopped;
+    the built-in model by its name."""
+    import subprocess
+
+    images(tmp_path / "in", 3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+    p = subprocess.run([sys.executable, "-m", "fastfcn", "batch", "demo", str(tmp_path / "in"), "--out",
+                        str(tmp_path / "out"), "--workers", "1", "--backend", "torch", "--batch-size", "2"],
+                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "3 done, 0 skipped (complete before), 0 failed" in p.stderr
+    assert len(rows(tmp_path / "out")) == 3
+
+
+# --------------------------------------------------------------------------------- with Ray
+
+
+def test_gpus_the_cluster_lacks_are_refused(ray_local, ckpt, tmp_path):
+    images(tmp_path / "in", 1)
+    with pytest.raises(InputError, match="num_gpus_per_worker=1 but the Ray cluster has 0 GPUs"):
+        distributed.segment_dataset([tmp_path / "in"], tmp_path / "out", ckpt, num_gpus_per_worker=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_and_videos_equal_segmenter_and_segment_video(ray_local, ckpt, seg, tmp_path):
+    src = tmp_path / "in"
+    imgs = images(src, 200)
+    clips = []
+    for k in range(2):
+        clips.append(src / "clips" / f"v{k}.mp4")
+        clips[-1].parent.mkdir(exist_ok=True)
+        write_video(clips[-1], [photo(10 * k + f, 32, 48) for f in range(5 + k)])
+    out = tmp_path / "out"
+    s = distributed.segment_dataset([src], out, ckpt, concurrency=2, batch_size=8, overlays=True, **OPTS)
+    assert (s["done"], s["skipped"], s["failed"], s["images"], s["frames"]) == (202, 0, 0, 200, 11)
+    for p in imgs:
+        rel = p.relative_to(src)
+        image = read_image(p)
+        want = seg.run(image).numpy()
+        got = np.array(Image.open(out / "labels" / rel))
+        np.testing.assert_array_equal(got, want, err_msg=str(rel))
+        np.testing.assert_array_equal(np.array(Image.open(out / "overlays" / rel)),
+                                      overlay(image, want, seg.palette, 0.5))  # fmt: skip
+    for k, clip in enumerate(clips):
+        ref = tmp_path / f"ref{k}.mkv"
+        segment_video(clip, ref, seg, mode="labels", progress=False)
+        with av.open(str(ref)) as a, av.open(str(out / "labels" / "clips" / f"v{k}.mkv")) as b:
+            fa = [f.to_ndarray(format="gray") for f in a.decode(video=0)]
+            fb = [f.to_ndarray(format="gray") for f in b.decode(video=0)]
+        assert len(fa) == len(fb) == 5 + k
+        for x, y in zip(fa, fb):
+            np.testing.assert_array_equal(x, y)
+        with av.open(str(out / "overlays" / "clips" / f"v{k}.mp4")) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 5 + k
+    manifest = rows(out)
+    assert len(manifest) == 202 and {r["status"] for r in manifest} == {"ok"}
+    assert sorted(r["input"] for r in manifest) == sorted(map(str, [*imgs, *clips]))
+    assert {r["frames"] for r in manifest if r["kind"] == "video"} == {5, 6}
+    assert all(r["worker"] and r["seconds"] >= 0 for r in manifest)
+    assert not [f for f in files(out) if ".fastfcn-tmp-" in f]
+
+
+class _KillOnce(distributed._Worker):
+    """Exits its process (as a crash or an OOM kill would) on the first attempt at ``img005``."""
+
+    def process(self, task, ready=None):
+        marker = Path(task.outputs[0]).parents[3] / "killed"  # beside OUT
+        if task.src.endswith("img005.png") and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().process(task, ready)
+
+
+def test_killed_worker_leaves_each_input_processed_once(ray_local, ckpt, tmp_path, monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(distributed, "_Worker", _KillOnce)
+    imgs = images(tmp_path / "in", 12)
+    out = tmp_path / "run" / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=2, batch_size=2, **OPTS)
+    assert (tmp_path / "run" / "killed").exists()  # the worker did die
+    assert (s["done"], s["failed"]) == (12, 0)
+    manifest = rows(out)
+    assert sorted(r["input"] for r in manifest) == sorted(map(str, imgs))  # one row each
+    assert {r["status"] for r in manifest} == {"ok"}
+    assert files(out) == sorted(["manifest.jsonl", *(str(Path("labels", p.relative_to(tmp_path / "in")))
+                                                     for p in imgs)])  # fmt: skip
+
+
+def test_interrupted_run_resumes_without_redoing(ray_local, ckpt, tmp_path, monkeypatch):
+    images(tmp_path / "in", 10)
+    out = tmp_path / "out"
+    add = distributed.Manifest.add
+
+    def add_then_stop(self, row):
+        add(self, row)
+        if len(self.rows) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed.Manifest, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, batch_size=1, **OPTS)
+    monkeypatch.undo()
+    first = rows(out)
+    assert len(first) == 4
+    stamps = {r["input"]: os.stat(r["outputs"][0]) for r in first}
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=2, batch_size=2, **OPTS)
+    assert (s["skipped"], s["done"], s["failed"]) == (4, 6, 0)
+    for src, st in stamps.items():  # not rewritten: the same file (inode) and time
+        now = os.stat(distributed.read_manifest(out / "manifest.jsonl")[src]["outputs"][0])
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert len(rows(out)) == 10 and {r["status"] for r in rows(out)} == {"ok"}
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=2, **OPTS)
+    assert (s["skipped"], s["done"]) == (10, 0)
+
+
+def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
+    good = images(tmp_path / "in", 4)
+    (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cut = tmp_path / "in" / "cut.jpg"
+    Image.fromarray(photo(1, 48, 64)).save(cut, quality=90)
+    cut.write_bytes(cut.read_bytes()[:300])
+    clip = tmp_path / "in" / "cut.mkv"  # lossless: every frame is large, so the cut is mid-stream
+    write_video(clip, [photo(k, 32, 48) for k in range(8)], lossless=True)
+    clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    far = images(tmp_path / "far", 1)[0]  # through pyarrow's file systems, as s3:// would be
+    write_video(tmp_path / "far" / "v.mp4", [photo(k, 32, 48) for k in range(3)])
+    out = tmp_path / "out"
+    rc = main(["batch", str(ckpt), str(tmp_path / "in"), f"file://{tmp_path / 'far'}", "--out", str(out),
+               "--workers", "2", "--mode", "side-by-side", "--backend", "torch",
+               "--precision", "fp32"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "6 done, 0 skipped (complete before), 3 failed" in err
+    for bad in ("bad.png", "cut.jpg", "cut.mkv"):
+        assert f"failed {tmp_path / 'in' / bad}" in err
+    by = distributed.read_manifest(out / "manifest.jsonl")
+    assert {k for k, r in by.items() if r["status"] == "ok"} == {*map(str, good), f"file://{far}",
+                                                                 f"file://{tmp_path / 'far' / 'v.mp4'}"}
+    far_labels = np.array(Image.open(out / "labels" / "far" / far.relative_to(tmp_path / "far")))
+    np.testing.assert_array_equal(far_labels, seg.run(read_image(far)).numpy())
+    with av.open(str(out / "side-by-side" / "far" / "v.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
+    for name in ("bad.png", "cut.jpg", "cut.mkv"):
+        r = by[str(tmp_path / "in" / name)]
+        assert r["status"] == "failed" and r["attempts"] == distributed.ATTEMPTS
+        assert name in r["error"] and "InputError" in r["error"]
+        assert not any(os.path.exists(p) for p in r["outputs"])  # nothing partial left behind
+    assert not [f for f in files(out) if ".fastfcn-tmp-" in f]
+    p = good[0]
+    image = read_image(p)
+    want = side_by_side(image, seg.run(image).numpy(), seg.palette)
+    got = np.array(Image.open(out / "side-by-side" / "in" / p.relative_to(tmp_path / "in")))
+    np.testing.assert_array_equal(got, want)
