@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.backbone import LRN, Conv, Pool, conv_geometry, reference_conv, run_steps
+from ..models.backbone import LRN, Conv, Pool, conv_geometry, local_response_norm, reference_conv, run_steps
 
 # The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
 ENABLED = True
@@ -529,7 +529,7 @@ class DeadZoneForward:
             if self.pool_with_switches is None:
                 return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True, return_indices=True)
             return self.pool_with_switches(win, step.kernel, step.stride)
-        return getattr(self.model, step.name)(win), None
+        return local_response_norm(getattr(self.model, step.name), win), None
 
 
 def _switches_to_map(sw: torch.Tensor, origin: tuple[int, int], sp: StepPlan) -> torch.Tensor:
