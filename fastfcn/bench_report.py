@@ -20,13 +20,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile")
+BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile", "openvino")
 PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16")
 BACKEND_COLOURS = {
     "torch": (96, 96, 96),
     "fused": (214, 39, 40),
     "onnxruntime": (31, 119, 180),
     "compile": (44, 160, 44),
+    "openvino": (148, 103, 189),
 }
 DEFAULT_DIR = Path("benchmarks") / "results"
 

@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--split", default="val", help="VOC split (default val)")
     a("--n", type=int, default=0, help="evaluate only the first N images (synthetic: default 500)")
     a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
-    a("--backend", default="auto", help="Segmenter backend: auto, torch, fused, onnxruntime, compile")
+    a("--backend", default="auto",
+      help="Segmenter backend: auto, torch, fused, onnxruntime, compile, openvino")
     a("--device", default="auto", help="auto, cpu, cuda, ...")
     a("--precision", default="auto", help="auto, fp32, tf32, bf16, fp16")
     a("--batch", type=int, default=8, help="images per run() call (default 8)")

@@ -25,3 +25,18 @@ def randomize_batchnorm(model, mean=0.5, var=(0.5, 2.0), weight=(0.5, 1.5), bias
                 mod.weight.uniform_(*weight)
                 mod.bias.uniform_(-bias, bias)
     return model
+
+
+EXPORT_WIDTH = 0.125
+
+
+def export_model(arch: str, width: float = EXPORT_WIDTH):
+    """The seeded model the ONNX tests export: width 0.125, seed 0, eval mode; DeconvNet with
+    non-trivial BatchNorm statistics, so that the exported BatchNorm is really tested."""
+    from fastfcn import models
+
+    torch.manual_seed(0)
+    m = models.build(arch, width=width).eval()
+    if arch == "deconvnet":
+        randomize_batchnorm(m, affine=False)
+    return m

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--out", required=True, help="output directory (created if missing)")
         parser.add_argument("--arch", help="architecture, for files that do not record it")
         parser.add_argument("--backend", default="auto",
-                            help="auto | fused | torch | compile | onnxruntime (default auto)")
+                            help="auto | fused | torch | compile | onnxruntime | openvino (default auto)")
         parser.add_argument("--precision", default="auto", help="auto | fp32 | tf32 | bf16 | fp16")
         parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         parser.add_argument("--alpha", type=float, default=0.5,

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import BackendUnavailableError, CheckpointError, InputError
 from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
-from .backends import PRECISIONS, Backend, available_backends, create_backend
+from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -85,11 +85,11 @@ class Segmenter:
               max_pixels=4096*4096, graph_cache=8, check_finite=True, num_threads=None)
 
     checkpoint: a path fastfcn.load reads (``arch=`` as there), a ``.onnx`` file exported by
-        fastfcn (runs with backend "onnxruntime"; "auto" picks it), or a model from
+        fastfcn (runs with backend "onnxruntime", which "auto" picks, or "openvino"), or a model from
         fastfcn.models (copied; the original is not changed).
     device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N" or a torch.device.
     backend: "auto" (= "fused"; "onnxruntime" for a .onnx file), "fused", "torch", "compile",
-        "onnxruntime" (see fastfcn.runtime.backends).
+        "onnxruntime", "openvino" (see fastfcn.runtime.backends).
     precision: "auto" (bf16 on GPUs that support it, else fp32), "fp32", "tf32" (CUDA only),
         "bf16", "fp16".
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
@@ -139,10 +139,10 @@ class Segmenter:
         source, config = self._load(checkpoint, arch, backend)
         if backend == "auto":
             backend = "onnxruntime" if not isinstance(source, nn.Module) else "fused"
-        elif not isinstance(source, nn.Module) and backend != "onnxruntime":
+        elif not isinstance(source, nn.Module) and backend not in ONNX_BACKENDS:
             raise BackendUnavailableError(
-                f"a .onnx file runs only with backend 'onnxruntime' (or 'auto'); got backend {backend!r}. "
-                "Load the checkpoint (.safetensors/.pt) to use the other backends."
+                f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} (or 'auto'); "
+                f"got backend {backend!r}. Load the checkpoint (.safetensors/.pt) to use the other backends."
             )
         self._backend_name = backend
         if backend == "onnxruntime" and precision == "auto":
@@ -190,9 +190,10 @@ class Segmenter:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
         if path.suffix.lower() == ".onnx":
-            if backend not in ("auto", "onnxruntime"):
+            if backend != "auto" and backend not in ONNX_BACKENDS:
                 raise BackendUnavailableError(
-                    f"a .onnx file runs only with backend 'onnxruntime' (or 'auto'); got backend {backend!r}"
+                    f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} "
+                    f"(or 'auto'); got backend {backend!r}"
                 )
             from ..export import read_onnx_metadata
 
