@@ -153,8 +153,12 @@ def test_model_source_is_exported_to_a_temporary_file():
     assert not path.exists(), "the backend's temporary export outlived it"
 
 
-def test_onnx_file_routing(exported):
+def test_onnx_file_routing(exported, monkeypatch):
     _, path = exported("fcn8s")
+    # device "auto" is the CPU for openvino even where CUDA is present.
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert fastfcn.Segmenter(path, backend="openvino").device == torch.device("cpu")
     with pytest.raises(BackendUnavailableError, match="'onnxruntime' or 'openvino'"):
         fastfcn.Segmenter(path, backend="fused")
     if NATIVE_BF16:

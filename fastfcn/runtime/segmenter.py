@@ -87,7 +87,8 @@ class Segmenter:
     checkpoint: a path fastfcn.load reads (``arch=`` as there), a ``.onnx`` file exported by
         fastfcn (runs with backend "onnxruntime", which "auto" picks, or "openvino"), or a model from
         fastfcn.models (copied; the original is not changed).
-    device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N" or a torch.device.
+    device: "auto" (CUDA when present, else CPU; the CPU for backend "openvino"), "cpu", "cuda",
+        "cuda:N" or a torch.device.
     backend: "auto" (= "fused"; "onnxruntime" for a .onnx file), "fused", "torch", "compile",
         "onnxruntime", "openvino" (see fastfcn.runtime.backends).
     precision: "auto" (bf16 on GPUs that support it, else fp32), "fp32", "tf32" (CUDA only),
@@ -131,7 +132,9 @@ class Segmenter:
             raise ValueError(f"graph_cache must be an int >= 0; got {graph_cache!r}")
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        self._device = _resolve_device(device)
+        # OpenVINO runs on the CPU only: "auto" means the CPU for it, even where CUDA is present.
+        cpu_only = backend == "openvino" and (device is None or device == "auto")
+        self._device = _resolve_device("cpu" if cpu_only else device)
         self._precision = _resolve_precision(precision, self._device)
         self.max_pixels = max_pixels
         self.check_finite = check_finite
