@@ -37,7 +37,7 @@ DEFAULT_RUNS = ["fused:fp32", "fused:bf16", "onnxruntime:fp32", "openvino:fp32",
 
 def build(args, folder: str) -> dict:
     torch.manual_seed(0)
-    model = fastfcn.models.build(args.arch, 21, 1.0).eval()
+    model = fastfcn.models.build(args.arch, 21, args.width).eval()
     onnx_path = None
     segs = {}
     for run in args.runs:
@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--arch", default="fcn8s")
     p.add_argument("--size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1 = the paper's net)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="backend:precision ...")
     p.add_argument("--json", default=None)
