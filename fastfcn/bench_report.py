@@ -167,13 +167,14 @@ def _speedup(row: dict, d: DeviceResults):
 
 def peer_ratios(rows) -> list[dict]:
     """Fused against the fastest peer, per case and precision, from end-to-end rows (dicts
-    with case_key, backend, precision, median_ms). Returns one dict per (case, precision)
-    that has a fused result: fused_ms, peer, peer_ms and ratio = peer_ms / fused_ms (> 1:
-    fused is faster), or peer/ratio None with ``reason`` when no peer ran at that precision.
+    with case_key, backend, precision and ms_per_image or median_ms). Returns one dict per
+    (case, precision) that has a fused result: fused_ms, peer, peer_ms (ms per image) and
+    ratio = peer_ms / fused_ms (> 1: fused is faster), or peer/ratio None with ``reason``
+    when no peer ran at that precision.
     """
     by: dict = {}
     for r in rows:
-        ms = _num(r.get("median_ms"))
+        ms = _num(r.get("ms_per_image")) or _num(r.get("median_ms"))
         if ms is None or not r.get("case_key"):
             continue
         by.setdefault((r["case_key"], r.get("precision", "fp32")), {})[r.get("backend")] = (ms, r)
@@ -241,7 +242,7 @@ def markdown(devices: dict[str, DeviceResults]) -> str:
         ratios = peer_ratios(rows)
         if ratios:
             out.append("")
-            out.append("| case | precision | fused ms | fastest peer | peer ms | peer / fused |")
+            out.append("| case | precision | fused ms/image | fastest peer | peer ms/image | peer / fused |")
             out.append("|---|---|---:|---|---:|---:|")
             for e in ratios:
                 ratio = _fmt(e["ratio"], ".2f") + "x" if e["ratio"] else "-"
