@@ -174,8 +174,8 @@ class ResultsWriter:
         new = self.benchmarks()
         if path is None or (not new and not self.state.outcomes):
             return
-        # Merge with an earlier session's file of the same device and date (run_gpu.sh runs
-        # the end-to-end and kernel files as two sessions): entries of this session win.
+        # Merge with an earlier session's file of the same device and date (the end-to-end and
+        # kernel files may run as two sessions): entries of this session win.
         results, outcomes, commands = {}, {}, []
         if path.exists():
             try:

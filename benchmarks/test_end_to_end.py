@@ -175,7 +175,8 @@ def seeded_model(arch: str) -> torch.nn.Module:
 
 
 def case_count(case: Case):
-    """fastfcn.flops.count_macs of the case (nominal: every position of every layer)."""
+    """The case's FlopCount: nominal MACs and those computed with the image-independent
+    positions skipped (fastfcn.runtime.deadzone)."""
     key = (case.arch, case.batch, case.height, case.width)
     if key not in _FLOPS:
         _FLOPS[key] = count_macs(seeded_model(case.arch), (case.batch, 3, case.height, case.width))
@@ -184,19 +185,6 @@ def case_count(case: Case):
 
 def case_flops(case: Case) -> int:
     return case_count(case).flops
-
-
-def macs_computed_fields(case: Case) -> dict:
-    """HOOK (issue 9, "MACs computed"): the MACs fastfcn's fused backend really computes once
-    image-independent positions are skipped, read from fastfcn.flops' ``computed_macs`` when
-    it reports one. Until then the column is None and says it is nominal; no number is made up."""
-    count = case_count(case)
-    computed = getattr(count, "computed_macs", None)
-    if computed is None:
-        source = "nominal only: fastfcn.flops reports no computed_macs yet"
-    else:
-        computed, source = int(computed), "fastfcn.flops count_macs(...).computed_macs"
-    return {"macs_nominal": count.macs, "macs_computed": computed, "macs_computed_source": source}
 
 
 def seeded_onnx(arch: str) -> tuple[str, float]:
@@ -401,7 +389,7 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
         q1_ms=s.q1 * 1e3, q3_ms=s.q3 * 1e3, min_ms=s.min * 1e3, max_ms=s.max * 1e3, rounds=s.rounds,
         warmup_runs=warmups, ms_per_image=med * 1e3 / n, images_per_s=n / med,
         paper_ms=PAPER_MS, paper_source=PAPER_SOURCE, x_faster_than_paper=PAPER_MS / (med * 1e3 / n),
-        gmac=flops / 2e9, flops=flops,
+        gmac=flops / 2e9, flops=flops, computed_gmac=case_count(case).computed_gmac,
         flops_source="fastfcn.flops.count_macs (layer hooks, reference forward)",
         setup_s=setup_s, export_s=export_s, threads=torch.get_num_threads(),
         input=f"uint8 (N, H, W, 3) on the {where}", output="labels",
@@ -411,7 +399,6 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
         loadavg_1min=load,
     )  # fmt: skip
     extra.update(floor_fields(flops, med, info, precision))
-    extra.update(macs_computed_fields(case))
     extra.update(desc)
     if backend == "torch":
         bench_state.torch_medians[(key, precision)] = med

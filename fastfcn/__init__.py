@@ -10,8 +10,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import models  # noqa: E402
-from .errors import BackendUnavailableError, CheckpointError, FastFCNError, InputError  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendUnavailableError,
+    CheckpointError,
+    FastFCNError,
+    InputError,
+    StreamError,
+)
 
 __all__ = [
     "BackendUnavailableError",
@@ -19,6 +24,7 @@ __all__ = [
     "FastFCNError",
     "InputError",
     "Segmenter",
+    "StreamError",
     "__version__",
     "export_onnx",
     "load",
@@ -28,7 +34,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Heavy parts (checkpoint I/O, ONNX, the runtime) load on first use.
+    # Heavy parts (the models, checkpoint I/O, ONNX, the runtime) load on first use, so that
+    # `import fastfcn` and `fastfcn --help` do not import torch.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
     if name in ("load", "save"):
         from . import checkpoint
 
@@ -42,7 +53,8 @@ def __getattr__(name: str):
 
         return Segmenter
     if name == "ops":
-        from . import ops
+        # import_module, not "from . import ops": that form asks this __getattr__ again.
+        import importlib
 
-        return ops
+        return importlib.import_module(".ops", __name__)
     raise AttributeError(f"module 'fastfcn' has no attribute {name!r}")

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile", "openvino")
 PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16")
 BACKEND_COLOURS = {
@@ -101,9 +103,9 @@ def load(paths: list[str]) -> dict[str, DeviceResults]:
         try:
             doc = json.loads(path.read_text())
         except ValueError as e:
-            raise ValueError(f"{path} is not JSON ({e}); expected a benchmark results file") from None
+            raise InputError(f"{path} is not JSON ({e}); expected a benchmark results file") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-            raise ValueError(f"{path} has no 'benchmarks' list; expected a fastfcn or pytest-benchmark file")
+            raise InputError(f"{path} has no 'benchmarks' list; expected a fastfcn or pytest-benchmark file")
         env = _environment(doc)
         dev = env.get("device", {})
         name = dev.get("name") or "unknown device"
@@ -355,10 +357,15 @@ def add_arguments(parser, command: str) -> None:
 
 
 def main(args) -> int:
+    from .paths import check_output_file
+
+    for option, path in (("--markdown", args.markdown), ("--png", args.png)):
+        if path:
+            check_output_file(path, option)
     devices = load(args.results)
     if not devices:
-        print("fastfcn bench-report: no result files found")
-        return 1
+        raise InputError(f"no result files in {', '.join(args.results) or DEFAULT_DIR}; "
+                         "expected .json files written by the benchmark suite")
     text = markdown(devices)
     print(text, end="")
     if args.markdown:

@@ -21,8 +21,14 @@ keys (``fcn8s`` / ``fcn16s`` / ``fcn32s`` / ``fcn-alexnet`` / ``deconvnet`` /
 ``dilated-frontend`` / ``dilated-context``), num_classes from the last score
 layer, width from the channel counts. FCN-8s and FCN-8s at-once have the same
 keys and shapes (at-once differs only by constant scales in the forward): such
-files load as ``fcn8s`` unless ``arch="fcn8s-atonce"`` is given. Preprocessing
-defaults (mean, BGR, 0..255) are the reference nets'.
+files load as ``fcn8s`` unless the file says otherwise (a torchfcn Trainer
+checkpoint's ``arch``, voc-fcn8s-atonce's Scale layers in a caffemodel) or
+``arch="fcn8s-atonce"`` is given. Preprocessing defaults (mean, BGR, 0..255) are
+the reference nets'.
+
+Trust: every size a file claims is checked before anything is allocated (see
+``load`` and ``fastfcn.config``), and every failure is one CheckpointError line
+naming the file. tests/test_fuzz_loaders.py holds the loaders to that.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -39,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import loads_json, model_bytes, validate_config
 from .errors import CheckpointError
 
 META_KEY = "fastfcn"
@@ -46,8 +54,9 @@ FORMAT_VERSION = 1
 _TORCH_SUFFIXES = (".pt", ".pth")
 _CONFIG_KEYS = ("arch", "num_classes", "width", "options")
 _OVERRIDABLE = ("class_names", "palette", "color_order", "mean", "std", "input_scale")
-# Header guard: a real safetensors header is a few kB; anything bigger is not one.
-_MAX_HEADER = 100 * 1024 * 1024
+# Header guard: a real safetensors header is a few kB (plus at most 4 MiB of fastfcn metadata);
+# anything bigger is not one.
+_MAX_HEADER = 16 * 1024 * 1024
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -63,9 +72,12 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
     ``color_order`` ("RGB" | "BGR"), ``input_scale`` (> 0); any other key is
     stored as user metadata (JSON-serialisable) under ``config["meta"]``.
     The file is written to a temporary name and renamed, so a crash never leaves
-    a half-written checkpoint under ``path``. Returns the path.
+    a half-written checkpoint under ``path`` (see ``atomic_write``); an existing file keeps
+    its permissions. A symlink is followed: the file it points to is replaced and the link
+    kept. A directory, or a parent path that is a file, is a CheckpointError. Returns the path.
     """
     path = Path(path)
+    save_target(path)  # a directory or a parent that is a file: refused before any work
     model = getattr(model, "module", model) if isinstance(model, nn.DataParallel) else model
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, Mapping):
@@ -80,10 +92,10 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
 
         # safetensors refuses tensors that share storage; a state dict may alias (tied weights).
         tensors = {k: v.clone() for k, v in tensors.items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(config)}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(config)}))
     elif suffix in _TORCH_SUFFIXES:
         obj = {"format": "fastfcn", "format_version": FORMAT_VERSION, "config": config, "state_dict": tensors}
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
     else:
         raise CheckpointError(
             f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors, .pt or .pth"
@@ -106,7 +118,7 @@ def _config_for_save(config: Mapping, meta: dict, path: Path) -> dict:
     out["meta"] = user
     out["fastfcn_version"] = __version__
     out["format_version"] = FORMAT_VERSION
-    out = _validate_config(out, path)
+    out = validate_config(out, path)
     try:
         json.dumps(out, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -114,77 +126,50 @@ def _config_for_save(config: Mapping, meta: dict, path: Path) -> dict:
     return out
 
 
-def _validate_config(c: dict, path) -> dict:
-    """Check and normalise a config (from a model plus metadata, or from a file)."""
-    from .models import available
-
-    def bad(msg):
-        raise CheckpointError(f"{path}: {msg}")
-
-    if c.get("arch") not in available():
-        bad(f"unknown arch {c.get('arch')!r}; expected one of {available()}")
-    n = c.get("num_classes")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        bad(f"num_classes must be a positive int; got {n!r}")
-    w = c.get("width")
-    if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < w <= 4:
-        bad(f"width must be a number in (0, 4]; got {w!r}")
-    c["width"] = float(w)
-    if not isinstance(c.get("options"), Mapping):
-        bad(f"options must be a dict; got {c.get('options')!r}")
-    names = c.get("class_names")
-    if names is not None:
-        if not isinstance(names, (list, tuple)) or not all(isinstance(s, str) for s in names):
-            bad("class_names must be a list of strings")
-        if len(names) != n:
-            bad(f"class_names has {len(names)} entries; the model has num_classes={n}")
-        c["class_names"] = list(names)
-    pal = c.get("palette")
-    if pal is not None:
-        ok = isinstance(pal, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in p)
-            for p in pal
-        )  # fmt: skip
-        if not ok:
-            bad("palette must be a list of [R, G, B] with integers in 0..255")
-        if len(pal) != n:
-            bad(f"palette has {len(pal)} colours; the model has num_classes={n}")
-        c["palette"] = [list(p) for p in pal]
-    for k in ("mean", "std"):
-        v = c.get(k)
-        if v is None:
-            continue
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_finite_number, v))):
-            bad(f"{k} must be 3 finite numbers (one per input channel); got {v!r}")
-        if k == "std" and not all(x > 0 for x in v):
-            bad(f"std must be positive; got {v!r}")
-        c[k] = [float(x) for x in v]
-    if c.get("color_order") is not None and c["color_order"] not in ("RGB", "BGR"):
-        bad(f"color_order must be 'RGB' or 'BGR'; got {c['color_order']!r}")
-    s = c.get("input_scale")
-    if s is not None and (not isinstance(s, (int, float)) or isinstance(s, bool) or not s > 0):
-        bad(f"input_scale must be a positive number; got {s!r}")
-    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
-        bad("meta must be a dict")
-    return c
+def save_target(path: Path) -> Path:
+    """The file ``save`` writes for ``path``: a symlink is followed (its target is replaced,
+    the link stays); a directory, or a parent that is not a directory, is a CheckpointError."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.is_dir():
+        raise CheckpointError(
+            f"{path}: is a directory; give a file name such as {path / 'model.safetensors'}"
+        )
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{path}: cannot create it: {parent} is a file, not a directory")
+            break
+    return target
 
 
-def _is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(tmp_name)`` and a rename, so ``path`` is either the old
+    file or the complete new one.
 
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    The temporary file is ``.<name>.<random>.tmp`` in the same directory (unique per call,
+    so concurrent saves never share one) and is removed when ``write`` or anything after it
+    fails, KeyboardInterrupt included; only a SIGKILL or power loss can leave one behind,
+    and it never replaces ``path``. An existing file keeps its permission bits; a new one
+    gets 0666 minus the umask, like a plain open(). A symlink is followed (see save_target).
+    """
+    path = save_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write there ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
-        # mkstemp (and safetensors' own writer) leave 0600; give the file the mode a plain
-        # open() would (0666 minus the umask), so a shipped or shared checkpoint is readable.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            # mkstemp (and safetensors' own writer) leave 0600; a new checkpoint gets the mode
+            # a plain open() would give, so a shipped or shared checkpoint is readable.
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -208,8 +193,17 @@ def load(
     ``model.config`` holds the file's class names, palette and preprocessing.
     With ``strict=False`` missing and unexpected keys are tolerated, wrong
     shapes never are. Raises CheckpointError naming the file and the problem.
+
+    Nothing is built before every size the file claims has been checked: the config
+    (``fastfcn.config.validate_config``), zip members' sizes, and the bytes of the model
+    the config describes against the tensor bytes the file holds (``MODEL_SLACK`` more at
+    most), so loading takes about twice the file's tensor bytes. Non-finite weights are
+    refused with the tensor's name.
+    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo).
     """
-    path = Path(path)
+    from .zoo import resolve
+
+    path = Path(resolve(path))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
@@ -218,22 +212,26 @@ def load(
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     kind = _detect_format(path)
+    hint = None  # an arch the file names outside its keys (torchfcn's "arch", Caffe Scale layers)
     if kind == "safetensors":
         state, config = _read_safetensors(path, size)
     elif kind == "torch":
-        state, config = _read_torch(path)
+        state, config, hint = _read_torch(path, size)
     else:
         layers = read_caffemodel(path)
-        state, config = {f"{_caffe_name(ly.name)}.weight": _caffe_probe(ly) for ly in layers}, None
+        hint = _caffe_arch(layers, path)
+        state = {f"{_caffe_name(ly.name)}.weight": _caffe_probe(ly) for ly in layers}
+        config = None
     state = _strip_prefix(state)
+    held = _tensor_bytes(state, path) if kind != "caffe" else sum(b.nbytes for ly in layers for b in ly.blobs)
     fixed_defaults = False
     if config is None:
-        config = _infer_config(state, arch, path)
+        config = _infer_config(state, arch or hint, path)
         fixed_defaults = True
-    else:
-        config = _validate_config(dict(config), path)
-        if arch is not None:
-            config["arch"] = arch
+    elif arch is not None:
+        config = dict(config, arch=arch)
+    config = validate_config(config, path)
+    _check_model_size(config, held, path)
     model = _build(config, path)
     if kind == "caffe":
         state = _caffe_state(layers, model)
@@ -247,7 +245,52 @@ def load(
     return model.to(map_location)
 
 
+# A model may be this much bigger than the tensors its file holds: what a bare state dict may
+# lack and the model fills in (the fixed bilinear upsampling weights: 0.5 MB for a 21-class
+# FCN-8s, 23 MB at 150 classes) and num_batches_tracked counters.
+MODEL_SLACK = 64 * 1024 * 1024
+
+
+def _check_model_size(config: dict, held: int, path) -> None:
+    need = model_bytes(config)
+    if need > held + MODEL_SLACK:
+        raise CheckpointError(
+            f"{path}: the file describes a {config['arch']} of width {config['width']:g} with "
+            f"{config['num_classes']} classes ({need / 2**20:.1f} MiB of weights) but holds only "
+            f"{held / 2**20:.1f} MiB of tensors; refusing to build it (the config, or the tensor "
+            "shapes it was inferred from, do not match the weights the file carries)"
+        )
+
+
+def _tensor_bytes(state: Mapping[str, torch.Tensor], path) -> int:
+    """Bytes of the distinct storages behind ``state``; refuses tensors that claim more
+    elements than their storage holds (stride-0 or overlapping views: an 'expanded'
+    tensor of 1e12 elements can sit on 4 bytes and would be materialised by any copy)."""
+    seen: dict[int, int] = {}
+    for k, t in state.items():
+        st = t.untyped_storage()
+        # A view of part of a storage (a slice) is fine: its size is bounded by real memory.
+        if t.numel() * t.element_size() > st.nbytes():
+            raise CheckpointError(
+                f"{path}: tensor {k!r} of shape {tuple(t.shape)} claims more elements than its storage "
+                f"holds ({st.nbytes()} bytes); expected a plain contiguous tensor"
+            )
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+# torch.save writes a zip archive; the legacy (torch < 1.6) format starts with a pickled magic number.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
 def _detect_format(path: Path) -> str:
+    """The format by content where it has a signature (torch's zip and legacy pickle: any
+    suffix, so ``checkpoint.pth.tar`` works), else by suffix, else by the safetensors shape."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if head[:4] == _ZIP_MAGIC or head == _LEGACY_TORCH_MAGIC:
+        return "torch"
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
@@ -255,18 +298,18 @@ def _detect_format(path: Path) -> str:
         return "torch"
     if suffix == ".caffemodel":
         return "caffe"
-    # Unknown suffix: sniff. torch.save writes a zip archive; safetensors starts
-    # with an 8-byte header length followed by '{'.
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     raise CheckpointError(
         f"{path}: cannot tell the checkpoint format from suffix {path.suffix!r} or content; "
         "expected .safetensors, .pt, .pth or .caffemodel"
     )
+
+
+_ST_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
 
 
 def _read_safetensors(path: Path, size: int) -> tuple[dict, dict | None]:
@@ -286,47 +329,68 @@ def _read_safetensors(path: Path, size: int) -> tuple[dict, dict | None]:
                 f"{path}: truncated: header says {n} bytes, the file has {size - 8} after it"
             )
         header_bytes = f.read(n)
-    try:
-        header = json.loads(header_bytes)
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    end = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        try:
-            end = max(end, int(v["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry {k!r}") from None
+    header = loads_json(header_bytes, path, "safetensors header", max_bytes=_MAX_HEADER)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = max((_check_st_entry(k, v, path) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated: tensor data needs {8 + n + end} bytes, the file has {size}"
         )
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)"
+        )
+    config = loads_json(meta[META_KEY], path) if META_KEY in meta else None
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{path}: corrupt fastfcn metadata (not a JSON object)")
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError and OSErrors
         raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from None
-    meta = header.get("__metadata__") or {}
-    config = None
-    if META_KEY in meta:
-        try:
-            config = json.loads(meta[META_KEY])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: corrupt fastfcn metadata ({e})") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path}: corrupt fastfcn metadata (not a JSON object)")
     return state, config
 
 
-def _read_torch(path: Path) -> tuple[dict, dict | None]:
+def _check_st_entry(name: str, v, path) -> int:
+    """One tensor entry of a safetensors header: returns its end offset."""
+
+    def bad(why):
+        raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r} ({why})")
+
+    if not isinstance(v, dict):
+        bad("not an object")
+    dtype, shape, offs = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if not isinstance(dtype, str):
+        bad(f"dtype {dtype!r}; expected a name such as 'F32'")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):  # fmt: skip
+        bad(f"shape {shape!r}; expected a list of non-negative integers")
+    if not (isinstance(offs, list) and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+            and offs[0] <= offs[1]):  # fmt: skip
+        bad(f"data_offsets {offs!r}; expected [begin, end] integers with 0 <= begin <= end")
+    # Dtypes outside the table (sub-byte and newer float formats) are left to safetensors' own check.
+    if dtype in _ST_DTYPES and math.prod(shape) * _ST_DTYPES[dtype] != offs[1] - offs[0]:
+        bad(f"shape {shape} of {dtype} does not fill its {offs[1] - offs[0]} bytes")
+    return offs[1]
+
+
+# torchfcn's Trainer records the model class in checkpoint["arch"].
+_TORCHFCN_ARCHS = {"FCN32s": "fcn32s", "FCN16s": "fcn16s", "FCN8s": "fcn8s", "FCN8sAtOnce": "fcn8s-atonce"}
+
+
+def _read_torch(path: Path, size: int) -> tuple[dict, dict | None, str | None]:
+    """(state, config or None, arch hint or None) of a torch.save file."""
+    _check_zip_sizes(path, size)
     try:
-        # weights_only: the unpickler only rebuilds tensors and plain containers;
-        # any other global (os.system, a class's __reduce__) is refused, not run.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: the unpickler only rebuilds tensors and plain containers (plus numpy
+        # scalars and dtypes, which training scripts store as metrics); any other global
+        # (os.system, a class's __reduce__) is refused, not run.
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = _torch_load_reason(e)
         if msg.startswith("it references the global"):
@@ -341,14 +405,58 @@ def _read_torch(path: Path) -> tuple[dict, dict | None]:
         state, config = obj.get("state_dict"), obj.get("config")
         if not isinstance(config, Mapping) or not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: fastfcn checkpoint without a config or state_dict")
-        return _tensor_dict(state, path), dict(config)
+        return _tensor_dict(state, path), dict(config), None
     if isinstance(obj, Mapping):
+        hint = _TORCHFCN_ARCHS.get(obj.get("arch")) if isinstance(obj.get("arch"), str) else None
         # Common wrappers of training scripts: {"state_dict": sd}, {"model_state_dict": sd}, {"model": sd}.
         for k in ("state_dict", "model_state_dict", "model"):
             if k in obj and isinstance(obj[k], Mapping) and obj[k]:
-                return _tensor_dict(obj[k], path), None
-        return _tensor_dict(obj, path), None
+                return _tensor_dict(obj[k], path), None, hint
+        return _tensor_dict(obj, path), None, None
     raise CheckpointError(f"{path}: expected a state dict (name -> tensor); got {type(obj).__name__}")
+
+
+def _check_zip_sizes(path: Path, size: int) -> None:
+    """Refuse a zip whose members inflate past twice the file before torch.load reads it.
+
+    torch.save stores members uncompressed (their sizes sum to the file's, less the zip
+    directory), so a compressed archive that grows past 2x + 1 MiB is a zip bomb: one of
+    3 MB inflated to 3.3 GB inside torch.load.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # legacy format, or damaged: torch.load names the problem
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt zip archive: {e})"
+        ) from None
+    if total > 2 * size + 2**20:
+        raise CheckpointError(
+            f"{path}: refused: its zip members inflate to {total} bytes from a {size}-byte file "
+            "(torch.save stores them uncompressed; expected at most twice the file size)"
+        )
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalars and dtypes, under the names numpy 1 (numpy.core) and 2 (numpy._core)
+    pickle them with: torchfcn's Trainer stores best_mean_iu as a numpy.float64."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    dtypes = {type(np.dtype(c)) for c in np.typecodes["All"]}
+    return [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        (np.dtype, "numpy.dtype"),
+        *dtypes,
+    ]
 
 
 def _torch_load_reason(e: Exception) -> str:
@@ -375,6 +483,11 @@ def _tensor_dict(d: Mapping, path) -> dict[str, torch.Tensor]:
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise CheckpointError(
                 f"{path}: expected a state dict (str -> tensor); entry {k!r} is a {type(v).__name__}"
+            )
+        if v.layout is not torch.strided or v.is_quantized or v.is_nested or v.device.type != "cpu":
+            raise CheckpointError(
+                f"{path}: tensor {k!r} is a {v.layout} {v.dtype} tensor on {v.device}; "
+                "expected plain dense tensors"
             )
         out[k] = v
     if not out:
@@ -479,6 +592,16 @@ def _short(items: list, n: int = 12) -> str:
     return ", ".join(map(str, items[:n])) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 2**20) -> bool:
+    """Whether a tensor holds no NaN or inf, checked a chunk at a time: torch.isfinite of a
+    float tensor allocates a float copy (abs) and a bool map of the whole tensor, which put
+    loading a 135 MiB FCN-32s (width 0.5) at 3.1x its tensor bytes of peak RSS instead of 2.1x."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)  # a view for the usual contiguous tensor; a copy of a (bounded) slice else
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _upsampling_keys(model: nn.Module) -> set[str]:
     head = getattr(model, "head", None)
     return {f"{s.upsample}.weight" for s in head.stages} if head is not None else set()
@@ -512,6 +635,11 @@ def _load_state(model: nn.Module, state: dict, path, strict: bool, fill_upsampli
             f"{path}: does not fit {arch} (num_classes={model.config['num_classes']}, "
             f"width={model.config['width']:g}): " + "; ".join(parts)
         )
+    bad = [k for k in own if k in state and not _all_finite(state[k])]
+    if bad:
+        raise CheckpointError(
+            f"{path}: non-finite values (NaN or inf) in {_short(bad)}; the weights are corrupt"
+        )
     if filled:
         warnings.warn(
             f"{path}: no weights for {', '.join(filled)}; using the reference bilinear upsampling",
@@ -535,6 +663,11 @@ def _load_state(model: nn.Module, state: dict, path, strict: bool, fill_upsampli
 # Everything else (prototxt parameters, diffs, phase rules) is skipped by wire type.
 
 _V1_TYPES = {4: "Convolution", 39: "Deconvolution", 14: "InnerProduct"}
+# The at-once FCN-8s's Scale layers (one fixed blob each) and the constant each must hold:
+# they are fastfcn.heads' Tap.input_scale of "fcn8s-atonce", applied in the forward.
+_ATONCE_SCALES = {"scale_pool4": 0.01, "scale_pool3": 0.0001}
+# A blob dimension above this is no real weight (fc6 of a width-4 VGG FCN has 16384 rows).
+_MAX_BLOB_DIM = 2**31 - 1
 # Caffe names of the DeconvNet release whose module name differs by more than '-' -> '_'.
 _CAFFE_ALIASES = {"bnfc6": "bn6", "bnfc7": "bn7", "ctx_upsample": "upscore"}
 
@@ -596,6 +729,51 @@ def _fields(buf: memoryview):
         yield field, wt, value
 
 
+def _stream_fields(f, size: int, wanted: tuple[int, ...]):
+    """_fields over a whole file, read a field at a time: the length-delimited fields in
+    ``wanted`` (layers) are read one at a time and everything else is skipped by seeking, so
+    the file is never in memory at once (reading it whole put a 39 MiB caffemodel's
+    load at a 2.5x peak of its tensor bytes)."""
+
+    def varint(pos):
+        result = shift = 0
+        while True:
+            byte = f.read(1) if pos < size else b""
+            if not byte:
+                raise _WireError("a varint runs past the end of the file")
+            b = byte[0]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result, pos
+            shift += 7
+            if shift > 63:
+                raise _WireError("a varint is longer than 10 bytes")
+
+    pos = 0
+    while pos < size:
+        key, pos = varint(pos)
+        field, wt = key >> 3, key & 7
+        if field == 0:
+            raise _WireError("field number 0")
+        if wt == 0:
+            _, pos = varint(pos)
+            continue
+        if wt == 1 or wt == 5:
+            n = 8 if wt == 1 else 4
+        elif wt == 2:
+            n, pos = varint(pos)
+        else:
+            raise _WireError(f"wire type {wt} (field {field})")
+        if pos + n > size:
+            raise _WireError(f"a field of {n} bytes runs past the end of the file")
+        if wt == 2 and field in wanted:
+            yield field, wt, memoryview(f.read(n))
+        else:
+            f.seek(n, os.SEEK_CUR)
+        pos += n
+
+
 def _packed_varints(buf: memoryview) -> list[int]:
     out, pos = [], 0
     while pos < len(buf):
@@ -613,27 +791,37 @@ def _decode_blob(buf: memoryview) -> torch.Tensor:
     for field, wt, v in _fields(buf):
         if field in (1, 2, 3, 4) and wt == 0:
             legacy[field - 1] = v
-        elif field == 5:
-            if wt == 2 and len(v) % 4:
-                raise _WireError("packed float data whose length is not a multiple of 4")
-            chunks.append(np.frombuffer(v, dtype="<f4"))
-        elif field == 8:
-            if wt == 2 and len(v) % 8:
-                raise _WireError("packed double data whose length is not a multiple of 8")
-            dchunks.append(np.frombuffer(v, dtype="<f8"))
+        elif field in (5, 8):
+            # float data: packed (wire type 2) or one fixed32 each; double data: fixed64.
+            size, fixed = (4, 5) if field == 5 else (8, 1)
+            if wt not in (2, fixed) or len(v) % size:
+                raise _WireError(f"blob data (field {field}) of wire type {wt}; expected whole "
+                                 f"{'floats' if size == 4 else 'doubles'}")  # fmt: skip
+            (chunks if field == 5 else dchunks).append(np.frombuffer(v, dtype=f"<f{size}"))
         elif field == 7 and wt == 2:
             dims = []
             for f2, wt2, d in _fields(v):
+                if f2 == 1 and wt2 not in (0, 2):
+                    raise _WireError(f"a blob dim of wire type {wt2}; expected a varint")
                 if f2 == 1:
                     dims.extend(_packed_varints(d) if wt2 == 2 else [d])
     if chunks and dchunks:
         raise _WireError("a blob with both float and double data")
-    data = np.concatenate(chunks or dchunks) if (chunks or dchunks) else np.zeros(0, "<f4")
-    data = data.astype(np.float32)  # a copy: the tensor must not alias the file buffer
+    # One copy (the tensor must not alias the file buffer), not a concatenation and then a cast:
+    # two transient copies of fc6 took a 135 MiB caffemodel's read to 2.6x its size.
+    src = chunks or dchunks
+    if not src:
+        data = np.zeros(0, np.float32)
+    elif len(src) == 1:
+        data = src[0].astype(np.float32)
+    else:
+        data = np.concatenate(src).astype(np.float32, copy=False)
     if dims is None and any(x is not None for x in legacy):
         dims = [x or 0 for x in legacy]
     if dims is None:
         dims = [data.size]
+    if len(dims) > 8 or any(d > _MAX_BLOB_DIM for d in dims):
+        raise _WireError(f"a blob of shape {tuple(dims)}: more than 8 dims or a dim over {_MAX_BLOB_DIM}")
     if math.prod(dims) != data.size:
         raise _WireError(f"a blob of shape {tuple(dims)} holds {data.size} values")
     return torch.from_numpy(data.reshape(dims))
@@ -646,15 +834,21 @@ def read_caffemodel(path: str | os.PathLike) -> list[CaffeLayer]:
     """
     path = Path(path)
     try:
-        buf = memoryview(path.read_bytes())
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
-    if len(buf) == 0:
-        raise CheckpointError(f"{path}: the file is empty")
+    with f:
+        if size == 0:
+            raise CheckpointError(f"{path}: the file is empty")
+        return _read_layers(f, size, path)
+
+
+def _read_layers(f, size: int, path: Path) -> list[CaffeLayer]:
     layers: list[CaffeLayer] = []
     try:
-        for field, wt, v in _fields(buf):
-            if wt != 2 or field not in (2, 100):
+        for field, wt, v in _stream_fields(f, size, wanted=(2, 100)):
+            if wt != 2:
                 continue
             if field == 100:
                 name_f, type_f, blob_f = 1, 2, 7
@@ -668,21 +862,50 @@ def read_caffemodel(path: str | os.PathLike) -> list[CaffeLayer]:
             for f, w, x in _fields(v):
                 if f == name_f and w == 2:
                     name = bytes(x).decode("utf-8", "replace")
-                elif f == type_f:
-                    ltype = bytes(x).decode("utf-8", "replace") if w == 2 else _V1_TYPES.get(x, f"V1:{x}")
+                elif f == type_f and w == 2:
+                    ltype = bytes(x).decode("utf-8", "replace")
+                elif f == type_f and w == 0:
+                    ltype = _V1_TYPES.get(x, f"V1:{x}")
                 elif f == blob_f and w == 2:
                     blobs.append(_decode_blob(x))
             if blobs:
                 layers.append(CaffeLayer(name or f"layer{len(layers)}", ltype, blobs))
+                _check_caffe_layer(layers[-1])
     except _WireError as e:
         raise CheckpointError(
             f"{path}: not a valid caffemodel (truncated or corrupt protobuf: {e})"
         ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
     if not layers:
         raise CheckpointError(
             f"{path}: no layers with weights found: not a caffemodel (a .prototxt holds no weights)"
         )
     return layers
+
+
+def _check_caffe_layer(layer: CaffeLayer) -> None:
+    b = layer.blobs
+    if layer.type == "BatchNorm":
+        if len(b) < 2 or b[0].numel() != b[1].numel() or (len(b) > 2 and b[2].numel() != 1):
+            raise _WireError(
+                f"BatchNorm layer {layer.name!r} has blobs {[tuple(x.shape) for x in b]}; expected "
+                "mean (C), variance (C) and a scale factor (1)"
+            )
+
+
+def _caffe_arch(layers: list[CaffeLayer], path) -> str | None:
+    """'fcn8s-atonce' when the file has the at-once net's Scale layers (whose constants are
+    checked: the model applies 0.01 and 0.0001, a file with others would be silently wrong)."""
+    found = {ly.name: ly for ly in layers if ly.type == "Scale" and ly.name in _ATONCE_SCALES}
+    for name, ly in found.items():
+        want = _ATONCE_SCALES[name]
+        got = ly.blobs[0].reshape(-1).tolist() if ly.blobs[0].numel() <= 8 else ["..."]
+        if len(got) != 1 or not math.isclose(got[0], want, rel_tol=1e-6):
+            raise CheckpointError(
+                f"{path}: Scale layer {name!r} holds {got}; fcn8s-atonce applies the constant {want:g}"
+            )
+    return "fcn8s-atonce" if found else None
 
 
 def _caffe_name(name: str) -> str:
@@ -699,7 +922,7 @@ def _caffe_probe(layer: CaffeLayer) -> torch.Tensor:
     w = layer.blobs[0]
     if len(layer.blobs) > 1 and layer.type != "BatchNorm":
         n = layer.blobs[1].numel()
-        if n and w.numel() % n == 0 and w.shape[0] != n:
+        if n and w.numel() and w.numel() % n == 0 and w.shape[0] != n:
             return w.reshape(n, -1)
     return w
 
@@ -723,7 +946,7 @@ def _caffe_state(layers: list[CaffeLayer], model: nn.Module) -> dict[str, torch.
     for layer in layers:
         name, b = _caffe_name(layer.name), layer.blobs
         if layer.type == "BatchNorm":
-            factor = float(b[2].reshape(-1)[0]) if len(b) > 2 else 1.0
+            factor = float(b[2].reshape(-1)[0]) if len(b) > 2 and b[2].numel() else 1.0
             inv = 0.0 if factor == 0 else 1.0 / factor
             state[f"{name}.running_mean"] = b[0] * inv
             state[f"{name}.running_var"] = b[1] * inv
@@ -731,6 +954,8 @@ def _caffe_state(layers: list[CaffeLayer], model: nn.Module) -> dict[str, torch.
             state[f"{name}.bias"] = torch.zeros(b[0].numel())
             last_bn = name
             continue
+        if layer.type == "Scale" and last_bn is None and layer.name in _ATONCE_SCALES:
+            continue  # a constant of the at-once head, checked by _caffe_arch
         if layer.type == "Scale" and last_bn is not None:
             name = last_bn
         last_bn = None

@@ -5,6 +5,8 @@ SyntheticScenes (``fastfcn/assets/demo_fcn8s.safetensors``; the README has the c
 that reproduces it). The demo draws scenes from the held-out synthetic split, which
 training never saw, runs every Segmenter backend that can run on this machine, and
 writes, per scene, the image, the prediction overlay and the ground truth side by side.
+It then segments a few seconds of video (objects that move and rotate) through the
+streaming path: ``stream_input.mkv`` in, ``stream_overlay.mp4`` out, next to the PNGs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def write_overlays(out: Path, images, preds, truths, palette: np.ndarray) -> lis
     """One PNG per scene: image | prediction overlay | ground truth overlay (2x enlarged)."""
     from PIL import Image
 
-    from .runtime.commands import overlay
+    from .viz import overlay
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -38,6 +40,25 @@ def write_overlays(out: Path, images, preds, truths, palette: np.ndarray) -> lis
         pic.save(p)
         paths.append(p)
     return paths
+
+
+def write_stream(out: Path, checkpoint, num_classes: int, seconds: float, fps: int = 25) -> dict:
+    """A few seconds of moving, rotating synthetic objects (``MovingScenes``), written as a
+    lossless ``stream_input.mkv`` and segmented by ``segment_video`` into the overlay video
+    ``stream_overlay.mp4``. Returns segment_video's summary plus ``input``."""
+    import fastfcn
+
+    from .data import MovingScenes
+    from .video import segment_video, write_video
+
+    clip = MovingScenes(max(1, int(round(seconds * fps))), num_classes=num_classes)
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "stream_input.mkv"
+    write_video(src, (clip[k][0] for k in range(len(clip))), fps, lossless=True)
+    seg = fastfcn.Segmenter(checkpoint, device="auto")
+    summary = segment_video(src, out / "stream_overlay.mp4", seg, alpha=0.55, progress=False)
+    summary["input"] = str(src)
+    return summary
 
 
 def _time_backend(seg, batch: np.ndarray, repeats: int) -> tuple[np.ndarray, float]:
@@ -55,20 +76,24 @@ def _time_backend(seg, batch: np.ndarray, repeats: int) -> tuple[np.ndarray, flo
 
 
 def run_demo(out: str | Path = "fastfcn-demo-out", n: int = 16, backends=None, checkpoint=None,
-             repeats: int = 3, stream=None) -> dict:  # fmt: skip
+             repeats: int = 3, stream=None, video_seconds: float = 3.0) -> dict:  # fmt: skip
     """Segment ``n`` held-out scenes with each backend; write overlays; return the results table.
+    Then, with PyAV installed and ``video_seconds`` > 0, segment a clip of moving scenes
+    (``write_stream``).
 
     Returns ``{"out": Path, "rows": [{backend, status, ms_per_image, agreement, mean_iu, reason}],
-    "overlays": [Path, ...]}``; agreement is the fraction of labels identical to the torch backend's.
+    "overlays": [Path, ...], "video": summary or None}``; agreement is the fraction of labels
+    identical to the torch backend's.
     """
     import fastfcn
 
     from .data import HELDOUT_SIZE, heldout_scenes
     from .errors import FastFCNError
     from .metrics import confusion_matrix, scores
+    from .zoo import resolve
 
     stream = stream or sys.stdout
-    checkpoint = Path(checkpoint or DEMO_MODEL)
+    checkpoint = Path(resolve(checkpoint or "demo"))
     model = fastfcn.load(checkpoint)
     cfg = model.config
     num_classes = int(cfg["num_classes"])
@@ -110,7 +135,22 @@ def run_demo(out: str | Path = "fastfcn-demo-out", n: int = 16, backends=None, c
     print(_table(rows), file=stream)
     print(f"\noverlays (image | prediction | ground truth): {out}/scene_000.png ... ({len(paths)} files)",
           file=stream)  # fmt: skip
-    return {"out": out, "rows": rows, "overlays": paths}
+    video = _demo_video(out, checkpoint, num_classes, video_seconds, stream)
+    return {"out": out, "rows": rows, "overlays": paths, "video": video}
+
+
+def _demo_video(out: Path, checkpoint, num_classes: int, seconds: float, stream) -> dict | None:
+    if seconds <= 0:
+        return None
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        print("video: skipped (PyAV is not installed: pip install 'fastfcn[video]')", file=stream)
+        return None
+    s = write_stream(out, checkpoint, num_classes, seconds)
+    print(f"video: {s['frames_out']} frames of moving scenes at {s['fps']:.1f} frames/s end to end "
+          f"(decode, segment, overlay, encode) -> {s['destination']}", file=stream)  # fmt: skip
+    return s
 
 
 def _table(rows: list[dict]) -> str:
@@ -134,13 +174,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)")
     a("--checkpoint", default=None, help="a checkpoint other than the built-in model")
     a("--repeats", type=int, default=3, help="timed runs per backend (default 3; median reported)")
+    a("--video-seconds", type=float, default=3.0,
+      help="length of the demo video of moving scenes (default 3; 0: none)")
 
 
 def main(args: argparse.Namespace) -> int:
     from .errors import InputError
+    from .paths import check_output_dir
 
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1; got {args.n}")
+    if args.n < 1 or args.repeats < 1:
+        raise InputError(f"--n and --repeats must be >= 1; got {args.n} and {args.repeats}")
+    check_output_dir(args.out, "--out")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     unknown = sorted(set(backends or ()) - set(BACKENDS))
     if unknown:
@@ -148,6 +192,8 @@ def main(args: argparse.Namespace) -> int:
     if args.checkpoint is None and not DEMO_MODEL.is_file():
         raise InputError(f"the built-in model {DEMO_MODEL} is missing; reinstall fastfcn")
     t = time.perf_counter()
-    run_demo(args.out, args.n, backends, args.checkpoint, args.repeats)
+    if args.video_seconds < 0:
+        raise InputError(f"--video-seconds must be >= 0; got {args.video_seconds}")
+    run_demo(args.out, args.n, backends, args.checkpoint, args.repeats, video_seconds=args.video_seconds)
     print(f"done in {time.perf_counter() - t:.1f} s", file=sys.stdout)
     return 0

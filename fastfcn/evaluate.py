@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -86,17 +87,17 @@ def _open_data(args, num_classes: int):
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from .data import HELDOUT_SIZE
+    from .names import BACKENDS, PRECISIONS, device_arg
 
     a = parser.add_argument
-    a("checkpoint", help="a fastfcn checkpoint (or an ONNX file exported by fastfcn)")
+    a("checkpoint", help="a fastfcn checkpoint, an ONNX file exported by fastfcn, or a built-in name (demo)")
     a("--data", required=True, help="a VOC root (VOCdevkit/VOC2012) or 'synthetic' (the held-out split)")
     a("--split", default="val", help="VOC split (default val)")
     a("--n", type=int, default=0, help="evaluate only the first N images (synthetic: default 500)")
     a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
-    a("--backend", default="auto",
-      help="Segmenter backend: auto, torch, fused, onnxruntime, compile, openvino")
-    a("--device", default="auto", help="auto, cpu, cuda, ...")
-    a("--precision", default="auto", help="auto, fp32, tf32, bf16, fp16")
+    a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
+    a("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N")
+    a("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
     a("--batch", type=int, default=8, help="images per run() call (default 8)")
     a("--json", action="store_true", help="print the metrics as one JSON object")
 
@@ -104,8 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def main(args: argparse.Namespace) -> int:
     import fastfcn
 
-    from .train import Progress
+    from .progress import Progress
 
+    # Arguments first: a typo must not cost a model load.
+    if args.n < 0 or args.batch < 1 or args.size < 8:
+        raise InputError(f"--n {args.n}, --batch {args.batch}, --size {args.size}: expected --n >= 0, "
+                         "--batch >= 1 and --size >= 8")
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: not a folder; expected a VOC root or 'synthetic'")
+    from .zoo import resolve
+
+    if not Path(resolve(args.checkpoint)).is_file():
+        raise InputError(f"{args.checkpoint}: no such checkpoint file")
     seg = fastfcn.Segmenter(
         args.checkpoint, backend=args.backend, device=args.device, precision=args.precision
     )

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import loads_json, validate_config
 from .errors import CheckpointError, FastFCNError
 
 META_KEY = "fastfcn.config"
@@ -76,7 +77,9 @@ def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
     elif isinstance(model_or_checkpoint, (str, os.PathLike)):
-        src = Path(model_or_checkpoint)
+        from .zoo import resolve
+
+        src = Path(resolve(model_or_checkpoint))
         if src.suffix.lower() == ".onnx":
             raise CheckpointError(f"{src}: already an ONNX model; export needs a checkpoint or a model")
         from .checkpoint import load
@@ -230,7 +233,6 @@ def export_onnx(
     else:
         example = torch.zeros(int(batch_size), 3, int(input_size[0]), int(input_size[1]))
         dynamic_shapes = None
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet(), _cached_registry(), torch.no_grad():
             program = torch.onnx.export(
@@ -256,13 +258,9 @@ def export_onnx(
         proto.metadata_props.add(key=k, value=v)
     proto.producer_name, proto.producer_version = "fastfcn", __version__
     onnx.checker.check_model(proto, full_check=False)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        onnx.save_model(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     return path
 
 
@@ -271,8 +269,12 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
 
     Keys: those of ``model.config`` (arch, num_classes, width, options, mean, std,
     color_order, input_scale, class_names, palette), ``fastfcn_version``, and ``export``:
-    {precision, dynamic, opset, input, output, input_shape}. Raises CheckpointError
-    when the file is not ONNX or was not exported by fastfcn.
+    {precision, dynamic, opset, input, output, input_shape}. The config goes through the
+    checkpoints' validator (``fastfcn.config.validate_config``) and the graph's signature
+    is checked against it: one float32 input (N, 3, H, W) and one float32 output
+    (N, num_classes, H, W), with N, H, W symbolic when the export was dynamic and as
+    recorded when it was not. Raises CheckpointError when the file is not ONNX, was not
+    exported by fastfcn, or its metadata is invalid or does not describe its graph.
     """
     import onnx
 
@@ -290,15 +292,87 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
             f"{path}: no fastfcn metadata (metadata_props key {META_KEY!r}); export it with "
             "fastfcn.export_onnx or `fastfcn export` so preprocessing and classes are known"
         )
-    try:
-        config = json.loads(props[META_KEY])
-        export = json.loads(props.get(EXPORT_KEY, "{}"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt fastfcn metadata ({e})") from None
+    config = loads_json(props[META_KEY], path)
+    export = loads_json(props.get(EXPORT_KEY, "{}"), path, "fastfcn export metadata")
     if not isinstance(config, dict) or not isinstance(export, dict):
         raise CheckpointError(f"{path}: corrupt fastfcn metadata (not a JSON object)")
+    version = config.pop("fastfcn_version", None)
+    config = validate_config(config, path)
+    export = _validate_export(export, path)
+    _check_signature(proto.graph, config, export, path)
+    if version is not None:
+        config["fastfcn_version"] = str(version)
     config["export"] = export
     return config
+
+
+def _validate_export(e: dict, path) -> dict:
+    def bad(msg):
+        raise CheckpointError(f"{path}: corrupt fastfcn export metadata ({msg})")
+
+    if e.get("precision", "fp32") not in PRECISIONS:
+        bad(f"precision must be one of {PRECISIONS}; got {e.get('precision')!r}")
+    if not isinstance(e.get("dynamic", True), bool):
+        bad(f"dynamic must be true or false; got {e.get('dynamic')!r}")
+    for k in ("input", "output"):
+        if k in e and not isinstance(e[k], str):
+            bad(f"{k} must be a tensor name; got {e[k]!r}")
+    op = e.get("opset")
+    if op is not None and (isinstance(op, bool) or not isinstance(op, int) or not 1 <= op <= 1000):
+        bad(f"opset must be an int; got {op!r}")
+    shape = e.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) == 4 and shape[1] == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 2**31 - 1 for d in shape)
+    ):  # fmt: skip
+        bad(f"input_shape must be [N, 3, H, W] with positive ints; got {shape!r}")
+    if e.get("dynamic") is False and shape is None:
+        bad("a static export must record its input_shape")
+    return e
+
+
+def _check_signature(graph, config: dict, export: dict, path) -> None:
+    """The graph's one input and one output against what the metadata says."""
+    import onnx
+
+    weights = {t.name for t in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in weights]
+    outputs = list(graph.output)
+
+    def bad(msg):
+        raise CheckpointError(f"{path}: the graph does not match its fastfcn metadata: {msg}")
+
+    if len(inputs) != 1 or len(outputs) != 1:
+        bad(f"it has {len(inputs)} inputs and {len(outputs)} outputs; expected one of each")
+
+    def dims(vi, what):
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or t.elem_type != onnx.TensorProto.FLOAT:
+            bad(f"{what} {vi.name!r} is not a float32 tensor")
+        if not t.HasField("shape") or len(t.shape.dim) != 4:
+            bad(f"{what} {vi.name!r} is not 4-D (N, C, H, W)")
+        return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+    n_in, c_in, h_in, w_in = dims(inputs[0], "input")
+    n_out, c_out, h_out, w_out = dims(outputs[0], "output")
+    for k, vi in (("input", inputs[0]), ("output", outputs[0])):
+        if k in export and export[k] != vi.name:
+            bad(f"the {k} is named {vi.name!r}; the metadata says {export[k]!r}")
+    if c_in != 3:
+        bad(f"the input has {c_in if c_in is not None else 'a symbolic number of'} channels; expected 3")
+    if c_out != config["num_classes"]:
+        got = c_out if c_out is not None else "a symbolic number of"
+        bad(f"the output has {got} channels; the metadata says num_classes={config['num_classes']}")
+    shape = export.get("input_shape")
+    if export.get("dynamic") is True:
+        fixed = [d for d in (n_in, h_in, w_in) if d is not None]
+        if fixed:
+            bad(f"the export is recorded as dynamic but the input has fixed dims {fixed}")
+    elif export.get("dynamic") is False and [n_in, 3, h_in, w_in] != shape:
+        bad(f"the input is {[n_in, c_in, h_in, w_in]}; the metadata says {shape}")
+    for name, i, o in (("N", n_in, n_out), ("H", h_in, h_out), ("W", w_in, w_out)):
+        if i is not None and o is not None and i != o:
+            bad(f"the output's {name} is {o} for an input {name} of {i}; expected equal")
 
 
 __all__ = ["export_onnx", "read_onnx_metadata"]

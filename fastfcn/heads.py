@@ -110,7 +110,9 @@ def run_head(
         src = features[tap.source]
         if tap.input_scale != 1.0:
             src = src * tap.input_scale
-        skips.append(getattr(model, tap.score)(src))
+        # apply_conv runs the score layer through the ConvImpl a backend set on it, if any.
+        apply = getattr(model, "apply_conv", None)
+        skips.append(apply(tap.score, src) if apply is not None else getattr(model, tap.score)(src))
     stages = head.stages
     return ops.fcn_head(
         score,

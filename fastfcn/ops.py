@@ -81,7 +81,16 @@ def _cpu_twin():
 
 
 def _triton_kernels(name: str):
-    return importlib.import_module(f"fastfcn.kernels.{name}")
+    try:
+        return importlib.import_module(f"fastfcn.kernels.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        # triton is an extra (gpu, dev), not a runtime dependency: 999 MB that CPU machines never run.
+        raise RuntimeError(
+            "the Triton kernels need triton, which is not installed: pip install 'fastfcn[gpu]' "
+            "(or use impl='cpu' / 'reference' on the CPU)"
+        ) from None
 
 
 def _warn_reference_fallback():

@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import InputError
 from .metrics import ConfusionMatrix
+from .progress import Progress
 
 VAL_SEED_OFFSET = 7919  # synthetic validation during training: seed + this, never the held-out seed
 
@@ -208,44 +209,7 @@ def parse_stages(spec: str | None, arch: str, iters: int) -> list[tuple[str, int
     return out
 
 
-# --------------------------------------------------------------------------- progress and curves
-
-
-class Progress:
-    """A one-line progress bar on stderr (plain lines every 10% when stderr is not a terminal)."""
-
-    def __init__(self, total: int, label: str = "", enabled: bool = True, stream=None):
-        self.total, self.label, self.enabled = max(1, total), label, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.time()
-        self.start = 0
-        self._last_tenth = -1
-
-    def update(self, done: int, text: str = "") -> None:
-        if not self.enabled:
-            return
-        frac = min(1.0, done / self.total)
-        elapsed = time.time() - self.t0
-        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
-        line = f"{self.label} [{bar}] {done}/{self.total} {text} {rate:.2f} it/s eta {_hms(eta)}"
-        if self.tty:
-            self.stream.write("\r" + line + "\033[K")
-            if done >= self.total:
-                self.stream.write("\n")
-        elif int(frac * 10) != self._last_tenth or done >= self.total:
-            self._last_tenth = int(frac * 10)
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _hms(s: float) -> str:
-    if s != s or s == float("inf"):
-        return "--:--"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+# --------------------------------------------------------------------------- curves
 
 
 def plot_curves(history: dict, path: str | os.PathLike, title: str = "") -> None:
@@ -367,8 +331,6 @@ def train(args: argparse.Namespace) -> dict:
         raise InputError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
     main_rank = rank == 0
     out = Path(args.out)
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
 
     stages = parse_stages(args.stages, args.arch, args.iters)
     total = sum(n for _, n in stages)
@@ -395,6 +357,8 @@ def train(args: argparse.Namespace) -> dict:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         step, history = int(state["step"]), state["history"]
     if main_rank:
+        # Only now, with the arguments, the data and the resume state checked, is anything written.
+        out.mkdir(parents=True, exist_ok=True)
         print(f"training {' -> '.join(f'{a} ({n} it)' for a, n in stages)} on {args.data} "
               f"({len(ds)} images, {num_classes} classes), {world} process(es), device {device}",
               file=sys.stderr)  # fmt: skip
@@ -575,6 +539,8 @@ def _for_plot(history: dict) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from .data import HELDOUT_SIZE
+    from .models import available
+    from .names import device_arg
 
     a = parser.add_argument
     a("--data", default="synthetic", help="a VOC root, or 'synthetic' (SyntheticScenes; default)")
@@ -582,7 +548,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--val-split", default="val", help="VOC split for validation during training (default val)")
     a("--out", default="runs/train", help="output folder: checkpoints, history, curves (default runs/train)")
     a("--export", default=None, help="also write the final model to this path")
-    a("--arch", default="fcn8s", help="architecture (default fcn8s); see --stages for the staged schedule")
+    a("--arch", default="fcn8s", choices=available(),
+      help="architecture (default fcn8s); see --stages for the staged schedule")  # fmt: skip
     a("--stages", default=None, help="staged schedule, e.g. fcn32s:3000,fcn16s:1000,fcn8s:1000")
     a("--width", type=float, default=1.0, help="channel width multiplier (default 1.0 = the paper's net)")
     a("--num-classes", type=int, default=5, help="classes of the synthetic data (VOC: from the data)")
@@ -611,17 +578,57 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--val-every", type=int, default=200, help="validate every N iterations (0: never; default 200)")
     a("--val-n", type=int, default=100, help="validation images (default 100)")
     a("--save-every", type=int, default=200, help="checkpoint every N iterations (default 200)")
-    a("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the GPU of this rank, else CPU)")
+    a("--device", default="auto", type=device_arg,
+      help="cpu, cuda, cuda:1 ... (default: the GPU of this rank, else CPU)")
     a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a("--quiet", action="store_true", help="no progress bar")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments with one InputError naming the option and its value, before any
+    data is read or anything is written (a bad --export found after training loses the run)."""
+    from .models import available
+    from .paths import check_output_dir, check_output_file
+
+    def need(ok: bool, option: str, value, expected: str) -> None:
+        if not ok:
+            raise InputError(f"{option} {value}: expected {expected}")
+
+    finite = math.isfinite
+    need(finite(args.lr) and args.lr > 0, "--lr", args.lr, "a learning rate > 0")
+    need(0 < args.width <= 4, "--width", args.width, "a channel width multiplier in (0, 4]")
+    need(finite(args.momentum) and 0 <= args.momentum < 1, "--momentum", args.momentum, "a value in [0, 1)")
+    need(finite(args.weight_decay) and args.weight_decay >= 0, "--weight-decay", args.weight_decay, ">= 0")
+    need(0 <= args.dropout < 1, "--dropout", args.dropout, "a probability in [0, 1)")
+    for option in ("batch", "iters", "mosaic", "save_every", "train_n"):
+        v = getattr(args, option)
+        need(v >= 1, "--" + option.replace("_", "-"), v, ">= 1")
+    for option in ("val_every", "val_n", "threads"):
+        v = getattr(args, option)
+        need(v >= 0, "--" + option.replace("_", "-"), v, ">= 0")
+    need(args.num_classes >= 2, "--num-classes", args.num_classes, ">= 2 (background and one object class)")
+    need(args.size >= 8, "--size", args.size, ">= 8 pixels")
+    if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
+        raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
+    for arch, _ in parse_stages(args.stages, args.arch, args.iters):
+        need(arch in available(), "--stages architecture", repr(arch), f"one of {', '.join(available())}")
+    if args.init is not None and not Path(args.init).is_file():
+        raise InputError(f"--init {args.init}: no such checkpoint file")
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: not a folder; expected a VOC root or 'synthetic'")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"--device {args.device}: expected auto, cpu, cuda or cuda:N") from None
+    check_output_dir(args.out, "--out")
+    if args.export:
+        check_output_file(args.export, "--export")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.lr is None:
         args.lr = 1e-3 if args.optimizer == "adam" else 1e-2
-    if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
-        raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
-    if args.batch < 1 or args.iters < 1:
-        raise InputError("--batch and --iters must be >= 1")
+    check_args(args)
     train(args)
     return 0

@@ -16,13 +16,15 @@ import triton.language as tl
 @triton.jit
 def max_pool_switches_kernel(
     x_ptr, val_ptr, sw_ptr, total, H, W, h, w,
-    KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """values[o] = max over the window of o, switches[o] = dy * KERNEL + dx of its first maximum.
 
     x: (N, C, H, W); values, switches: (N, C, h, w), flat index o. Grid: (cdiv(total, BLOCK),).
     """
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
     o = pid * BLOCK + tl.arange(0, BLOCK)
     m = o < total
     ox = o % w
@@ -51,14 +53,16 @@ def max_pool_switches_kernel(
 def max_unpool_gather_kernel(
     x_ptr, idx_ptr, out_ptr, total, H, W, h, w,
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, SWITCHES: tl.constexpr, RELU: tl.constexpr,
-    BLOCK: tl.constexpr,
+    INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out[n, c, Y, X] = x[n, c, Y // s, X // s] if that window's switch points at (Y, X) else 0.
 
     x, idx: (N, C, h, w), idx uint8 switches (SWITCHES) or int64 plane indices Y * W + X;
     out: (N, C, H, W), flat index o. Grid: (cdiv(total, BLOCK),). Needs STRIDE >= KERNEL.
     """
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
     o = pid * BLOCK + tl.arange(0, BLOCK)
     m = o < total
     X = o % W
@@ -79,7 +83,9 @@ def max_unpool_gather_kernel(
         hit = inwin & (s == Y * W + X)
     v = tl.load(x_ptr + src, mask=hit, other=0.0)
     if RELU:
-        # keeps NaN as torch.relu does
+        # keeps NaN as torch.relu does. Compared in fp32 (exact for fp16/bf16 inputs): Triton's
+        # interpreter compared bf16 as raw 16-bit patterns and kept every negative value.
+        v = v.to(tl.float32)
         v = tl.where(v < 0, 0.0, v)
     tl.store(out_ptr + o, v.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -98,6 +104,17 @@ def _block(total: int, is_cuda: bool) -> int:
         return 1024
     # interpreter: a fixed cost per tl op, so few large programs
     return min(1 << max(0, total - 1).bit_length(), 1 << 16)
+
+
+# Flat element indices fit int32 up to here (the last program's lanes run up to BLOCK - 1 past
+# the end). Below it the kernels do their index math (three div/mods per element) in int32: the
+# review of the sm_90a builds counted ~40% fewer instructions than with int64; above it, int64.
+INT32_LIMIT = 2**31 - 1
+
+
+def needs_int64(block: int, *numels: int) -> bool:
+    """Whether flat indices over tensors of these sizes, in programs of ``block``, overflow int32."""
+    return max(numels) + block - 1 > INT32_LIMIT
 
 
 def max_pool2d_with_switches(x, kernel, stride, ceil_mode):
@@ -126,7 +143,8 @@ def max_pool2d_with_switches(x, kernel, stride, ceil_mode):
     block = _block(total, x.is_cuda)
     max_pool_switches_kernel[(triton.cdiv(total, block),)](
         x.contiguous(), values, switches, total, H, W, h, w,
-        KERNEL=kernel, STRIDE=stride, BLOCK=block, num_warps=4 if x.is_cuda else 1,
+        KERNEL=kernel, STRIDE=stride, INT64=needs_int64(block, total, x.numel()), BLOCK=block,
+        num_warps=4 if x.is_cuda else 1,
     )
     return values, switches
 
@@ -165,6 +183,6 @@ def max_unpool2d(x, indices, output_size, kernel, stride, relu):
     max_unpool_gather_kernel[(triton.cdiv(total, block),)](
         x.contiguous(), indices.contiguous(), out, total, H, W, h, w,
         KERNEL=kernel, STRIDE=stride, SWITCHES=indices.dtype == torch.uint8, RELU=bool(relu),
-        BLOCK=block, num_warps=4 if x.is_cuda else 1,
+        INT64=needs_int64(block, total, x.numel()), BLOCK=block, num_warps=4 if x.is_cuda else 1,
     )
     return out

@@ -32,12 +32,13 @@ def _stage_tile(
     co = c0 + tl.arange(0, BLOCK_C)
     cmask = co < C
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    # pixel math is int32 (per-plane sizes < 2**31, checked by the launcher); plane bases are int64
     iy0 = oy // S
     ky0 = oy - iy0 * S
     ix0 = ox // S
     kx0 = ox - ix0 * S
     hw = h * w
-    x_n = x_ptr + n * C * hw
+    x_n = x_ptr + n * C * hw  # n is int64
     for ty in tl.static_range(T):
         iy = iy0 - ty
         ky = ky0 + ty * S
@@ -66,7 +67,8 @@ def _stage_tile(
                     acc += xv * wv.to(tl.float32)
     if HAS_SKIP:
         m2 = pmask[:, None] & cmask[None, :]
-        s_off = n * C * Hs * Ws + co[None, :] * (Hs * Ws) + (sy * Ws + sx)[:, None]
+        s_plane = (n * C + co.to(tl.int64)) * (Hs * Ws)
+        s_off = s_plane[None, :] + (sy * Ws + sx)[:, None]
         acc += scale * tl.load(skip_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
     return acc
 
@@ -84,9 +86,12 @@ def upsample_kernel(
     Grid: (cdiv(Ho * Wo, BLOCK_P), N, cdiv(C, BLOCK_C) for logits else 1).
     OUTPUT 0 writes (N, C, Ho, Wo) logits, 1 (N, Ho, Wo) argmax labels, 2 (N, C, Ho, Wo) softmax.
     """
-    pid_p = tl.program_id(0).to(tl.int64)
+    # Pixel indices stay int32 (64-bit div/mod per pixel is several times the instructions);
+    # the launcher checks Ho * Wo + BLOCK_P < 2**31. Image and class plane bases are int64:
+    # C * Ho * Wo exceeds 2**31 for 256 classes at 4096 x 4096.
+    pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2).to(tl.int64)
+    pid_c = tl.program_id(2)
     HWo = Ho * Wo
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HWo
@@ -96,14 +101,15 @@ def upsample_kernel(
     ox = px + off
     sy = py + soff
     sx = px + soff
-    out_n = out_ptr + n * C * HWo
+    out_n = out_ptr + n * C * HWo  # int64: n is
     if OUTPUT == 0:
         c0 = pid_c * BLOCK_C
         acc = _stage_tile(x_ptr, w_ptr, skip_ptr, n, c0, C, h, w, oy, ox, sy, sx, Hs, Ws, scale, pmask,
                           K, S, T, KIND, HAS_SKIP, CENTER, FACTOR, BLOCK_P, BLOCK_C)
         co = c0 + tl.arange(0, BLOCK_C)
         m2 = pmask[:, None] & (co < C)[None, :]
-        tl.store(out_n + co[None, :] * HWo + p[:, None], acc.to(out_ptr.dtype.element_ty), mask=m2)
+        o_off = (co.to(tl.int64) * HWo)[None, :] + p[:, None]
+        tl.store(out_n + o_off, acc.to(out_ptr.dtype.element_ty), mask=m2)
     elif OUTPUT == 1:
         best = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
         arg = tl.zeros((BLOCK_P,), dtype=tl.int32)
@@ -139,11 +145,45 @@ def upsample_kernel(
             co = c0 + tl.arange(0, BLOCK_C)
             m2 = pmask[:, None] & (co < C)[None, :]
             prob = tl.exp(acc - m[:, None]) / ssum[:, None]
-            tl.store(out_n + co[None, :] * HWo + p[:, None], prob.to(out_ptr.dtype.element_ty), mask=m2)
+            o_off = (co.to(tl.int64) * HWo)[None, :] + p[:, None]
+            tl.store(out_n + o_off, prob.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
+
+
+# Launch configurations on CUDA: (BLOCK_P, BLOCK_C, num_warps). BLOCK_C = 1 makes every tile a
+# vector of pixels and the kernel loops over classes (labels/probs inside one program, logits one
+# class per program), so there is no class axis for the compiler to lay out: robust across
+# Triton versions, and each class plane is read and written along contiguous pixels.
+# Measured before (sm_90a builds, static review of the compiled kernels): the 256-pixel x
+# 32-class tile spilled 3.4-5 KB per thread (depthwise labels) and 11-12 KB (probs), bilinear
+# used 255 registers with spills; a 128 x 8 tile compiled without spills on Triton 3.6 but on
+# Triton 3.9 the same code laid classes on lanes and spilled 20 KB. The 256 x 1 configs below
+# hold 2 pixels per thread (4 warps); their registers and spills are not measured yet (no GPU
+# run since): benchmarks/gpu_first_contact.sh records n_regs / n_spills and the time of this
+# config and of the old tiles side by side.
+CUDA_LAUNCH = {
+    "bilinear": (256, 1, 4),
+    "depthwise": (256, 1, 4),
+    # dense loops over input channels per class: half the pixels keep more programs in flight
+    "dense": (128, 1, 4),
+}
+
+
+def launch_config(is_cuda: bool, kind: str, output: str, c: int, hw: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) for one stage of C classes and hw output pixels."""
+    if is_cuda:
+        return CUDA_LAUNCH[kind]
+    # interpreter: each tl op costs a fixed overhead, so few large programs with wide class tiles
+    block_c = min(_pow2(c), 64)
+    return min(_pow2(hw), (1 << 18) // block_c), block_c, 1
+
+
+# Per-plane sizes above this need 64-bit pixel math, which the kernel does not carry (a 46341 x
+# 46341 map; the Segmenter's max_pixels default is 4096 x 4096).
+PLANE_LIMIT = 2**31 - 1 - 4096
 
 
 def _check(x, weight, stride, kind):
@@ -171,6 +211,15 @@ def _check(x, weight, stride, kind):
         raise ValueError(f"stride must be >= 1; got {stride}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if x.shape[1] * x.shape[2] * x.shape[3] > PLANE_LIMIT:
+        raise ValueError(f"x of shape {tuple(x.shape)} has over 2**31 elements per image; split it")
+
+
+def _check_plane(ho: int, wo: int, skip) -> None:
+    if ho * wo > PLANE_LIMIT:
+        raise ValueError(f"an output plane of {ho}x{wo} has over 2**31 pixels; tile the image")
+    if skip is not None and skip.shape[1] * skip.shape[2] * skip.shape[3] > PLANE_LIMIT:
+        raise ValueError(f"skip of shape {tuple(skip.shape)} has over 2**31 elements per image; split it")
 
 
 def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_dtype):
@@ -181,6 +230,7 @@ def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_d
     k = int(weight.shape[-1])
     s = int(stride)
     ho, wo = int(size[0]), int(size[1])
+    _check_plane(ho, wo, skip)
     if output == "labels":
         out = torch.empty((n, ho, wo), dtype=torch.uint8 if c <= 256 else torch.int32, device=x.device)
     else:
@@ -206,15 +256,7 @@ def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_d
     factor = (k + 1) // 2
     center = factor - 1.0 if k % 2 == 1 else factor - 0.5
     hw = ho * wo
-    if x.is_cuda:
-        block_p = 128 if kind == "dense" else 256
-        block_c = min(_pow2(c), 8 if output == "logits" else 32)
-        num_warps = 4
-    else:
-        # interpreter: each tl op costs a fixed overhead, so few large programs run fastest
-        block_c = min(_pow2(c), 64)
-        block_p = min(_pow2(hw), (1 << 18) // block_c)
-        num_warps = 1
+    block_p, block_c, num_warps = launch_config(x.is_cuda, kind, output, c, hw)
     grid = (triton.cdiv(hw, block_p), n, triton.cdiv(c, block_c) if output == "logits" else 1)
     upsample_kernel[grid](
         x, wk, skip, out,

@@ -3,7 +3,8 @@
 Without CUDA, Triton's interpreter runs the kernels on the CPU: TRITON_INTERPRET
 must be set before Triton is first imported, so it is set here, at collection.
 Tests that need a GPU carry the `gpu` marker and are skipped, with the reason,
-where there is none.
+where there is none. With FASTFCN_REQUIRE_CPP=1 (set by `make test` and CI) a missing C++
+extension ends the session with an error instead of skipping the tests that need it.
 """
 
 import os
@@ -15,7 +16,25 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The fused CPU backend's convolution choices are measured per run here, never read from or
+# written to the user's cache (fastfcn.runtime.cpu_fast).
+os.environ["FASTFCN_PLAN_CACHE"] = "off"
+# precision="auto" is bf16 on CPUs with native bf16; the tests compare "auto" runs with the fp32
+# reference at fp32 tolerances, so they pin it to fp32 (bf16 is tested with precision="bf16").
+os.environ["FASTFCN_CPU_PRECISION"] = "fp32"
+
 torch.manual_seed(0)
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("FASTFCN_REQUIRE_CPP") == "1":
+        from helpers import cpu_twin_available, cpu_twin_problem
+
+        if not cpu_twin_available():
+            raise pytest.UsageError(
+                f"FASTFCN_REQUIRE_CPP=1 but the C++ kernels are not available ({cpu_twin_problem()}); "
+                "install a C++ compiler and reinstall (pip install -e .), or unset FASTFCN_REQUIRE_CPP"
+            )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -66,8 +66,12 @@ def test_info_safetensors(work, capsys):
 @pytest.fixture(scope="module")
 def onnx_file(work):
     out = work["root"] / "fcn8s.onnx"
+    unrelated = work["root"] / "fcn8s.onnx.tmp"  # someone else's file: export must not touch it
+    unrelated.write_text("keep me")
     rc = main(["export", str(work["ckpt"]), str(out)])
     assert rc == 0 and out.is_file()
+    assert unrelated.read_text() == "keep me"
+    assert sorted(p.name for p in work["root"].glob("*.tmp")) == ["fcn8s.onnx.tmp"]  # no leftovers
     return out
 
 
@@ -86,7 +90,7 @@ def _check_outputs(outdir, images, seg, palette):
     files = sorted(p for p in images.iterdir() if p.suffix in (".png", ".jpg"))
     assert len(files) == 3
     for f in files:
-        lab_path, ov_path = outdir / f"{f.stem}.png", outdir / f"{f.stem}_overlay.png"
+        lab_path, ov_path = outdir / "labels" / f"{f.stem}.png", outdir / "overlays" / f"{f.stem}.png"
         assert lab_path.is_file() and ov_path.is_file()
         lab = Image.open(lab_path)
         assert lab.mode == "P"
@@ -127,7 +131,8 @@ def test_errors_exit_nonzero_with_one_line(work, tmp_path, capsys):
         (["info", tmp_path / "missing.safetensors"], "missing.safetensors"),
         (["export", tmp_path / "missing.safetensors", tmp_path / "x.onnx"], "missing.safetensors"),
         (["export", work["ckpt"], tmp_path / "x.txt"], ".onnx"),
-        (["segment", work["ckpt"], bad, "--out", tmp_path / "o", "--backend", "torch"], "broken.png"),
+        (["segment", work["ckpt"], bad, "--out", tmp_path / "o", "--backend", "torch", "--on-error", "stop"],
+         "broken.png"),
         (["segment", work["ckpt"], tmp_path / "nothing.png", "--out", tmp_path / "o"], "nothing.png"),
         (["segment", work["ckpt"], work["images"], "--out", tmp_path / "o", "--backend", "nope"], "nope"),
         (["info", bad], "broken.png"),
@@ -146,3 +151,77 @@ def test_subprocess_entry_point(work):
     r = subprocess.run([sys.executable, "-m", "fastfcn", "info", str(work["root"] / "nope.pt")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("fastfcn info: error:") and "nope.pt" in r.stderr
+
+
+@pytest.fixture()
+def bad_paths(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("a file, not a folder")
+    not_json = tmp_path / "results.json"
+    not_json.write_text("this is not JSON")
+    img = tmp_path / "in" / "img.png"
+    img.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    return {"file": a_file, "json": not_json, "img": img, "run": tmp_path / "run"}
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["export", "{ckpt}", "{run}/x.onnx", "--opset", "7"], "--opset 7"),
+        (["export", "{ckpt}", "{file}/x.onnx"], "afile is a file"),
+        (["eval", "{ckpt}", "--data", "synthetic", "--backend", "onnx"], "'onnx'"),
+        (["train", "--arch", "fcn8", "--out", "{run}"], "'fcn8'"),
+        (["train", "--width", "0", "--out", "{run}"], "--width 0"),
+        (["train", "--lr", "-1", "--out", "{run}"], "--lr -1"),
+        (["train", "--iters", "0", "--out", "{run}"], "--iters 0"),
+        (["train", "--stages", "fcn32s:5,fcn4s:5", "--out", "{run}"], "'fcn4s'"),
+        (["train", "--out", "{file}/run"], "afile is a file"),
+        (["train", "--out", "{run}", "--export", "{file}/m.safetensors"], "afile is a file"),
+        (["bench-report", "{json}"], "results.json is not JSON"),
+        (["bench-report", "{json}", "--markdown", "{file}/t.md"], "afile is a file"),
+        (["segment", "{ckpt}", "{img}", "--out", "{file}/x"], "afile is a file"),
+        (["segment", "{ckpt}", "{img}", "--out", "{run}", "--precision", "fp8"], "'fp8'"),
+        (["segment", "{ckpt}", "{img}", "--out", "{run}", "--on-error", "ignore"], "'ignore'"),
+    ],
+)  # fmt: skip
+def test_cli_errors_are_one_line_exit_1_and_write_nothing(work, bad_paths, capsys, argv, needle):
+    names = {k: str(v) for k, v in bad_paths.items()} | {"ckpt": str(work["ckpt"])}
+    rc = main([a.format(**names) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert lines[0].startswith(f"fastfcn {argv[0]}: error:")
+    assert not bad_paths["run"].exists()  # validation comes before anything is written
+
+
+def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
+    from fastfcn import bench_report
+
+    def boom(args):
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr(bench_report, "main", boom)
+    assert main(["bench-report"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("fastfcn bench-report: error: unexpected RuntimeError: first line second line "
+                   "(set FASTFCN_TRACEBACK=1 to see the traceback)\n")
+    monkeypatch.setenv("FASTFCN_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="first line"):
+        main(["bench-report"])
+
+
+def test_odd_input_names(work, tmp_path, capsys):
+    """``..png`` (Pillow sees no suffix in it) and ``.hidden.png`` segment like any other name."""
+    src = tmp_path / "in"
+    src.mkdir()
+    img = np.zeros((9, 7, 3), np.uint8)
+    for name in ("..png", ".hidden.png"):
+        Image.fromarray(img).save(src / name, format="PNG")
+    rc, cap = run_cli("segment", work["ckpt"], src, "--out", tmp_path / "o", "--backend", "torch",
+                      "--quiet", capsys=capsys)  # fmt: skip
+    assert rc == 0, cap.err
+    for name in ("..png", ".hidden.png"):
+        assert Image.open(tmp_path / "o" / "labels" / name).size == (7, 9)
+        assert Image.open(tmp_path / "o" / "overlays" / name).size == (7, 9)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import export_model
+from helpers import export_model, tiny_onnx
 
 import fastfcn
 from fastfcn import models
@@ -250,3 +250,86 @@ def test_fp16_export_agreement():
         torch_err, torch_same, _ = agreement(torch_half, ref)
         assert err <= FP16_TOL and same >= FP16_LABELS, (n, h, w, err, same)
         assert err <= 2 * torch_err, (err, torch_err)
+
+
+# ------------------------------------------------------------------------- metadata and graph validated
+
+
+def _config(**kw):
+    config = copy.deepcopy(models.build("fcn32s", num_classes=5, width=0.0625).config)
+    config.update(kw)
+    return config
+
+
+def test_tiny_graph_with_valid_metadata_loads_and_runs(tmp_path):
+    path = tiny_onnx(tmp_path / "t.onnx", _config())
+    meta = read_onnx_metadata(path)
+    assert meta["num_classes"] == 5 and meta["export"]["dynamic"] is True
+    labels = OnnxRuntimeBackend(path)(torch.randn(2, 3, 7, 9), output="labels")
+    assert labels.shape == (2, 7, 9)
+
+
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ("{not json", "corrupt fastfcn metadata"),
+        ("[1, 2]", r"not a JSON object"),
+        ('{"arch": "fcn32s"}', "num_classes must be an int"),
+        ('{"arch": ["fcn32s"], "num_classes": 5, "width": 1}', r"unknown arch \['fcn32s'\]"),
+        (_config(mean=[float("nan"), 0.0, 0.0]), "mean must be 3 finite numbers"),
+        (_config(std=[1e-30, 1.0, 1.0]), r"std must be positive, in \[0.0001, 10000\]"),
+        (_config(num_classes=50_000_000), r"num_classes must be an int in 1..4096"),
+        (_config(width=4.5), r"width must be a number in \(0, 4\]"),
+        (_config(options={"dropout": "half"}), r"options.dropout must be a number"),
+        (_config(options=[1]), "options must be a dict"),
+        (_config(class_names=["a"] * 4), "class_names has 4 entries"),
+        (_config(input_scale=float("inf")), "input_scale must be a positive number"),
+        ("[" * 50_000 + "]" * 50_000, "nested deeper than 32 levels"),
+        (json.dumps(_config(meta={"pad": "x" * (4 * 2**20)})), r"fastfcn metadata is 4194\d{3} bytes"),
+    ],
+)
+def test_onnx_metadata_goes_through_the_checkpoint_validator(tmp_path, config, problem):
+    path = tiny_onnx(tmp_path / "t.onnx", config, channels=5)
+    with pytest.raises(CheckpointError, match=f"t.onnx: .*{problem}") as e:
+        read_onnx_metadata(path)
+    assert "\n" not in str(e.value)
+    # The backend and the Segmenter read the file through the same function.
+    with pytest.raises(CheckpointError, match=problem):
+        OnnxRuntimeBackend(path)
+
+
+@pytest.mark.parametrize(
+    "kw, problem",
+    [
+        ({"channels": 3}, "the output has 3 channels; the metadata says num_classes=5"),
+        ({"input_dims": [1, 3, 8, 8]}, r"recorded as dynamic but the input has fixed dims \[1, 8, 8\]"),
+        ({"input_dims": ["batch", 4, "height", "width"]}, "the input has 4 channels; expected 3"),
+        ({"output_dims": ["batch", 5, "height"]}, "output 'logits' is not 4-D"),
+        ({"export": {"dynamic": False, "input_shape": [1, 3, 8, 8]}, "input_dims": [1, 3, 8, 9],
+          "output_dims": [1, 5, 8, 9]}, r"the input is \[1, 3, 8, 9\]; the metadata says \[1, 3, 8, 8\]"),
+        ({"export": {"dynamic": False, "input_shape": [1, 3, 8, 8]}, "input_dims": [1, 3, 8, 8],
+          "output_dims": [1, 5, 4, 8]}, "the output's H is 4 for an input H of 8"),
+        ({"export": {"precision": "fp64"}}, "precision must be one of"),
+        ({"export": {"input": "x"}}, "the input is named 'input'; the metadata says 'x'"),
+    ],
+)
+def test_forged_metadata_on_another_graph_is_refused(tmp_path, kw, problem):
+    path = tiny_onnx(tmp_path / "t.onnx", _config(), **kw)
+    with pytest.raises(CheckpointError, match=problem):
+        read_onnx_metadata(path)
+
+
+def test_static_graph_matching_its_metadata_loads(tmp_path):
+    path = tiny_onnx(tmp_path / "t.onnx", _config(), input_dims=[2, 3, 8, 8], output_dims=[2, 5, 8, 8],
+                     export={"dynamic": False, "input_shape": [2, 3, 8, 8]})  # fmt: skip
+    assert read_onnx_metadata(path)["export"]["input_shape"] == [2, 3, 8, 8]
+
+
+def test_result_shape_checked_at_run_time(tmp_path):
+    # Declared (N, 5, H, W), computes (N, 5, H/2, W/2): only the run shows it.
+    path = tiny_onnx(tmp_path / "t.onnx", _config(), stride=2)
+    backend = OnnxRuntimeBackend(path)
+    want = (r"t.onnx: the graph returned \(\(1, 5, 4, 5\), torch.float32\) for an input of \(1, 3, 8, 9\); "
+            r"expected float32 \(1, 5, 8, 9\)")
+    with pytest.raises(CheckpointError, match=want):
+        backend(torch.randn(1, 3, 8, 9))

@@ -99,3 +99,43 @@ def test_deconvnet_counts_transposed_convs():
 def test_bad_input_size():
     with pytest.raises(ValueError, match="input_size"):
         count_macs(Small(), (1, 3, 0, 5))
+
+
+@pytest.mark.parametrize(
+    "size, skipped_gmac, fraction",
+    [((500, 500), 55.96, 0.308), ((224, 224), 31.37, 0.499), ((1080, 1920), 145.67, 0.135)],
+)
+def test_computed_macs_skip_the_image_independent_positions(size, skipped_gmac, fraction):
+    # FACTS.md: about 56 of 181.5 GMAC at 500x500 never depend on the image (31%), about 50% at
+    # 224x224, about 14% at 1920x1080. Computed: a little more than the dependent part, as the
+    # conv before a pool also computes the outputs the pool's window reads (conv1_2: 506^2
+    # instead of 504^2; 56.27 GMAC are independent, 55.96 skipped).
+    m = meta_model("fcn8s")
+    c = count_macs(m, (1, 3, *size))
+    assert (c.macs - c.computed_macs) / 1e9 == pytest.approx(skipped_gmac, abs=0.01)
+    assert 1 - c.computed_macs / c.macs == pytest.approx(fraction, abs=0.001)
+    assert c.computed_gmac == pytest.approx(c.computed_macs / 1e9)
+    if size == (500, 500):
+        layers = {layer.name: layer for layer in c.layers}
+        # conv1_1 computes 502 x 502 of its 698 x 698 outputs, conv1_2 506 x 506; conv5_3 and
+        # everything after all.
+        assert layers["conv1_1"].computed_macs == layers["conv1_1"].macs // 698**2 * 502**2
+        assert layers["conv1_2"].computed_macs == layers["conv1_2"].macs // 698**2 * 506**2
+        assert layers["conv5_3"].computed == layers["conv5_3"].macs
+        assert layers["fc6"].computed == layers["fc6"].macs
+        assert "computed" in c.table().splitlines()[0]
+
+
+def test_computed_macs_off_and_for_models_without_steps():
+    m = meta_model("fcn8s", width=0.25)
+    off = count_macs(m, (2, 3, 64, 64), skip_dead_zone=False)
+    assert all(layer.computed_macs is None for layer in off.layers)
+    assert off.computed_macs == off.macs
+    torch.manual_seed(0)
+    real = fastfcn.models.build("fcn8s", width=0.125)
+    on = count_macs(real, (2, 3, 64, 64), device="cpu")  # the real-forward path fills it too
+    assert on.method == "real-batch1-scaled"
+    assert on.computed_macs < on.macs
+    assert on.computed_macs == count_macs(meta_model("fcn8s", width=0.125), (2, 3, 64, 64)).computed_macs
+    plain = count_macs(Small(), (1, 3, 7, 13))
+    assert plain.computed_macs == plain.macs

@@ -191,6 +191,27 @@ def test_upsample_crop(case, impl):
     check_output(out, want, bound, output)
 
 
+@pytest.mark.parametrize("kind,layout", [("bilinear", "full"), ("depthwise", "dw"), ("dense", "full")])
+def test_cuda_launch_configs_in_interpreter(kind, layout, monkeypatch):
+    """The CUDA launch configurations (one class per tile, a loop over classes) give the same
+    results as the interpreter's wide tiles: every output, with a skip stage and 21 classes."""
+    from fastfcn.kernels import upsample as up
+
+    if HAS_CUDA:
+        pytest.skip("on CUDA every test already runs the CUDA configurations")
+    monkeypatch.setattr(up, "launch_config", lambda is_cuda, kind, output, c, hw: up.CUDA_LAUNCH[kind])
+    case = ("fcn8s", kind, layout, 3, 2, (7, 13))
+    x, w, want, bound = _crop_expected(case)
+    k, s, off = FINAL["fcn8s"]
+    for output in ("logits", "labels", "probs"):
+        out = ops.upsample_crop(x, w, s, off, (7, 13), output, impl="triton")
+        check_output(out, want, bound, output)
+    xa, wa = torch.randn(2, 3, 3, 4), make_weight(kind, 3, 4, layout)
+    skip = torch.randn(2, 3, 20, 22)
+    got = ops.upsample_add(xa, wa, 2, skip, 5, 0.5, impl="triton")
+    torch.testing.assert_close(got, ref.upsample_add(xa, wa, 2, skip, 5, 0.5), rtol=1e-5, atol=1e-5)
+
+
 # the float64 expectation and its bound cost as much as a kernel run: computed once per case
 @functools.lru_cache(maxsize=8)
 def _crop_expected(case):
@@ -496,6 +517,42 @@ def test_max_unpool2d_lowp(dtype, impl):
     want = F.max_unpool2d(values, idx, 2, 2, output_size=(15, 17))
     out = ops.max_unpool2d(values.to(_dev(impl)), idx.to(_dev(impl)), (15, 17), impl=impl).cpu()
     assert out.dtype == dtype and torch.equal(out, want)
+    # DeconvNet's bf16 decoder: the unpooling with the following ReLU fused, through switches too
+    values = values - 2.5  # int-valued, so exact in bf16/fp16; about half of them negative
+    assert bool((values < 0).any()) and bool((values > 0).any())
+    want = F.max_unpool2d(torch.relu(values), idx, 2, 2, output_size=(15, 17))
+    _, sw = ref.max_pool2d_with_switches(x, 2, 2, True)
+    for i in (idx, sw):
+        out = ops.max_unpool2d(values.to(_dev(impl)), i.to(_dev(impl)), (15, 17), relu=True, impl=impl).cpu()
+        assert out.dtype == dtype and torch.equal(out, want)
+
+
+def test_pool_index_width_boundary(monkeypatch):
+    """int32 flat indices up to 2**31 - 1 including the last program's overhang, int64 past it;
+    the int64 path (forced on small shapes by lowering the limit) gives the same results."""
+    from fastfcn.kernels import unpool
+
+    assert not unpool.needs_int64(1024, 2**31 - 1024)
+    assert unpool.needs_int64(1024, 2**31 - 1023)
+    assert unpool.needs_int64(1024, 10, 2**31)  # the input's size counts as well
+    x = int_valued(2, 3, 13, 14)
+    values, idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+    want = F.max_unpool2d(torch.relu(values - 1.5), idx, 2, 2, output_size=(13, 14))
+    for limit in (unpool.INT32_LIMIT, 50):
+        monkeypatch.setattr(unpool, "INT32_LIMIT", limit)
+        assert unpool.needs_int64(unpool._block(x.numel(), HAS_CUDA), x.numel()) == (limit == 50)
+        v, sw = ops.max_pool2d_with_switches(x.to(DEV), impl="triton")
+        assert torch.equal(v.cpu(), values) and torch.equal(sw.cpu(), ref.max_pool2d_with_switches(x)[1])
+        out = ops.max_unpool2d(v - 1.5, sw, (13, 14), relu=True, impl="triton")
+        assert torch.equal(out.cpu(), want)
+
+
+def test_upsample_plane_over_int32_refused():
+    # a 46341 x 46341 crop: more pixels per plane than the kernel's int32 pixel math covers
+    x = torch.randn(1, 1, 2, 2, device=DEV)
+    w = st.bilinear_weight(1, 4).to(DEV)
+    with pytest.raises(ValueError, match="over 2\\*\\*31"):
+        ops.upsample_crop(x, w, 50000, 0, (46341, 46341), "labels", impl="triton")
 
 
 @pytest.mark.parametrize("impl", ["triton", "cpu"])
@@ -513,8 +570,8 @@ def test_max_unpool2d_overlapping_falls_back(impl):
 def test_deconvnet_roundtrip_through_switches():
     """Pool with switches, then unpool: each window keeps exactly its maximum."""
     x = int_valued(1, 3, 13, 14)
-    v, s = ops.max_pool2d_with_switches(x, impl="triton")
-    out = ops.max_unpool2d(v, s, (13, 14), impl="triton")
+    v, s = ops.max_pool2d_with_switches(x.to(DEV), impl="triton")
+    out = ops.max_unpool2d(v, s, (13, 14), impl="triton").cpu()
     values, idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
     assert torch.equal(out, F.max_unpool2d(values, idx, 2, 2, output_size=(13, 14)))
     assert int((out != 0).sum()) <= v.numel()
@@ -557,9 +614,9 @@ def test_weight_kind_cached_per_tensor(monkeypatch):
     calls = []
     real = st.weight_kind
     monkeypatch.setattr(ops._structure, "weight_kind", lambda w: calls.append(1) or real(w))
-    w = st.bilinear_weight(3, 4)
+    w = st.bilinear_weight(3, 4).to(DEV)
     assert ops.weight_kind(w) == "bilinear"
-    x = torch.randn(1, 3, 2, 2)
+    x = torch.randn(1, 3, 2, 2, device=DEV)
     for _ in range(3):
         ops.upsample_add(x, w, 2, impl="triton")
     assert len(calls) == 1
@@ -599,10 +656,10 @@ OPCHECK = ("test_schema", "test_faketensor", "test_autograd_registration")
 
 
 def test_custom_ops_opcheck():
-    x = torch.randn(2, 3, 4, 5)
-    w = st.bilinear_weight(3, 4)
-    skip = torch.randn(2, 3, 20, 20)
-    xi = int_valued(2, 3, 7, 9)
+    x = torch.randn(2, 3, 4, 5, device=DEV)
+    w = st.bilinear_weight(3, 4).to(DEV)
+    skip = torch.randn(2, 3, 20, 20, device=DEV)
+    xi = int_valued(2, 3, 7, 9).to(DEV)
     v, sw = ops.max_pool2d_with_switches(xi, impl="triton")
     lib = torch.ops.fastfcn
     for op, args in [
@@ -616,13 +673,13 @@ def test_custom_ops_opcheck():
 
 
 def test_compile_and_export_see_the_fused_head():
-    w = st.bilinear_weight(3, 4)
+    w = st.bilinear_weight(3, 4).to(DEV)
 
     class Head(torch.nn.Module):
         def forward(self, x, skip):
             return ops.fcn_head(x, [skip], [w, w], [2, 2], [5, 1], [0.5], (6, 7), "labels", impl="triton")
 
-    x, skip = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 20, 20)
+    x, skip = torch.randn(2, 3, 4, 5, device=DEV), torch.randn(2, 3, 20, 20, device=DEV)
     eager = Head()(x, skip)
     compiled = torch.compile(Head(), fullgraph=True, backend="aot_eager")(x, skip)
     assert torch.equal(compiled, eager)

@@ -358,16 +358,20 @@ def tied_input(n, c, h, w, dtype=torch.float32):
 
 
 POOLS = [(2, 2), (3, 3), (2, 3), (3, 2)]
+CL = torch.channels_last
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("ceil_mode", [True, False])
 @pytest.mark.parametrize("kernel,stride", POOLS)
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 13), (37, 53), (127, 129)])
-def test_max_pool2d_with_switches(size, kernel, stride, ceil_mode):
+def test_max_pool2d_with_switches(size, kernel, stride, ceil_mode, layout):
     x = tied_input(3, 4, *size)
     x[0, 0].normal_()
     if x.numel() > 40:
         x.view(-1)[::37] = float("nan")  # NaN propagates as torch does
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=CL)
     try:
         want_v, want_s = ref.max_pool2d_with_switches(x, kernel, stride, ceil_mode)
     except RuntimeError:  # torch refuses a window larger than the input
@@ -376,6 +380,9 @@ def test_max_pool2d_with_switches(size, kernel, stride, ceil_mode):
         return
     got_v, got_s = cpu.max_pool2d_with_switches(x, kernel, stride, ceil_mode)
     assert got_s.dtype == torch.uint8
+    if layout == "nhwc" and got_v.shape[-2] * got_v.shape[-1] > 1:  # the layout is kept
+        assert not got_v.is_contiguous() and got_v.is_contiguous(memory_format=CL)
+        assert got_s.is_contiguous(memory_format=CL)
     assert torch.equal(got_v.isnan(), want_v.isnan())
     assert torch.equal(got_v.nan_to_num(), want_v.nan_to_num())
     assert torch.equal(got_s, want_s)
@@ -409,6 +416,23 @@ def test_max_unpool2d_from_real_pool(size, kernel, stride, relu):
     _, sw = ref.max_pool2d_with_switches(x, kernel, stride, True)
     assert torch.equal(cpu.max_unpool2d(values, sw, size, kernel, stride, relu), want)
     assert torch.equal(ref.max_unpool2d(values, sw, size, kernel, stride, relu), want)
+    # channels last: switches from the NHWC pooling twin, the gather keeps the layout
+    _, sw_cl = cpu.max_pool2d_with_switches(x.contiguous(memory_format=CL), kernel, stride, True)
+    got_cl = cpu.max_unpool2d(values.contiguous(memory_format=CL), sw_cl, size, kernel, stride, relu)
+    assert torch.equal(got_cl, want)
+    assert got_cl.is_contiguous(memory_format=CL) or values.shape[-1] * values.shape[-2] == 1  # 1x1: NCHW
+
+
+def test_max_unpool2d_nhwc_bad_switch_raises():
+    x = torch.randn(1, 3, 5, 5).contiguous(memory_format=CL)
+    sw = torch.zeros_like(x, dtype=torch.uint8)
+    sw[0, 1, 2, 3] = 4  # >= k*k
+    with pytest.raises(ValueError, match="do not point inside"):
+        cpu.max_unpool2d(x, sw, (10, 10))
+    sw[0, 1, 2, 3] = 0
+    sw[0, 2, 4, 1] = 2  # dy = 1 on the last window row of a 9-row output
+    with pytest.raises(ValueError, match="do not point inside"):
+        cpu.max_unpool2d(x, sw, (9, 10))
 
 
 def test_max_unpool2d_floor_mode_and_larger_output():

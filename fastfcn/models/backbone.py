@@ -21,6 +21,9 @@ from torch import nn
 # A convolution implementation: impl(x, padding) -> conv(x) + bias (BatchNorm folded into both),
 # followed by the step's ReLU when the step has one. ``padding`` (rows, cols) of zeros replaces the
 # module's own padding, so a caller may run the same layer on a window that it padded itself.
+# An impl may also have ``conv_pool(x, padding, kernel, stride)`` = Caffe's ceil max pooling of
+# impl(x, padding): run_steps then hands it the Pool step that follows (one without switches), so
+# the pooling can happen in the convolution's epilogue.
 ConvImpl = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
@@ -65,12 +68,41 @@ Step = Conv | Pool | LRN
 Pair = tuple[int, int]
 
 
-def conv_geometry(module: nn.Conv2d) -> tuple[Pair, Pair, Pair, Pair]:
-    """(kernel, stride, padding, dilation) of a Conv2d, each (rows, cols)."""
+def conv_padding(module: nn.Module) -> tuple[int, int]:
+    """The zero padding of the convolution a step computes: a Conv2d's own padding; for a
+    stride-1 ConvTranspose2d (DeconvNet), the padding of the equivalent convolution,
+    dilation * (k - 1) - padding (a transposed conv of stride 1 is a conv with the
+    weight's in/out axes swapped and its taps flipped)."""
     if isinstance(module.padding, str):
         raise ValueError(f"string padding {module.padding!r} is not supported in a backbone step")
+    if isinstance(module, nn.ConvTranspose2d):
+        _check_transposed(module)
+        return tuple(d * (k - 1) - p for k, p, d in zip(module.kernel_size, module.padding, module.dilation))
+    return tuple(module.padding)
+
+
+def _check_transposed(module: nn.ConvTranspose2d) -> None:
+    if tuple(module.stride) != (1, 1) or module.groups != 1 or tuple(module.output_padding) != (0, 0):
+        raise ValueError(
+            "a ConvTranspose2d step must have stride 1, groups 1 and no output padding (it runs as the "
+            f"equivalent convolution); got stride {module.stride}, groups {module.groups}, "
+            f"output_padding {module.output_padding}"
+        )
+
+
+def conv_weight(module: nn.Module) -> torch.Tensor:
+    """The (C_out, C_in / groups, kh, kw) weight of the convolution a step computes (for a
+    stride-1 ConvTranspose2d, its weight with in/out swapped and the taps flipped)."""
+    if isinstance(module, nn.ConvTranspose2d):
+        _check_transposed(module)
+        return module.weight.transpose(0, 1).flip(-2, -1)
+    return module.weight
+
+
+def conv_geometry(module: nn.Module) -> tuple[Pair, Pair, Pair, Pair]:
+    """(kernel, stride, padding, dilation) of the convolution a step computes, each (rows, cols)."""
     return (
-        tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation)
+        tuple(module.kernel_size), tuple(module.stride), conv_padding(module), tuple(module.dilation)
     )  # fmt: skip
 
 
@@ -78,17 +110,38 @@ def reference_conv(model: nn.Module, step: Conv) -> ConvImpl:
     """The step's reference implementation: torch's conv (+ BatchNorm) (+ ReLU)."""
     conv = getattr(model, step.name)
     bn = getattr(model, step.bn) if step.bn is not None else None
+    own = conv_padding(conv)
 
     def impl(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-        if tuple(padding) == tuple(conv.padding):
+        if tuple(padding) == own:
             y = conv(x)
         else:
-            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+            y = F.conv2d(x, conv_weight(conv), conv.bias, conv.stride, padding, conv.dilation, conv.groups)
         if bn is not None:
             y = bn(y)
         return F.relu(y, inplace=True) if step.relu else y
 
     return impl
+
+
+def run_conv(model: nn.Module, step: Conv, h: torch.Tensor) -> torch.Tensor:
+    """One Conv step on h at the layer's own padding: the ConvImpl set on the model, else the
+    module itself (+ BatchNorm) (+ ReLU), whatever it is (training wraps convs, train.ConvBN)."""
+    impl = getattr(model, "_conv_impls", {}).get(step.name)
+    if impl is not None:
+        return impl(h, conv_padding(getattr(model, step.name)))
+    y = getattr(model, step.name)(h)
+    if step.bn is not None:
+        y = getattr(model, step.bn)(y)
+    return F.relu(y, inplace=True) if step.relu else y
+
+
+def local_response_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """An LRN module on h; bf16/fp16 on the CPU run in fp32 (torch's CPU LRN pools with
+    avg_pool3d, which has no BFloat16/Half kernel), the result cast back."""
+    if h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float16):
+        return module(h.float()).to(h.dtype)
+    return module(h)
 
 
 def run_steps(
@@ -103,10 +156,21 @@ def run_steps(
     as (switches, pre-pool size). ``pool_with_switches(h, k, s) -> (y, switches)`` defaults to
     torch's max_pool2d(return_indices=True)."""
     impls = getattr(model, "_conv_impls", {})
-    for step in steps:
-        if isinstance(step, Conv):
-            impl = impls.get(step.name) or reference_conv(model, step)
-            h = impl(h, tuple(getattr(model, step.name).padding))
+    steps = tuple(steps)
+    fused_pool = None  # a Pool step already run by the conv before it
+    for i, step in enumerate(steps):
+        if step is fused_pool:
+            fused_pool = None
+            if step.tap is not None:
+                feats[step.tap] = h
+        elif isinstance(step, Conv):
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            conv_pool = getattr(impls.get(step.name), "conv_pool", None)
+            if conv_pool is not None and isinstance(nxt, Pool) and nxt.switches is None:
+                h = conv_pool(h, conv_padding(getattr(model, step.name)), nxt.kernel, nxt.stride)
+                fused_pool = nxt
+            else:
+                h = run_conv(model, step, h)
         elif isinstance(step, Pool):
             if step.switches is not None:
                 size = (h.shape[-2], h.shape[-1])
@@ -121,7 +185,7 @@ def run_steps(
             if step.tap is not None:
                 feats[step.tap] = h
         elif isinstance(step, LRN):
-            h = getattr(model, step.name)(h)
+            h = local_response_norm(getattr(model, step.name), h)
         else:
             raise TypeError(f"unknown backbone step {step!r}")
     return h

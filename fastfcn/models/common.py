@@ -4,10 +4,11 @@ defaults, the fused/reference switch, Caffe-style layers, BatchNorm folding."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
+
+from .backbone import Conv, run_conv
 
 VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
@@ -59,6 +60,11 @@ class SegmentationModel(nn.Module):
 
     # The backbone as data (models/backbone.py); families that run through run_steps set it.
     backbone: tuple = ()
+    # The other Conv steps the forward runs through run_conv (fc6/fc7, decoder, context module,
+    # score layers), and the names among them whose outputs feed the head (score maps: a backend
+    # may run these at higher precision than the backbone).
+    extra_steps: tuple = ()
+    head_convs: frozenset = frozenset()
 
     def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=(1.0, 1.0, 1.0)):
         super().__init__()
@@ -95,11 +101,23 @@ class SegmentationModel(nn.Module):
         self.impl = impl
         return self
 
+    def conv_steps(self) -> tuple[Conv, ...]:
+        """Every Conv step of the model, in forward order: the backbone's, then extra_steps."""
+        return tuple(s for s in self.backbone if isinstance(s, Conv)) + tuple(self.extra_steps)
+
+    def apply_conv(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Conv step ``name`` on h (its ConvImpl if one is set, else torch's conv + BN + ReLU)."""
+        steps = {s.name: s for s in self.conv_steps()}
+        if name not in steps:
+            raise ValueError(f"{type(self).__name__} has no conv step {name!r}; it has {list(steps)}")
+        return run_conv(self, steps[name], h)
+
     def set_conv_impl(self, name: str, impl) -> SegmentationModel:
-        """Run backbone step ``name`` through ``impl(x, padding)`` (see models/backbone.py);
+        """Run conv step ``name`` through ``impl(x, padding)`` (see models/backbone.py);
         None restores torch's own convolution."""
-        if not any(getattr(s, "name", None) == name for s in self.backbone):
-            raise ValueError(f"{type(self).__name__} has no backbone conv step {name!r}")
+        if not any(s.name == name for s in self.conv_steps()):
+            names = [s.name for s in self.conv_steps()]
+            raise ValueError(f"{type(self).__name__} has no conv step {name!r}; it has {names}")
         if impl is None:
             self._conv_impls.pop(name, None)
         else:
@@ -126,13 +144,16 @@ class SegmentationModel(nn.Module):
         return c_fc
 
     def _fc(self, h: torch.Tensor) -> torch.Tensor:
-        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout."""
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        return self.drop7(F.relu(self.fc7(h), inplace=True))
+        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout (fc6/fc7 are FC_STEPS in extra_steps)."""
+        h = self.drop6(run_conv(self, FC_STEPS[0], h))
+        return self.drop7(run_conv(self, FC_STEPS[1], h))
 
     def bn_pairs(self) -> list[tuple[str, str]]:
         """(conv name, BatchNorm name) pairs that fold_batchnorm may merge."""
         return []
+
+
+FC_STEPS = (Conv("fc6"), Conv("fc7"))
 
 
 def conv_relu_names(prefix: str, counts: list[int]) -> list[str]:

@@ -10,12 +10,15 @@ subtraction, so the pad is the mean colour) to a multiple of 32 and at least
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..kernels.reference import finish
+from .backbone import Conv, Pool, run_conv, run_steps
 from .common import VOC_MEAN_BGR, SegmentationModel, ops_impl, scaled
 from .fcn import VGG_BLOCKS
 
@@ -55,35 +58,42 @@ class DeconvNet(SegmentationModel):
 
     def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5):
         super().__init__("deconvnet", num_classes, width, {"dropout": dropout}, VOC_MEAN_BGR)
-        self._enc: list[list[str]] = []
         self._pairs: list[tuple[str, str]] = []
-        c_in = 3
+        c_in, enc = 3, []
         for b, (c, n) in enumerate(VGG_BLOCKS, 1):
-            names = []
             for i in range(1, n + 1):
                 name = f"conv{b}_{i}"
                 c_out = scaled(c, width)
                 self._add(name, nn.Conv2d(c_in, c_out, 3, padding=1), c_out)
-                names.append(name)
+                enc.append(Conv(name, bn=_bn_name(name)))
                 c_in = c_out
-            self._enc.append(names)
+            enc.append(Pool(2, 2, switches=b))
+        self.backbone = tuple(enc)
         c5, c_fc = c_in, scaled(4096, width)
         self._add("fc6", nn.Conv2d(c5, c_fc, 7), c_fc)
         self._add("fc7", nn.Conv2d(c_fc, c_fc, 1), c_fc)
+        # fc6_deconv and the decoder's 3x3 deconvolutions have stride 1: Conv steps (run as the
+        # equivalent convolution by a backend's ConvImpl; models/backbone.py conv_weight).
         self._add("fc6_deconv", nn.ConvTranspose2d(c_fc, c5, 7), c5)
         self.drop6 = nn.Dropout(dropout)
         self.drop7 = nn.Dropout(dropout)
         c_in = c5
-        self._dec: list[tuple[int, list[str]]] = []
+        # decoder blocks, coarse to fine: (unpool level, its Conv steps)
+        self._dec: list[tuple[int, tuple[Conv, ...]]] = []
         for level, layers in DECODER:
-            names = []
+            steps = []
             for name, c in layers:
                 c_out = scaled(c, width)
                 self._add(name, nn.ConvTranspose2d(c_in, c_out, 3, padding=1), c_out)
-                names.append(name)
+                steps.append(Conv(name, bn=_bn_name(name)))
                 c_in = c_out
-            self._dec.append((level, names))
+            self._dec.append((level, tuple(steps)))
         self.seg_score = nn.Conv2d(c_in, num_classes, 1)
+        self.extra_steps = (
+            Conv("fc6", bn="bn6"), Conv("fc7", bn="bn7"), Conv("fc6_deconv", bn="fc6_deconv_bn"),
+            *(s for _, steps in self._dec for s in steps), Conv("seg_score", relu=False),
+        )  # fmt: skip
+        self.head_convs = frozenset({"seg_score"})
 
     def _add(self, name: str, conv: nn.Module, c: int) -> None:
         setattr(self, name, conv)
@@ -92,10 +102,6 @@ class DeconvNet(SegmentationModel):
 
     def bn_pairs(self) -> list[tuple[str, str]]:
         return list(self._pairs)
-
-    def _cbr(self, name: str, h: torch.Tensor, relu: bool = True) -> torch.Tensor:
-        h = getattr(self, _bn_name(name))(getattr(self, name)(h))
-        return F.relu(h, inplace=True) if relu else h
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
@@ -107,26 +113,23 @@ class DeconvNet(SegmentationModel):
         symbolic = isinstance(H, torch.SymInt) or isinstance(W, torch.SymInt)
         h = F.pad(x, (0, Wp - W, 0, Hp - H)) if symbolic or (Hp, Wp) != (H, W) else x
         switches = {}
-        for b, names in enumerate(self._enc, 1):
-            for name in names:
-                h = self._cbr(name, h)
-            size = (h.shape[-2], h.shape[-1])
-            if fused:
-                h, sw = ops.max_pool2d_with_switches(h, 2, 2, True, impl=impl)
-            else:
-                h, sw = F.max_pool2d(h, 2, 2, ceil_mode=True, return_indices=True)
-            switches[b] = (sw, size)
-        h = self.drop6(self._cbr("fc6", h))
-        h = self.drop7(self._cbr("fc7", h))
-        # In fused mode the ReLU before each unpooling runs inside the unpool kernel.
-        h = self._cbr("fc6_deconv", h, relu=not fused)
-        for level, names in self._dec:
+        pool = (lambda t, k, st: ops.max_pool2d_with_switches(t, k, st, True, impl=impl)) if fused else None
+        h = run_steps(self, self.backbone, h, {}, switches, pool)
+        fc6, fc7, fc6_deconv = self.extra_steps[:3]
+        h = self.drop7(run_conv(self, fc7, self.drop6(run_conv(self, fc6, h))))
+        # Fused mode: the ReLU of a conv right before an unpooling runs inside the unpool kernel
+        # (one pass fewer), unless a ConvImpl already fuses it (the CPU's planned convs do).
+        defer = fused and "fc6_deconv" not in self._conv_impls
+        h = run_conv(self, replace(fc6_deconv, relu=False) if defer else fc6_deconv, h)
+        for level, steps in self._dec:
             sw, size = switches[level]
             if fused:
-                h = ops.max_unpool2d(h, sw, size, 2, 2, relu=True, impl=impl)
+                h = ops.max_unpool2d(h, sw, size, 2, 2, relu=defer, impl=impl)
             else:
                 h = F.max_unpool2d(h, sw, 2, 2, output_size=size)
-            for i, name in enumerate(names):
-                last_before_unpool = fused and level > 1 and i == len(names) - 1
-                h = self._cbr(name, h, relu=not last_before_unpool)
-        return finish(self.seg_score(h)[:, :, :H, :W], output)
+            for i, step in enumerate(steps):
+                last = i == len(steps) - 1
+                defer = fused and level > 1 and last and step.name not in self._conv_impls
+                h = run_conv(self, replace(step, relu=False) if defer else step, h)
+        score = run_conv(self, self.extra_steps[-1], h)
+        return finish(score[:, :, :H, :W], output)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads import HEADS, run_head
-from .common import DILATED_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
+from .backbone import Conv, Pool, run_conv, run_steps
+from .common import DILATED_MEAN_BGR, FC_STEPS, SegmentationModel, make_upsampler, ops_impl, scaled
 from .fcn import VGG_BLOCKS
 
 MARGIN = 186
@@ -141,16 +142,17 @@ class DilatedNet(SegmentationModel):
         super().__init__(arch, num_classes, width, options, DILATED_MEAN_BGR)
         self.head = HEADS["dilated"]
         self.context = context
-        self._convs: list[tuple[str, int]] = []  # (name, dilation)
-        c_in = 3
+        c_in, steps = 3, []
         for b, (c, n) in enumerate(VGG_BLOCKS, 1):
             for i in range(1, n + 1):
                 name = f"conv{b}_{i}"
-                d = 2 if b == 5 else 1
                 c_out = scaled(c, width)
-                setattr(self, name, nn.Conv2d(c_in, c_out, 3, dilation=d))
-                self._convs.append((name, d))
+                setattr(self, name, nn.Conv2d(c_in, c_out, 3, dilation=2 if b == 5 else 1))
+                steps.append(Conv(name))
                 c_in = c_out
+            if b <= 3:  # no pool4 / pool5: output stride 8
+                steps.append(Pool(2, 2))
+        self.backbone = tuple(steps)
         c_fc = self._add_fc(c_in, 7, width, dropout, dilation=4)
         self.final = nn.Conv2d(c_fc, num_classes, 1)
         if context is not None:
@@ -164,22 +166,21 @@ class DilatedNet(SegmentationModel):
             self.ctx_final = nn.Conv2d(c, num_classes, 1)
             identity_init(self.ctx_final)
         self.upscore = make_upsampler(num_classes, 16, 8, learnable_upsampling, depthwise=True)
+        ctx = tuple(Conv(n) for n in CONTEXT_NAMES) + (Conv("ctx_final", relu=False),) if context else ()
+        self.extra_steps = FC_STEPS + (Conv("final", relu=False),) + ctx
+        self.head_convs = frozenset({"ctx_final" if context else "final"})
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
         H, W = x.shape[-2:]
         eh, ew = -H % 8, -W % 8
         h = reflect_pad(x, MARGIN, MARGIN + eh, MARGIN, MARGIN + ew)
-        for name, _ in self._convs:
-            h = F.relu(getattr(self, name)(h), inplace=True)
-            if name in ("conv1_2", "conv2_2", "conv3_3"):
-                h = F.max_pool2d(h, 2, 2, ceil_mode=True)
-        h = self._fc(h)
-        score = self.final(h)
+        h = self._fc(run_steps(self, self.backbone, h, {}))
+        score = run_conv(self, self.extra_steps[2], h)
         if self.context is not None:
             m = CONTEXT_MARGIN
             h = reflect_pad(score, m, m, m, m)
-            for name in CONTEXT_NAMES:
-                h = F.relu(getattr(self, name)(h), inplace=True)
-            score = self.ctx_final(h)
+            for step in self.extra_steps[3:]:
+                h = run_conv(self, step, h)
+            score = h
         return run_head(self.head, self, score, {}, (H, W), output, ops_impl(self.impl))

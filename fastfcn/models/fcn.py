@@ -10,19 +10,18 @@ H x W for every H, W >= 1.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..heads import HEADS, run_head
-from .backbone import Conv, Pool, run_steps
-from .common import VOC_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
+from .backbone import LRN, Conv, Pool, run_conv, run_steps
+from .common import FC_STEPS, VOC_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
 
 VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
-def _pool(x: torch.Tensor, k: int = 2, s: int = 2) -> torch.Tensor:
-    # Caffe rounds pooled sizes up; PyTorch's default floor breaks the crop offsets.
-    return F.max_pool2d(x, k, s, ceil_mode=True)
+def score_steps(head) -> tuple[Conv, ...]:
+    """The head's 1x1 score layers as Conv steps without ReLU: score_fr, then the taps'."""
+    return (Conv("score_fr", relu=False),) + tuple(Conv(t.score, relu=False) for t in head.taps)
 
 
 class FCN(SegmentationModel):
@@ -47,19 +46,15 @@ class FCN(SegmentationModel):
         )  # fmt: skip
         self.head = HEADS[arch]
         c_in = 3
-        self._convs: list[list[str]] = []
         steps = []
         for b, (c, n) in enumerate(VGG_BLOCKS, 1):
-            names = []
             for i in range(1, n + 1):
                 name = f"conv{b}_{i}"
                 c_out = scaled(c, width)
                 pad = 100 if name == "conv1_1" else 1
                 setattr(self, name, nn.Conv2d(c_in, c_out, 3, padding=pad))
-                names.append(name)
                 steps.append(Conv(name))
                 c_in = c_out
-            self._convs.append(names)
             steps.append(Pool(2, 2, tap=f"pool{b}"))
         self.backbone = tuple(steps)
         c_fc = self._add_fc(c_in, 7, width, dropout)
@@ -70,6 +65,8 @@ class FCN(SegmentationModel):
         for st in self.head.stages:
             up = make_upsampler(num_classes, st.kernel, st.stride, learnable_upsampling)
             setattr(self, st.upsample, up)
+        self.extra_steps = FC_STEPS + score_steps(self.head)
+        self.head_convs = frozenset(s.name for s in score_steps(self.head))
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
@@ -77,7 +74,7 @@ class FCN(SegmentationModel):
         feats = {}
         h = run_steps(self, self.backbone, x, feats)
         h = self._fc(h)
-        score = self.score_fr(h)
+        score = run_conv(self, self.extra_steps[2], h)
         return run_head(self.head, self, score, feats, size, output, ops_impl(self.impl))
 
 
@@ -105,14 +102,16 @@ class FCNAlexNet(SegmentationModel):
         c_fc = self._add_fc(c5, 6, width, dropout)
         self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
         self.upscore = make_upsampler(num_classes, 63, 32, learnable_upsampling)
+        self.backbone = (
+            Conv("conv1"), Pool(3, 2), LRN("norm1"), Conv("conv2"), Pool(3, 2), LRN("norm2"),
+            Conv("conv3"), Conv("conv4"), Conv("conv5"), Pool(3, 2),
+        )  # fmt: skip
+        self.extra_steps = FC_STEPS + score_steps(self.head)
+        self.head_convs = frozenset({"score_fr"})
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
         size = (x.shape[-2], x.shape[-1])
-        h = self.norm1(_pool(F.relu(self.conv1(x), inplace=True), 3, 2))
-        h = self.norm2(_pool(F.relu(self.conv2(h), inplace=True), 3, 2))
-        h = F.relu(self.conv3(h), inplace=True)
-        h = F.relu(self.conv4(h), inplace=True)
-        h = _pool(F.relu(self.conv5(h), inplace=True), 3, 2)
-        h = self._fc(h)
-        return run_head(self.head, self, self.score_fr(h), {}, size, output, ops_impl(self.impl))
+        h = self._fc(run_steps(self, self.backbone, x, {}))
+        score = run_conv(self, self.extra_steps[2], h)
+        return run_head(self.head, self, score, {}, size, output, ops_impl(self.impl))

@@ -1,6 +1,20 @@
-"""The runtime: Segmenter, preprocessing and backends (torch, fused, compile, onnxruntime)."""
+"""The runtime: Segmenter, preprocessing and backends (torch, fused, compile, onnxruntime).
 
-from .backends import Backend, available_backends, register_backend
-from .segmenter import Segmenter
+The names below load on first use: the CLI imports ``fastfcn.runtime.commands`` to build its
+``--help`` without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["Backend", "Segmenter", "available_backends", "register_backend"]
+
+_WHERE = {"Backend": ".backends", "available_backends": ".backends", "register_backend": ".backends",
+          "Segmenter": ".segmenter"}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module 'fastfcn.runtime' has no attribute {name!r}")

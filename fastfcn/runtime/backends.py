@@ -15,9 +15,11 @@ Registered backends:
 - ``torch``: the reference model in eager PyTorch at the requested precision;
   nothing folded, no channels_last, no CUDA graphs: the numerical spec.
 - ``fused``: BatchNorm folded, the model's fused ops (Triton on CUDA, C++ on CPU),
-  channels_last; on the CPU the backbone runs through NNPACK Winograd (3x3 convs with
-  >= 64/128 channels) and prepacked oneDNN convolutions with the ReLU fused (``cpu_fast``);
-  on CUDA cuDNN autotuning and CUDA graphs.
+  channels_last; on the CPU every conv step runs through the implementation timed fastest
+  for its shape on this machine (prepacked oneDNN with the ReLU fused, NNPACK Winograd,
+  torch's conv; ``cpu_fast``); on CUDA each backbone conv's bias + ReLU (and a block's pool)
+  fused into the convolution and fc6 as a GEMM where measured faster (``cuda_fast``), cuDNN
+  autotuning and CUDA graphs.
 - ``compile``: ``torch.compile`` (inductor) of the reference with BatchNorm folded,
   channels_last and inductor freezing.
 - ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported lazily).
@@ -25,13 +27,19 @@ Registered backends:
   graph in OpenVINO's CPU plugin at fp32 ("f32" hint) or bf16 (native-bf16 CPUs only).
 
 A backend that cannot run raises BackendUnavailableError saying why.
+
+On CUDA every backend runs with cuDNN's autotuning on (``cudnn.benchmark``, set once when
+the first CUDA backend is built): a flag that only the fused backend set made torch
+baselines measured before and after building it differ.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 import threading
+import types
 from collections.abc import Callable
 
 import torch
@@ -62,10 +70,18 @@ class Backend:
         self.device = device
         self.precision = precision
         self.input_dtype = PRECISIONS[precision]
+        if device.type == "cuda":
+            _cuda_process_settings()
 
     def __call__(self, x: torch.Tensor, output: str) -> torch.Tensor:
         """x: float (N, 3, H, W) on the device -> logits/probs (N, C, H, W) or labels (N, H, W)."""
         raise NotImplementedError
+
+
+def _cuda_process_settings() -> None:
+    """The one cuDNN setting shared by every CUDA backend: autotune each (layer, input shape)
+    once (during the CUDA graph's warm-up for the fused backend)."""
+    torch.backends.cudnn.benchmark = True
 
 
 def _prepared_copy(model: SegmentationModel, device: torch.device, precision: str, fold: bool):
@@ -111,34 +127,53 @@ class TorchBackend(Backend):
 
 
 class FusedBackend(Backend):
-    """fastfcn's fast path: folded BatchNorm, fused ops, channels_last; the CPU backbone
-    through NNPACK / prepacked oneDNN conv+ReLU (cpu_fast); on CUDA graph-capturable.
+    """fastfcn's fast path: folded BatchNorm, fused ops, channels_last. On the CPU every conv step
+    of every family runs through the implementation measured fastest for its shape (cpu_fast:
+    prepacked oneDNN + fused ReLU, NNPACK Winograd, torch's conv), at bf16 with bf16
+    channels_last activations and the head's score layers and upsampling in fp32; on CUDA
+    graph-capturable with cuDNN autotuning.
 
     FCN-8s, width 1, 500x500, fp32, one image (labels), this project's shared 2-core CPU
     under load ~4, median CPU-seconds at 1 thread: fused 4.2-4.3, onnxruntime 5.1,
     compile (freezing, channels_last) 7.2, eager channels_last 7.1; 2 threads, wall
     median: fused 5.7 s, onnxruntime 6.5 s, eager channels_last 7.8 s, eager NCHW 13.9 s.
+
+    ``plan()``: the CPU convolution choices so far (cpu_fast.ConvPlanner.plan); [] on CUDA.
     """
 
     name = "fused"
 
-    def __init__(self, source, device, precision):
+    def __init__(self, source, device, precision, *, planner_options: dict | None = None):
         super().__init__(source, device, precision)
         _check_precision(device, precision, self.name)
-        model = _prepared_copy(source, device, precision, fold=True).set_impl("fused")
-        self.model = model.to(memory_format=torch.channels_last)
+        cpu = device.type == "cpu"
+        # On the CPU the weights stay fp32: each conv step casts its own (bf16 backbone, fp32 head).
+        model = _prepared_copy(source, device, "fp32" if cpu else precision, fold=True).set_impl("fused")
+        # On the CPU every conv runs through a planned ConvImpl that keeps its own weights, so the
+        # modules keep theirs as they are (a channels_last copy would only cost memory).
+        self.model = model if cpu else model.to(memory_format=torch.channels_last)
         self.graph_safe = device.type == "cuda"
-        self._forward: Callable = self.model
-        if device.type == "cuda":
-            # cuDNN autotuning: each (batch, H, W) is tuned once, during the CUDA graph's warm-up.
-            torch.backends.cudnn.benchmark = True
-        else:
-            from .cpu_fast import fast_forward
+        self.planner = None
+        if not cpu:
+            # conv + bias + ReLU fused by cuDNN and fc6 as a split-K GEMM, where measured faster
+            from .cuda_fast import install
 
-            self._forward = fast_forward(self.model)
+            install(self.model)
+        else:
+            from .cpu_fast import plan_model
+
+            self.native_bf16 = None
+            if precision == "bf16":
+                from .cpu_fast import native_bf16
+
+                self.native_bf16 = native_bf16()
+            self.planner = plan_model(self.model, PRECISIONS[precision], **(planner_options or {}))
+
+    def plan(self) -> list[dict]:
+        return self.planner.plan() if self.planner is not None else []
 
     def __call__(self, x, output):
-        return self._forward(x.to(self.input_dtype).contiguous(memory_format=torch.channels_last), output)
+        return self.model(x.to(self.input_dtype).contiguous(memory_format=torch.channels_last), output)
 
 
 def _cpp_compiler() -> str | None:
@@ -173,15 +208,24 @@ class CompileBackend(Backend):
         self.model = model.to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
         self._compiled = {}
+        self._codes = []
         for output in ("logits", "labels", "probs"):
-            fn = _OutputWrapper(self.model, output)
+            fn = _own_code(_forward_for(self.model, output), f"fastfcn_compile_{output}_{next(_COMPILE_IDS)}")
+            self._codes.append(fn.__code__)
             # dynamic=False: one specialised graph per (N, H, W); sizes are few in practice
             # (video), and dynamic shapes defeat the freezing pass's prepacking.
-            self._compiled[output] = torch.compile(fn, dynamic=False, options={"freezing": True})
+            self._compiled[output] = torch.compile(
+                fn, backend=self.dynamo_backend, dynamic=False,
+                options={"freezing": True} if self.dynamo_backend == "inductor" else None,
+            )  # fmt: skip
+
+    dynamo_backend = "inductor"
 
     def __call__(self, x, output):
         x = x.to(self.input_dtype).contiguous(memory_format=torch.channels_last)
         with self._lock:
+            if self._compiled is None:
+                raise RuntimeError("this compile backend was closed")
             try:
                 return self._compiled[output](x)
             except (RuntimeError, OSError, AssertionError) as e:
@@ -192,15 +236,44 @@ class CompileBackend(Backend):
                     f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                 ) from e
 
+    def close(self) -> None:
+        """Drop the compiled graphs (and inductor's frozen copies of the weights) now."""
+        with self._lock:
+            reset = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+            for code in self._codes:
+                if reset is not None and hasattr(reset, "reset_code"):
+                    reset.reset_code(code)
+            self._codes, self._compiled, self.model = [], None, None
 
-class _OutputWrapper(nn.Module):
-    def __init__(self, model: nn.Module, output: str):
-        super().__init__()
-        self.model = model
-        self.output = output
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free
+            pass
 
-    def forward(self, x):
-        return self.model(x, self.output)
+
+# Dynamo keeps its compiled graphs per code object and recompiles a code object at most
+# cache_size_limit (8) times, then runs it eagerly without a word. A function defined once and
+# compiled by every backend shares one code object: the ninth (backend, output, shape) ran
+# eager, and the cache kept every backend's frozen weights alive. Each compiled function
+# therefore gets a code object of its own, dropped with its backend.
+_COMPILE_IDS = itertools.count()
+
+
+def _forward_for(model: nn.Module, output: str):
+    def forward(x):
+        return model(x, output)
+
+    return forward
+
+
+def _own_code(fn, name: str):
+    """A copy of fn with a fresh code object named ``name`` (same closure and globals)."""
+    names = {"co_name": name}
+    if hasattr(fn.__code__, "co_qualname"):  # Python >= 3.11
+        names["co_qualname"] = name
+    code = fn.__code__.replace(**names)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def _onnxruntime(source, device, precision):

@@ -1,79 +1,79 @@
-"""The fused backend's CPU backbone: prepacked oneDNN convolutions with the ReLU fused.
+"""The fused backend's CPU convolutions, chosen on the machine where they run.
 
-Eager PyTorch on the CPU spends 84% of an FCN-8s forward in convolutions, 7% in
-the separate ReLU passes and re-lays out every conv weight on every call (fc6
-alone is 103 M weights, 411 MB in fp32). Here every Conv2d weight is reordered
-once into oneDNN's blocked layout (``mkldnn._reorder_convolution_weight``) and
-run by ``mkldnn._convolution_pointwise`` on channels_last activations with the
-ReLU as a post-op, the same kernels inductor's freezing pass emits, without a
-compile step and for any input size. The head runs through fastfcn.ops (the C++
-twins on the CPU).
+Every Conv step of a model (``SegmentationModel.conv_steps()``: the backbone's, fc6/fc7,
+DeconvNet's decoder, the context module, the score layers) gets a ``PlannedConv``: on the first
+call for an input shape and dtype it times its candidates (as cuDNN's benchmark mode does) and
+keeps the fastest for that shape:
 
-3x3 convolutions with >= 64 inputs and >= 128 outputs run through NNPACK (bundled
-with PyTorch; Winograd F(6x6, 3x3) with AVX2 kernels), which needs fewer multiplies than
-any direct convolution. Measured one layer at a time, 1 thread, CPU seconds, NNPACK vs
-the prepacked oneDNN conv (500x500 FCN-8s shapes): 64->128 at 349x349 0.17 vs 0.27;
-128->128 at 349x349 0.33-0.38 vs 0.58-0.77; 256->256 at 175x175 0.20 vs 0.57; 512->512 at
-88x88 0.18 vs 0.61; but 64->64 at 698x698 0.52 vs 0.54 (no gain, and oneDNN fuses the
-ReLU) and fc6 (7x7, 512->4096 at 22x22) 1.19 vs 0.81, hence the rule. NNPACK's error per
-layer is ~2e-5 of the output's magnitude (vs ~1e-7 direct); end to end on FCN-8s it is
-~4e-7 of the logit range. Should NNPACK refuse a call (it can for workspace reasons), that
-call runs through torch's own conv2d instead.
+- ``onednn``: the weight reordered once into oneDNN's blocked layout
+  (``mkldnn._reorder_convolution_weight``) and run by ``mkldnn._convolution_pointwise`` on
+  channels_last activations with the ReLU as a post-op: the kernels inductor's freezing pass
+  emits, without a compile step. At bf16 the same with a bf16 weight (native on CPUs with
+  AVX512-BF16 or AMX, accumulating in fp32 inside oneDNN).
+- ``nnpack``: NNPACK's Winograd F(6x6, 3x3) (bundled with PyTorch), fp32, 3x3 stride 1 only, one
+  image at a time (its batched path measured 4.3x slower: 256->256 at 128x128, batch 2, 2 threads,
+  0.74 s vs 2 x 0.086 s). Fewer multiplies than any direct conv, but NCHW in and out, so the
+  candidate pays two layout changes, included in its time. Error per layer ~2e-5 of the output's
+  magnitude (vs ~1e-7 direct).
+- ``torch``: torch's own conv2d (+ ReLU) at the compute dtype.
 
-``fast_forward(model)`` returns ``f(x, output)``: x float32 (N, 3, H, W) ->
-the model's forward result. VGG-based FCNs get a dedicated forward with every
-conv+ReLU fused; FCN-AlexNet keeps its forward with its Conv2d modules swapped
-for prepacked ones (the ReLU stays separate there); DeconvNet and the dilated
-nets keep torch's convolutions (see fast_forward for the measurements).
+Which one wins depends on the CPU, the thread count and the layer's shape: on this project's
+2-core Zen 4, 1 thread, NNPACK beat oneDNN for 3x3 layers of >= 64 in / >= 128 out channels at
+500x500 FCN-8s shapes (128->128 at 349x349 0.33 vs 0.58 s) and lost for 64->64 at 698x698 and
+for fc6; the rule that encoded this is gone, the measurement decides.
+
+Timing is cheap: each candidate runs twice (the first warms caches and lazily packs weights, the
+second is timed; a candidate whose warm-up already takes CLEAR_LOSS times the best so far is not
+run again); the winner's output is the call's result, so planning costs at most
+(2 x candidates - 1) forwards, once per shape (FCN-AlexNet 500x500 fp32, 2 threads, shared
+machine: first call 14.5 s, then 2.3 s; with the choices persisted, no re-planning). A candidate
+that raises is dropped. Decisions persist per CPU model, torch version and thread count in
+``$FASTFCN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastfcn``, i.e. ``~/.cache/fastfcn``);
+``FASTFCN_PLAN_CACHE=off`` turns that off.
+``ConvPlanner.plan()`` describes the choices: per layer and input shape, implementation and times.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..heads import run_head
-from ..models import FCN, FCNAlexNet, SegmentationModel
+from ..models import SegmentationModel
+from ..models.backbone import Conv, conv_weight
+
+# timer(candidate name, fn, best) -> (seconds, fn's result); best: the fastest time so far for this
+# layer and shape (None for the first candidate), which lets a timer cut a clear loser short.
+Timer = Callable[[str, Callable[[], torch.Tensor], "float | None"], tuple[float, torch.Tensor]]
+CL = torch.channels_last
+# A candidate whose warm-up run already takes this many times the best time so far is not timed
+# again: it loses even if its warm-up paid a one-off cost (candidates run oneDNN first, whose
+# warm-up includes packing the weight, so the others' warm-ups carry no packing).
+CLEAR_LOSS = 3.0
+
+
+def wall_timer(name: str, fn: Callable[[], torch.Tensor], best: float | None = None):
+    t0 = time.perf_counter()
+    y = fn()  # warm: lazy weight packing, first-touch allocations, oneDNN primitive creation
+    warm = time.perf_counter() - t0
+    if best is not None and warm > CLEAR_LOSS * best:
+        return warm, y
+    del y
+    t0 = time.perf_counter()
+    y = fn()
+    return time.perf_counter() - t0, y
 
 
 def mkldnn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-class PackedConv2d(nn.Module):
-    """A Conv2d whose weight is prepacked for oneDNN once; forward(x, relu=False).
-
-    x: (N, C_in, H, W) float32, any layout (channels_last is the fast one) ->
-    (N, C_out, H', W') channels_last.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"PackedConv2d needs numeric zero padding; got {conv.padding!r}")
-        self.padding = list(conv.padding)
-        self.stride = list(conv.stride)
-        self.dilation = list(conv.dilation)
-        self.groups = conv.groups
-        w = conv.weight.detach()
-        self.out_channels = w.shape[0]
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w, self.padding, self.stride, self.dilation, self.groups
-        )
-        self.register_buffer("weight", packed)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            "relu" if relu else "none", [], "",
-        )  # fmt: skip
-
-
-NNPACK_MIN_IN, NNPACK_MIN_OUT = 64, 128
 
 
 def nnpack_available() -> bool:
@@ -81,93 +81,289 @@ def nnpack_available() -> bool:
     return hasattr(torch, "_nnpack_available") and torch._nnpack_available()
 
 
-class NNPackConv3x3(nn.Module):
-    """A 3x3 stride-1 Conv2d through NNPACK; forward(x, relu=False).
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). Called when a backend is
+    built, never at import; reads /proc/cpuinfo (Linux), else asks torch's CPU capability."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    except OSError:
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
 
-    x: (N, C, H, W) (made contiguous NCHW, NNPACK's layout) -> (N, K, H', W') NCHW.
-    """
 
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.padding = list(conv.padding)
-        self.register_buffer("weight", conv.weight.detach().contiguous())
-        b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
-        self.register_buffer("bias", b.detach().clone())
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        x = x.contiguous()
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+# ------------------------------------------------------------------ candidates
+
+
+@dataclass(frozen=True)
+class _Geom:
+    weight: torch.Tensor  # (C_out, C_in / groups, kh, kw) fp32, the convolution the step computes
+    bias: torch.Tensor  # (C_out,) fp32
+    stride: list
+    dilation: list
+    groups: int
+    relu: bool
+
+
+def _geometry(model: SegmentationModel, step: Conv) -> _Geom:
+    conv = getattr(model, step.name)
+    if step.bn is not None and type(getattr(model, step.bn)).__name__ != "Identity":
+        raise ValueError(f"conv step {step.name!r} has an unfolded BatchNorm {step.bn!r}; fold it first")
+    w = conv_weight(conv).detach().float().contiguous()
+    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+    return _Geom(w, b.clone(), list(conv.stride), list(conv.dilation), conv.groups, step.relu)
+
+
+class OneDnnConv:
+    """Prepacked oneDNN conv (+ fused ReLU) at ``dtype``: (x, padding) -> channels_last output.
+    The weight is packed once per padding (the pack depends on the geometry)."""
+
+    def __init__(self, g: _Geom, dtype: torch.dtype, weight: torch.Tensor | None = None):
+        self.g, self.dtype = g, dtype
+        self.weight = g.weight.to(dtype) if weight is None else weight
+        self.bias = g.bias if dtype == torch.bfloat16 else g.bias.to(dtype)  # oneDNN takes fp32 bias at bf16
+        self.packed: dict = {}
+
+    def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
+        pad = [int(p) for p in padding]
+        key = tuple(pad)
+        w = self.packed.get(key)
+        g = self.g
+        if w is None:
+            w = torch.ops.mkldnn._reorder_convolution_weight(self.weight, pad, g.stride, g.dilation, g.groups)
+            self.packed[key] = w
+        x = x.to(self.dtype).contiguous(memory_format=CL)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, w, self.bias, pad, g.stride, g.dilation, g.groups, "relu" if g.relu else "none", [], ""
+        )
+
+
+class NNPackConv:
+    """NNPACK Winograd, fp32, 3x3 stride 1: one image at a time, NCHW inside, channels_last out."""
+
+    def __init__(self, g: _Geom):
+        self.g = g
+
+    @staticmethod
+    def applies(g: _Geom) -> bool:
+        square3 = tuple(g.weight.shape[2:]) == (3, 3)
+        return square3 and g.stride == [1, 1] and g.dilation == [1, 1] and g.groups == 1
+
+    def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
+        x = x.float().contiguous()
+        pad = [int(p) for p in padding]
+        ys = [torch._nnpack_spatial_convolution(x[i : i + 1], self.g.weight, self.g.bias, pad, [1, 1])
+              for i in range(x.shape[0])]  # fmt: skip
+        y = (ys[0] if len(ys) == 1 else torch.cat(ys)).contiguous(memory_format=CL)
+        return y.relu_() if self.g.relu else y
+
+
+class TorchConv:
+    """torch's own conv2d (+ ReLU) at ``dtype`` on channels_last input."""
+
+    def __init__(self, g: _Geom, dtype: torch.dtype, weight: torch.Tensor | None = None):
+        self.g, self.dtype = g, dtype
+        self.weight = g.weight.to(dtype) if weight is None else weight  # fp32: the model's own tensor
+        self.bias = g.bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
+        g = self.g
+        x = x.to(self.dtype).contiguous(memory_format=CL)
+        y = F.conv2d(x, self.weight, self.bias, g.stride, [int(p) for p in padding], g.dilation, g.groups)
+        return y.relu_() if g.relu else y
+
+
+def candidates(g: _Geom, dtype: torch.dtype) -> dict:
+    """name -> ConvImpl for one layer at compute dtype ``dtype``."""
+    out = {}
+    suffix = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
+    w = g.weight.to(dtype)  # one copy shared by the candidates (none at fp32)
+    if mkldnn_available():
+        out["onednn" + suffix] = OneDnnConv(g, dtype, w)
+    if dtype == torch.float32 and NNPackConv.applies(g) and nnpack_available():
+        out["nnpack"] = NNPackConv(g)
+    out["torch" + suffix] = TorchConv(g, dtype, w)
+    return out
+
+
+# ------------------------------------------------------------------ persistence
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("FASTFCN_PLAN_CACHE", "").lower() in ("0", "off", "false", "no"):
+        return None
+    root = os.environ.get("FASTFCN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastfcn"
+    )
+    cpu = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-")[:80]
+    torch_v = re.sub(r"[^A-Za-z0-9.]+", "-", torch.__version__)
+    return Path(root) / f"conv-plan-{cpu}-torch{torch_v}-{torch.get_num_threads()}t.json"
+
+
+class _Store:
+    """Winners by layer signature, in a JSON file shared by every planner of this process."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict = {}
+        if path is not None and path.is_file():
+            try:
+                self.data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.data = {}  # a damaged cache is re-measured, not an error
+
+    def get(self, key: str) -> str | None:
+        return self.data.get(key)
+
+    def put(self, key: str, winner: str) -> None:
+        self.data[key] = winner
+        if self.path is None:
+            return
         try:
-            # NNPACK's batched path is far slower than its batch-1 inference path: 256->256
-            # at 128x128, batch 2, 2 threads: 0.74 s batched vs 2 x 0.086 s one image at a time.
-            ys = [
-                torch._nnpack_spatial_convolution(x[i : i + 1], self.weight, self.bias, self.padding, [1, 1])
-                for i in range(x.shape[0])
-            ]
-            y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        except RuntimeError:
-            y = F.conv2d(x, self.weight, self.bias, padding=self.padding)
-        return y.relu_() if relu else y
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache directory only costs re-measuring next time
 
 
-def _nnpack_ok(conv: nn.Module) -> bool:
-    return (
-        type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str) and conv.weight.dtype == torch.float32
-        and conv.in_channels >= NNPACK_MIN_IN and conv.out_channels >= NNPACK_MIN_OUT
-    )  # fmt: skip
+# ------------------------------------------------------------------ planner
 
 
-def _swap_convs(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if type(child) is nn.Conv2d:
-            setattr(module, name, PackedConv2d(child))
-        else:
-            _swap_convs(child)
+class PlannedConv:
+    """A ConvImpl that picks one of its candidates per (input shape, input dtype, padding)."""
+
+    def __init__(self, planner: ConvPlanner, name: str, g: _Geom, dtype: torch.dtype, cands: dict):
+        self.planner, self.name, self.dtype, self.cands = planner, name, dtype, cands
+        w = g.weight.shape
+        self.signature = (
+            f"{w[0]}x{w[1]}x{w[2]}x{w[3]} s{g.stride} d{g.dilation} g{g.groups} relu{int(g.relu)} "
+            f"{str(dtype).removeprefix('torch.')}"
+        )  # fmt: skip
+        self.chosen: dict = {}
+
+    def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, tuple(int(p) for p in padding))
+        impl = self.chosen.get(key)
+        if impl is not None:
+            return impl(x, padding)
+        return self.planner._decide(self, key, x, padding)
 
 
-def _fcn_forward(m: FCN) -> Callable:
-    blocks = [[getattr(m, n) for n in names] for names in m._convs]
-    fc6, fc7, score_fr = m.fc6, m.fc7, m.score_fr
+class ConvPlanner:
+    """Installs a PlannedConv on every conv step of ``model`` (BatchNorm folded, fp32 weights).
 
-    def forward(x: torch.Tensor, output: str = "logits") -> torch.Tensor:
-        m._check_input(x)
-        size = (x.shape[-2], x.shape[-1])
-        h = x.contiguous(memory_format=torch.channels_last)
-        feats = {}
-        for b, convs in enumerate(blocks, 1):
-            for conv in convs:
-                h = conv(h, relu=True)
-            # Caffe ceil-mode pooling (FACTS.md); channels_last max pooling vectorises over C.
-            h = F.max_pool2d(h, 2, 2, ceil_mode=True)
-            feats[f"pool{b}"] = h
-        h = fc7(fc6(h, relu=True), relu=True)  # dropout is the identity at inference
-        return run_head(m.head, m, score_fr(h), feats, size, output, None)
-
-    return forward
-
-
-def fast_forward(model: SegmentationModel) -> Callable:
-    """Prepack ``model`` (in place; fp32, eval, BatchNorm already folded) and return f(x, output).
-
-    Other dtypes (bf16/fp16 have no fast oneDNN path on CPUs without AVX-512 BF16/FP16)
-    and builds without oneDNN keep the model's own fused forward.
+    dtype: the compute dtype of the steps (bf16: bf16 channels_last activations); the head's score
+    layers (``model.head_convs``) always run in fp32, so the head accumulates in fp32.
+    timer: see ``Timer`` (tests pass a fake one to make the choice deterministic).
+    persist: keep decisions in the user cache file (also off with FASTFCN_PLAN_CACHE=off).
+    only: restrict every layer to these candidate names (those that apply), e.g. ("nnpack",).
     """
-    if not mkldnn_available() or next(model.parameters()).dtype != torch.float32:
-        return model
-    if isinstance(model, FCN):
-        for names in model._convs:
-            for name in names:
-                if nnpack_available() and _nnpack_ok(getattr(model, name)):
-                    setattr(model, name, NNPackConv3x3(getattr(model, name)))
-        _swap_convs(model)
-        return _fcn_forward(model)
-    if isinstance(model, FCNAlexNet):
-        _swap_convs(model)
-    # DeconvNet and the dilated nets keep torch's own convolutions: with prepacked ones they
-    # were slower (2 threads, fp32, median of 3: DeconvNet 224x224 b2 7.5 s vs 2.0 s unpacked,
-    # eager reference 2.2 s; dilated-context 250x250 6.3 s vs 5.0 s, reference 5.0 s): their
-    # pooling/unpooling and reflect padding hand NCHW maps to the next conv, and each layout
-    # change costs a reorder inside oneDNN. FCN-AlexNet keeps channels_last throughout; there
-    # prepacking measured 0.49-0.80 s vs 0.72-0.75 s unpacked at 500x500 (a noisy machine).
-    return model
+
+    def __init__(self, model: SegmentationModel, dtype: torch.dtype = torch.float32,
+                 timer: Timer | None = None, persist: bool = True, only: tuple | None = None):  # fmt: skip
+        if not isinstance(model, SegmentationModel):
+            raise TypeError(f"expected a model from fastfcn.models; got {type(model).__name__}")
+        self.timer = timer or wall_timer
+        self.store = _Store(_cache_file() if persist else None)
+        self._lock = threading.Lock()
+        self._entries: list[dict] = []
+        self.convs: dict[str, PlannedConv] = {}
+        for step in model.conv_steps():
+            g = _geometry(model, step)
+            d = torch.float32 if step.name in model.head_convs else dtype
+            cands = candidates(g, d)
+            if only is not None:
+                cands = {k: v for k, v in cands.items() if k in only} or cands
+            pc = PlannedConv(self, step.name, g, d, cands)
+            self.convs[step.name] = pc
+            model.set_conv_impl(step.name, pc)
+
+    def _decide(self, pc: PlannedConv, key, x: torch.Tensor, padding) -> torch.Tensor:
+        with self._lock:
+            if key in pc.chosen:
+                return pc.chosen[key](x, padding)
+            skey = f"{pc.signature} in{list(key[0])} {str(key[1]).removeprefix('torch.')} pad{list(key[2])}"
+            cached = self.store.get(skey)
+            if cached in pc.cands:
+                pc.chosen[key] = pc.cands[cached]
+                self._entries.append(self._entry(pc, key, cached, {}, {}, "cache"))
+                return pc.cands[cached](x, padding)
+            times, errors, best, best_y = {}, {}, None, None
+            for name, impl in pc.cands.items():
+                try:
+                    secs, y = self.timer(name, lambda impl=impl: impl(x, padding), times.get(best))
+                except Exception as e:  # an implementation that cannot run this shape is dropped
+                    errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+                    continue
+                times[name] = secs
+                if best is None or secs < times[best]:
+                    best, best_y = name, y
+                del y
+            if best is None:
+                raise RuntimeError(
+                    f"no convolution implementation could run layer {pc.name} on input {list(key[0])} "
+                    f"({key[1]}): {errors}"
+                )
+            pc.chosen[key] = pc.cands[best]
+            self.store.put(skey, best)
+            self._entries.append(self._entry(pc, key, best, times, errors, "measured"))
+            return best_y
+
+    @staticmethod
+    def _entry(pc, key, chosen, times, errors, source) -> dict:
+        e = {
+            "layer": pc.name, "input": list(key[0]), "input_dtype": str(key[1]).removeprefix("torch."),
+            "compute_dtype": str(pc.dtype).removeprefix("torch."), "chosen": chosen, "source": source,
+            "times_ms": {k: round(v * 1e3, 3) for k, v in times.items()},
+        }  # fmt: skip
+        if errors:
+            e["errors"] = errors
+        return e
+
+    def plan(self) -> list[dict]:
+        """One dict per (layer, input shape) decided so far, in decision order: layer, input,
+        input_dtype, compute_dtype, chosen, source ("measured" or "cache"), times_ms per candidate
+        (empty when taken from the cache), errors of candidates that raised."""
+        with self._lock:
+            return [dict(e) for e in self._entries]
+
+
+def format_plan(plan: list[dict]) -> str:
+    """The plan as text, one line per layer and input shape."""
+    if not plan:
+        return "(no convolution planned yet: the plan is made at the first run of each input shape)"
+    lines = []
+    for e in plan:
+        times = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(e["times_ms"].items(), key=lambda kv: kv[1]))
+        shape = "x".join(map(str, e["input"]))
+        detail = times or e["source"]
+        lines.append(f"{e['layer']:<12} {shape:<18} {e['compute_dtype']:<8} -> {e['chosen']:<12} ({detail})")
+    return "\n".join(lines)
+
+
+def plan_model(model: SegmentationModel, dtype: torch.dtype = torch.float32, **kw) -> ConvPlanner:
+    """Plan ``model``'s convolutions (in place: its conv steps get PlannedConvs). The model must be
+    in eval mode with BatchNorm folded and fp32 weights; activations should be channels_last."""
+    dtype_now = next(model.parameters()).dtype
+    if dtype_now != torch.float32:
+        raise ValueError(f"plan_model needs the model's fp32 weights (it casts per layer); got {dtype_now}")
+    return ConvPlanner(model, dtype, **kw)
+
+
+__all__ = [
+    "ConvPlanner", "NNPackConv", "OneDnnConv", "PlannedConv", "TorchConv", "candidates", "format_plan",
+    "mkldnn_available", "native_bf16", "nnpack_available", "plan_model", "wall_timer",
+]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
@@ -12,12 +13,20 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError, CheckpointError, InputError
+from ..imageio import from_pil, read_image
 from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
+from ..names import DEFAULT_MAX_PIXELS
+from ..zoo import resolve
 from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
+from .cuda_graphs import CapturedForward, is_oom
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
+from .tiling import check_tiling, run_tiled
 
-DEFAULT_MAX_PIXELS = 4096 * 4096
+# The TF32 switches are process-wide: a Segmenter at fp32 or tf32 on CUDA holds this lock while
+# its forward runs with its own setting, so Segmenters of different precisions in other threads
+# never see each other's. bf16 / fp16 convolutions do not read them and never take it.
+_TF32_LOCK = threading.Lock()
 
 
 def _resolve_device(device) -> torch.device:
@@ -46,36 +55,64 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
+def _resolve_precision(precision: str, device: torch.device, backend: str = "auto") -> str:
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
+        if device.type == "cpu" and backend in ("auto", "fused"):
+            return _cpu_auto_precision()
         return "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
     return precision
 
 
-class _Graph:
-    """One captured CUDA graph: preprocessing + forward for one (kind, N, H, W, output),
-    with its static input, pinned host staging buffer and static output."""
+def _is_pil(obj) -> bool:
+    # PIL is imported only if the caller already has PIL images: no import cost otherwise.
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(obj, pil.Image)
 
-    def __init__(self, seg: Segmenter, kind: str, shape: tuple, dtype: torch.dtype, output: str, pool):
-        dev = seg.device
-        self.static_in = torch.zeros(shape, dtype=dtype, device=dev)
-        self.pinned = torch.empty(shape, dtype=dtype, pin_memory=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record(seg._stream)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(seg._stream)
-        with torch.cuda.stream(side), torch.inference_mode():
-            # Warm-up outside the capture: cuDNN autotuning (benchmark mode) and lazy inits.
-            for _ in range(2):
-                seg._compute(self.static_in, kind, output)
-        seg._stream.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool, stream=side):
-            self.static_out = seg._finish(seg._compute(self.static_in, kind, output))
+
+def _decode_one(obj, max_pixels: int | None):
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image(obj, max_pixels)
+    if _is_pil(obj):
+        try:
+            return from_pil(obj, max_pixels)
+        except InputError as e:
+            raise InputError(f"the PIL image: {e}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
+    return obj
+
+
+def _decode(batch, max_pixels: int | None):
+    """Image paths and PIL images (alone or in a list) -> (H, W, 3) uint8 arrays; other items unchanged."""
+    if isinstance(batch, (list, tuple)):
+        return [_decode_one(b, max_pixels) for b in batch]
+    return _decode_one(batch, max_pixels)
+
+
+def _cpu_auto_precision() -> str:
+    """bf16 where the CPU computes it natively (AVX512-BF16 / AMX), else fp32; the environment
+    variable FASTFCN_CPU_PRECISION=fp32|bf16 pins the choice.
+
+    Measured on a 2-core Zen 4 with AVX512-BF16 (shared machine, 2 threads, medians of 3
+    interleaved rounds, benchmarks/cpu_fused_vs_torch.py): fused bf16 vs fused fp32, FCN-8s
+    500x500 2.14 vs 3.06 s (torch fp32 5.12 s), FCN-AlexNet 500x500 1.37 vs 1.68 s; DeconvNet
+    224x224 batch 2 3.6 vs 5.2 s (two runs at a similar load of ~7.5). Shipped FCN-8s on 32
+    held-out scenes: 99.986% of labels equal the fp32 ones, mean IU 91.99 vs 91.98; untrained
+    nets (nearly flat logits) 98.7-100% (benchmarks/cpu_bf16_agreement.py). OpenVINO also
+    defaults to bf16 on such CPUs.
+    """
+    pinned = os.environ.get("FASTFCN_CPU_PRECISION", "").strip().lower()
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise ValueError(f"FASTFCN_CPU_PRECISION must be 'fp32' or 'bf16'; got {pinned!r}")
+        return pinned
+    from .cpu_fast import native_bf16
+
+    return "bf16" if native_bf16() else "fp32"
 
 
 class Segmenter:
@@ -84,21 +121,31 @@ class Segmenter:
     Segmenter(checkpoint, *, arch=None, device="auto", backend="auto", precision="auto",
               max_pixels=4096*4096, graph_cache=8, check_finite=True, num_threads=None)
 
-    checkpoint: a path fastfcn.load reads (``arch=`` as there), a ``.onnx`` file exported by
+    checkpoint: a path fastfcn.load reads (``arch=`` as there), a built-in model's name
+        (``"demo"``, see fastfcn.zoo), a ``.onnx`` file exported by
         fastfcn (runs with backend "onnxruntime", which "auto" picks, or "openvino"), or a model from
         fastfcn.models (copied; the original is not changed).
     device: "auto" (CUDA when present, else CPU; the CPU for backend "openvino"), "cpu", "cuda",
         "cuda:N" or a torch.device.
     backend: "auto" (= "fused"; "onnxruntime" for a .onnx file), "fused", "torch", "compile",
         "onnxruntime", "openvino" (see fastfcn.runtime.backends).
-    precision: "auto" (bf16 on GPUs that support it, else fp32), "fp32", "tf32" (CUDA only),
-        "bf16", "fp16".
+    precision: "auto", "fp32", "tf32" (CUDA only), "bf16", "fp16". "auto" is bf16 on GPUs that
+        support it and, for the fused backend, on CPUs with native bf16 (AVX512-BF16 or AMX,
+        detected here, when the Segmenter is built); fp32 otherwise. On the CPU, bf16 runs the
+        convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU fused) and the head's
+        score layers and upsampling in fp32: on a Zen 4 it measured 1.2-1.45x faster than fp32 and
+        kept 99.986% of the shipped FCN-8s's labels (mean IU unchanged: 91.99 vs 91.98); see
+        _cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
     graph_cache: how many CUDA graphs (one per batch size, H, W, input kind and output) are
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
-    num_threads: if given, torch.set_num_threads(num_threads) (process-wide).
+    num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
+
+    Properties: device, backend, precision, config, num_classes, class_names, palette, plan.
+    plan: the convolution implementations chosen on this machine (fused backend on the CPU), per
+      layer and input shape with the measured times; filled at the first run of each shape.
 
     run(batch, output="labels") returns torch tensors on ``self.device``:
       labels (N, H, W) uint8 class ids (int32 above 256 classes); logits / probs
@@ -130,12 +177,15 @@ class Segmenter:
             raise ValueError(f"max_pixels must be a positive int; got {max_pixels!r}")
         if not isinstance(graph_cache, int) or graph_cache < 0:
             raise ValueError(f"graph_cache must be an int >= 0; got {graph_cache!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
         if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
+            torch.set_num_threads(num_threads)
         # OpenVINO runs on the CPU only: "auto" means the CPU for it, even where CUDA is present.
         cpu_only = backend == "openvino" and (device is None or device == "auto")
         self._device = _resolve_device("cpu" if cpu_only else device)
-        self._precision = _resolve_precision(precision, self._device)
+        self._precision = _resolve_precision(precision, self._device, backend)
         self.max_pixels = max_pixels
         self.check_finite = check_finite
 
@@ -189,7 +239,7 @@ class Segmenter:
                 "checkpoint must be a path (.safetensors, .pt, .onnx) or a fastfcn.models module; "
                 f"got {type(checkpoint).__name__}"
             )
-        path = Path(checkpoint)
+        path = Path(resolve(checkpoint))
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
         if path.suffix.lower() == ".onnx":
@@ -208,7 +258,8 @@ class Segmenter:
             from ..checkpoint import load
         except ImportError as e:
             raise CheckpointError(f"checkpoint loading is not available: {e}") from None
-        model = load(str(path), arch=arch) if arch is not None else load(str(path))
+        # The Path, not str(path): "./demo" would print as "demo", a built-in name.
+        model = load(path, arch=arch) if arch is not None else load(path)
         return model, model.config
 
     # --------------------------------------------------------------- properties
@@ -229,6 +280,21 @@ class Segmenter:
         return dict(self._config)
 
     @property
+    def num_classes(self) -> int:
+        """C: the number of classes (channels of logits / probs; labels are 0..C-1)."""
+        return int(self._config["num_classes"])
+
+    @property
+    def plan(self) -> list[dict]:
+        """The convolution implementations the backend chose, one dict per (layer, input shape):
+        layer, input, input_dtype, compute_dtype, chosen, source ("measured" or "cache") and
+        times_ms per candidate. Filled at the first run of each input shape (fused backend on the
+        CPU: see fastfcn.runtime.cpu_fast); [] for backends that do not choose.
+        ``fastfcn.runtime.cpu_fast.format_plan(seg.plan)`` gives it as text."""
+        plan = getattr(self._backend, "plan", None)
+        return plan() if callable(plan) else []
+
+    @property
     def class_names(self) -> list[str]:
         return list(self._config.get("class_names", []))
 
@@ -244,17 +310,37 @@ class Segmenter:
         )
 
     # ---------------------------------------------------------------------- run
-    def run(self, batch, output: str = "labels"):
+    def run(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
+            overlap: int | None = None):
         """Segment ``batch``.
 
-        batch: (H, W, 3) uint8 RGB image | (N, H, W, 3) uint8 | list of (H, W, 3) uint8
-        images (sizes may differ) | preprocessed float (N, 3, H, W). numpy or torch.
+        batch: (H, W, 3) uint8 RGB image | (N, H, W, 3) uint8 | an image file path (str or
+        os.PathLike) | a PIL image of any mode | a list of any of these (sizes may differ) |
+        float (N, 3, H, W) already preprocessed for the model, with ``preprocessed=True``.
+        numpy or torch. Files and PIL images are decoded as fastfcn.imageio.read_image does
+        (EXIF orientation applied; greyscale, 16-bit, palette, alpha modes converted to RGB); a
+        path that does not exist or is not an image raises InputError naming it. Float input
+        without ``preprocessed=True`` is range-checked: one that looks like an image in [0, 1]
+        or [0, 255] raises InputError.
         output: "labels" -> (N, H, W) uint8 ids; "logits" / "probs" -> (N, C, H, W) float32.
+        tile: (h, w) (or one int): segment each image in overlapping tiles of that size
+        (fastfcn.runtime.tiling), for images over ``max_pixels`` (which then applies per tile)
+        or to bound memory; overlap: pixels shared by neighbouring tiles (< the tile's sides;
+        None: 64, at most half the tile's smaller side).
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        p: Parsed = parse_batch(batch)
+        run = self._run
+        if tile is None and overlap is not None:
+            raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
+        if tile is not None:
+            tile, overlap = check_tiling(tile, overlap)
+            run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
+        # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
+        # decompression-bomb limit (179 M pixels) still holds.
+        batch = _decode(batch, None if tile is not None else self.max_pixels)
+        p: Parsed = parse_batch(batch, preprocessed)
         if p.form == "list":
             groups: dict[tuple[int, int], list[int]] = {}
             for i, t in enumerate(p.tensors):
@@ -262,21 +348,40 @@ class Segmenter:
             results: list = [None] * len(p.tensors)
             for idx in groups.values():
                 t = p.tensors[idx[0]] if len(idx) == 1 else torch.cat([p.tensors[i] for i in idx])
-                out = self._run(t, "u8", output)
+                out = run(t, "u8", output)
                 for j, i in enumerate(idx):
                     results[i] = out[j]
             return results
-        out = self._run(p.tensors[0], "float" if p.form == "float" else "u8", output)
+        out = run(p.tensors[0], "float" if p.form == "float" else "u8", output)
         return out[0] if p.form == "image" else out
 
-    def __call__(self, batch, output: str = "labels"):
-        return self.run(batch, output)
+    def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
+                 overlap: int | None = None):
+        return self.run(batch, output, preprocessed=preprocessed, tile=tile, overlap=overlap)
+
+    def _run_tiles(self, t: torch.Tensor, kind: str, output: str, tile, overlap) -> torch.Tensor:
+        """Each image of ``t`` (as for _run) in tiles; results stacked to (N, ...)."""
+        if t.shape[0] == 1:  # no stacking copy (100 MB of labels at 10,000 x 10,000)
+            return run_tiled(self._run, t, kind, output, tile, overlap).unsqueeze(0)
+        return torch.stack([run_tiled(self._run, t[i:i + 1], kind, output, tile, overlap)
+                            for i in range(t.shape[0])])
+
+    def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
+        """Segment an iterable of frames: an iterator with one CPU tensor per frame, in order,
+        each equal to ``run(frame, output).cpu()``. frames: (H, W, 3) uint8 RGB (numpy, torch,
+        PIL) or PyAV VideoFrames, sizes may change. Batches of up to ``batch_size``; a partial
+        batch is pushed after ``max_delay`` seconds; at most ``queue_size`` (default 2) batches
+        wait between stages. See fastfcn.runtime.stream."""
+        from .stream import stream
+
+        return stream(self, frames, batch_size=batch_size, output=output, max_delay=max_delay,
+                      queue_size=queue_size)  # fmt: skip
 
     def _check_size(self, h: int, w: int) -> None:
         if h * w > self.max_pixels:
             raise InputError(
                 f"image size {h}x{w} = {h * w} pixels exceeds max_pixels={self.max_pixels}; "
-                "resize or tile the image, or raise max_pixels"
+                "resize the image, segment it in tiles (run(..., tile=(h, w))) or raise max_pixels"
             )
 
     def _run(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
@@ -305,19 +410,22 @@ class Segmenter:
 
     @contextmanager
     def _precision_flags(self):
-        # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default, so the flags are
-        # set for the call (under the lock) and restored afterwards.
-        if self._device.type != "cuda":
+        # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default. The precision is fixed
+        # per Segmenter; the flags are written only when they differ from it (with CUDA graphs
+        # the forward runs in Python only while capturing), and only for fp32 / tf32.
+        if self._device.type != "cuda" or self._precision not in ("fp32", "tf32"):
             yield
             return
         tf32 = self._precision == "tf32"
-        old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+        with _TF32_LOCK:
+            old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            if old != (tf32, tf32):
+                torch.backends.cudnn.allow_tf32 = tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                yield
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
     # --------------------------------------------------------------------- CUDA
     def _run_cuda(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
@@ -339,7 +447,9 @@ class Segmenter:
                 return self._replay(t, kind, output)
             x = t.to(self._device, non_blocking=False)
             return self._finish(self._compute(x, kind, output))
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # OutOfMemoryError, or an untyped one from a graph capture
+            if not is_oom(e):
+                raise
             self._graphs.clear()
             torch.cuda.empty_cache()
             n = t.shape[0]
@@ -361,17 +471,12 @@ class Segmenter:
         if g is None:
             while len(self._graphs) >= self._graph_cache:
                 self._graphs.popitem(last=False)
-            g = _Graph(self, kind, tuple(t.shape), dtype, output, self._pool)
+
+            def forward(static_in):
+                return self._finish(self._compute(static_in, kind, output))
+
+            g = CapturedForward(forward, tuple(t.shape), dtype, self._device, self._stream, self._pool)
             self._graphs[key] = g
         else:
             self._graphs.move_to_end(key)
-        if t.device.type == "cpu":
-            # Pinned staging: wait only for this buffer's previous upload, then copy asynchronously.
-            g.copied.synchronize()
-            g.pinned.copy_(t)
-            g.static_in.copy_(g.pinned, non_blocking=True)
-            g.copied.record(self._stream)
-        else:
-            g.static_in.copy_(t)
-        g.graph.replay()
-        return g.static_out.clone()
+        return g.run(t)

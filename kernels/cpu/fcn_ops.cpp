@@ -383,4 +383,76 @@ i64 max_unpool2d_gather(const float* x, const void* indices, bool compact, i64 p
                 : unpool_impl<false, false>(x, indices, planes, h, w, H, W, kernel, stride, out, threads);
 }
 
+void max_pool2d_switches_nhwc(const float* x, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h,
+                              i64 w, float* values, std::uint8_t* switches, int threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (i64 ni = 0; ni < n; ++ni)
+        for (i64 oy = 0; oy < h; ++oy) {
+            const i64 iy0 = oy * stride, iy1 = std::min(iy0 + kernel, H);
+            for (i64 ox = 0; ox < w; ++ox) {
+                const i64 ix0 = ox * stride, ix1 = std::min(ix0 + kernel, W);
+                float* __restrict best = values + ((ni * h + oy) * w + ox) * c;
+                std::uint8_t* __restrict sw = switches + ((ni * h + oy) * w + ox) * c;
+                std::fill(best, best + c, -std::numeric_limits<float>::infinity());
+                std::fill(sw, sw + c, std::uint8_t{0});
+                for (i64 iy = iy0; iy < iy1; ++iy)
+                    for (i64 ix = ix0; ix < ix1; ++ix) {
+                        const float* __restrict xp = x + ((ni * H + iy) * W + ix) * c;
+                        const auto code = static_cast<std::uint8_t>((iy - iy0) * kernel + (ix - ix0));
+                        // the NCHW kernel's rule, branch-free over channels: greater or NaN wins
+                        for (i64 ch = 0; ch < c; ++ch) {
+                            const float v = xp[ch], b = best[ch];
+                            const bool take = (v > b) | (v != v);
+                            best[ch] = take ? v : b;
+                            sw[ch] = take ? code : sw[ch];
+                        }
+                    }
+            }
+        }
+}
+
+i64 max_unpool2d_gather_nhwc(const float* x, const std::uint8_t* switches, i64 n, i64 c, i64 h, i64 w,
+                             i64 H, i64 W, i64 kernel, i64 stride, bool relu, float* out, int threads) {
+    const i64 k2 = kernel * kernel;
+    i64 bad = 0;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) reduction(+ : bad)
+    for (i64 ni = 0; ni < n; ++ni)
+        for (i64 Y = 0; Y < H; ++Y) {
+            float* orow = out + (ni * H + Y) * W * c;
+            const i64 i = Y / stride, dy = Y - i * stride;
+            if (i >= h || dy >= kernel) {
+                std::fill(orow, orow + W * c, 0.0f);
+                continue;
+            }
+            for (i64 X = 0; X < W; ++X) {
+                float* __restrict o = orow + X * c;
+                const i64 j = X / stride, dx = X - j * stride;
+                if (j >= w || dx >= kernel) {
+                    std::fill(o, o + c, 0.0f);
+                    continue;
+                }
+                const i64 off = ((ni * h + i) * w + j) * c;
+                const float* __restrict xr = x + off;
+                const std::uint8_t* __restrict sr = switches + off;
+                const auto code = static_cast<std::uint8_t>(dy * kernel + dx);
+                for (i64 ch = 0; ch < c; ++ch) {
+                    float v = xr[ch];
+                    if (relu) v = v < 0.0f ? 0.0f : v;
+                    o[ch] = sr[ch] == code ? v : 0.0f;
+                }
+                if (dy == 0 && dx == 0) {
+                    // once per window: a switch must name a pixel of the window inside the output
+                    const i64 rows = std::min(kernel, H - i * stride), cols = std::min(kernel, W - j * stride);
+                    i64 b = 0;
+                    for (i64 ch = 0; ch < c; ++ch) {
+                        const i64 v = sr[ch];
+                        b += (v >= k2) | (v / kernel >= rows) | (v % kernel >= cols);
+                    }
+                    bad += b;
+                }
+            }
+        }
+    return bad;
+}
+
 }  // namespace fastfcn

@@ -49,4 +49,15 @@ void max_pool2d_switches(const float* x, i64 planes, i64 H, i64 W, i64 kernel, i
 i64 max_unpool2d_gather(const float* x, const void* indices, bool compact, i64 planes, i64 h, i64 w,
                         i64 H, i64 W, i64 kernel, i64 stride, bool relu, float* out, int threads);
 
+// Channels-last twins (x, values, switches, out all (N, rows, cols, C) in memory), so the
+// convolutions around them keep oneDNN's preferred layout: the loops run over C innermost
+// (contiguous, vectorised), each window's switch is still dy * kernel + dx per channel.
+void max_pool2d_switches_nhwc(const float* x, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h,
+                              i64 w, float* values, std::uint8_t* switches, int threads);
+
+// Gather unpooling from compact switches, channels last; returns the number of switches that
+// do not name a pixel of their own window inside the H x W output (as max_unpool2d_gather).
+i64 max_unpool2d_gather_nhwc(const float* x, const std::uint8_t* switches, i64 n, i64 c, i64 h, i64 w,
+                             i64 H, i64 W, i64 kernel, i64 stride, bool relu, float* out, int threads);
+
 }  // namespace fastfcn

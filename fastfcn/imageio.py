@@ -1,0 +1,113 @@
+"""Image files to ``(H, W, 3)`` uint8 RGB, safely.
+
+What ``read_image`` guarantees, and why:
+
+- Only regular files are opened: a FIFO or a device named ``x.png`` would block ``open()``
+  forever (a FIFO) or read without end (``/dev/zero``), so they are refused from ``stat``.
+- The size is checked from the header before any pixel is decoded: a 65-byte PNG may claim
+  20000 x 20000 (1.2 GB as RGB). Pillow reads the header lazily in ``Image.open``, so
+  ``max_pixels`` is checked there; Pillow's own decompression-bomb error (above 2 x
+  ``Image.MAX_IMAGE_PIXELS``, 179 M pixels by default) becomes the same one-line InputError.
+- EXIF orientation is applied (``ImageOps.exif_transpose``), so labels line up with the
+  image as every viewer shows it.
+- Modes are converted by their meaning, not by Pillow's clipping: 16-bit greyscale
+  ("I;16*", and "I", which Pillow uses for 16-bit PNGs) is scaled 0..65535 -> 0..255
+  (``convert("RGB")`` clips instead, so a 16-bit photo came out all white); "L", "1", "P"
+  (through its palette), "CMYK", "YCbCr" go through Pillow's conversions; alpha is dropped
+  ("RGBA", "LA", "PA", palette transparency): the stored colours are what the camera or
+  renderer produced, and compositing would invent a background colour the model never saw.
+  Float ("F") images have no defined range and are refused.
+- Truncated or corrupt files raise InputError naming the file (never a partial image:
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise InputError unless ``path`` is a regular file (following symlinks), without opening it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot stat ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+        raise InputError(f"{path}: is {kind}; expected an image file")
+
+
+def to_rgb(im) -> np.ndarray:
+    """A loaded PIL image -> (H, W, 3) uint8 RGB (see the module docstring for each mode)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        a = np.asarray(im).astype(np.int64)
+        # Round to nearest: 65535 -> 255, 32896 -> 128, 0 -> 0 (v * 255 / 65535 = v / 257).
+        g = ((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=-1)
+    if mode == "F":
+        raise InputError("32-bit float images have no defined value range; expected 8- or 16-bit images")
+    if mode == "P" or mode == "PA":
+        im = im.convert("RGBA")  # through the palette (and its transparency), then drop alpha
+    try:
+        rgb = im.convert("RGB")
+    except ValueError as e:
+        raise InputError(f"cannot convert an image of mode {mode!r} to RGB ({e})") from None
+    return np.array(rgb, dtype=np.uint8)
+
+
+def from_pil(im, max_pixels: int | None = None) -> np.ndarray:
+    """A PIL image of any mode -> (H, W, 3) uint8 RGB, as ``read_image`` decodes files: the size
+    checked against ``max_pixels`` before decoding (an image from ``Image.open`` is still lazy),
+    EXIF orientation applied, modes converted as the module docstring says."""
+    from PIL import ImageOps
+
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise InputError(
+            f"the image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+            "(checked from its header, nothing decoded); resize it, raise max_pixels (--max-pixels) "
+            "or segment it in tiles (tile=, --tile)"
+        )
+    im.load()
+    return to_rgb(ImageOps.exif_transpose(im))
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of the image file ``path``, EXIF orientation applied.
+
+    max_pixels: refuse (InputError, from the header, before decoding) images with more than
+    this many pixels. Every failure is an InputError whose message starts with the path.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    check_regular_file(path)
+    try:
+        with warnings.catch_warnings():
+            # Between MAX_IMAGE_PIXELS and twice that Pillow only warns; max_pixels decides here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return from_pil(im, max_pixels)
+    except InputError as e:
+        msg = str(e)
+        raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: refused from its header, nothing decoded ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+

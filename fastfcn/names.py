@@ -1,0 +1,33 @@
+"""The names the CLI offers as choices, without importing torch.
+
+``fastfcn --help`` and every subcommand's ``--help`` build their ``choices`` from these
+tuples, so asking for help costs no torch import (1.35 s before). Each tuple mirrors a
+registry that needs torch: tests/test_everyday.py checks that they agree, so adding a backend,
+precision or architecture without adding its name here fails there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+# fastfcn.runtime.backends._REGISTRY (the built-in backends; register_backend adds more at run time).
+BACKENDS = ("torch", "fused", "compile", "onnxruntime", "openvino")
+# fastfcn.runtime.backends.PRECISIONS
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+# fastfcn.models.available()
+ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn-alexnet", "deconvnet",
+         "dilated-frontend", "dilated-context")
+
+# The largest H * W a Segmenter accepts per image (per tile when tiling) unless told otherwise.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_arg(value: str) -> str:
+    """argparse ``type`` of ``--device``: a malformed device is refused while parsing (whether it
+    exists on this machine is checked when the model loads)."""
+    if not _DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; expected auto, cpu, cuda or cuda:N")
+    return value

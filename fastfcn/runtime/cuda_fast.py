@@ -1,0 +1,297 @@
+"""The fused backend's CUDA backbone: convolutions with their epilogue fused, fc6 as a GEMM
+where that pays, each chosen by measurement on the GPU at hand (DESIGN.md idea 8).
+
+Eager cuDNN runs a VGG conv step as three passes: the convolution, the bias add and the
+ReLU. The static review of FCN-8s 500x500 bf16 batch 1 on an H200 put the two extra passes
+at ~0.26 ms of a predicted ~1.2 ms per image, which is what torch.compile (inductor fuses
+them) would win by. Two remedies, both per layer and both measured before use:
+
+- ``cudnn_relu``: cuDNN's fused convolution-bias-activation (``torch.cudnn_convolution_relu``),
+  one kernel for conv + bias + ReLU;
+- ``triton``: fastfcn's implicit-GEMM convolution (kernels/conv_epilogue.py) with bias + ReLU in
+  the epilogue, and for the last conv of a block (``conv_pool``) the 2x2 max pool too, so the
+  block's full-size activation is never written (conv1_2 at 500x500: 698 x 698 x 64 bf16,
+  62 MB written and read back per image by the separate pool);
+- ``gemm`` (fc6 at small batch): fc6 is a 7x7 conv, 512 -> 4096, over 22x22 at 500x500, i.e.
+  a GEMM of M = 256 N output positions, N = 4096, K = 25088. At batch 1 an implicit-GEMM
+  convolution has few output tiles for 132 SMs; im2col + cuBLAS matmul lets cuBLAS split K
+  across SMs where its heuristics do, and ``gemm_splitk4`` / ``gemm_splitk8`` split K
+  explicitly (one batched GEMM over the K slices, partials summed in fp32).
+
+``eager`` (torch's conv2d, then bias and ReLU as torch does them) is always a candidate and
+the fallback: when cuDNN's fused op is missing from this torch build or refuses a call (a
+dtype, a layout), the step runs eager. Which candidate wins is measured once per layer and
+input shape, on the first call (the Segmenter's warm-up before a CUDA-graph capture), never
+during a capture. Nothing is measured on a GPU yet (no GPU run since this was written);
+``benchmarks/gpu_first_contact.sh`` profiles the fused backend by kernel category.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import SegmentationModel
+from ..models.backbone import Conv
+from .cuda_graphs import is_oom
+
+# im2col for the GEMM path costs rows x K elements (fc6: K = 25088): at most 2048 rows
+# (batch 8 at 500x500, 103 MB in bf16), beyond which the conv's own tiles fill the GPU anyway.
+GEMM_MAX_ROWS = 2048
+
+# explicit split-K factors tried for fc6 (K = 512 * 49 = 25088 divides by each)
+SPLITS = (4, 8)
+
+Timer = Callable[[Callable[[], object], bool], float]
+
+
+def device_timer(fn: Callable[[], object], cuda: bool, reps: int = 3) -> float:
+    """Seconds per call of fn (median of reps after one warm-up); CUDA events when cuda."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Chooser:
+    """Runs the fastest of several implementations per input key, measured on first use.
+
+    candidates: name -> fn(*args) (insertion order = preference when nothing is measured).
+    A candidate that raises anything but an out-of-memory is dropped for that key (and
+    recorded in ``failed``); the last one must always work.
+    """
+
+    def __init__(self, candidates: dict[str, Callable], timer: Timer = device_timer):
+        if not candidates:
+            raise ValueError("a Chooser needs at least one candidate")
+        self.candidates = dict(candidates)
+        self.timer = timer
+        self.choice: dict = {}
+        self.failed: dict = {}
+
+    def __call__(self, key, *args):
+        name = self.choice.get(key)
+        if name is None:
+            if _capturing():
+                # no timing (it would synchronise) inside a capture: the last, always-working one
+                return list(self.candidates.values())[-1](*args)
+            name = self._choose(key, args)
+        return self.candidates[name](*args)
+
+    def _choose(self, key, args) -> str:
+        times = {}
+        cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        for name, fn in self.candidates.items():
+            try:
+                times[name] = self.timer(lambda fn=fn: fn(*args), cuda)
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                if is_oom(e):
+                    raise
+                self.failed[(key, name)] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+        if not times:
+            raise RuntimeError(f"no implementation ran for {key}: {self.failed}")
+        name = min(times, key=times.get)
+        self.choice[key] = name
+        return name
+
+
+def _key(x: torch.Tensor, padding) -> tuple:
+    return (tuple(x.shape), x.dtype, tuple(padding), x.is_contiguous(memory_format=torch.channels_last))
+
+
+def eager_conv(conv: nn.Conv2d, relu: bool):
+    """torch's conv2d (bias inside), then a separate in-place ReLU: the reference order."""
+
+    def run(x, padding):
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, tuple(padding), conv.dilation, conv.groups)
+        return F.relu(y, inplace=True) if relu else y
+
+    return run
+
+
+def cudnn_relu_conv(conv: nn.Conv2d):
+    """cuDNN's fused conv + bias + ReLU, or None where this torch has no such op."""
+    op = getattr(torch, "cudnn_convolution_relu", None)
+    if op is None:
+        return None
+
+    def run(x, padding):
+        return op(x, conv.weight, conv.bias, conv.stride, tuple(padding), conv.dilation, conv.groups)
+
+    return run
+
+
+def splitk_matmul(a: torch.Tensor, b: torch.Tensor, split: int) -> torch.Tensor:
+    """a (M, K) @ b (K, N) as ``split`` partial products over K slices, summed in fp32: (M, N).
+
+    Each slice is one GEMM of a batched call, so a small M x N (fc6 at batch 1: 256 x 4096,
+    64 tiles of 128 x 128 for 132 SMs) still fills the GPU. On CUDA the bf16 / fp16 partials
+    come out in fp32 (``bmm(..., out_dtype)``); elsewhere the operands are upcast.
+    """
+    m, k = a.shape
+    if k % split:
+        raise NotImplementedError(f"K={k} is not a multiple of split={split}")
+    a3 = a.view(m, split, k // split).transpose(0, 1)  # (S, M, K/S), a strided view
+    b3 = b.reshape(split, k // split, b.shape[1])
+    if a.is_cuda and a.dtype != torch.float32:
+        parts = torch.bmm(a3, b3, out_dtype=torch.float32)
+    else:
+        parts = torch.bmm(a3.float(), b3.float())
+    return parts.sum(0)
+
+
+def gemm_conv(conv: nn.Conv2d, relu: bool, split: int = 1):
+    """The conv as im2col + one matmul (split 1: cuBLAS decides on split-K itself) or an explicit
+    split-K over ``split`` slices of K: output channels_last."""
+
+    def run(x, padding):
+        n = x.shape[0]
+        kh, kw = conv.kernel_size
+        ho = (x.shape[2] + 2 * padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+        wo = (x.shape[3] + 2 * padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+        if n * ho * wo > GEMM_MAX_ROWS:
+            raise NotImplementedError(f"{n * ho * wo} output rows exceed GEMM_MAX_ROWS={GEMM_MAX_ROWS}")
+        cols = F.unfold(x, (kh, kw), dilation=conv.dilation, padding=tuple(padding), stride=conv.stride)
+        w2 = conv.weight.reshape(conv.weight.shape[0], -1)
+        if split == 1:
+            y = torch.matmul(cols.transpose(1, 2), w2.t())  # (N, L, C_out)
+        else:
+            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, K)
+            y = splitk_matmul(a, w2.t(), split).view(n, ho * wo, -1)
+        if conv.bias is not None:
+            y = y.add_(conv.bias)
+        if relu:
+            y = y.relu_()
+        return y.to(x.dtype).view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+    return run
+
+
+def _triton_here(x: torch.Tensor) -> None:
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise NotImplementedError("the Triton convolution runs on CUDA tensors (or in Triton's interpreter)")
+
+
+def triton_conv(conv: nn.Conv2d, pool: bool = False):
+    """fastfcn's Triton conv + bias + ReLU (+ 2x2/2 ceil max pool), or None where it does not apply
+    (grouped, unequal strides or dilations, no bias). The packed weight is made once per dtype."""
+    if conv.groups != 1 or conv.bias is None or len(set(conv.stride)) != 1 or len(set(conv.dilation)) != 1:
+        return None
+    packed: dict = {}
+
+    def run(x, padding):
+        _triton_here(x)
+        from ..kernels import conv_epilogue as ce
+
+        key = (x.dtype, conv.weight._version, conv.bias._version)
+        if packed.get("key") != key:
+            w = ce.pack_weight(conv.weight.to(x.dtype))
+            packed.update(key=key, w=w, b=conv.bias.float().contiguous())
+        # fp32 means fp32 products unless the Segmenter asked for TF32 (it sets the flag per call)
+        ieee = not torch.backends.cuda.matmul.allow_tf32
+        geom = (conv.kernel_size, padding, conv.stride[0], conv.dilation[0])
+        return ce.conv_bias_relu(x, packed["w"], packed["b"], *geom, pool, ieee)
+
+    return run
+
+
+def conv_candidates(conv: nn.Conv2d, relu: bool, gemm: bool = False) -> dict[str, Callable]:
+    """The implementations worth measuring for one conv step, eager last (the fallback)."""
+    cands: dict[str, Callable] = {}
+    fused = cudnn_relu_conv(conv) if relu else None
+    if fused is not None:
+        cands["cudnn_relu"] = fused
+    tri = triton_conv(conv) if relu else None
+    if tri is not None:
+        cands["triton"] = tri
+    if gemm and conv.groups == 1:
+        cands["gemm"] = gemm_conv(conv, relu)
+    cands["eager"] = eager_conv(conv, relu)
+    return cands
+
+
+class EpilogueConv:
+    """A ConvImpl (models/backbone.py) for one backbone Conv step: impl(x, padding), and
+    conv_pool(x, padding, kernel, stride) for a step followed by max pooling."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool, gemm: bool = False, timer: Timer = device_timer):
+        self.chooser = Chooser(conv_candidates(conv, relu, gemm), timer)
+        fused = triton_conv(conv, pool=True) if relu else None
+        self._pool_candidates = {"triton_pool": fused} if fused is not None else {}
+        self._pool_choosers: dict = {}
+        self.timer = timer
+
+    def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
+        return self.chooser(_key(x, padding), x, padding)
+
+    def conv_pool(self, x: torch.Tensor, padding, kernel: int, stride: int) -> torch.Tensor:
+        """max_pool2d(self(x, padding), kernel, stride, ceil_mode=True): the pool inside the conv's
+        epilogue (2x2/2 only) where measured faster than the conv's best followed by torch's pool."""
+        chooser = self._pool_choosers.get((kernel, stride))
+        if chooser is None:
+            cands = dict(self._pool_candidates) if (kernel, stride) == (2, 2) else {}
+
+            def separate(x, padding):
+                return F.max_pool2d(self(x, padding), kernel, stride, ceil_mode=True)
+
+            cands["separate"] = separate
+            chooser = self._pool_choosers[(kernel, stride)] = Chooser(cands, self.timer)
+        return chooser(_key(x, padding), x, padding)
+
+
+class ChosenConv2d(nn.Conv2d):
+    """A Conv2d (same parameters, same state-dict keys) whose forward is measured per shape
+    between torch's conv and the GEMM path: fc6, which the backbone runner does not own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chooser(_key(x, self.padding), x, self.padding)
+
+    @classmethod
+    def wrap(cls, conv: nn.Conv2d, timer: Timer = device_timer) -> ChosenConv2d:
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)  # the same Parameters: keys and weights unchanged
+        cands = {"gemm": gemm_conv(new, False)}
+        for split in SPLITS:
+            cands[f"gemm_splitk{split}"] = gemm_conv(new, False, split)
+        cands["eager"] = eager_conv(new, False)
+        new.chooser = Chooser(cands, timer)
+        return new
+
+
+def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, object]:
+    """Swap every backbone Conv step (BatchNorm already folded) for an EpilogueConv and fc6 for
+    a ChosenConv2d. Returns name -> the installed object (for inspection)."""
+    done: dict[str, object] = {}
+    for step in getattr(model, "backbone", ()):
+        if not isinstance(step, Conv):
+            continue
+        if step.bn is not None and not isinstance(getattr(model, step.bn), nn.Identity):
+            continue  # an unfolded BatchNorm sits between conv and ReLU: keep torch's step
+        impl = EpilogueConv(getattr(model, step.name), step.relu, timer=timer)
+        model.set_conv_impl(step.name, impl)
+        done[step.name] = impl
+    fc6 = getattr(model, "fc6", None)
+    if type(fc6) is nn.Conv2d and fc6.groups == 1:
+        model.fc6 = ChosenConv2d.wrap(fc6, timer)
+        done["fc6"] = model.fc6
+    return done

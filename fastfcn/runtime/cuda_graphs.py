@@ -1,0 +1,86 @@
+"""CUDA graphs for the Segmenter: one captured forward per (input kind, N, H, W, output).
+
+Capture is thread-local (``capture_error_mode="thread_local"``): with the default global
+mode, a synchronising call from any other thread of the process (another Segmenter, a
+``.cpu()`` in the caller's pipeline) invalidates the capture. Captures themselves are
+serialised by one process-wide lock, so two Segmenters never capture at the same time.
+An out-of-memory during capture surfaces from ``capture_end`` as a plain RuntimeError;
+it is re-raised as ``torch.cuda.OutOfMemoryError`` so that the caller's out-of-memory
+handling (halve the batch, retry) runs as it does outside a capture.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+# One capture at a time in the whole process (two Segmenters, or two threads of one).
+CAPTURE_LOCK = threading.Lock()
+
+_OOM_TEXT = ("out of memory", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA out-of-memory, typed or (from a capture) only in its message."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc) for t in _OOM_TEXT)
+
+
+def capture(graph, fn: Callable[[], torch.Tensor], stream, pool) -> torch.Tensor:
+    """Capture ``fn()`` into ``graph`` on ``stream`` (thread-local mode, under CAPTURE_LOCK).
+
+    Returns fn's output (the graph's static output). An out-of-memory anywhere in the capture,
+    including capture_end's untyped RuntimeError, is raised as torch.cuda.OutOfMemoryError.
+    """
+    with CAPTURE_LOCK:
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                out = fn()
+        except RuntimeError as e:
+            if is_oom(e) and not isinstance(e, torch.cuda.OutOfMemoryError):
+                raise torch.cuda.OutOfMemoryError(f"out of memory during CUDA graph capture: {e}") from e
+            raise
+    return out
+
+
+class CapturedForward:
+    """``run(x) -> y`` for one input shape, replayed from a CUDA graph.
+
+    run_fn(static_in) -> output: the work to capture (preprocessing + forward + finish), with
+    static_in (shape, dtype) on ``device``; ``stream`` is the stream replays run on. Host
+    input is staged through one pinned buffer (pinned once: pinning per call can make the
+    copy up to 2x slower).
+    """
+
+    def __init__(self, run_fn, shape: tuple, dtype: torch.dtype, device, stream, pool, warmup: int = 2):
+        self.static_in = torch.zeros(shape, dtype=dtype, device=device)
+        self.pinned = torch.empty(shape, dtype=dtype, pin_memory=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record(stream)
+        self.stream = stream
+        side = torch.cuda.Stream(device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side), torch.inference_mode():
+            # Warm-up outside the capture: cuDNN autotuning (benchmark mode) and lazy inits.
+            for _ in range(warmup):
+                run_fn(self.static_in)
+        stream.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode():
+            self.static_out = capture(self.graph, lambda: run_fn(self.static_in), side, pool)
+
+    def run(self, t: torch.Tensor) -> torch.Tensor:
+        """Copy ``t`` (host or device) into the static input, replay, return a copy of the output."""
+        if t.device.type == "cpu":
+            # Pinned staging: wait only for this buffer's previous upload, then copy asynchronously.
+            self.copied.synchronize()
+            self.pinned.copy_(t)
+            self.static_in.copy_(self.pinned, non_blocking=True)
+            self.copied.record(self.stream)
+        else:
+            self.static_in.copy_(t)
+        self.graph.replay()
+        return self.static_out.clone()

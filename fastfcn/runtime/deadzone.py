@@ -1,0 +1,581 @@
+"""Compute only what the image reaches: the backbone planner ("dead zone" skip).
+
+conv1_1's padding of 100 (FCN-VGG, FCN-AlexNet) and DeconvNet's zero padding to >= 224 and a
+multiple of 32 surround the image with positions whose receptive field never reaches it: their
+values depend only on (H, W) and the weights. For FCN-8s at 500x500 that is 56 of 181.5 GMAC
+(31%), about 50% at 224x224 and 14% at 1920x1080 (FACTS.md, "Image-independent positions";
+``fastfcn.flops.count_macs(...).computed_macs`` reports what this plan computes: 125.6 GMAC).
+
+Two parts:
+
+- geometry (pure ints, ``DeadZonePlan``): per step, the interval of outputs (per dimension)
+  whose window meets the image-dependent input interval, the outputs computed per call (those,
+  and before a pool the few the pool's window reads around them), and the input window they
+  read, with the zero padding it needs where it leaves the map;
+- the executor (``DeadZoneForward``): per call, each step runs only on its window, assembled
+  from the previous step's computed outputs and a thin cached ring of image-independent values
+  around them (2 px for a 3x3 conv after a conv). Taps (the head's pool3/pool4), pooling
+  switches and the final map are whole: the computed part is pasted into the cached rest. The
+  cache is filled by one ordinary forward of the steps per (H, W, dtype, device, memory
+  format, autocast, conv impls, weights) and kept in a bounded LRU (``DeadZoneCache``).
+
+Exact: each computed value is the same conv / pool of the same inputs as in the plain forward
+(the zero padding a window needs where it is clipped is the padding the layer has anyway), so
+results agree to float32 rounding (the convolution may pick another blocking for another
+shape). Built from torch ops only, so it runs wherever the steps do (CPU, CUDA, meta).
+
+Measured (FCN-8s width 1, 500x500, fp32, batch 1, torch's own convs, logits; AMD EPYC Zen 4,
+2 cores shared with other jobs at load 8-10, so absolute times are inflated; medians of 7
+interleaved rounds, benchmarks/deadzone_ablation.py): 2 threads 13.9 s with the skip vs
+18.2 s without (0.77), 1 thread 9.8 vs 12.9 s (0.76); the MACs computed are 0.69 of the
+nominal (125.6 of 181.5 G). Filling the cache costs one plain backbone forward per shape.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.backbone import LRN, Conv, Pool, conv_geometry, reference_conv, run_steps
+
+# The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
+ENABLED = True
+
+Span = tuple[int, int]  # half-open [lo, hi)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+# (kind, kernel, stride, padding, dilation) of a step along one dimension; kind: conv, pool, point.
+Geom = tuple[str, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class DimPlan:
+    """One step along one dimension. ``size`` / ``out_size``: the map sizes; ``dep`` /
+    ``out_dep``: the image-dependent interval of input / output; ``out_comp`` (contains
+    ``out_dep``): the outputs computed per call; ``avail``: the input interval a call has
+    computed (the whole map where the previous output is kept whole); ``window``: the input
+    interval the computed outputs read, before clipping to [0, size) (it may start below 0 or
+    end past ``size`` where the layer's own padding supplies zeros)."""
+
+    size: int
+    dep: Span
+    out_size: int
+    out_dep: Span
+    geom: Geom
+    avail: Span
+    out_comp: Span
+
+    @property
+    def window(self) -> Span:
+        kind, k, s, p, d = self.geom
+        lo, hi = self.out_comp
+        if lo >= hi:
+            return 0, 0
+        if kind == "point":
+            return lo, hi
+        last = (hi - 1) * s - p + d * (k - 1) + 1
+        # torch clips a ceil-mode pooling window at the border: no padding there.
+        return lo * s - p, (min(last, self.size) if kind == "pool" else last)
+
+    @property
+    def clipped(self) -> Span:
+        lo, hi = self.window
+        return max(lo, 0), min(hi, self.size)
+
+    @property
+    def pad(self) -> Span:
+        """Zeros needed before / after the clipped window."""
+        lo, hi = self.window
+        return max(0, -lo), max(0, hi - self.size)
+
+
+def _dim(size: int, dep: Span, out: int, lo: int, hi: int, geom: Geom) -> DimPlan:
+    out_dep = (lo, hi) if dep[0] < dep[1] and lo < hi else (0, 0)
+    return DimPlan(size, dep, out, out_dep, geom, dep, out_dep)
+
+
+def conv_dim(size: int, dep: Span, kernel: int, stride: int, padding: int, dilation: int) -> DimPlan:
+    """A convolution along one dimension: output o reads inputs [o*stride - padding, ... + extent).
+
+    With dilation > 1 the dependent outputs are taken as the interval hull (a superset: the few
+    extra outputs are computed, not wrong)."""
+    extent = dilation * (kernel - 1) + 1
+    out = (size + 2 * padding - extent) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"convolution of a size-{size} map (kernel {kernel}, stride {stride}, padding {padding}, "
+            f"dilation {dilation}) has no output; the input is too small for this layer"
+        )
+    lo = max(0, _cdiv(dep[0] + padding - extent + 1, stride))
+    hi = min(out, (dep[1] - 1 + padding) // stride + 1)
+    return _dim(size, dep, out, lo, hi, ("conv", kernel, stride, padding, dilation))
+
+
+def pool_out_size(size: int, kernel: int, stride: int) -> int:
+    """torch's max_pool2d output size with ceil_mode=True and no padding (Caffe's rounding)."""
+    out = (size - kernel + stride - 1) // stride + 1
+    if (out - 1) * stride >= size:
+        out -= 1
+    if out < 1:
+        raise ValueError(f"max pooling {kernel}/{stride} of a size-{size} map has no output")
+    return out
+
+
+def pool_dim(size: int, dep: Span, kernel: int, stride: int) -> DimPlan:
+    """Max pooling, ceil rounding: output o reads [o*stride, min(o*stride + kernel, size)) (torch
+    clips the last window at the border; the window is clipped the same way)."""
+    out = pool_out_size(size, kernel, stride)
+    lo = max(0, _cdiv(dep[0] - kernel + 1, stride))
+    hi = min(out, (dep[1] - 1) // stride + 1)
+    return _dim(size, dep, out, lo, hi, ("pool", kernel, stride, 0, 1))
+
+
+def point_dim(size: int, dep: Span) -> DimPlan:
+    return _dim(size, dep, size, dep[0], dep[1], ("point", 1, 1, 0, 1))
+
+
+Rect = tuple[Span, Span]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One backbone step over both dimensions (rows, cols)."""
+
+    step: object
+    rows: DimPlan
+    cols: DimPlan
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return self.rows.out_size, self.cols.out_size
+
+    @property
+    def whole(self) -> Rect:
+        return (0, self.rows.out_size), (0, self.cols.out_size)
+
+    @property
+    def avail(self) -> Rect:
+        return self.rows.avail, self.cols.avail
+
+    @property
+    def window(self) -> Rect:
+        return self.rows.clipped, self.cols.clipped
+
+    @property
+    def comp(self) -> Rect:
+        return self.rows.out_comp, self.cols.out_comp
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.out_dep[0] >= self.rows.out_dep[1] or self.cols.out_dep[0] >= self.cols.out_dep[1]
+
+    @property
+    def full(self) -> bool:
+        """Every output is computed (the plain step)."""
+        return self.comp == self.whole
+
+    @property
+    def dependent_fraction(self) -> float:
+        return _area((self.rows.out_dep, self.cols.out_dep)) / _area(self.whole)
+
+    @property
+    def computed_fraction(self) -> float:
+        return _area(self.comp) / _area(self.whole)
+
+
+def _area(rect: Rect) -> int:
+    return max(0, rect[0][1] - rect[0][0]) * max(0, rect[1][1] - rect[1][0])
+
+
+class DeadZonePlan:
+    """The geometry of ``steps`` on an input map of ``size`` = (H, W) whose image-dependent part
+    is the top-left ``image_size`` (default: all of it; DeconvNet: the image inside its zero
+    padding). Pure ints: ``plan.steps[k]`` is a StepPlan.
+
+    ``whole``: indices of steps whose output a caller needs whole (taps); the last step's and
+    those with no dependent output are added. ``align``: a conv followed by a pool also
+    computes the few independent outputs the pool's window reads around its dependent core,
+    where they are at most this fraction more outputs: the pool then reads a view of the
+    conv's output instead of a copy with a cached ring pasted around. FCN-8s 500x500: conv1_2
+    computes 506^2 instead of 504^2 outputs (+0.8%, 75 MMAC) and pool1 copies no 65 MB window;
+    conv2_2 and conv3_3 likewise; conv4_3 would need +5.5% and does not. Backbone, 1 thread,
+    this shared machine: 6.90 s with it, 7.72 s without (minima of 5 interleaved rounds; the
+    plain steps 12.56 s). 0 turns it off.
+    """
+
+    def __init__(
+        self, model, steps: Sequence, size: tuple[int, int], image_size: tuple[int, int] | None = None,
+        whole: Collection[int] = (), align: float = 0.02,
+    ):  # fmt: skip
+        size = (int(size[0]), int(size[1]))
+        image = size if image_size is None else (int(image_size[0]), int(image_size[1]))
+        if min(size) < 1 or not (1 <= image[0] <= size[0] and 1 <= image[1] <= size[1]):
+            raise ValueError(
+                f"the image ({image}) must be a non-empty top-left part of the input map ({size})"
+            )
+        self.size, self.image_size = size, image
+        dep: Rect = ((0, image[0]), (0, image[1]))
+        dims = []
+        for step in steps:
+            rows, cols = _step_dims(model, step, size, dep)
+            dims.append((step, rows, cols))
+            size, dep = (rows.out_size, cols.out_size), (rows.out_dep, cols.out_dep)
+        n = len(dims)
+        plans = [StepPlan(*d) for d in dims]
+        self.whole = frozenset(k for k in range(n) if k in whole or k == n - 1 or plans[k].empty)
+        comp = [p.comp for p in plans]
+        for k in range(n - 2, -1, -1):  # backwards: a step's computed outputs follow the next window
+            if (
+                isinstance(plans[k].step, Conv)
+                and isinstance(plans[k + 1].step, Pool)
+                and k not in self.whole
+            ):
+                win = plans[k + 1].window  # pools compute their dependent outputs only
+                grown = tuple(
+                    (min(comp[k][i][0], win[i][0]), max(comp[k][i][1], win[i][1])) for i in range(2)
+                )
+                if _area(grown) <= (1 + align) * _area(comp[k]):
+                    comp[k] = grown
+        self.steps: tuple[StepPlan, ...] = tuple(
+            StepPlan(p.step, _with(p.rows, avail[0], c[0]), _with(p.cols, avail[1], c[1]))
+            for p, avail, c in zip(plans, self._avail(plans, comp), comp)
+        )
+
+    def _avail(self, plans, comp) -> list[Rect]:
+        """What each step's input holds per call: the whole map (the input itself, or a kept-whole
+        output) or the previous step's computed outputs."""
+        out = [((0, self.size[0]), (0, self.size[1]))]
+        for k in range(len(plans) - 1):
+            out.append(plans[k].whole if k in self.whole else comp[k])
+        return out
+
+
+def _with(d: DimPlan, avail: Span, out_comp: Span) -> DimPlan:
+    return DimPlan(d.size, d.dep, d.out_size, d.out_dep, d.geom, avail, out_comp)
+
+
+def _step_dims(model, step, size, dep) -> tuple[DimPlan, DimPlan]:
+    if isinstance(step, Conv):
+        k, s, p, d = conv_geometry(getattr(model, step.name))
+        return tuple(conv_dim(size[i], dep[i], k[i], s[i], p[i], d[i]) for i in range(2))
+    if isinstance(step, Pool):
+        return tuple(pool_dim(size[i], dep[i], step.kernel, step.stride) for i in range(2))
+    if isinstance(step, LRN):
+        return tuple(point_dim(size[i], dep[i]) for i in range(2))
+    raise TypeError(f"unknown backbone step {step!r}; expected Conv, Pool or LRN")
+
+
+def _ring(window: Rect, core: Rect) -> list[Rect]:
+    """The window minus the core, as up to 4 rectangles (top, bottom, left, right) in map coords."""
+    (r0, r1), (c0, c1) = window
+    cr0, cr1 = min(max(core[0][0], r0), r1), max(min(core[0][1], r1), r0)
+    cc0, cc1 = min(max(core[1][0], c0), c1), max(min(core[1][1], c1), c0)
+    if cr0 >= cr1 or cc0 >= cc1:  # no overlap: the whole window is independent
+        return [((r0, r1), (c0, c1))]
+    rects = [((r0, cr0), (c0, c1)), ((cr1, r1), (c0, c1)), ((cr0, cr1), (c0, cc0)), ((cr0, cr1), (cc1, c1))]
+    return [r for r in rects if r[0][0] < r[0][1] and r[1][0] < r[1][1]]
+
+
+def _crop(t: torch.Tensor, rect: Rect, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    (r0, r1), (c0, c1) = rect
+    return t[..., r0 - origin[0] : r1 - origin[0], c0 - origin[1] : c1 - origin[1]]
+
+
+def _inside(inner: Rect, outer: Rect) -> bool:
+    return all(outer[i][0] <= inner[i][0] and inner[i][1] <= outer[i][1] for i in range(2))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@dataclass
+class _Entry:
+    """The image-independent values for one key, as rings of (rect, (1, C, h, w) tensor) in map
+    coordinates: ``rings[k]``, step k's input window minus what the previous step computes;
+    ``outs[k]`` / ``switches[k]``, step k's whole output / switches minus what it computes,
+    where they must be whole (None elsewhere)."""
+
+    rings: list
+    outs: list
+    switches: list
+
+    @property
+    def nbytes(self) -> int:
+        rings = [r for r in self.rings + self.outs + self.switches if r]
+        return sum(t.numel() * t.element_size() for ring in rings for _, t in ring)
+
+
+class DeadZoneCache:
+    """A bounded, thread-safe LRU of image-independent values: at most ``maxsize`` entries and
+    ``max_bytes`` bytes (the newest entry is always kept); ``nbytes`` is what it holds.
+
+    One entry (``_Entry.nbytes``) for FCN-8s width 1, fp32: 14.0 MiB at 500x500 (10.0 MiB of
+    1-2 px rings around the conv / pool windows, 4.0 MiB of pool3 and pool4 outside their
+    dependent cores), 7.1 MiB at 224x224, 37.7 MiB at 1920x1080; bf16 halves these. The
+    default bound (8 entries, 512 MiB) holds 8 shapes up to 1080p.
+    """
+
+    def __init__(self, maxsize: int = 8, max_bytes: int | None = 512 * 2**20):
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1; got {maxsize!r}")
+        self.maxsize, self.max_bytes = maxsize, max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, key, build: Callable[[], _Entry]) -> _Entry:
+        """The entry for ``key``, built once by ``build()`` (concurrent callers of one key wait
+        for the one build; other keys are not blocked)."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            key_lock = self._building.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    return self._entries[key]
+            try:
+                entry = build()
+            finally:
+                with self._lock:
+                    self._building.pop(key, None)
+            with self._lock:
+                self._entries[key] = entry
+                self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.maxsize
+            or (self.max_bytes is not None and sum(e.nbytes for e in self._entries.values()) > self.max_bytes)
+        ):
+            self._entries.popitem(last=False)
+
+
+class DeadZoneForward:
+    """Runs a model's backbone steps computing only the image-dependent positions.
+
+    ``fwd(x, feats, switches=None, image_size=None) -> h`` is a drop-in for
+    ``run_steps(model, steps, x, feats, switches, pool_with_switches)``: x (N, C, H, W) is the
+    backbone's input map, of which the top-left ``image_size`` (default: all) holds the image
+    and the rest zeros (DeconvNet's padding); taps go to ``feats`` and switches to ``switches``
+    as full maps, as run_steps puts them. Only the ``taps`` a caller reads are made whole
+    (default: the sources of ``model.head.taps`` where the model has a head, FCN-8s's pool3
+    and pool4; else every tap of the steps): FCN-VGG's steps tap pool1 and pool2 too, which
+    cached whole would cost 47 MB at 500x500. Convolutions run through the model's
+    ``_conv_impls`` (``set_conv_impl``), else torch's own.
+
+    ``enabled``: False runs the plain steps (ablation); None follows the module's ``ENABLED``.
+    ``cache``: a DeadZoneCache to share (default: one per instance); ``align``: see
+    DeadZonePlan. The convolutions run on windows of other shapes than the whole maps, plus
+    once on the whole map per shape to fill the cache.
+    """
+
+    def __init__(
+        self,
+        model,
+        steps: Sequence | None = None,
+        *,
+        pool_with_switches: Callable | None = None,
+        enabled: bool | None = None,
+        cache: DeadZoneCache | None = None,
+        taps: Collection[str] | None = None,
+        align: float = 0.02,
+    ):
+        self.model = model
+        self.steps = tuple(model.backbone if steps is None else steps)
+        if not self.steps:
+            raise ValueError(f"{type(model).__name__} has no backbone steps to plan")
+        self.pool_with_switches = pool_with_switches
+        if taps is None:
+            head = getattr(model, "head", None)
+            taps = {t.source for t in head.taps} if head is not None and hasattr(head, "taps") else None
+        step_taps = {s.tap for s in self.steps if isinstance(s, Pool) and s.tap is not None}
+        self.taps = frozenset(step_taps if taps is None else taps)
+        if not self.taps <= step_taps:
+            raise ValueError(
+                f"taps {sorted(self.taps - step_taps)} are not taps of these steps {sorted(step_taps)}"
+            )
+        self.enabled = enabled
+        self.align = align
+        self.cache = DeadZoneCache() if cache is None else cache
+        names = [n for st in self.steps for n in (getattr(st, "name", None), getattr(st, "bn", None)) if n]
+        self._step_modules = [getattr(model, n) for n in names]
+        self._plans: dict = {}
+
+    def plan(self, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> DeadZonePlan:
+        key = (tuple(size), tuple(image_size or size))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 256:  # a stream of ever new sizes: plans are cheap to redo
+                self._plans.clear()
+            taps = [k for k, st in enumerate(self.steps) if isinstance(st, Pool) and st.tap in self.taps]
+            plan = DeadZonePlan(self.model, self.steps, size, image_size, whole=taps, align=self.align)
+            self._plans[key] = plan
+        return plan
+
+    def __call__(
+        self, x: torch.Tensor, feats: dict, switches: dict | None = None, image_size=None
+    ) -> torch.Tensor:
+        enabled = ENABLED if self.enabled is None else self.enabled
+        if not enabled:
+            return run_steps(self.model, self.steps, x, feats, switches, self.pool_with_switches)
+        if x.dim() != 4:
+            raise ValueError(f"input must be a 4-d tensor (N, C, H, W); got shape {tuple(x.shape)}")
+        if switches is None and any(isinstance(s, Pool) and s.switches is not None for s in self.steps):
+            raise ValueError("these steps keep pooling switches: pass a dict as `switches`")
+        plan = self.plan((x.shape[-2], x.shape[-1]), image_size)
+        entry = self.cache.get(self._key(x, plan), lambda: self._build(x, plan))
+        return self._run(x, plan, entry, feats, switches)
+
+    @property
+    def _step_tensors(self) -> list[torch.Tensor]:
+        return [t for m in self._step_modules for t in (*m.parameters(), *m.buffers())]
+
+    def _key(self, x: torch.Tensor, plan: DeadZonePlan) -> tuple:
+        impls = getattr(self.model, "_conv_impls", {})
+        # Weights and BatchNorm statistics changed in place (load_state_dict) bump _version;
+        # replaced ones (fold_batchnorm) change data_ptr.
+        weights = tuple((t.data_ptr(), t._version) for t in self._step_tensors)
+        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+        return (
+            plan.size, plan.image_size, x.dtype, x.device, _memory_format(x), autocast,
+            tuple(sorted((k, id(v)) for k, v in impls.items())), weights,
+        )  # fmt: skip
+
+    # -- the cache: one plain forward of the steps, keeping only what later calls need ---------
+
+    def _build(self, x: torch.Tensor, plan: DeadZonePlan) -> _Entry:
+        n = len(plan.steps)
+        rings, outs, sws = [[] for _ in range(n)], [None] * n, [None] * n
+        with torch.no_grad():
+            h = torch.zeros_like(x[:1])
+            for k, sp in enumerate(plan.steps):
+                if not sp.empty and not _inside(sp.window, sp.avail):
+                    rings[k] = _take(h, _ring(sp.window, sp.avail))
+                sw: dict = {}
+                h = run_steps(self.model, [sp.step], h, {}, sw, self.pool_with_switches)
+                if k in plan.whole and not sp.full:
+                    outs[k] = _take(h, _ring(sp.whole, sp.comp))
+                if sw and not sp.full:
+                    sws[k] = _take(next(iter(sw.values()))[0], _ring(sp.whole, sp.comp))
+        return _Entry(rings, outs, sws)
+
+    # -- the per-call forward ------------------------------------------------------------------
+
+    def _run(self, x, plan, entry, feats, switches) -> torch.Tensor:
+        n, h = x.shape[0], x
+        for k, sp in enumerate(plan.steps):
+            step = sp.step
+            keeps_switches = isinstance(step, Pool) and step.switches is not None
+            if sp.empty:
+                out = _assemble(None, None, entry.outs[k], sp.whole, n)
+                sw = _assemble(None, None, entry.switches[k], sp.whole, n) if keeps_switches else None
+            else:
+                # h holds sp.avail: the whole map, or the previous step's computed outputs.
+                win = _assemble(h, sp.avail, entry.rings[k], sp.window, n)
+                out, sw = self._apply(step, win, sp)
+                if sw is not None and not sp.full:
+                    sw = _switches_to_map(sw, (sp.window[0][0], sp.window[1][0]), sp)
+                    sw = _assemble(sw, sp.comp, entry.switches[k], sp.whole, n)
+                if k in plan.whole and not sp.full:
+                    out = _assemble(out, sp.comp, entry.outs[k], sp.whole, n)
+            if keeps_switches:
+                switches[step.switches] = (sw, (sp.rows.size, sp.cols.size))
+            if isinstance(step, Pool) and step.tap in self.taps:
+                feats[step.tap] = out
+            h = out
+        return h
+
+    def _apply(self, step, win: torch.Tensor, sp: StepPlan):
+        """The step on its window: (dependent output core, its switches in window coords or None)."""
+        if isinstance(step, Conv):
+            (rlo, rhi), (clo, chi) = sp.rows.pad, sp.cols.pad
+            sym = (min(rlo, rhi), min(clo, chi))
+            extra = (clo - sym[1], chi - sym[1], rlo - sym[0], rhi - sym[0])
+            if any(extra):
+                win = F.pad(win, extra)
+            impl = getattr(self.model, "_conv_impls", {}).get(step.name) or reference_conv(self.model, step)
+            return impl(win, sym), None
+        if isinstance(step, Pool):
+            if step.switches is None:
+                return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True), None
+            if self.pool_with_switches is None:
+                return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True, return_indices=True)
+            return self.pool_with_switches(win, step.kernel, step.stride)
+        return getattr(self.model, step.name)(win), None
+
+
+def _switches_to_map(sw: torch.Tensor, origin: tuple[int, int], sp: StepPlan) -> torch.Tensor:
+    """Switches computed on a window -> switches of the full pre-pool map. torch's are flat
+    indices into the (pre-pool) plane: shift them by the window's corner. fastfcn's one-byte
+    switches (dy * kernel + dx within the window) do not depend on where the window is: every
+    window starts at a multiple of the stride, as in the full map."""
+    if sw.dtype == torch.uint8:
+        return sw
+    width = sp.cols.clipped[1] - sp.cols.clipped[0]
+    return (sw // width + origin[0]) * sp.cols.size + (sw % width + origin[1])
+
+
+def _take(t: torch.Tensor, rects) -> list:
+    """The cached values of ``rects`` of ``t`` (1, C, H, W): copies, so the map can be freed."""
+    return [(r, _crop(t, r).clone()) for r in rects]
+
+
+def _assemble(core, core_rect, ring, rect, n: int) -> torch.Tensor:
+    """The values of ``rect`` (N, C, h, w): the cached ``ring`` (broadcast over the batch) with
+    the dependent ``core`` (N, C, ...) at ``core_rect`` pasted in; a view where the core covers
+    the rect."""
+    if core is not None and _inside(rect, core_rect):
+        return _crop(core, rect, (core_rect[0][0], core_rect[1][0]))
+    like = core if core is not None else ring[0][1]
+    (r0, r1), (c0, c1) = rect
+    buf = torch.empty(
+        (n, like.shape[1], r1 - r0, c1 - c0), dtype=like.dtype, device=like.device,
+        memory_format=_memory_format(like),
+    )  # fmt: skip
+    origin = (r0, c0)
+    for r, values in ring or ():
+        _crop(buf, r, origin).copy_(values)
+    if core is not None:
+        inter = tuple((max(core_rect[i][0], rect[i][0]), min(core_rect[i][1], rect[i][1])) for i in range(2))
+        if inter[0][0] < inter[0][1] and inter[1][0] < inter[1][1]:
+            _crop(buf, inter, origin).copy_(_crop(core, inter, (core_rect[0][0], core_rect[1][0])))
+    return buf
+
+
+def deadzone_forward(model, steps: Sequence | None = None, **kwargs) -> DeadZoneForward:
+    """``run = deadzone_forward(model)``; ``h = run(x, feats, switches)``: see DeadZoneForward."""
+    return DeadZoneForward(model, steps, **kwargs)
+
+
+__all__ = [
+    "ENABLED", "DeadZoneCache", "DeadZoneForward", "DeadZonePlan", "DimPlan", "StepPlan",
+    "conv_dim", "deadzone_forward", "pool_dim", "pool_out_size",
+]  # fmt: skip

@@ -1,0 +1,112 @@
+"""benchmarks/gpu_first_contact.sh in its CPU dry run (tiny sizes, Triton's interpreter): every
+stage runs and writes its results, so the one-call GPU script cannot rot between GPU runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_first_contact.sh"
+
+
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
+)
+def test_dry_run_writes_every_stage(tmp_path):
+    out = tmp_path / "fc"
+    env = {
+        **os.environ,
+        "FC_DRY": "1",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+    }
+    env.pop("STAGES", None)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "run.log").read_text()
+    assert "hit its cap" not in log and "ended with status" not in log, log[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "env.json",
+            "correctness.json",
+            "headline.json",
+            "profile.json",
+            "tests.log",
+            "summary.txt",
+            "run.log",
+        ]
+    )  # flat and few: the device tool returns at most 8 files
+    data = {
+        n: json.loads((out / f"{n}.json").read_text()) for n in ("env", "correctness", "headline", "profile")
+    }
+    for name, d in data.items():
+        assert d["errors"] == [], (name, d["errors"])
+    kernels = {k["name"]: k for k in data["correctness"]["kernels"]}
+    for kind in ("bilinear", "depthwise", "dense"):
+        k = next(v for n, v in kernels.items() if n.startswith(f"final_stage_{kind}"))
+        assert (
+            k["mismatch_beyond_ties"] == 0
+            and k["logits_max_err_over_max"] < 1e-5
+            and k["probs_max_abs_err"] < 1e-5
+        )
+        assert all(v["equals_chosen"] for n, v in kernels.items() if n.startswith(f"variant_{kind}_labels"))
+    convs = [v for n, v in kernels.items() if n.startswith("triton_conv_")]
+    assert len(convs) == 4
+    assert all(v["err_over_max"] < (1e-5 if "float32" in v["name"] else 2e-2) for v in convs)
+    exact = [v["exact"] for n, v in kernels.items() if n.startswith(("maxpool", "unpool"))]
+    assert len(exact) == 6 and all(exact)
+    checks = data["correctness"]["graph_checks"]
+    for key in (
+        "replay_bitwise_repeatable",
+        "sensitive_to_input",
+        "pinned_host_input_equals_device_input",
+        "threads_4x3_consistent",
+    ):
+        assert checks[key] is True, key
+    assert checks["graph_vs_no_graph"]["label_agreement"] == 1.0
+    cases = data["headline"]["cases"]
+    measured = {(c["backend"], c["batch"]) for c in cases if c.get("ms_per_image", 0) > 0}
+    assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2)}
+    assert {c["backend"] for c in cases if "skipped" in c} == {"compile"}
+    profiles = data["profile"]["profiles"]
+    assert [(p["backend"], p["batch"]) for p in profiles] == [("fused", 1), ("torch", 1)]
+    assert all("convolution" in p["by_category_ms_count"] for p in profiles)
+    tests_log = (out / "tests.log").read_text()
+    assert tests_log.count("collected") == 2, tests_log[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "fused      1" in summary and "check threads_4x3_consistent: True" in summary
+
+
+def test_categories():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_first_contact as fc
+    finally:
+        sys.path.pop(0)
+    assert fc.categorize("upsample_kernel") == "fastfcn_kernels"
+    assert fc.categorize("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert fc.categorize("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>") == "layout_copies"
+    assert (
+        fc.categorize(
+            "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous)::launch_clamp_scalar"
+        )
+        == "relu"
+    )
+    assert (
+        fc.categorize("void at::native::(anonymous namespace)::max_pool_forward_nhwc<c10::BFloat16>")
+        == "pool"
+    )
+    assert (
+        fc.categorize("void at::native::elementwise_kernel<128, 2, CUDAFunctor_add<c10::BFloat16>>") == "bias"
+    )
+    assert fc.categorize("triton_poi_fused_convolution_relu_3") == "inductor_fused"
+    assert fc.categorize("aten::mm") == "convolution" and fc.categorize("aten::relu_") == "relu"

@@ -1,0 +1,431 @@
+"""The CUDA-side runtime logic, tested without a GPU: CUDA-graph capture (thread-local, one
+process-wide lock, out-of-memory during capture), precision flags per Segmenter, one cuDNN
+setting for every backend, independent compile backends, and the CUDA conv epilogues
+(which implementation is chosen, fallbacks when cuDNN's fused op is missing or refuses)."""
+
+import gc
+import weakref
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastfcn
+from fastfcn.models import build
+from fastfcn.runtime import backends, cuda_fast, cuda_graphs, segmenter
+
+
+def _images(n, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------ CUDA graphs
+
+
+def test_is_oom_recognises_untyped_capture_errors():
+    assert cuda_graphs.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert cuda_graphs.is_oom(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert cuda_graphs.is_oom(RuntimeError("operation failed: cudaErrorMemoryAllocation"))
+    assert not cuda_graphs.is_oom(RuntimeError("operation not permitted when stream is capturing"))
+    assert not cuda_graphs.is_oom(ValueError("out of memory"))
+
+
+def _fake_graph_cm(calls, end_error=None):
+    @contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        calls.append({"mode": capture_error_mode, "locked": cuda_graphs.CAPTURE_LOCK.locked()})
+        yield
+        if end_error is not None:
+            raise end_error  # as capture_end does
+
+    return graph
+
+
+def test_capture_is_thread_local_under_the_process_lock(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "graph", _fake_graph_cm(calls))
+    seen = []
+    out = cuda_graphs.capture(object(), lambda: seen.append(cuda_graphs.CAPTURE_LOCK.locked()) or 7, 0, 0)
+    assert out == 7 and seen == [True]
+    assert calls == [{"mode": "thread_local", "locked": True}]
+    assert not cuda_graphs.CAPTURE_LOCK.locked()
+
+
+def test_oom_at_capture_end_becomes_out_of_memory_error(monkeypatch):
+    calls = []
+    err = RuntimeError("CUDA error: out of memory")
+    monkeypatch.setattr(torch.cuda, "graph", _fake_graph_cm(calls, err))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="during CUDA graph capture"):
+        cuda_graphs.capture(object(), lambda: 1, None, None)
+    assert not cuda_graphs.CAPTURE_LOCK.locked()
+    other = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "graph", _fake_graph_cm(calls, other))
+    with pytest.raises(RuntimeError, match="not permitted") as ei:
+        cuda_graphs.capture(object(), lambda: 1, None, None)
+    assert not isinstance(ei.value, torch.cuda.OutOfMemoryError)
+
+
+def test_untyped_oom_from_a_capture_halves_the_batch(monkeypatch):
+    """_run_split treats capture_end's untyped out-of-memory like any other: halve and retry."""
+    seg = fastfcn.Segmenter(build("fcn32s", 21, 0.0625).eval(), device="cpu", backend="torch")
+    seg._use_graphs = True
+    sizes = []
+
+    def replay(t, kind, output):
+        sizes.append(t.shape[0])
+        if t.shape[0] > 1:
+            raise RuntimeError("CUDA error: out of memory")  # as capture_end raises it
+        return seg._finish(seg._compute(t, kind, output))
+
+    monkeypatch.setattr(seg, "_replay", replay)
+    batch = _images(4, 20, 24)
+    with torch.inference_mode():
+        got = seg._run_split(batch, "u8", "labels")
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    seg._use_graphs = False
+    assert torch.equal(got, seg.run(batch))
+
+    def broken(*args):
+        raise RuntimeError("illegal memory access")
+
+    monkeypatch.setattr(seg, "_replay", broken)
+    seg._use_graphs = True
+    with pytest.raises(RuntimeError, match="illegal memory access"), torch.inference_mode():
+        seg._run_split(batch, "u8", "labels")
+
+
+# ------------------------------------------------------------------ precision, cuDNN setting
+
+
+@pytest.fixture
+def tf32_flags():
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _flags():
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+
+@pytest.mark.parametrize("precision,inside", [("fp32", (False,) * 2), ("tf32", (True,) * 2), ("bf16", None)])
+def test_precision_flags_are_per_segmenter(precision, inside, tf32_flags):
+    seg = fastfcn.Segmenter(build("fcn32s", 21, 0.0625).eval(), device="cpu", backend="torch")
+    seg._device, seg._precision = torch.device("cuda"), precision  # the CUDA logic, on the CPU
+    for before in ((True, True), (False, True)):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        with seg._precision_flags():
+            assert _flags() == (inside or before)
+            # fp32 / tf32 hold the process-wide lock while they run; bf16 never takes it
+            assert segmenter._TF32_LOCK.locked() == (inside is not None)
+        assert _flags() == before
+
+
+def test_every_cuda_backend_sets_the_same_cudnn_mode(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    backends.Backend(None, torch.device("cpu"), "fp32")
+    assert torch.backends.cudnn.benchmark is False  # the CPU leaves cuDNN alone
+    backends.Backend(None, torch.device("cuda"), "bf16")  # the base class: torch, fused, compile
+    assert torch.backends.cudnn.benchmark is True
+
+
+# ------------------------------------------------------------------ compile backends
+
+
+def test_compile_backends_are_independent_and_freed(monkeypatch):
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+
+    # dynamo's own eager backend: the same caching as inductor without inductor's compile time
+    monkeypatch.setattr(backends.CompileBackend, "dynamo_backend", "eager")
+    m = build("fcn32s", 21, 0.0625).eval()
+    a = backends.CompileBackend(m, torch.device("cpu"), "fp32")
+    b = backends.CompileBackend(m, torch.device("cpu"), "fp32")
+    codes = a._codes + b._codes
+    assert len({id(c) for c in codes}) == 6  # one code object per (backend, output)
+    x = torch.randn(1, 3, 16, 16)
+    want = m(x)
+    torch.testing.assert_close(a(x, "logits"), want)
+    assert torch.equal(b(x, "labels"), want.argmax(1).to(torch.uint8))
+    assert [len(entries(c)) for c in codes] == [1, 0, 0, 0, 1, 0]
+    model_ref = weakref.ref(a.model)
+    del a
+    gc.collect()
+    assert model_ref() is None  # its graphs and weights go with it
+    assert len(entries(codes[0])) == 0 and len(entries(codes[4])) == 1
+    b.close()
+    assert len(entries(codes[4])) == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        b(x, "labels")
+
+
+# ------------------------------------------------------------------ CUDA conv epilogues
+
+
+def _conv(cin=4, cout=6, k=3, pad=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, padding=pad)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        conv.bias.copy_(torch.randn(cout, generator=g))
+    return conv.requires_grad_(False)
+
+
+def _fake_timer(order):
+    """A timer under which candidates are 'measured' in the given order of speed."""
+    calls = []
+
+    def timer(fn, cuda):
+        fn()
+        calls.append(cuda)
+        timer.n += 1
+        return order[(timer.n - 1) % len(order)]
+
+    timer.n = 0
+    timer.calls = calls
+    return timer
+
+
+def test_fused_epilogue_chosen_when_fastest_and_agrees(monkeypatch):
+    conv = _conv()
+    fused_calls = []
+
+    def fake_cudnn_relu(x, w, b, stride, padding, dilation, groups):
+        fused_calls.append(tuple(padding))
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", fake_cudnn_relu, raising=False)
+    impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0, 3.0]))
+    assert list(impl.chooser.candidates) == ["cudnn_relu", "triton", "eager"]
+    x = torch.randn(2, 4, 9, 11)
+    want = torch.relu(conv(x))
+    assert torch.equal(impl(x, (1, 1)), want)
+    assert impl.chooser.choice == {cuda_fast._key(x, (1, 1)): "cudnn_relu"}
+    n = len(fused_calls)
+    assert torch.equal(impl(x, (1, 1)), want) and len(fused_calls) == n + 1  # cached, not re-measured
+    # a padding other than the module's (a caller's window) is honoured and measured separately
+    assert torch.equal(impl(x, (0, 2)), torch.relu(F.conv2d(x, conv.weight, conv.bias, 1, (0, 2))))
+
+
+def test_fused_epilogue_falls_back_when_missing_or_refused(monkeypatch):
+    conv = _conv()
+    x = torch.randn(1, 4, 8, 8)
+    want = torch.relu(conv(x))
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton conv
+    impl = cuda_fast.EpilogueConv(conv, relu=True)
+    assert list(impl.chooser.candidates) == ["triton", "eager"]
+    assert torch.equal(impl(x, (1, 1)), want)
+    assert "CUDA tensors" in next(iter(impl.chooser.failed.values()))
+
+    def refuses(*args):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", refuses, raising=False)
+    impl = cuda_fast.EpilogueConv(conv, relu=True)
+    assert torch.equal(impl(x, (1, 1)), want)  # eager took over
+    assert "NOT_SUPPORTED" in next(iter(impl.chooser.failed.values()))
+    assert torch.equal(impl.conv_pool(x, (1, 1), 2, 2), F.max_pool2d(want, 2, 2, ceil_mode=True))
+    no_relu = cuda_fast.EpilogueConv(conv, relu=False)  # the fused op is conv+bias+ReLU only
+    assert list(no_relu.chooser.candidates) == ["eager"]
+    assert torch.equal(no_relu(x, (1, 1)), conv(x))
+
+
+def test_out_of_memory_while_measuring_is_not_a_fallback(monkeypatch):
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", oom, raising=False)
+    impl = cuda_fast.EpilogueConv(_conv(), relu=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        impl(torch.randn(1, 4, 8, 8), (1, 1))
+    assert impl.chooser.choice == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fc6_gemm_path_agrees_and_is_chosen_by_measurement(dtype):
+    conv = _conv(16, 24, 7, 0).to(dtype)
+    x = torch.randn(2, 16, 12, 13).to(dtype).contiguous(memory_format=torch.channels_last)
+    want = conv(x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for split in (1, 4, 8):  # cuBLAS's own choice, and explicit split-K over 4 and 8 slices of K
+        got = cuda_fast.gemm_conv(conv, relu=False, split=split)(x, (0, 0))
+        assert got.shape == want.shape and got.dtype == dtype
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    fc6 = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([1.0, 2.0, 3.0, 4.0]))
+    assert list(fc6.chooser.candidates) == ["gemm", "gemm_splitk4", "gemm_splitk8", "eager"]
+    assert fc6.weight is conv.weight and set(fc6.state_dict()) == {"weight", "bias"}
+    fc6(x)
+    assert list(fc6.chooser.choice.values()) == ["gemm"]
+    split = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([3.0, 2.0, 1.0, 4.0]))
+    got = split(x)
+    assert list(split.chooser.choice.values()) == ["gemm_splitk8"]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    slow = cuda_fast.ChosenConv2d.wrap(conv, timer=_fake_timer([2.0, 2.0, 2.0, 1.0]))
+    assert torch.equal(slow(x), want) and list(slow.chooser.choice.values()) == ["eager"]
+
+
+def test_splitk_matmul():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 40, generator=g), torch.randn(40, 3, generator=g)
+    for split in (1, 2, 4, 8):
+        torch.testing.assert_close(cuda_fast.splitk_matmul(a, b, split), a @ b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="multiple of split"):
+        cuda_fast.splitk_matmul(a, b, 3)
+
+
+def test_gemm_path_refuses_large_outputs():
+    conv = _conv(4, 4, 3, 1)
+    x = torch.randn(1, 4, 50, 50)  # 2500 output rows > GEMM_MAX_ROWS
+    with pytest.raises(NotImplementedError, match="GEMM_MAX_ROWS"):
+        cuda_fast.gemm_conv(conv, relu=True)(x, (1, 1))
+    fc = cuda_fast.ChosenConv2d.wrap(conv)
+    assert torch.equal(fc(x), conv(x)) and list(fc.chooser.choice.values()) == ["eager"]
+
+
+def test_install_on_fcn_keeps_keys_and_results(monkeypatch):
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager only: the interpreter is too slow at 238x234
+    m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
+    keys = list(m.state_dict())
+    x = torch.randn(1, 3, 40, 36)
+    with torch.inference_mode():
+        want = m(x)
+        done = cuda_fast.install(m)
+        got = m(x)
+    assert list(m.state_dict()) == keys
+    assert "fc6" in done and sum(n.startswith("conv") for n in done) == 13
+    assert isinstance(m.fc6, cuda_fast.ChosenConv2d)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+# ------------------------------------------------------------------ Triton conv with the epilogue
+
+
+CONV_CASES = [
+    # (N, C_in, H, W, C_out, k, pad, stride, dilation, pool)
+    (2, 3, 9, 11, 20, 3, 1, 1, 1, False),  # conv1_1-like: 3 input channels
+    (1, 5, 7, 13, 17, 3, 1, 1, 1, True),  # odd sizes: ceil-mode windows hang over the edge
+    (2, 4, 8, 9, 8, 7, 0, 1, 1, False),  # fc6-like 7x7 without padding
+    (1, 16, 12, 10, 24, 3, 2, 1, 2, True),  # dilated (conv5 of the dilated net)
+    (1, 3, 19, 17, 16, 5, 3, 2, 1, False),  # strided
+]
+
+
+def _conv_id(c):
+    return "x".join(map(str, c[:5])) + f"-k{c[5]}-pool{int(c[9])}"
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_triton_conv_bias_relu_pool_matches_reference(case):
+    from fastfcn.kernels import conv_epilogue as ce
+
+    n, c, h, w, co, k, pad, stride, dil, pool = case
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(sum(case[:6]))
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(co, c, k, k, generator=g) / (c * k * k) ** 0.5
+    b = torch.randn(co, generator=g)
+    want = F.relu(F.conv2d(x.double(), wt.double(), b.double(), stride, pad, dil))
+    if pool:
+        want = F.max_pool2d(want, 2, 2, ceil_mode=True)
+    packed = ce.pack_weight(wt).to(dev)
+    got = ce.conv_bias_relu(x.to(dev), packed, b.to(dev), (k, k), (pad, pad), stride, dil, pool)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    # fp32 sums of c*k*k products: within a few eps of the float64 value
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert bool((got == 0).any()) and bool((got > 0).any())  # the ReLU both clipped and passed
+
+
+def test_triton_conv_bf16_and_bad_input():
+    from fastfcn.kernels import conv_epilogue as ce
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 10, 9, generator=g).bfloat16()
+    wt = (torch.randn(32, 16, 3, 3, generator=g) * 0.2).bfloat16()
+    b = torch.randn(32, generator=g)
+    got = ce.conv_bias_relu(x.to(dev), ce.pack_weight(wt).to(dev), b.to(dev), (3, 3), (1, 1), pool=True)
+    want = F.relu(F.conv2d(x.double(), wt.double(), b.double(), padding=1))
+    want = F.max_pool2d(want, 2, 2, ceil_mode=True)
+    assert got.dtype == torch.bfloat16
+    # the output is cast to bf16: relative error <= 2**-8 when rounded (CUDA), <= 2**-7 when
+    # truncated, as Triton's interpreter does (measured: every |cast| <= |value|; max 0.0077 here)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2**-7, atol=1e-3)
+    with pytest.raises(ValueError, match="packed weight"):
+        ce.conv_bias_relu(x, ce.pack_weight(wt).float(), b, (3, 3), (1, 1))
+    with pytest.raises(ValueError, match="bias must be float32"):
+        ce.conv_bias_relu(x, ce.pack_weight(wt), b.bfloat16(), (3, 3), (1, 1))
+    with pytest.raises(ValueError, match="too small"):
+        ce.conv_bias_relu(x[..., :2, :2], ce.pack_weight(wt), b, (3, 3), (0, 0))
+    big = torch.empty(1, 1, 46341, 46341, device="meta")  # 2**31 pixels: past int32 pixel indices
+    with pytest.raises(ValueError, match="too many pixels"):
+        meta = {"device": "meta"}
+        ce.conv_bias_relu(big, torch.empty(9, 4, **meta), torch.empty(4, **meta), (3, 3), (1, 1))
+
+
+def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    conv = _conv(4, 6, 3, 1)
+    x = torch.randn(1, 4, 9, 7)
+    impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0]))
+    assert list(impl.chooser.candidates) == ["triton", "eager"]
+    want = torch.relu(conv(x))
+    torch.testing.assert_close(impl(x, (1, 1)), want, rtol=1e-5, atol=1e-5)
+    assert list(impl.chooser.choice.values()) == ["triton"]
+    pooled = impl.conv_pool(x, (1, 1), 2, 2)
+    torch.testing.assert_close(pooled, F.max_pool2d(want, 2, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
+    assert list(impl._pool_choosers[(2, 2)].choice.values()) == ["triton_pool"]
+    # a 3x3/2 pool has no fused kernel: the conv's choice, then torch's pool
+    got = impl.conv_pool(x, (1, 1), 3, 2)
+    assert list(impl._pool_choosers[(3, 2)].candidates) == ["separate"]
+    torch.testing.assert_close(got, F.max_pool2d(want, 3, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_runner_hands_the_pool_to_conv_pool():
+    """run_steps gives a conv's conv_pool the Pool step after it (taps kept); other convs run plainly."""
+    m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 30, 26)
+    with torch.inference_mode():
+        want = m(x, "logits")
+    calls = []
+
+    class Recording:
+        def __init__(self, conv):
+            self.conv = conv
+
+        def __call__(self, x, padding):
+            calls.append(("conv", self.conv))
+            return F.relu(F.conv2d(x, self.conv.weight, self.conv.bias, 1, padding))
+
+        def conv_pool(self, x, padding, kernel, stride):
+            calls.append(("conv_pool", kernel, stride))
+            return F.max_pool2d(self(x, padding), kernel, stride, ceil_mode=True)
+
+    for step in m.backbone:
+        if hasattr(step, "name"):
+            m.set_conv_impl(step.name, Recording(getattr(m, step.name)))
+    with torch.inference_mode():
+        got = m(x, "logits")
+    assert torch.equal(got, want)
+    assert [c for c in calls if c[0] == "conv_pool"] == [("conv_pool", 2, 2)] * 5  # conv1_2 .. conv5_3
+    assert sum(c[0] == "conv" for c in calls) == 13
+
+
+@pytest.mark.gpu
+def test_fused_cuda_backend_chooses_an_epilogue_for_every_conv():
+    """On a GPU: every backbone conv of the fused backend has measured its candidates once per
+    shape (during the graph warm-up), and the result agrees with the fp32 reference."""
+    m = build("fcn8s", 21, 0.25).eval()
+    seg = fastfcn.Segmenter(m, device="cuda", precision="bf16")
+    ref = fastfcn.Segmenter(m, device="cuda", backend="torch", precision="fp32")
+    batch = _images(2, 64, 80, seed=1)
+    got, want = seg.run(batch, "logits").cpu(), ref.run(batch, "logits").cpu()
+    impls = seg._backend.model._conv_impls
+    assert len(impls) == 13 and all(len(i.chooser.choice) == 1 for i in impls.values())
+    pooled = [i for i in impls.values() if i._pool_choosers]
+    assert len(pooled) == 5 and all(len(c.choice) == 1 for i in pooled for c in i._pool_choosers.values())
+    assert float((got - want).abs().max() / (want.max() - want.min())) < 0.03
+    assert float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.98

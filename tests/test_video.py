@@ -1,0 +1,248 @@
+"""fastfcn.video.segment_video and `fastfcn video`: frames, timestamps, audio, labels, errors."""
+
+import fractions
+import os
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'fastfcn[video]'")
+
+import fastfcn  # noqa: E402
+from fastfcn import cli  # noqa: E402
+from fastfcn.demo import DEMO_MODEL  # noqa: E402
+from fastfcn.errors import InputError  # noqa: E402
+from fastfcn.video import segment_video  # noqa: E402
+
+MS = fractions.Fraction(1, 1000)
+
+
+def make_video(path, n=12, size=(48, 64), audio=True, codec="libx264", step=(40, 40, 73)):
+    """A VFR video: frame k at a timestamp that advances 40, 40, 73 ms, ... ; noise-free
+    gradients that move, so frames differ. Returns the timestamps in ms."""
+    h, w = size
+    out = av.open(str(path), "w")
+    vs = out.add_stream(codec, rate=25)
+    vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+    vs.time_base = vs.codec_context.time_base = MS
+    a = out.add_stream("aac", rate=16000) if audio else None
+    yy, xx = np.mgrid[0:h, 0:w]
+    pts, stamps = 0, []
+    for k in range(n):
+        img = np.stack([(xx * 4 + 9 * k) % 256, (yy * 5) % 256, ((xx + yy) * 3 + 20 * k) % 256], -1)
+        f = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
+        f.pts, f.time_base = pts, MS
+        stamps.append(pts)
+        pts += step[k % len(step)]
+        for p in vs.encode(f):
+            out.mux(p)
+    for p in vs.encode(None):
+        out.mux(p)
+    if a is not None:
+        for i in range(int(pts / 1000 * 16000 / 1024) + 1):
+            tone = np.sin(np.arange(i * 1024, (i + 1) * 1024) * 0.05).astype(np.float32)[None]
+            af = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            af.sample_rate, af.pts, af.time_base = 16000, i * 1024, fractions.Fraction(1, 16000)
+            for p in a.encode(af):
+                out.mux(p)
+        for p in a.encode(None):
+            out.mux(p)
+    out.close()
+    return stamps
+
+
+def decode(path):
+    """[(time in s, (H, W, 3) RGB or (H, W) gray)] of the first video stream."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        fmt = "gray" if s.codec_context.pix_fmt == "gray" else "rgb24"
+        return [(f.time, f.to_ndarray(format=fmt)) for f in c.decode(s)]
+
+
+def audio_packets(path):
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.audio[0]) if p.dts is not None]
+
+
+@pytest.fixture(scope="module")
+def seg():
+    return fastfcn.Segmenter(DEMO_MODEL, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "in.mp4"
+    make_video(path)
+    return path
+
+
+def test_overlay_keeps_every_frame_timestamp_and_audio(seg, clip, tmp_path):
+    out = tmp_path / "out.mp4"
+    s = segment_video(clip, out, seg, batch_size=3, progress=False)
+    src, dst = decode(clip), decode(out)
+    assert s["frames_in"] == s["frames_out"] == s["segmented"] == len(src) == len(dst) == 12
+    assert [t for t, _ in dst] == pytest.approx([t for t, _ in src], abs=1e-6)  # VFR: 40, 40, 73 ms
+    assert audio_packets(out) == audio_packets(clip) and len(audio_packets(clip)) > 5
+    with av.open(str(out)) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.name, cc.pix_fmt, cc.width, cc.height) == ("h264", "yuv420p", 64, 48)
+    assert 0 < s["fps"] and abs(s["decode_share"] + s["inference_share"] + s["encode_share"] - 1) < 1e-9
+
+
+def test_label_video_round_trip_is_exact(seg, clip, tmp_path):
+    out = tmp_path / "labels.mkv"
+    segment_video(clip, out, seg, mode="labels", batch_size=8, progress=False)
+    src, lab = decode(clip), decode(out)
+    assert len(lab) == len(src)
+    expect = seg.run([f for _, f in src])
+    for (t, got), (ts, _), e in zip(lab, src, expect):
+        assert abs(t - ts) < 1e-6 and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, e.cpu().numpy())
+    assert len({g.tobytes() for _, g in lab}) > 1  # the frames differ, so order is checked
+
+
+def test_every_reuses_labels_and_png_labels_out(seg, clip, tmp_path):
+    out, pngs = tmp_path / "sbs.mp4", tmp_path / "labels"
+    s = segment_video(clip, out, seg, mode="side-by-side", every=5, labels_out=pngs, progress=False)
+    assert s["frames_out"] == 12 and s["segmented"] == 3  # frames 0, 5, 10
+    from PIL import Image
+
+    files = sorted(pngs.glob("frame_*.png"))
+    assert len(files) == 12
+    maps = [np.array(Image.open(f)) for f in files]
+    src = decode(clip)
+    for k, m in enumerate(maps):
+        np.testing.assert_array_equal(m, seg.run(src[k - k % 5][1]).cpu().numpy())
+    assert decode(out)[0][1].shape == (48, 128, 3)
+
+
+def test_start_and_duration_select_by_time(seg, clip, tmp_path):
+    out = tmp_path / "part.mkv"
+    s = segment_video(clip, out, seg, mode="labels", start=0.1, duration=0.3, progress=False)
+    want = [t for t, _ in decode(clip) if 0.1 <= t < 0.4]
+    got = [t for t, _ in decode(out)]
+    assert got == pytest.approx(want, abs=1e-3) and s["frames_out"] == len(want) == 6
+
+
+def test_odd_size_is_encoded(seg, tmp_path):
+    src = tmp_path / "odd.mkv"
+    make_video(src, n=4, size=(33, 45), audio=False, codec="ffv1")
+    out = tmp_path / "odd.mp4"
+    segment_video(src, out, seg, progress=False)
+    frames = decode(out)
+    assert len(frames) == 4 and frames[0][1].shape == (33, 45, 3)
+
+
+def test_corrupt_video_writes_frames_before_the_damage(seg, tmp_path):
+    src = tmp_path / "clip.mp4"
+    make_video(src, n=40, audio=False)
+    data = bytearray(src.read_bytes())
+    at = data.find(b"mdat")  # garbage in the middle of the coded frames (the index stays intact)
+    mid = at + int.from_bytes(data[at - 4:at], "big") // 2
+    data[mid:mid + 1000] = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out.mp4"
+    with pytest.raises(InputError, match=r"corrupt or truncated at frame \d+ \(t=") as e:
+        segment_video(bad, out, seg, progress=False)
+    n = int(re.search(r"at frame (\d+)", str(e.value)).group(1))
+    assert 0 < n < 40
+    assert len(decode(out)) == n  # closed and playable, every frame before the damage
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastfcn-stream")]
+
+
+def test_truncated_video_is_reported(seg, tmp_path):
+    src = tmp_path / "clip.mkv"
+    make_video(src, n=40, audio=False)
+    cut = tmp_path / "cut.mkv"
+    data = src.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    out = tmp_path / "out.mkv"
+    with pytest.raises(InputError, match="truncated at frame"):
+        segment_video(cut, out, seg, mode="labels", progress=False)
+    assert 0 < len(decode(out)) < 40
+
+
+def test_cli_writes_overlay_and_summary(clip, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    rc = cli.main(["video", str(DEMO_MODEL), str(clip), str(out), "--batch-size", "4", "--device", "cpu",
+                   "--labels-out", str(tmp_path / "l.mkv")])  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "12 frames in, 12 out" in err and "frames/s" in err
+    assert len(decode(out)) == len(decode(tmp_path / "l.mkv")) == 12
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file"),
+        ("text", "not a readable video"),
+        ("audio_only", "no video stream"),
+        ("same", "is the input"),
+        ("no_folder", "does not exist"),
+        ("label_suffix", "lossless FFV1"),
+    ],
+)
+def test_cli_bad_input_one_line_status_1(clip, tmp_path, capsys, case, message):
+    src, out = clip, tmp_path / "o.mp4"
+    extra = []
+    if case == "missing":
+        src = tmp_path / "nope.mp4"
+    elif case == "text":
+        src = tmp_path / "notes.mp4"
+        src.write_text("not a video\n" * 50)
+    elif case == "audio_only":
+        src = tmp_path / "tone.wav"
+        with av.open(str(src), "w") as c:
+            a = c.add_stream("pcm_s16le", rate=8000)
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+            f.sample_rate = 8000
+            for p in a.encode(f):
+                c.mux(p)
+            for p in a.encode(None):
+                c.mux(p)
+    elif case == "same":
+        out = clip
+    elif case == "no_folder":
+        out = tmp_path / "missing" / "o.mp4"
+    elif case == "label_suffix":
+        extra = ["--labels-out", str(tmp_path / "labels.mp4")]
+    rc = cli.main(["video", str(DEMO_MODEL), str(src), str(out), "--device", "cpu", "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and message in err[0], err
+    assert os.path.getsize(clip) > 0
+
+
+def test_bad_options(seg, clip, tmp_path):
+    for kw, msg in (({"mode": "mask"}, "mode"), ({"alpha": 2}, "alpha"), ({"every": 0}, "every"),
+                    ({"batch_size": 0}, "batch_size"), ({"duration": 0}, "duration")):  # fmt: skip
+        with pytest.raises(InputError, match=msg):
+            segment_video(clip, tmp_path / "o.mp4", seg, progress=False, **kw)
+
+
+def test_stream_accepts_video_frames(seg, clip):
+    with av.open(str(clip)) as c:
+        frames = list(c.decode(video=0))
+    got = list(seg.stream(frames, batch_size=5))
+    assert len(got) == len(frames)
+    for f, r in zip(frames, got):
+        assert torch.equal(r, seg.run(f.to_ndarray(format="rgb24")).cpu())
+
+
+def test_thousand_vfr_frames_in_order_with_their_timestamps(tmp_path):
+    torch.manual_seed(0)
+    model = fastfcn.models.build("fcn-alexnet", width=0.03125, num_classes=3).eval()
+    tiny = fastfcn.Segmenter(model, device="cpu", precision="fp32")
+    src = tmp_path / "many.mkv"
+    stamps = make_video(src, n=1000, size=(16, 16), audio=False, codec="ffv1", step=(40, 33, 51, 40))
+    out = tmp_path / "labels.mkv"
+    s = segment_video(src, out, tiny, mode="labels", batch_size=16, progress=False)
+    got = decode(out)
+    assert s["frames_in"] == s["frames_out"] == len(got) == 1000
+    assert [round(t * 1000) for t, _ in got] == stamps
+    expect = tiny.run([f for _, f in decode(src)])
+    assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))

@@ -1,0 +1,62 @@
+"""fastfcn.viz: class colours, overlay, side by side, palette PNGs; the old import path still works."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastfcn import viz
+from fastfcn.models import voc_palette
+from fastfcn.runtime import commands
+
+
+def test_colourize_uses_the_palette_then_voc():
+    lab = np.array([[0, 1], [2, 3]])
+    out = viz.colourize(lab, [[10, 20, 30], [40, 50, 60]])
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out[0, 0].tolist() == [10, 20, 30] and out[0, 1].tolist() == [40, 50, 60]
+    assert out[1, 1].tolist() == list(voc_palette(4)[3])
+
+
+def test_overlay_blends_and_checks_shapes():
+    img = np.full((2, 3, 3), 100, np.uint8)
+    lab = np.array([[0, 1, 1], [1, 0, 0]])
+    pal = [[0, 0, 0], [200, 0, 0]]
+    o = viz.overlay(img, lab, pal, alpha=0.25)
+    assert o[0, 1].tolist() == [125, 75, 75] and o[0, 0].tolist() == [75, 75, 75]
+    with pytest.raises(ValueError, match="same height and width"):
+        viz.overlay(img, lab[:, :2], pal)
+    assert commands.overlay is viz.overlay  # `fastfcn segment` and the demo share it
+
+
+def test_side_by_side():
+    img = np.zeros((4, 5, 3), np.uint8)
+    lab = np.ones((4, 5), np.int64)
+    out = viz.side_by_side(img, lab, [[0, 0, 0], [1, 2, 3]], gap=2)
+    assert out.shape == (4, 12, 3)
+    assert out[0, 5].tolist() == [255, 255, 255] and out[0, 7].tolist() == [1, 2, 3]
+
+
+def test_palette_png_round_trip(tmp_path):
+    lab = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    viz.save_labels(lab, [[1, 2, 3]], tmp_path / "l.png")
+    with Image.open(tmp_path / "l.png") as im:
+        assert im.mode == "P" and im.getpalette()[:6] == [1, 2, 3] + list(voc_palette(2)[1])
+        np.testing.assert_array_equal(np.array(im), lab)
+    big = np.array([[0, 300]])
+    viz.save_labels(big, None, tmp_path / "b.png")
+    with Image.open(tmp_path / "b.png") as im:
+        np.testing.assert_array_equal(np.array(im), big)
+
+
+def test_video_progress_line():
+    pytest.importorskip("av")
+    from fastfcn.video import _Progress
+
+    buf = io.StringIO()
+    bar = _Progress(10, enabled=True, stream=buf)
+    bar.last = -1e9  # draw now
+    bar.step(4)
+    line = buf.getvalue()
+    assert "4/10" in line and "frames/s" in line and "ETA" in line
