@@ -24,10 +24,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers import export_model
+from helpers import export_model, tiny_onnx
 
 import fastfcn
-from fastfcn import BackendUnavailableError, InputError
+from fastfcn import BackendUnavailableError, CheckpointError, InputError, models
 
 ov = pytest.importorskip("openvino", reason="the openvino package is not installed (pip install openvino)")
 
@@ -235,3 +235,11 @@ def test_bad_precision_device_and_input(exported, monkeypatch, tmp_path):
         be(torch.zeros(1, 4, 8, 8), "labels")
     with pytest.raises(ValueError, match="output must be one of"):
         be(_input(1, 8, 8), "scores")
+
+
+def test_result_shape_checked_at_run_time(tmp_path):
+    # A one-node graph declared (N, 5, H, W) that computes (N, 5, H/2, W/2): only the run shows it.
+    config = models.build("fcn32s", num_classes=5, width=0.0625).config
+    backend = OpenVinoBackend(tiny_onnx(tmp_path / "t.onnx", config, stride=2), "cpu", "fp32")
+    with pytest.raises(CheckpointError, match=r"t.onnx: the graph returned \(\(1, 5, 4, 5\)"):
+        backend(torch.randn(1, 3, 8, 9), "labels")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 
 
 class OnnxSource:
@@ -51,6 +51,19 @@ class OnnxSource:
         self.exported = self.config.get("export", {}).get("precision", "fp32")
 
 
+def check_graph_output(x: torch.Tensor, y, num_classes: int, path) -> None:
+    """y must be float32 (N, num_classes, H, W) for x (N, 3, H, W). The signature is checked at
+    load, but symbolic dims are only resolved at run time: a graph that is not the one its
+    metadata describes shows here, not as wrong labels. Raises CheckpointError."""
+    want = (x.shape[0], num_classes, x.shape[2], x.shape[3])
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != want or y.dtype != torch.float32:
+        got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise CheckpointError(
+            f"{path}: the graph returned {got} for an input of {tuple(x.shape)}; "
+            f"expected float32 {want} (N, num_classes, H, W)"
+        )
+
+
 def check_graph_input(x, device: torch.device) -> torch.Tensor:
     """x: preprocessed float (N, 3, H, W) on ``device`` -> float32 contiguous (the graph's
     interface at every precision; fp16 graphs cast inside). Raises InputError otherwise."""
@@ -66,4 +79,4 @@ def check_graph_input(x, device: torch.device) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
-__all__ = ["OnnxSource", "check_graph_input"]
+__all__ = ["OnnxSource", "check_graph_input", "check_graph_output"]

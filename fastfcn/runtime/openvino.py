@@ -28,7 +28,7 @@ import torch
 from ..errors import BackendUnavailableError, InputError
 from ..kernels.reference import OUTPUTS, finish
 from .backends import Backend
-from .onnx_source import OnnxSource, check_graph_input
+from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
 PRECISIONS = ("fp32", "bf16")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -141,6 +141,7 @@ class OpenVinoBackend(Backend):
         # thread overwrites; labels and probs are new tensors, logits are copied out.
         res = self._request().infer({0: x.numpy()}, share_inputs=True, share_outputs=True)
         y = torch.from_numpy(res[0])
+        check_graph_output(x, y, self.num_classes, self.onnx_path)
         out = finish(y, output)
         return out.clone() if output == "logits" else out
 

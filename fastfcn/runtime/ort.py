@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from ..errors import BackendUnavailableError, CheckpointError
+from ..errors import BackendUnavailableError
 from ..kernels.reference import OUTPUTS, finish
-from .onnx_source import OnnxSource, check_graph_input
+from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
 # "tf32" is fp32 storage with TF32 tensor-core math (CUDA provider only); "auto" means the
 # precision an .onnx file was exported at (fp32 for a model).
@@ -151,19 +151,8 @@ class OnnxRuntimeBackend:
             y = self._run_cuda(x)
         else:
             y = torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
-        self._check_result(x, y)
+        check_graph_output(x, y, self.num_classes, self.onnx_path)
         return finish(y, output)
-
-    def _check_result(self, x: torch.Tensor, y) -> None:
-        # The signature was checked at load, but symbolic dims are only resolved at run time:
-        # a graph that is not the one its metadata describes shows here, not as wrong labels.
-        want = (x.shape[0], self.num_classes, x.shape[2], x.shape[3])
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != want or y.dtype != torch.float32:
-            got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise CheckpointError(
-                f"{self.onnx_path}: the graph returned {got} for an input of {tuple(x.shape)}; "
-                f"expected float32 {want} (N, num_classes, H, W)"
-            )
 
     def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np
