@@ -95,6 +95,25 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# The flags that decide which convolutions and precisions a CPU runs natively.
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags_of_interest() -> list[str]:
+    """The CPU_FLAGS_OF_INTEREST this machine has, in that order (recorded with every result)."""
+    flags = _cpu_flags()
+    return [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+
+
+def native_bf16_cpu() -> tuple[bool, str]:
+    """(whether the CPU has native bf16 arithmetic: AVX512-BF16 or AMX-BF16, a sentence saying
+    so with the CPU model and its flags); read at run time from /proc/cpuinfo."""
+    flags = cpu_flags_of_interest()
+    ok = "avx512_bf16" in flags or "amx_bf16" in flags
+    what = "has" if ok else "has no"
+    return ok, f"{cpu_model()} {what} native bf16 (flags: {' '.join(flags) or 'none of interest'})"
+
+
 def _cpu_mhz() -> tuple[float | None, str]:
     # cpuinfo_max_freq is the rated boost clock where the kernel exposes cpufreq; VMs often
     # do not, and /proc/cpuinfo then reports the nominal clock (turbo may run above it).
@@ -217,11 +236,14 @@ def device_info(device: torch.device | str) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+        "openvino": _version("openvino"),
         "numpy": _version("numpy"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_cores": cpu_cores(),
+        "cpu_flags": cpu_flags_of_interest(),
+        "native_bf16_cpu": native_bf16_cpu()[0],
         "torch_threads": torch.get_num_threads(),
     }
     try:
@@ -259,7 +281,7 @@ def device_info(device: torch.device | str) -> dict:
     return info
 
 
-ENV_KEYS = ("name", "driver", "cuda", "torch", "triton", "onnxruntime", "python", "fastfcn")
+ENV_KEYS = ("name", "driver", "cuda", "torch", "triton", "onnxruntime", "openvino", "python", "fastfcn")
 
 
 def env_extra(info: dict) -> dict:

@@ -4,8 +4,19 @@ Cases (the paper's nets, width 1, seeded random weights; upsampling stays biline
 FCN-8s 500x500 at batch 1 and 8, FCN-32s and FCN-16s 500x500 batch 1, FCN-8s on a
 1920x1080 frame, DeconvNet 224x224 batch 32, the dilated net with the large context
 module at 500x500. The gpu profile runs these sizes; the cpu profile keeps the
-headline (FCN-8s 500x500 batch 1, every backend, fp32) at full size and shrinks the
-rest (listed in the terminal summary and in each result's extra_info).
+headline (FCN-8s 500x500 batch 1) at full size and shrinks the rest (listed in the
+terminal summary and in each result's extra_info).
+
+Peers (issue 9, cpu profile): FCN-8s 500x500 b1, DeconvNet 224x224 b2 and the dilated
+net with the large context at 250x250 run fastfcn (torch, fused fp32, fused bf16) side by
+side with ONNX Runtime fp32, OpenVINO f32 and bf16 and torch.compile, in one session at
+the Segmenter's thread count; bf16 only where the CPU has native bf16 (AVX512-BF16 or
+AMX, read from /proc/cpuinfo at run time), else skipped saying so with the CPU model and
+flags. The results file and the terminal summary give fused against the fastest peer at
+each precision. ONNX Runtime and OpenVINO run one fp32 export per arch (timed once,
+``export_s``), so their ``setup_s`` is session creation and compilation only. Cases run
+one after the other, not in interleaved rounds (pytest-benchmark times one target per
+test); each result records the 1-minute load average.
 
 Method: the same seeded inputs for every backend; two warm-up runs (one per input,
 which also records the expected labels); timed rounds alternate the two inputs, with
@@ -19,19 +30,23 @@ its message.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import gc
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
-from common import PAPER_MS, PAPER_SOURCE, MemoryPeak, floor_fields, sync
+from common import PAPER_MS, PAPER_SOURCE, MemoryPeak, floor_fields, native_bf16_cpu, sync
 
 import fastfcn
 from fastfcn.flops import count_macs
@@ -85,7 +100,14 @@ CPU_CASES = {
     "dilated-context-500": Case("dilated-context", 1, 250, 250),
 }
 
-BACKENDS = ("torch", "fused", "onnxruntime", "compile")
+BACKENDS = ("torch", "fused", "onnxruntime", "compile", "openvino")
+# The peer comparison on the CPU (issue 9): cases, and (backend, precision) in run order.
+PEER_CASES = (HEAD, "deconvnet-224-b32", "dilated-context-500")
+PEER_RUNS = (
+    ("torch", "fp32"), ("fused", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"),
+    ("compile", "fp32"), ("fused", "bf16"), ("openvino", "bf16"),
+)  # fmt: skip
+ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 
 def gpu_plan() -> list[tuple[str, str, str]]:
@@ -107,9 +129,10 @@ def gpu_plan() -> list[tuple[str, str, str]]:
 
 
 def cpu_plan() -> list[tuple[str, str, str]]:
-    plan = [(HEAD, b, "fp32") for b in BACKENDS]
+    """The peer cases first (the budget cuts from the end), then the reduced others."""
+    plan = [(k, b, p) for k in PEER_CASES for b, p in PEER_RUNS]
     for k in CPU_CASES:
-        if k != HEAD:
+        if k not in PEER_CASES:
             plan += [(k, "torch", "fp32"), (k, "fused", "fp32")]
     return plan
 
@@ -125,9 +148,11 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("e2e", params)
     if cpu:
         reduced = [f"{CASES[k].label} -> {c.label}" for k, c in CPU_CASES.items() if c != CASES[k]]
+        peers = ", ".join(CPU_CASES[k].label for k in PEER_CASES)
+        runs = ", ".join(f"{b} {p}" for b, p in PEER_RUNS)
         state.notes.append(
-            "end-to-end (cpu profile): FCN-8s 500x500 b1 at full size with every backend, fp32, 3 rounds; "
-            "reduced, torch and fused only, fp32, 2 rounds: " + "; ".join(reduced)
+            f"end-to-end (cpu profile): peers on {peers}: {runs}; 3 rounds each. "
+            "Others torch and fused fp32 only, 2 rounds. Reduced sizes: " + "; ".join(reduced)
         )
     else:
         state.notes.append(f"end-to-end (gpu profile): {len(plan)} cases in priority order, paper sizes")
@@ -137,6 +162,7 @@ def pytest_generate_tests(metafunc):
 # convert or fold its copy in place. One kept: FCN-8s at width 1 is 538 MB of fp32.
 _MODELS: OrderedDict = OrderedDict()
 _FLOPS: dict = {}
+_ONNX: dict = {}  # arch -> (folder, path, export seconds): one fp32 export, for onnxruntime and openvino
 
 
 def seeded_model(arch: str) -> torch.nn.Module:
@@ -159,6 +185,20 @@ def case_count(case: Case):
 
 def case_flops(case: Case) -> int:
     return case_count(case).flops
+
+
+def seeded_onnx(arch: str) -> tuple[str, float]:
+    """(path, export seconds) of the seeded model's dynamic fp32 ONNX export; one kept."""
+    if arch not in _ONNX:
+        for folder, _, _ in _ONNX.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        _ONNX.clear()
+        folder = tempfile.mkdtemp(prefix="fastfcn-bench-onnx-")
+        atexit.register(shutil.rmtree, folder, True)
+        t = time.perf_counter()
+        path = fastfcn.export_onnx(seeded_model(arch), Path(folder) / f"{arch}.onnx")
+        _ONNX[arch] = (folder, str(path), time.perf_counter() - t)
+    return _ONNX[arch][1], _ONNX[arch][2]
 
 
 def seeded_images(case: Case, seed: int) -> torch.Tensor:
@@ -238,19 +278,25 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
         timeout, by_budget = left + 60, True  # a case may finish up to 60 s past the budget
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
+    if cpu and precision == "bf16":
+        native, why = native_bf16_cpu()
+        if not native:
+            pytest.skip(f"{backend} bf16 on cpu: {why}; bf16 runs only where it is native")
     model = seeded_model(case.arch)
     flops = case_flops(case)
     inputs = [seeded_images(case, SEED + i) for i in range(2)]
     mem = MemoryPeak(device)
     mem.reset()
     seg = None
+    export_s = None
     try:
         with deadline(timeout, what, by_budget):
+            source = copy.deepcopy(model)
+            if backend in ONNX_BACKENDS and precision in ("fp32", "bf16"):
+                source, export_s = seeded_onnx(case.arch)
             t0 = time.perf_counter()
             try:
-                seg = Segmenter(
-                    copy.deepcopy(model), backend=backend, device=str(device), precision=precision
-                )
+                seg = Segmenter(source, backend=backend, device=str(device), precision=precision)
             except fastfcn.BackendUnavailableError as e:
                 pytest.skip(f"{backend} {precision} on {device.type}: {e}")
             desc = _seg_description(seg)
@@ -283,9 +329,9 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
             setup_mem = mem.read()
             del out
 
-            # Rounds: GPU as many as fit ~1 s (10..50); CPU 3 for the headline, else 2.
+            # Rounds: GPU as many as fit ~1 s (10..50); CPU 3 for the peer cases, else 2.
             if cpu:
-                rounds = 3 if key == HEAD else 2
+                rounds = 3 if key in PEER_CASES else 2
             else:
                 rounds = max(10, min(50, int(1.0 / max(one, 1e-6))))
 
@@ -345,7 +391,8 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
         paper_ms=PAPER_MS, paper_source=PAPER_SOURCE, x_faster_than_paper=PAPER_MS / (med * 1e3 / n),
         gmac=flops / 2e9, flops=flops, computed_gmac=case_count(case).computed_gmac,
         flops_source="fastfcn.flops.count_macs (layer hooks, reference forward)",
-        setup_s=setup_s, input=f"uint8 (N, H, W, 3) on the {where}", output="labels",
+        setup_s=setup_s, export_s=export_s, threads=torch.get_num_threads(),
+        input=f"uint8 (N, H, W, 3) on the {where}", output="labels",
         fresh_outputs="checked every round: labels equal the warm-up's; the previous output is "
         "overwritten with an invalid id before each round",
         memory_kind=mem.kind, memory_peak_mb=run_mem, memory_peak_with_setup_mb=setup_mem,

@@ -6,7 +6,8 @@
 Reads the files the benchmark suite writes (``benchmarks/results/<device>-<date>.json``)
 and pytest-benchmark's ``--benchmark-json`` files. Per device: one table of the
 end-to-end cases (case, backend, precision, ms/image, img/s, speedup over torch fp32,
-x faster than the paper's 175 ms, % of the compute floor), one of the kernel
+x faster than the paper's 175 ms, % of the compute floor), one of fused against the
+fastest peer (onnxruntime, openvino, compile) per case and precision, one of the kernel
 benchmarks (median, GB/s), and the cases that were skipped or failed, with the
 reason. Where several files hold the same case, the newest result wins.
 The chart is drawn with Pillow (no matplotlib): ms per image, log scale, one panel
@@ -22,15 +23,19 @@ from pathlib import Path
 
 from .errors import InputError
 
-BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile")
+BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile", "openvino")
 PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16")
 BACKEND_COLOURS = {
     "torch": (96, 96, 96),
     "fused": (214, 39, 40),
     "onnxruntime": (31, 119, 180),
     "compile": (44, 160, 44),
+    "openvino": (148, 103, 189),
 }
 DEFAULT_DIR = Path("benchmarks") / "results"
+# The other inference stacks fastfcn's own "fused" backend is compared with (torch is the
+# reference, not a peer).
+PEERS = ("onnxruntime", "openvino", "compile")
 
 
 @dataclass
@@ -162,13 +167,46 @@ def _speedup(row: dict, d: DeviceResults):
     return None
 
 
+def peer_ratios(rows) -> list[dict]:
+    """Fused against the fastest peer, per case and precision, from end-to-end rows (dicts
+    with case_key, backend, precision and ms_per_image or median_ms). Returns one dict per
+    (case, precision) that has a fused result: fused_ms, peer, peer_ms (ms per image) and
+    ratio = peer_ms / fused_ms (> 1: fused is faster), or peer/ratio None with ``reason``
+    when no peer ran at that precision.
+    """
+    by: dict = {}
+    for r in rows:
+        ms = _num(r.get("ms_per_image")) or _num(r.get("median_ms"))
+        if ms is None or not r.get("case_key"):
+            continue
+        by.setdefault((r["case_key"], r.get("precision", "fp32")), {})[r.get("backend")] = (ms, r)
+    out = []
+    for (case, prec), got in by.items():
+        if "fused" not in got:
+            continue
+        fused_ms, row = got["fused"]
+        peers = {b: v[0] for b, v in got.items() if b in PEERS}
+        entry = {"case_key": case, "case": row.get("case", case), "precision": prec, "fused_ms": fused_ms,
+                 "peer": None, "peer_ms": None, "ratio": None}  # fmt: skip
+        if peers:
+            best = min(peers, key=peers.get)
+            entry.update(peer=best, peer_ms=peers[best], ratio=peers[best] / fused_ms)
+        else:
+            entry["reason"] = f"no peer ({', '.join(PEERS)}) measured at {prec} for this case"
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["case_key"], PRECISION_ORDER.index(e["precision"])
+                                      if e["precision"] in PRECISION_ORDER else 99))
+
+
 def device_header(d: DeviceResults) -> str:
     env = d.environment
     dev = env.get("device", {})
     parts = [f"date {env.get('date', '?')}"]
-    for k in ("torch", "triton", "onnxruntime", "cuda", "driver"):
+    for k in ("torch", "triton", "onnxruntime", "openvino", "cuda", "driver"):
         if dev.get(k):
             parts.append(f"{k} {dev[k]}")
+    if dev.get("cpu_flags") is not None:
+        parts.append(f"CPU flags {' '.join(dev['cpu_flags']) or 'none of interest'}")
     if env.get("profile"):
         parts.append(f"profile {env['profile']}" + (" (reduced sizes)" if env.get("cpu_reduced") else ""))
     return f"### {d.name}\n\n{', '.join(parts)}"
@@ -202,6 +240,17 @@ def markdown(devices: dict[str, DeviceResults]) -> str:
                     f"| {_fmt(speed, '.2f') + 'x' if speed is not None else '-'} "
                     f"| {_fmt(r.get('x_faster_than_paper'), '.2f')} "
                     f"| {_fmt(floor * 100 if floor is not None else None, '.1f')} |"
+                )
+        ratios = peer_ratios(rows)
+        if ratios:
+            out.append("")
+            out.append("| case | precision | fused ms/image | fastest peer | peer ms/image | peer / fused |")
+            out.append("|---|---|---:|---|---:|---:|")
+            for e in ratios:
+                ratio = _fmt(e["ratio"], ".2f") + "x" if e["ratio"] else "-"
+                out.append(
+                    f"| {e['case']} | {e['precision']} | {_fmt(e['fused_ms'], '.1f')} | {e['peer'] or '-'} "
+                    f"| {_fmt(e['peer_ms'], '.1f')} | {ratio} |"
                 )
         if d.kernels:
             out.append("")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_fcn8s.safetensors"
-BACKENDS = ("torch", "fused", "onnxruntime", "compile")
+BACKENDS = ("torch", "fused", "onnxruntime", "compile", "openvino")
 
 
 def write_overlays(out: Path, images, preds, truths, palette: np.ndarray) -> list[Path]:

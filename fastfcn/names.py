@@ -12,7 +12,7 @@ import argparse
 import re
 
 # fastfcn.runtime.backends._REGISTRY (the built-in backends; register_backend adds more at run time).
-BACKENDS = ("torch", "fused", "compile", "onnxruntime")
+BACKENDS = ("torch", "fused", "compile", "onnxruntime", "openvino")
 # fastfcn.runtime.backends.PRECISIONS
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 # fastfcn.models.available()

@@ -44,3 +44,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """arch -> (model, path of its dynamic fp32 ONNX export), exported on first use and shared
+    by every test file (an export costs 5-30 s on 2 cores: torch.export on symbolic shapes).
+    The model is helpers.export_model(arch); tests must not modify it or the file."""
+    from helpers import export_model
+
+    from fastfcn.export import export_onnx
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(arch):
+        if arch not in cache:
+            m = export_model(arch)
+            cache[arch] = (m, export_onnx(m, root / f"{arch}.onnx"))
+        return cache[arch]
+
+    return get

@@ -160,3 +160,18 @@ def tiny_onnx(path, config, *, channels=None, stride=1, input_dims=None, output_
         model.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
     onnx.save(model, str(path))
     return path
+
+
+EXPORT_WIDTH = 0.125
+
+
+def export_model(arch: str, width: float = EXPORT_WIDTH):
+    """The seeded model the ONNX tests export: width 0.125, seed 0, eval mode; DeconvNet with
+    non-trivial BatchNorm statistics, so that the exported BatchNorm is really tested."""
+    from fastfcn import models
+
+    torch.manual_seed(0)
+    m = models.build(arch, width=width).eval()
+    if arch == "deconvnet":
+        randomize_batchnorm(m, affine=False)
+    return m

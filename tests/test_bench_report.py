@@ -75,7 +75,9 @@ def gpu_dir(tmp_path):
 
 
 def table_rows(text):
-    return [line for line in text.splitlines() if line.startswith("| FCN-8s")]
+    """The end-to-end table's rows (the fused-vs-peer table below it starts with the case too)."""
+    table = text.split("| case | backend |", 1)[1].split("\n\n", 1)[0]
+    return [line for line in table.splitlines() if line.startswith("| FCN-8s")]
 
 
 def test_markdown_values(gpu_dir):
@@ -97,6 +99,25 @@ def test_markdown_values(gpu_dir):
     assert "onnxruntime: CUDA provider not installed" in text
     assert "no triton" not in text  # measured later: not listed as skipped
     assert "torch 2.11.0" in text and "profile gpu" in text
+
+
+def test_fused_against_the_fastest_peer(gpu_dir):
+    rows = [
+        e2e("a", "fused", "fp32", 100.0)["extra_info"], e2e("a", "onnxruntime", "fp32", 150.0)["extra_info"],
+        e2e("a", "openvino", "fp32", 120.0)["extra_info"], e2e("a", "torch", "fp32", 90.0)["extra_info"],
+        e2e("a", "fused", "bf16", 50.0)["extra_info"], e2e("a", "openvino", "bf16", 40.0)["extra_info"],
+        e2e("b", "fused", "bf16", 10.0)["extra_info"], e2e("b", "compile", "fp32", 5.0)["extra_info"],
+    ]  # fmt: skip
+    got = {(e["case_key"], e["precision"]): e for e in bench_report.peer_ratios(rows)}
+    assert set(got) == {("a", "fp32"), ("a", "bf16"), ("b", "bf16")}  # no fused fp32 on b: no entry
+    # torch is the reference, not a peer: the fastest fp32 peer is OpenVINO at 120 ms.
+    assert got[("a", "fp32")]["peer"] == "openvino" and got[("a", "fp32")]["ratio"] == pytest.approx(1.2)
+    assert got[("a", "bf16")]["ratio"] == pytest.approx(0.8)  # the peer is faster: ratio < 1
+    assert got[("b", "bf16")]["ratio"] is None and "no peer" in got[("b", "bf16")]["reason"]
+    # The report's table: fused 2 ms bf16 against compile 4 ms bf16 on the headline case.
+    assert "| FCN-8s 500x500-b1 | bf16 | 2.0 | compile | 4.0 | 2.00x |" in bench_report.markdown(
+        bench_report.load([str(gpu_dir)])
+    )
 
 
 def test_cli_writes_markdown_and_png(gpu_dir, tmp_path, capsys):

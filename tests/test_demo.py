@@ -72,7 +72,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "torch" in text and "agree vs torch" in text and str(out) in text
     torch_row = next(line for line in text.splitlines() if line.startswith("torch "))
     assert "100.000%" in torch_row
-    for b in ("fused", "onnxruntime", "compile"):  # each backend either ran or says why not
+    for b in ("fused", "onnxruntime", "compile", "openvino"):  # each backend either ran or says why not
         assert any(line.startswith(b) for line in text.splitlines()), text
     files = sorted(out.glob("scene_*.png"))
     assert len(files) == 3

@@ -83,7 +83,7 @@ def test_every_help_has_an_example(command, capsys):
 def test_segment_help_shows_defaults_and_new_options(capsys):
     assert cli.main(["segment", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--backend {auto,torch,fused,compile,onnxruntime}" in out
+    assert "--backend {auto,torch,fused,compile,onnxruntime,openvino}" in out
     assert "(default: auto)" in out
     assert "--batch-size BATCH_SIZE" in out and "(default: 1)" in out
     assert "--tile H W" in out and "--overlap OVERLAP" in out

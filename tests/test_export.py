@@ -2,7 +2,7 @@
 metadata, static and fp16 export, and the onnxruntime backend.
 
 Exports are slow (torch.export on symbolic shapes), so each model is exported once per
-module and every test reuses the file.
+session (the ``exported`` fixture of conftest.py) and every test reuses the file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_batchnorm, tiny_onnx
+from helpers import export_model, tiny_onnx
 
 import fastfcn
 from fastfcn import models
@@ -37,12 +37,7 @@ FP32_TOL = 1e-5
 
 
 def _model(arch: str, width: float = WIDTH):
-    torch.manual_seed(0)
-    m = models.build(arch, width=width).eval()
-    if arch == "deconvnet":
-        # Non-trivial BatchNorm statistics, so that the exported BatchNorm is really tested.
-        randomize_batchnorm(m, affine=False)
-    return m
+    return export_model(arch, width)
 
 
 def _input(n, h, w, seed=1):
@@ -66,21 +61,6 @@ def agreement(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
     margin = (top2[:, -1] - top2[:, -2]) / rng
     clear_flips = float(((lo != lr) & (margin > 2 * err)).mean())
     return err, same, clear_flips
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """arch -> (model, path of its dynamic fp32 export), exported on first use."""
-    cache: dict = {}
-    root = tmp_path_factory.mktemp("onnx")
-
-    def get(arch):
-        if arch not in cache:
-            m = _model(arch)
-            cache[arch] = (m, export_onnx(m, root / f"{arch}.onnx"))
-        return cache[arch]
-
-    return get
 
 
 @pytest.mark.slow

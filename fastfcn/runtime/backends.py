@@ -1,6 +1,6 @@
 """Backends: one interface, one registry (DESIGN.md idea 6).
 
-A backend is built from a model (or, for onnxruntime, an ``.onnx`` path) for
+A backend is built from a model (or, for onnxruntime and openvino, an ``.onnx`` path) for
 one device and precision, and answers
 
     backend(x, output) -> torch.Tensor on the device
@@ -23,6 +23,8 @@ Registered backends:
 - ``compile``: ``torch.compile`` (inductor) of the reference with BatchNorm folded,
   channels_last and inductor freezing.
 - ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported lazily).
+- ``openvino``: ``fastfcn.runtime.openvino.OpenVinoBackend`` (imported lazily): the exported
+  graph in OpenVINO's CPU plugin at fp32 ("f32" hint) or bf16 (native-bf16 CPUs only).
 
 A backend that cannot run raises BackendUnavailableError saying why.
 
@@ -297,12 +299,24 @@ def _onnxruntime(source, device, precision):
     return OnnxRuntimeBackend(source, device, precision)
 
 
+def _openvino(source, device, precision):
+    # The module imports openvino itself only when a backend is built; it raises
+    # BackendUnavailableError with the install command when the package is missing.
+    from .openvino import OpenVinoBackend
+
+    return OpenVinoBackend(source, device, precision)
+
+
 _REGISTRY: dict[str, Callable[..., Backend]] = {
     "torch": TorchBackend,
     "fused": FusedBackend,
     "compile": CompileBackend,
     "onnxruntime": _onnxruntime,
+    "openvino": _openvino,
 }
+
+# Backends that run an exported graph and so also take an .onnx file as their source.
+ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 
 def register_backend(name: str, factory: Callable[..., Backend]) -> None:

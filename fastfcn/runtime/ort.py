@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import weakref
-from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..errors import BackendUnavailableError, CheckpointError, InputError
+from ..errors import BackendUnavailableError
 from ..kernels.reference import OUTPUTS, finish
+from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
 # "tf32" is fp32 storage with TF32 tensor-core math (CUDA provider only); "auto" means the
 # precision an .onnx file was exported at (fp32 for a model).
@@ -96,24 +92,10 @@ class OnnxRuntimeBackend:
         ok, why = available(self.device, precision)
         if not ok:
             raise BackendUnavailableError(why)
-        self._tmpdir = None
-        if isinstance(source, nn.Module):
-            from ..export import export_onnx
-
-            want = "fp32" if precision in ("auto", "fp32", "tf32") else precision
-            self._tmpdir = tempfile.mkdtemp(prefix="fastfcn-ort-")
-            weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
-            self.onnx_path = export_onnx(source, Path(self._tmpdir) / "model.onnx", precision=want)
-        elif isinstance(source, (str, os.PathLike)):
-            self.onnx_path = Path(source)
-            if not self.onnx_path.is_file():
-                raise FileNotFoundError(f"{self.onnx_path}: no such ONNX file")
-        else:
-            raise TypeError(f"source must be a fastfcn model or an .onnx path; got {type(source).__name__}")
-        from ..export import read_onnx_metadata
-
-        self.config = read_onnx_metadata(self.onnx_path)
-        exported = self.config.get("export", {}).get("precision", "fp32")
+        want = "fp32" if precision in ("auto", "fp32", "tf32") else precision
+        self._source = OnnxSource(source, want, prefix="fastfcn-ort-")
+        self.onnx_path, self.config = self._source.path, self._source.config
+        exported = self._source.exported
         if precision == "auto":
             precision = exported
         elif (precision == "tf32" and exported != "fp32") or (precision != "tf32" and precision != exported):
@@ -155,19 +137,6 @@ class OnnxRuntimeBackend:
         return (f"OnnxRuntimeBackend({self.config.get('arch')}, device={self.device}, "
                 f"precision={self.precision}, path={str(self.onnx_path)!r})")
 
-    def _check(self, x) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputError(f"input must be a float tensor (N, 3, H, W); got {got}")
-        if not x.is_floating_point():
-            raise InputError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")
-        if x.device != self.device and not (x.device.type == self.device.type == "cpu"):
-            raise InputError(f"input is on {x.device} but this backend runs on {self.device}")
-        if 0 in x.shape:
-            raise InputError(f"input must be non-empty (N, 3, H, W); got {tuple(x.shape)}")
-        # The graph's interface is float32 at every precision (fp16 graphs cast inside).
-        return x.to(torch.float32).contiguous()
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         """x: float (N, 3, H, W) preprocessed, on the backend's device.
@@ -177,24 +146,13 @@ class OnnxRuntimeBackend:
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        x = self._check(x)
+        x = check_graph_input(x, self.device)
         if self.device.type == "cuda":
             y = self._run_cuda(x)
         else:
             y = torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
-        self._check_result(x, y)
+        check_graph_output(x, y, self.num_classes, self.onnx_path)
         return finish(y, output)
-
-    def _check_result(self, x: torch.Tensor, y) -> None:
-        # The signature was checked at load, but symbolic dims are only resolved at run time:
-        # a graph that is not the one its metadata describes shows here, not as wrong labels.
-        want = (x.shape[0], self.num_classes, x.shape[2], x.shape[3])
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != want or y.dtype != torch.float32:
-            got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise CheckpointError(
-                f"{self.onnx_path}: the graph returned {got} for an input of {tuple(x.shape)}; "
-                f"expected float32 {want} (N, num_classes, H, W)"
-            )
 
     def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np

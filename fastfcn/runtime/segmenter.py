@@ -18,7 +18,7 @@ from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
-from .backends import PRECISIONS, Backend, available_backends, create_backend
+from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
 from .cuda_graphs import CapturedForward, is_oom
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
 from .tiling import check_tiling, run_tiled
@@ -124,11 +124,12 @@ class Segmenter:
 
     checkpoint: a path fastfcn.load reads (``arch=`` as there), a built-in model's name
         (``"demo"``, see fastfcn.zoo), a ``.onnx`` file exported by
-        fastfcn (runs with backend "onnxruntime"; "auto" picks it), or a model from
+        fastfcn (runs with backend "onnxruntime", which "auto" picks, or "openvino"), or a model from
         fastfcn.models (copied; the original is not changed).
-    device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N" or a torch.device.
+    device: "auto" (CUDA when present, else CPU; the CPU for backend "openvino"), "cpu", "cuda",
+        "cuda:N" or a torch.device.
     backend: "auto" (= "fused"; "onnxruntime" for a .onnx file), "fused", "torch", "compile",
-        "onnxruntime" (see fastfcn.runtime.backends).
+        "onnxruntime", "openvino" (see fastfcn.runtime.backends).
     precision: "auto", "fp32", "tf32" (CUDA only), "bf16", "fp16". "auto" is bf16 on GPUs that
         support it and, for the fused backend, on CPUs with native bf16 (AVX512-BF16 or AMX,
         detected here, when the Segmenter is built); fp32 otherwise. On the CPU, bf16 runs the
@@ -187,7 +188,9 @@ class Segmenter:
             raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self._device = _resolve_device(device)
+        # OpenVINO runs on the CPU only: "auto" means the CPU for it, even where CUDA is present.
+        cpu_only = backend == "openvino" and (device is None or device == "auto")
+        self._device = _resolve_device("cpu" if cpu_only else device)
         self._precision = _resolve_precision(precision, self._device, backend)
         self.max_pixels = max_pixels
         self.check_finite = check_finite
@@ -195,10 +198,10 @@ class Segmenter:
         source, config = self._load(checkpoint, arch, backend)
         if backend == "auto":
             backend = "onnxruntime" if not isinstance(source, nn.Module) else "fused"
-        elif not isinstance(source, nn.Module) and backend != "onnxruntime":
+        elif not isinstance(source, nn.Module) and backend not in ONNX_BACKENDS:
             raise BackendUnavailableError(
-                f"a .onnx file runs only with backend 'onnxruntime' (or 'auto'); got backend {backend!r}. "
-                "Load the checkpoint (.safetensors/.pt) to use the other backends."
+                f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} (or 'auto'); "
+                f"got backend {backend!r}. Load the checkpoint (.safetensors/.pt) to use the other backends."
             )
         self._backend_name = backend
         if backend == "onnxruntime" and precision == "auto":
@@ -247,9 +250,10 @@ class Segmenter:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
         if path.suffix.lower() == ".onnx":
-            if backend not in ("auto", "onnxruntime"):
+            if backend != "auto" and backend not in ONNX_BACKENDS:
                 raise BackendUnavailableError(
-                    f"a .onnx file runs only with backend 'onnxruntime' (or 'auto'); got backend {backend!r}"
+                    f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} "
+                    f"(or 'auto'); got backend {backend!r}"
                 )
             from ..export import read_onnx_metadata
 
