@@ -5,6 +5,9 @@ alike (the pytest suite times one backend after the other).
     python benchmarks/peers_interleaved.py --arch fcn8s --size 500 500 --batch 1 --rounds 5 \\
         --runs fused:fp32 fused:bf16 onnxruntime:fp32 openvino:fp32 openvino:bf16
 
+``fused-noskip:PRECISION`` is the fused backend computing every position (the dead-zone
+ablation, ``Segmenter(skip_dead_zone=False)``); it is not counted as a peer.
+
 Same seeded model (width 1) and seeded uint8 images as benchmarks/test_end_to_end.py; the
 ONNX peers share one fp32 export. Prints, per run, the median and IQR in ms, and fused
 against the fastest peer at each precision; ``--json PATH`` writes the same as JSON with the
@@ -42,6 +45,9 @@ def build(args, folder: str) -> dict:
     segs = {}
     for run in args.runs:
         backend, precision = run.split(":")
+        options = {}
+        if backend == "fused-noskip":  # the dead-zone ablation: fused computing every position
+            backend, options = "fused", {"skip_dead_zone": False}
         if precision == "bf16" and not native_bf16_cpu()[0]:
             print(f"skipped {run}: {native_bf16_cpu()[1]}")
             continue
@@ -51,7 +57,8 @@ def build(args, folder: str) -> dict:
                 onnx_path = fastfcn.export_onnx(model, Path(folder) / "model.onnx")
             source = str(onnx_path)
         try:
-            segs[run] = fastfcn.Segmenter(source, backend=backend, device="cpu", precision=precision)
+            segs[run] = fastfcn.Segmenter(source, backend=backend, device="cpu", precision=precision,
+                                          **options)
         except fastfcn.BackendUnavailableError as e:
             print(f"skipped {run}: {e}")
     return segs
