@@ -133,10 +133,9 @@ class FusedBackend(Backend):
     channels_last activations and the head's score layers and upsampling in fp32; on CUDA
     graph-capturable with cuDNN autotuning.
 
-    FCN-8s, width 1, 500x500, fp32, one image (labels), this project's shared 2-core CPU
-    under load ~4, median CPU-seconds at 1 thread: fused 4.2-4.3, onnxruntime 5.1,
-    compile (freezing, channels_last) 7.2, eager channels_last 7.1; 2 threads, wall
-    median: fused 5.7 s, onnxruntime 6.5 s, eager channels_last 7.8 s, eager NCHW 13.9 s.
+    FCN-8s, width 1, 500x500, one image (labels), AMD EPYC Zen 4 with AVX512-BF16, 2 threads,
+    medians of 5 interleaved rounds (benchmarks/results/peers/): fused fp32 1.03 s (OpenVINO f32
+    1.66, ONNX Runtime 1.70, torch 2.34), fused bf16 0.61 s (OpenVINO bf16 0.85).
 
     ``plan()``: the CPU convolution choices so far (cpu_fast.ConvPlanner.plan); [] on CUDA.
     """
