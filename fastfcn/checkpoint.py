@@ -687,12 +687,13 @@ class _WireError(Exception):
     pass
 
 
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(byte_at, pos: int, where: str) -> tuple[int, int]:
+    """A protobuf varint from ``byte_at(pos) -> int | None`` (None past the end of ``where``)."""
     result = shift = 0
     while True:
-        if pos >= end:
-            raise _WireError("a varint runs past the end of its message")
-        b = buf[pos]
+        b = byte_at(pos)
+        if b is None:
+            raise _WireError(f"a varint runs past the end of {where}")
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
@@ -700,6 +701,10 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise _WireError("a varint is longer than 10 bytes")
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    return _read_varint(lambda p: buf[p] if p < end else None, pos, "its message")
 
 
 def _fields(buf: memoryview):
@@ -735,20 +740,12 @@ def _stream_fields(f, size: int, wanted: tuple[int, ...]):
     the file is never in memory at once (reading it whole put a 39 MiB caffemodel's
     load at a 2.5x peak of its tensor bytes)."""
 
+    def byte_at(pos):  # the file is read in order: pos is always the next byte
+        byte = f.read(1) if pos < size else b""
+        return byte[0] if byte else None
+
     def varint(pos):
-        result = shift = 0
-        while True:
-            byte = f.read(1) if pos < size else b""
-            if not byte:
-                raise _WireError("a varint runs past the end of the file")
-            b = byte[0]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result, pos
-            shift += 7
-            if shift > 63:
-                raise _WireError("a varint is longer than 10 bytes")
+        return _read_varint(byte_at, pos, "the file")
 
     pos = 0
     while pos < size:
