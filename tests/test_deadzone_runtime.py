@@ -107,3 +107,22 @@ def test_flops_of_dilated_nets_skip_nothing():
         m = fastfcn.models.build("dilated-context").eval()
     c = count_macs(m, (1, 3, 250, 250))
     assert c.computed_macs == c.macs
+
+
+def test_hold_entries_keeps_what_a_capture_read():
+    """A CUDA graph replays reads of the cached maps without the cache: the entries read while
+    it was captured are handed to it (cuda_graphs.CapturedForward.held) and outlive the LRU."""
+    from fastfcn.runtime.deadzone import hold_entries
+
+    b = create_backend("fused", model("fcn8s"), CPU, "fp32")
+    x = torch.randn(1, 3, 23, 31) * 50
+    with torch.no_grad():
+        b(x, "logits")  # warm-up: the entry is built here, outside the block
+        with hold_entries() as held:
+            b(x, "logits")
+        b(torch.randn(1, 3, 17, 19), "logits")  # outside the block: not held
+    assert len(held) == 1 and len(b.dead_zone.cache) == 2
+    nbytes = held[0].nbytes
+    b.dead_zone.cache.clear()
+    assert len(b.dead_zone.cache) == 0 and b.dead_zone.cache.nbytes == 0
+    assert nbytes > 0 and held[0].nbytes == nbytes  # the held entry keeps its tensors

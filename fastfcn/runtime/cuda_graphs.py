@@ -69,8 +69,13 @@ class CapturedForward:
                 run_fn(self.static_in)
         stream.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode():
+        from .deadzone import hold_entries
+
+        # The graph reads the dead-zone cache's image-independent maps on every replay: it keeps
+        # the entries it read alive even after that cache's LRU drops them.
+        with torch.inference_mode(), hold_entries() as held:
             self.static_out = capture(self.graph, lambda: run_fn(self.static_in), side, pool)
+        self.held = held
 
     def run(self, t: torch.Tensor) -> torch.Tensor:
         """Copy ``t`` (host or device) into the static input, replay, return a copy of the output."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,23 @@ from ..models.backbone import LRN, Conv, Pool, conv_geometry, local_response_nor
 
 # The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
 ENABLED = True
+
+_held = threading.local()
+
+
+@contextmanager
+def hold_entries():
+    """Collect the cache entries that the calls in this block (in this thread) read.
+
+    A CUDA graph captured in the block replays reads of those entries' tensors without going
+    through the cache, so the LRU may drop an entry while the graph lives; whoever keeps the
+    graph keeps the list as well, and a dropped entry stays allocated until the graph goes."""
+    prev = getattr(_held, "entries", None)
+    _held.entries = held = []
+    try:
+        yield held
+    finally:
+        _held.entries = prev
 
 Span = tuple[int, int]  # half-open [lo, hi)
 
@@ -452,6 +470,9 @@ class DeadZoneForward:
             raise ValueError("these steps keep pooling switches: pass a dict as `switches`")
         plan = self.plan((x.shape[-2], x.shape[-1]), image_size)
         entry = self.cache.get(self._key(x, plan), lambda: self._build(x, plan))
+        held = getattr(_held, "entries", None)
+        if held is not None:
+            held.append(entry)
         return self._run(x, plan, entry, feats, switches)
 
     @property

@@ -143,7 +143,7 @@ class Segmenter:
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
     num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
-    skip_dead_zone: backend "fused" on the CPU computes only the positions whose receptive field
+    skip_dead_zone: backend "fused" computes only the positions whose receptive field
         reaches the image (FCN-VGG, FCN-AlexNet, DeconvNet's encoder; fastfcn.runtime.deadzone),
         taking the rest from maps cached per input size; False computes everything (ablation).
         The results agree to float32 rounding either way.
