@@ -209,7 +209,11 @@ class GemmConv:
         y = torch.addmm(self.bias, x.to(self.dtype).contiguous().flatten(1), self.w2.t())
         if self.g.relu:
             y.relu_()
-        return y.view(x.shape[0], -1, 1, 1)  # (N, C, 1, 1): NCHW and channels_last alike
+        n, c = y.shape
+        # (N, C, 1, 1) with channels_last strides: the same memory, but the next layers read the
+        # layout from the strides (NCHW strides here made oneDNN hand NCHW maps to DeconvNet's
+        # decoder, one reorder more per unpooling).
+        return y.as_strided((n, c, 1, 1), (c, 1, c, c))
 
 
 def candidates(g: _Geom, dtype: torch.dtype) -> dict:
