@@ -344,3 +344,15 @@ def test_gemm_conv_is_the_convolution_when_the_kernel_covers_the_input():
         GemmConv(g, torch.float32)(torch.randn(1, 32, 9, 9), (0, 0))
     with pytest.raises(ValueError, match="cover the whole unpadded input"):
         GemmConv(g, torch.float32)(torch.randn(1, 32, 5, 5), (1, 1))
+
+
+def test_gemm_candidate_is_offered_only_the_shapes_it_accepts(monkeypatch):
+    """FCN-8s's 3x3 layers never time (or list as failed) the GEMM candidate; DeconvNet's fc6
+    (7x7 kernel over a 7x7 map) does."""
+    monkeypatch.setattr(cpu_fast, "wall_timer", lambda name, fn, best=None: (1.0, fn()))
+    seg = fastfcn.Segmenter(small("deconvnet"), device="cpu", backend="fused", precision="fp32")
+    seg.run(torch.randint(0, 255, (1, 37, 45, 3), dtype=torch.uint8))
+    plan = {e["layer"]: e for e in seg.plan}
+    assert "gemm" in plan["fc6"]["times_ms"]
+    others = [e for n, e in plan.items() if n != "fc6"]
+    assert others and all("gemm" not in e["times_ms"] and "gemm" not in e.get("errors", {}) for e in others)

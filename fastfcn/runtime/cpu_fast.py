@@ -188,8 +188,8 @@ class GemmConv:
     """A convolution whose kernel covers its whole unpadded input (one output position, as
     DeconvNet's fc6: 7x7 over pool5's 7x7) is one matrix product, y = x.flatten(1) @ W.T + b:
     reading fc6's 411 MB of weights once per batch. DeconvNet 224x224, batch 2, fp32, 2 threads
-    (AMD EPYC Zen 4): oneDNN's direct conv 150 ms, torch's 239 ms for that layer. Any other
-    shape raises, so the planner drops it there."""
+    (AMD EPYC Zen 4): oneDNN's direct conv 150 ms, torch's 239 ms for that layer. The planner
+    offers it only the inputs it ``accepts``; called on any other, it raises."""
 
     def __init__(self, g: _Geom, dtype: torch.dtype, weight: torch.Tensor | None = None):
         self.g, self.dtype = g, dtype
@@ -201,9 +201,13 @@ class GemmConv:
     def applies(g: _Geom) -> bool:
         return g.groups == 1 and g.dilation == [1, 1]
 
+    def accepts(self, x: torch.Tensor, padding) -> bool:
+        """Whether this input is one the kernel covers whole (the planner skips it otherwise)."""
+        return not any(int(p) for p in padding) and tuple(x.shape[-2:]) == tuple(self.g.weight.shape[2:])
+
     def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
         kh, kw = self.g.weight.shape[2:]
-        if any(int(p) for p in padding) or tuple(x.shape[-2:]) != (kh, kw):
+        if not self.accepts(x, padding):
             raise ValueError(f"gemm needs the {kh}x{kw} kernel to cover the whole unpadded input; "
                              f"got input {tuple(x.shape[-2:])} with padding {tuple(padding)}")  # fmt: skip
         y = torch.addmm(self.bias, x.to(self.dtype).contiguous().flatten(1), self.w2.t())
@@ -337,6 +341,9 @@ class ConvPlanner:
                 return pc.cands[cached](x, padding)
             times, errors, best, best_y = {}, {}, None, None
             for name, impl in pc.cands.items():
+                accepts = getattr(impl, "accepts", None)
+                if accepts is not None and not accepts(x, padding):
+                    continue  # a candidate for other shapes (not an error worth listing)
                 try:
                     secs, y = self.timer(name, lambda impl=impl: impl(x, padding), times.get(best))
                 except Exception as e:  # an implementation that cannot run this shape is dropped
