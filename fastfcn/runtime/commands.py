@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--alpha", type=float, default=0.5,
                             help="overlay opacity of the class colours, 0..1 (default 0.5)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        from .crf import add_crf_arguments
+
+        add_crf_arguments(parser)
     else:
         raise ValueError(f"fastfcn.runtime.commands serves info, export and segment; got {command!r}")
 
@@ -316,6 +319,9 @@ def _segment(args) -> int:
         raise InputError(f"--max-pixels must be >= 1; got {args.max_pixels}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
+    from .crf import crf_from_args
+
+    post = crf_from_args(args)  # {} or postprocess="crf" with its parameters
     tiling = {}
     if args.tile is None and args.overlap is not None:
         raise InputError(f"--overlap {args.overlap} is for tiled runs; add --tile H W")
@@ -331,7 +337,7 @@ def _segment(args) -> int:
     jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
     try:
         seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
-                        precision=args.precision, max_pixels=args.max_pixels)
+                        precision=args.precision, max_pixels=args.max_pixels, **post)
     except (ValueError, TypeError) as e:
         if isinstance(e, FastFCNError):
             raise
