@@ -118,10 +118,14 @@ def cost_at(size: tuple[int, int], c: int, params: CRFParams, reps: int = 3) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--second", required=True, help="the second model's checkpoint (e.g. a DeconvNet)")
+    ap.add_argument("--second", default=None, help="a second model's checkpoint (e.g. a DeconvNet): "
+                    "adds it and the Ensemble of both")  # fmt: skip
     ap.add_argument("--second-command", default="", help="how the second model was made (recorded)")
+    ap.add_argument("--crf-on", default="all",
+                    help="comma-separated rows that get the CRF: demo, second, ensemble (default all)")
+    ap.add_argument("--cost", action="store_true", help="also time the CRF alone at 96x96 and 500x375")
     ap.add_argument("--n", type=int, default=500, help="held-out scenes (default 500, the whole split)")
-    ap.add_argument("--val-n", type=int, default=100, help="validation scenes for choosing CRF parameters")
+    ap.add_argument("--val-n", type=int, default=50, help="validation scenes for choosing CRF parameters")
     ap.add_argument("--backend", default="fused")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -130,10 +134,13 @@ def main() -> int:
     from common import device_info, utc_now
 
     kw = {"device": "cpu", "backend": args.backend, "precision": args.precision}
-    members = {"demo (FCN-8s)": fastfcn.Segmenter("demo", **kw),
-               "second": fastfcn.Segmenter(args.second, **kw)}  # fmt: skip
-    c = members["demo (FCN-8s)"].num_classes
-    arch2 = members["second"].config.get("arch")
+    members = {"demo": fastfcn.Segmenter("demo", **kw)}
+    if args.second:
+        members["second"] = fastfcn.Segmenter(args.second, **kw)
+    crf_on = set(members) | ({"ensemble"} if args.second else set())
+    if args.crf_on != "all":
+        crf_on &= set(args.crf_on.split(","))
+    c = members["demo"].num_classes
     test_im, test_lb = load_split(heldout_scenes(args.n, HELDOUT_SIZE, c))
     val_im, val_lb = load_split(SyntheticScenes(args.val_n, HELDOUT_SIZE, VAL_SEED, c))
     load0 = os.getloadavg()[0]
@@ -142,44 +149,66 @@ def main() -> int:
     for name, seg in members.items():
         probs[name], model_ms[name] = probs_of(seg, test_im)
         val_probs[name], _ = probs_of(seg, val_im)
-    ens = fastfcn.Ensemble(list(members.values()))
-    ens_probs, model_ms["ensemble"] = probs_of(ens, test_im)
-    # The Ensemble's average is the mean of the cached member probabilities.
-    hand = sum(probs.values()) / len(probs)
-    assert float(np.abs(ens_probs - hand).max()) < 1e-5, "Ensemble differs from the mean of its members"
-    probs["ensemble"], val_probs["ensemble"] = ens_probs, sum(val_probs.values()) / len(val_probs)
+    weights = {}
+    if args.second:
+        ens = fastfcn.Ensemble(list(members.values()))
+        ens_probs, model_ms["ensemble"] = probs_of(ens, test_im)
+        # The Ensemble's average is the mean of the cached member probabilities.
+        hand = sum(probs.values()) / len(probs)
+        assert float(np.abs(ens_probs - hand).max()) < 1e-5, "Ensemble differs from the mean of its members"
+        probs["ensemble"], val_probs["ensemble"] = ens_probs, sum(v for k, v in val_probs.items()
+                                                                   if k != "ensemble") / 2  # fmt: skip
+        # The demo's weight chosen on the validation split (the second gets 1 - w).
+        for w in (0.5, 0.25, 0.75):  # equal first: a tie keeps equal weights
+            v = w * val_probs["demo"] + (1 - w) * val_probs["second"]
+            weights[w] = miou(val_lb, v.argmax(1), c)["mean_iu"]
+        w = max(weights, key=weights.get)
+        tuned_name = f"ensemble, weights {w:g}/{1 - w:g} (chosen on val)"
+        probs[tuned_name] = w * probs["demo"] + (1 - w) * probs["second"]
 
     deeplab = CRFParams()
     results, grids = {}, {}
     for name in probs:
-        tuned, grids[name] = choose_params(val_probs[name], val_im, val_lb, c)
-        row = {"no_crf": miou(test_lb, probs[name].argmax(1), c),
-               "model_ms_per_image": model_ms[name]}  # fmt: skip
-        for label, params in (("crf_deeplab", deeplab), ("crf_tuned", tuned)):
-            pred, ms, cpu = crf_labels(probs[name], test_im, params)
-            row[label] = {**miou(test_lb, pred, c), "crf_ms_per_image": round(ms, 2),
-                          "crf_cpu_ms_per_image": round(cpu, 2), "params": params.as_dict()}  # fmt: skip
+        row = {"no_crf": miou(test_lb, probs[name].argmax(1), c)}
+        if name in model_ms:
+            row["model_ms_per_image"] = model_ms[name]
+        if name in crf_on:
+            tuned, grids[name] = choose_params(val_probs[name], val_im, val_lb, c)
+            for label, params in (("crf_deeplab", deeplab), ("crf_tuned", tuned)):
+                pred, ms, cpu = crf_labels(probs[name], test_im, params)
+                row[label] = {**miou(test_lb, pred, c), "crf_ms_per_image": round(ms, 2),
+                              "crf_cpu_ms_per_image": round(cpu, 2), "params": params.as_dict()}  # fmt: skip
         results[name] = row
-        print(f"{name:<14} mean IU {row['no_crf']['mean_iu']:.2f}  +CRF(DeepLab) "
-              f"{row['crf_deeplab']['mean_iu']:.2f}  +CRF(tuned on val) {row['crf_tuned']['mean_iu']:.2f}  "
-              f"model {row['model_ms_per_image']['wall_ms']:.1f} ms/img, "
-              f"CRF {row['crf_deeplab']['crf_ms_per_image']:.1f} ms/img "
-              f"({row['crf_deeplab']['crf_cpu_ms_per_image']:.1f} ms CPU)", flush=True)  # fmt: skip
+        line = f"{name:<14} mean IU {row['no_crf']['mean_iu']:.2f}"
+        if name in crf_on:
+            d = row["crf_deeplab"]
+            line += (f"  +CRF(DeepLab) {d['mean_iu']:.2f}"
+                     f"  +CRF(tuned on val) {row['crf_tuned']['mean_iu']:.2f}"
+                     f"  CRF {d['crf_ms_per_image']:.1f} ms/img ({d['crf_cpu_ms_per_image']:.1f} ms CPU)")
+        print(line, flush=True)
 
     # End to end through the public API: the same numbers as from the cached probabilities.
-    seg_crf = fastfcn.Segmenter("demo", postprocess="crf", **kw)
-    e2e = evaluate(seg_crf, heldout_scenes(args.n, HELDOUT_SIZE, c), c, batch=16)[0]
-    assert abs(100 * e2e["mean_iu"] - results["demo (FCN-8s)"]["crf_deeplab"]["mean_iu"]) < 0.01
-    ens_crf = fastfcn.Ensemble(list(members.values()), postprocess="crf",
-                               crf=CRFParams(**results["ensemble"]["crf_tuned"]["params"]))  # fmt: skip
-    e2e_ens = evaluate(ens_crf, heldout_scenes(args.n, HELDOUT_SIZE, c), c, batch=16)[0]
-    assert abs(100 * e2e_ens["mean_iu"] - results["ensemble"]["crf_tuned"]["mean_iu"]) < 0.01
+    e2e = {}
+    if "demo" in crf_on:
+        seg_crf = fastfcn.Segmenter("demo", postprocess="crf", **kw)
+        m = 100 * evaluate(seg_crf, heldout_scenes(args.n, HELDOUT_SIZE, c), c, batch=16)[0]["mean_iu"]
+        assert abs(m - results["demo"]["crf_deeplab"]["mean_iu"]) < 0.01
+        e2e["Segmenter('demo', postprocess='crf') mean_iu"] = round(m, 2)
+    if "ensemble" in crf_on:
+        tuned = CRFParams(**results["ensemble"]["crf_tuned"]["params"])
+        ens_crf = fastfcn.Ensemble(list(members.values()), postprocess="crf", crf=tuned)
+        m = 100 * evaluate(ens_crf, heldout_scenes(args.n, HELDOUT_SIZE, c), c, batch=16)[0]["mean_iu"]
+        assert abs(m - results["ensemble"]["crf_tuned"]["mean_iu"]) < 0.01
+        e2e["Ensemble(postprocess='crf', crf=tuned) mean_iu"] = round(m, 2)
 
-    cost = {f"{h}x{w}, {k} classes": cost_at((h, w), k, deeplab)
-            for (h, w), k in (((96, 96), 5), ((375, 500), 21))}  # fmt: skip
-    print("CRF alone (DeepLab parameters), ms per image:", cost)
+    cost = {}
+    if args.cost:
+        cost = {f"{h}x{w}, {k} classes": cost_at((h, w), k, deeplab)
+                for (h, w), k in (((96, 96), 5), ((375, 500), 21))}  # fmt: skip
+        print("CRF alone (DeepLab parameters), ms per image:", cost)
     obj = {
         "what": "dense CRF and ensemble on the held-out synthetic split (benchmarks/crf_ensemble_eval.py)",
+        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
         "date": utc_now().isoformat(timespec="seconds"),
         "device": device_info("cpu"),
         "load_average_at_start": round(load0, 2),
@@ -188,18 +217,18 @@ def main() -> int:
                   "crf_tuning": f"SyntheticScenes({args.val_n}, {HELDOUT_SIZE}, seed={VAL_SEED}) "
                                 "(a training seed)"},
         "backend": args.backend, "precision": args.precision,
-        "members": {"demo (FCN-8s)": "fastfcn/assets/demo_fcn8s.safetensors",
-                    "second": {"arch": arch2, "checkpoint": str(args.second),
-                               "made_by": args.second_command}},
+        "members": {"demo": "fastfcn/assets/demo_fcn8s.safetensors (FCN-8s)"},
         "results": results,
-        "end_to_end_check": {
-            "Segmenter(demo, postprocess='crf') mean_iu": round(100 * e2e["mean_iu"], 2),
-            "Ensemble(postprocess='crf', tuned) mean_iu": round(100 * e2e_ens["mean_iu"], 2),
-        },
+        "ensemble_weight_of_demo_on_val": {str(k): v for k, v in weights.items()},
+        "end_to_end_check": e2e,
         "crf_ms_alone_deeplab_params": cost,
         "crf_grid": {"searched": {k: list(v) for k, v in GRID.items()}, "by_model": grids},
         "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
+    if args.second:
+        second = members["second"]
+        obj["members"]["second"] = {"arch": second.config.get("arch"), "checkpoint": str(args.second),
+                                    "made_by": args.second_command}  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(obj, indent=1) + "\n")
         print(f"wrote {args.out}")
