@@ -152,3 +152,18 @@ def test_one_member_is_that_member(members):
     x = images()
     torch.testing.assert_close(Ensemble([members[0]]).run(x, "probs"), members[0].run(x, "probs"),
                                atol=1e-7, rtol=0)  # fmt: skip
+
+
+def test_fused_members_give_the_reference_average():
+    # The fused backend's head emits the probabilities itself (the C++ head's softmax); the
+    # ensemble of fused members equals the ensemble of the reference ones.
+    torch.manual_seed(3)
+    m1 = fastfcn.models.build("fcn8s", width=0.0625, num_classes=5).eval()
+    m2 = fastfcn.models.build("fcn-alexnet", width=0.0625, num_classes=5).eval()
+    x = images(2, (33, 29), seed=4)
+
+    def ens(backend):
+        segs = [fastfcn.Segmenter(m, device="cpu", backend=backend, precision="fp32") for m in (m1, m2)]
+        return Ensemble(segs, (1, 2))
+
+    torch.testing.assert_close(ens("fused").run(x, "probs"), ens("torch").run(x, "probs"), atol=1e-5, rtol=0)
