@@ -158,6 +158,7 @@ class CudaGraphRunner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             dtype = torch.uint8 if kind == "u8" else self.plan.input_dtype
+
             def run_fn(static_in):
                 return self.forward(static_in, kind, output)
 
