@@ -135,6 +135,8 @@ def test_register_backend_argument_errors(clean_registry):
         register_backend("nofactory")
     with pytest.raises(TypeError, match="takes no other fields"):
         register_backend(BackendSpec("x", Negated), devices=("cpu",))
+    # precisions left out: torch's on the devices given
+    assert BackendSpec("cpuonly", Negated, devices=("cpu",)).precisions == {"cpu": ("fp32", "bf16", "fp16")}
     with pytest.raises(TypeError, match="a BackendSpec or a name; got int"):
         register_backend(3, Negated)
     with pytest.raises(ValueError, match=r"Tolerance.logits must be in \(0, 1\)"):

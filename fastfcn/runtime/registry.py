@@ -61,6 +61,9 @@ FP16 = Tolerance(0.003, 0.997)
 TORCH_TOLERANCE = MappingProxyType({"fp32": FP32, "tf32": BF16, "bf16": BF16, "fp16": FP16})
 
 
+_DEFAULT_PRECISIONS = {"cpu": ("fp32", "bf16", "fp16"), "cuda": ("fp32", "tf32", "bf16", "fp16")}
+
+
 def _frozen_precisions(precisions) -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType({d: tuple(p) for d, p in dict(precisions).items()})
 
@@ -75,7 +78,7 @@ class BackendSpec:
     devices: device types it runs on, of ("cpu", "cuda"); ``device="auto"`` picks the first
         of CUDA (when present) and the CPU that it lists.
     precisions: device type -> the precisions it runs at there (a subset of PRECISIONS);
-        the first is its default where the Segmenter's "auto" has no better rule.
+        None: what torch runs on each of its devices (cpu: fp32, bf16, fp16; cuda: also tf32).
     tolerance: precision -> Tolerance, what its agreement tests allow against the reference.
     requires: Python packages it imports (``can_run`` reports a missing one with the command).
     onnx: it runs the exported graph, so it also takes an ``.onnx`` file as its source.
@@ -86,8 +89,7 @@ class BackendSpec:
     name: str
     factory: Callable | str
     devices: tuple[str, ...] = DEVICES
-    precisions: Mapping[str, tuple[str, ...]] = field(
-        default_factory=lambda: {"cpu": ("fp32", "bf16", "fp16"), "cuda": ("fp32", "tf32", "bf16", "fp16")})
+    precisions: Mapping[str, tuple[str, ...]] | None = None
     tolerance: Mapping[str, Tolerance] = field(default_factory=lambda: dict(TORCH_TOLERANCE))
     requires: tuple[str, ...] = ()
     onnx: bool = False
@@ -106,7 +108,9 @@ class BackendSpec:
         if not self.devices or bad:
             raise ValueError(f"backend {self.name!r}: devices must be a non-empty subset of {DEVICES}; "
                              f"got {self.devices!r}")
-        precisions = _frozen_precisions(self.precisions)
+        given = self.precisions if self.precisions is not None else {
+            d: p for d, p in _DEFAULT_PRECISIONS.items() if d in self.devices}
+        precisions = _frozen_precisions(given)
         if set(precisions) != set(self.devices):
             raise ValueError(f"backend {self.name!r}: precisions must name exactly its devices "
                              f"{self.devices}; got {sorted(precisions)}")
