@@ -391,7 +391,7 @@ def _graph_path(rec: Record, dev: str, dry: bool) -> None:
         c["replay_bitwise_repeatable"] = bool(torch.equal(a1, a2))
         c["sensitive_to_input"] = not bool(torch.equal(a1, b1))
         c["pinned_host_input_equals_device_input"] = bool(torch.equal(a1.cpu(), host.cpu()))
-        c["graphs_cached"] = len(getattr(s, "_graphs", {}))
+        c["graphs_cached"] = len(s._cuda.graphs) if getattr(s, "_cuda", None) is not None else 0
         rec.dump()
         outs: dict = {}
 

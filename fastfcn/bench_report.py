@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .runtime.registry import available_backends
 
-BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile", "openvino")
 PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16")
 BACKEND_COLOURS = {
     "torch": (96, 96, 96),
@@ -140,6 +140,10 @@ def load(paths: list[str]) -> dict[str, DeviceResults]:
     return devices
 
 
+def _index(names, name) -> int:
+    return list(names).index(name) if name in names else 99
+
+
 def _order(row: dict):
     b, p = row.get("backend"), row.get("precision")
     return (
@@ -147,8 +151,8 @@ def _order(row: dict):
         row.get("arch", ""),
         row.get("batch", 0),
         row.get("height", 0) * row.get("width", 0),
-        BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99,
-        PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99,
+        _index(available_backends(), b),
+        _index(PRECISION_ORDER, p),
     )
 
 

@@ -73,8 +73,8 @@ class OpenVinoBackend(Backend):
             raise BackendUnavailableError(
                 f"backend 'openvino' runs at precision {' or '.join(PRECISIONS)}; got {precision!r}"
             )
-        super().__init__(source, device, precision)
-        self.input_dtype = torch.float32  # the graph's interface; bf16 is the plugin's inner math
+        # the graph's interface is float32; bf16 is the plugin's inner math
+        super().__init__(source, device, precision, input_dtype=torch.float32)
         core = ov.Core()
         if precision == "bf16" and not native_bf16(core):
             caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
