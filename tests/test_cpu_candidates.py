@@ -1,4 +1,5 @@
-"""The C++ channels_last max pool without indices, and the planner choosing it per shape."""
+"""CPU planner candidates beyond the convolution libraries: the C++ channels_last max pool
+without indices (planned per shape against torch's) and the 1x1 convolution as one GEMM."""
 
 import pytest
 import torch
@@ -79,3 +80,25 @@ def test_planned_model_pools_through_the_cpp_kernel_and_agrees(dtype):
         assert len(pools) == sum(isinstance(s, Pool) for s in m.backbone) == 3
         assert {e["chosen"] for e in pools} == {prefer}
     assert torch.equal(outs["cpp"], outs["torch"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [True, False])
+def test_gemm1x1_candidate_equals_torch_conv(dtype, relu):
+    """The 1x1 convolution as one addmm over the pixels of a channels_last map (fc7, score layers)."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(24, 40, 1, 1, generator=g), torch.randn(24, generator=g)
+    geom = cpu_fast._Geom(w, b, [1, 1], [1, 1], 1, relu)
+    x = torch.randn(2, 40, 7, 13, generator=g).to(dtype).contiguous(memory_format=CL)
+    got = cpu_fast.Gemm1x1Conv(geom, dtype)(x, (0, 0))
+    want = cpu_fast.TorchConv(geom, dtype)(x, (0, 0))
+    assert got.shape == want.shape and got.is_contiguous(memory_format=CL)
+    tol = 0 if dtype == torch.float32 else 2**-7 * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=tol + 1e-5)
+    assert "gemm1x1" + ("" if dtype == torch.float32 else "-bfloat16") in cpu_fast.candidates(geom, dtype)
+    three = cpu_fast._Geom(torch.randn(24, 40, 3, 3), torch.randn(24), [1, 1], [1, 1], 1, relu)
+    assert not any(k.startswith("gemm1x1") for k in cpu_fast.candidates(three, dtype))
+    impl = cpu_fast.Gemm1x1Conv(geom, dtype)
+    assert not impl.accepts(x, (1, 1)) and not impl.accepts(x.contiguous(), (0, 0))
+    with pytest.raises(ValueError, match="unpadded channels_last"):
+        impl(x, (1, 1))
