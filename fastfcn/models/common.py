@@ -70,6 +70,9 @@ class SegmentationModel(nn.Module):
     # may skip (fastfcn.runtime.deadzone). The dilated nets reflect-pad: every position depends
     # on the image.
     has_dead_zone: bool = False
+    # pool_impl(h, kernel, stride) -> h: the max pooling of Pool steps without switches (Caffe's
+    # ceil rounding, no padding) in place of torch's max_pool2d; set by the runtime (cpu_fast).
+    pool_impl = None
 
     def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=(1.0, 1.0, 1.0)):
         super().__init__()

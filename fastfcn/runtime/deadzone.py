@@ -42,7 +42,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.backbone import LRN, Conv, Pool, conv_geometry, local_response_norm, reference_conv, run_steps
+from ..models.backbone import (
+    LRN,
+    Conv,
+    Pool,
+    conv_geometry,
+    local_response_norm,
+    max_pool,
+    reference_conv,
+    run_steps,
+)
 
 # The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
 ENABLED = True
@@ -546,7 +555,7 @@ class DeadZoneForward:
             return impl(win, sym), None
         if isinstance(step, Pool):
             if step.switches is None:
-                return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True), None
+                return max_pool(self.model, win, step), None
             if self.pool_with_switches is None:
                 return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True, return_indices=True)
             return self.pool_with_switches(win, step.kernel, step.stride)

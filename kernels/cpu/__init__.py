@@ -310,6 +310,27 @@ def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True) -> tuple[tor
     return values.to(x.dtype), switches
 
 
+def max_pool2d_nhwc(x, kernel=2, stride=2, ceil_mode=True) -> torch.Tensor:
+    """max_pool2d without indices (no padding, torch's window rules; NaN propagates), for a
+    channels_last fp32 or bf16 map: x (N, C, H, W) stored (N, H, W, C) -> (N, C, h, w), same
+    dtype and layout. Exact: the maximum element itself is copied."""
+    _need_ext()
+    _check_map(x, "x", (torch.float32, torch.bfloat16))
+    if not x.is_contiguous(memory_format=CL):
+        raise ValueError("x must be channels_last (x.contiguous(memory_format=torch.channels_last))")
+    kernel = _int(kernel, "kernel", 1)
+    stride = _int(stride, "stride", 1)
+    n, c, H, W = x.shape
+    h, w = _pooled(H, kernel, stride, bool(ceil_mode)), _pooled(W, kernel, stride, bool(ceil_mode))
+    if h < 1 or w < 1:
+        raise ValueError(f"a {H}x{W} input is smaller than the {kernel}x{kernel} pooling window")
+    out = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=CL)
+    _ext.max_pool2d_nhwc(
+        x.data_ptr(), x.dtype == torch.bfloat16, n, c, H, W, kernel, stride, h, w, out.data_ptr(), _threads()
+    )
+    return out
+
+
 def max_unpool2d(x, indices, output_size, kernel=2, stride=2, relu=False) -> torch.Tensor:
     """torch.nn.functional.max_unpool2d as a gather, optionally on relu(x).
 
@@ -375,6 +396,7 @@ def max_unpool2d(x, indices, output_size, kernel=2, stride=2, relu=False) -> tor
 __all__ = [
     "available",
     "fcn_head",
+    "max_pool2d_nhwc",
     "max_pool2d_with_switches",
     "max_unpool2d",
     "upsample_add",
