@@ -197,7 +197,7 @@ def test_cli_errors_are_one_line_exit_1_and_write_nothing(work, bad_paths, capsy
 
 
 def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
-    from fastfcn import bench_report
+    from fastfcn.cli import bench_report
 
     def boom(args):
         raise RuntimeError("first line\nsecond line")
