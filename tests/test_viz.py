@@ -82,3 +82,21 @@ def test_progress_estimate_exceeded_on_a_terminal():
     bar.finish()
     assert tty.getvalue().count("\n") == 1 and tty.getvalue().endswith("\n")
     assert bar.interrupt() == ""
+
+
+def test_chart_scales_map_values_to_pixels():
+    from fastfcn.charts import Scale
+
+    lin = Scale(0.0, 10.0, 100.0, 200.0)
+    assert lin(5.0) == 150.0 and lin.ticks(3) == [0.0, 5.0, 10.0]
+    up = Scale(0.0, 1.0, 300.0, 100.0)  # a y axis: larger values higher up
+    assert up(1.0) == 100.0 and up(0.25) == 250.0
+    log = Scale.decades(3.0, 250.0, 0.0, 300.0)
+    assert (log.lo, log.hi) == (1.0, 1000.0) and log.ticks() == [1.0, 10.0, 100.0, 1000.0]
+    assert abs(log(10.0) - 100.0) < 1e-9 and abs(log(100.0) - 200.0) < 1e-9
+    flat = Scale.padded(2.0, 2.0, 0.0, 10.0)
+    assert (flat.lo, flat.hi) == pytest.approx((1.45, 2.55)) and flat(2.0) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="hi > lo"):
+        Scale(1.0, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="lo > 0"):
+        Scale(0.0, 10.0, 0.0, 1.0, log=True)

@@ -1,7 +1,7 @@
 """The runtime: Segmenter, preprocessing and backends (torch, fused, compile, onnxruntime).
 
-The names below load on first use: the CLI imports ``fastfcn.runtime.commands`` to build its
-``--help`` without importing torch.
+The names below load on first use: ``import fastfcn.runtime`` costs no torch import until
+one of them is used.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Training curves: the loss and validation mean IU of a run as a PNG (Pillow only)."""
+"""Training curves: the loss and validation mean IU of a run as a PNG (``fastfcn.charts``)."""
 
 from __future__ import annotations
 
 import os
+
+from ..charts import TEXT, Scale, axis
 
 
 def plot_curves(history: dict, path: str | os.PathLike, title: str = "") -> None:
@@ -13,47 +15,38 @@ def plot_curves(history: dict, path: str | os.PathLike, title: str = "") -> None
         ("training loss", history.get("loss", []), (200, 60, 40)),
         ("validation mean IU", history.get("val_mean_iu", []), (40, 90, 200)),
     ]
-    W, H, m = 420, 300, 48
-    img = Image.new("RGB", (W * len(panels), H + (20 if title else 0)), "white")
-    d = ImageDraw.Draw(img)
     top = 20 if title else 0
+    img = Image.new("RGB", (PANEL_W * len(panels), PANEL_H + top), "white")
+    d = ImageDraw.Draw(img)
     if title:
         d.text((8, 4), title, fill="black")
     for k, (name, pts, colour) in enumerate(panels):
-        x0, y0, x1, y1 = k * W + m, top + 24, k * W + W - 16, top + H - m + 8
-        d.rectangle((x0, y0, x1, y1), outline=(120, 120, 120))
-        d.text((x0, top + 6), name, fill="black")
-        pts = [(float(s), float(v)) for s, v in pts if v == v]
-        if not pts:
-            d.text((x0 + 10, (y0 + y1) // 2), "no data", fill=(120, 120, 120))
-            continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        ymin, ymax = min(ys), max(ys)
-        if ymax - ymin < 1e-9:
-            ymin, ymax = ymin - 0.5, ymax + 0.5
-        pad = 0.05 * (ymax - ymin)
-        ymin, ymax = ymin - pad, ymax + pad
-
-        def to_px(s, v, xmin=xmin, xmax=xmax, ymin=ymin, ymax=ymax, x0=x0, x1=x1, y0=y0, y1=y1):
-            return x0 + (s - xmin) / (xmax - xmin) * (x1 - x0), y1 - (v - ymin) / (ymax - ymin) * (y1 - y0)
-
-        for t in range(5):  # horizontal grid with value labels
-            v = ymin + (ymax - ymin) * t / 4
-            _, py = to_px(xmin, v)
-            d.line((x0, py, x1, py), fill=(230, 230, 230))
-            d.text((k * W + 4, py - 5), f"{v:.3g}", fill=(80, 80, 80))
-        for t in range(3):
-            s = xmin + (xmax - xmin) * t / 2
-            px, _ = to_px(s, ymin)
-            d.text((px - 10, y1 + 4), f"{int(s)}", fill=(80, 80, 80))
-        d.text(((x0 + x1) // 2 - 12, y1 + 20), "step", fill=(80, 80, 80))
-        if len(pts) == 1:
-            px, py = to_px(*pts[0])
-            d.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-        else:
-            d.line([to_px(s, v) for s, v in pts], fill=colour, width=2)
+        _panel(d, k * PANEL_W, top, name, [(float(s), float(v)) for s, v in pts if v == v], colour)
     img.save(path)
+
+
+PANEL_W, PANEL_H, MARGIN = 420, 300, 48
+
+
+def _panel(d, left: int, top: int, name: str, pts: list[tuple[float, float]], colour) -> None:
+    """One line chart (value vs step) in the panel whose top-left corner is (left, top)."""
+    x0, y0, x1, y1 = left + MARGIN, top + 24, left + PANEL_W - 16, top + PANEL_H - MARGIN + 8
+    d.rectangle((x0, y0, x1, y1), outline=(120, 120, 120))
+    d.text((x0, top + 6), name, fill="black")
+    if not pts:
+        d.text((x0 + 10, (y0 + y1) // 2), "no data", fill=(120, 120, 120))
+        return
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    sx = Scale(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1, x0, x1)
+    sy = Scale.padded(min(ys), max(ys), y1, y0)
+    axis(d, sy, sy.ticks(5), vertical=True, label_at=left + 4, fmt=lambda v: f"{v:.3g}", across=(x0, x1))
+    axis(d, sx, sx.ticks(3), vertical=False, label_at=y1 + 4, fmt=lambda s: f"{int(s)}")
+    d.text(((x0 + x1) // 2 - 12, y1 + 20), "step", fill=TEXT)
+    if len(pts) == 1:
+        px, py = sx(xs[0]), sy(ys[0])
+        d.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+    else:
+        d.line([(sx(s), sy(v)) for s, v in pts], fill=colour, width=2)
 
 
 def smooth(values: list[float], k: int) -> list[float]:
