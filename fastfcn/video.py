@@ -307,7 +307,9 @@ class _Decoder:
 # ------------------------------------------------------------------------------- segment_video
 
 
-def _check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Path | None]:
+def check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Path | None]:
+    """``segment_video``'s paths checked before any work: the input exists, no output is the
+    input or the other output, every output can be written. Returns them as Paths."""
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file")
@@ -333,7 +335,8 @@ def _check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Pa
     return src, dst, lab
 
 
-def _check_options(mode, alpha, batch_size, every, start, duration) -> None:
+def check_options(mode, alpha, batch_size, every, start, duration) -> None:
+    """``segment_video``'s options checked before any work (InputError naming the bad one)."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}")
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
@@ -375,8 +378,8 @@ def segment_video(
     (the stages overlap, so the busy times add up to more than ``seconds``).
     A missing file raises FileNotFoundError; everything else the user can fix, InputError.
     """
-    _check_options(mode, alpha, batch_size, every, start, duration)
-    src, dst, lab = _check_paths(source, destination, labels_out)
+    check_options(mode, alpha, batch_size, every, start, duration)
+    src, dst, lab = check_paths(source, destination, labels_out)
     _av()
     seg = segmenter
     if not hasattr(seg, "stream"):

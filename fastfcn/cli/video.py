@@ -43,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..runtime import Segmenter
-    from ..video import _check_options, _check_paths, format_summary, segment_video
+    from ..video import check_options, check_paths, format_summary, segment_video
 
-    _check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
-    _check_paths(args.input, args.output, args.labels_out)
+    check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
+    check_paths(args.input, args.output, args.labels_out)
     ckpt = Path(resolve(args.checkpoint))
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint")
