@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from ..errors import FastFCNError, InputError
+from ..errors import InputError
 from ..imageio import read_image
 from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
 from ..paths import Job, check_output_dir, collect_images, plan_outputs
 from ..progress import Progress
 from ..viz import overlay, save_labels
-from ..zoo import BUILTIN, resolve
+from ..zoo import BUILTIN
+from .common import checkpoint_path, open_segmenter
 
 # Torch is imported when the command runs, never here: `fastfcn segment --help` stays fast.
 
@@ -65,39 +65,64 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from .. import Segmenter
-
-    # Everything is validated before the model loads and before anything is written.
+def _check(args: argparse.Namespace) -> dict:
+    """The options, before the model loads and anything is written; returns the tiling arguments."""
     if not 0 <= args.alpha <= 1:
         raise InputError(f"--alpha must be between 0 and 1; got {args.alpha}")
     if args.max_pixels < 1:
         raise InputError(f"--max-pixels must be >= 1; got {args.max_pixels}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
-    tiling = {}
     if args.tile is None and args.overlap is not None:
         raise InputError(f"--overlap {args.overlap} is for tiled runs; add --tile H W")
-    if args.tile is not None:
-        from ..runtime.tiling import check_tiling
+    if args.tile is None:
+        return {}
+    from ..runtime.tiling import check_tiling
 
-        tile, overlap = check_tiling(tuple(args.tile), args.overlap)
-        tiling = {"tile": tile, "overlap": overlap}
-    ckpt = Path(resolve(args.checkpoint))
-    if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+    tile, overlap = check_tiling(tuple(args.tile), args.overlap)
+    return {"tile": tile, "overlap": overlap}
+
+
+def _segment(seg, loaded: list, tiling: dict, skip) -> list:
+    """Labels for each ``(job, image)`` of ``loaded``, in one run; if that fails, one image at a
+    time, so only the bad image is skipped (its result None)."""
+    try:
+        return seg.run([im for _, im in loaded], **tiling)
+    except InputError as e:
+        if len(loaded) == 1:
+            skip(loaded[0][0], e)
+            return [None]
+    results = []
+    for job, im in loaded:
+        try:
+            results.append(seg.run(im, **tiling))
+        except InputError as e1:
+            skip(job, e1)
+            results.append(None)
+    return results
+
+
+def _write(job: Job, image, labels, palette, alpha: float) -> int:
+    """The label PNG and the overlay of one image; returns how many files it replaced."""
+    from PIL import Image
+
+    replaced = job.labels.exists() + job.overlay.exists()
+    for path in (job.labels, job.overlay):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_labels(labels, palette, job.labels)
+    # format= explicitly: Pillow takes the format from os.path.splitext, which sees no
+    # suffix in a name like "..png".
+    Image.fromarray(overlay(image, labels, palette, alpha)).save(job.overlay, format="PNG")
+    return replaced
+
+
+def main(args: argparse.Namespace) -> int:
+    # Everything is validated before the model loads and before anything is written.
+    tiling = _check(args)
+    ckpt = checkpoint_path(args.checkpoint)
     out = check_output_dir(args.out, "--out")
     jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
-    try:
-        seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
-                        precision=args.precision, max_pixels=args.max_pixels)
-    except (ValueError, TypeError) as e:
-        if isinstance(e, FastFCNError):
-            raise
-        # A bad --device: the Segmenter's message, as a one-line CLI error.
-        raise InputError(str(e)) from None
+    seg = open_segmenter(ckpt, args, max_pixels=args.max_pixels)
     palette = seg.palette
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()
@@ -120,34 +145,11 @@ def main(args: argparse.Namespace) -> int:
                 loaded.append((job, read_image(job.src, read_limit)))
             except InputError as e:
                 skip(job, e)
-        if not loaded:
-            continue
-        try:
-            results = seg.run([im for _, im in loaded], **tiling)
-        except InputError as e:
-            if len(loaded) > 1:  # find the image that failed: one at a time
-                results = []
-                for job, im in loaded:
-                    try:
-                        results.append(seg.run(im, **tiling))
-                    except InputError as e1:
-                        skip(job, e1)
-                        results.append(None)
-            else:
-                skip(loaded[0][0], e)
-                continue
+        results = _segment(seg, loaded, tiling, skip) if loaded else []
         for (job, image), labels in zip(loaded, results):
-            if labels is None:
-                continue
-            labels = labels.cpu().numpy()
-            replaced += job.labels.exists() + job.overlay.exists()
-            for path in (job.labels, job.overlay):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            save_labels(labels, palette, job.labels)
-            # format= explicitly: Pillow takes the format from os.path.splitext, which sees no
-            # suffix in a name like "..png".
-            Image.fromarray(overlay(image, labels, palette, args.alpha)).save(job.overlay, format="PNG")
-            bar.step(job.src.name)
+            if labels is not None:
+                replaced += _write(job, image, labels.cpu().numpy(), palette, args.alpha)
+                bar.step(job.src.name)
     dt = time.perf_counter() - t0
     done = len(jobs) - skipped
     msg = (f"segmented {done} image{'s' * (done != 1)} with {seg.backend} on {seg.device} "

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ..errors import FastFCNError, InputError
 from ..names import ARCHS, BACKENDS, PRECISIONS, device_arg
-from ..zoo import BUILTIN, resolve
+from ..zoo import BUILTIN
+from .common import checkpoint_path, open_segmenter
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -42,21 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..runtime import Segmenter
     from ..video import check_options, check_paths, format_summary, segment_video
 
     check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
     check_paths(args.input, args.output, args.labels_out)
-    ckpt = Path(resolve(args.checkpoint))
-    if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
-    try:
-        seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
-                        precision=args.precision)  # fmt: skip
-    except (ValueError, TypeError) as e:
-        if isinstance(e, FastFCNError):
-            raise
-        raise InputError(str(e)) from None  # a bad --backend / --precision / --device
+    seg = open_segmenter(checkpoint_path(args.checkpoint), args)
     summary = segment_video(
         args.input, args.output, seg, mode=args.mode, alpha=args.alpha, batch_size=args.batch_size,
         every=args.every, start=args.start, duration=args.duration, labels_out=args.labels_out,
