@@ -211,7 +211,7 @@ def _stand_in(name: str) -> Path:
 def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...]) -> list[Task]:
     """Tasks with ``fastfcn segment``'s output names (``plan_outputs``); videos get .mkv labels
     and .mp4 pictures at the same relative paths. pictures: a subset of ("overlay", "side-by-side")."""
-    from .runtime.commands import plan_outputs
+    from .paths import plan_outputs
 
     out = Path(output)
     jobs = plan_outputs([(_stand_in(f), _stand_in(b)) for f, b in found], out)
@@ -516,8 +516,8 @@ def _check_model(ckpt: str, backend: str, precision: str) -> None:
     """Before a cluster is asked for anything: the names are known, and a local checkpoint
     loads (``describe_checkpoint``, on the CPU), so that a bad file is one line here rather
     than an actor that dies at start on every node."""
+    from .describe import describe_checkpoint
     from .runtime.backends import PRECISIONS, available_backends
-    from .runtime.commands import describe_checkpoint
 
     if backend != "auto" and backend not in available_backends():
         raise InputError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")

@@ -11,9 +11,9 @@ import fastfcn
 from fastfcn import cli
 from fastfcn.data import heldout_scenes
 from fastfcn.demo import DEMO_MODEL
-from fastfcn.runtime.commands import overlay
 from fastfcn.runtime.registry import available_backends
-from fastfcn.train import evaluate_model
+from fastfcn.training import evaluate_model
+from fastfcn.viz import overlay
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The runtime: Segmenter, preprocessing, the backend registry and the backends (torch, fused,
 compile, onnxruntime, openvino).
 
-The names below load on first use: the CLI imports ``fastfcn.runtime.commands`` to build its
-``--help`` without importing torch.
+The names below load on first use: ``import fastfcn.runtime`` costs no torch import until
+one of them is used.
 """
 
 from __future__ import annotations

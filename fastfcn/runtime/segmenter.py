@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..imageio import from_pil, read_image
+from ..imageio import decode_inputs
 from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
 from ..names import DEFAULT_MAX_PIXELS
@@ -30,30 +29,6 @@ from .tiling import check_tiling, run_tiled
 _TF32_LOCK = threading.Lock()
 
 
-def _is_pil(obj) -> bool:
-    # PIL is imported only if the caller already has PIL images: no import cost otherwise.
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(obj, pil.Image)
-
-
-def _decode_one(obj, max_pixels: int | None):
-    if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, max_pixels)
-    if _is_pil(obj):
-        try:
-            return from_pil(obj, max_pixels)
-        except InputError as e:
-            raise InputError(f"the PIL image: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
-    return obj
-
-
-def _decode(batch, max_pixels: int | None):
-    """Image paths and PIL images (alone or in a list) -> (H, W, 3) uint8 arrays; other items unchanged."""
-    if isinstance(batch, (list, tuple)):
-        return [_decode_one(b, max_pixels) for b in batch]
-    return _decode_one(batch, max_pixels)
 
 
 class Segmenter:
@@ -267,7 +242,7 @@ class Segmenter:
             run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
         # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
         # decompression-bomb limit (179 M pixels) still holds.
-        batch = _decode(batch, None if tile is not None else self.max_pixels)
+        batch = decode_inputs(batch, None if tile is not None else self.max_pixels)
         p: Parsed = parse_batch(batch, preprocessed)
         if p.form == "list":
             groups: dict[tuple[int, int], list[int]] = {}
