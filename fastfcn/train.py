@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import InputError
 from .metrics import ConfusionMatrix
+from .paths import atomic_path
 from .progress import Progress
 
 VAL_SEED_OFFSET = 7919  # synthetic validation during training: seed + this, never the held-out seed
@@ -523,8 +524,8 @@ def _save(fastfcn, model, out: Path, step, stage, opt, history, args, arch) -> N
              "torch_rng": torch.get_rng_state()}  # fmt: skip
     if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, out / "train_state.pt.tmp")
-    os.replace(out / "train_state.pt.tmp", out / "train_state.pt")
+    with atomic_path(out / "train_state.pt") as tmp:
+        torch.save(state, tmp)
 
 
 def _for_plot(history: dict) -> dict:

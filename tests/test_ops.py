@@ -1,9 +1,26 @@
-"""Agreement of every fused op and implementation with kernels.reference (the spec).
+"""The one kernel test harness: every fused op, every implementation, against kernels.reference.
 
 "triton" runs the Triton kernels (in the interpreter without a GPU), "cpu" the C++ twins,
-"reference" the spec itself (a check of the harness). Shapes are small on the CPU lane: the
-interpreter costs about 1 ms per tl op whatever the block size, so cases are chosen to cover
-every geometry, kind and output rather than every combination.
+"reference" the spec itself (a check of the harness). Each test is parametrized over IMPLS and
+calls the op through fastfcn.ops, so the implementations share the cases and the tolerances.
+
+Tolerances, one per dtype, for every implementation:
+- float32: elementwise fp32_bound, 2 * (n + 3) * eps * sum|terms|. Two implementations sum the
+  same n products in different orders, and two orders of an n-term fp32 sum differ by at most
+  about n * eps * sum|terms| (Higham, recursive summation); the bilinear path takes its taps
+  from the formula (one ulp from the rounded weight tensor); factor 2 for the reference's own
+  rounding. sum|terms| per element is the reference run on absolute values in float64. An
+  off-by-one tap, a wrong offset or a dropped skip fails it by orders of magnitude.
+- float16 / bfloat16: lowp_bound, twice plain PyTorch's error at that dtype against the float64
+  result, floored at half an ulp of the largest output (DESIGN convention: a multiple of what
+  torch itself gets at the same dtype).
+- labels: equal to the float64 reference's argmax except at near-ties (top two within twice
+  the bound), and at most 1% of pixels; pooling and unpooling: exact (torch.equal).
+
+Shapes are small on the CPU lane: the interpreter costs about 1 ms per tl op whatever the block
+size (measured here: 0.2-0.6 s per upsample_crop call at 7x13, 1.5-3 s at 500x375), so the
+Triton cases cover every geometry, kind and output rather than every combination, and the size
+sweeps run the interpreter at one odd size only.
 """
 
 import functools
@@ -23,14 +40,22 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-IMPLS = [
-    "triton",
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(not cpu_twin_available(), reason="fastfcn.kernels.cpu is not built here"),
-    ),
-    "reference",
-]
+NEEDS_TWIN = pytest.mark.skipif(not cpu_twin_available(), reason="fastfcn.kernels.cpu is not built here")
+IMPLS = ["triton", pytest.param("cpu", marks=NEEDS_TWIN), "reference"]
+KINDS = ("bilinear", "depthwise", "dense")
+
+
+def impl_params(cases, ids, interpret=lambda case: True):
+    """(case, impl) for every case and implementation; in Triton's interpreter (no GPU) only the
+    cases where ``interpret(case)`` holds, as its cost per call is 10-100x the C++ twin's."""
+    out = []
+    for case in cases:
+        for impl in ("triton", "cpu", "reference"):
+            if impl == "triton" and not (HAS_CUDA or interpret(case)):
+                continue
+            marks = [NEEDS_TWIN] if impl == "cpu" else []
+            out.append(pytest.param(case, impl, id=f"{ids(case)}-{impl}", marks=marks))
+    return out
 
 
 def _dev(impl):
@@ -75,10 +100,11 @@ def fp32_bound(magnitude, n_terms):
     Both sides sum the same n products in fp32 in different orders; the classic bound on
     a float sum is gamma_n * sum|terms| with gamma_n ~ n * eps (Higham, ch. 4). The bilinear
     path takes its taps from the formula, which can differ from the rounded weight tensor
-    by one ulp: two more eps. Factor 2 for the reference's own rounding. magnitude is the
-    same computation run on absolute values in float64, i.e. sum|terms| per element.
+    by one ulp: two more eps, and one for each multiplication's rounding. Factor 2 for the
+    reference's own rounding. magnitude is the same computation run on absolute values in
+    float64, i.e. sum|terms| per element.
     """
-    return 2 * (n_terms + 2) * EPS32 * magnitude.float() + 1e-30
+    return 2 * (n_terms + 3) * EPS32 * magnitude.float() + 1e-30
 
 
 def check_logits(out, want, bound):
@@ -136,6 +162,8 @@ FINAL = {
     "alexnet": (63, 32, 18),
     "dilated": (16, 8, 4),  # grouped deconvolution k16 s8 pad 4
     "up2": (4, 2, 0),
+    "pool4": (4, 2, 5),  # FCN-16s/8s upscore2 with score_pool4's offset
+    "pool3": (4, 2, 9),  # FCN-8s upscore_pool4 with score_pool3's offset
 }
 
 # (geometry, kind, layout, C, N, (H, W), output)
@@ -177,7 +205,7 @@ CROP_CASES = [
 
 
 def _crop_id(c):
-    return f"{c[0]}-{c[1]}-{c[2]}-C{c[3]}-N{c[4]}-{c[5][0]}x{c[5][1]}-{c[6]}"
+    return f"{c[0]}-{c[1]}-{c[2]}-C{c[3]}-N{c[4]}-{c[5][0]}x{c[5][1]}" + "".join(f"-{o}" for o in c[6:])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -223,6 +251,111 @@ def _crop_expected(case):
     want = ref.upsample_crop(x.double(), w.double(), s, off, (H, W))
     mag = ref.upsample_crop(*_abs_inputs(x, w), s, off, (H, W))
     return x, w, want.float(), fp32_bound(mag, _terms(kind, c, k, s))
+
+
+# Every odd size x every FCN upsampling stage x every kind, logits; at 500x375 the non-bilinear
+# kinds run FCN-8s' final stage only (the float64 reference of a dense 500x375 stage is slow).
+SWEEP_SIZES = [(1, 1), (2, 3), (7, 13), (37, 53), (127, 129), (500, 375)]
+SWEEP_GEOMS = ("pool4", "pool3", "fcn8s", "fcn16s", "fcn32s", "alexnet", "dilated")
+SWEEP = [
+    (size, geom, kind)
+    for size in SWEEP_SIZES
+    for geom in SWEEP_GEOMS
+    for kind in KINDS
+    if size != SWEEP_SIZES[-1] or kind == "bilinear" or geom == "fcn8s"
+]
+
+
+def _sweep_interpreted(case):
+    # the interpreter runs the two stages CROP_CASES does not have, at one odd size
+    return case[0] == (7, 13) and case[1] in ("pool4", "pool3")
+
+
+@pytest.mark.parametrize("case,impl", impl_params(SWEEP, lambda c: f"{c[0][0]}x{c[0][1]}-{c[1]}-{c[2]}",
+                                                  interpret=_sweep_interpreted))
+def test_upsample_crop_sweep(case, impl):
+    (H, W), geom, kind = case
+    n, c = (1, 2) if H * W > 10_000 else (3, 3)
+    x, w, want, bound = _crop_expected((geom, kind, "full", c, n, (H, W)))
+    k, s, off = FINAL[geom]
+    dev = _dev(impl)
+    out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, (H, W), "logits", impl=impl).cpu()
+    check_logits(out, want, bound)
+
+
+# (geometry, kind, layout, C, N, (H, W)): every output of each; many classes use the grouped
+# (C, 1, k, k) layout, which keeps the reference's conv_transpose2d cheap
+OUTPUT_CASES = [
+    ("fcn8s", "bilinear", "full", 1, 3, (37, 53)),
+    ("fcn32s", "depthwise", "full", 2, 3, (37, 53)),
+    ("fcn8s", "bilinear", "full", 21, 1, (127, 129)),
+    ("fcn8s", "dense", "full", 21, 3, (37, 53)),
+    ("alexnet", "depthwise", "full", 21, 3, (37, 53)),
+    ("fcn16s", "bilinear", "dw", 60, 1, (37, 53)),
+    ("pool3", "dense", "full", 60, 1, (7, 13)),
+    ("dilated", "bilinear", "dw", 300, 1, (7, 13)),  # > 256 classes: int32 labels
+    ("pool4", "dense", "full", 300, 1, (7, 13)),
+]
+
+
+def _outputs_interpreted(case):
+    # CROP_CASES runs dense and 300 classes in the interpreter already; measured here, the
+    # dense C=21 37x53 N=3 case alone costs 20 s interpreted
+    return case[1] != "dense" and case[3] <= 60 and case[4] * case[5][0] * case[5][1] <= 2000
+
+
+@pytest.mark.parametrize("case,impl", impl_params(OUTPUT_CASES, _crop_id, interpret=_outputs_interpreted))
+def test_upsample_crop_every_output(case, impl):
+    x, w, want, bound = _crop_expected(case)
+    k, s, off = FINAL[case[0]]
+    dev = _dev(impl)
+    for output in ("logits", "labels", "probs"):
+        out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, case[5], output, impl=impl).cpu()
+        check_output(out, want, bound, output)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_weight_reads_like_its_full_twin(impl):
+    """A grouped (C, 1, k, k) weight, the dilated net's deconv, gives what its (C, C, k, k) twin gives."""
+    x = torch.randn(2, 5, 9, 8, generator=torch.Generator().manual_seed(6))
+    for kind in ("bilinear", "depthwise"):
+        g = make_weight(kind, 5, 16, "dw")
+        full = torch.zeros(5, 5, 16, 16)
+        full[torch.arange(5), torch.arange(5)] = g[:, 0]
+        want = ref.upsample_crop(x.double(), full.double(), 8, 4, (60, 50)).float()
+        bound = fp32_bound(ref.upsample_crop(*_abs_inputs(x, full), 8, 4, (60, 50)), _terms(kind, 5, 16, 8))
+        out = ops.upsample_crop(x.to(_dev(impl)), g.to(_dev(impl)), 8, 4, (60, 50), impl=impl).cpu()
+        check_logits(out, want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_labels_ties_go_to_lowest_index(impl):
+    """Classes 1 and 3 are bit-identical maps: wherever they win, the label is 1, like torch.argmax."""
+    x = torch.randn(2, 5, 12, 11, generator=torch.Generator().manual_seed(7))
+    x[:, 1] += 1.0  # make the tied pair win often
+    x[:, 3] = x[:, 1]
+    w = st.bilinear_weight(5, 16)
+    got = ops.upsample_crop(x.to(_dev(impl)), w.to(_dev(impl)), 8, 31, (50, 40), "labels", impl=impl).cpu()
+    assert bool((got == 1).any()) and not bool((got == 3).any())
+    assert torch.equal(got, ref.upsample_crop(x, w, 8, 31, (50, 40), "labels"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_labels_nan_wins_like_argmax(impl):
+    """A NaN score wins its pixels and the first NaN class is kept, as torch.argmax.
+
+    The weight is the grouped (C, 1, k, k) form: with a full (C, C, k, k) weight the
+    reference's dense product multiplies the NaN by the off-diagonal zeros and spreads it to
+    every class, which the diagonal kernels (rightly) never compute.
+    """
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(8))
+    x[0, 2, 3, 3] = float("nan")
+    x[0, 3, 3, 3] = float("nan")
+    w = st.bilinear_weight(4, 4, depthwise=True)
+    got = ops.upsample_crop(x.to(_dev(impl)), w.to(_dev(impl)), 2, 1, (9, 9), "labels", impl=impl).cpu()
+    want = ref.upsample_crop(x, w, 2, 1, (9, 9), "labels")
+    assert bool((want == 2).any())
+    assert torch.equal(got, want)
 
 
 # (kind, C, N, x size, kernel, stride, skip offset, scale)
@@ -273,7 +406,7 @@ def _add_expected(case):
 
 
 def _pool(size, k, s):
-    return ops._pool_out(size, k, s, True)
+    return st.pool_out_size(size, k, s, True)
 
 
 def head_case(arch, H, W, c, n, kinds=None, seed=3):
@@ -453,7 +586,7 @@ def int_valued(n, c, H, W, dtype=torch.float32, seed=5):
 @pytest.mark.parametrize("kernel,stride,ceil_mode", [(2, 2, True), (2, 2, False), (3, 3, True), (3, 2, True)])
 def test_max_pool2d_with_switches(size, kernel, stride, ceil_mode, impl):
     H, W = size
-    if ops._pool_out(H, kernel, stride, ceil_mode) < 1 or ops._pool_out(W, kernel, stride, ceil_mode) < 1:
+    if min(st.pool_out_size(v, kernel, stride, ceil_mode) for v in (H, W)) < 1:
         pytest.skip(f"{H}x{W} is smaller than one {kernel}x{kernel} window without ceil mode")
     n, c = (3, 2) if H * W < 1000 else (1, 2)
     x = int_valued(n, c, H, W)
