@@ -396,11 +396,7 @@ def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True, *, impl=None
     """
     _check_x(x)
     kernel, stride = int(kernel), int(stride)
-    if kernel < 1 or stride < 1 or kernel * kernel > 256:
-        raise ValueError(
-            f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256 (one byte per switch); "
-            f"got kernel={kernel}, stride={stride}"
-        )
+    _structure.check_switch_window(kernel, stride)
     H, W = x.shape[-2:]
     if pool_out_size(H, kernel, stride, ceil_mode) < 1 or pool_out_size(W, kernel, stride, ceil_mode) < 1:
         raise ValueError(

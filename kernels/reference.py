@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .structure import check_output, labels_dtype
+from .structure import OUTPUTS as OUTPUTS  # re-exported: code outside kernels imports it from here
+from .structure import check_output, check_switch_window, labels_dtype
 
 
 def _groups(x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -142,8 +143,7 @@ def max_pool2d_with_switches(
     x: (N, C, H, W) -> values (N, C, h, w), switches (N, C, h, w) uint8 holding
     dy * kernel + dx, the position of the (first) maximum inside its window.
     """
-    if kernel * kernel > 256:
-        raise ValueError(f"compact switches need kernel*kernel <= 256; got kernel={kernel}")
+    check_switch_window(kernel, stride)
     values, idx = F.max_pool2d(x, kernel, stride, ceil_mode=ceil_mode, return_indices=True)
     w = x.shape[-1]
     oy = torch.arange(values.shape[-2], device=x.device).view(-1, 1) * stride

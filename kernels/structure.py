@@ -46,6 +46,16 @@ def output_code(output: str, num_classes: int) -> int:
     raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
 
 
+def check_switch_window(kernel: int, stride: int) -> None:
+    """Raise ValueError unless kernel, stride >= 1 and a switch (dy * kernel + dx, the window
+    position of the maximum) fits the one byte max_pool2d_with_switches stores per window."""
+    if kernel < 1 or stride < 1 or kernel * kernel > 256:
+        raise ValueError(
+            f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256 (one byte per switch); "
+            f"got kernel={kernel}, stride={stride}"
+        )
+
+
 def pool_out_size(size: int, kernel: int, stride: int, ceil_mode: bool = True) -> int:
     """Max pooling's output size along one dimension, padding 0, dilation 1: torch's
     pooling_output_shape. ceil_mode=True is Caffe's rounding, except that a last window

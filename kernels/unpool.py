@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .structure import pool_out_size
+from .structure import check_switch_window, pool_out_size
 
 
 @triton.jit
@@ -119,8 +119,7 @@ def max_pool2d_with_switches(x, kernel, stride, ceil_mode):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     kernel, stride = int(kernel), int(stride)
-    if kernel < 1 or stride < 1 or kernel * kernel > 256:
-        raise ValueError(f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256; got {kernel}, {stride}")
+    check_switch_window(kernel, stride)
     n, c, H, W = x.shape
     h, w = pool_out_size(H, kernel, stride, ceil_mode), pool_out_size(W, kernel, stride, ceil_mode)
     if h < 1 or w < 1:

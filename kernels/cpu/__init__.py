@@ -28,8 +28,10 @@ from ..structure import (
     OUT_LABELS_U8,
     OUT_LOGITS,
     bilinear_1d,
+    check_switch_window,
     diagonal,
     output_code,
+    pool_out_size,
 )
 
 try:
@@ -264,15 +266,6 @@ def fcn_head(score, skips, weights, strides, offsets, scales, size, output="logi
     return _finish(out, code, dtype)
 
 
-def _pooled(length: int, kernel: int, stride: int, ceil_mode: bool) -> int:
-    """torch's pooling_output_shape without padding or dilation."""
-    num = length - kernel + (stride - 1 if ceil_mode else 0)
-    out = num // stride + 1
-    if ceil_mode and (out - 1) * stride >= length:
-        out -= 1  # a window starting past the input is dropped
-    return out
-
-
 def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True) -> tuple[torch.Tensor, torch.Tensor]:
     """Max pooling with one-byte switches dy * kernel + dx (the first maximum; NaN propagates).
 
@@ -282,10 +275,9 @@ def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True) -> tuple[tor
     _check_map(x, "x")
     kernel = _int(kernel, "kernel", 1)
     stride = _int(stride, "stride", 1)
-    if kernel * kernel > 256:
-        raise ValueError(f"compact switches need kernel*kernel <= 256; got kernel={kernel}")
+    check_switch_window(kernel, stride)
     n, c, H, W = x.shape
-    h, w = _pooled(H, kernel, stride, bool(ceil_mode)), _pooled(W, kernel, stride, bool(ceil_mode))
+    h, w = (pool_out_size(v, kernel, stride, bool(ceil_mode)) for v in (H, W))
     if h < 1 or w < 1:
         raise ValueError(f"a {H}x{W} input is smaller than the {kernel}x{kernel} pooling window")
     if _channels_last(x):
