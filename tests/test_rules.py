@@ -1,5 +1,6 @@
-"""The small rules defined once and shared: pooled sizes, the labels dtype, the kind/output codes
-the C++ and Triton kernels take (kernels/structure.py), and the atomic write (fastfcn/paths.py)."""
+"""The small rules defined once and shared: pooled sizes, the switch window, the labels dtype, the
+kind/output codes the C++ and Triton kernels take (kernels/structure.py), and the atomic write
+(fastfcn/paths.py)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,29 @@ def test_every_pooling_implementation_uses_the_rule():
         assert ops.max_pool2d_with_switches(x, 3, 2, True, impl="cpu")[0].shape == values.shape
     with pytest.raises(ValueError, match="too small for 3x3 pooling"):
         ops.max_pool2d_with_switches(torch.randn(1, 1, 1, 2), 3, 2, False, impl="reference")
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, ok", [(16, 16, True), (17, 17, False), (2, 0, False), (0, 1, False)],
+    ids=["16x16", "17x17", "stride0", "kernel0"],
+)
+def test_switch_window_fits_a_byte(kernel, stride, ok):
+    x = torch.randn(1, 1, 40, 40, generator=torch.Generator().manual_seed(0))
+    impls = ["reference"] + (["cpu"] if cpu_twin_available() else [])
+    if ok:  # the largest window whose switch (dy * kernel + dx <= 255) fits a byte
+        st.check_switch_window(kernel, stride)
+        values, idx = F.max_pool2d(x, kernel, stride, ceil_mode=True, return_indices=True)
+        for impl in impls:
+            v, sw = ops.max_pool2d_with_switches(x, kernel, stride, impl=impl)
+            assert torch.equal(v, values) and int(sw.max()) >= kernel  # rows past the first are stored
+            assert torch.equal(ops.max_unpool2d(v, sw, (40, 40), kernel, stride, impl=impl),
+                               F.max_unpool2d(values, idx, kernel, stride, output_size=(40, 40)))
+        return
+    with pytest.raises(ValueError, match=r"kernel\*kernel <= 256 \(one byte per switch\); got kernel"):
+        st.check_switch_window(kernel, stride)
+    for impl in impls:
+        with pytest.raises(ValueError, match="one byte per switch"):
+            ops.max_pool2d_with_switches(x, kernel, stride, impl=impl)
 
 
 # ------------------------------------------------------------------------------ labels dtype
