@@ -37,8 +37,6 @@ import json
 import math
 import os
 import re
-import stat
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +46,7 @@ from torch import nn
 
 from .config import loads_json, model_bytes, validate_config
 from .errors import CheckpointError
+from .paths import atomic_path
 
 META_KEY = "fastfcn"
 FORMAT_VERSION = 1
@@ -146,37 +145,17 @@ def atomic_write(path: Path, write) -> None:
     """Write ``path`` through ``write(tmp_name)`` and a rename, so ``path`` is either the old
     file or the complete new one.
 
-    The temporary file is ``.<name>.<random>.tmp`` in the same directory (unique per call,
-    so concurrent saves never share one) and is removed when ``write`` or anything after it
-    fails, KeyboardInterrupt included; only a SIGKILL or power loss can leave one behind,
-    and it never replaces ``path``. An existing file keeps its permission bits; a new one
-    gets 0666 minus the umask, like a plain open(). A symlink is followed (see save_target).
+    ``fastfcn.paths.atomic_path`` (durable) names, fsyncs and renames the temporary file and
+    removes it on any failure; an existing file keeps its permission bits, a new one gets
+    0666 minus the umask, like a plain open(). A symlink is followed (see save_target).
     """
     path = save_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write there ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            # mkstemp (and safetensors' own writer) leave 0600; a new checkpoint gets the mode
-            # a plain open() would give, so a shipped or shared checkpoint is readable.
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, durable=True) as tmp:
+        write(str(tmp))
 
 
 # ----------------------------------------------------------------------------------------------- load

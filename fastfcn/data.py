@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .imageio import read_image
 
 IGNORE = 255
 
@@ -47,17 +48,6 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- VOC on disk
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(f"image file {path} is missing") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"image file {path} is corrupt or not an image ({e})") from None
 
 
 def _read_label(path: Path) -> np.ndarray:
@@ -147,7 +137,7 @@ class VOCSegmentation:
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
-        image, label = _read_image(self.images[i]), _read_label(self.labels[i])
+        image, label = read_image(self.images[i]), _read_label(self.labels[i])
         if image.shape[:2] != label.shape:
             raise InputError(
                 f"label file {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "

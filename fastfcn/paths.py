@@ -4,11 +4,16 @@ Output-path checks run before any long work, so that a bad ``--out`` fails in th
 second with one line instead of after an hour of training or segmenting; they create
 nothing: a run that fails validation leaves the file system as it was. ``collect_images``
 finds the image files named on a command line; ``plan_outputs`` names the files
-``fastfcn segment`` and ``fastfcn batch`` write for them."""
+``fastfcn segment`` and ``fastfcn batch`` write for them; ``atomic_path`` is the one atomic
+write every output goes through."""
 
 from __future__ import annotations
 
 import os
+import stat
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +155,44 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
         jobs.append(Job(f, out / "labels" / rel, out / "overlays" / rel))
     return jobs
 
+
+TMP_TAG = ".fastfcn-tmp-"  # in every temporary name, so leftovers of killed writers can be found
+
+
+def _new_file_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it over ``path`` when the block succeeds,
+    so ``path`` is either the old file or the complete new one, and removes it when the block
+    fails (KeyboardInterrupt included; only a SIGKILL or power loss can leave one behind, and it
+    never replaces ``path``). The folder is created when missing.
+
+    The temporary is ``.<stem>.fastfcn-tmp-<pid>-<random><suffix>``: unique per call, so
+    concurrent writers never share one, and with the same suffix, so writers that pick a format
+    by suffix pick the same. durable: also fsync it before the rename and give it the mode of
+    the file it replaces (a new file: 0666 minus the umask, as open() gives; writers that use
+    mkstemp leave 0600), for files that are kept and shared, such as checkpoints.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        if durable:
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                mode = _new_file_mode()
+            os.chmod(tmp, mode)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

@@ -176,10 +176,6 @@ class SegmentationModel(nn.Module):
 FC_STEPS = (Conv("fc6"), Conv("fc7"))
 
 
-def conv_relu_names(prefix: str, counts: list[int]) -> list[str]:
-    return [f"{prefix}{b}_{i}" for b, n in enumerate(counts, 1) for i in range(1, n + 1)]
-
-
 def make_upsampler(channels: int, k: int, stride: int, learnable: bool, depthwise: bool = False):
     """Deconvolution initialised bilinear on the diagonal, fixed unless learnable."""
     m = nn.ConvTranspose2d(

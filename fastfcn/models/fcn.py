@@ -1,6 +1,6 @@
 """FCN-32s / 16s / 8s / 8s at-once on VGG16 and FCN-AlexNet (Long, Shelhamer, Darrell).
 
-Exact reference geometry (FACTS.md): conv1_1 pad 100, Caffe ceil-mode pooling,
+Exact reference geometry (docs/facts.md, "Reference geometry"): conv1_1 pad 100, Caffe ceil-mode pooling,
 fc6 7x7 pad 0 (AlexNet: 6x6), 1x1 score layers, bilinear Deconvolutions without
 bias, the crop offsets of heads.HEADS. Module names are the Caffe layer names,
 so state dicts of the common PyTorch port load by name. Output is exactly

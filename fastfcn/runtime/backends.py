@@ -1,4 +1,4 @@
-"""Backends: one interface, one registry (DESIGN.md idea 6).
+"""Backends: one interface, one registry (docs/design.md, idea 6).
 
 A backend is built from a model (or, for onnxruntime and openvino, an ``.onnx`` path) for
 one device and precision, and answers

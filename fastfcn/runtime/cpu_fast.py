@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..models import SegmentationModel
 from ..models.backbone import Conv, conv_weight
+from ..paths import atomic_path
 
 # timer(candidate name, fn, best) -> (seconds, fn's result); best: the fastest time so far for this
 # layer and shape (None for the first candidate), which lets a timer cut a clear loser short.
@@ -329,10 +330,8 @@ class _Store:
         if self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
         except OSError:
             pass  # a read-only cache directory only costs re-measuring next time
 

@@ -17,7 +17,8 @@ import os
 import torch
 
 from ..errors import BackendUnavailableError
-from ..kernels.reference import OUTPUTS, finish
+from ..kernels.reference import finish
+from ..kernels.structure import check_output
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
@@ -145,8 +146,7 @@ class OnnxRuntimeBackend(Backend):
         Returns logits or probs float32 (N, C, H, W), or labels (N, H, W) uint8 (int32 when
         C > 256), on the same device.
         """
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        check_output(output)
         x = check_graph_input(x, self.device)
         if self.device.type == "cuda":
             y = self._run_cuda(x)

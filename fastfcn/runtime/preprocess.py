@@ -33,12 +33,10 @@ import torch
 
 from ..errors import InputError
 
-FORMS = ("image", "batch", "list", "float")
-
 
 @dataclass
 class Parsed:
-    """form: one of FORMS; tensors: uint8 (N, H, W, 3) groups (for "list" one per
+    """form: "image", "batch", "list" or "float"; tensors: uint8 (N, H, W, 3) groups (for "list" one per
     image, in order) or one float (N, 3, H, W) tensor (form "float")."""
 
     form: str

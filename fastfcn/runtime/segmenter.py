@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..imageio import decode_inputs
-from ..kernels.reference import OUTPUTS
+from ..kernels.structure import check_output
 from ..models import SegmentationModel, available
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
@@ -232,8 +232,7 @@ class Segmenter:
         None: 64, at most half the tile's smaller side).
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        check_output(output)
         run = self._run
         if tile is None and overlap is not None:
             raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")

@@ -8,13 +8,13 @@ RNG, and with ``--batchnorm`` the unfolded weights and statistics) at every save
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..paths import atomic_path
 from .batchnorm import plain_copy
 from .plots import for_plot, plot_curves
 
@@ -52,8 +52,8 @@ def save_point(model: nn.Module, out: Path, step: int, stage: int, opt, history:
              "torch_rng": torch.get_rng_state()}  # fmt: skip
     if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, out / (STATE_FILE + ".tmp"))
-    os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
+    with atomic_path(out / STATE_FILE) as tmp:
+        torch.save(state, tmp)
 
 
 def save_final(model: nn.Module, out: Path, step: int, history: dict, args, arch: str) -> None:

@@ -103,14 +103,6 @@ i64 max_unpool2d_nhwc(std::uintptr_t x, std::uintptr_t switches, i64 n, i64 c, i
                                              H, W, kernel, stride, relu, ptr<float>(out), threads);
 }
 
-bool has_openmp() {
-#ifdef _OPENMP
-    return true;
-#else
-    return false;
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_ext, m) {
@@ -122,5 +114,4 @@ PYBIND11_MODULE(_ext, m) {
     m.def("max_pool2d_switches_nhwc", &max_pool2d_switches_nhwc);
     m.def("max_unpool2d_nhwc", &max_unpool2d_nhwc);
     m.def("max_pool2d_nhwc", &max_pool2d_nhwc);
-    m.def("has_openmp", &has_openmp);
 }
