@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import preprocessing
 from .errors import InputError
 from .metrics import ConfusionMatrix
 from .progress import Progress
@@ -38,20 +39,22 @@ VAL_SEED_OFFSET = 7919  # synthetic validation during training: seed + this, nev
 # --------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(images: torch.Tensor, config: dict) -> torch.Tensor:
+def preprocess(images: torch.Tensor, config) -> torch.Tensor:
     """uint8 RGB ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` as the model expects it.
 
-    Follows the model's config: colour order (the reference nets take BGR), input scale
-    (255: Caffe's unscaled 0..255), mean and std (in the model's colour order).
+    Follows the model's config (a ModelConfig, or a dict whose missing keys take
+    ModelConfig's defaults: fastfcn.config.preprocessing): colour order (the reference nets
+    take BGR), input scale (255: Caffe's unscaled 0..255), mean and std (in the model's colour
+    order).
     """
+    bgr, scale, mean, std = preprocessing(config)
     x = images.permute(0, 3, 1, 2).float()
-    if config.get("color_order", "RGB").upper() == "BGR":
+    if bgr:
         x = x.flip(1)
-    scale = float(config.get("input_scale", 255.0))
     if scale != 255.0:
         x = x * (scale / 255.0)
-    mean = torch.tensor(config.get("mean", (0.0, 0.0, 0.0)), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.get("std", (1.0, 1.0, 1.0)), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -377,7 +380,7 @@ def train(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         init_weights(model)
         if class_names:
-            model.config["class_names"] = class_names
+            model.config = model.config.replace(class_names=tuple(class_names))
         resumed_here = state is not None and int(state["stage"]) == si
         if resumed_here:
             ck = fastfcn.load(out / "last.safetensors")

@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -213,7 +214,7 @@ class Segmenter:
             self._backend = create_backend(backend, source, self._device, self._precision, **options)
         if config is None:
             config = getattr(self._backend, "config", None)
-        if not isinstance(config, dict):
+        if not isinstance(config, Mapping):
             raise CheckpointError(
                 f"{checkpoint!r} carries no fastfcn config (mean, std, colour order, classes); "
                 "export it with fastfcn.export_onnx"
