@@ -1,13 +1,18 @@
-"""The model config every file carries: one validator and the limits loaders check first.
+"""The model config every file carries: one frozen dataclass, one validator, one set of
+defaults, and the limits loaders check first.
 
-    config = validate_config(raw_dict, "fcn8s.safetensors")   # normalised copy, or CheckpointError
+    cfg = ModelConfig("fcn8s", 21)                            # the reference net's preprocessing
+    cfg = ModelConfig.from_dict(raw, "fcn8s.safetensors")     # validated, or CheckpointError
+    config = validate_config(raw_dict, "fcn8s.safetensors")   # the validator alone: a normalised dict
     obj = loads_json(text, "fcn8s.onnx", "fastfcn metadata")  # length and depth bounded
 
 A config (``model.config``, a checkpoint's metadata, an ONNX file's ``fastfcn.config``)
 holds arch, num_classes, width, options, mean, std, color_order, input_scale,
-class_names, palette and optional user ``meta``. Checkpoints and ONNX metadata go through
-the same ``validate_config``, so a file is refused with the same sentence whichever
-way it arrives, and before anything is built from it.
+class_names, palette and optional user ``meta``. Models, checkpoints, export, the runtime's
+and training's preprocessing read the defaults here (ARCH_OPTIONS, ARCH_MEAN, ModelConfig's
+field defaults, ``preprocessing`` for partial dicts). Checkpoints, ONNX metadata and
+ModelConfig itself go through the same ``validate_config``, so a file is refused with the
+same sentence whichever way it arrives, and before anything is built from it.
 
 Limits (every size a file claims is checked against them before allocation):
 - ``MAX_CLASSES`` = 4096: far above the label sets in use (VOC 21, ADE20K scene parsing

@@ -24,7 +24,7 @@ keys and shapes (at-once differs only by constant scales in the forward): such
 files load as ``fcn8s`` unless the file says otherwise (a torchfcn Trainer
 checkpoint's ``arch``, voc-fcn8s-atonce's Scale layers in a caffemodel) or
 ``arch="fcn8s-atonce"`` is given. Preprocessing defaults (mean, BGR, 0..255) are
-the reference nets'.
+the reference nets', from ModelConfig.
 
 Layout (one concern a module): ``safetensors_format`` and ``torch_format`` read and write
 their format, ``caffe`` decodes .caffemodel files and maps their layers, ``arch`` infers what
