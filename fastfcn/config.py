@@ -267,6 +267,9 @@ class ModelConfig(Mapping):
     def __post_init__(self):
         raw = {f.name: getattr(self, f.name) for f in fields(self)}
         c = validate_config(self._with_defaults(raw), "ModelConfig")
+        if c.get("mean") is None:  # an arch added to fastfcn.models but not to ARCH_MEAN
+            raise CheckpointError(f"ModelConfig: arch {c['arch']!r} has no default mean (ARCH_MEAN); "
+                                  "expected mean=(3 numbers)")  # fmt: skip
         frozen = {
             "width": c["width"], "options": MappingProxyType(c["options"]), "mean": tuple(c["mean"]),
             "std": tuple(c["std"]), "input_scale": float(c["input_scale"]),
@@ -280,14 +283,13 @@ class ModelConfig(Mapping):
     def _with_defaults(c: dict) -> dict:
         """``c`` with each None replaced by its arch's default (c's arch and num_classes unchecked)."""
         arch, n = c["arch"], c["num_classes"]
-        known = isinstance(arch, str) and arch in ARCH_MEAN and isinstance(n, int) and 0 < n <= MAX_CLASSES
-        if not known:
+        if not (isinstance(arch, str) and isinstance(n, int) and 0 < n <= MAX_CLASSES):
             return c  # the validator names what is wrong
         c = dict(c)
-        if isinstance(c["options"], Mapping) or c["options"] is None:
+        if arch in ARCH_OPTIONS and (isinstance(c["options"], Mapping) or c["options"] is None):
             c["options"] = {**ARCH_OPTIONS[arch], **(c["options"] or {})}
         if c["mean"] is None:
-            c["mean"] = ARCH_MEAN[arch]
+            c["mean"] = ARCH_MEAN.get(arch)
         if c["class_names"] is None:
             c["class_names"] = VOC_CLASSES if n == len(VOC_CLASSES) else [f"class_{i}" for i in range(n)]
         if c["palette"] is None:

@@ -159,3 +159,11 @@ def test_saved_metadata_is_byte_identical_to_the_previous_version(tmp_path, name
     else:
         before = torch.load(DATA / name, weights_only=True)["config"]
         assert json.loads(now) == before and list(json.loads(now)) == list(before)
+
+
+def test_an_arch_without_a_default_mean_must_be_given_one(monkeypatch):
+    # A family added to fastfcn.models must add its mean to ARCH_MEAN or pass one.
+    monkeypatch.delitem(ARCH_MEAN, "fcn8s")
+    with pytest.raises(CheckpointError, match=r"arch 'fcn8s' has no default mean \(ARCH_MEAN\)"):
+        ModelConfig("fcn8s", 3)
+    assert ModelConfig("fcn8s", 3, mean=(1, 2, 3)).mean == (1.0, 2.0, 3.0)
