@@ -169,6 +169,15 @@ def validate_config(c: Mapping, source) -> dict:
         bad(f"width must be a number in (0, {MAX_WIDTH:g}]; got {w!r}")
     c["width"] = float(w)
     c["options"] = _validate_options(c.get("options"), arch, bad)
+    _validate_labels(c, n, bad)
+    _validate_preprocessing(c, bad)
+    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
+        bad("meta must be a dict")
+    return c
+
+
+def _validate_labels(c: dict, n: int, bad) -> None:
+    """class_names and palette: one entry per class (lists in ``c`` afterwards)."""
     names = c.get("class_names")
     if names is not None:
         if not isinstance(names, (list, tuple)) or not all(isinstance(s, str) for s in names):
@@ -190,10 +199,6 @@ def validate_config(c: Mapping, source) -> dict:
         if len(pal) != n:
             bad(f"palette has {len(pal)} colours; the model has num_classes={n}")
         c["palette"] = [list(p) for p in pal]
-    _validate_preprocessing(c, bad)
-    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
-        bad("meta must be a dict")
-    return c
 
 
 def _validate_options(opts, arch: str, bad) -> dict:

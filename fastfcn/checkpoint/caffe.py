@@ -149,6 +149,35 @@ def _packed_varints(buf: memoryview) -> list[int]:
 
 
 def _decode_blob(buf: memoryview) -> torch.Tensor:
+    """A BlobProto as a float32 tensor of the shape it declares (BlobShape, else legacy N/C/H/W)."""
+    import numpy as np
+
+    legacy, dims, chunks, dchunks = _blob_fields(buf)
+    if chunks and dchunks:
+        raise _WireError("a blob with both float and double data")
+    # One copy (the tensor must not alias the file buffer), not a concatenation and then a cast:
+    # two transient copies of fc6 took a 135 MiB caffemodel's read to 2.6x its size.
+    src = chunks or dchunks
+    if not src:
+        data = np.zeros(0, np.float32)
+    elif len(src) == 1:
+        data = src[0].astype(np.float32)
+    else:
+        data = np.concatenate(src).astype(np.float32, copy=False)
+    if dims is None and any(x is not None for x in legacy):
+        dims = [x or 0 for x in legacy]
+    if dims is None:
+        dims = [data.size]
+    if len(dims) > 8 or any(d > _MAX_BLOB_DIM for d in dims):
+        raise _WireError(f"a blob of shape {tuple(dims)}: more than 8 dims or a dim over {_MAX_BLOB_DIM}")
+    if math.prod(dims) != data.size:
+        raise _WireError(f"a blob of shape {tuple(dims)} holds {data.size} values")
+    return torch.from_numpy(data.reshape(dims))
+
+
+def _blob_fields(buf: memoryview):
+    """(legacy [num, channels, height, width], shape dims or None, float chunks, double chunks)
+    of a BlobProto; the chunks are numpy views of ``buf``."""
     import numpy as np
 
     legacy = [None] * 4
@@ -171,26 +200,7 @@ def _decode_blob(buf: memoryview) -> torch.Tensor:
                     raise _WireError(f"a blob dim of wire type {wt2}; expected a varint")
                 if f2 == 1:
                     dims.extend(_packed_varints(d) if wt2 == 2 else [d])
-    if chunks and dchunks:
-        raise _WireError("a blob with both float and double data")
-    # One copy (the tensor must not alias the file buffer), not a concatenation and then a cast:
-    # two transient copies of fc6 took a 135 MiB caffemodel's read to 2.6x its size.
-    src = chunks or dchunks
-    if not src:
-        data = np.zeros(0, np.float32)
-    elif len(src) == 1:
-        data = src[0].astype(np.float32)
-    else:
-        data = np.concatenate(src).astype(np.float32, copy=False)
-    if dims is None and any(x is not None for x in legacy):
-        dims = [x or 0 for x in legacy]
-    if dims is None:
-        dims = [data.size]
-    if len(dims) > 8 or any(d > _MAX_BLOB_DIM for d in dims):
-        raise _WireError(f"a blob of shape {tuple(dims)}: more than 8 dims or a dim over {_MAX_BLOB_DIM}")
-    if math.prod(dims) != data.size:
-        raise _WireError(f"a blob of shape {tuple(dims)} holds {data.size} values")
-    return torch.from_numpy(data.reshape(dims))
+    return legacy, dims, chunks, dchunks
 
 
 def read_caffemodel(path: str | os.PathLike) -> list[CaffeLayer]:

@@ -8,7 +8,9 @@ from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
 
-from ..config import ModelConfig
+# The means, VOC names and palette are defined in fastfcn.config (the one set of defaults) and
+# stay importable from here, as before.
+from ..config import DILATED_MEAN_BGR, VOC_CLASSES, VOC_MEAN_BGR, ModelConfig, voc_palette  # noqa: F401
 from .backbone import Conv, run_conv, run_steps
 
 # Model impl names: "reference" is the plain-PyTorch spec (the default forward);
