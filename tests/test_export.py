@@ -114,7 +114,7 @@ def test_metadata_round_trip(exported):
     meta = read_onnx_metadata(path)
     export = meta.pop("export")
     assert meta.pop("fastfcn_version") == fastfcn.__version__
-    assert meta == json.loads(json.dumps(model.config))
+    assert meta == json.loads(json.dumps(model.config.to_dict()))
     assert export["precision"] == "fp32" and export["dynamic"] is True
     assert export["input"] == "input" and export["output"] == "logits" and export["opset"] >= 18
 
@@ -257,7 +257,7 @@ def test_fp16_export_agreement():
 
 
 def _config(**kw):
-    config = copy.deepcopy(models.build("fcn32s", num_classes=5, width=0.0625).config)
+    config = models.build("fcn32s", num_classes=5, width=0.0625).config.to_dict()
     config.update(kw)
     return config
 

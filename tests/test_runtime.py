@@ -246,7 +246,8 @@ def test_auto_choices_and_properties():
 
 def test_rgb_scaled_config_is_honoured():
     m = build("fcn32s", width=0.125).eval()
-    m.config.update(color_order="RGB", input_scale=1.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    m.config = m.config.replace(color_order="RGB", input_scale=1.0, mean=(0.485, 0.456, 0.406),
+                                std=(0.229, 0.224, 0.225))
     batch = images(1, 21, 19, seed=5)
     x = preprocess_ref(batch, m.config)
     with torch.inference_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -124,7 +125,7 @@ class Segmenter:
         self.execution = ExecutionPlan.of(self._backend, backend, graph_cache)
         if config is None:
             config = self._backend.config
-        if not isinstance(config, dict):
+        if not isinstance(config, Mapping):
             raise CheckpointError(
                 f"{checkpoint!r} carries no fastfcn config (mean, std, colour order, classes); "
                 "export it with fastfcn.export_onnx"

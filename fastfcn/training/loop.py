@@ -233,7 +233,7 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     init_weights(model)
     if run.class_names:
-        model.config["class_names"] = run.class_names
+        model.config = model.config.replace(class_names=tuple(run.class_names))
     resumed = _resumes(run, si)
     if resumed:
         model.load_state_dict(fastfcn.load(run.out / "last.safetensors").state_dict())
