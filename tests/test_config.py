@@ -16,7 +16,6 @@ from fastfcn import models
 from fastfcn.config import ARCH_MEAN, VOC_CLASSES, ModelConfig, preprocessing, voc_palette
 from fastfcn.errors import CheckpointError, InputError
 from fastfcn.runtime.preprocess import Preprocessor
-from fastfcn.train import preprocess
 
 DATA = Path(__file__).parent / "data"
 COMPAT = ("compat_alexnet_w03125.safetensors", "compat_alexnet_w03125.pt")
@@ -101,6 +100,18 @@ def test_one_validator_names_the_source(changes, problem):
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
     with pytest.raises(CheckpointError, match=rf"^ModelConfig: {problem}"):
         dataclasses.replace(ModelConfig("fcn8s", 3), **fields)
+
+
+def preprocess(images, config):
+    """uint8 (N, H, W, 3) -> the model's input, in the arithmetic order tests/data/make_compat.py
+    used (the previous version's training preprocessing), so the files' logits compare exactly."""
+    bgr, scale, mean, std = preprocessing(config)
+    x = images.permute(0, 3, 1, 2).float()
+    if bgr:
+        x = x.flip(1)
+    if scale != 255.0:
+        x = x * (scale / 255.0)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def test_training_and_runtime_preprocess_with_the_same_defaults():

@@ -1,7 +1,9 @@
 """Writes tests/data/compat_*: checkpoints and outputs of the code before fastfcn.config.ModelConfig
 (commit cdf0531), which tests/test_config.py loads with the current code.
 
-    .venv/bin/python tests/data/make_compat.py      # run from the repository root; seeded
+    .venv/bin/python tests/data/make_compat.py      # at commit cdf0531, from the repository root; seeded
+
+(fastfcn.train.preprocess, which it imports, became the runtime Preprocessor in fastfcn.training.)
 
 An FCN-AlexNet of width 0.03125 in fp16 (about 190 KB a file; at width 0.0625 the fc6 weights
 alone make each file 520 KB), with every preprocessing key set away from its default.
