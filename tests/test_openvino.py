@@ -241,7 +241,7 @@ def test_bad_precision_device_and_input(exported, monkeypatch, tmp_path):
 
 def test_result_shape_checked_at_run_time(tmp_path):
     # A one-node graph declared (N, 5, H, W) that computes (N, 5, H/2, W/2): only the run shows it.
-    config = models.build("fcn32s", num_classes=5, width=0.0625).config
+    config = models.build("fcn32s", num_classes=5, width=0.0625).config.to_dict()
     backend = OpenVinoBackend(tiny_onnx(tmp_path / "t.onnx", config, stride=2), "cpu", "fp32")
     with pytest.raises(CheckpointError, match=r"t.onnx: the graph returned \(\(1, 5, 4, 5\)"):
         backend(torch.randn(1, 3, 8, 9), "labels")
