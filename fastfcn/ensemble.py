@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InputError
-from .kernels.reference import OUTPUTS
+from .kernels.structure import check_output, labels_dtype
 from .names import DEFAULT_MAX_PIXELS
 from .runtime.dispatch import run_batch, run_postprocessed
 from .runtime.segmenter import Segmenter
@@ -184,8 +184,7 @@ class Ensemble:
     def _infer(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
         """t: uint8 (N, H, W, 3) (kind "u8") or float (N, 3, H, W) (kind "float") -> the
         weighted mean of the members' probabilities, as ``output``."""
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        check_output(output)
         if kind == "float" and not self._same_preprocessing:
             raise InputError(
                 "the members of this ensemble preprocess differently (mean, std, colour order or "
@@ -205,5 +204,5 @@ class Ensemble:
             if output == "probs":
                 return acc
             if output == "labels":
-                return acc.argmax(1).to(torch.uint8 if acc.shape[1] <= 256 else torch.int32)
+                return acc.argmax(1).to(labels_dtype(acc.shape[1]))
             return torch.log(acc.clamp_min_(torch.finfo(torch.float32).tiny))

@@ -14,13 +14,12 @@ The library is pydensecrf2 (PyPI, a source distribution: Cython + C++, built at 
 an optional extra: ``pip install fastfcn[crf]``. It is imported only when a CRF is asked for;
 without it ``postprocess="crf"`` raises BackendUnavailableError naming the extra.
 
-This module imports numpy only (no torch, no pydensecrf), so the CLI's ``--help`` can use
-``add_crf_arguments``.
+This module imports numpy only (no torch, no pydensecrf), so the CLI's ``--help`` can read
+CRFParams' defaults (the --crf-* options).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -183,6 +182,8 @@ def refine(probs, images, params: CRFParams, output: str, *, library=None):
     """
     import torch
 
+    from ..kernels.structure import labels_dtype
+
     if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
         raise InputError(
             f"CRF: expected probs (N, C, H, W) and images (N, H, W, 3) of one N; got "
@@ -193,45 +194,7 @@ def refine(probs, images, params: CRFParams, output: str, *, library=None):
     q = np.stack([dense_crf(p_host[i], im_host[i], params, library=library) for i in range(len(p_host))])
     out = torch.from_numpy(q)
     if output == "labels":
-        out = out.argmax(1).to(torch.uint8 if q.shape[1] <= 256 else torch.int32)
+        out = out.argmax(1).to(labels_dtype(q.shape[1]))
     elif output == "logits":
         out = torch.log(out.clamp_min(PROB_FLOOR))
     return out.to(probs.device)
-
-
-# ------------------------------------------------------------------------------------ the CLI
-_FLAGS = {  # CLI option -> CRFParams field
-    "--crf-iterations": "iterations",
-    "--crf-gaussian-sxy": "gaussian_sxy",
-    "--crf-gaussian-compat": "gaussian_compat",
-    "--crf-bilateral-sxy": "bilateral_sxy",
-    "--crf-bilateral-srgb": "bilateral_srgb",
-    "--crf-bilateral-compat": "bilateral_compat",
-}
-
-
-def add_crf_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--crf`` and its parameters (defaults: CRFParams, DeepLab's)."""
-    d = CRFParams()
-    parser.add_argument("--crf", action="store_true",
-                        help=f"refine with a dense CRF on the original image (extra: {INSTALL_HINT})")
-    for flag, name in _FLAGS.items():
-        kind = int if name == "iterations" else float
-        parser.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else "X",
-                            help=f"with --crf: {name} (default {getattr(d, name):g}, DeepLab's)")
-
-
-def crf_from_args(args: argparse.Namespace) -> dict:
-    """Segmenter keyword arguments for the parsed ``--crf*`` options: {} without --crf;
-    a CRF parameter without --crf is an error."""
-    given = {name: getattr(args, flag[2:].replace("-", "_")) for flag, name in _FLAGS.items()}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not args.crf:
-        if given:
-            flags = [f for f, n in _FLAGS.items() if n in given]
-            raise InputError(f"{', '.join(flags)} set without --crf; add --crf to use the dense CRF")
-        return {}
-    try:
-        return {"postprocess": "crf", "crf": CRFParams(**given)}
-    except ValueError as e:
-        raise InputError(str(e).replace("CRFParams.", "--crf-").replace("_", "-")) from None

@@ -9,48 +9,18 @@ grouping a list by size, tiling, and the CRF post-processing, in one place for b
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
 from ..errors import InputError
-from ..imageio import from_pil, read_image
-from ..kernels.reference import OUTPUTS
+from ..imageio import decode_inputs
+from ..kernels.structure import check_output
 from .preprocess import Parsed, parse_batch
 from .tiling import check_tiling, run_tiled
 
 
-def _is_pil(obj) -> bool:
-    # PIL is imported only if the caller already has PIL images: no import cost otherwise.
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(obj, pil.Image)
-
-
-def _decode_one(obj, max_pixels: int | None):
-    if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, max_pixels)
-    if _is_pil(obj):
-        try:
-            return from_pil(obj, max_pixels)
-        except InputError as e:
-            raise InputError(f"the PIL image: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
-    return obj
-
-
-def _decode(batch, max_pixels: int | None):
-    """Image paths and PIL images (alone or in a list) -> (H, W, 3) uint8 arrays; other items unchanged."""
-    if isinstance(batch, (list, tuple)):
-        return [_decode_one(b, max_pixels) for b in batch]
-    return _decode_one(batch, max_pixels)
-
-
 def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap):
     """The body of ``run`` (see Segmenter.run for the forms of ``batch`` and the results)."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+    check_output(output)
     run = runner._run
     if tile is None and overlap is not None:
         raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
@@ -59,7 +29,7 @@ def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap):
         run = lambda t, kind, out: run_tiles(runner, t, kind, out, tile, overlap)  # noqa: E731
     # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
     # decompression-bomb limit (179 M pixels) still holds.
-    batch = _decode(batch, None if tile is not None else runner.max_pixels)
+    batch = decode_inputs(batch, None if tile is not None else runner.max_pixels)
     p: Parsed = parse_batch(batch, preprocessed)
     if p.form == "list":
         groups: dict[tuple[int, int], list[int]] = {}
