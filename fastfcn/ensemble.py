@@ -28,7 +28,6 @@ import torch
 
 from .errors import InputError
 from .kernels.structure import check_output, labels_dtype
-from .names import DEFAULT_MAX_PIXELS
 from .runtime.dispatch import run_batch, run_postprocessed
 from .runtime.segmenter import Segmenter
 
@@ -108,8 +107,9 @@ class Ensemble:
         self._same_preprocessing = all(
             [c.get(k) for k in _PREPROCESS_KEYS] == [cfgs[0].get(k) for k in _PREPROCESS_KEYS] for c in cfgs
         )
-        # Tiled runs skip the per-image limit (run_batch); the members check their own per tile.
-        self.max_pixels = min((s.max_pixels for s in self._members), default=DEFAULT_MAX_PIXELS)
+        # The file decoder's limit (run_batch; none when tiled): the strictest member's. Each
+        # member still checks its own limit on what it runs (per tile when tiled).
+        self.max_pixels = min(s.max_pixels for s in self._members)
 
     # --------------------------------------------------------------- properties
     @property
