@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
     a("--batch", type=int, default=8, help="images per run() call (default 8)")
     a("--json", action="store_true", help="print the metrics as one JSON object")
+    from .common import add_crf_arguments
+
+    add_crf_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -71,6 +74,9 @@ def main(args: argparse.Namespace) -> int:
     if args.n < 0 or args.batch < 1 or args.size < 8:
         raise InputError(f"--n {args.n}, --batch {args.batch}, --size {args.size}: expected --n >= 0, "
                          "--batch >= 1 and --size >= 8")
+    from .common import crf_from_args
+
+    post = crf_from_args(args)
     if args.data != "synthetic" and not Path(args.data).is_dir():
         raise InputError(f"--data {args.data}: not a folder; expected a VOC root or 'synthetic'")
     from ..zoo import resolve
@@ -78,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     if not Path(resolve(args.checkpoint)).is_file():
         raise InputError(f"{args.checkpoint}: no such checkpoint file")
     seg = fastfcn.Segmenter(
-        args.checkpoint, backend=args.backend, device=args.device, precision=args.precision
+        args.checkpoint, backend=args.backend, device=args.device, precision=args.precision, **post
     )
     cfg = segmenter_config(seg, args.checkpoint)
     num_classes = int(cfg["num_classes"])
@@ -99,6 +105,8 @@ def main(args: argparse.Namespace) -> int:
             "backend": str(backend),
             "device": str(getattr(seg, "device", args.device)),
             "precision": str(getattr(seg, "precision", args.precision)),
+            "postprocess": post.get("postprocess"),
+            "crf": post["crf"].as_dict() if post else None,
             **{k: clean(result[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")},
             "per_class_iu": {n: clean(float(v)) for n, v in zip(names, result["per_class_iu"])},
             "per_class_acc": {n: clean(float(v)) for n, v in zip(names, result["per_class_acc"])},
@@ -107,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
         }
         print(json.dumps(obj))
     else:
-        print(f"{args.checkpoint} on {what}, backend {backend}, {seconds:.1f} s", file=sys.stderr)
+        crf = f", dense CRF {post['crf']}" if post else ""
+        print(f"{args.checkpoint} on {what}, backend {backend}{crf}, {seconds:.1f} s", file=sys.stderr)
         print(format_table(result, names))
     return 0

@@ -24,7 +24,7 @@ from ..paths import Job, check_output_dir, collect_images, plan_outputs
 from ..progress import Progress
 from ..viz import overlay, save_labels
 from ..zoo import BUILTIN
-from .common import checkpoint_path, open_segmenter
+from .common import add_crf_arguments, checkpoint_path, crf_from_args, open_segmenter
 
 # Torch is imported when the command runs, never here: `fastfcn segment --help` stays fast.
 
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="overlay opacity of the class colours, 0..1 (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_crf_arguments(parser)
 
 
 def _check(args: argparse.Namespace) -> dict:
@@ -119,10 +120,11 @@ def _write(job: Job, image, labels, palette, alpha: float) -> int:
 def main(args: argparse.Namespace) -> int:
     # Everything is validated before the model loads and before anything is written.
     tiling = _check(args)
+    post = crf_from_args(args)  # {} or postprocess="crf" with its parameters
     ckpt = checkpoint_path(args.checkpoint)
     out = check_output_dir(args.out, "--out")
     jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
-    seg = open_segmenter(ckpt, args, max_pixels=args.max_pixels)
+    seg = open_segmenter(ckpt, args, max_pixels=args.max_pixels, **post)
     palette = seg.palette
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()

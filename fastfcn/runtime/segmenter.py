@@ -12,17 +12,15 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..imageio import decode_inputs
-from ..kernels.structure import check_output
 from ..models import SegmentationModel, available
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
 from .backends import PRECISIONS, Backend, create_backend
 from .cuda_graphs import CudaGraphRunner
+from .dispatch import run_batch, run_postprocessed
 from .execution import ExecutionPlan, resolve_backend, resolve_device, resolve_precision
-from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
+from .preprocess import Preprocessor, check_finite
 from .registry import available_backends
-from .tiling import check_tiling, run_tiled
 
 # The TF32 switches are process-wide: a Segmenter at fp32 or tf32 on CUDA holds this lock while
 # its forward runs with its own setting, so Segmenters of different precisions in other threads
@@ -37,7 +35,7 @@ class Segmenter:
 
     Segmenter(checkpoint, *, arch=None, device="auto", backend="auto", precision="auto",
               max_pixels=4096*4096, graph_cache=8, check_finite=True, num_threads=None,
-              skip_dead_zone=True)
+              skip_dead_zone=True, postprocess=None, crf=None)
 
     checkpoint: a path fastfcn.load reads (``arch=`` as there), a built-in model's name
         (``"demo"``, see fastfcn.zoo), a ``.onnx`` file exported by
@@ -61,12 +59,20 @@ class Segmenter:
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
     num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
+    postprocess: None, or "crf": refine the probabilities with a fully connected CRF on the
+        original image (fastfcn.runtime.crf; needs the extra ``pip install fastfcn[crf]``). Runs
+        on the CPU, per image, after the backend; needs uint8 images (not preprocessed float).
+        output "probs" are then the CRF's marginals, "logits" their log, "labels" their argmax.
+    crf: the CRF's parameters with postprocess="crf": a fastfcn.runtime.crf.CRFParams, a dict
+        of some of its fields, or None (DeepLab's: 10 iterations, Gaussian sxy 1 compat 3,
+        bilateral sxy 67 srgb 3 compat 4).
     skip_dead_zone: backend "fused" computes only the positions whose receptive field
         reaches the image (FCN-VGG, FCN-AlexNet, DeconvNet's encoder; fastfcn.runtime.deadzone),
         taking the rest from maps cached per input size; False computes everything (ablation).
         The results agree to float32 rounding either way.
 
-    Properties: device, backend, precision, config, num_classes, class_names, palette, plan.
+    Properties: device, backend, precision, config, num_classes, class_names, palette, plan,
+    postprocess, crf.
     execution: how it runs, resolved once (fastfcn.runtime.execution.ExecutionPlan: device,
       backend, precision, input dtype, CUDA graphs, serialised calls, TF32 switches).
     plan: the convolution implementations chosen on this machine (fused backend on the CPU), per
@@ -92,6 +98,8 @@ class Segmenter:
         check_finite: bool = True,
         num_threads: int | None = None,
         skip_dead_zone: bool = True,
+        postprocess: str | None = None,
+        crf=None,
     ):
         if arch is not None and arch not in available():
             raise CheckpointError(f"unknown arch {arch!r}; expected one of {available()}")
@@ -106,6 +114,11 @@ class Segmenter:
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
+        from .crf import check_postprocess
+
+        # Before the model loads: a missing pydensecrf2 or a bad parameter costs no load.
+        self._crf = check_postprocess(postprocess, crf)
+        self._postprocess = postprocess
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         # "auto" is the CPU for a backend whose registry entry has no CUDA (openvino).
@@ -181,6 +194,15 @@ class Segmenter:
         return self.execution.precision
 
     @property
+    def postprocess(self) -> str | None:
+        return self._postprocess
+
+    @property
+    def crf(self):
+        """The CRF's parameters (fastfcn.runtime.crf.CRFParams) with postprocess="crf", else None."""
+        return self._crf
+
+    @property
     def config(self) -> dict:
         return dict(self._config)
 
@@ -208,9 +230,10 @@ class Segmenter:
 
     def __repr__(self) -> str:
         arch = self._config.get("arch", "?")
+        post = f", postprocess={self._postprocess!r}" if self._postprocess else ""
         return (
             f"Segmenter(arch={arch!r}, device={str(self.device)!r}, backend={self.backend!r}, "
-            f"precision={self.precision!r})"
+            f"precision={self.precision!r}{post})"
         )
 
     # ---------------------------------------------------------------------- run
@@ -233,41 +256,11 @@ class Segmenter:
         None: 64, at most half the tile's smaller side).
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
-        check_output(output)
-        run = self._run
-        if tile is None and overlap is not None:
-            raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
-        if tile is not None:
-            tile, overlap = check_tiling(tile, overlap)
-            run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
-        # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
-        # decompression-bomb limit (179 M pixels) still holds.
-        batch = decode_inputs(batch, None if tile is not None else self.max_pixels)
-        p: Parsed = parse_batch(batch, preprocessed)
-        if p.form == "list":
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, t in enumerate(p.tensors):
-                groups.setdefault((t.shape[1], t.shape[2]), []).append(i)
-            results: list = [None] * len(p.tensors)
-            for idx in groups.values():
-                t = p.tensors[idx[0]] if len(idx) == 1 else torch.cat([p.tensors[i] for i in idx])
-                out = run(t, "u8", output)
-                for j, i in enumerate(idx):
-                    results[i] = out[j]
-            return results
-        out = run(p.tensors[0], "float" if p.form == "float" else "u8", output)
-        return out[0] if p.form == "image" else out
+        return run_batch(self, batch, output, preprocessed, tile, overlap)
 
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
                  overlap: int | None = None):
         return self.run(batch, output, preprocessed=preprocessed, tile=tile, overlap=overlap)
-
-    def _run_tiles(self, t: torch.Tensor, kind: str, output: str, tile, overlap) -> torch.Tensor:
-        """Each image of ``t`` (as for _run) in tiles; results stacked to (N, ...)."""
-        if t.shape[0] == 1:  # no stacking copy (100 MB of labels at 10,000 x 10,000)
-            return run_tiled(self._run, t, kind, output, tile, overlap).unsqueeze(0)
-        return torch.stack([run_tiled(self._run, t[i:i + 1], kind, output, tile, overlap)
-                            for i in range(t.shape[0])])
 
     def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
         """Segment an iterable of frames: an iterator with one CPU tensor per frame, in order,
@@ -288,7 +281,12 @@ class Segmenter:
             )
 
     def _run(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        """t: uint8 (N, H, W, 3) (kind "u8") or float (N, 3, H, W) (kind "float"), any device."""
+        """t: uint8 (N, H, W, 3) (kind "u8") or float (N, 3, H, W) (kind "float"), any device.
+        The batch path of run() and stream(): inference, then the post-processing (if any)."""
+        return run_postprocessed(self, t, kind, output)
+
+    def _infer(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        """The backend's result for ``t`` (as for _run), without post-processing."""
         h, w = (t.shape[1], t.shape[2]) if kind == "u8" else (t.shape[2], t.shape[3])
         self._check_size(h, w)
         device = self.execution.device
