@@ -46,7 +46,7 @@ _FCN_OPTIONS = ("learnable_upsampling", "dropout")
 ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
     "fcn-alexnet": _FCN_OPTIONS, "deconvnet": ("dropout",), "dilated-frontend": _FCN_OPTIONS,
-    "dilated-context": (*_FCN_OPTIONS, "context"),
+    "dilated-context": (*_FCN_OPTIONS, "context"), "fcn-googlenet": _FCN_OPTIONS,
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from .common import SegmentationModel, fold_batchnorm, voc_palette
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
+from .googlenet import FCNGoogLeNet
 
 _BUILDERS = {
     "fcn32s": lambda **kw: FCN("fcn32s", **kw),
@@ -22,6 +23,7 @@ _BUILDERS = {
     "deconvnet": lambda **kw: DeconvNet(**kw),
     "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
     "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
+    "fcn-googlenet": lambda **kw: FCNGoogLeNet(**kw),
 }
 
 
@@ -34,7 +36,7 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, **options) -> Se
     """Build an architecture by name (in train mode, like any new nn.Module).
 
     arch: one of available(); width scales every channel count (1.0 is the
-    paper's net); options: learnable_upsampling (FCN, dilated), dropout,
+    paper's net); options: learnable_upsampling (FCN, FCN-GoogLeNet, dilated), dropout,
     context="basic" | "large" (dilated-context, default "large").
     """
     if arch not in _BUILDERS:
@@ -53,6 +55,6 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "SegmentationModel", "available", "build",
+    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "FCNGoogLeNet", "SegmentationModel", "available", "build",
     "fold_batchnorm", "parameter_count", "voc_palette",
 ]  # fmt: skip

@@ -8,7 +8,7 @@ from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
 
-from .backbone import Conv, run_conv, run_steps
+from .backbone import Conv, run_conv, run_steps, step_convs
 
 VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
@@ -110,8 +110,9 @@ class SegmentationModel(nn.Module):
         return self
 
     def conv_steps(self) -> tuple[Conv, ...]:
-        """Every Conv step of the model, in forward order: the backbone's, then extra_steps."""
-        return tuple(s for s in self.backbone if isinstance(s, Conv)) + tuple(self.extra_steps)
+        """Every Conv step of the model, in forward order: the backbone's (an Inception block's
+        branch convs included), then extra_steps."""
+        return step_convs(self.backbone) + tuple(self.extra_steps)
 
     def run_backbone(self, h: torch.Tensor, feats: dict, switches: dict | None = None,
                      pool_with_switches=None, image_size=None) -> torch.Tensor:
