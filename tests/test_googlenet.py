@@ -125,9 +125,9 @@ def test_parameter_count_against_bvlc_googlenet():
 
 def test_macs_at_500_against_fcn32s_vgg16():
     """Table 1: FCN-GoogLeNet is cheaper than FCN-VGG16 (59 vs 210 ms on a K40c). Counted MACs at
-    500x500, 21 classes: 9.206 GMAC against FCN-32s' 181.366 (19.7x fewer; the paper's time ratio,
-    3.6x, reflects how poorly GoogLeNet's many small layers used a K40c), and against
-    FCN-AlexNet's 21.42 GMAC (2.3x fewer)."""
+    500x500, 21 classes: 9.206 GMAC against FCN-32s' 181.366 (19.7x fewer; the paper's time
+    ratio is 3.6x), and against FCN-AlexNet's 21.42 GMAC (2.3x fewer). Learned parameters as in
+    Table 1's row: 6M, 134M, 57M."""
     c = count_macs(meta(), (1, 3, 500, 500))
     vgg = count_macs(meta("fcn32s"), (1, 3, 500, 500))
     alex = count_macs(meta("fcn-alexnet"), (1, 3, 500, 500))
@@ -145,6 +145,13 @@ def test_macs_at_500_against_fcn32s_vgg16():
     assert vgg.macs / c.macs == pytest.approx(19.70, abs=0.01)
     assert c.macs < alex.macs < vgg.macs
     assert c.computed_macs == c.macs  # no dead-zone skip for this arch
+
+    def learned(arch):
+        return sum(p.numel() for n, p in meta(arch).named_parameters() if not n.startswith("upscore"))
+
+    assert (learned("fcn-googlenet"), learned("fcn32s"), learned("fcn-alexnet")) == (
+        5_995_077, 134_346_581, 56_954_261
+    )
 
 
 # ----------------------------------------------------------------------------------------- geometry
@@ -415,9 +422,11 @@ def test_dead_zone_is_small_and_not_planned():
     first Inception block (after it every position depends on the image), are 120.7 MMAC of
     9,206 at 500x500 (1.3%): conv1 253^2 of 265^2 outputs, conv2/3x3_reduce 128^2 and conv2/3x3
     130^2 of 132^2."""
-    from fastfcn.runtime.deadzone import DeadZonePlan
+    from fastfcn.runtime.deadzone import DeadZoneForward, DeadZonePlan
 
     m = meta()
+    with pytest.raises(ValueError, match=r"LRN steps; Inception\(name='inception_3a'\) is none"):
+        DeadZoneForward(m)
     first = next(i for i, s in enumerate(m.backbone) if isinstance(s, Inception))
     plan = DeadZonePlan(m, m.backbone[:first], (500, 500))
     assert plan.steps[-1].dependent_fraction == 1.0  # pool2: every position reaches the image

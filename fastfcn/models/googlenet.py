@@ -23,8 +23,8 @@ Choices the paper leaves open, and what is used here:
   + 1 >= 1; Caffe and torch both clip a window that overhangs), which for H = 1 needs
   conv1's output >= 16, i.e. ``(1 + 2 * pad - 7) // 2 + 1 >= 16``: pad >= 18 (pad 17 fails
   for H = 1, 2; ``googlenet_sizes`` and tests/test_googlenet.py check every H in 1..4096).
-  A larger pad only adds image-independent work: at 500x500 pad 18 costs 1.10x the MACs of
-  pad 3 (conv1's map 265 vs 253 wide), pad 100 would cost 1.94x.
+  A larger pad only adds image-independent work: at 500x500 pad 18 costs 1.13x the MACs of
+  pad 3 (conv1's map 265 vs 250 wide; 9.21 vs 8.15 GMAC), pad 100 would cost 1.93x.
 - Upsampling kernel 63 (stride 32), not FCN-32s' 64. In Caffe's coordinate arithmetic
   (fcn.berkeleyvision.org coord_map.py: a conv / pool maps x -> (x + pad - (k - 1) / 2) / s,
   a Deconvolution x -> s x + (k - 1) / 2 - pad), conv1 (k7 s2 pad 18) gives
@@ -42,15 +42,18 @@ Choices the paper leaves open, and what is used here:
 - LRN as in Caffe (across channels, local_size 5, alpha 1e-4, beta 0.75, k 1), after pool1 and
   after conv2/3x3, with the same module (and bf16 handling) as FCN-AlexNet.
 - No aux classifiers (loss1/*, loss2/*): the paper uses only the final loss.
-- The dead-zone skip (runtime/deadzone.py) is not applied (``has_dead_zone = False``): its
-  planner runs chains of steps and an Inception block is four branches, and the
-  image-independent work is small here: pad 18 at 500x500 adds a 9 px band (conv1 map 265, of
-  which the image reaches about 256 per side), 7% of conv1's positions; the receptive fields
-  grow past the pad within the first Inception blocks.
+- The dead-zone skip (runtime/deadzone.py) is not applied (``has_dead_zone = False``; the
+  planner refuses Inception blocks): with pad 18 there is little to skip. At 500x500 the
+  image-independent positions are conv1's outer 6 px (253^2 of 265^2 outputs depend on the
+  image), conv2/3x3_reduce's 128^2 and conv2/3x3's 130^2 of 132^2; from pool2 on every
+  position reaches the image. That is 120.7 MMAC of 9.21 GMAC (1.3%), against 31% for
+  FCN-8s with its pad 100; planning the four branches of an Inception block would buy nothing.
 
-Cost (``fastfcn.flops.count_macs``, 500x500, 21 classes): see ``README.md`` (model zoo) and
-tests/test_googlenet.py, which compares it with FCN-32s on VGG16 (Table 1: GoogLeNet is the
-cheaper backbone).
+Receptive field 715 px (Table 1 lists 907 for GoogLeNet: with the 7x7 average pool, 715 +
+6 x 32). Cost (``fastfcn.flops.count_macs``, 500x500, 21 classes): 9.21 GMAC, against 181.4
+for FCN-32s on VGG16 (19.7x) and 21.4 for FCN-AlexNet, with 6.0 M learned parameters
+(Table 1: "6M"); 5,973,552 of them are bvlc_googlenet's up to inception_5b.
+tests/test_googlenet.py derives each of these numbers from the prototxt's layer list.
 """
 
 from __future__ import annotations
