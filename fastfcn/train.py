@@ -144,16 +144,16 @@ class ConvBN(nn.Module):
 
 
 def add_batchnorm(model: nn.Module) -> list[str]:
-    """Put a BatchNorm after every backbone convolution (``conv*``, ``fc*``) for training.
+    """Put a BatchNorm after every backbone convolution (``conv*``, ``fc*``, FCN-GoogLeNet's
+    ``inception_*``) for training.
 
     The reference FCNs have no normalisation: they start from ImageNet VGG weights. From
     scratch, a plain 15-layer stack learns slowly; BatchNorm during training, folded into
     the convolutions afterwards (``fold_added_batchnorm``), gives back the exact reference
     architecture. Returns the wrapped module names.
     """
-    names = [
-        n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(("conv", "fc"))
-    ]
+    backbone = ("conv", "fc", "inception_")
+    names = [n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(backbone)]
     for n in names:
         setattr(model, n, ConvBN(getattr(model, n)))
     return names
