@@ -178,6 +178,12 @@ def conv_relu_names(prefix: str, counts: list[int]) -> list[str]:
     return [f"{prefix}{b}_{i}" for b, n in enumerate(counts, 1) for i in range(1, n + 1)]
 
 
+def caffe_lrn() -> nn.LocalResponseNorm:
+    """Caffe's LRN across channels as AlexNet and GoogLeNet use it (local_size 5, alpha 1e-4,
+    beta 0.75): x / (1 + alpha / 5 * sum of x^2 over 5 neighbouring channels)^beta."""
+    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+
+
 def make_upsampler(channels: int, k: int, stride: int, learnable: bool, depthwise: bool = False):
     """Deconvolution initialised bilinear on the diagonal, fixed unless learnable."""
     m = nn.ConvTranspose2d(

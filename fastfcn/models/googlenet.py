@@ -63,7 +63,7 @@ from torch import nn
 
 from ..heads import HEADS, run_head
 from .backbone import LRN, Conv, Inception, Pool, run_conv
-from .common import SegmentationModel, make_upsampler, ops_impl, scaled
+from .common import SegmentationModel, caffe_lrn, make_upsampler, ops_impl, scaled
 
 GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
 CONV1_PAD = 18
@@ -98,11 +98,6 @@ def googlenet_sizes(size: int, pad: int = CONV1_PAD) -> list[int] | None:
     return out
 
 
-def _lrn() -> nn.LocalResponseNorm:
-    # Caffe LRN across channels: x / (1 + alpha / n * sum of x^2 over n channels)^beta.
-    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
-
-
 class FCNGoogLeNet(SegmentationModel):
     """FCN-32s-style FCN on GoogLeNet (see the module docstring).
 
@@ -122,10 +117,10 @@ class FCNGoogLeNet(SegmentationModel):
         self.head = HEADS["fcn-googlenet"]
         c1, c2r, c2 = (scaled(c, width) for c in (64, 64, 192))
         self.conv1_7x7_s2 = nn.Conv2d(3, c1, 7, stride=2, padding=CONV1_PAD)
-        self.pool1_norm1 = _lrn()
+        self.pool1_norm1 = caffe_lrn()
         self.conv2_3x3_reduce = nn.Conv2d(c1, c2r, 1)
         self.conv2_3x3 = nn.Conv2d(c2r, c2, 3, padding=1)
-        self.conv2_norm2 = _lrn()
+        self.conv2_norm2 = caffe_lrn()
         steps = [
             Conv("conv1_7x7_s2"), Pool(3, 2), LRN("pool1_norm1"),
             Conv("conv2_3x3_reduce"), Conv("conv2_3x3"), LRN("conv2_norm2"), Pool(3, 2),
