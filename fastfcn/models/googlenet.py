@@ -33,10 +33,10 @@ Choices the paper leaves open, and what is used here:
   that to x + 16.5: a half-pixel offset, which no crop can centre (coord_map refuses
   non-integer crops). k63 maps it to x + 16: the crop offset is ``pad - 2`` = 16, exact. The
   3x3/2 poolings are FCN-AlexNet's, and the reference FCN-AlexNet uses upscore k63 / crop 18
-  for the same reason. Initialised bilinear (FACTS.md's filter: factor 32, centre 31) on the
+  where k64 would give it 18.5. Initialised bilinear (FACTS.md's filter: factor 32, centre 31) on the
   diagonal, fixed unless ``learnable_upsampling``.
-- Dropout before score_fr: GoogLeNet's ``pool5/drop_7x7_s1`` ratio, 0.4 (``dropout``), kept
-  where the paper keeps the classifier's input (FCN-VGG keeps fc6/fc7's 0.5).
+- Dropout before score_fr: GoogLeNet's ``pool5/drop_7x7_s1`` ratio, 0.4 (``dropout``), on
+  the classifier's input as in bvlc_googlenet (FCN-VGG likewise keeps fc6/fc7's 0.5).
 - Mean: the BVLC googlenet mean, BGR (104, 117, 123) (its train_val.prototxt mean_value);
   BGR, 0..255, like every Caffe net here.
 - LRN as in Caffe (across channels, local_size 5, alpha 1e-4, beta 0.75, k 1), after pool1 and
