@@ -407,7 +407,10 @@ def test_fused_backend_swaps_every_inception_conv_and_equals_reference(monkeypat
     # Every conv step (6 per Inception block) runs through the planner; no dead-zone runner.
     assert set(b.planner.convs) == {s.name for s in m.conv_steps()} and len(b.planner.convs) == 58
     assert b.dead_zone is None and b.model.backbone_runner is None
-    assert len(b.plan()) == 58
+    # 58 convs and the 4 stride-2 Pool steps (the planned max pool); an Inception block's 3x3/1
+    # pad-1 pool is torch's (pool_impl takes no padding)
+    layers = [e["layer"] for e in b.plan()]
+    assert len(layers) == 62 and layers.count("maxpool") == 4
     # measured 1.6e-7 relative; a wrong branch order or a skipped conv is O(1)
     assert (got - ref).abs().max() <= 2e-5 * ref.abs().max()
 
@@ -441,7 +444,7 @@ def test_dead_zone_is_small_and_not_planned():
 
 
 def test_training_batchnorm_wraps_every_backbone_conv_and_folds_back():
-    from fastfcn.train import ConvBN, add_batchnorm, plain_copy
+    from fastfcn.training.batchnorm import ConvBN, add_batchnorm, plain_copy
 
     m = small()
     wrapped = add_batchnorm(m)

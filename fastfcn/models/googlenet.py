@@ -37,8 +37,8 @@ Choices the paper leaves open, and what is used here:
   diagonal, fixed unless ``learnable_upsampling``.
 - Dropout before score_fr: GoogLeNet's ``pool5/drop_7x7_s1`` ratio, 0.4 (``dropout``), on
   the classifier's input as in bvlc_googlenet (FCN-VGG likewise keeps fc6/fc7's 0.5).
-- Mean: the BVLC googlenet mean, BGR (104, 117, 123) (its train_val.prototxt mean_value);
-  BGR, 0..255, like every Caffe net here.
+- Mean: the BVLC googlenet mean, BGR (104, 117, 123) (its train_val.prototxt mean_value;
+  ``fastfcn.config.ARCH_MEAN``); BGR, 0..255, like every Caffe net here.
 - LRN as in Caffe (across channels, local_size 5, alpha 1e-4, beta 0.75, k 1), after pool1 and
   after conv2/3x3, with the same module (and bf16 handling) as FCN-AlexNet.
 - No aux classifiers (loss1/*, loss2/*): the paper uses only the final loss.
@@ -65,7 +65,6 @@ from ..heads import HEADS, run_head
 from .backbone import LRN, Conv, Inception, Pool, run_conv
 from .common import SegmentationModel, caffe_lrn, make_upsampler, ops_impl, scaled
 
-GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
 CONV1_PAD = 18
 # (name, 1x1, 3x3_reduce, 3x3, 5x5_reduce, 5x5, pool_proj) of bvlc_googlenet deploy.prototxt;
 # None marks the 3x3/2 max pooling between stages (pool3/3x3_s2 after 3b, pool4/3x3_s2 after 4e).
@@ -112,7 +111,7 @@ class FCNGoogLeNet(SegmentationModel):
     ):  # fmt: skip
         super().__init__(
             "fcn-googlenet", num_classes, width,
-            {"learnable_upsampling": learnable_upsampling, "dropout": dropout}, GOOGLENET_MEAN_BGR,
+            {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
         )  # fmt: skip
         self.head = HEADS["fcn-googlenet"]
         c1, c2r, c2 = (scaled(c, width) for c in (64, 64, 192))
