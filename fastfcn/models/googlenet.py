@@ -33,8 +33,8 @@ Choices the paper leaves open, and what is used here:
   that to x + 16.5: a half-pixel offset, which no crop can centre (coord_map refuses
   non-integer crops). k63 maps it to x + 16: the crop offset is ``pad - 2`` = 16, exact. The
   3x3/2 poolings are FCN-AlexNet's, and the reference FCN-AlexNet uses upscore k63 / crop 18
-  where k64 would give it 18.5. Initialised bilinear (FACTS.md's filter: factor 32, centre 31) on the
-  diagonal, fixed unless ``learnable_upsampling``.
+  where k64 would give it 18.5. Initialised bilinear (docs/facts.md's filter: factor 32,
+  centre 31) on the diagonal, fixed unless ``learnable_upsampling``.
 - Dropout before score_fr: GoogLeNet's ``pool5/drop_7x7_s1`` ratio, 0.4 (``dropout``), on
   the classifier's input as in bvlc_googlenet (FCN-VGG likewise keeps fc6/fc7's 0.5).
 - Mean: the BVLC googlenet mean, BGR (104, 117, 123) (its train_val.prototxt mean_value;
