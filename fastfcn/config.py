@@ -58,16 +58,20 @@ ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
     "fcn-alexnet": _FCN_OPTIONS, "deconvnet": {"dropout": 0.5}, "dilated-frontend": _FCN_OPTIONS,
     "dilated-context": {**_FCN_OPTIONS, "context": "large"},
+    # GoogLeNet's own dropout ratio before its classifier (pool5/drop_7x7_s1), models/googlenet.py
+    "fcn-googlenet": {**_FCN_OPTIONS, "dropout": 0.4},
 }  # fmt: skip
 
 # Preprocessing of the reference nets (FACTS.md): Caffe-trained, they take BGR, unscaled
 # (0..255), minus the training set's mean in BGR order, std 1.
 VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
+# bvlc_googlenet's train_val.prototxt mean_value (FCN-GoogLeNet, models/googlenet.py)
+GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
 ARCH_MEAN = {
     "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
     "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
-    "dilated-context": DILATED_MEAN_BGR,
+    "dilated-context": DILATED_MEAN_BGR, "fcn-googlenet": GOOGLENET_MEAN_BGR,
 }  # fmt: skip
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -13,6 +13,7 @@ from .common import SegmentationModel, fold_batchnorm
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
+from .googlenet import FCNGoogLeNet
 
 _BUILDERS = {
     "fcn32s": lambda **kw: FCN("fcn32s", **kw),
@@ -23,6 +24,7 @@ _BUILDERS = {
     "deconvnet": lambda **kw: DeconvNet(**kw),
     "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
     "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
+    "fcn-googlenet": lambda **kw: FCNGoogLeNet(**kw),
 }
 
 
@@ -35,7 +37,7 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, **options) -> Se
     """Build an architecture by name (in train mode, like any new nn.Module).
 
     arch: one of available(); width scales every channel count (1.0 is the
-    paper's net); options: learnable_upsampling (FCN, dilated), dropout,
+    paper's net); options: learnable_upsampling (FCN, FCN-GoogLeNet, dilated), dropout,
     context="basic" | "large" (dilated-context, default "large").
     """
     if arch not in _BUILDERS:
@@ -54,6 +56,6 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "SegmentationModel", "available", "build",
+    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "FCNGoogLeNet", "SegmentationModel", "available", "build",
     "fold_batchnorm", "parameter_count", "voc_palette",
 ]  # fmt: skip

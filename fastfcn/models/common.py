@@ -11,7 +11,7 @@ from fastfcn.kernels.structure import bilinear_weight
 # The means, VOC names and palette are defined in fastfcn.config (the one set of defaults) and
 # stay importable from here, as before.
 from ..config import DILATED_MEAN_BGR, VOC_CLASSES, VOC_MEAN_BGR, ModelConfig, voc_palette  # noqa: F401
-from .backbone import Conv, run_conv, run_steps
+from .backbone import Conv, run_conv, run_steps, step_convs
 
 # Model impl names: "reference" is the plain-PyTorch spec (the default forward);
 # "fused" routes heads and unpooling through fastfcn.ops (Triton on CUDA, C++ on CPU);
@@ -82,8 +82,9 @@ class SegmentationModel(nn.Module):
         return self
 
     def conv_steps(self) -> tuple[Conv, ...]:
-        """Every Conv step of the model, in forward order: the backbone's, then extra_steps."""
-        return tuple(s for s in self.backbone if isinstance(s, Conv)) + tuple(self.extra_steps)
+        """Every Conv step of the model, in forward order: the backbone's (an Inception block's
+        branch convs included), then extra_steps."""
+        return step_convs(self.backbone) + tuple(self.extra_steps)
 
     def run_backbone(self, h: torch.Tensor, feats: dict, switches: dict | None = None,
                      pool_with_switches=None, image_size=None) -> torch.Tensor:
@@ -143,6 +144,12 @@ class SegmentationModel(nn.Module):
 
 
 FC_STEPS = (Conv("fc6"), Conv("fc7"))
+
+
+def caffe_lrn() -> nn.LocalResponseNorm:
+    """Caffe's LRN across channels as AlexNet and GoogLeNet use it (local_size 5, alpha 1e-4,
+    beta 0.75): x / (1 + alpha / 5 * sum of x^2 over 5 neighbouring channels)^beta."""
+    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
 
 
 def make_upsampler(channels: int, k: int, stride: int, learnable: bool, depthwise: bool = False):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import SegmentationModel
-from ..models.backbone import Conv
+from ..models.backbone import step_convs
 from .cuda_graphs import is_oom
 
 # im2col for the GEMM path costs rows x K elements (fc6: K = 25088): at most 2048 rows
@@ -282,9 +282,7 @@ def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, 
     """Swap every backbone Conv step (BatchNorm already folded) for an EpilogueConv and fc6 for
     a ChosenConv2d. Returns name -> the installed object (for inspection)."""
     done: dict[str, object] = {}
-    for step in getattr(model, "backbone", ()):
-        if not isinstance(step, Conv):
-            continue
+    for step in step_convs(getattr(model, "backbone", ())):  # Inception branches included
         if step.bn is not None and not isinstance(getattr(model, step.bn), nn.Identity):
             continue  # an unfolded BatchNorm sits between conv and ReLU: keep torch's step
         impl = EpilogueConv(getattr(model, step.name), step.relu, timer=timer)
