@@ -47,6 +47,10 @@ ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
     "fcn-alexnet": _FCN_OPTIONS, "deconvnet": ("dropout",), "dilated-frontend": _FCN_OPTIONS,
     "dilated-context": (*_FCN_OPTIONS, "context"),
+    # SIFT Flow: num_classes counts both heads' channels, geometric_classes the second head's
+    # (models/multihead.py); PASCAL-Context: the VOC nets' options.
+    **{f"siftflow-{a}": (*_FCN_OPTIONS, "geometric_classes") for a in ("fcn32s", "fcn16s", "fcn8s")},
+    **{f"pascalcontext-{a}": _FCN_OPTIONS for a in ("fcn32s", "fcn16s", "fcn8s")},
 }  # fmt: skip
 
 
@@ -128,6 +132,10 @@ def validate_config(c: Mapping, source) -> dict:
         bad(f"width must be a number in (0, {MAX_WIDTH:g}]; got {w!r}")
     c["width"] = float(w)
     c["options"] = _validate_options(c.get("options"), arch, bad)
+    g = c["options"].get("geometric_classes")
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g < n):
+        bad(f"options.geometric_classes must be an int in 1..num_classes-1 = 1..{n - 1} (num_classes "
+            f"counts both heads' classes); got {g!r}")
     names = c.get("class_names")
     if names is not None:
         if not isinstance(names, (list, tuple)) or not all(isinstance(s, str) for s in names):

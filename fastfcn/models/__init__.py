@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from .common import SegmentationModel, fold_batchnorm, voc_palette
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
+from .multihead import SIFTFLOW_ARCHS, output_heads
+from .pascalcontext import PASCAL_CONTEXT_ARCHS, PascalContextFCN
+from .siftflow import SiftFlowFCN
 
 _BUILDERS = {
     "fcn32s": lambda **kw: FCN("fcn32s", **kw),
@@ -22,7 +27,14 @@ _BUILDERS = {
     "deconvnet": lambda **kw: DeconvNet(**kw),
     "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
     "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
+    **{a: partial(SiftFlowFCN, a) for a in SIFTFLOW_ARCHS},
+    **{a: partial(PascalContextFCN, a) for a in PASCAL_CONTEXT_ARCHS},
 }
+# num_classes when build() is given none: the dataset's (VOC 21; SIFT Flow 33 semantic + 3
+# geometric, both heads' channels; PASCAL-Context 59 + background).
+DEFAULT_CLASSES = {
+    **{a: 21 for a in _BUILDERS}, **{a: 36 for a in SIFTFLOW_ARCHS}, **{a: 60 for a in PASCAL_CONTEXT_ARCHS},
+}  # fmt: skip
 
 
 def available() -> list[str]:
@@ -30,15 +42,19 @@ def available() -> list[str]:
     return list(_BUILDERS)
 
 
-def build(arch: str, num_classes: int = 21, width: float = 1.0, **options) -> SegmentationModel:
+def build(arch: str, num_classes: int | None = None, width: float = 1.0, **options) -> SegmentationModel:
     """Build an architecture by name (in train mode, like any new nn.Module).
 
-    arch: one of available(); width scales every channel count (1.0 is the
-    paper's net); options: learnable_upsampling (FCN, dilated), dropout,
-    context="basic" | "large" (dilated-context, default "large").
+    arch: one of available(); num_classes: None for the dataset's (DEFAULT_CLASSES: 21 for
+    the VOC nets, 36 = 33 + 3 for SIFT Flow, 60 for PASCAL-Context); width scales every
+    channel count (1.0 is the paper's net); options: learnable_upsampling (FCN, dilated),
+    dropout, context="basic" | "large" (dilated-context, default "large"), geometric_classes
+    (SIFT Flow: the geometric head's share of num_classes, default 3).
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
+    if num_classes is None:
+        num_classes = DEFAULT_CLASSES[arch]
     if arch == "dilated-context" and options.get("context", "large") is None:
         raise ValueError("dilated-context needs context='basic' or 'large'; use dilated-frontend for none")
     try:
@@ -53,6 +69,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "SegmentationModel", "available", "build",
-    "fold_batchnorm", "parameter_count", "voc_palette",
+    "DEFAULT_CLASSES", "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "PascalContextFCN",
+    "SegmentationModel", "SiftFlowFCN", "available", "build", "fold_batchnorm", "output_heads",
+    "parameter_count", "voc_palette",
 ]  # fmt: skip

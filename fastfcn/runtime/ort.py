@@ -17,7 +17,8 @@ import os
 import torch
 
 from ..errors import BackendUnavailableError
-from ..kernels.reference import OUTPUTS, finish
+from ..kernels.reference import OUTPUTS
+from ..models.multihead import finish, output_heads
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
 # "tf32" is fp32 storage with TF32 tensor-core math (CUDA provider only); "auto" means the
@@ -152,7 +153,7 @@ class OnnxRuntimeBackend:
         else:
             y = torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
         check_graph_output(x, y, self.num_classes, self.onnx_path)
-        return finish(y, output)
+        return finish(y, output, output_heads(self.config))
 
     def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np

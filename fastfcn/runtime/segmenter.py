@@ -16,6 +16,7 @@ from ..errors import BackendUnavailableError, CheckpointError, InputError
 from ..imageio import from_pil, read_image
 from ..kernels.reference import OUTPUTS
 from ..models import SegmentationModel, available
+from ..models.multihead import head_entries, output_heads, split
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
 from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
@@ -155,8 +156,11 @@ class Segmenter:
     run(batch, output="labels") returns torch tensors on ``self.device``:
       labels (N, H, W) uint8 class ids (int32 above 256 classes); logits / probs
       (N, C, H, W) float32. One (H, W, 3) image gives one unbatched result ((H, W) or
-      (C, H, W)); a list gives a list. On CUDA the results are produced asynchronously
-      on the caller's current stream (no host sync); ``.cpu()`` waits for them.
+      (C, H, W)); a list gives a list. A net with several heads (``heads``: SIFT Flow's semantic
+      and geometric) gives {head name: result} in place of each tensor, each head's result as
+      above with its own C (labels: ids within that head); see models/multihead.py. On CUDA
+      the results are produced asynchronously on the caller's current stream (no host sync);
+      ``.cpu()`` waits for them.
     """
 
     def __init__(
@@ -219,6 +223,7 @@ class Segmenter:
                 "export it with fastfcn.export_onnx"
             )
         self._config = dict(config)
+        self._heads = output_heads(self._config)
         in_dtype = getattr(self._backend, "input_dtype", torch.float32)
         self._pre = Preprocessor(self._config, self._device, in_dtype)
         self._in_dtype = in_dtype
@@ -302,6 +307,19 @@ class Segmenter:
         return plan() if callable(plan) else []
 
     @property
+    def heads(self) -> tuple[tuple[str, int], ...] | None:
+        """((name, classes), ...) of a net with several heads (SIFT Flow: (("semantic", 33),
+        ("geometric", 3))), whose run() returns {name: result}; None for one head."""
+        return self._heads
+
+    def head_palettes(self) -> dict:
+        """{head name: its palette} for a net with several heads (``palette`` lists the heads'
+        colours in order); {None: palette} for one head."""
+        if self._heads is None:
+            return {None: self.palette}
+        return head_entries(self._config, "palette", self._heads)
+
+    @property
     def class_names(self) -> list[str]:
         return list(self._config.get("class_names", []))
 
@@ -357,10 +375,17 @@ class Segmenter:
                 t = p.tensors[idx[0]] if len(idx) == 1 else torch.cat([p.tensors[i] for i in idx])
                 out = run(t, "u8", output)
                 for j, i in enumerate(idx):
-                    results[i] = out[j]
+                    results[i] = self.split_heads(out[j], output, batched=False)
             return results
         out = run(p.tensors[0], "float" if p.form == "float" else "u8", output)
-        return out[0] if p.form == "image" else out
+        if p.form == "image":
+            return self.split_heads(out[0], output, batched=False)
+        return self.split_heads(out, output)
+
+    def split_heads(self, out: torch.Tensor, output: str, batched: bool = True):
+        """A backend's result as run() returns it: unchanged for one head, {head name: result}
+        for several (views of ``out``; models/multihead.split)."""
+        return out if self._heads is None else split(out, output, self._heads, batched)
 
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
                  overlap: int | None = None):
