@@ -17,7 +17,9 @@ BACKENDS = ("torch", "fused", "compile", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 # fastfcn.models.available()
 ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn-alexnet", "deconvnet",
-         "dilated-frontend", "dilated-context")
+         "dilated-frontend", "dilated-context",
+         "siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s",
+         "pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
 
 # The largest H * W a Segmenter accepts per image (per tile when tiling) unless told otherwise.
 DEFAULT_MAX_PIXELS = 4096 * 4096

@@ -71,6 +71,20 @@ def split(out: torch.Tensor, output: str, heads, batched: bool = True) -> dict[s
     return dict(zip([n for n, _ in heads], torch.split(out, sizes, dim=dim)))
 
 
+def check_one_head(config: Mapping, what: str) -> None:
+    """Refuse a net with several heads where ``what`` handles one label map per image."""
+    heads = output_heads(config)
+    if heads:
+        from ..errors import InputError
+
+        names = " and ".join(n for n, _ in heads)
+        raise InputError(
+            f"{what} writes one label map per image, but {config.get('arch')} has {len(heads)} output "
+            f"heads ({names}); use Segmenter.run / Segmenter.stream (one {{head: result}} per image) or "
+            "`fastfcn segment` (one folder per head)"
+        )
+
+
 def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
     """A per-class list of the config (``class_names`` or ``palette``) cut per head."""
     items, out, start = list(config.get(key) or []), {}, 0
@@ -81,5 +95,6 @@ def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
 
 
 __all__ = [
-    "GEOMETRIC_CLASSES", "SIFTFLOW_ARCHS", "combine", "finish", "head_entries", "output_heads", "split",
+    "GEOMETRIC_CLASSES", "SIFTFLOW_ARCHS", "check_one_head", "combine", "finish", "head_entries",
+    "output_heads", "split",
 ]  # fmt: skip

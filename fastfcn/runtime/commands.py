@@ -8,7 +8,9 @@
 segment writes, per image, ``OUT/labels/<path>.png`` (the class ids as a palette PNG in the
 checkpoint's colours: pixel values are class ids) and ``OUT/overlays/<path>.png`` (the image
 blended with the class colours), ``<path>`` mirroring the input's subfolders (see
-``plan_outputs``). It refuses an output folder that holds an input, never reads its own
+``plan_outputs``); a net with several heads (SIFT Flow) writes each head's under
+``OUT/labels/<head>/<path>.png`` and ``OUT/overlays/<head>/<path>.png`` (``semantic``,
+``geometric``). It refuses an output folder that holds an input, never reads its own
 outputs, reports and skips unreadable images (exit status 1 when any was skipped) and
 creates nothing before the first result is written.
 """
@@ -304,6 +306,18 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
     return jobs
 
 
+def head_outputs(job: Job, result, palettes: dict, out: Path) -> list:
+    """[(labels file, overlay file, labels (H, W) numpy, palette)] for one image: the job's own
+    files for a one-headed net (palettes {None: palette}); for a net with several heads (a
+    {head: labels} result, SIFT Flow) ``OUT/labels/<head>/<rel>.png`` and
+    ``OUT/overlays/<head>/<rel>.png`` per head, each in that head's colours."""
+    if not isinstance(result, dict):
+        return [(job.labels, job.overlay, result.cpu().numpy(), palettes[None])]
+    rel = job.labels.relative_to(out / "labels")
+    return [(out / "labels" / name / rel, out / "overlays" / name / rel, t.cpu().numpy(), palettes[name])
+            for name, t in result.items()]
+
+
 def _segment(args) -> int:
     from PIL import Image
 
@@ -337,7 +351,7 @@ def _segment(args) -> int:
             raise
         # A bad --device: the Segmenter's message, as a one-line CLI error.
         raise InputError(str(e)) from None
-    palette = seg.palette
+    palettes = seg.head_palettes()
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()
     skipped = replaced = 0
@@ -375,17 +389,17 @@ def _segment(args) -> int:
             else:
                 skip(loaded[0][0], e)
                 continue
-        for (job, image), labels in zip(loaded, results):
-            if labels is None:
+        for (job, image), result in zip(loaded, results):
+            if result is None:
                 continue
-            labels = labels.cpu().numpy()
-            replaced += job.labels.exists() + job.overlay.exists()
-            for path in (job.labels, job.overlay):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            save_labels(labels, palette, job.labels)
-            # format= explicitly: Pillow takes the format from os.path.splitext, which sees no
-            # suffix in a name like "..png".
-            Image.fromarray(overlay(image, labels, palette, args.alpha)).save(job.overlay, format="PNG")
+            for labels_path, overlay_path, labels, pal in head_outputs(job, result, palettes, out):
+                replaced += labels_path.exists() + overlay_path.exists()
+                for path in (labels_path, overlay_path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                save_labels(labels, pal, labels_path)
+                # format= explicitly: Pillow takes the format from os.path.splitext, which sees no
+                # suffix in a name like "..png".
+                Image.fromarray(overlay(image, labels, pal, args.alpha)).save(overlay_path, format="PNG")
             bar.step(job.src.name)
     dt = time.perf_counter() - t0
     done = len(jobs) - skipped
