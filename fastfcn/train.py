@@ -333,6 +333,11 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
 
     stages = parse_stages(args.stages, args.arch, args.iters)
+    from .models import DEFAULT_CLASSES
+    from .models.multihead import check_one_head
+
+    for arch, _ in stages:  # the loss and the datasets are one label map per image
+        check_one_head({"arch": arch, "num_classes": DEFAULT_CLASSES.get(arch, 21)}, "fastfcn train")
     total = sum(n for _, n in stages)
     ds = open_dataset(args.data, args.split, n=args.train_n, size=args.size, seed=args.seed,
                       num_classes=args.num_classes)  # fmt: skip

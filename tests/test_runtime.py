@@ -24,9 +24,11 @@ from helpers import randomize_batchnorm
 
 import fastfcn
 from fastfcn import BackendUnavailableError, CheckpointError, InputError
-from fastfcn.models import available, build
+from fastfcn.models import available, build, output_heads
 
-ARCHS = available()
+# Two-headed nets (SIFT Flow) return {head: result}; tests/test_siftflow_context.py checks
+# their backends against the reference per head.
+ARCHS = [a for a in available() if output_heads({"arch": a, "num_classes": 36}) is None]
 FP32_TOL = 1e-4
 SIZES = [(23, 31), (17, 40)]
 

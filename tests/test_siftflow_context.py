@@ -336,6 +336,20 @@ def test_one_map_per_image_paths_refuse_two_heads(sift, tmp_path):
     src.write_bytes(b"")
     with pytest.raises(InputError, match="2 output heads .semantic and geometric"):
         segment_video(src, tmp_path / "out.mp4", seg, progress=False)
-    with pytest.raises(InputError, match="fastfcn.distributed writes one label map"):
+    with pytest.raises(InputError, match="fastfcn.distributed handles one label map"):
         multihead.check_one_head(seg.config, "fastfcn.distributed")
     multihead.check_one_head(small("pascalcontext-fcn32s").config, "segment_video")  # one head: fine
+    from fastfcn.evaluate import evaluate
+
+    with pytest.raises(InputError, match="evaluate handles one label map"):
+        evaluate(seg, [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))], SEM)
+
+
+def test_training_refuses_two_headed_nets(tmp_path, capsys):
+    from fastfcn import cli
+
+    args = ["train", "--out", str(tmp_path / "run"), "--arch", "siftflow-fcn8s", "--data", "synthetic",
+            "--width", "0.0625", "--num-classes", "3", "--size", "32", "--iters", "1", "--quiet"]  # fmt: skip
+    assert cli.main(args) == 1
+    assert "fastfcn train handles one label map per image" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -72,14 +72,15 @@ def split(out: torch.Tensor, output: str, heads, batched: bool = True) -> dict[s
 
 
 def check_one_head(config: Mapping, what: str) -> None:
-    """Refuse a net with several heads where ``what`` handles one label map per image."""
+    """Refuse a net with several heads where ``what`` handles one label map per image (video
+    files, the Ray batch job, training and evaluation against one ground truth per image)."""
     heads = output_heads(config)
     if heads:
         from ..errors import InputError
 
         names = " and ".join(n for n, _ in heads)
         raise InputError(
-            f"{what} writes one label map per image, but {config.get('arch')} has {len(heads)} output "
+            f"{what} handles one label map per image, but {config.get('arch')} has {len(heads)} output "
             f"heads ({names}); use Segmenter.run / Segmenter.stream (one {{head: result}} per image) or "
             "`fastfcn segment` (one folder per head)"
         )
