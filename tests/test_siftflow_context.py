@@ -283,16 +283,17 @@ def test_fused_backend_equals_the_reference_per_head(sift, skip_dead_zone):
     _agree(fused.run(frames), ref.run(frames), want_logits)
 
 
-def test_onnx_export_and_onnxruntime_per_head(exported):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_onnx_export_and_graph_backends_per_head(exported, backend):
     """The export shared with test_export.py (siftflow-fcn8s, 33 + 3 classes, width 0.125)."""
-    pytest.importorskip("onnxruntime")
+    pytest.importorskip(backend)
     from fastfcn.export import read_onnx_metadata
 
     model, path = exported("siftflow-fcn8s")
     assert read_onnx_metadata(path)["options"]["geometric_classes"] == GEO
     ref = fastfcn.Segmenter(model, backend="torch", device="cpu", precision="fp32")
-    ort = fastfcn.Segmenter(path, device="cpu")
-    assert ort.backend == "onnxruntime" and ort.heads == ref.heads
+    ort = fastfcn.Segmenter(path, device="cpu", backend=backend, precision="fp32")
+    assert ort.backend == backend and ort.heads == ref.heads
     frames = image_batch(seed=9)
     want_logits = ref.run(frames, "logits")
     got_logits = ort.run(frames, "logits")

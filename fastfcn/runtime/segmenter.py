@@ -293,7 +293,8 @@ class Segmenter:
 
     @property
     def num_classes(self) -> int:
-        """C: the number of classes (channels of logits / probs; labels are 0..C-1)."""
+        """C: the number of classes (channels of logits / probs; labels are 0..C-1); for a net with
+        several heads, all heads' together (each head's count: ``heads``)."""
         return int(self._config["num_classes"])
 
     @property
