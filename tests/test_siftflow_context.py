@@ -139,6 +139,14 @@ def test_each_head_matches_an_independent_caffe_forward(arch):
     assert labels.dtype == torch.uint8 and int(labels[:, 1].max()) < GEO
 
 
+def test_labels_are_int32_for_both_heads_when_one_has_over_256_classes():
+    with torch.device("meta"):  # shapes and dtypes only: no 257-class upsampling in memory
+        m = models.build("siftflow-fcn8s", num_classes=257 + GEO, width=1 / 64).eval()
+        labels, logits = m(torch.empty(1, 3, 5, 7), "labels"), m(torch.empty(1, 3, 5, 7))
+    assert labels.dtype == torch.int32 and labels.shape == (1, 2, 5, 7)
+    assert multihead.finish(logits, "labels", multihead.output_heads(m.config)).dtype == torch.int32
+
+
 def test_bad_geometric_classes_are_refused():
     with pytest.raises(ValueError, match="geometric_classes"):
         models.build("siftflow-fcn8s", num_classes=3, width=WIDTH)  # 3 geometric leave no semantic

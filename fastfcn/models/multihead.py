@@ -17,6 +17,7 @@ logits"); ``class_names`` and ``palette`` list the heads' entries in the same or
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import reduce
 
 import torch
 
@@ -38,9 +39,14 @@ def output_heads(config: Mapping) -> tuple[tuple[str, int], ...] | None:
 
 
 def combine(outs: Sequence[torch.Tensor], output: str) -> torch.Tensor:
-    """The heads' own outputs side by side: labels (N, H, W) each -> (N, n_heads, H, W);
-    logits / probs (N, Ci, H, W) each -> (N, sum Ci, H, W)."""
-    return torch.stack(list(outs), 1) if output == "labels" else torch.cat(list(outs), 1)
+    """The heads' own outputs side by side: labels (N, H, W) each -> (N, n_heads, H, W), uint8
+    unless a head has over 256 classes (then int32 for all); logits / probs (N, Ci, H, W) each
+    -> (N, sum Ci, H, W)."""
+    outs = list(outs)
+    if output != "labels":
+        return torch.cat(outs, 1)
+    dtype = reduce(torch.promote_types, [o.dtype for o in outs])
+    return torch.stack([o.to(dtype) for o in outs], 1)
 
 
 def finish(y: torch.Tensor, output: str, heads) -> torch.Tensor:
