@@ -27,8 +27,10 @@ from fastfcn import BackendUnavailableError, CheckpointError, InputError
 from fastfcn.models import available, build, output_heads
 
 # Two-headed nets (SIFT Flow) return {head: result}; tests/test_siftflow_context.py checks
-# their backends against the reference per head.
-ARCHS = [a for a in available() if output_heads({"arch": a, "num_classes": 36}) is None]
+# their backends against the reference per head. PASCAL-Context 32s / 16s are the VOC nets with
+# 60 classes (pascalcontext-fcn8s stands for them; 7 s each here on a loaded 2-core machine).
+ARCHS = [a for a in available() if output_heads({"arch": a, "num_classes": 36}) is None
+         and a not in ("pascalcontext-fcn32s", "pascalcontext-fcn16s")]
 FP32_TOL = 1e-4
 SIZES = [(23, 31), (17, 40)]
 
