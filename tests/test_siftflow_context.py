@@ -69,6 +69,7 @@ def test_names_defaults_means_and_class_names():
     # another class count: no invented names
     other = models.build("pascalcontext-fcn32s", num_classes=5, width=WIDTH)
     assert other.config["class_names"][0] == "class_0"
+    assert models.build("siftflow-fcn32s", num_classes=21, width=WIDTH).config["class_names"][1] == "class_1"
 
 
 def _reference_count(arch: str) -> int:

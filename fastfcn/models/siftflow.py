@@ -58,6 +58,8 @@ class SiftFlowFCN(FCN):
             )
         options = {"learnable_upsampling": learnable_upsampling, "dropout": dropout,
                    "geometric_classes": geometric_classes}  # fmt: skip
+        # FCN.__init__ would add one head under the VOC names: the base class's, then FCN's
+        # builders once per head.
         SegmentationModel.__init__(self, arch, num_classes, width, options, SIFTFLOW_MEAN_BGR)
         sem = num_classes - geometric_classes
         self.heads_out = (("semantic", sem), ("geometric", geometric_classes))
@@ -66,11 +68,14 @@ class SiftFlowFCN(FCN):
         c_fc = self._add_vgg16(width, dropout)
         for head, (_, c) in zip(self.heads, self.heads_out):
             self._add_head(head, c, c_fc, width, learnable_upsampling)
-        scores = tuple(s for head in self.heads for s in score_steps(head))
-        self.extra_steps = FC_STEPS + scores
-        self.head_convs = frozenset(s.name for s in scores)
+        per_head = [score_steps(head) for head in self.heads]
+        self.extra_steps = FC_STEPS + tuple(s for steps in per_head for s in steps)
+        self.head_convs = frozenset(s.name for steps in per_head for s in steps)
+        self._fr_steps = tuple(steps[0] for steps in per_head)  # score_fr_sem, score_fr_geo
         if (sem, geometric_classes) == (len(SIFTFLOW_SEMANTIC), len(SIFTFLOW_GEOMETRIC)):
             self.config["class_names"] = [*SIFTFLOW_SEMANTIC, *SIFTFLOW_GEOMETRIC]
+        else:  # never the VOC names the base class gives 21 classes
+            self.config["class_names"] = [f"class_{i}" for i in range(num_classes)]
         # Each head coloured from the start of the VOC map (as the reference's vis.make_palette(33)).
         self.config["palette"] = [list(c) for c in voc_palette(sem) + voc_palette(geometric_classes)]
 
@@ -80,8 +85,6 @@ class SiftFlowFCN(FCN):
         feats = {}
         h = self._fc(self.run_backbone(x, feats))
         impl = ops_impl(self.impl)
-        # extra_steps: fc6, fc7, then each head's score layers, score_fr_<suffix> first.
-        firsts = [step for step in self.extra_steps[2:] if step.name in {hd.score for hd in self.heads}]
         outs = [run_head(head, self, run_conv(self, step, h), feats, size, output, impl)
-                for head, step in zip(self.heads, firsts)]
+                for head, step in zip(self.heads, self._fr_steps)]
         return combine(outs, output)
