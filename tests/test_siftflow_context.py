@@ -11,6 +11,8 @@ pascalcontext-fcn{32,16,8}s/net.py (num_output 60), data/pascal-context/classes-
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -335,6 +337,10 @@ def test_cli_segment_writes_each_head(sift, tmp_path, capsys):
             assert np.array_equal(got, want[i][name].numpy()), (i, name)
             assert (out / "overlays" / name / f"p{i}.png").is_file()
     assert not (out / "labels" / "p0.png").exists()
+    capsys.readouterr()
+    assert main(["info", str(ckpt)]) == 0
+    assert re.search(rf"\nheads +semantic \({SEM} classes\), geometric \({GEO} classes\)\n",
+                     capsys.readouterr().out)
 
 
 def test_one_map_per_image_paths_refuse_two_heads(sift, tmp_path):

@@ -147,6 +147,10 @@ def describe_checkpoint(path: str | Path, arch: str | None = None) -> dict:
         info[k] = config.get(k)
     names = config.get("class_names") or []
     info["class_names"] = names
+    from ..models.multihead import output_heads
+
+    heads = output_heads(config)  # SIFT Flow: [["semantic", 33], ["geometric", 3]]; else None
+    info["heads"] = [list(h) for h in heads] if heads else None
     info["fastfcn_version"] = config.get("fastfcn_version")
     return info
 
@@ -172,6 +176,8 @@ def _info(args) -> int:
         ("input scale", info["input_scale"]),
         ("options", json.dumps(info["options"])),
     ]
+    if info["heads"]:
+        rows.insert(5, ("heads", ", ".join(f"{n} ({c} classes)" for n, c in info["heads"])))
     if "inputs" in info:
         rows += [(f"input {k}", f"{t} {s}") for k, (t, s) in info["inputs"].items()]
         rows += [(f"output {k}", f"{t} {s}") for k, (t, s) in info["outputs"].items()]
