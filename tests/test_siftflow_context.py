@@ -208,7 +208,7 @@ def test_round_trip_and_bare_state_dict_inference(tmp_path):
         assert infer_arch(small(arch).state_dict()) == arch
 
 
-@pytest.mark.parametrize("base", ["fcn32s", "fcn8s"])
+@pytest.mark.parametrize("base", ["fcn16s", "fcn8s"])  # fcn32s: same keys, a 14.7M-value upscore
 def test_pascal_context_inference_by_class_count(tmp_path, base):
     """Same keys as VOC: 60 classes load as pascalcontext-*, others as VOC; a file's config wins."""
     m60 = models.build(base, num_classes=60, width=WIDTH)
@@ -219,6 +219,9 @@ def test_pascal_context_inference_by_class_count(tmp_path, base):
     assert loaded.config["arch"] == f"pascalcontext-{base}" and loaded.config["class_names"][-1] == "wood"
     assert fastfcn.load(fastfcn.save(m60, tmp_path / "voc60.safetensors")).config["arch"] == base
     assert fastfcn.load(tmp_path / "bare.pth", arch=base).config["arch"] == base
+    with torch.device("meta"):  # keys and shapes only
+        assert infer_arch(models.build("fcn32s", num_classes=60).state_dict()) == "pascalcontext-fcn32s"
+        assert infer_arch(models.build("fcn-alexnet", num_classes=60).state_dict()) == "fcn-alexnet"
 
 
 @pytest.mark.parametrize("v1", [False, True], ids=["layer", "v1-layers"])
