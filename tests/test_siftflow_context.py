@@ -112,14 +112,16 @@ def test_heads_are_the_voc_heads_with_suffixes(arch):
     assert m.head_convs == {n for n, _ in m.named_children() if n.startswith("score")}
 
 
-@pytest.mark.parametrize("arch", SIFT)
+@pytest.mark.parametrize("arch", SIFT + CONTEXT)
 def test_output_is_input_size_for_every_side_1_to_96(arch):
+    # As test_models.py does for VOC: H in 1..96 with W = 97 - H covers every height and width.
     with torch.device("meta"):
         m = models.build(arch, num_classes=SEM + GEO, width=1 / 64).eval()
+    maps = (2,) if arch in SIFT else ()
     for h in range(1, 97):
         x = torch.empty(1, 3, h, 97 - h, device="meta")
         assert tuple(m(x).shape) == (1, SEM + GEO, h, 97 - h)
-        assert tuple(m(x, "labels").shape) == (1, 2, h, 97 - h)
+        assert tuple(m(x, "labels").shape) == (1, *maps, h, 97 - h)
 
 
 @pytest.mark.parametrize("arch", SIFT)
@@ -233,6 +235,17 @@ def test_caffemodel_with_the_reference_layer_names(tmp_path, v1):
     c = loaded.config
     assert (c["arch"], c["num_classes"], c["options"]["geometric_classes"]) == (
         "siftflow-fcn8s", SEM + GEO, GEO)
+    sa, sb = m.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pascal_context_caffemodel(tmp_path):
+    """pascalcontext-fcn16s-heavy.caffemodel's layout: the VOC layer names with 60 outputs."""
+    m = models.build("pascalcontext-fcn16s", width=WIDTH).eval()
+    path = tmp_path / "pascalcontext-fcn16s-heavy.caffemodel"
+    path.write_bytes(caffe_fcn(m, v1=False))
+    loaded = fastfcn.load(path)
+    assert (loaded.config["arch"], loaded.config["num_classes"]) == ("pascalcontext-fcn16s", 60)
     sa, sb = m.state_dict(), loaded.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
