@@ -1,13 +1,18 @@
-"""The model config every file carries: one validator and the limits loaders check first.
+"""The model config every file carries: one frozen dataclass, one validator, one set of
+defaults, and the limits loaders check first.
 
-    config = validate_config(raw_dict, "fcn8s.safetensors")   # normalised copy, or CheckpointError
+    cfg = ModelConfig("fcn8s", 21)                            # the reference net's preprocessing
+    cfg = ModelConfig.from_dict(raw, "fcn8s.safetensors")     # validated, or CheckpointError
+    config = validate_config(raw_dict, "fcn8s.safetensors")   # the validator alone: a normalised dict
     obj = loads_json(text, "fcn8s.onnx", "fastfcn metadata")  # length and depth bounded
 
 A config (``model.config``, a checkpoint's metadata, an ONNX file's ``fastfcn.config``)
 holds arch, num_classes, width, options, mean, std, color_order, input_scale,
-class_names, palette and optional user ``meta``. Checkpoints and ONNX metadata go through
-the same ``validate_config``, so a file is refused with the same sentence whichever
-way it arrives, and before anything is built from it.
+class_names, palette and optional user ``meta``. Models, checkpoints, export, the runtime's
+and training's preprocessing read the defaults here (ARCH_OPTIONS, ARCH_MEAN, ModelConfig's
+field defaults, ``preprocessing`` for partial dicts). Checkpoints, ONNX metadata and
+ModelConfig itself go through the same ``validate_config``, so a file is refused with the
+same sentence whichever way it arrives, and before anything is built from it.
 
 Limits (every size a file claims is checked against them before allocation):
 - ``MAX_CLASSES`` = 4096: far above the label sets in use (VOC 21, ADE20K scene parsing
@@ -26,11 +31,16 @@ Limits (every size a file claims is checked against them before allocation):
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 MAX_CLASSES = 4096
 MAX_WIDTH = 4.0
@@ -41,17 +51,81 @@ MAX_ABS_MEAN = 1e4
 STD_RANGE = (1e-4, 1e4)
 INPUT_SCALE_RANGE = (1e-4, 1e6)
 
-# The options each family's constructor takes, and what each may hold.
-_FCN_OPTIONS = ("learnable_upsampling", "dropout")
+# The options each family's constructor takes, with their defaults (what a model built with
+# none of them records in its config).
+_FCN_OPTIONS = {"learnable_upsampling": False, "dropout": 0.5}
 ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
-    "fcn-alexnet": _FCN_OPTIONS, "deconvnet": ("dropout",), "dilated-frontend": _FCN_OPTIONS,
-    "dilated-context": (*_FCN_OPTIONS, "context"),
+    "fcn-alexnet": _FCN_OPTIONS, "deconvnet": {"dropout": 0.5}, "dilated-frontend": _FCN_OPTIONS,
+    "dilated-context": {**_FCN_OPTIONS, "context": "large"},
     # SIFT Flow: num_classes counts both heads' channels, geometric_classes the second head's
     # (models/multihead.py); PASCAL-Context: the VOC nets' options.
-    **{f"siftflow-{a}": (*_FCN_OPTIONS, "geometric_classes") for a in ("fcn32s", "fcn16s", "fcn8s")},
+    **{f"siftflow-{a}": {**_FCN_OPTIONS, "geometric_classes": 3} for a in ("fcn32s", "fcn16s", "fcn8s")},
     **{f"pascalcontext-{a}": _FCN_OPTIONS for a in ("fcn32s", "fcn16s", "fcn8s")},
 }  # fmt: skip
+
+# Preprocessing of the reference nets (FACTS.md): Caffe-trained, they take BGR, unscaled
+# (0..255), minus the training set's mean in BGR order, std 1.
+VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
+SIFTFLOW_MEAN_BGR = (114.578, 115.294, 108.353)  # fcn.berkeleyvision.org siftflow_layers.py
+_SIFTFLOW = ("siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s")
+_PASCAL_CONTEXT = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
+ARCH_MEAN = {
+    "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
+    "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
+    "dilated-context": DILATED_MEAN_BGR, **dict.fromkeys(_SIFTFLOW, SIFTFLOW_MEAN_BGR),
+    **dict.fromkeys(_PASCAL_CONTEXT, VOC_MEAN_BGR),  # pascalcontext_layers.py: the VOC mean
+}  # fmt: skip
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+# SIFT Flow (data/sift-flow/classes.txt of the reference repository, ids shifted down by one as
+# siftflow_layers.py does): the 33 semantic classes, then the 3 geometric ones (models/multihead.py).
+SIFTFLOW_SEMANTIC = (
+    "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
+    "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
+    "river", "road", "rock", "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight",
+    "sun", "tree", "window",
+)  # fmt: skip
+SIFTFLOW_GEOMETRIC = ("sky", "horizontal", "vertical")
+# data/pascal-context/classes-59.txt of the reference repository, 0 = background.
+PASCAL_CONTEXT_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor", "bag", "bed", "bench", "book", "building", "cabinet", "ceiling", "clothes", "computer",
+    "cup", "door", "fence", "floor", "flower", "food", "grass", "ground", "keyboard", "light",
+    "mountain", "mouse", "curtain", "platform", "sign", "plate", "road", "rock", "shelves", "sidewalk",
+    "sky", "snow", "bedcloth", "track", "tree", "truck", "wall", "water", "window", "wood",
+)  # fmt: skip
+# The dataset's class names of each arch (VOC where not listed), used at that class count only.
+ARCH_CLASS_NAMES = {
+    **dict.fromkeys(_SIFTFLOW, SIFTFLOW_SEMANTIC + SIFTFLOW_GEOMETRIC),
+    **dict.fromkeys(_PASCAL_CONTEXT, PASCAL_CONTEXT_CLASSES),
+}
+
+
+def default_class_names(arch: str, n: int) -> tuple[str, ...] | list[str]:
+    """The arch's dataset names when it has ``n`` classes, else ``class_<i>`` (none invented)."""
+    names = ARCH_CLASS_NAMES.get(arch, VOC_CLASSES)
+    return names if n == len(names) else [f"class_{i}" for i in range(n)]
+
+
+def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved), n entries of (R, G, B)."""
+    pal = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal.append((r, g, b))
+    return pal
 
 
 def _is_number(x) -> bool:
@@ -136,6 +210,15 @@ def validate_config(c: Mapping, source) -> dict:
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g < n):
         bad(f"options.geometric_classes must be an int in 1..num_classes-1 = 1..{n - 1} (num_classes "
             f"counts both heads' classes); got {g!r}")
+    _validate_labels(c, n, bad)
+    _validate_preprocessing(c, bad)
+    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
+        bad("meta must be a dict")
+    return c
+
+
+def _validate_labels(c: dict, n: int, bad) -> None:
+    """class_names and palette: one entry per class (lists in ``c`` afterwards)."""
     names = c.get("class_names")
     if names is not None:
         if not isinstance(names, (list, tuple)) or not all(isinstance(s, str) for s in names):
@@ -157,10 +240,6 @@ def validate_config(c: Mapping, source) -> dict:
         if len(pal) != n:
             bad(f"palette has {len(pal)} colours; the model has num_classes={n}")
         c["palette"] = [list(p) for p in pal]
-    _validate_preprocessing(c, bad)
-    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
-        bad("meta must be a dict")
-    return c
 
 
 def _validate_options(opts, arch: str, bad) -> dict:
@@ -202,6 +281,150 @@ def _validate_preprocessing(c: dict, bad) -> None:
         bad(f"input_scale must be a positive number in [{lo:g}, {hi:g}]; got {s!r}")
 
 
+@dataclass(frozen=True, eq=False)
+class ModelConfig(Mapping):
+    """What a model is and how its input is prepared: the one set of defaults and one validator.
+
+        cfg = ModelConfig("fcn8s", 21)                          # every other field: the reference net's
+        cfg = ModelConfig.from_dict(raw, "fcn8s.safetensors")   # a file's JSON; CheckpointError names it
+        cfg = dataclasses.replace(cfg, color_order="RGB")       # overrides are validated too
+        cfg.to_dict()                                           # the JSON form files store
+
+    Defaults (None means "the arch's"): width 1.0; options those of ARCH_OPTIONS; mean the
+    arch's training-set mean (ARCH_MEAN, BGR); std 1; color_order "BGR"; input_scale 255
+    (0..255 unscaled, the Caffe convention); class_names the dataset's at its class count (VOC
+    21, SIFT Flow 33 + 3, PASCAL-Context 60: default_class_names), else ``class_<i>``;
+    palette the VOC colour map; meta (user metadata) none.
+    Frozen: sequences are tuples, options and meta read-only mappings. As a Mapping it reads
+    like the dict it replaces (``cfg["mean"]`` is a list, as ``to_dict`` gives it).
+    """
+
+    arch: str
+    num_classes: int
+    width: float = 1.0
+    options: Mapping[str, Any] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    color_order: str = "BGR"
+    input_scale: float = 255.0
+    class_names: tuple[str, ...] | None = None
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    meta: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        raw = {f.name: getattr(self, f.name) for f in fields(self)}
+        c = validate_config(self._with_defaults(raw), "ModelConfig")
+        if c.get("mean") is None:  # an arch added to fastfcn.models but not to ARCH_MEAN
+            raise CheckpointError(f"ModelConfig: arch {c['arch']!r} has no default mean (ARCH_MEAN); "
+                                  "expected mean=(3 numbers)")  # fmt: skip
+        frozen = {
+            "width": c["width"], "options": MappingProxyType(c["options"]), "mean": tuple(c["mean"]),
+            "std": tuple(c["std"]), "input_scale": float(c["input_scale"]),
+            "class_names": tuple(c["class_names"]), "palette": tuple(tuple(p) for p in c["palette"]),
+            "meta": None if c.get("meta") is None else MappingProxyType(copy.deepcopy(dict(c["meta"]))),
+        }  # fmt: skip
+        for k, v in frozen.items():
+            object.__setattr__(self, k, v)
+
+    @staticmethod
+    def _with_defaults(c: dict) -> dict:
+        """``c`` with each None replaced by its arch's default (c's arch and num_classes unchecked)."""
+        arch, n = c["arch"], c["num_classes"]
+        if not (isinstance(arch, str) and isinstance(n, int) and 0 < n <= MAX_CLASSES):
+            return c  # the validator names what is wrong
+        c = dict(c)
+        if arch in ARCH_OPTIONS and (isinstance(c["options"], Mapping) or c["options"] is None):
+            c["options"] = {**ARCH_OPTIONS[arch], **(c["options"] or {})}
+        if c["mean"] is None:
+            c["mean"] = ARCH_MEAN.get(arch)
+        if c["class_names"] is None:
+            c["class_names"] = default_class_names(arch, n)
+        if c["palette"] is None:
+            c["palette"] = voc_palette(n)
+        return c
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source) -> ModelConfig:
+        """A config from a file's JSON object; every problem is a CheckpointError starting with
+        ``source``. Missing or null keys take the defaults; other keys (the file's own:
+        fastfcn_version, format_version, an ONNX file's export) are not the model's and are
+        dropped, as loading always did."""
+        c = validate_config(d, source)
+        return cls(**{k: v for k, v in c.items() if k in _KEYS})
+
+    def to_dict(self) -> dict:
+        """The plain-JSON form (lists, dicts), keys in the order ``model.config`` always had;
+        ``meta`` only when set."""
+        return {k: self[k] for k in self}
+
+    def replace(self, **changes) -> ModelConfig:
+        """``dataclasses.replace``: a validated copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+    # Mapping: reads like the dict it replaces, in the JSON form.
+    def __getitem__(self, key: str):
+        if key not in _KEYS or (key == "meta" and self.meta is None):
+            raise KeyError(key)
+        return _plain(getattr(self, key))
+
+    def __iter__(self):
+        return (k for k in _KEYS if k != "meta" or self.meta is not None)
+
+    def __len__(self) -> int:
+        return len(_KEYS) - (self.meta is None)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.to_dict() == dict(other)
+
+    __hash__ = None
+
+    # Immutable: a copy is the object itself; pickles (Ray actors, whole-model torch.save)
+    # carry the plain dict, since a mappingproxy does not pickle.
+    def __copy__(self) -> ModelConfig:
+        return self
+
+    def __deepcopy__(self, memo) -> ModelConfig:
+        return self
+
+    def __reduce__(self):
+        return _from_plain, (self.to_dict(),)
+
+
+_KEYS = tuple(f.name for f in fields(ModelConfig))  # the order model.config's dict always had
+
+
+def _from_plain(d: dict) -> ModelConfig:
+    return ModelConfig(**d)
+
+
+def _plain(v):
+    """A frozen value in its JSON form: tuples -> lists, mappings -> dicts (copies)."""
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def preprocessing(config: Mapping) -> tuple[bool, float, tuple, tuple]:
+    """(bgr, input_scale, mean, std) of a config; a key a partial dict lacks (or holds as None)
+    takes ModelConfig's default, the mean its arch's. InputError when neither mean nor a known
+    arch is given, or the colour order is neither RGB nor BGR."""
+    get = config.get
+    mean = get("mean") if get("mean") is not None else ARCH_MEAN.get(get("arch"))
+    if mean is None:
+        raise InputError(f"the config has no mean and arch {get('arch')!r} has none by default; "
+                         "expected mean=[3 numbers]")  # fmt: skip
+    default = {f.name: f.default for f in fields(ModelConfig)}
+    keys = ("color_order", "input_scale", "std")
+    order, scale, std = (default[k] if get(k) is None else get(k) for k in keys)
+    if str(order).upper() not in ("RGB", "BGR"):
+        raise InputError(f"config color_order must be 'RGB' or 'BGR'; got {order!r}")
+    return str(order).upper() == "BGR", float(scale), tuple(map(float, mean)), tuple(map(float, std))
+
+
 def model_bytes(config: Mapping) -> int:
     """Bytes of every parameter and buffer of the model ``config`` (validated) builds.
 
@@ -218,6 +441,8 @@ def model_bytes(config: Mapping) -> int:
 
 
 __all__ = [
+    "ARCH_CLASS_NAMES", "ARCH_MEAN", "ARCH_OPTIONS", "PASCAL_CONTEXT_CLASSES", "SIFTFLOW_GEOMETRIC",
+    "SIFTFLOW_SEMANTIC", "VOC_CLASSES", "ModelConfig", "default_class_names", "preprocessing", "voc_palette",
     "MAX_CLASSES", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_WIDTH", "json_depth", "loads_json",
     "model_bytes", "validate_config",
 ]  # fmt: skip

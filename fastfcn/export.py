@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import loads_json, validate_config
+from .config import ModelConfig, loads_json, validate_config
 from .errors import CheckpointError, FastFCNError
 
 META_KEY = "fastfcn.config"
@@ -90,7 +90,7 @@ def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
             "export_onnx needs a fastfcn model or a checkpoint path; got "
             f"{type(model_or_checkpoint).__name__}"
         )
-    if not isinstance(getattr(model, "config", None), dict) or not hasattr(model, "set_impl"):
+    if not isinstance(getattr(model, "config", None), ModelConfig) or not hasattr(model, "set_impl"):
         raise TypeError(
             f"export_onnx needs a fastfcn model (from fastfcn.models); got {type(model).__name__}"
         )
@@ -100,8 +100,7 @@ def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
 def _config_json(model: nn.Module) -> str:
     from . import __version__
 
-    config = dict(model.config)
-    config["options"] = dict(config.get("options") or {})
+    config = model.config.to_dict()
     config["fastfcn_version"] = __version__
     return json.dumps(config, allow_nan=False)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import numpy as np
 
@@ -124,3 +125,29 @@ def _decode(source, path, max_pixels: int | None) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
+
+def _is_pil(obj) -> bool:
+    # PIL is imported only if the caller already has PIL images: no import cost otherwise.
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(obj, pil.Image)
+
+
+def _decode_one(obj, max_pixels: int | None):
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image(obj, max_pixels)
+    if _is_pil(obj):
+        try:
+            return from_pil(obj, max_pixels)
+        except InputError as e:
+            raise InputError(f"the PIL image: {e}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
+    return obj
+
+
+def decode_inputs(batch, max_pixels: int | None = None):
+    """Image paths and PIL images (alone or in a list) -> (H, W, 3) uint8 arrays, decoded as
+    ``read_image`` does; other items (arrays, tensors) unchanged. What ``Segmenter.run`` accepts."""
+    if isinstance(batch, (list, tuple)):
+        return [_decode_one(b, max_pixels) for b in batch]
+    return _decode_one(batch, max_pixels)

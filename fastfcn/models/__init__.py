@@ -10,7 +10,8 @@ from functools import partial
 
 from torch import nn
 
-from .common import SegmentationModel, fold_batchnorm, voc_palette
+from ..config import voc_palette
+from .common import SegmentationModel, fold_batchnorm
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet

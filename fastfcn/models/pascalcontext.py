@@ -8,18 +8,10 @@ names, so a checkpoint records which dataset it is.
 
 from __future__ import annotations
 
+from ..config import PASCAL_CONTEXT_CLASSES
 from .fcn import FCN
 
 PASCAL_CONTEXT_ARCHS = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
-# data/pascal-context/classes-59.txt of the reference repository, 0 = background.
-PASCAL_CONTEXT_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor", "bag", "bed", "bench", "book", "building", "cabinet", "ceiling", "clothes", "computer",
-    "cup", "door", "fence", "floor", "flower", "food", "grass", "ground", "keyboard", "light",
-    "mountain", "mouse", "curtain", "platform", "sign", "plate", "road", "rock", "shelves", "sidewalk",
-    "sky", "snow", "bedcloth", "track", "tree", "truck", "wall", "water", "window", "wood",
-)  # fmt: skip
 
 
 class PascalContextFCN(FCN):
@@ -32,6 +24,5 @@ class PascalContextFCN(FCN):
             raise ValueError(f"PASCAL-Context arch must be one of {list(PASCAL_CONTEXT_ARCHS)}; got {arch!r}")
         base = arch.removeprefix("pascalcontext-")
         super().__init__(base, num_classes, width, learnable_upsampling, dropout)
-        self.config["arch"] = arch
-        if num_classes == len(PASCAL_CONTEXT_CLASSES):
-            self.config["class_names"] = list(PASCAL_CONTEXT_CLASSES)
+        # The arch's own defaults (config.ARCH_CLASS_NAMES: the dataset's names at 60 classes).
+        self.config = self.config.replace(arch=arch, class_names=None)

@@ -16,20 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SIFTFLOW_GEOMETRIC, SIFTFLOW_SEMANTIC
 from ..heads import HEADS, run_head
 from .backbone import run_conv
-from .common import FC_STEPS, SegmentationModel, ops_impl, voc_palette
+from .common import FC_STEPS, SegmentationModel, ops_impl
 from .fcn import FCN, score_steps
 from .multihead import GEOMETRIC_CLASSES, SIFTFLOW_ARCHS, combine
 
-SIFTFLOW_MEAN_BGR = (114.578, 115.294, 108.353)
-SIFTFLOW_SEMANTIC = (
-    "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
-    "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
-    "river", "road", "rock", "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight",
-    "sun", "tree", "window",
-)  # fmt: skip
-SIFTFLOW_GEOMETRIC = ("sky", "horizontal", "vertical")
 SUFFIXES = (("semantic", "_sem"), ("geometric", "_geo"))
 
 
@@ -59,8 +52,8 @@ class SiftFlowFCN(FCN):
         options = {"learnable_upsampling": learnable_upsampling, "dropout": dropout,
                    "geometric_classes": geometric_classes}  # fmt: skip
         # FCN.__init__ would add one head under the VOC names: the base class's, then FCN's
-        # builders once per head.
-        SegmentationModel.__init__(self, arch, num_classes, width, options, SIFTFLOW_MEAN_BGR)
+        # builders once per head. The mean and class names are the config's defaults for the arch.
+        SegmentationModel.__init__(self, arch, num_classes, width, options)
         sem = num_classes - geometric_classes
         self.heads_out = (("semantic", sem), ("geometric", geometric_classes))
         base = HEADS[arch.removeprefix("siftflow-")]
@@ -72,12 +65,9 @@ class SiftFlowFCN(FCN):
         self.extra_steps = FC_STEPS + tuple(s for steps in per_head for s in steps)
         self.head_convs = frozenset(s.name for steps in per_head for s in steps)
         self._fr_steps = tuple(steps[0] for steps in per_head)  # score_fr_sem, score_fr_geo
-        if (sem, geometric_classes) == (len(SIFTFLOW_SEMANTIC), len(SIFTFLOW_GEOMETRIC)):
-            self.config["class_names"] = [*SIFTFLOW_SEMANTIC, *SIFTFLOW_GEOMETRIC]
-        else:  # never the VOC names the base class gives 21 classes
-            self.config["class_names"] = [f"class_{i}" for i in range(num_classes)]
-        # Each head coloured from the start of the VOC map (as the reference's vis.make_palette(33)).
-        self.config["palette"] = [list(c) for c in voc_palette(sem) + voc_palette(geometric_classes)]
+        if (sem, geometric_classes) != (len(SIFTFLOW_SEMANTIC), len(SIFTFLOW_GEOMETRIC)):
+            # 36 classes split otherwise: the names would sit in the wrong head
+            self.config = self.config.replace(class_names=[f"class_{i}" for i in range(num_classes)])
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import preprocessing
 from ..errors import InputError
-
-FORMS = ("image", "batch", "list", "float")
 
 
 @dataclass
 class Parsed:
-    """form: one of FORMS; tensors: uint8 (N, H, W, 3) groups (for "list" one per
+    """form: "image", "batch", "list" or "float"; tensors: uint8 (N, H, W, 3) groups (for "list" one per
     image, in order) or one float (N, 3, H, W) tensor (form "float")."""
 
     form: str
@@ -196,15 +195,10 @@ class Preprocessor:
     """
 
     def __init__(self, config: dict, device: torch.device, dtype: torch.dtype = torch.float32):
-        order = str(config.get("color_order", "BGR")).upper()
-        if order not in ("RGB", "BGR"):
-            raise InputError(f"config color_order must be 'RGB' or 'BGR'; got {order!r}")
-        mean = [float(m) for m in config.get("mean", (0.0, 0.0, 0.0))]
-        std = [float(s) for s in config.get("std", (1.0, 1.0, 1.0))]
-        scale = float(config.get("input_scale", 255.0))
+        bgr, scale, mean, std = preprocessing(config)
         if len(mean) != 3 or len(std) != 3 or any(s == 0 or not math.isfinite(s) for s in std):
             raise InputError(f"config mean/std must be 3 finite numbers, std non-zero; got {mean}, {std}")
-        self.bgr = order == "BGR"
+        self.bgr = bgr
         # x_model[c] = (pixel[c] * scale / 255 - mean[c]) / std[c]  ==  pixel[c] * a[c] + b[c]
         a = [scale / 255.0 / s for s in std]
         b = [-m / s for m, s in zip(mean, std)]

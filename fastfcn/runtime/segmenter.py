@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
-from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import BackendUnavailableError, CheckpointError, InputError
-from ..imageio import from_pil, read_image
-from ..kernels.reference import OUTPUTS
+from ..errors import CheckpointError, InputError
+from ..imageio import decode_inputs
+from ..kernels.structure import check_output
 from ..models import SegmentationModel, available
 from ..models.multihead import head_entries, output_heads, split
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
-from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
-from .cuda_graphs import CapturedForward, is_oom
+from .backends import PRECISIONS, Backend, create_backend
+from .cuda_graphs import CudaGraphRunner
+from .execution import ExecutionPlan, resolve_backend, resolve_device, resolve_precision
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
+from .registry import available_backends
 from .tiling import check_tiling, run_tiled
 
 # The TF32 switches are process-wide: a Segmenter at fp32 or tf32 on CUDA holds this lock while
@@ -30,90 +31,6 @@ from .tiling import check_tiling, run_tiled
 _TF32_LOCK = threading.Lock()
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e})"
-        ) from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"device {device!r} was asked for but this machine has no usable CUDA GPU"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise BackendUnavailableError(
-                f"device {device!r} does not exist; this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    return dev
-
-
-def _resolve_precision(precision: str, device: torch.device, backend: str = "auto") -> str:
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        if device.type == "cpu" and backend in ("auto", "fused"):
-            return _cpu_auto_precision()
-        return "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
-    return precision
-
-
-def _is_pil(obj) -> bool:
-    # PIL is imported only if the caller already has PIL images: no import cost otherwise.
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(obj, pil.Image)
-
-
-def _decode_one(obj, max_pixels: int | None):
-    if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, max_pixels)
-    if _is_pil(obj):
-        try:
-            return from_pil(obj, max_pixels)
-        except InputError as e:
-            raise InputError(f"the PIL image: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
-    return obj
-
-
-def _decode(batch, max_pixels: int | None):
-    """Image paths and PIL images (alone or in a list) -> (H, W, 3) uint8 arrays; other items unchanged."""
-    if isinstance(batch, (list, tuple)):
-        return [_decode_one(b, max_pixels) for b in batch]
-    return _decode_one(batch, max_pixels)
-
-
-def _cpu_auto_precision() -> str:
-    """bf16 where the CPU computes it natively (AVX512-BF16 / AMX), else fp32; the environment
-    variable FASTFCN_CPU_PRECISION=fp32|bf16 pins the choice.
-
-    Measured on a 2-core Zen 4 with AVX512-BF16 (shared machine, 2 threads, medians of 3
-    interleaved rounds, benchmarks/cpu_fused_vs_torch.py): fused bf16 vs fused fp32, FCN-8s
-    500x500 2.14 vs 3.06 s (torch fp32 5.12 s), FCN-AlexNet 500x500 1.37 vs 1.68 s; DeconvNet
-    224x224 batch 2 3.6 vs 5.2 s (two runs at a similar load of ~7.5). Shipped FCN-8s on 32
-    held-out scenes: 99.986% of labels equal the fp32 ones, mean IU 91.99 vs 91.98; untrained
-    nets (nearly flat logits) 98.7-100% (benchmarks/cpu_bf16_agreement.py). OpenVINO also
-    defaults to bf16 on such CPUs.
-    """
-    pinned = os.environ.get("FASTFCN_CPU_PRECISION", "").strip().lower()
-    if pinned:
-        if pinned not in ("fp32", "bf16"):
-            raise ValueError(f"FASTFCN_CPU_PRECISION must be 'fp32' or 'bf16'; got {pinned!r}")
-        return pinned
-    from .cpu_fast import native_bf16
-
-    return "bf16" if native_bf16() else "fp32"
 
 
 class Segmenter:
@@ -137,7 +54,8 @@ class Segmenter:
         convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU fused) and the head's
         score layers and upsampling in fp32: on a Zen 4 it measured 1.2-1.45x faster than fp32 and
         kept 99.986% of the shipped FCN-8s's labels (mean IU unchanged: 91.99 vs 91.98); see
-        _cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
+        fastfcn.runtime.execution.cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to
+        fp32 on the CPU.
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
     graph_cache: how many CUDA graphs (one per batch size, H, W, input kind and output) are
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
@@ -150,6 +68,8 @@ class Segmenter:
         The results agree to float32 rounding either way.
 
     Properties: device, backend, precision, config, num_classes, class_names, palette, plan.
+    execution: how it runs, resolved once (fastfcn.runtime.execution.ExecutionPlan: device,
+      backend, precision, input dtype, CUDA graphs, serialised calls, TF32 switches).
     plan: the convolution implementations chosen on this machine (fused backend on the CPU), per
       layer and input shape with the measured times; filled at the first run of each shape.
 
@@ -192,51 +112,33 @@ class Segmenter:
             raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        # OpenVINO runs on the CPU only: "auto" means the CPU for it, even where CUDA is present.
-        cpu_only = backend == "openvino" and (device is None or device == "auto")
-        self._device = _resolve_device("cpu" if cpu_only else device)
-        self._precision = _resolve_precision(precision, self._device, backend)
+        # "auto" is the CPU for a backend whose registry entry has no CUDA (openvino).
+        device = resolve_device(device, backend)
+        requested = precision
+        precision = resolve_precision(precision, device, backend)
         self.max_pixels = max_pixels
         self.check_finite = check_finite
 
         source, config = self._load(checkpoint, arch, backend)
-        if backend == "auto":
-            backend = "onnxruntime" if not isinstance(source, nn.Module) else "fused"
-        elif not isinstance(source, nn.Module) and backend not in ONNX_BACKENDS:
-            raise BackendUnavailableError(
-                f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} (or 'auto'); "
-                f"got backend {backend!r}. Load the checkpoint (.safetensors/.pt) to use the other backends."
-            )
-        self._backend_name = backend
-        if backend == "onnxruntime" and precision == "auto":
+        backend = resolve_backend(backend, graph=not isinstance(source, nn.Module))
+        if backend == "onnxruntime" and requested == "auto":
             # ORT has no bf16 path: "auto" there is the precision the graph was exported at.
-            self._backend: Backend = create_backend(backend, source, self._device, "auto")
-            self._precision = getattr(self._backend, "precision", "fp32")
-        else:
-            options = {"skip_dead_zone": bool(skip_dead_zone)} if backend == "fused" else {}
-            self._backend = create_backend(backend, source, self._device, self._precision, **options)
+            precision = "auto"
+        options = {"skip_dead_zone": bool(skip_dead_zone)} if backend == "fused" else {}
+        self._backend: Backend = create_backend(backend, source, device, precision, **options)
+        self.execution = ExecutionPlan.of(self._backend, backend, graph_cache)
         if config is None:
-            config = getattr(self._backend, "config", None)
-        if not isinstance(config, dict):
+            config = self._backend.config
+        if not isinstance(config, Mapping):
             raise CheckpointError(
                 f"{checkpoint!r} carries no fastfcn config (mean, std, colour order, classes); "
                 "export it with fastfcn.export_onnx"
             )
         self._config = dict(config)
         self._heads = output_heads(self._config)
-        in_dtype = getattr(self._backend, "input_dtype", torch.float32)
-        self._pre = Preprocessor(self._config, self._device, in_dtype)
-        self._in_dtype = in_dtype
-
+        self._pre = Preprocessor(self._config, device, self.execution.input_dtype)
         self._lock = threading.Lock()
-        self._graph_cache = graph_cache
-        self._graphs: OrderedDict = OrderedDict()
-        cuda = self._device.type == "cuda"
-        self._use_graphs = cuda and graph_cache > 0 and getattr(self._backend, "graph_safe", False)
-        self._stream = torch.cuda.Stream(self._device) if cuda else None
-        self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
-        # GPU work (flag toggling, graph replay) is serialised; on CPU, eager torch is reentrant.
-        self._serial = cuda or not getattr(self._backend, "thread_safe", True)
+        self._cuda = CudaGraphRunner(self._forward, self.execution) if device.type == "cuda" else None
 
     # ------------------------------------------------------------------ loading
     def _load(self, checkpoint, arch, backend):
@@ -255,11 +157,7 @@ class Segmenter:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
         if path.suffix.lower() == ".onnx":
-            if backend != "auto" and backend not in ONNX_BACKENDS:
-                raise BackendUnavailableError(
-                    f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} "
-                    f"(or 'auto'); got backend {backend!r}"
-                )
+            resolve_backend(backend, graph=True)  # refuses a backend that takes no graph, before reading it
             from ..export import read_onnx_metadata
 
             # Raises CheckpointError for a file that is not ONNX or carries no fastfcn metadata.
@@ -277,15 +175,15 @@ class Segmenter:
     # --------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self.execution.device
 
     @property
     def backend(self) -> str:
-        return self._backend_name
+        return self.execution.backend
 
     @property
     def precision(self) -> str:
-        return self._precision
+        return self.execution.precision
 
     @property
     def config(self) -> dict:
@@ -304,8 +202,7 @@ class Segmenter:
         times_ms per candidate. Filled at the first run of each input shape (fused backend on the
         CPU: see fastfcn.runtime.cpu_fast); [] for backends that do not choose.
         ``fastfcn.runtime.cpu_fast.format_plan(seg.plan)`` gives it as text."""
-        plan = getattr(self._backend, "plan", None)
-        return plan() if callable(plan) else []
+        return self._backend.plan()
 
     @property
     def heads(self) -> tuple[tuple[str, int], ...] | None:
@@ -331,7 +228,7 @@ class Segmenter:
     def __repr__(self) -> str:
         arch = self._config.get("arch", "?")
         return (
-            f"Segmenter(arch={arch!r}, device={str(self._device)!r}, backend={self.backend!r}, "
+            f"Segmenter(arch={arch!r}, device={str(self.device)!r}, backend={self.backend!r}, "
             f"precision={self.precision!r})"
         )
 
@@ -355,8 +252,7 @@ class Segmenter:
         None: 64, at most half the tile's smaller side).
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        check_output(output)
         run = self._run
         if tile is None and overlap is not None:
             raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
@@ -365,7 +261,7 @@ class Segmenter:
             run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
         # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
         # decompression-bomb limit (179 M pixels) still holds.
-        batch = _decode(batch, None if tile is not None else self.max_pixels)
+        batch = decode_inputs(batch, None if tile is not None else self.max_pixels)
         p: Parsed = parse_batch(batch, preprocessed)
         if p.form == "list":
             groups: dict[tuple[int, int], list[int]] = {}
@@ -421,24 +317,23 @@ class Segmenter:
         """t: uint8 (N, H, W, 3) (kind "u8") or float (N, 3, H, W) (kind "float"), any device."""
         h, w = (t.shape[1], t.shape[2]) if kind == "u8" else (t.shape[2], t.shape[3])
         self._check_size(h, w)
-        if kind == "float" or self._device.type == "cpu":
-            t = t.to(self._device)
+        device = self.execution.device
+        if kind == "float" or device.type == "cpu":
+            t = t.to(device)
         if kind == "float" and self.check_finite:
             check_finite(t)
-        if self._device.type == "cuda":
+        if self._cuda is not None:
             with self._lock:
-                return self._run_cuda(t, kind, output)
-        with self._lock if self._serial else nullcontext(), torch.inference_mode():
-            return self._finish(self._compute(t, kind, output))
+                return self._cuda(t, kind, output)
+        with self._lock if self.execution.serial else nullcontext(), torch.inference_mode():
+            return self._forward(t, kind, output)
 
-    def _compute(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        """Preprocess (uint8) and run the backend; t already on the device (or CPU for CPU)."""
+    def _forward(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        """Preprocess (uint8), run the backend, results as float32 (floating outputs) or labels;
+        t already on the device. What a CUDA graph captures."""
         x = self._pre(t) if kind == "u8" else t
         with self._precision_flags():
-            return self._backend(x, output)
-
-    @staticmethod
-    def _finish(out: torch.Tensor) -> torch.Tensor:
+            out = self._backend(x, output)
         return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
 
     @contextmanager
@@ -446,10 +341,10 @@ class Segmenter:
         # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default. The precision is fixed
         # per Segmenter; the flags are written only when they differ from it (with CUDA graphs
         # the forward runs in Python only while capturing), and only for fp32 / tf32.
-        if self._device.type != "cuda" or self._precision not in ("fp32", "tf32"):
+        tf32 = self.execution.tf32
+        if tf32 is None:
             yield
             return
-        tf32 = self._precision == "tf32"
         with _TF32_LOCK:
             old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
             if old != (tf32, tf32):
@@ -459,57 +354,3 @@ class Segmenter:
                 yield
             finally:
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-    # --------------------------------------------------------------------- CUDA
-    def _run_cuda(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        caller = torch.cuda.current_stream(self._device)
-        stream = self._stream
-        stream.wait_stream(caller)  # device input may have been produced on the caller's stream
-        try:
-            with torch.cuda.stream(stream), torch.inference_mode():
-                out = self._run_split(t, kind, output)
-        finally:
-            caller.wait_stream(stream)
-        out.record_stream(caller)
-        return out
-
-    def _run_split(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        """Run on self._stream; on CUDA out-of-memory, halve the batch and retry."""
-        try:
-            if self._use_graphs:
-                return self._replay(t, kind, output)
-            x = t.to(self._device, non_blocking=False)
-            return self._finish(self._compute(x, kind, output))
-        except RuntimeError as e:  # OutOfMemoryError, or an untyped one from a graph capture
-            if not is_oom(e):
-                raise
-            self._graphs.clear()
-            torch.cuda.empty_cache()
-            n = t.shape[0]
-            if n == 1:
-                shape = tuple(t.shape)
-                raise InputError(
-                    f"one image of shape {shape} does not fit in the memory of {self._device} "
-                    f"with backend {self.backend!r} at {self.precision}; use smaller images or set max_pixels"
-                ) from None
-            half = n // 2
-            a = self._run_split(t[:half], kind, output)
-            b = self._run_split(t[half:], kind, output)
-            return torch.cat([a, b])
-
-    def _replay(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        dtype = torch.uint8 if kind == "u8" else self._in_dtype
-        key = (kind, tuple(t.shape), output)
-        g = self._graphs.get(key)
-        if g is None:
-            while len(self._graphs) >= self._graph_cache:
-                self._graphs.popitem(last=False)
-
-            def forward(static_in):
-                return self._finish(self._compute(static_in, kind, output))
-
-            g = CapturedForward(forward, tuple(t.shape), dtype, self._device, self._stream, self._pool)
-            self._graphs[key] = g
-        else:
-            self._graphs.move_to_end(key)
-        return g.run(t)
