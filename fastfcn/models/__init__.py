@@ -10,7 +10,7 @@ from functools import partial
 
 from torch import nn
 
-from ..config import voc_palette
+from ..config import ARCH_CLASS_NAMES, VOC_CLASSES, voc_palette
 from .common import SegmentationModel, fold_batchnorm
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
@@ -31,11 +31,9 @@ _BUILDERS = {
     **{a: partial(SiftFlowFCN, a) for a in SIFTFLOW_ARCHS},
     **{a: partial(PascalContextFCN, a) for a in PASCAL_CONTEXT_ARCHS},
 }
-# num_classes when build() is given none: the dataset's (VOC 21; SIFT Flow 33 semantic + 3
-# geometric, both heads' channels; PASCAL-Context 59 + background).
-DEFAULT_CLASSES = {
-    **{a: 21 for a in _BUILDERS}, **{a: 36 for a in SIFTFLOW_ARCHS}, **{a: 60 for a in PASCAL_CONTEXT_ARCHS},
-}  # fmt: skip
+# num_classes when build() is given none: the dataset's (config.ARCH_CLASS_NAMES: VOC 21; SIFT
+# Flow 33 semantic + 3 geometric, both heads' channels; PASCAL-Context 59 + background).
+DEFAULT_CLASSES = {a: len(ARCH_CLASS_NAMES.get(a, VOC_CLASSES)) for a in _BUILDERS}
 
 
 def available() -> list[str]:
