@@ -22,7 +22,7 @@ from test_caffe_agreement import caffe_forward
 import fastfcn
 from fastfcn import models
 from fastfcn.checkpoint import infer_arch
-from fastfcn.config import validate_config
+from fastfcn.config import ModelConfig, validate_config
 from fastfcn.errors import CheckpointError, InputError
 from fastfcn.flops import count_macs
 from fastfcn.heads import HEADS
@@ -68,6 +68,10 @@ def test_names_defaults_means_and_class_names():
     assert (pc.config["class_names"][0], pc.config["class_names"][28], pc.config["class_names"][59]) == (
         "background", "clothes", "wood")
     assert multihead.output_heads(pc.config) is None
+    # the config's own defaults (what a file without them loads with) are the models'
+    assert ModelConfig("siftflow-fcn16s", 36) == models.build("siftflow-fcn16s", width=WIDTH).config.replace(
+        width=1.0)
+    assert ModelConfig("pascalcontext-fcn8s", 60).class_names == tuple(pc.config["class_names"])
     # another class count: no invented names
     other = models.build("pascalcontext-fcn32s", num_classes=5, width=WIDTH)
     assert other.config["class_names"][0] == "class_0"
