@@ -60,6 +60,10 @@ ARCH_OPTIONS = {
     "dilated-context": {**_FCN_OPTIONS, "context": "large"},
     # GoogLeNet's own dropout ratio before its classifier (pool5/drop_7x7_s1), models/googlenet.py
     "fcn-googlenet": {**_FCN_OPTIONS, "dropout": 0.4},
+    # SIFT Flow: num_classes counts both heads' channels, geometric_classes the second head's
+    # (models/multihead.py); PASCAL-Context: the VOC nets' options.
+    **{f"siftflow-{a}": {**_FCN_OPTIONS, "geometric_classes": 3} for a in ("fcn32s", "fcn16s", "fcn8s")},
+    **{f"pascalcontext-{a}": _FCN_OPTIONS for a in ("fcn32s", "fcn16s", "fcn8s")},
 }  # fmt: skip
 
 # Preprocessing of the reference nets (FACTS.md): Caffe-trained, they take BGR, unscaled
@@ -68,16 +72,50 @@ VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
 # bvlc_googlenet's train_val.prototxt mean_value (FCN-GoogLeNet, models/googlenet.py)
 GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
+SIFTFLOW_MEAN_BGR = (114.578, 115.294, 108.353)  # fcn.berkeleyvision.org siftflow_layers.py
+_SIFTFLOW = ("siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s")
+_PASCAL_CONTEXT = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
 ARCH_MEAN = {
     "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
     "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
     "dilated-context": DILATED_MEAN_BGR, "fcn-googlenet": GOOGLENET_MEAN_BGR,
+    **dict.fromkeys(_SIFTFLOW, SIFTFLOW_MEAN_BGR),
+    **dict.fromkeys(_PASCAL_CONTEXT, VOC_MEAN_BGR),  # pascalcontext_layers.py: the VOC mean
 }  # fmt: skip
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
+# SIFT Flow (data/sift-flow/classes.txt of the reference repository, ids shifted down by one as
+# siftflow_layers.py does): the 33 semantic classes, then the 3 geometric ones (models/multihead.py).
+SIFTFLOW_SEMANTIC = (
+    "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
+    "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
+    "river", "road", "rock", "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight",
+    "sun", "tree", "window",
+)  # fmt: skip
+SIFTFLOW_GEOMETRIC = ("sky", "horizontal", "vertical")
+# data/pascal-context/classes-59.txt of the reference repository, 0 = background.
+PASCAL_CONTEXT_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor", "bag", "bed", "bench", "book", "building", "cabinet", "ceiling", "clothes", "computer",
+    "cup", "door", "fence", "floor", "flower", "food", "grass", "ground", "keyboard", "light",
+    "mountain", "mouse", "curtain", "platform", "sign", "plate", "road", "rock", "shelves", "sidewalk",
+    "sky", "snow", "bedcloth", "track", "tree", "truck", "wall", "water", "window", "wood",
+)  # fmt: skip
+# The dataset's class names of each arch (VOC where not listed), used at that class count only.
+ARCH_CLASS_NAMES = {
+    **dict.fromkeys(_SIFTFLOW, SIFTFLOW_SEMANTIC + SIFTFLOW_GEOMETRIC),
+    **dict.fromkeys(_PASCAL_CONTEXT, PASCAL_CONTEXT_CLASSES),
+}
+
+
+def default_class_names(arch: str, n: int) -> tuple[str, ...] | list[str]:
+    """The arch's dataset names when it has ``n`` classes, else ``class_<i>`` (none invented)."""
+    names = ARCH_CLASS_NAMES.get(arch, VOC_CLASSES)
+    return names if n == len(names) else [f"class_{i}" for i in range(n)]
 
 
 def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
@@ -173,6 +211,10 @@ def validate_config(c: Mapping, source) -> dict:
         bad(f"width must be a number in (0, {MAX_WIDTH:g}]; got {w!r}")
     c["width"] = float(w)
     c["options"] = _validate_options(c.get("options"), arch, bad)
+    g = c["options"].get("geometric_classes")
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g < n):
+        bad(f"options.geometric_classes must be an int in 1..num_classes-1 = 1..{n - 1} (num_classes "
+            f"counts both heads' classes); got {g!r}")
     _validate_labels(c, n, bad)
     _validate_preprocessing(c, bad)
     if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
@@ -255,8 +297,9 @@ class ModelConfig(Mapping):
 
     Defaults (None means "the arch's"): width 1.0; options those of ARCH_OPTIONS; mean the
     arch's training-set mean (ARCH_MEAN, BGR); std 1; color_order "BGR"; input_scale 255
-    (0..255 unscaled, the Caffe convention); class_names the 21 VOC names at 21 classes, else
-    ``class_<i>``; palette the VOC colour map; meta (user metadata) none.
+    (0..255 unscaled, the Caffe convention); class_names the dataset's at its class count (VOC
+    21, SIFT Flow 33 + 3, PASCAL-Context 60: default_class_names), else ``class_<i>``;
+    palette the VOC colour map; meta (user metadata) none.
     Frozen: sequences are tuples, options and meta read-only mappings. As a Mapping it reads
     like the dict it replaces (``cfg["mean"]`` is a list, as ``to_dict`` gives it).
     """
@@ -300,7 +343,7 @@ class ModelConfig(Mapping):
         if c["mean"] is None:
             c["mean"] = ARCH_MEAN.get(arch)
         if c["class_names"] is None:
-            c["class_names"] = VOC_CLASSES if n == len(VOC_CLASSES) else [f"class_{i}" for i in range(n)]
+            c["class_names"] = default_class_names(arch, n)
         if c["palette"] is None:
             c["palette"] = voc_palette(n)
         return c
@@ -403,7 +446,8 @@ def model_bytes(config: Mapping) -> int:
 
 
 __all__ = [
-    "ARCH_MEAN", "ARCH_OPTIONS", "VOC_CLASSES", "ModelConfig", "preprocessing", "voc_palette",
+    "ARCH_CLASS_NAMES", "ARCH_MEAN", "ARCH_OPTIONS", "PASCAL_CONTEXT_CLASSES", "SIFTFLOW_GEOMETRIC",
+    "SIFTFLOW_SEMANTIC", "VOC_CLASSES", "ModelConfig", "default_class_names", "preprocessing", "voc_palette",
     "MAX_CLASSES", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_WIDTH", "json_depth", "loads_json",
     "model_bytes", "validate_config",
 ]  # fmt: skip

@@ -45,6 +45,10 @@ def describe_checkpoint(path: str | Path, arch: str | None = None) -> dict:
         info[k] = config.get(k)
     names = config.get("class_names") or []
     info["class_names"] = names
+    from .models.multihead import output_heads
+
+    heads = output_heads(config)  # SIFT Flow: [["semantic", 33], ["geometric", 3]]; else None
+    info["heads"] = [list(h) for h in heads] if heads else None
     info["fastfcn_version"] = config.get("fastfcn_version")
     return info
 

@@ -348,6 +348,9 @@ class _Worker:
             raise type(e)(str(e).replace(path, name)) from None
         finally:
             os.unlink(path)
+        from .models.multihead import check_one_head
+
+        check_one_head(self.seg.config, "fastfcn.distributed")
         self.pictures, self.alpha = tuple(pictures), alpha
 
     def __call__(self, batch: dict) -> dict:

@@ -49,6 +49,11 @@ def _check_members(segmenters) -> tuple[Segmenter, ...]:
             raise TypeError(
                 f"member {i} of the ensemble is a {type(s).__name__}; expected a fastfcn.Segmenter"
             )
+        if s.heads is not None:
+            raise ValueError(
+                f"member {i} of the ensemble is a two-headed net ({', '.join(h for h, _ in s.heads)}); "
+                "an ensemble averages one class distribution per pixel"
+            )
     classes = [s.num_classes for s in members]
     if len(set(classes)) != 1:
         raise ValueError(

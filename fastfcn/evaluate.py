@@ -23,6 +23,10 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None) -
     """
     from .metrics import scores
 
+    if getattr(seg, "heads", None):
+        from .models.multihead import check_one_head
+
+        check_one_head(seg.config, "evaluate")
     cm = ConfusionMatrix(num_classes)
     pending: list[tuple[np.ndarray, np.ndarray]] = []
 

@@ -9,7 +9,7 @@ is a new list, not new code. Offsets are the reference nets' crop offsets
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -60,6 +60,19 @@ class Head:
         if [s.skip for s in mid] != [t.score for t in self.taps]:
             raise ValueError("a head's taps must be the skips of its stages, in order")
 
+    def suffixed(self, suffix: str) -> Head:
+        """The same head with ``suffix`` on every layer name it owns (score layers, upsamplings,
+        skips), the tap sources unchanged: SIFT Flow's twin heads ``score_fr_sem``,
+        ``upscore2_sem``, ... and ``_geo`` on one backbone."""
+        return Head(
+            score=self.score + suffix,
+            taps=tuple(replace(t, score=t.score + suffix) for t in self.taps),
+            stages=tuple(
+                replace(s, upsample=s.upsample + suffix, skip=None if s.skip is None else s.skip + suffix)
+                for s in self.stages
+            ),
+        )
+
 
 def _fcn8s(atonce: bool) -> Head:
     return Head(
@@ -92,6 +105,16 @@ HEADS: dict[str, Head] = {
     # Grouped bilinear deconvolution k16 s8 pad 4: pad 4 is a crop from offset 4.
     "dilated": Head("score", (), (Stage("upscore", 16, 8, offset=4),)),
 }
+
+
+def model_heads(model: nn.Module) -> tuple[Head, ...]:
+    """Every head a model runs: ``model.heads`` where it has several (SIFT Flow's semantic and
+    geometric heads), else ``(model.head,)``, else () (DeconvNet has none)."""
+    heads = getattr(model, "heads", None)
+    if heads:
+        return tuple(heads)
+    head = getattr(model, "head", None)
+    return (head,) if isinstance(head, Head) else ()
 
 
 def run_head(

@@ -386,6 +386,9 @@ def segment_video(
         from .runtime import Segmenter
 
         seg = Segmenter(segmenter)
+    from .models.multihead import check_one_head
+
+    check_one_head(seg.config, "segment_video")
     palette = seg.palette
     num_classes = int(seg.config.get("num_classes", 256))
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastfcn
 import fastfcn.models as models
+from fastfcn.heads import model_heads
 from fastfcn.models.backbone import Pool, conv_padding, conv_weight, reference_conv
 from fastfcn.runtime import cpu_fast
 
@@ -32,6 +33,14 @@ _INCEPTION = " ".join(
     for c in ("1x1", "3x3_reduce", "3x3", "5x5_reduce", "5x5", "pool_proj")
 )  # fmt: skip
 KEYS["fcn-googlenet"] = f"conv1_7x7_s2 conv2_3x3_reduce conv2_3x3 {_INCEPTION} score_fr upscore:w"
+# PASCAL-Context: the VOC nets' layer names. SIFT Flow: every head layer twice, _sem then _geo
+# (fcn.berkeleyvision.org siftflow-fcn*s/net.py).
+for _a in ("fcn32s", "fcn16s", "fcn8s"):
+    KEYS[f"pascalcontext-{_a}"] = KEYS[_a]
+    _head = KEYS[_a].split(" fc7 ")[1].split()
+    KEYS[f"siftflow-{_a}"] = f"{VGG} fc6 fc7 " + " ".join(
+        n.replace(":", f"{s}:") if ":" in n else n + s for s in ("_sem", "_geo") for n in _head
+    )
 _DEC = ("deconv5_1 deconv5_2 deconv5_3 deconv4_1 deconv4_2 deconv4_3 deconv3_1 deconv3_2 deconv3_3 "
         "deconv2_1 deconv2_2 deconv1_1 deconv1_2").split()  # fmt: skip
 KEYS["deconvnet"] = " ".join(
@@ -66,7 +75,7 @@ def test_every_conv_is_a_step(arch):
     m = small(arch)
     steps = [s.name for s in m.conv_steps()]
     assert len(steps) == len(set(steps))
-    ups = {n for n in ("upscore", "upscore2", "upscore16", "upscore_pool4", "upscore8") if hasattr(m, n)}
+    ups = {st.upsample for head in model_heads(m) for st in head.stages}
     convs = {n for n, mod in m.named_children() if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d))}
     assert set(steps) == convs - ups
     assert m.head_convs and m.head_convs <= set(steps)
@@ -95,7 +104,8 @@ def test_generic_swap_runs_every_step(arch):
             m.set_conv_impl(step.name, None)
         assert torch.equal(m(x), want)
     with pytest.raises(ValueError, match="no conv step 'upscore"):
-        m.set_conv_impl("upscore8" if hasattr(m, "upscore8") else "upscore", lambda h, p: h)
+        last_up = model_heads(m)[-1].stages[-1].upsample if model_heads(m) else "upscore"
+        m.set_conv_impl(last_up, lambda h, p: h)
 
 
 def test_transposed_step_is_its_equivalent_conv():

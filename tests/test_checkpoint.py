@@ -186,7 +186,8 @@ def test_save_rejects_unknown_suffix_and_non_models(tmp_path):
 
 @pytest.mark.parametrize("arch", available())
 def test_infer_arch_from_keys(arch):
-    expected = "fcn8s" if arch == "fcn8s-atonce" else arch  # same keys: documented default
+    # Same keys: documented defaults (at-once -> fcn8s; PASCAL-Context -> VOC unless 60 classes).
+    expected = "fcn8s" if arch == "fcn8s-atonce" else arch.removeprefix("pascalcontext-")
     assert infer_arch(cached(arch).state_dict()) == expected
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import fastfcn
 from fastfcn import models
-from fastfcn.config import ARCH_MEAN, VOC_CLASSES, ModelConfig, preprocessing, voc_palette
+from fastfcn.config import ARCH_CLASS_NAMES, ARCH_MEAN, VOC_CLASSES, ModelConfig, preprocessing, voc_palette
 from fastfcn.errors import CheckpointError, InputError
 from fastfcn.runtime.preprocess import Preprocessor
 
@@ -47,9 +47,13 @@ def test_defaults_are_the_models_own(arch):
     assert ModelConfig(arch, 5, width=0.0625).to_dict() == dict(_built(arch).config)
     c = ModelConfig(arch, 21)
     assert c.mean == ARCH_MEAN[arch] and c.color_order == "BGR" and c.input_scale == 255.0
-    assert c.std == (1.0, 1.0, 1.0) and c.class_names == VOC_CLASSES and c.meta is None
-    assert ModelConfig(arch, 3).class_names == ("class_0", "class_1", "class_2")
-    assert [list(p) for p in ModelConfig(arch, 3).palette] == [list(p) for p in voc_palette(3)]
+    # 21 classes are VOC's names only for the VOC nets (SIFT Flow and PASCAL-Context have their
+    # own datasets' names at 36 and 60 classes, none invented at other counts).
+    voc = VOC_CLASSES if arch not in ARCH_CLASS_NAMES else tuple(f"class_{i}" for i in range(21))
+    assert c.std == (1.0, 1.0, 1.0) and c.class_names == voc and c.meta is None
+    # 4 classes: the fewest a SIFT Flow net holds with its 3 geometric ones
+    assert ModelConfig(arch, 4).class_names == ("class_0", "class_1", "class_2", "class_3")
+    assert [list(p) for p in ModelConfig(arch, 4).palette] == [list(p) for p in voc_palette(4)]
 
 
 def test_dilated_nets_take_their_own_mean():

@@ -64,8 +64,15 @@ def agreement(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
     return err, same, clear_flips
 
 
+# Every arch but three whose graphs hold no op the others lack (an export costs 12-37 s here):
+# siftflow-fcn16s's heads are siftflow-fcn8s's minus a stage; the PASCAL-Context nets are the
+# VOC graphs with 60 channels (pascalcontext-fcn8s is exported, and the VOC fcn32s / fcn16s).
+EXPORT_ARCHS = [a for a in models.available()
+                if a not in ("siftflow-fcn16s", "pascalcontext-fcn32s", "pascalcontext-fcn16s")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", models.available())
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
 def test_dynamic_export_matches_reference(arch, exported):
     model, path = exported(arch)
     sess = _session(path)
@@ -74,7 +81,7 @@ def test_dynamic_export_matches_reference(arch, exported):
         with torch.no_grad():
             ref = model(x).numpy()
         out = sess.run(["logits"], {"input": x.numpy()})[0]
-        assert out.shape == ref.shape == (n, 21, h, w), (arch, (n, h, w))
+        assert out.shape == ref.shape == (n, model.num_classes, h, w), (arch, (n, h, w))
         err, same, clear_flips = agreement(out, ref)
         assert err <= FP32_TOL, f"{arch} at {(n, h, w)}: relative logit error {err:.2e}"
         # A label may flip only where the reference itself is tied to within the error.

@@ -34,13 +34,15 @@ def test_fcn_output_is_exactly_input_size_for_every_side_1_to_96(arch):
 @pytest.mark.parametrize("size", [(1, 1), (37, 53)])
 def test_every_arch_computes_logits_of_input_size(arch, size):
     torch.manual_seed(0)
-    m = models.build(arch, num_classes=3, width=0.0625).eval()
+    m = models.build(arch, num_classes=5, width=0.0625).eval()
     with torch.no_grad():
         y = m(torch.randn(2, 3, *size))
         labels = m(torch.randn(2, 3, *size), output="labels")
-    assert y.shape == (2, 3, *size)
+    assert y.shape == (2, 5, *size)
     assert torch.isfinite(y).all()
-    assert labels.shape == (2, *size) and labels.dtype == torch.uint8
+    # Two-headed nets (SIFT Flow): one label map per head (models/multihead.py).
+    heads = models.output_heads(m.config)
+    assert labels.shape == ((2, len(heads), *size) if heads else (2, *size)) and labels.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("arch", ["deconvnet", "dilated-frontend", "dilated-context"])

@@ -18,9 +18,10 @@ Formats
 
 Bare state dicts and caffemodels carry no config: the arch is inferred from the
 keys (``fcn8s`` / ``fcn16s`` / ``fcn32s`` / ``fcn-alexnet`` / ``deconvnet`` /
-``dilated-frontend`` / ``dilated-context`` / ``fcn-googlenet``), num_classes from the last score
-layer, width from the channel counts. FCN-8s and FCN-8s at-once have the same
-keys and shapes (at-once differs only by constant scales in the forward): such
+``dilated-frontend`` / ``dilated-context`` / ``fcn-googlenet`` / ``siftflow-*`` by the ``_sem`` layers;
+``pascalcontext-*`` for a VOC-layout FCN with 60 classes: see ``arch.infer_arch``),
+num_classes from the last score layer(s), width from the channel counts. FCN-8s and
+FCN-8s at-once have the same keys and shapes (at-once differs only by constant scales in the forward): such
 files load as ``fcn8s`` unless the file says otherwise (a torchfcn Trainer
 checkpoint's ``arch``, voc-fcn8s-atonce's Scale layers in a caffemodel) or
 ``arch="fcn8s-atonce"`` is given. Preprocessing defaults (mean, BGR, 0..255) are

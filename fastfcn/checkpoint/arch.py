@@ -5,7 +5,8 @@
 
 FCN-8s and FCN-8s at-once share every key and shape (at-once differs only by constant scales
 in the forward): infer_arch returns "fcn8s" for both; the loader takes the file's hint or the
-caller's ``arch=``.
+caller's ``arch=``. SIFT Flow nets by their ``_sem`` / ``_geo`` layers; PASCAL-Context nets by
+their 60 classes on the VOC keys (see infer_arch).
 """
 
 from __future__ import annotations
@@ -33,11 +34,34 @@ def _shape(state: dict, key: str, dim: int = 0) -> int | None:
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     """The arch a Caffe-named state dict belongs to, or None if the keys do not tell.
 
-    fcn8s and fcn8s-atonce share every key; this returns "fcn8s" for both.
+    fcn8s and fcn8s-atonce share every key; this returns "fcn8s" for both. SIFT Flow nets are
+    told by their ``_sem`` / ``_geo`` head layers. PASCAL-Context nets have the VOC nets' keys:
+    a VOC-layout FCN-32s/16s/8s whose score_fr has exactly 60 outputs (PASCAL-Context's 59
+    classes + background) is taken as ``pascalcontext-*`` (the same network either way; the
+    name only records the dataset and gives its class names); any other count stays VOC.
+    A config in the file, or ``arch=``, always wins over this guess.
     """
     keys = {k.rsplit(".", 1)[0] for k in state}
     if "conv1_7x7_s2" in keys or "inception_5b_1x1" in keys:
         return "fcn-googlenet"
+    if "score_fr_sem" in keys or "score_fr_geo" in keys:
+        if "score_pool3_sem" in keys or "upscore8_sem" in keys or "upscore_pool4_sem" in keys:
+            return "siftflow-fcn8s"
+        if "score_pool4_sem" in keys or "upscore16_sem" in keys:
+            return "siftflow-fcn16s"
+        return "siftflow-fcn32s"
+    arch = _infer_voc_arch(keys)
+    if arch in ("fcn32s", "fcn16s", "fcn8s") and _shape(state, "score_fr.weight") == PASCAL_CONTEXT_CLASSES:
+        return f"pascalcontext-{arch}"
+    return arch
+
+
+# PASCAL-Context's class count (59 + background): a bare VOC-layout FCN with it is taken as one.
+PASCAL_CONTEXT_CLASSES = 60
+
+
+def _infer_voc_arch(keys: set[str]) -> str | None:
+    """infer_arch of the one-headed families, by layer names only."""
     if "seg_score" in keys or "fc6_deconv" in keys:
         return "deconvnet"
     if "final" in keys and "conv1_1" in keys:
@@ -69,11 +93,19 @@ def _infer_config(state: dict, arch: str | None, path) -> dict:
         raise CheckpointError(f"{path}: unknown arch {arch!r}; expected one of {available()}")
     score = {"deconvnet": "seg_score.weight", "dilated-frontend": "final.weight",
              "dilated-context": "final.weight"}.get(arch, "score_fr.weight")  # fmt: skip
+    options: dict = {}
+    if arch.startswith("siftflow-"):
+        # Both heads' channels; the geometric head's share goes to the options (models/multihead.py).
+        score, geo = "score_fr_sem.weight", _shape(state, "score_fr_geo.weight")
+        if geo is None:
+            raise CheckpointError(f"{path}: no 'score_fr_geo.weight' to take the geometric class count "
+                                  f"from (arch {arch}); keys: {_short(sorted(state))}")  # fmt: skip
+        options["geometric_classes"] = geo
     num_classes = _shape(state, score)
     if num_classes is None:
         raise CheckpointError(f"{path}: no {score!r} to take the class count from (arch {arch}); keys: "
                               f"{_short(sorted(state))}")  # fmt: skip
-    options: dict = {}
+    num_classes += options.get("geometric_classes", 0)
     if arch == "dilated-context":
         c = _shape(state, "ctx_conv1_1.weight")
         options["context"] = "basic" if c == num_classes else "large"

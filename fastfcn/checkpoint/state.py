@@ -34,8 +34,9 @@ def _all_finite(t: torch.Tensor, chunk: int = 2**20) -> bool:
 
 
 def _upsampling_keys(model: nn.Module) -> set[str]:
-    head = getattr(model, "head", None)
-    return {f"{s.upsample}.weight" for s in head.stages} if head is not None else set()
+    from ..heads import model_heads
+
+    return {f"{s.upsample}.weight" for head in model_heads(model) for s in head.stages}
 
 
 def _load_state(model: nn.Module, state: dict, path, strict: bool, fill_upsampling: bool) -> None:

@@ -49,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
         ("input scale", info["input_scale"]),
         ("options", json.dumps(info["options"])),
     ]
+    if info.get("heads"):
+        rows.insert(5, ("heads", ", ".join(f"{n} ({c} classes)" for n, c in info["heads"])))
     if "inputs" in info:
         rows += [(f"input {k}", f"{t} {s}") for k, (t, s) in info["inputs"].items()]
         rows += [(f"output {k}", f"{t} {s}") for k, (t, s) in info["outputs"].items()]

@@ -6,7 +6,9 @@
 segment writes, per image, ``OUT/labels/<path>.png`` (the class ids as a palette PNG in the
 checkpoint's colours: pixel values are class ids) and ``OUT/overlays/<path>.png`` (the image
 blended with the class colours), ``<path>`` mirroring the input's subfolders (see
-``plan_outputs``). It refuses an output folder that holds an input, never reads its own
+``plan_outputs``); a net with several heads (SIFT Flow) writes each head's under
+``OUT/labels/<head>/<path>.png`` and ``OUT/overlays/<head>/<path>.png`` (``semantic``,
+``geometric``). It refuses an output folder that holds an input, never reads its own
 outputs, reports and skips unreadable images (exit status 1 when any was skipped) and
 creates nothing before the first result is written.
 """
@@ -103,6 +105,18 @@ def _segment(seg, loaded: list, tiling: dict, skip) -> list:
     return results
 
 
+def head_outputs(job: Job, result, palettes: dict, out) -> list:
+    """[(job, labels (H, W) numpy, palette)] for one image: the job itself for a one-headed net
+    (palettes {None: palette}); for a net with several heads (a {head: labels} result, SIFT Flow)
+    one job per head writing ``OUT/labels/<head>/<path>.png`` and ``OUT/overlays/<head>/<path>.png``,
+    each in that head's colours."""
+    if not isinstance(result, dict):
+        return [(job, result.cpu().numpy(), palettes[None])]
+    rel = job.labels.relative_to(out / "labels")
+    return [(Job(job.src, out / "labels" / name / rel, out / "overlays" / name / rel), t.cpu().numpy(),
+             palettes[name]) for name, t in result.items()]  # fmt: skip
+
+
 def _write(job: Job, image, labels, palette, alpha: float) -> int:
     """The label PNG and the overlay of one image; returns how many files it replaced."""
     from PIL import Image
@@ -125,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
     seg = open_segmenter(ckpt, args, max_pixels=args.max_pixels, **post)
-    palette = seg.palette
+    palettes = seg.head_palettes()
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()
     skipped = replaced = 0
@@ -148,9 +162,10 @@ def main(args: argparse.Namespace) -> int:
             except InputError as e:
                 skip(job, e)
         results = _segment(seg, loaded, tiling, skip) if loaded else []
-        for (job, image), labels in zip(loaded, results):
-            if labels is not None:
-                replaced += _write(job, image, labels.cpu().numpy(), palette, args.alpha)
+        for (job, image), result in zip(loaded, results):
+            if result is not None:
+                for head_job, labels, palette in head_outputs(job, result, palettes, out):
+                    replaced += _write(head_job, image, labels, palette, args.alpha)
                 bar.step(job.src.name)
     dt = time.perf_counter() - t0
     done = len(jobs) - skipped

@@ -62,7 +62,8 @@ def check_args(args: argparse.Namespace) -> None:
     data is read or anything is written (a bad --export found after training loses the run)."""
     import torch
 
-    from ..models import available
+    from ..models import DEFAULT_CLASSES, available
+    from ..models.multihead import check_one_head
     from ..paths import check_output_dir, check_output_file
     from ..training.loop import parse_stages
 
@@ -88,6 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
     for arch, _ in parse_stages(args.stages, args.arch, args.iters):
         need(arch in available(), "--stages architecture", repr(arch), f"one of {', '.join(available())}")
+        # the loss and the datasets are one label map per image: no two-headed nets
+        check_one_head({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]}, "fastfcn train")
     if args.init is not None and not Path(args.init).is_file():
         raise InputError(f"--init {args.init}: no such checkpoint file")
     if args.data != "synthetic" and not Path(args.data).is_dir():

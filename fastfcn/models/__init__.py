@@ -6,14 +6,19 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
-from ..config import voc_palette
+from ..config import ARCH_CLASS_NAMES, VOC_CLASSES, voc_palette
 from .common import SegmentationModel, fold_batchnorm
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
 from .googlenet import FCNGoogLeNet
+from .multihead import SIFTFLOW_ARCHS, output_heads
+from .pascalcontext import PASCAL_CONTEXT_ARCHS, PascalContextFCN
+from .siftflow import SiftFlowFCN
 
 _BUILDERS = {
     "fcn32s": lambda **kw: FCN("fcn32s", **kw),
@@ -25,7 +30,12 @@ _BUILDERS = {
     "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
     "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
     "fcn-googlenet": lambda **kw: FCNGoogLeNet(**kw),
+    **{a: partial(SiftFlowFCN, a) for a in SIFTFLOW_ARCHS},
+    **{a: partial(PascalContextFCN, a) for a in PASCAL_CONTEXT_ARCHS},
 }
+# num_classes when build() is given none: the dataset's (config.ARCH_CLASS_NAMES: VOC 21; SIFT
+# Flow 33 semantic + 3 geometric, both heads' channels; PASCAL-Context 59 + background).
+DEFAULT_CLASSES = {a: len(ARCH_CLASS_NAMES.get(a, VOC_CLASSES)) for a in _BUILDERS}
 
 
 def available() -> list[str]:
@@ -33,15 +43,20 @@ def available() -> list[str]:
     return list(_BUILDERS)
 
 
-def build(arch: str, num_classes: int = 21, width: float = 1.0, **options) -> SegmentationModel:
+def build(arch: str, num_classes: int | None = None, width: float = 1.0, **options) -> SegmentationModel:
     """Build an architecture by name (in train mode, like any new nn.Module).
 
-    arch: one of available(); width scales every channel count (1.0 is the
-    paper's net); options: learnable_upsampling (FCN, FCN-GoogLeNet, dilated), dropout,
-    context="basic" | "large" (dilated-context, default "large").
+    arch: one of available(); num_classes: None for the dataset's (DEFAULT_CLASSES: 21 for
+    the VOC nets, 36 = 33 + 3 for SIFT Flow, 60 for PASCAL-Context); width scales every
+    channel count (1.0 is the paper's net); options: learnable_upsampling (FCN, FCN-GoogLeNet,
+    dilated),
+    dropout, context="basic" | "large" (dilated-context, default "large"), geometric_classes
+    (SIFT Flow: the geometric head's share of num_classes, default 3).
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
+    if num_classes is None:
+        num_classes = DEFAULT_CLASSES[arch]
     if arch == "dilated-context" and options.get("context", "large") is None:
         raise ValueError("dilated-context needs context='basic' or 'large'; use dilated-frontend for none")
     try:
@@ -56,6 +71,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "FCNGoogLeNet", "SegmentationModel", "available", "build",
-    "fold_batchnorm", "parameter_count", "voc_palette",
+    "DEFAULT_CLASSES", "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "FCNGoogLeNet", "PascalContextFCN",
+    "SegmentationModel", "SiftFlowFCN", "available", "build", "fold_batchnorm", "output_heads",
+    "parameter_count", "voc_palette",
 ]  # fmt: skip

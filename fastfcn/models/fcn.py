@@ -21,7 +21,7 @@ VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 def score_steps(head) -> tuple[Conv, ...]:
     """The head's 1x1 score layers as Conv steps without ReLU: score_fr, then the taps'."""
-    return (Conv("score_fr", relu=False),) + tuple(Conv(t.score, relu=False) for t in head.taps)
+    return (Conv(head.score, relu=False),) + tuple(Conv(t.score, relu=False) for t in head.taps)
 
 
 class FCN(SegmentationModel):
@@ -46,6 +46,14 @@ class FCN(SegmentationModel):
             arch, num_classes, width, {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
         )  # fmt: skip
         self.head = HEADS[arch]
+        c_fc = self._add_vgg16(width, dropout)
+        self._add_head(self.head, num_classes, c_fc, width, learnable_upsampling)
+        self.extra_steps = FC_STEPS + score_steps(self.head)
+        self.head_convs = frozenset(s.name for s in score_steps(self.head))
+
+    def _add_vgg16(self, width: float, dropout: float) -> int:
+        """conv1_1 .. conv5_3 (the backbone steps, tapping pool1..pool5), fc6 and fc7;
+        returns fc7's channel count."""
         c_in = 3
         steps = []
         for b, (c, n) in enumerate(VGG_BLOCKS, 1):
@@ -58,16 +66,17 @@ class FCN(SegmentationModel):
                 c_in = c_out
             steps.append(Pool(2, 2, tap=f"pool{b}"))
         self.backbone = tuple(steps)
-        c_fc = self._add_fc(c_in, 7, width, dropout)
-        self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
+        return self._add_fc(c_in, 7, width, dropout)
+
+    def _add_head(self, head, num_classes: int, c_fc: int, width: float, learnable_upsampling: bool) -> None:
+        """The head's score layers (1x1 on fc7 and on its taps) and upsamplings, by their names."""
+        setattr(self, head.score, nn.Conv2d(c_fc, num_classes, 1))
         ch = {"pool3": scaled(256, width), "pool4": scaled(512, width)}
-        for tap in self.head.taps:
+        for tap in head.taps:
             setattr(self, tap.score, nn.Conv2d(ch[tap.source], num_classes, 1))
-        for st in self.head.stages:
+        for st in head.stages:
             up = make_upsampler(num_classes, st.kernel, st.stride, learnable_upsampling)
             setattr(self, st.upsample, up)
-        self.extra_steps = FC_STEPS + score_steps(self.head)
-        self.head_convs = frozenset(s.name for s in score_steps(self.head))
 
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)

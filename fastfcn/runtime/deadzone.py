@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..heads import model_heads
 from ..kernels import structure
 from ..models.backbone import (
     LRN,
@@ -409,7 +410,7 @@ class DeadZoneForward:
     backbone's input map, of which the top-left ``image_size`` (default: all) holds the image
     and the rest zeros (DeconvNet's padding); taps go to ``feats`` and switches to ``switches``
     as full maps, as run_steps puts them. Only the ``taps`` a caller reads are made whole
-    (default: the sources of ``model.head.taps`` where the model has a head, FCN-8s's pool3
+    (default: the sources of the taps of the model's heads where it has any, FCN-8s's pool3
     and pool4; else every tap of the steps): FCN-VGG's steps tap pool1 and pool2 too, which
     cached whole would cost 47 MB at 500x500. Convolutions run through the model's
     ``_conv_impls`` (``set_conv_impl``), else torch's own.
@@ -445,8 +446,8 @@ class DeadZoneForward:
             )
         self.pool_with_switches = pool_with_switches
         if taps is None:
-            head = getattr(model, "head", None)
-            taps = {t.source for t in head.taps} if head is not None and hasattr(head, "taps") else None
+            heads = model_heads(model)
+            taps = {t.source for head in heads for t in head.taps} if heads else None
         step_taps = {s.tap for s in self.steps if isinstance(s, Pool) and s.tap is not None}
         self.taps = frozenset(step_taps if taps is None else taps)
         if not self.taps <= step_taps:

@@ -40,10 +40,18 @@ def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap):
             t = p.tensors[idx[0]] if len(idx) == 1 else torch.cat([p.tensors[i] for i in idx])
             out = run(t, "u8", output)
             for j, i in enumerate(idx):
-                results[i] = out[j]
+                results[i] = _by_head(runner, out[j], output, batched=False)
         return results
     out = run(p.tensors[0], "float" if p.form == "float" else "u8", output)
-    return out[0] if p.form == "image" else out
+    if p.form == "image":
+        return _by_head(runner, out[0], output, batched=False)
+    return _by_head(runner, out, output)
+
+
+def _by_head(runner, out: torch.Tensor, output: str, batched: bool = True):
+    """A two-headed net's result as {head: result} (Segmenter.split_heads); others unchanged."""
+    split = getattr(runner, "split_heads", None)
+    return out if split is None else split(out, output, batched)
 
 
 def run_postprocessed(runner, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:

@@ -26,8 +26,8 @@ import threading
 import torch
 
 from ..errors import BackendUnavailableError, InputError
-from ..kernels.reference import finish
 from ..kernels.structure import check_output
+from ..models.multihead import finish, output_heads
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
@@ -142,7 +142,7 @@ class OpenVinoBackend(Backend):
         res = self._request().infer({0: x.numpy()}, share_inputs=True, share_outputs=True)
         y = torch.from_numpy(res[0])
         check_graph_output(x, y, self.num_classes, self.onnx_path)
-        out = finish(y, output)
+        out = finish(y, output, output_heads(self.config))
         return out.clone() if output == "logits" else out
 
 

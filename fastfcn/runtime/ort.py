@@ -17,8 +17,8 @@ import os
 import torch
 
 from ..errors import BackendUnavailableError
-from ..kernels.reference import finish
 from ..kernels.structure import check_output
+from ..models.multihead import finish, output_heads
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
@@ -153,7 +153,7 @@ class OnnxRuntimeBackend(Backend):
         else:
             y = torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
         check_graph_output(x, y, self.num_classes, self.onnx_path)
-        return finish(y, output)
+        return finish(y, output, output_heads(self.config))
 
     def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np

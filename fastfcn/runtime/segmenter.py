@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..models import SegmentationModel, available
+from ..models.multihead import head_entries, output_heads, split
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
 from .backends import PRECISIONS, Backend, create_backend
@@ -81,8 +82,11 @@ class Segmenter:
     run(batch, output="labels") returns torch tensors on ``self.device``:
       labels (N, H, W) uint8 class ids (int32 above 256 classes); logits / probs
       (N, C, H, W) float32. One (H, W, 3) image gives one unbatched result ((H, W) or
-      (C, H, W)); a list gives a list. On CUDA the results are produced asynchronously
-      on the caller's current stream (no host sync); ``.cpu()`` waits for them.
+      (C, H, W)); a list gives a list. A net with several heads (``heads``: SIFT Flow's semantic
+      and geometric) gives {head name: result} in place of each tensor, each head's result as
+      above with its own C (labels: ids within that head); see models/multihead.py. On CUDA
+      the results are produced asynchronously on the caller's current stream (no host sync);
+      ``.cpu()`` waits for them.
     """
 
     def __init__(
@@ -144,6 +148,12 @@ class Segmenter:
                 "export it with fastfcn.export_onnx"
             )
         self._config = dict(config)
+        self._heads = output_heads(self._config)
+        if self._crf is not None and self._heads is not None:
+            raise ValueError(
+                f"postprocess='crf' refines one class distribution per pixel; this "
+                f"{self._config['arch']} has {len(self._heads)} heads. Run it without postprocess"
+            )
         self._pre = Preprocessor(self._config, device, self.execution.input_dtype)
         self._lock = threading.Lock()
         self._cuda = CudaGraphRunner(self._forward, self.execution) if device.type == "cuda" else None
@@ -208,7 +218,8 @@ class Segmenter:
 
     @property
     def num_classes(self) -> int:
-        """C: the number of classes (channels of logits / probs; labels are 0..C-1)."""
+        """C: the number of classes (channels of logits / probs; labels are 0..C-1); for a net with
+        several heads, all heads' together (each head's count: ``heads``)."""
         return int(self._config["num_classes"])
 
     @property
@@ -219,6 +230,19 @@ class Segmenter:
         CPU: see fastfcn.runtime.cpu_fast); [] for backends that do not choose.
         ``fastfcn.runtime.cpu_fast.format_plan(seg.plan)`` gives it as text."""
         return self._backend.plan()
+
+    @property
+    def heads(self) -> tuple[tuple[str, int], ...] | None:
+        """((name, classes), ...) of a net with several heads (SIFT Flow: (("semantic", 33),
+        ("geometric", 3))), whose run() returns {name: result}; None for one head."""
+        return self._heads
+
+    def head_palettes(self) -> dict:
+        """{head name: its palette} for a net with several heads (``palette`` lists the heads'
+        colours in order); {None: palette} for one head."""
+        if self._heads is None:
+            return {None: self.palette}
+        return head_entries(self._config, "palette", self._heads)
 
     @property
     def class_names(self) -> list[str]:
@@ -257,6 +281,11 @@ class Segmenter:
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
         return run_batch(self, batch, output, preprocessed, tile, overlap)
+
+    def split_heads(self, out: torch.Tensor, output: str, batched: bool = True):
+        """A backend's result as run() returns it: unchanged for one head, {head name: result}
+        for several (views of ``out``; models/multihead.split)."""
+        return out if self._heads is None else split(out, output, self._heads, batched)
 
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
                  overlap: int | None = None):

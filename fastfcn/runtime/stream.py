@@ -260,7 +260,8 @@ class _Pipeline:
                 if self.cuda:
                     result = self.stager.fetch(result)
                 for j in range(n):
-                    yield result[j]
+                    # {head: result} for a net with several heads, as run() gives
+                    yield self.seg.split_heads(result[j], self.output, batched=False)
         finally:
             self.close()
 
