@@ -131,6 +131,15 @@ class Ensemble:
         return self._device
 
     @property
+    def heads(self) -> None:
+        """Always None: members are one-headed nets (checked when the ensemble is built)."""
+        return None
+
+    def split_heads(self, out, output: str, batched: bool = True):
+        """run()'s and stream()'s results as they are: one head (see Segmenter.split_heads)."""
+        return out
+
+    @property
     def num_classes(self) -> int:
         return self._members[0].num_classes
 
