@@ -512,7 +512,12 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
 
     fcn8s and fcn8s-atonce share every key; this returns "fcn8s" for both.
     """
+    from .models.nyud import ARCH_KEYS
+
     keys = {k.rsplit(".", 1)[0] for k in state}
+    for key, nyud_arch in ARCH_KEYS.items():  # early / late fusion's own layer names
+        if key in keys:
+            return nyud_arch
     if "seg_score" in keys or "fc6_deconv" in keys:
         return "deconvnet"
     if "final" in keys and "conv1_1" in keys:
@@ -544,6 +549,11 @@ def _infer_config(state: dict, arch: str | None, path) -> dict:
         raise CheckpointError(f"{path}: unknown arch {arch!r}; expected one of {available()}")
     score = {"deconvnet": "seg_score.weight", "dilated-frontend": "final.weight",
              "dilated-context": "final.weight"}.get(arch, "score_fr.weight")  # fmt: skip
+    from .models.nyud import ARCHS as NYUD_ARCHS
+    from .models.nyud import score_layer
+
+    if arch in NYUD_ARCHS:
+        score = f"{score_layer(arch)}.weight"
     num_classes = _shape(state, score)
     if num_classes is None:
         raise CheckpointError(f"{path}: no {score!r} to take the class count from (arch {arch}); keys: "
@@ -564,8 +574,14 @@ def _infer_width(state: dict, arch: str) -> float:
     from .models.common import scaled
 
     first, base, mult = ("conv1", 96, 2) if arch == "fcn-alexnet" else ("conv1_1", 64, 1)
+    from .models.nyud import ARCHS as NYUD_ARCHS
+    from .models.nyud import first_conv
+
+    fc7 = "fc7"
+    if arch in NYUD_ARCHS:
+        first, fc7 = first_conv(arch), "fc7color" if arch == "nyud-fcn32s-color-hha" else "fc7"
     c1 = _shape(state, f"{first}.weight")
-    c7 = _shape(state, "fc7.weight")
+    c7 = _shape(state, f"{fc7}.weight")
     cands = []
     if c7 is not None:
         cands.append(c7 / 4096)

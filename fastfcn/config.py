@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping
 
 from .errors import CheckpointError
+from .modalities import check_inputs, input_channels
 
 MAX_CLASSES = 4096
 MAX_WIDTH = 4.0
@@ -47,6 +48,8 @@ ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
     "fcn-alexnet": _FCN_OPTIONS, "deconvnet": ("dropout",), "dilated-frontend": _FCN_OPTIONS,
     "dilated-context": (*_FCN_OPTIONS, "context"),
+    "nyud-fcn32s-color": _FCN_OPTIONS, "nyud-fcn32s-hha": _FCN_OPTIONS, "nyud-fcn32s-color-d": _FCN_OPTIONS,
+    "nyud-fcn32s-color-hha": _FCN_OPTIONS,
 }  # fmt: skip
 
 
@@ -149,6 +152,7 @@ def validate_config(c: Mapping, source) -> dict:
         if len(pal) != n:
             bad(f"palette has {len(pal)} colours; the model has num_classes={n}")
         c["palette"] = [list(p) for p in pal]
+    _validate_inputs(c, arch, bad)
     _validate_preprocessing(c, bad)
     if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
         bad("meta must be a dict")
@@ -173,13 +177,32 @@ def _validate_options(opts, arch: str, bad) -> dict:
     return dict(opts)
 
 
+def _validate_inputs(c: dict, arch: str, bad) -> None:
+    """``inputs`` (the modalities, fastfcn.modalities): the arch fixes them, so a config that does
+    not say (every file written before the key existed) gets the arch's."""
+    from .models import input_modalities
+
+    want = list(input_modalities(arch))
+    inputs = c.get("inputs")
+    if inputs is None:
+        c["inputs"] = want
+        return
+    why = check_inputs(inputs)
+    if why is not None:
+        bad(why)
+    if list(inputs) != want:
+        bad(f"inputs {list(inputs)} do not fit {arch}, which takes {want}")
+    c["inputs"] = list(inputs)
+
+
 def _validate_preprocessing(c: dict, bad) -> None:
+    n = input_channels(c["inputs"])
     for k in ("mean", "std"):
         v = c.get(k)
         if v is None:
             continue
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_finite_number, v))):
-            bad(f"{k} must be 3 finite numbers (one per input channel); got {v!r}")
+        if not (isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_finite_number, v))):
+            bad(f"{k} must be {n} finite numbers (one per input channel of {c['inputs']}); got {v!r}")
         if k == "mean" and not all(abs(x) <= MAX_ABS_MEAN for x in v):
             bad(f"mean must be within +-{MAX_ABS_MEAN:g}; got {v!r}")
         lo, hi = STD_RANGE

@@ -17,7 +17,8 @@ BACKENDS = ("torch", "fused", "compile", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 # fastfcn.models.available()
 ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn-alexnet", "deconvnet",
-         "dilated-frontend", "dilated-context")
+         "dilated-frontend", "dilated-context", "nyud-fcn32s-color", "nyud-fcn32s-hha",
+         "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha")
 
 # The largest H * W a Segmenter accepts per image (per tile when tiling) unless told otherwise.
 DEFAULT_MAX_PIXELS = 4096 * 4096

@@ -12,6 +12,8 @@ from .common import SegmentationModel, fold_batchnorm, voc_palette
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
+from .nyud import ARCHS as NYUD_ARCHS
+from .nyud import NYUDFCN32s, NYUDLateFusion, arch_inputs
 
 _BUILDERS = {
     "fcn32s": lambda **kw: FCN("fcn32s", **kw),
@@ -22,6 +24,10 @@ _BUILDERS = {
     "deconvnet": lambda **kw: DeconvNet(**kw),
     "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
     "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
+    "nyud-fcn32s-color": lambda **kw: NYUDFCN32s("nyud-fcn32s-color", **kw),
+    "nyud-fcn32s-hha": lambda **kw: NYUDFCN32s("nyud-fcn32s-hha", **kw),
+    "nyud-fcn32s-color-d": lambda **kw: NYUDFCN32s("nyud-fcn32s-color-d", **kw),
+    "nyud-fcn32s-color-hha": lambda **kw: NYUDLateFusion(**kw),
 }
 
 
@@ -30,21 +36,31 @@ def available() -> list[str]:
     return list(_BUILDERS)
 
 
-def build(arch: str, num_classes: int = 21, width: float = 1.0, **options) -> SegmentationModel:
+def build(arch: str, num_classes: int | None = None, width: float = 1.0, **options) -> SegmentationModel:
     """Build an architecture by name (in train mode, like any new nn.Module).
 
-    arch: one of available(); width scales every channel count (1.0 is the
-    paper's net); options: learnable_upsampling (FCN, dilated), dropout,
-    context="basic" | "large" (dilated-context, default "large").
+    arch: one of available(); num_classes: None for the dataset's (VOC 21, NYUDv2 40);
+    width scales every channel count (1.0 is the paper's net); options: learnable_upsampling
+    (FCN, dilated), dropout, context="basic" | "large" (dilated-context, default "large").
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
     if arch == "dilated-context" and options.get("context", "large") is None:
         raise ValueError("dilated-context needs context='basic' or 'large'; use dilated-frontend for none")
     try:
-        return _BUILDERS[arch](num_classes=num_classes, width=width, **options)
+        if num_classes is not None:
+            options["num_classes"] = num_classes
+        return _BUILDERS[arch](width=width, **options)
     except TypeError as e:
         raise ValueError(f"bad options for {arch}: {e}") from None
+
+
+def input_modalities(arch: str) -> tuple[str, ...]:
+    """The input modalities ``arch`` takes, in channel order (fastfcn.modalities): ("color",) for
+    the VOC nets; NYUDv2: ("hha",), ("color", "depth"), ("color", "hha")."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
+    return arch_inputs(arch) if arch in NYUD_ARCHS else ("color",)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -53,6 +69,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "SegmentationModel", "available", "build",
+    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "NYUDFCN32s", "NYUDLateFusion", "SegmentationModel",
+    "available", "build", "input_modalities",
     "fold_batchnorm", "parameter_count", "voc_palette",
 ]  # fmt: skip

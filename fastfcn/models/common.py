@@ -8,6 +8,7 @@ from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
 
+from ..modalities import DEFAULT_INPUTS, input_channels
 from .backbone import Conv, run_conv, run_steps
 
 VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -71,8 +72,13 @@ class SegmentationModel(nn.Module):
     # on the image.
     has_dead_zone: bool = False
 
-    def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=(1.0, 1.0, 1.0)):
+    def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=None,
+                 inputs=DEFAULT_INPUTS):
         super().__init__()
+        channels = input_channels(inputs)
+        std = (1.0,) * channels if std is None else std
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean and std need {channels} numbers, one per input channel of {list(inputs)}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
         if not (isinstance(width, (int, float)) and 0 < width <= 4):
@@ -90,6 +96,9 @@ class SegmentationModel(nn.Module):
             "options": dict(options),
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
+            # The modalities of the input, in channel order (fastfcn.modalities); mean / std have
+            # one number per channel of their concatenation.
+            "inputs": list(inputs),
             # Caffe-trained reference nets take BGR, mean-subtracted, unscaled (0..255).
             "color_order": "BGR",
             "input_scale": 255.0,
@@ -103,24 +112,40 @@ class SegmentationModel(nn.Module):
     def num_classes(self) -> int:
         return self.config["num_classes"]
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input forward takes: 3 for an image; more for several modalities
+        concatenated (NYUDv2 colour + log depth: 4; colour + HHA: 6)."""
+        return input_channels(self.config["inputs"])
+
     def set_impl(self, impl: str) -> SegmentationModel:
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
         self.impl = impl
         return self
 
+    def backbone_streams(self) -> dict[str, tuple]:
+        """Stream name -> backbone steps. One stream, "" (``backbone``), unless the model runs
+        one backbone per input modality (late fusion: "color" and "hha")."""
+        return {"": self.backbone}
+
     def conv_steps(self) -> tuple[Conv, ...]:
-        """Every Conv step of the model, in forward order: the backbone's, then extra_steps."""
-        return tuple(s for s in self.backbone if isinstance(s, Conv)) + tuple(self.extra_steps)
+        """Every Conv step of the model, in forward order: each stream's backbone, then extra_steps."""
+        steps = [s for stream in self.backbone_streams().values() for s in stream]
+        return tuple(s for s in steps if isinstance(s, Conv)) + tuple(self.extra_steps)
 
     def run_backbone(self, h: torch.Tensor, feats: dict, switches: dict | None = None,
-                     pool_with_switches=None, image_size=None) -> torch.Tensor:
-        """The backbone steps on h (N, C, H, W): through ``backbone_runner`` when one is set,
-        else ``run_steps``. image_size: the top-left (H, W) of h that holds the image (DeconvNet's
-        padding), None for all of it."""
-        if self.backbone_runner is not None:
-            return self.backbone_runner(h, feats, switches, image_size)
-        return run_steps(self, self.backbone, h, feats, switches, pool_with_switches)
+                     pool_with_switches=None, image_size=None, stream: str = "") -> torch.Tensor:
+        """The backbone steps of ``stream`` on h (N, C, H, W): through ``backbone_runner`` when one
+        is set (a dict of runners by stream for models with several), else ``run_steps``.
+        image_size: the top-left (H, W) of h that holds the image (DeconvNet's padding), None for
+        all of it."""
+        runner = self.backbone_runner
+        if isinstance(runner, dict):
+            runner = runner.get(stream)
+        if runner is not None:
+            return runner(h, feats, switches, image_size)
+        return run_steps(self, self.backbone_streams()[stream], h, feats, switches, pool_with_switches)
 
     def apply_conv(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """Conv step ``name`` on h (its ConvImpl if one is set, else torch's conv + BN + ReLU)."""
@@ -142,35 +167,45 @@ class SegmentationModel(nn.Module):
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        c = self.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input must be a float tensor (N, 3, H, W); got {shape}")
+            what = "" if c == 3 else f" ({' + '.join(self.config['inputs'])} concatenated)"
+            raise ValueError(f"input must be a float tensor (N, {c}, H, W){what}; got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"input must be non-empty (N, 3, H, W) with N, H, W >= 1; got {tuple(x.shape)}")
+            raise ValueError(f"input must be non-empty (N, {c}, H, W), N, H, W >= 1; got {tuple(x.shape)}")
 
-    def _add_fc(self, c_in: int, kernel: int, width: float, dropout: float, dilation: int = 1) -> int:
+    def _add_fc(self, c_in: int, kernel: int, width: float, dropout: float, dilation: int = 1,
+                suffix: str = "") -> int:
         """fc6 (kernel x kernel, no pad), fc7 (1x1) to 4096 * width channels, with their
-        dropouts; returns that channel count."""
+        dropouts (names + ``suffix``: late fusion's "fc6color"); returns that channel count."""
         c_fc = scaled(4096, width)
-        self.fc6 = nn.Conv2d(c_in, c_fc, kernel, dilation=dilation)
-        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
-        self.drop6 = nn.Dropout(dropout)
-        self.drop7 = nn.Dropout(dropout)
+        setattr(self, f"fc6{suffix}", nn.Conv2d(c_in, c_fc, kernel, dilation=dilation))
+        setattr(self, f"fc7{suffix}", nn.Conv2d(c_fc, c_fc, 1))
+        setattr(self, f"drop6{suffix}", nn.Dropout(dropout))
+        setattr(self, f"drop7{suffix}", nn.Dropout(dropout))
         return c_fc
 
-    def _fc(self, h: torch.Tensor) -> torch.Tensor:
-        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout (fc6/fc7 are FC_STEPS in extra_steps)."""
-        h = self.drop6(run_conv(self, FC_STEPS[0], h))
-        return self.drop7(run_conv(self, FC_STEPS[1], h))
+    def _fc(self, h: torch.Tensor, suffix: str = "") -> torch.Tensor:
+        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout (fc6/fc7 are FC_STEPS in extra_steps;
+        with ``suffix``, fc_steps(suffix))."""
+        fc6, fc7 = fc_steps(suffix)
+        h = getattr(self, f"drop6{suffix}")(run_conv(self, fc6, h))
+        return getattr(self, f"drop7{suffix}")(run_conv(self, fc7, h))
 
     def bn_pairs(self) -> list[tuple[str, str]]:
         """(conv name, BatchNorm name) pairs that fold_batchnorm may merge."""
         return []
 
 
-FC_STEPS = (Conv("fc6"), Conv("fc7"))
+def fc_steps(suffix: str = "") -> tuple[Conv, Conv]:
+    """fc6 and fc7 as Conv steps, their names + ``suffix``."""
+    return Conv(f"fc6{suffix}"), Conv(f"fc7{suffix}")
+
+
+FC_STEPS = fc_steps()
 
 
 def conv_relu_names(prefix: str, counts: list[int]) -> list[str]:

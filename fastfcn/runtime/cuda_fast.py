@@ -282,7 +282,8 @@ def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, 
     """Swap every backbone Conv step (BatchNorm already folded) for an EpilogueConv and fc6 for
     a ChosenConv2d. Returns name -> the installed object (for inspection)."""
     done: dict[str, object] = {}
-    for step in getattr(model, "backbone", ()):
+    streams = model.backbone_streams() if hasattr(model, "backbone_streams") else {"": model.backbone}
+    for step in (s for steps in streams.values() for s in steps):
         if not isinstance(step, Conv):
             continue
         if step.bn is not None and not isinstance(getattr(model, step.bn), nn.Identity):

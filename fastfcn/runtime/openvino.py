@@ -27,6 +27,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError
 from ..kernels.reference import OUTPUTS, finish
+from ..modalities import config_inputs, input_channels
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
@@ -130,7 +131,7 @@ class OpenVinoBackend(Backend):
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        x = check_graph_input(x, self.device)
+        x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
         if self.static_shape is not None and tuple(x.shape) != self.static_shape:
             raise InputError(
                 f"{self.onnx_path} was exported with the static input shape {self.static_shape}; got "

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..kernels.reference import OUTPUTS, finish
+from ..modalities import config_inputs, input_channels
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
 # "tf32" is fp32 storage with TF32 tensor-core math (CUDA provider only); "auto" means the
@@ -146,7 +147,7 @@ class OnnxRuntimeBackend:
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        x = check_graph_input(x, self.device)
+        x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
         if self.device.type == "cuda":
             y = self._run_cuda(x)
         else:

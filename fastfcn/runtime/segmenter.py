@@ -15,11 +15,13 @@ from torch import nn
 from ..errors import BackendUnavailableError, CheckpointError, InputError
 from ..imageio import from_pil, read_image
 from ..kernels.reference import OUTPUTS
+from ..modalities import config_inputs, input_channels
 from ..models import SegmentationModel, available
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
 from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
 from .cuda_graphs import CapturedForward, is_oom
+from .modal import parse_second
 from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
 from .tiling import check_tiling, run_tiled
 
@@ -113,6 +115,10 @@ def _cpu_auto_precision() -> str:
     from .cpu_fast import native_bf16
 
     return "bf16" if native_bf16() else "fp32"
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class Segmenter:
@@ -221,6 +227,7 @@ class Segmenter:
         self._config = dict(config)
         in_dtype = getattr(self._backend, "input_dtype", torch.float32)
         self._pre = Preprocessor(self._config, self._device, in_dtype)
+        self._inputs = config_inputs(self._config)
         self._in_dtype = in_dtype
 
         self._lock = threading.Lock()
@@ -318,7 +325,7 @@ class Segmenter:
 
     # ---------------------------------------------------------------------- run
     def run(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
-            overlap: int | None = None):
+            overlap: int | None = None, depth=None, hha=None):
         """Segment ``batch``.
 
         batch: (H, W, 3) uint8 RGB image | (N, H, W, 3) uint8 | an image file path (str or
@@ -334,10 +341,18 @@ class Segmenter:
         (fastfcn.runtime.tiling), for images over ``max_pixels`` (which then applies per tile)
         or to bound memory; overlap: pixels shared by neighbouring tiles (< the tile's sides;
         None: 64, at most half the tile's smaller side).
+        depth / hha: the second input of the two-modality nets (``inputs`` of the config):
+        ``run(images, depth=depth_maps)`` for nyud-fcn32s-color-d (depth in millimetres, (H, W)
+        per image, (N, H, W) for a batch, or 16-bit PNG paths), ``run(images, hha=hha_images)``
+        for nyud-fcn32s-color-hha (HHA images as the colour ones); in the form of ``batch``, each
+        of its image's size (fastfcn.runtime.modal). Tiling splits both alike. A model that
+        takes one input refuses them; with ``preprocessed=True`` the float batch already holds
+        every modality's channels.
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        second = self._second_input(depth, hha, preprocessed)
         run = self._run
         if tile is None and overlap is not None:
             raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
@@ -346,25 +361,80 @@ class Segmenter:
             run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
         # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
         # decompression-bomb limit (179 M pixels) still holds.
-        batch = _decode(batch, None if tile is not None else self.max_pixels)
-        p: Parsed = parse_batch(batch, preprocessed)
+        max_pixels = None if tile is not None else self.max_pixels
+        batch = _decode(batch, max_pixels)
+        p: Parsed = parse_batch(batch, preprocessed, input_channels(self._inputs))
+        seconds = None
+        if second is not None:
+            seconds = parse_second(second, self._inputs[1], p, max_pixels)
+            # Both modalities become one preprocessed float batch: one input tensor for every backend.
+            run = self._two_input_runner(run, check_size=tile is None)
         if p.form == "list":
             groups: dict[tuple[int, int], list[int]] = {}
             for i, t in enumerate(p.tensors):
                 groups.setdefault((t.shape[1], t.shape[2]), []).append(i)
             results: list = [None] * len(p.tensors)
             for idx in groups.values():
-                t = p.tensors[idx[0]] if len(idx) == 1 else torch.cat([p.tensors[i] for i in idx])
+                t = _cat([p.tensors[i] for i in idx])
+                t = t if seconds is None else (t, _cat([seconds[i] for i in idx]))
                 out = run(t, "u8", output)
                 for j, i in enumerate(idx):
                     results[i] = out[j]
             return results
-        out = run(p.tensors[0], "float" if p.form == "float" else "u8", output)
+        t = p.tensors[0] if seconds is None else (p.tensors[0], seconds[0])
+        out = run(t, "float" if p.form == "float" else "u8", output)
         return out[0] if p.form == "image" else out
 
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
-                 overlap: int | None = None):
-        return self.run(batch, output, preprocessed=preprocessed, tile=tile, overlap=overlap)
+                 overlap: int | None = None, depth=None, hha=None):
+        return self.run(batch, output, preprocessed=preprocessed, tile=tile, overlap=overlap, depth=depth,
+                        hha=hha)  # fmt: skip
+
+    def _second_input(self, depth, hha, preprocessed: bool):
+        """The second modality given to run, checked against the model's inputs (or None)."""
+        given = {k: v for k, v in (("depth", depth), ("hha", hha)) if v is not None}
+        arch = self._config.get("arch", "this model")
+        if len(self._inputs) == 1:
+            if given:
+                raise InputError(
+                    f"{arch} takes one input ({self._inputs[0]} images); {'/'.join(given)}= is for the "
+                    "two-modality nets (nyud-fcn32s-color-d: depth=, nyud-fcn32s-color-hha: hha=)"
+                )
+            return None
+        want = self._inputs[1]
+        if preprocessed:
+            if given:
+                raise InputError(
+                    f"with preprocessed=True the float batch holds every modality of {arch} "
+                    f"({' + '.join(self._inputs)}, {input_channels(self._inputs)} channels); drop "
+                    f"{'/'.join(given)}="
+                )
+            return None
+        if want not in given:
+            other = f" (got {'/'.join(given)}=)" if given else ""
+            raise InputError(
+                f"{arch} takes a second input, {want}: run(images, {want}={want}_maps){other}"
+                if want == "depth" else
+                f"{arch} takes a second input, {want}: run(images, {want}={want}_images){other}"
+            )
+        if len(given) > 1:
+            raise InputError(f"{arch} takes {want}= only; got {', '.join(k + '=' for k in given)}")
+        return given[want]
+
+    def _two_input_runner(self, run, check_size: bool):
+        """run(t, kind, output) taking t = (images uint8 (N, H, W, 3), second (N, H, W[, 3])):
+        both preprocessed on the device into one float (N, C, H, W), then ``run`` of kind
+        "float" (tiled runs split that one tensor; untiled ones check max_pixels first)."""
+
+        def two(t, kind, output):
+            u8, sec = t
+            if check_size:
+                self._check_size(u8.shape[1], u8.shape[2])
+            with torch.inference_mode():
+                x = self._pre(u8.to(self._device), sec.to(self._device))
+            return run(x, "float", output)
+
+        return two
 
     def _run_tiles(self, t: torch.Tensor, kind: str, output: str, tile, overlap) -> torch.Tensor:
         """Each image of ``t`` (as for _run) in tiles; results stacked to (N, ...)."""
@@ -378,7 +448,13 @@ class Segmenter:
         each equal to ``run(frame, output).cpu()``. frames: (H, W, 3) uint8 RGB (numpy, torch,
         PIL) or PyAV VideoFrames, sizes may change. Batches of up to ``batch_size``; a partial
         batch is pushed after ``max_delay`` seconds; at most ``queue_size`` (default 2) batches
-        wait between stages. See fastfcn.runtime.stream."""
+        wait between stages. See fastfcn.runtime.stream. Models of two inputs (NYUDv2 fusion)
+        are refused: a frame carries one image; use run(images, depth=... / hha=...)."""
+        if len(self._inputs) > 1:
+            raise InputError(
+                f"{self._config.get('arch')} takes two inputs ({' + '.join(self._inputs)}); stream() and "
+                f"video take one image per frame: use run(images, {self._inputs[1]}=...)"
+            )
         from .stream import stream
 
         return stream(self, frames, batch_size=batch_size, output=output, max_delay=max_delay,
