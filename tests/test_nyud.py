@@ -379,3 +379,38 @@ def test_flops_skip_counts_both_streams():
     up = next(layer.macs for layer in c.layers if layer.name.startswith("upscore"))
     assert f.macs == 2 * c.macs - up
     assert f.computed_macs == 2 * c.computed_macs - up < f.macs
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_segment_cli_matches_depth_files_by_name(tmp_path, capsys):
+    from PIL import Image
+
+    from fastfcn.cli import main
+
+    m = model("nyud-fcn32s-color-d")
+    ckpt = fastfcn.save(m, tmp_path / "colord.safetensors")
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "depth" / "sub").mkdir(parents=True)
+    color, d = images(2, 19, 23), depths(2, 19, 23)
+    for i, rel in enumerate(("img_5001", "sub/img_5002")):
+        Image.fromarray(color[i]).save(tmp_path / "images" / f"{rel}.jpg", quality=100)
+        Image.fromarray(d[i]).save(tmp_path / "depth" / f"{rel}.png")
+    out = tmp_path / "out"
+    args = ["segment", str(ckpt), str(tmp_path / "images"), "--recursive", "--out", str(out),
+            "--backend", "torch", "--device", "cpu", "--quiet", "--batch-size", "2"]  # fmt: skip
+    assert main(args + ["--depth", str(tmp_path / "depth")]) == 0
+    seg = _segmenter("nyud-fcn32s-color-d")
+    for rel in ("img_5001", "sub/img_5002"):
+        labels = np.asarray(Image.open(out / "labels" / f"{rel}.png"))
+        img = np.asarray(Image.open(tmp_path / "images" / f"{rel}.jpg").convert("RGB"))
+        dep = np.asarray(Image.open(tmp_path / "depth" / f"{rel}.png"), dtype=np.float32)
+        assert np.array_equal(labels, seg.run(img, depth=dep).numpy()), rel
+    # no --depth: refused before anything runs; a missing depth file: that image is skipped
+    capsys.readouterr()
+    assert main(args) == 1  # an InputError: one line on stderr, exit status 1
+    assert "nyud-fcn32s-color-d takes color images and depth: pass --depth DIR" in capsys.readouterr().err
+    (tmp_path / "depth" / "sub" / "img_5002.png").unlink()
+    assert main(args + ["--depth", str(tmp_path / "depth")]) == 1
+    assert "its depth file must be" in capsys.readouterr().err

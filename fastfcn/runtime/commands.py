@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="pixels shared by neighbouring tiles, with --tile; each pixel's label comes "
                                  "from the tile where it lies farthest from the edge (default: 64, at most "
                                  "half the tile's smaller side)")
+        parser.add_argument("--depth", metavar="DIR", default=None,
+                            help="the depth maps (16-bit PNGs in millimetres) of a colour + depth net "
+                                 "(nyud-fcn32s-color-d): DIR/<path> named as each image, <path> relative "
+                                 "to the image's input folder, any image suffix")
+        parser.add_argument("--hha", metavar="DIR", default=None,
+                            help="the HHA images of a colour + HHA net (nyud-fcn32s-color-hha), matched "
+                                 "by name as --depth")
         parser.add_argument("--alpha", type=float, default=0.5,
                             help="overlay opacity of the class colours, 0..1 (default 0.5)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -304,10 +311,29 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
     return jobs
 
 
+def _second_modality(args, seg) -> tuple[str, Path] | None:
+    """(modality, folder) of --depth / --hha, checked against the model's inputs."""
+    inputs = seg.config.get("inputs") or ["color"]
+    given = {k: v for k, v in (("depth", args.depth), ("hha", args.hha)) if v is not None}
+    arch = seg.config.get("arch")
+    if len(inputs) == 1:
+        if given:
+            raise InputError(f"{arch} takes one input; --{'/--'.join(given)} is for the two-modality nets")
+        return None
+    want = inputs[1]
+    if set(given) != {want}:
+        raise InputError(f"{arch} takes {inputs[0]} images and {want}: pass --{want} DIR (and only it)")
+    folder = Path(given[want])
+    if not folder.is_dir():
+        raise InputError(f"--{want} {folder}: not a folder")
+    return want, folder
+
+
 def _segment(args) -> int:
     from PIL import Image
 
     from .. import Segmenter
+    from .modal import match_file, read_second
 
     # Everything is validated before the model loads and before anything is written.
     if not 0 <= args.alpha <= 1:
@@ -328,7 +354,9 @@ def _segment(args) -> int:
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint")
     out = check_output_dir(args.out, "--out")
-    jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
+    found = collect_images(args.inputs, out, args.recursive)
+    jobs = plan_outputs(found, out)
+    bases = {job.src: base for job, (_, base) in zip(jobs, found)}
     try:
         seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
                         precision=args.precision, max_pixels=args.max_pixels)
@@ -337,6 +365,7 @@ def _segment(args) -> int:
             raise
         # A bad --device: the Segmenter's message, as a one-line CLI error.
         raise InputError(str(e)) from None
+    second = _second_modality(args, seg)
     palette = seg.palette
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()
@@ -353,22 +382,28 @@ def _segment(args) -> int:
         bar.step(job.src.name)
 
     for i in range(0, len(jobs), args.batch_size):
-        loaded = []
+        loaded, extra = [], []
         for job in jobs[i:i + args.batch_size]:
             try:
-                loaded.append((job, read_image(job.src, read_limit)))
+                image = read_image(job.src, read_limit)
+                if second is not None:  # the second modality's file, matched by name
+                    modality, folder = second
+                    path = match_file(job.src, bases[job.src], folder, modality)
+                    extra.append({modality: read_second(path, modality, read_limit)})
+                loaded.append((job, image))
             except InputError as e:
                 skip(job, e)
         if not loaded:
             continue
+        both = {k: [x[k] for x in extra] for k in extra[0]} if extra else {}
         try:
-            results = seg.run([im for _, im in loaded], **tiling)
+            results = seg.run([im for _, im in loaded], **tiling, **both)
         except InputError as e:
             if len(loaded) > 1:  # find the image that failed: one at a time
                 results = []
-                for job, im in loaded:
+                for j, (job, im) in enumerate(loaded):
                     try:
-                        results.append(seg.run(im, **tiling))
+                        results.append(seg.run(im, **tiling, **(extra[j] if extra else {})))
                     except InputError as e1:
                         skip(job, e1)
                         results.append(None)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InputError
-from ..imageio import check_regular_file
+from ..imageio import IMAGE_SUFFIXES, check_regular_file, read_image
 from .preprocess import Parsed, _as_tensor, _check_device, _check_hwc, _check_image
 
 _DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -142,4 +143,28 @@ def parse_second(value, modality: str, p: Parsed, max_pixels: int | None) -> lis
     return out
 
 
-__all__ = ["parse_second", "read_depth"]
+def match_file(image: Path, base: Path, folder: Path, modality: str) -> Path:
+    """The file of ``folder`` that holds ``image``'s second modality: the same path relative to
+    the image's input folder ``base``, with any image suffix (NYUDv2: images/img_5001.png ->
+    depth/img_5001.png, hha/img_5001.png). InputError when there is none or several."""
+    rel = Path(os.path.relpath(image, base))
+    where = folder / rel.parent
+    found = []
+    if where.is_dir():
+        found = sorted(p for p in where.iterdir() if p.stem == rel.stem and p.is_file()
+                       and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+    if len(found) != 1:
+        what = f"several ({', '.join(p.name for p in found)})" if found else "none"
+        raise InputError(
+            f"{image}: its {modality} file must be {where / rel.stem}.<png|tif|...>, one file named as the "
+            f"image; found {what}"
+        )
+    return found[0]
+
+
+def read_second(path: Path, modality: str, max_pixels: int | None):
+    """A second-modality file: depth (H, W) float32 millimetres or an HHA (H, W, 3) uint8 image."""
+    return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
+
+
+__all__ = ["match_file", "parse_second", "read_depth", "read_second"]
