@@ -587,7 +587,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad arguments with one InputError naming the option and its value, before any
     data is read or anything is written (a bad --export found after training loses the run)."""
-    from .models import available
+    from .models import available, input_modalities
     from .paths import check_output_dir, check_output_file
 
     def need(ok: bool, option: str, value, expected: str) -> None:
@@ -612,6 +612,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
     for arch, _ in parse_stages(args.stages, args.arch, args.iters):
         need(arch in available(), "--stages architecture", repr(arch), f"one of {', '.join(available())}")
+        # The data loaders read colour images (VOC layout) only: no depth or HHA to feed.
+        need(len(input_modalities(arch)) == 1, "--arch", arch,
+             "a net of one image input (the data loaders read no depth or HHA)")  # fmt: skip
     if args.init is not None and not Path(args.init).is_file():
         raise InputError(f"--init {args.init}: no such checkpoint file")
     if args.data != "synthetic" and not Path(args.data).is_dir():

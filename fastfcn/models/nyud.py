@@ -136,9 +136,14 @@ class NYUDLateFusion(SegmentationModel):
     def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         self._check_input(x)
         size = (x.shape[-2], x.shape[-1])
+        # Each stream's 3 channels as a dense tensor in x's layout: a channel slice of a
+        # channels_last batch is neither layout, and every conv of the stream would copy it.
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if cl else torch.contiguous_format
         scores = []
         for i, s in enumerate(STREAMS):
-            h = self._fc(self.run_backbone(x[:, 3 * i : 3 * i + 3], {}, stream=s), s)
+            xs = x[:, 3 * i : 3 * i + 3].contiguous(memory_format=fmt)
+            h = self._fc(self.run_backbone(xs, {}, stream=s), s)
             scores.append(run_conv(self, Conv(f"score_fr{s}", relu=False), h))
         # score_fused: Eltwise SUM with coeff 0.5, 0.5
         score = 0.5 * scores[0] + 0.5 * scores[1]

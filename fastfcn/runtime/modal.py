@@ -79,7 +79,9 @@ def _depth_item(obj, what: str, max_pixels: int | None) -> torch.Tensor:
             f"{what} has dtype {t.dtype}; depth must be millimetres as uint16 (the NYUDv2 PNGs), "
             "int16/int32/int64 or float (8-bit depth holds no millimetres)"
         )
-    return t
+    # torch's uint16 is a storage type with few kernels (no CUDA conversions in every build):
+    # widen it here, exactly, before it moves to the device.
+    return t.to(torch.int32) if t.dtype == torch.uint16 else t
 
 
 def _hha_item(obj, what: str, max_pixels: int | None) -> torch.Tensor:
