@@ -414,3 +414,20 @@ def test_segment_cli_matches_depth_files_by_name(tmp_path, capsys):
     (tmp_path / "depth" / "sub" / "img_5002.png").unlink()
     assert main(args + ["--depth", str(tmp_path / "depth")]) == 1
     assert "its depth file must be" in capsys.readouterr().err
+
+
+def test_exported_fusion_net_runs_with_its_second_input_in_onnxruntime(exported):
+    """The exported graph keeps one input, the modalities concatenated (4 channels); the
+    Segmenter reads the modalities from its metadata and feeds depth the same way."""
+    pytest.importorskip("onnxruntime")
+    m, path = exported("nyud-fcn32s-color-d")  # shared with test_export (one export per session)
+    seg = fastfcn.Segmenter(path, device="cpu")
+    assert seg.backend == "onnxruntime" and seg.config["inputs"] == ["color", "depth"]
+    color, d = images(2, 17, 22, seed=8), depths(2, 17, 22, seed=8)
+    with torch.no_grad():
+        want = m(reference_input(color, d, "nyud-fcn32s-color-d"))
+    got = seg.run(color, "logits", depth=d)
+    assert got.shape == want.shape == (2, 40, 17, 22)
+    assert (got - want).abs().max() <= 1e-5 * (want.max() - want.min())
+    with pytest.raises(InputError, match="takes a second input, depth"):
+        seg.run(color)
