@@ -343,6 +343,8 @@ def test_second_input_errors_say_what_is_expected():
         seg.run(color, depth=np.zeros((2, 9, 9), np.uint16))
     with pytest.raises(InputError, match="preprocessed=True the float batch holds every modality"):
         seg.run(torch.zeros(2, 4, 9, 9) - 1, preprocessed=True, depth=d)
+    with pytest.raises(InputError, match="a float batch is preprocessed input, all 4 channels"):
+        seg.run(torch.zeros(2, 4, 9, 9) - 1, depth=d)
     with pytest.raises(InputError, match=r"stream\(\) and video take one image per frame"):
         next(iter(seg.stream([color[0]])))
     voc = fastfcn.Segmenter(models.build("fcn32s", width=W, num_classes=3).eval(), backend="torch",

@@ -366,6 +366,12 @@ class Segmenter:
         p: Parsed = parse_batch(batch, preprocessed, input_channels(self._inputs))
         seconds = None
         if second is not None:
+            if p.form == "float":
+                raise InputError(
+                    f"a float batch is preprocessed input, all {input_channels(self._inputs)} channels "
+                    f"({' + '.join(self._inputs)}): pass it with preprocessed=True and no "
+                    f"{self._inputs[1]}=, or pass uint8 images with {self._inputs[1]}="
+                )
             seconds = parse_second(second, self._inputs[1], p, max_pixels)
             # Both modalities become one preprocessed float batch: one input tensor for every backend.
             run = self._two_input_runner(run, check_size=tile is None)
@@ -412,11 +418,8 @@ class Segmenter:
             return None
         if want not in given:
             other = f" (got {'/'.join(given)}=)" if given else ""
-            raise InputError(
-                f"{arch} takes a second input, {want}: run(images, {want}={want}_maps){other}"
-                if want == "depth" else
-                f"{arch} takes a second input, {want}: run(images, {want}={want}_images){other}"
-            )
+            example = f"{want}={want}_maps" if want == "depth" else f"{want}={want}_images"
+            raise InputError(f"{arch} takes a second input, {want}: run(images, {example}){other}")
         if len(given) > 1:
             raise InputError(f"{arch} takes {want}= only; got {', '.join(k + '=' for k in given)}")
         return given[want]
