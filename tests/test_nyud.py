@@ -406,8 +406,8 @@ def test_segment_cli_matches_depth_files_by_name(tmp_path, capsys):
     seg = _segmenter("nyud-fcn32s-color-d")
     for rel in ("img_5001", "sub/img_5002"):
         labels = np.asarray(Image.open(out / "labels" / f"{rel}.png"))
-        img = np.asarray(Image.open(tmp_path / "images" / f"{rel}.jpg").convert("RGB"))
-        dep = np.asarray(Image.open(tmp_path / "depth" / f"{rel}.png"), dtype=np.float32)
+        img = np.array(Image.open(tmp_path / "images" / f"{rel}.jpg").convert("RGB"))
+        dep = np.array(Image.open(tmp_path / "depth" / f"{rel}.png"), dtype=np.float32)
         assert np.array_equal(labels, seg.run(img, depth=dep).numpy()), rel
     # no --depth: refused before anything runs; a missing depth file: that image is skipped
     capsys.readouterr()
@@ -416,6 +416,9 @@ def test_segment_cli_matches_depth_files_by_name(tmp_path, capsys):
     (tmp_path / "depth" / "sub" / "img_5002.png").unlink()
     assert main(args + ["--depth", str(tmp_path / "depth")]) == 1
     assert "its depth file must be" in capsys.readouterr().err
+    assert main(["info", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert "color + depth" in text and "116.19, 97.203, 92.318, 7.844" in text
 
 
 def test_exported_fusion_net_runs_with_its_second_input_in_onnxruntime(exported):

@@ -150,6 +150,8 @@ def describe_checkpoint(path: str | Path, arch: str | None = None) -> dict:
         info["params"] = parameter_count(model)
     for k in ("arch", "num_classes", "width", "options", "mean", "std", "color_order", "input_scale"):
         info[k] = config.get(k)
+    # The input modalities in channel order (fastfcn.modalities): ["color"] for the VOC nets.
+    info["modalities"] = list(config.get("inputs") or ["color"])
     names = config.get("class_names") or []
     info["class_names"] = names
     info["fastfcn_version"] = config.get("fastfcn_version")
@@ -170,6 +172,7 @@ def _info(args) -> int:
         ("arch", info["arch"]),
         ("classes", f"{info['num_classes']}" + (f" ({', '.join(names[:6])}{more})" if names else "")),
         ("width", info["width"]),
+        ("modalities", " + ".join(info["modalities"])),
         ("params", f"{info['params']:,} ({_size(4 * info['params'])} as fp32)"),
         ("mean", ", ".join(f"{m:g}" for m in info["mean"] or [])),
         ("std", ", ".join(f"{s:g}" for s in info["std"] or [])),
