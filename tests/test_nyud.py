@@ -373,6 +373,25 @@ def test_fused_late_fusion_skips_the_dead_zone_of_both_streams():
     assert len(on.dead_zone["color"].cache) == len(on.dead_zone["hha"].cache) == 1
 
 
+def test_cuda_backbone_install_covers_both_streams(monkeypatch):
+    """The fused backend's CUDA convolutions (cuda_fast.install) go into every stream's convs and
+    fc6; run here on the CPU with torch's eager candidates, as test_gpu_readiness does."""
+    from fastfcn.runtime import cuda_fast
+
+    monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager candidates only: the interpreter is slow
+    m = models.build("nyud-fcn32s-color-hha", width=W, num_classes=5).eval().requires_grad_(False)
+    keys = list(m.state_dict())
+    x = torch.randn(1, 6, 30, 26) * 50
+    with torch.inference_mode():
+        want = m(x)
+        done = cuda_fast.install(m)
+        got = m(x)
+    assert list(m.state_dict()) == keys
+    assert {"fc6color", "fc6hha"} <= set(done) and sum(n.startswith("conv") for n in done) == 26
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_flops_skip_counts_both_streams():
     with torch.device("meta"):
         color, late = models.build("nyud-fcn32s-color").eval(), models.build("nyud-fcn32s-color-hha").eval()

@@ -280,7 +280,8 @@ class ChosenConv2d(nn.Conv2d):
 
 def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, object]:
     """Swap every backbone Conv step (BatchNorm already folded) for an EpilogueConv and fc6 for
-    a ChosenConv2d. Returns name -> the installed object (for inspection)."""
+    a ChosenConv2d (every stream's: late fusion's fc6color, fc6hha). Returns name -> the
+    installed object (for inspection)."""
     done: dict[str, object] = {}
     streams = model.backbone_streams() if hasattr(model, "backbone_streams") else {"": model.backbone}
     for step in (s for steps in streams.values() for s in steps):
@@ -291,8 +292,9 @@ def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, 
         impl = EpilogueConv(getattr(model, step.name), step.relu, timer=timer)
         model.set_conv_impl(step.name, impl)
         done[step.name] = impl
-    fc6 = getattr(model, "fc6", None)
-    if type(fc6) is nn.Conv2d and fc6.groups == 1:
-        model.fc6 = ChosenConv2d.wrap(fc6, timer)
-        done["fc6"] = model.fc6
+    for name in (f"fc6{suffix}" for suffix in streams):
+        fc6 = getattr(model, name, None)
+        if type(fc6) is nn.Conv2d and fc6.groups == 1:
+            setattr(model, name, ChosenConv2d.wrap(fc6, timer))
+            done[name] = getattr(model, name)
     return done
