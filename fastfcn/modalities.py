@@ -40,8 +40,9 @@ def config_inputs(config: Mapping) -> tuple[str, ...]:
 def check_inputs(inputs) -> str | None:
     """Why ``inputs`` is not a valid modality list, or None: a list of known names, the first an
     image modality (color or hha), at most two, no name twice."""
-    if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 2:
-        return f"inputs must be a list of 1 or 2 modality names; got {inputs!r}"
+    if (not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 2
+            or not all(isinstance(m, str) for m in inputs)):
+        return f"inputs must be a list of 1 or 2 modality names; got {str(inputs)[:200]}"
     unknown = [m for m in inputs if m not in MODALITIES]
     if unknown:
         return f"unknown input modalities {unknown}; expected some of {list(MODALITIES)}"

@@ -247,6 +247,9 @@ def test_config_validator_takes_one_mean_per_input_channel():
         validate_config(dict(base, inputs=["color", "hha"]), "f")
     with pytest.raises(CheckpointError, match="unknown input modalities"):
         validate_config(dict(base, inputs=["color", "sonar"]), "f")
+    for bad in ([[]], "color", [], ["color", "depth", "hha"]):  # a list of 1 or 2 names, nothing else
+        with pytest.raises(CheckpointError, match="inputs must be a list of 1 or 2 modality names"):
+            validate_config(dict(base, inputs=bad), "f")
     # Files of the VOC nets, written before the key existed, are colour images.
     assert validate_config({"arch": "fcn8s", "num_classes": 21, "width": 1.0}, "f")["inputs"] == ["color"]
     with pytest.raises(CheckpointError, match="mean must be 3"):
