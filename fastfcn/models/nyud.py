@@ -16,7 +16,10 @@ Reference: the repository's nyud-fcn32s-{color,hha,color-d,color-hha}/net.py and
 
 Module names are the Caffe layer names: a .caffemodel of these nets loads by name. Every net
 pads conv1_1 by 100 in every stream, so the backbone planner's dead-zone skip applies to each
-stream (``backbone_streams``).
+stream (``backbone_streams``): at NYUDv2's 425 x 560, 240.7 of late fusion's 352.1 GMAC are
+computed (121.3 of 177.1 for early fusion). Fused backend, fp32, batch 1, 2 threads, AMD EPYC
+Zen 4 at load ~2.3, medians of 5 interleaved rounds (benchmarks/nyud_fusion.py --width 1):
+late fusion 2.04 s with the skip vs 2.82 s without, early fusion 0.93 vs 1.37 s.
 """
 
 from __future__ import annotations
