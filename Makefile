@@ -6,7 +6,11 @@
 PY ?= python3
 VENV ?= .venv
 # ray (Ray Data: fastfcn batch and its tests) adds about 530 MB and 110 s to a first setup.
-EXTRAS ?= dev,cpu,video,ray
+# crf (pydensecrf2, the dense CRF of --crf / postprocess="crf") is a source distribution that pip
+# compiles (Cython + C++): 42 s of CPU time on the 2-core Zen 4 (user 37.9 s + sys 3.9 s; wall
+# 2 min 29 s and 4 min 26 s at load averages 9 and 12, when other builds shared the cores), once:
+# pip caches the wheel. Without it the CRF tests that need the library skip, with the reason.
+EXTRAS ?= dev,cpu,video,ray,crf
 # The tests fail (instead of skipping about 280 of them) when the C++ kernels did not build:
 # a missing compiler must not turn into a green run. REQUIRE_CPP=0 accepts a build without them.
 REQUIRE_CPP ?= 1

@@ -31,6 +31,7 @@ from common import bandwidth_fields, env_extra, floor_fields, stats_ms, utc_now 
 from common import device_info as _device_info  # noqa: E402
 
 from fastfcn.bench_report import peer_ratios  # noqa: E402
+from fastfcn.runtime.registry import backend_specs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -114,6 +115,8 @@ class BenchState:
             "cpu_reduced": self.cpu_reduced,
             "budget_s": self.budget_s,
             "plan": list(self.notes),
+            # each registered backend: "ok" where its packages are installed, else why not
+            "backends": {s.name: s.can_run(self.info["kind"])[1] or "ok" for s in backend_specs()},
         }
 
 

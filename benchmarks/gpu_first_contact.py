@@ -223,7 +223,8 @@ def _launch_variant(up, x, wk, out, output, kind, size, geom, cfg):
     center = factor - 1.0 if k % 2 == 1 else factor - 0.5
     grid = (triton.cdiv(H * W, bp), x.shape[0], 1)
     args = (x, wk, x, out, x.shape[1], x.shape[2], x.shape[3], H, W, off, 0, 0, 0, 1.0)
-    consts = {"K": k, "S": s, "T": triton.cdiv(k, s), "KIND": up.KINDS[kind], "OUTPUT": up.OUTPUTS[output]}
+    consts = {"K": k, "S": s, "T": triton.cdiv(k, s), "KIND": up.KIND_CODES[kind],
+              "OUTPUT": up.output_code(output, x.shape[1])}
     return up.upsample_kernel[grid](
         *args,
         **consts,
@@ -391,7 +392,7 @@ def _graph_path(rec: Record, dev: str, dry: bool) -> None:
         c["replay_bitwise_repeatable"] = bool(torch.equal(a1, a2))
         c["sensitive_to_input"] = not bool(torch.equal(a1, b1))
         c["pinned_host_input_equals_device_input"] = bool(torch.equal(a1.cpu(), host.cpu()))
-        c["graphs_cached"] = len(getattr(s, "_graphs", {}))
+        c["graphs_cached"] = len(s._cuda.graphs) if getattr(s, "_cuda", None) is not None else 0
         rec.dump()
         outs: dict = {}
 

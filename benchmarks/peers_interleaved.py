@@ -32,8 +32,8 @@ from common import device_info, native_bf16_cpu  # noqa: E402
 
 import fastfcn  # noqa: E402
 from fastfcn.bench_report import peer_ratios  # noqa: E402
+from fastfcn.runtime.registry import onnx_backends  # noqa: E402
 
-ONNX_BACKENDS = ("onnxruntime", "openvino")
 DEFAULT_RUNS = ["fused:fp32", "fused:bf16", "onnxruntime:fp32", "openvino:fp32", "openvino:bf16",
                 "compile:fp32"]
 
@@ -52,7 +52,7 @@ def build(args, folder: str) -> dict:
             print(f"skipped {run}: {native_bf16_cpu()[1]}")
             continue
         source = model
-        if backend in ONNX_BACKENDS:
+        if backend in onnx_backends():
             if onnx_path is None:
                 onnx_path = fastfcn.export_onnx(model, Path(folder) / "model.onnx")
             source = str(onnx_path)

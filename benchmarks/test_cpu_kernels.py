@@ -35,7 +35,8 @@ def _record(benchmark, key: str, nbytes: int, baseline: str | None = None) -> No
 
 
 def _fcn8s_head(c=21, n=1):
-    """FCN-8s at 500x500: score_fr 16x16, score_pool4 44x44, score_pool3 88x88 (see FACTS.md)."""
+    """FCN-8s at 500x500: score_fr 16x16, score_pool4 44x44, score_pool3 88x88
+    (docs/facts.md, "Cost of FCN-8s")."""
     g = torch.Generator().manual_seed(0)
     score = torch.randn(n, c, 16, 16, generator=g)
     skips = [torch.randn(n, c, 44, 44, generator=g), torch.randn(n, c, 88, 88, generator=g)]
@@ -112,7 +113,7 @@ def test_crop_labels_cpp(benchmark):
     _record(benchmark, "crop_cpp", 4 * x.numel() + 500 * 500, baseline="crop")
 
 
-# DeconvNet's unpooling layers at 224x224 (FACTS.md): (channels, pooled size)
+# DeconvNet's unpooling layers at 224x224 (docs/facts.md, "DeconvNet"): (channels, pooled size)
 UNPOOL = [(512, 7), (512, 14), (256, 28), (128, 56), (64, 112)]
 
 

@@ -50,6 +50,7 @@ from common import PAPER_MS, PAPER_SOURCE, MemoryPeak, floor_fields, native_bf16
 
 import fastfcn
 from fastfcn.flops import count_macs
+from fastfcn.runtime.registry import backend_spec, onnx_backends
 
 SEED = 0
 WIDTH = 1.0
@@ -100,14 +101,12 @@ CPU_CASES = {
     "dilated-context-500": Case("dilated-context", 1, 250, 250),
 }
 
-BACKENDS = ("torch", "fused", "onnxruntime", "compile", "openvino")
 # The peer comparison on the CPU (issue 9): cases, and (backend, precision) in run order.
 PEER_CASES = (HEAD, "deconvnet-224-b32", "dilated-context-500")
 PEER_RUNS = (
     ("torch", "fp32"), ("fused", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"),
     ("compile", "fp32"), ("fused", "bf16"), ("openvino", "bf16"),
 )  # fmt: skip
-ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 
 def gpu_plan() -> list[tuple[str, str, str]]:
@@ -144,6 +143,11 @@ def pytest_generate_tests(metafunc):
     cpu = state.profile == "cpu"
     cases = CPU_CASES if cpu else CASES
     plan = cpu_plan() if cpu else gpu_plan()
+    device = "cpu" if cpu else "cuda"
+    # The plans are priority orders; the registry says which (backend, precision) exist.
+    wrong = [(b, p) for _, b, p in plan if not backend_spec(b).supports(device, p)]
+    if wrong:
+        raise ValueError(f"the {device} plan names runs its backends' registry entries do not offer: {wrong}")
     params = [pytest.param((k, cases[k], b, p), id=f"{cases[k].key}-{b}-{p}") for k, b, p in plan]
     metafunc.parametrize("e2e", params)
     if cpu:
@@ -278,6 +282,9 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
         timeout, by_budget = left + 60, True  # a case may finish up to 60 s past the budget
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
+    runs, why = backend_spec(backend).can_run(device.type)
+    if not runs:
+        pytest.skip(f"{backend} {precision} on {device.type}: {why}")
     if cpu and precision == "bf16":
         native, why = native_bf16_cpu()
         if not native:
@@ -292,7 +299,7 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
     try:
         with deadline(timeout, what, by_budget):
             source = copy.deepcopy(model)
-            if backend in ONNX_BACKENDS and precision in ("fp32", "bf16"):
+            if backend in onnx_backends() and precision in ("fp32", "bf16"):
                 source, export_s = seeded_onnx(case.arch)
             t0 = time.perf_counter()
             try:

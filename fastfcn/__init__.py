@@ -3,7 +3,7 @@
     seg = fastfcn.Segmenter("fcn8s.safetensors")   # device, backend, precision: auto
     labels = seg.run(frames)                        # (N, H, W) class ids
 
-Public API: Segmenter, load, save, export_onnx, models, ops.
+Public API: Segmenter, Ensemble, load, save, export_onnx, models, ops.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
 __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
+    "Ensemble",
     "FastFCNError",
     "InputError",
     "Segmenter",
@@ -52,6 +53,10 @@ def __getattr__(name: str):
         from .runtime import Segmenter
 
         return Segmenter
+    if name == "Ensemble":
+        from .ensemble import Ensemble
+
+        return Ensemble
     if name == "ops":
         # import_module, not "from . import ops": that form asks this __getattr__ again.
         import importlib

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .runtime.registry import available_backends
 
-BACKEND_ORDER = ("torch", "fused", "onnxruntime", "compile", "openvino")
 PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16")
 BACKEND_COLOURS = {
     "torch": (96, 96, 96),
@@ -140,6 +140,10 @@ def load(paths: list[str]) -> dict[str, DeviceResults]:
     return devices
 
 
+def _index(names, name) -> int:
+    return list(names).index(name) if name in names else 99
+
+
 def _order(row: dict):
     b, p = row.get("backend"), row.get("precision")
     return (
@@ -147,8 +151,8 @@ def _order(row: dict):
         row.get("arch", ""),
         row.get("batch", 0),
         row.get("height", 0) * row.get("width", 0),
-        BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99,
-        PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99,
+        _index(available_backends(), b),
+        _index(PRECISION_ORDER, p),
     )
 
 
@@ -277,25 +281,19 @@ def markdown(devices: dict[str, DeviceResults]) -> str:
 # ---------------------------------------------------------------- chart (Pillow only)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one fixed bitmap size
-        return ImageFont.load_default()
-
-
 def chart(devices: dict[str, DeviceResults], path: str | Path) -> Path:
     """Horizontal bars of ms per image (log scale), one panel per device; returns the path."""
     from PIL import Image, ImageDraw
+
+    from .charts import Scale, axis
+    from .charts import font as chart_font
 
     panels = [(d, e2e_rows(d)) for d in devices.values()]
     panels = [(d, [r for r in rows if _num(r.get("ms_per_image"))]) for d, rows in panels]
     panels = [(d, rows) for d, rows in panels if rows]
     if not panels:
         raise ValueError("no end-to-end results with ms/image to chart")
-    font, small = _font(14), _font(12)
+    font, small = chart_font(14), chart_font(12)
     bar_h, gap, label_w, plot_w, margin = 18, 6, 420, 560, 16
     heights = [60 + len(rows) * (bar_h + gap) + 40 for _, rows in panels]
     img = Image.new("RGB", (label_w + plot_w + 2 * margin + 90, sum(heights) + 40), "white")
@@ -303,26 +301,14 @@ def chart(devices: dict[str, DeviceResults], path: str | Path) -> Path:
     y0 = margin
     for (d, rows), h in zip(panels, heights):
         vals = [r["ms_per_image"] for r in rows]
-        lo = 10 ** math.floor(math.log10(min(vals)))
-        hi = 10 ** math.ceil(math.log10(max(vals)))
-        if hi <= lo:
-            hi = lo * 10
-        span = math.log10(hi) - math.log10(lo)
-
-        def xpos(v, lo=lo, span=span):
-            return margin + label_w + plot_w * (math.log10(v) - math.log10(lo)) / span
-
+        xpos = Scale.decades(min(vals), max(vals), margin + label_w, margin + label_w + plot_w)
         draw.text(
             (margin, y0), f"{d.name}: ms per image (log scale; shorter is faster)", fill="black", font=font
         )
         top = y0 + 30
         bottom = top + len(rows) * (bar_h + gap)
-        decade = lo
-        while decade <= hi * 1.0001:
-            x = xpos(decade)
-            draw.line([(x, top - 4), (x, bottom)], fill=(220, 220, 220))
-            draw.text((x - 10, bottom + 4), f"{decade:g}", fill="black", font=small)
-            decade *= 10
+        axis(draw, xpos, xpos.ticks(), vertical=False, label_at=bottom + 4, fmt=lambda v: f"{v:g}",
+             across=(top - 4, bottom), font=small)  # fmt: skip
         for i, r in enumerate(rows):
             y = top + i * (bar_h + gap)
             label = f"{r.get('case', r.get('case_key'))}  {r.get('backend')} {r.get('precision')}"
@@ -342,36 +328,3 @@ def chart(devices: dict[str, DeviceResults], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_arguments(parser, command: str) -> None:
-    parser.add_argument(
-        "results", nargs="*", metavar="RESULTS",
-        help="result files or folders (default: benchmarks/results/)",
-    )  # fmt: skip
-    parser.add_argument("--markdown", metavar="OUT.md", help="also write the table to this file")
-    parser.add_argument("--png", metavar="OUT.png", help="write a bar chart of ms per image (Pillow)")
-
-
-def main(args) -> int:
-    from .paths import check_output_file
-
-    for option, path in (("--markdown", args.markdown), ("--png", args.png)):
-        if path:
-            check_output_file(path, option)
-    devices = load(args.results)
-    if not devices:
-        raise InputError(f"no result files in {', '.join(args.results) or DEFAULT_DIR}; "
-                         "expected .json files written by the benchmark suite")
-    text = markdown(devices)
-    print(text, end="")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
-    if args.png:
-        chart(devices, args.png)
-        print(f"chart: {args.png}")
-    return 0

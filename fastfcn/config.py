@@ -1,13 +1,18 @@
-"""The model config every file carries: one validator and the limits loaders check first.
+"""The model config every file carries: one frozen dataclass, one validator, one set of
+defaults, and the limits loaders check first.
 
-    config = validate_config(raw_dict, "fcn8s.safetensors")   # normalised copy, or CheckpointError
+    cfg = ModelConfig("fcn8s", 21)                            # the reference net's preprocessing
+    cfg = ModelConfig.from_dict(raw, "fcn8s.safetensors")     # validated, or CheckpointError
+    config = validate_config(raw_dict, "fcn8s.safetensors")   # the validator alone: a normalised dict
     obj = loads_json(text, "fcn8s.onnx", "fastfcn metadata")  # length and depth bounded
 
 A config (``model.config``, a checkpoint's metadata, an ONNX file's ``fastfcn.config``)
 holds arch, num_classes, width, options, mean, std, color_order, input_scale,
-class_names, palette and optional user ``meta``. Checkpoints and ONNX metadata go through
-the same ``validate_config``, so a file is refused with the same sentence whichever
-way it arrives, and before anything is built from it.
+class_names, palette and optional user ``meta``. Models, checkpoints, export, the runtime's
+and training's preprocessing read the defaults here (ARCH_OPTIONS, ARCH_MEAN, ModelConfig's
+field defaults, ``preprocessing`` for partial dicts). Checkpoints, ONNX metadata and
+ModelConfig itself go through the same ``validate_config``, so a file is refused with the
+same sentence whichever way it arrives, and before anything is built from it.
 
 Limits (every size a file claims is checked against them before allocation):
 - ``MAX_CLASSES`` = 4096: far above the label sets in use (VOC 21, ADE20K scene parsing
@@ -26,12 +31,17 @@ Limits (every size a file claims is checked against them before allocation):
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Any
 
-from .errors import CheckpointError
-from .modalities import check_inputs, input_channels
+from .errors import CheckpointError, InputError
+from .modalities import DEFAULT_INPUTS, MODALITIES, check_inputs, input_channels
 
 MAX_CLASSES = 4096
 MAX_WIDTH = 4.0
@@ -42,15 +52,69 @@ MAX_ABS_MEAN = 1e4
 STD_RANGE = (1e-4, 1e4)
 INPUT_SCALE_RANGE = (1e-4, 1e6)
 
-# The options each family's constructor takes, and what each may hold.
-_FCN_OPTIONS = ("learnable_upsampling", "dropout")
+# The options each family's constructor takes, with their defaults (what a model built with
+# none of them records in its config).
+_FCN_OPTIONS = {"learnable_upsampling": False, "dropout": 0.5}
 ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
-    "fcn-alexnet": _FCN_OPTIONS, "deconvnet": ("dropout",), "dilated-frontend": _FCN_OPTIONS,
-    "dilated-context": (*_FCN_OPTIONS, "context"),
+    "fcn-alexnet": _FCN_OPTIONS, "deconvnet": {"dropout": 0.5}, "dilated-frontend": _FCN_OPTIONS,
+    "dilated-context": {**_FCN_OPTIONS, "context": "large"},
     "nyud-fcn32s-color": _FCN_OPTIONS, "nyud-fcn32s-hha": _FCN_OPTIONS, "nyud-fcn32s-color-d": _FCN_OPTIONS,
     "nyud-fcn32s-color-hha": _FCN_OPTIONS,
 }  # fmt: skip
+
+# Preprocessing of the reference nets (FACTS.md): Caffe-trained, they take BGR, unscaled
+# (0..255), minus the training set's mean in BGR order, std 1.
+VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
+# NYUDv2 (fcn.berkeleyvision.org nyud_layers.py): colour BGR, HHA in the file's order, log depth
+# of millimetres (exp(7.844) = 2.55 m).
+NYUD_MEAN_BGR = (116.190, 97.203, 92.318)
+NYUD_MEAN_HHA = (132.431, 94.076, 118.477)
+NYUD_MEAN_LOGD = 7.844
+ARCH_MEAN = {
+    "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
+    "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
+    "dilated-context": DILATED_MEAN_BGR,
+    "nyud-fcn32s-color": NYUD_MEAN_BGR, "nyud-fcn32s-hha": NYUD_MEAN_HHA,
+    "nyud-fcn32s-color-d": (*NYUD_MEAN_BGR, NYUD_MEAN_LOGD),
+    "nyud-fcn32s-color-hha": (*NYUD_MEAN_BGR, *NYUD_MEAN_HHA),
+}  # fmt: skip
+# The input modalities of each arch, in channel order (fastfcn.modalities); the others take one
+# colour image.
+ARCH_INPUTS = {
+    "nyud-fcn32s-hha": ("hha",), "nyud-fcn32s-color-d": ("color", "depth"),
+    "nyud-fcn32s-color-hha": ("color", "hha"),
+}  # fmt: skip
+# The 40-class task of Gupta, Arbelaez, Malik (CVPR 2013) that nyud_layers.py trains on (its
+# labels 1..40 shifted to 0..39, void 0 -> 255).
+NYUD_CLASSES = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)  # fmt: skip
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+
+def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved), n entries of (R, G, B)."""
+    pal = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal.append((r, g, b))
+    return pal
 
 
 def _is_number(x) -> bool:
@@ -131,6 +195,16 @@ def validate_config(c: Mapping, source) -> dict:
         bad(f"width must be a number in (0, {MAX_WIDTH:g}]; got {w!r}")
     c["width"] = float(w)
     c["options"] = _validate_options(c.get("options"), arch, bad)
+    _validate_labels(c, n, bad)
+    _validate_inputs(c, arch, bad)
+    _validate_preprocessing(c, bad)
+    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
+        bad("meta must be a dict")
+    return c
+
+
+def _validate_labels(c: dict, n: int, bad) -> None:
+    """class_names and palette: one entry per class (lists in ``c`` afterwards)."""
     names = c.get("class_names")
     if names is not None:
         if not isinstance(names, (list, tuple)) or not all(isinstance(s, str) for s in names):
@@ -152,11 +226,6 @@ def validate_config(c: Mapping, source) -> dict:
         if len(pal) != n:
             bad(f"palette has {len(pal)} colours; the model has num_classes={n}")
         c["palette"] = [list(p) for p in pal]
-    _validate_inputs(c, arch, bad)
-    _validate_preprocessing(c, bad)
-    if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
-        bad("meta must be a dict")
-    return c
 
 
 def _validate_options(opts, arch: str, bad) -> dict:
@@ -177,15 +246,18 @@ def _validate_options(opts, arch: str, bad) -> dict:
     return dict(opts)
 
 
-def _validate_inputs(c: dict, arch: str, bad) -> None:
-    """``inputs`` (the modalities, fastfcn.modalities): the arch fixes them, so a config that does
-    not say (every file written before the key existed) gets the arch's."""
-    from .models import input_modalities
+def arch_inputs(arch: str) -> tuple[str, ...]:
+    """The input modalities ``arch`` takes, in channel order (("color",) unless ARCH_INPUTS says)."""
+    return ARCH_INPUTS.get(arch, DEFAULT_INPUTS)
 
-    want = list(input_modalities(arch))
+
+def _validate_inputs(c: dict, arch: str, bad) -> None:
+    """``inputs`` (the modalities, fastfcn.modalities), where a config names them, must be the
+    arch's; one that does not (every file: the arch fixes them) is left so (``config_inputs``
+    reads the arch's)."""
+    want = list(arch_inputs(arch))
     inputs = c.get("inputs")
     if inputs is None:
-        c["inputs"] = want
         return
     why = check_inputs(inputs)
     if why is not None:
@@ -196,13 +268,15 @@ def _validate_inputs(c: dict, arch: str, bad) -> None:
 
 
 def _validate_preprocessing(c: dict, bad) -> None:
-    n = input_channels(c["inputs"])
+    inputs = list(config_inputs(c))
+    n = input_channels(inputs)
+    of = "" if inputs == list(DEFAULT_INPUTS) else f" of {inputs}"
     for k in ("mean", "std"):
         v = c.get(k)
         if v is None:
             continue
         if not (isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_finite_number, v))):
-            bad(f"{k} must be {n} finite numbers (one per input channel of {c['inputs']}); got {v!r}")
+            bad(f"{k} must be {n} finite numbers (one per input channel{of}); got {v!r}")
         if k == "mean" and not all(abs(x) <= MAX_ABS_MEAN for x in v):
             bad(f"mean must be within +-{MAX_ABS_MEAN:g}; got {v!r}")
         lo, hi = STD_RANGE
@@ -215,6 +289,165 @@ def _validate_preprocessing(c: dict, bad) -> None:
     lo, hi = INPUT_SCALE_RANGE
     if s is not None and not (_is_finite_number(s) and lo <= s <= hi):
         bad(f"input_scale must be a positive number in [{lo:g}, {hi:g}]; got {s!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelConfig(Mapping):
+    """What a model is and how its input is prepared: the one set of defaults and one validator.
+
+        cfg = ModelConfig("fcn8s", 21)                          # every other field: the reference net's
+        cfg = ModelConfig.from_dict(raw, "fcn8s.safetensors")   # a file's JSON; CheckpointError names it
+        cfg = dataclasses.replace(cfg, color_order="RGB")       # overrides are validated too
+        cfg.to_dict()                                           # the JSON form files store
+
+    Defaults (None means "the arch's"): width 1.0; options those of ARCH_OPTIONS; mean the
+    arch's training-set mean (ARCH_MEAN, BGR; one number per input channel); std 1 per channel;
+    color_order "BGR" (the colour modality's; an HHA image keeps its file's order); input_scale
+    255 (0..255 unscaled, the Caffe convention); class_names the 21 VOC names at 21 classes, the
+    40 NYUDv2 names for the NYUDv2 nets at 40, else ``class_<i>``; palette the VOC colour map;
+    inputs the arch's modalities (ARCH_INPUTS); meta (user metadata) none.
+    Frozen: sequences are tuples, options and meta read-only mappings. As a Mapping it reads
+    like the dict it replaces (``cfg["mean"]`` is a list, as ``to_dict`` gives it).
+    """
+
+    arch: str
+    num_classes: int
+    width: float = 1.0
+    options: Mapping[str, Any] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    color_order: str = "BGR"
+    input_scale: float = 255.0
+    class_names: tuple[str, ...] | None = None
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    inputs: tuple[str, ...] | None = None
+    meta: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        raw = {f.name: getattr(self, f.name) for f in fields(self)}
+        c = validate_config(self._with_defaults(raw), "ModelConfig")
+        if c.get("mean") is None:  # an arch added to fastfcn.models but not to ARCH_MEAN
+            raise CheckpointError(f"ModelConfig: arch {c['arch']!r} has no default mean (ARCH_MEAN); "
+                                  "expected mean=(3 numbers)")  # fmt: skip
+        frozen = {
+            "width": c["width"], "options": MappingProxyType(c["options"]), "mean": tuple(c["mean"]),
+            "std": tuple(c["std"]), "input_scale": float(c["input_scale"]), "inputs": config_inputs(c),
+            "class_names": tuple(c["class_names"]), "palette": tuple(tuple(p) for p in c["palette"]),
+            "meta": None if c.get("meta") is None else MappingProxyType(copy.deepcopy(dict(c["meta"]))),
+        }  # fmt: skip
+        for k, v in frozen.items():
+            object.__setattr__(self, k, v)
+
+    @staticmethod
+    def _with_defaults(c: dict) -> dict:
+        """``c`` with each None replaced by its arch's default (c's arch and num_classes unchecked)."""
+        arch, n = c["arch"], c["num_classes"]
+        if not (isinstance(arch, str) and isinstance(n, int) and 0 < n <= MAX_CLASSES):
+            return c  # the validator names what is wrong
+        c = dict(c)
+        if arch in ARCH_OPTIONS and (isinstance(c["options"], Mapping) or c["options"] is None):
+            c["options"] = {**ARCH_OPTIONS[arch], **(c["options"] or {})}
+        if c["mean"] is None:
+            c["mean"] = ARCH_MEAN.get(arch)
+        if c["std"] is None:
+            inputs = c["inputs"] if isinstance(c["inputs"], (list, tuple)) else arch_inputs(arch)
+            c["std"] = (1.0,) * input_channels([m for m in inputs if m in MODALITIES])
+        if c["class_names"] is None:
+            known = NYUD_CLASSES if arch.startswith("nyud-") else VOC_CLASSES
+            c["class_names"] = known if n == len(known) else [f"class_{i}" for i in range(n)]
+        if c["palette"] is None:
+            c["palette"] = voc_palette(n)
+        return c
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source) -> ModelConfig:
+        """A config from a file's JSON object; every problem is a CheckpointError starting with
+        ``source``. Missing or null keys take the defaults; other keys (the file's own:
+        fastfcn_version, format_version, an ONNX file's export) are not the model's and are
+        dropped, as loading always did."""
+        c = validate_config(d, source)
+        return cls(**{k: v for k, v in c.items() if k in _KEYS})
+
+    def to_dict(self) -> dict:
+        """The plain-JSON form (lists, dicts), keys in the order ``model.config`` always had;
+        ``meta`` only when set."""
+        return {k: self[k] for k in self}
+
+    def replace(self, **changes) -> ModelConfig:
+        """``dataclasses.replace``: a validated copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+    # Mapping: reads like the dict it replaces, in the JSON form.
+    def __getitem__(self, key: str):
+        if key not in _KEYS or (key == "meta" and self.meta is None):
+            raise KeyError(key)
+        return _plain(getattr(self, key))
+
+    def __iter__(self):
+        # ``inputs`` is the arch's (the validator holds them to it), so files need not store it:
+        # a config saved before the key existed and one saved now are the same JSON.
+        return (k for k in _KEYS if (k != "meta" or self.meta is not None) and k != "inputs")
+
+    def __len__(self) -> int:
+        return len(_KEYS) - 1 - (self.meta is None)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.to_dict() == dict(other)
+
+    __hash__ = None
+
+    # Immutable: a copy is the object itself; pickles (Ray actors, whole-model torch.save)
+    # carry the plain dict, since a mappingproxy does not pickle.
+    def __copy__(self) -> ModelConfig:
+        return self
+
+    def __deepcopy__(self, memo) -> ModelConfig:
+        return self
+
+    def __reduce__(self):
+        return _from_plain, (self.to_dict(),)
+
+
+_KEYS = tuple(f.name for f in fields(ModelConfig))  # the order model.config's dict always had
+
+
+def _from_plain(d: dict) -> ModelConfig:
+    return ModelConfig(**d)
+
+
+def _plain(v):
+    """A frozen value in its JSON form: tuples -> lists, mappings -> dicts (copies)."""
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def config_inputs(config: Mapping) -> tuple[str, ...]:
+    """The modalities of a config's model: its ``inputs``, else its arch's, else one colour image."""
+    inputs = config.get("inputs")
+    return tuple(inputs) if inputs is not None else arch_inputs(config.get("arch"))
+
+
+def preprocessing(config: Mapping) -> tuple[bool, float, tuple, tuple]:
+    """(bgr, input_scale, mean, std) of a config; a key a partial dict lacks (or holds as None)
+    takes ModelConfig's default, the mean its arch's, std 1 per input channel. InputError when
+    neither mean nor a known arch is given, or the colour order is neither RGB nor BGR."""
+    get = config.get
+    mean = get("mean") if get("mean") is not None else ARCH_MEAN.get(get("arch"))
+    if mean is None:
+        raise InputError(f"the config has no mean and arch {get('arch')!r} has none by default; "
+                         "expected mean=[one number per input channel]")  # fmt: skip
+    default = {f.name: f.default for f in fields(ModelConfig)}
+    default["std"] = (1.0,) * input_channels(config_inputs(config))
+    keys = ("color_order", "input_scale", "std")
+    order, scale, std = (default[k] if get(k) is None else get(k) for k in keys)
+    if str(order).upper() not in ("RGB", "BGR"):
+        raise InputError(f"config color_order must be 'RGB' or 'BGR'; got {order!r}")
+    return str(order).upper() == "BGR", float(scale), tuple(map(float, mean)), tuple(map(float, std))
 
 
 def model_bytes(config: Mapping) -> int:
@@ -233,6 +466,8 @@ def model_bytes(config: Mapping) -> int:
 
 
 __all__ = [
+    "ARCH_INPUTS", "ARCH_MEAN", "ARCH_OPTIONS", "NYUD_CLASSES", "VOC_CLASSES", "ModelConfig", "arch_inputs",
+    "config_inputs", "preprocessing", "voc_palette",
     "MAX_CLASSES", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_WIDTH", "json_depth", "loads_json",
     "model_bytes", "validate_config",
 ]  # fmt: skip

@@ -9,15 +9,14 @@ same reader serves real and generated data.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .imageio import read_image
 
 IGNORE = 255
 
@@ -49,17 +48,6 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- VOC on disk
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(f"image file {path} is missing") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"image file {path} is corrupt or not an image ({e})") from None
 
 
 def _read_label(path: Path) -> np.ndarray:
@@ -149,7 +137,7 @@ class VOCSegmentation:
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
-        image, label = _read_image(self.images[i]), _read_label(self.labels[i])
+        image, label = read_image(self.images[i]), _read_label(self.labels[i])
         if image.shape[:2] != label.shape:
             raise InputError(
                 f"label file {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "
@@ -440,39 +428,3 @@ def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, qu
     if names:
         (out / "class_names.txt").write_text("\n".join(names) + "\n")
     return ids
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = sub.add_parser("synth", help="write synthetic scenes in the VOC layout (train, val, trainval lists)")
-    p.add_argument("out", help="output folder (created)")
-    p.add_argument("--n", type=int, default=1000, help="training scenes (default 1000)")
-    p.add_argument("--val-n", type=int, default=200, help="val scenes, from the held-out seed (default 200)")
-    p.add_argument("--size", type=int, default=HELDOUT_SIZE, help=f"side in pixels (default {HELDOUT_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training scenes (default 0)")
-    p.add_argument("--num-classes", type=int, default=5, help="background + object classes (default 5)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.data_command != "synth":
-        raise InputError(f"unknown data action {args.data_command!r}")
-    if args.seed == HELDOUT_SEED and args.n:
-        raise InputError(f"seed {HELDOUT_SEED} is the held-out split's; choose another training seed")
-    from .paths import check_output_dir
-
-    check_output_dir(args.out, "OUT")
-    train = SyntheticScenes(args.n, args.size, args.seed, args.num_classes)
-    val = SyntheticScenes(args.val_n, args.size, HELDOUT_SEED, args.num_classes)
-    a = write_voc(train, args.out, "train")
-    b = write_voc(val, args.out, "val")
-    seg = Path(args.out) / "ImageSets" / "Segmentation"
-    (seg / "trainval.txt").write_text("".join(f"{i}\n" for i in a + b))
-    print(
-        f"wrote {len(a)} train and {len(b)} val scenes ({args.size}x{args.size}, {args.num_classes} classes) "
-        f"to {args.out}",
-        file=sys.stderr,
-    )
-    return 0

@@ -11,15 +11,15 @@ streaming path: ``stream_input.mkv`` in, ``stream_overlay.mp4`` out, next to the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .runtime.registry import available_backends
+
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_fcn8s.safetensors"
-BACKENDS = ("torch", "fused", "onnxruntime", "compile", "openvino")
 
 
 def write_overlays(out: Path, images, preds, truths, palette: np.ndarray) -> list[Path]:
@@ -107,9 +107,10 @@ def run_demo(out: str | Path = "fastfcn-demo-out", n: int = 16, backends=None, c
     print(f"segmenting {n} held-out synthetic scenes of {HELDOUT_SIZE}x{HELDOUT_SIZE} with each backend",
           file=stream)  # fmt: skip
 
-    backends = list(BACKENDS) if backends is None else list(backends)
+    registered = available_backends()
+    backends = registered if backends is None else list(backends)
     rows, ref, ref_preds = [], None, None
-    order = ["torch"] + [b for b in BACKENDS if b in backends and b != "torch"]  # torch: the reference
+    order = ["torch"] + [b for b in registered if b in backends and b != "torch"]  # torch: the reference
     for b in order:
         row = {"backend": b}
         try:
@@ -164,36 +165,3 @@ def _table(rows: list[dict]) -> str:
             f"{100 * r['mean_iu']:>7.2f}"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    a = parser.add_argument
-    a("--out", default="fastfcn-demo-out", help="folder for the overlays (default ./fastfcn-demo-out)")
-    a("--n", type=int, default=16, help="number of scenes (default 16)")
-    a("--backends", default=None,
-      help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)")
-    a("--checkpoint", default=None, help="a checkpoint other than the built-in model")
-    a("--repeats", type=int, default=3, help="timed runs per backend (default 3; median reported)")
-    a("--video-seconds", type=float, default=3.0,
-      help="length of the demo video of moving scenes (default 3; 0: none)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .errors import InputError
-    from .paths import check_output_dir
-
-    if args.n < 1 or args.repeats < 1:
-        raise InputError(f"--n and --repeats must be >= 1; got {args.n} and {args.repeats}")
-    check_output_dir(args.out, "--out")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-    unknown = sorted(set(backends or ()) - set(BACKENDS))
-    if unknown:
-        raise InputError(f"unknown backend(s) {unknown}; expected some of {list(BACKENDS)}")
-    if args.checkpoint is None and not DEMO_MODEL.is_file():
-        raise InputError(f"the built-in model {DEMO_MODEL} is missing; reinstall fastfcn")
-    t = time.perf_counter()
-    if args.video_seconds < 0:
-        raise InputError(f"--video-seconds must be >= 0; got {args.video_seconds}")
-    run_demo(args.out, args.n, backends, args.checkpoint, args.repeats, video_seconds=args.video_seconds)
-    print(f"done in {time.perf_counter() - t:.1f} s", file=sys.stdout)
-    return 0

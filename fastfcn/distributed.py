@@ -48,13 +48,14 @@ import socket
 import sys
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import InputError
 from .imageio import IMAGE_SUFFIXES
+from .paths import TMP_TAG
+from .paths import atomic_path as _atomic
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".nut")
 MODES = ("labels", "overlay", "side-by-side")
@@ -63,7 +64,6 @@ MANIFEST = "manifest.jsonl"
 # corrupt file fails the same way twice, which costs one extra decode.
 ATTEMPTS = 2
 READ_THREADS = 8  # files of one batch read at the same time by an actor
-_TMP_TAG = ".fastfcn-tmp-"
 _GLOB_CHARS = "*?["
 
 
@@ -211,7 +211,7 @@ def _stand_in(name: str) -> Path:
 def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...]) -> list[Task]:
     """Tasks with ``fastfcn segment``'s output names (``plan_outputs``); videos get .mkv labels
     and .mp4 pictures at the same relative paths. pictures: a subset of ("overlay", "side-by-side")."""
-    from .runtime.commands import plan_outputs
+    from .paths import plan_outputs
 
     out = Path(output)
     jobs = plan_outputs([(_stand_in(f), _stand_in(b)) for f, b in found], out)
@@ -296,28 +296,13 @@ class Manifest:
 # ------------------------------------------------------------------------------------ writing
 
 
-@contextmanager
-def _atomic(path):
-    """Yields a temporary path beside ``path`` (same suffix, so writers pick the same format);
-    renames it over ``path`` when the block succeeds, removes it when it fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
 def remove_stale_temporaries(output) -> int:
     """Delete temporaries that killed workers left under ``output``; returns how many."""
     n = 0
     for sub in ("labels", "overlays", "side-by-side"):
         for dirpath, _, filenames in os.walk(Path(output, sub)):
             for f in filenames:
-                if f.startswith(".") and _TMP_TAG in f:
+                if f.startswith(".") and TMP_TAG in f:
                     os.unlink(os.path.join(dirpath, f))
                     n += 1
     return n
@@ -516,8 +501,8 @@ def _check_model(ckpt: str, backend: str, precision: str) -> None:
     """Before a cluster is asked for anything: the names are known, and a local checkpoint
     loads (``describe_checkpoint``, on the CPU), so that a bad file is one line here rather
     than an actor that dies at start on every node."""
+    from .describe import describe_checkpoint
     from .runtime.backends import PRECISIONS, available_backends
-    from .runtime.commands import describe_checkpoint
 
     if backend != "auto" and backend not in available_backends():
         raise InputError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")

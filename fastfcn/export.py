@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import loads_json, validate_config
+from .config import ModelConfig, config_inputs, loads_json, validate_config
 from .errors import CheckpointError, FastFCNError
-from .modalities import config_inputs, input_channels
+from .modalities import input_channels
 
 META_KEY = "fastfcn.config"
 EXPORT_KEY = "fastfcn.export"
@@ -93,7 +93,7 @@ def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
             "export_onnx needs a fastfcn model or a checkpoint path; got "
             f"{type(model_or_checkpoint).__name__}"
         )
-    if not isinstance(getattr(model, "config", None), dict) or not hasattr(model, "set_impl"):
+    if not isinstance(getattr(model, "config", None), ModelConfig) or not hasattr(model, "set_impl"):
         raise TypeError(
             f"export_onnx needs a fastfcn model (from fastfcn.models); got {type(model).__name__}"
         )
@@ -103,8 +103,7 @@ def _resolve_model(model_or_checkpoint, arch: str | None) -> nn.Module:
 def _config_json(model: nn.Module) -> str:
     from . import __version__
 
-    config = dict(model.config)
-    config["options"] = dict(config.get("options") or {})
+    config = model.config.to_dict()
     config["fastfcn_version"] = __version__
     return json.dumps(config, allow_nan=False)
 

@@ -1,10 +1,10 @@
-"""The skip-path head as data (DESIGN.md idea 1).
+"""The skip-path head as data (docs/design.md, idea 1).
 
 Every FCN variant, FCN-AlexNet and the dilated net's x8 output end in
 "upsample, crop, add a scaled skip, repeat, crop to the input". A head is a
 short list of stages run by one op (``fastfcn.ops.fcn_head``): a new variant
 is a new list, not new code. Offsets are the reference nets' crop offsets
-(top-left, not centred) from FACTS.md.
+(top-left, not centred) from docs/facts.md, "Crop offsets".
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ tensor, in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 MODALITIES = {"color": 3, "hha": 3, "depth": 1}
 # Modalities that can be the first input (an image that Segmenter.run takes as its batch).
@@ -29,12 +29,6 @@ DEFAULT_INPUTS = ("color",)
 def input_channels(inputs: Sequence[str]) -> int:
     """Channels of the model input that ``inputs`` (modality names) make."""
     return sum(MODALITIES[m] for m in inputs)
-
-
-def config_inputs(config: Mapping) -> tuple[str, ...]:
-    """The modalities a config's model takes (``["color"]`` for configs that do not say)."""
-    inputs = config.get("inputs")
-    return DEFAULT_INPUTS if inputs is None else tuple(inputs)
 
 
 def check_inputs(inputs) -> str | None:
@@ -53,4 +47,4 @@ def check_inputs(inputs) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_INPUTS", "MODALITIES", "PRIMARY", "check_inputs", "config_inputs", "input_channels"]
+__all__ = ["DEFAULT_INPUTS", "MODALITIES", "PRIMARY", "check_inputs", "input_channels"]

@@ -1,9 +1,10 @@
 """The names the CLI offers as choices, without importing torch.
 
 ``fastfcn --help`` and every subcommand's ``--help`` build their ``choices`` from these
-tuples, so asking for help costs no torch import (1.35 s before). Each tuple mirrors a
-registry that needs torch: tests/test_everyday.py checks that they agree, so adding a backend,
-precision or architecture without adding its name here fails there.
+tuples, so asking for help costs no torch import (1.35 s before). The backends and precisions
+come from the backend registry (torch-free); ARCHS mirrors a registry that needs torch:
+tests/test_everyday.py checks that they agree, so adding an architecture without adding its
+name here fails there.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import re
 
-# fastfcn.runtime.backends._REGISTRY (the built-in backends; register_backend adds more at run time).
-BACKENDS = ("torch", "fused", "compile", "onnxruntime", "openvino")
-# fastfcn.runtime.backends.PRECISIONS
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+from .runtime import registry
+
+# The built-in backends (register_backend adds more at run time, for the library, not the CLI).
+BACKENDS = registry.builtin_backends()
+PRECISIONS = registry.PRECISIONS
 # fastfcn.models.available()
 ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn-alexnet", "deconvnet",
          "dilated-frontend", "dilated-context", "nyud-fcn32s-color", "nyud-fcn32s-hha",

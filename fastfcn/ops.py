@@ -24,9 +24,10 @@ import torch
 
 from fastfcn.kernels import reference as ref
 from fastfcn.kernels import structure as _structure
+from fastfcn.kernels.structure import check_output, pool_out_size
 
 IMPLS = (None, "triton", "cpu", "reference")
-OUTPUTS = ref.OUTPUTS
+OUTPUTS = _structure.OUTPUTS
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------- weight structure, cached
@@ -188,61 +189,37 @@ def _check_size(size):
     return ref._side(size[0]), ref._side(size[1])
 
 
-def _check_output(output):
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-
-
-def _labels_dtype(c: int) -> torch.dtype:
-    return torch.uint8 if c <= 256 else torch.int32
-
-
-def _pool_out(size: int, kernel: int, stride: int, ceil_mode: bool) -> int:
-    """PyTorch's pooling_output_shape with padding 0 and dilation 1."""
-    out = (size - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size:
-        out -= 1
-    return out
-
-
 # ---------------------------------------------------------------- implementations
+# impl is "triton" or "cpu" here: the public ops below run impl="reference" themselves.
+
+
+def _kernels(impl: str, triton_module: str):
+    return _triton_kernels(triton_module) if impl == "triton" else _cpu_twin()
 
 
 def _upsample_add_impl(x, weight, stride, skip, offset, scale, impl):
-    if impl == "reference":
-        return ref.upsample_add(x, weight, stride, skip, offset, scale).contiguous()
-    kind = weight_kind(weight)
-    mod = _triton_kernels("upsample") if impl == "triton" else _cpu_twin()
-    return mod.upsample_add(x, weight, stride, skip, offset, scale, kind)
+    mod = _kernels(impl, "upsample")
+    return mod.upsample_add(x, weight, stride, skip, offset, scale, weight_kind(weight))
 
 
 def _upsample_crop_impl(x, weight, stride, offset, size, output, impl):
-    if impl == "reference":
-        return ref.upsample_crop(x, weight, stride, offset, tuple(size), output).contiguous()
-    kind = weight_kind(weight)
-    mod = _triton_kernels("upsample") if impl == "triton" else _cpu_twin()
-    return mod.upsample_crop(x, weight, stride, offset, tuple(size), output, kind)
+    mod = _kernels(impl, "upsample")
+    return mod.upsample_crop(x, weight, stride, offset, tuple(size), output, weight_kind(weight))
 
 
 def _fcn_head_impl(score, skips, weights, strides, offsets, scales, size, output, impl):
-    if impl == "reference":
-        return ref.fcn_head(score, list(skips), list(weights), list(strides), list(offsets), list(scales),
-                            tuple(size), output).contiguous()
     kinds = [weight_kind(w) for w in weights]
-    mod = _triton_kernels("upsample") if impl == "triton" else _cpu_twin()
+    mod = _kernels(impl, "upsample")
     return mod.fcn_head(score, list(skips), list(weights), list(strides), list(offsets), list(scales),
                         tuple(size), output, kinds)
 
 
 def _max_pool_impl(x, kernel, stride, ceil_mode, impl):
-    if impl == "reference":
-        return ref.max_pool2d_with_switches(x, kernel, stride, ceil_mode)
-    mod = _triton_kernels("unpool") if impl == "triton" else _cpu_twin()
-    return mod.max_pool2d_with_switches(x, kernel, stride, ceil_mode)
+    return _kernels(impl, "unpool").max_pool2d_with_switches(x, kernel, stride, ceil_mode)
 
 
 def _max_unpool_impl(x, indices, output_size, kernel, stride, relu, impl):
-    if impl != "reference" and stride < kernel:
+    if stride < kernel:
         warnings.warn(
             f"fastfcn.ops.max_unpool2d: kernel={kernel} with stride={stride} makes windows overlap, so an "
             f"output pixel can belong to several windows and the gather does not apply; running the "
@@ -250,11 +227,8 @@ def _max_unpool_impl(x, indices, output_size, kernel, stride, relu, impl):
             RuntimeWarning,
             stacklevel=3,
         )
-        impl = "reference"
-    if impl == "reference":
         return ref.max_unpool2d(x, indices, tuple(output_size), kernel, stride, relu)
-    mod = _triton_kernels("unpool") if impl == "triton" else _cpu_twin()
-    return mod.max_unpool2d(x, indices, tuple(output_size), kernel, stride, relu)
+    return _kernels(impl, "unpool").max_unpool2d(x, indices, tuple(output_size), kernel, stride, relu)
 
 
 # ---------------------------------------------------------------- custom ops (torch.compile / export)
@@ -286,7 +260,7 @@ def _fake_output(x: torch.Tensor, size, output: str) -> torch.Tensor:
     """The shape and dtype of a final stage's result for x: (N, C, h, w): labels (N, H, W) or (N, C, H, W)."""
     n, c = x.shape[:2]
     if output == "labels":
-        return x.new_empty((n, size[0], size[1]), dtype=_labels_dtype(c))
+        return x.new_empty((n, size[0], size[1]), dtype=_structure.labels_dtype(c))
     return x.new_empty((n, c, size[0], size[1]))
 
 
@@ -319,7 +293,7 @@ def _max_pool_op(
 @_max_pool_op.register_fake
 def _(x, kernel, stride, ceil_mode, impl):
     n, c, H, W = x.shape
-    shape = (n, c, _pool_out(H, kernel, stride, ceil_mode), _pool_out(W, kernel, stride, ceil_mode))
+    shape = (n, c, pool_out_size(H, kernel, stride, ceil_mode), pool_out_size(W, kernel, stride, ceil_mode))
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
@@ -369,7 +343,7 @@ def upsample_crop(x, weight, stride, offset, size, output="logits", *, impl=None
     (uint8 when C <= 256, else int32; ties to the lowest class index, as torch.argmax).
     """
     _check_x(x)
-    _check_output(output)
+    check_output(output)
     size = _check_size(size)
     c = x.shape[1]
     full = _stage_size(tuple(x.shape[-2:]), weight, stride, c, x.device)
@@ -389,7 +363,7 @@ def fcn_head(score, skips, weights, strides, offsets, scales, size, output="logi
     then upsample_crop. Returns (N, C, H, W) logits/probs or (N, H, W) labels, size = (H, W).
     """
     _check_x(score, "score")
-    _check_output(output)
+    check_output(output)
     size = _check_size(size)
     skips, weights, strides, offsets, scales = list(skips), list(weights), list(strides), list(offsets), \
         list(scales)
@@ -422,13 +396,9 @@ def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True, *, impl=None
     """
     _check_x(x)
     kernel, stride = int(kernel), int(stride)
-    if kernel < 1 or stride < 1 or kernel * kernel > 256:
-        raise ValueError(
-            f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256 (one byte per switch); "
-            f"got kernel={kernel}, stride={stride}"
-        )
+    _structure.check_switch_window(kernel, stride)
     H, W = x.shape[-2:]
-    if _pool_out(H, kernel, stride, ceil_mode) < 1 or _pool_out(W, kernel, stride, ceil_mode) < 1:
+    if pool_out_size(H, kernel, stride, ceil_mode) < 1 or pool_out_size(W, kernel, stride, ceil_mode) < 1:
         raise ValueError(
             f"a {H}x{W} input is too small for {kernel}x{kernel} pooling with stride {stride} "
             f"(ceil_mode={ceil_mode}): the output would be empty"

@@ -1,13 +1,24 @@
-"""Output-path checks the commands run before any long work, so that a bad ``--out`` fails in
-the first second with one line instead of after an hour of training or segmenting. They
-create nothing: a run that fails validation leaves the file system as it was."""
+"""Paths of the commands' inputs and outputs.
+
+Output-path checks run before any long work, so that a bad ``--out`` fails in the first
+second with one line instead of after an hour of training or segmenting; they create
+nothing: a run that fails validation leaves the file system as it was. ``collect_images``
+finds the image files named on a command line; ``plan_outputs`` names the files
+``fastfcn segment`` and ``fastfcn batch`` write for them; ``atomic_path`` is the one atomic
+write every output goes through."""
 
 from __future__ import annotations
 
 import os
+import stat
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .imageio import IMAGE_SUFFIXES, check_regular_file
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -48,3 +59,140 @@ def check_output_file(path: str | os.PathLike, what: str = "the output") -> Path
         raise InputError(f"{what} {path}: this is a folder; expected a file path")
     _check_parent_chain(path.parent, path, what)
     return path
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to segment: ``src`` as found, ``labels`` and ``overlay`` the files to write."""
+
+    src: Path
+    labels: Path
+    overlay: Path
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _walk(root: Path, recursive: bool, exclude: Path | None):
+    """Image files (by suffix) under ``root``, sorted; subfolders only when ``recursive``; never
+    the folder ``exclude`` (the output folder) or anything under it. Entries are not opened or
+    filtered by type here: read_image refuses FIFOs and devices from stat."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if exclude is not None:
+            dirnames[:] = [d for d in dirnames if not _within(Path(dirpath, d).resolve(), exclude)]
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(dirpath, name)
+        if not recursive:
+            return
+
+
+def collect_images(inputs: list[str], out: str | os.PathLike | None = None,
+                   recursive: bool = False) -> list[tuple[Path, Path]]:
+    """``[(file, base)]``: the image files named directly (base: their folder) and the image
+    files by suffix in named folders (base: that folder; subfolders with ``recursive``), in
+    order, each file once. Raises InputError for a missing input, a named FIFO/device, a folder
+    without images, and for an output folder ``out`` that holds an input (it would be
+    overwritten or read back); ``out`` inside an input folder is skipped while walking."""
+    out_r = Path(out).resolve() if out is not None else None
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if not os.path.lexists(p):
+            raise InputError(f"{p}: no such file or directory")
+        pr = p.resolve()
+        if out_r is not None and _within(pr, out_r):
+            raise InputError(f"--out {out} holds the input {p}; choose an output folder outside the inputs")
+        if p.is_dir():
+            files = list(_walk(p, recursive, out_r))
+            if not files:
+                where = "or its subfolders " if recursive else ""
+                raise InputError(
+                    f"{p}: no images in this folder {where}(looked for {', '.join(IMAGE_SUFFIXES)})"
+                )
+            found += [(f, p) for f in files]
+        else:
+            check_regular_file(p)  # a FIFO or device named on the command line is refused unopened
+            found.append((p, p.parent))
+    seen: set[Path] = set()
+    unique = []
+    for f, base in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, base))
+    return unique
+
+
+def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list[Job]:
+    """Output paths that mirror the inputs' folders: ``OUT/labels/<rel>.png`` and
+    ``OUT/overlays/<rel>.png``, where ``<rel>`` is the file's path relative to the common
+    folder of all inputs (so ``cam1/a.png`` and ``cam2/a.png`` stay apart) with its suffix
+    replaced by .png, or kept (``a.jpg.png``) where two inputs of one folder share a stem.
+    Labels and overlays live in separate trees, so no input name can make them collide.
+    Raises InputError naming both inputs if two would still write the same file."""
+    out = Path(out)
+    bases = [os.path.abspath(b) for _, b in found]
+    try:
+        root = os.path.commonpath(bases) if bases else ""
+    except ValueError:  # Windows: no common folder across drives
+        raise InputError("the inputs are on different drives; segment each drive's in its own run") from None
+    rels = [Path(os.path.relpath(os.path.abspath(f), root)) for f, _ in found]
+    stems: dict[tuple[Path, str], int] = {}
+    for r in rels:
+        key = (r.parent, r.stem.lower())
+        stems[key] = stems.get(key, 0) + 1
+    jobs, owner = [], {}
+    for (f, _), r in zip(found, rels):
+        name = f"{r.stem}.png" if stems[(r.parent, r.stem.lower())] == 1 else f"{r.name}.png"
+        rel = r.parent / name
+        key = str(rel).lower()  # case-insensitive file systems (macOS, Windows) collide too
+        if key in owner:
+            raise InputError(f"{owner[key]} and {f} would both write {rel} under --out; rename one of them")
+        owner[key] = f
+        jobs.append(Job(f, out / "labels" / rel, out / "overlays" / rel))
+    return jobs
+
+
+TMP_TAG = ".fastfcn-tmp-"  # in every temporary name, so leftovers of killed writers can be found
+
+
+def _new_file_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it over ``path`` when the block succeeds,
+    so ``path`` is either the old file or the complete new one, and removes it when the block
+    fails (KeyboardInterrupt included; only a SIGKILL or power loss can leave one behind, and it
+    never replaces ``path``). The folder is created when missing.
+
+    The temporary is ``.<stem>.fastfcn-tmp-<pid>-<random><suffix>``: unique per call, so
+    concurrent writers never share one, and with the same suffix, so writers that pick a format
+    by suffix pick the same. durable: also fsync it before the rename and give it the mode of
+    the file it replaces (a new file: 0666 minus the umask, as open() gives; writers that use
+    mkstemp leave 0600), for files that are kept and shared, such as checkpoints.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        if durable:
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                mode = _new_file_mode()
+            os.chmod(tmp, mode)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

@@ -1,8 +1,5 @@
-"""Video files through a Segmenter: decode -> batch -> segment -> encode, overlapped.
-
-    fastfcn video fcn8s.safetensors street.mp4 street_seg.mp4 [--mode overlay|labels|side-by-side]
-        [--labels-out labels.mkv] [--alpha 0.5] [--batch-size 8] [--every 1] [--start S] [--duration S]
-        [--backend B] [--precision P] [--device D]
+"""Video files through a Segmenter: decode -> batch -> segment -> encode, overlapped
+(the ``fastfcn video`` command is ``fastfcn.cli.video``).
 
 ``segment_video`` decodes with PyAV (FFmpeg) in the stream's reader thread, segments through
 ``Segmenter.stream`` (batching and inference in their own threads) and blends and encodes in
@@ -20,9 +17,7 @@ copied packet for packet. Outputs:
 
 from __future__ import annotations
 
-import argparse
 import collections
-import math
 import os
 import sys
 import time
@@ -31,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FastFCNError, InputError, StreamError
-from .names import ARCHS, BACKENDS, PRECISIONS, device_arg
-from .zoo import BUILTIN, resolve
+from .progress import Progress
 
 MODES = ("overlay", "labels", "side-by-side")
 LABEL_VIDEO_SUFFIXES = (".mkv", ".avi", ".nut")
@@ -177,46 +171,6 @@ def write_video(path, frames, fps: int = 25, *, lossless: bool = False) -> int:
     return n
 
 
-# ----------------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """frames, frames/s and ETA on stderr: redrawn on a terminal, one line a second otherwise."""
-
-    def __init__(self, total: int | None, enabled: bool, stream=None):
-        self.total, self.enabled, self.n = total, enabled, 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = self.last = time.perf_counter()
-
-    def step(self, k: int = 1) -> None:
-        self.n += k
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < (0.1 if self.tty else 1.0):
-            return
-        self.last = now
-        self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self.n / max(now - self.t0, 1e-9)
-        if self.total:
-            left = max(self.total - self.n, 0) / rate if rate > 0 else float("inf")
-            eta = f"ETA {left:.0f} s" if math.isfinite(left) else "ETA ?"
-            done = min(self.n / self.total, 1.0)
-            bar = f"[{'#' * int(30 * done):.<30}] {self.n}/{self.total}"
-        else:
-            bar, eta = f"{self.n} frames", ""
-        line = f"{bar} {rate:.1f} frames/s {eta}"
-        self.stream.write(("\r" + line.ljust(79)) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self.n:
-            self._draw(time.perf_counter())
-            if self.tty:
-                self.stream.write("\n")
-
-
 # ------------------------------------------------------------------------------------ decoding
 
 
@@ -353,7 +307,9 @@ class _Decoder:
 # ------------------------------------------------------------------------------- segment_video
 
 
-def _check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Path | None]:
+def check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Path | None]:
+    """``segment_video``'s paths checked before any work: the input exists, no output is the
+    input or the other output, every output can be written. Returns them as Paths."""
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file")
@@ -379,7 +335,8 @@ def _check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Pa
     return src, dst, lab
 
 
-def _check_options(mode, alpha, batch_size, every, start, duration) -> None:
+def check_options(mode, alpha, batch_size, every, start, duration) -> None:
+    """``segment_video``'s options checked before any work (InputError naming the bad one)."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}")
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
@@ -421,8 +378,8 @@ def segment_video(
     (the stages overlap, so the busy times add up to more than ``seconds``).
     A missing file raises FileNotFoundError; everything else the user can fix, InputError.
     """
-    _check_options(mode, alpha, batch_size, every, start, duration)
-    src, dst, lab = _check_paths(source, destination, labels_out)
+    check_options(mode, alpha, batch_size, every, start, duration)
+    src, dst, lab = check_paths(source, destination, labels_out)
     _av()
     seg = segmenter
     if not hasattr(seg, "stream"):
@@ -472,7 +429,7 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
     from .viz import overlay, side_by_side
 
     stats = StreamStats()
-    bar = _Progress(dec.estimated_frames(), progress)
+    bar = Progress(dec.estimated_frames() or None, "video", enabled=progress, unit="frames")
     out = segmented = 0
     encode_s = 0.0
     # Closing waits for the reader to leave the decoder: the container is closed after this.
@@ -496,7 +453,7 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
             while dec.audio_packets:
                 main.mux_audio(dec.audio_packets.popleft())
             encode_s += time.perf_counter() - t
-            bar.step(len(group))
+            bar.step(n=len(group))
     except StreamError as e:
         # The decoder's own message (frame and time of the damage) or the inference failure.
         cause = e.__cause__
@@ -523,54 +480,3 @@ def format_summary(s: dict) -> str:
         f"inference {100 * s['inference_share']:.0f}%, encode {100 * s['encode_share']:.0f}% -> "
         f"{s['destination']}" + (f", labels {s['labels_out']}" if s.get("labels_out") else "")
     )
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    a = parser.add_argument
-    a("checkpoint", help=f"a checkpoint fastfcn.load reads, an exported .onnx, or a built-in model by name "
-                         f"({', '.join(BUILTIN)})")
-    a("input", help="the video file to segment")
-    a("output", help="the video to write (.mp4, .mkv, ...; --mode labels: .mkv or a folder for PNGs)")
-    a("--mode", choices=MODES, default="overlay",
-      help="overlay (default): frame + class colours; side-by-side: frame | colours; labels: class ids")
-    a("--labels-out", default=None, metavar="PATH",
-      help="also write the class ids: a lossless FFV1 .mkv, or a folder for palette PNGs")
-    a("--alpha", type=float, default=0.5, help="overlay opacity of the class colours, 0..1 (default 0.5)")
-    a("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
-    a("--every", type=int, default=1,
-      help="segment every Nth frame, reusing its labels for the frames between (default 1)")
-    a("--start", type=float, default=None, help="start at this time, in seconds")
-    a("--duration", type=float, default=None, help="segment this many seconds")
-    a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
-    a("--precision", default="auto", choices=("auto", *PRECISIONS), help="compute precision")
-    a("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
-    a("--arch", choices=ARCHS, help="architecture, for checkpoint files that do not record it")
-    a("--quiet", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .runtime import Segmenter
-
-    _check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
-    _check_paths(args.input, args.output, args.labels_out)
-    ckpt = Path(resolve(args.checkpoint))
-    if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
-    try:
-        seg = Segmenter(ckpt, arch=args.arch, device=args.device, backend=args.backend,
-                        precision=args.precision)  # fmt: skip
-    except (ValueError, TypeError) as e:
-        if isinstance(e, FastFCNError):
-            raise
-        raise InputError(str(e)) from None  # a bad --backend / --precision / --device
-    summary = segment_video(
-        args.input, args.output, seg, mode=args.mode, alpha=args.alpha, batch_size=args.batch_size,
-        every=args.every, start=args.start, duration=args.duration, labels_out=args.labels_out,
-        progress=not args.quiet,
-    )  # fmt: skip
-    if args.quiet:
-        print(format_summary(summary), file=sys.stderr)
-    return 0

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OUTPUTS = ("logits", "labels", "probs")
+from .structure import OUTPUTS as OUTPUTS  # re-exported: code outside kernels imports it from here
+from .structure import check_output, check_switch_window, labels_dtype
 
 
 def _groups(x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -34,11 +35,6 @@ def _side(v) -> int:
     """int(v), except that a symbolic size (torch.export's SymInt) stays symbolic: int() would
     specialise it to the traced value and freeze an exported graph's height and width."""
     return v if isinstance(v, torch.SymInt) else int(v)
-
-
-def transposed_size(h: int, k: int, stride: int) -> int:
-    """Output length of conv_transpose2d without padding: (h - 1) * stride + k."""
-    return (h - 1) * stride + k
 
 
 def upsample(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
@@ -86,14 +82,12 @@ def upsample_add(
 
 def finish(y: torch.Tensor, output: str) -> torch.Tensor:
     """Turn (N, C, H, W) logits into the requested output."""
+    check_output(output)
     if output == "logits":
         return y
     if output == "labels":
-        dtype = torch.uint8 if y.shape[1] <= 256 else torch.int32
-        return y.argmax(1).to(dtype)
-    if output == "probs":
-        return torch.softmax(y.float(), 1).to(y.dtype)
-    raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        return y.argmax(1).to(labels_dtype(y.shape[1]))
+    return torch.softmax(y.float(), 1).to(y.dtype)
 
 
 def upsample_crop(
@@ -109,8 +103,7 @@ def upsample_crop(
     x: (N, C, h, w) -> logits/probs (N, C, H, W) or labels (N, H, W)
     (uint8 when C <= 256, else int32; ties go to the lowest class index).
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+    check_output(output)
     return finish(crop(upsample(x, weight, stride), offset, size), output)
 
 
@@ -150,8 +143,7 @@ def max_pool2d_with_switches(
     x: (N, C, H, W) -> values (N, C, h, w), switches (N, C, h, w) uint8 holding
     dy * kernel + dx, the position of the (first) maximum inside its window.
     """
-    if kernel * kernel > 256:
-        raise ValueError(f"compact switches need kernel*kernel <= 256; got kernel={kernel}")
+    check_switch_window(kernel, stride)
     values, idx = F.max_pool2d(x, kernel, stride, ceil_mode=ceil_mode, return_indices=True)
     w = x.shape[-1]
     oy = torch.arange(values.shape[-2], device=x.device).view(-1, 1) * stride

@@ -1,4 +1,8 @@
-"""Structure of upsampling weights, detected once per weight tensor.
+"""The small rules every implementation of the fused ops shares, each defined once here
+(kernels import nothing of fastfcn, so this module is the lowest layer that needs them):
+pooled sizes, the labels dtype, the weight-kind and output codes shared with the C++ twins
+(``kernels/cpu/fcn_ops.h``) and the Triton kernels, and the structure of upsampling weights,
+detected once per weight tensor.
 
 The reference nets initialise every Deconvolution bilinear on the diagonal
 (class c only feeds class c) and keep it fixed: 4 taps per output pixel and
@@ -11,6 +15,55 @@ from __future__ import annotations
 import torch
 
 KINDS = ("bilinear", "depthwise", "dense")
+OUTPUTS = ("logits", "labels", "probs")
+
+# Codes passed to the kernels. They must equal ``enum Kind`` and ``enum Output`` in
+# kernels/cpu/fcn_ops.h and the KIND / OUTPUT constexprs of kernels/upsample.py.
+KIND_CODES = {"bilinear": 0, "depthwise": 1, "dense": 2}
+OUT_LOGITS, OUT_LABELS_U8, OUT_LABELS_I32, OUT_PROBS = 0, 1, 2, 3
+
+
+def labels_dtype(num_classes: int) -> torch.dtype:
+    """The dtype of class-id maps: uint8 when C <= 256 (ids 0..255), else int32."""
+    return torch.uint8 if num_classes <= 256 else torch.int32
+
+
+def check_output(output: str) -> None:
+    """Raise ValueError unless ``output`` is one of OUTPUTS."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+
+
+def output_code(output: str, num_classes: int) -> int:
+    """The kernels' code for ``output`` ("logits", "labels" or "probs") at C classes; labels
+    carry their width (OUT_LABELS_U8 or OUT_LABELS_I32, see labels_dtype)."""
+    if output == "logits":
+        return OUT_LOGITS
+    if output == "labels":
+        return OUT_LABELS_U8 if labels_dtype(num_classes) == torch.uint8 else OUT_LABELS_I32
+    if output == "probs":
+        return OUT_PROBS
+    raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+
+
+def check_switch_window(kernel: int, stride: int) -> None:
+    """Raise ValueError unless kernel, stride >= 1 and a switch (dy * kernel + dx, the window
+    position of the maximum) fits the one byte max_pool2d_with_switches stores per window."""
+    if kernel < 1 or stride < 1 or kernel * kernel > 256:
+        raise ValueError(
+            f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256 (one byte per switch); "
+            f"got kernel={kernel}, stride={stride}"
+        )
+
+
+def pool_out_size(size: int, kernel: int, stride: int, ceil_mode: bool = True) -> int:
+    """Max pooling's output size along one dimension, padding 0, dilation 1: torch's
+    pooling_output_shape. ceil_mode=True is Caffe's rounding, except that a last window
+    starting past the input is dropped (as torch does). May be < 1: callers decide."""
+    out = (size - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size:
+        out -= 1
+    return out
 
 
 def bilinear_1d(k: int, dtype=torch.float32, device=None) -> torch.Tensor:

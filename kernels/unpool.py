@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .structure import check_switch_window, pool_out_size
+
 
 @triton.jit
 def max_pool_switches_kernel(
@@ -90,15 +92,6 @@ def max_unpool_gather_kernel(
     tl.store(out_ptr + o, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _pool_out(size: int, kernel: int, stride: int, ceil_mode: bool) -> int:
-    """PyTorch's pooling_output_shape with padding 0 and dilation 1."""
-    num = size - kernel + (stride - 1 if ceil_mode else 0)
-    out = num // stride + 1
-    if ceil_mode and (out - 1) * stride >= size:
-        out -= 1
-    return out
-
-
 def _block(total: int, is_cuda: bool) -> int:
     if is_cuda:
         return 1024
@@ -126,10 +119,9 @@ def max_pool2d_with_switches(x, kernel, stride, ceil_mode):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     kernel, stride = int(kernel), int(stride)
-    if kernel < 1 or stride < 1 or kernel * kernel > 256:
-        raise ValueError(f"need kernel >= 1, stride >= 1 and kernel*kernel <= 256; got {kernel}, {stride}")
+    check_switch_window(kernel, stride)
     n, c, H, W = x.shape
-    h, w = _pool_out(H, kernel, stride, ceil_mode), _pool_out(W, kernel, stride, ceil_mode)
+    h, w = pool_out_size(H, kernel, stride, ceil_mode), pool_out_size(W, kernel, stride, ceil_mode)
     if h < 1 or w < 1:
         raise ValueError(
             f"a {H}x{W} input is too small for {kernel}x{kernel} pooling (ceil_mode={ceil_mode}): "

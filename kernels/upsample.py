@@ -18,8 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-KINDS = {"bilinear": 0, "depthwise": 1, "dense": 2}
-OUTPUTS = {"logits": 0, "labels": 1, "probs": 2}
+from .structure import KIND_CODES, KINDS, check_output, labels_dtype, output_code
 
 
 @triton.jit
@@ -84,7 +83,8 @@ def upsample_kernel(
     """out[n, c, py, px] = convT(x)[n, c, off + py, off + px] + scale * skip[n, c, soff + py, soff + px].
 
     Grid: (cdiv(Ho * Wo, BLOCK_P), N, cdiv(C, BLOCK_C) for logits else 1).
-    OUTPUT 0 writes (N, C, Ho, Wo) logits, 1 (N, Ho, Wo) argmax labels, 2 (N, C, Ho, Wo) softmax.
+    OUTPUT (structure.output_code) 0 writes (N, C, Ho, Wo) logits, 1 or 2 (N, Ho, Wo) argmax labels
+    (uint8 or int32: the store converts to out_ptr's type), 3 (N, C, Ho, Wo) softmax.
     """
     # Pixel indices stay int32 (64-bit div/mod per pixel is several times the instructions);
     # the launcher checks Ho * Wo + BLOCK_P < 2**31. Image and class plane bases are int64:
@@ -110,9 +110,10 @@ def upsample_kernel(
         m2 = pmask[:, None] & (co < C)[None, :]
         o_off = (co.to(tl.int64) * HWo)[None, :] + p[:, None]
         tl.store(out_n + o_off, acc.to(out_ptr.dtype.element_ty), mask=m2)
-    elif OUTPUT == 1:
+    elif OUTPUT <= 2:
         best = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
         arg = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        nan_arg = tl.full((BLOCK_P,), C, dtype=tl.int32)  # first NaN class, C while none
         for c0 in range(0, C, BLOCK_C):
             acc = _stage_tile(x_ptr, w_ptr, skip_ptr, n, c0, C, h, w, oy, ox, sy, sx, Hs, Ws, scale, pmask,
                               K, S, T, KIND, HAS_SKIP, CENTER, FACTOR, BLOCK_P, BLOCK_C)
@@ -125,6 +126,10 @@ def upsample_kernel(
             upd = cmax > best
             best = tl.where(upd, cmax, best)
             arg = tl.where(upd, cidx, arg)
+            # a NaN wins its pixel, the first NaN class kept, as torch.argmax (the comparisons
+            # above never pick one)
+            nan_arg = tl.minimum(nan_arg, tl.min(tl.where(acc != acc, co[None, :], C), axis=1).to(tl.int32))
+        arg = tl.where(nan_arg < C, nan_arg, arg)
         tl.store(out_ptr + n * HWo + p, arg.to(out_ptr.dtype.element_ty), mask=pmask)
     else:
         m = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
@@ -204,7 +209,7 @@ def _check(x, weight, stride, kind):
             f"weight must be (C, C, k, k) or (C, 1, k, k) with C={c}; got {tuple(weight.shape)}"
         )
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {tuple(KINDS)}; got {kind!r}")
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
     if kind == "dense" and weight.shape[1] != c:
         raise ValueError(f"a dense weight must be (C, C, k, k) with C={c}; got {tuple(weight.shape)}")
     if int(stride) < 1:
@@ -232,7 +237,7 @@ def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_d
     ho, wo = int(size[0]), int(size[1])
     _check_plane(ho, wo, skip)
     if output == "labels":
-        out = torch.empty((n, ho, wo), dtype=torch.uint8 if c <= 256 else torch.int32, device=x.device)
+        out = torch.empty((n, ho, wo), dtype=labels_dtype(c), device=x.device)
     else:
         out = torch.empty((n, c, ho, wo), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
@@ -261,7 +266,7 @@ def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_d
     upsample_kernel[grid](
         x, wk, skip, out,
         c, h, w, ho, wo, int(off), int(soff), hs, ws, float(scale),
-        K=k, S=s, T=triton.cdiv(k, s), KIND=KINDS[kind], OUTPUT=OUTPUTS[output],
+        K=k, S=s, T=triton.cdiv(k, s), KIND=KIND_CODES[kind], OUTPUT=output_code(output, c),
         HAS_SKIP=skip is not x, CENTER=float(center), FACTOR=float(factor),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )
@@ -298,8 +303,7 @@ def upsample_crop(x, weight, stride, offset, size, output, kind, out_dtype=None)
     labels (uint8 when C <= 256 else int32; ties to the lowest index). Only kept pixels are computed.
     """
     _check(x, weight, stride, kind)
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {tuple(OUTPUTS)}; got {output!r}")
+    check_output(output)
     h, w = x.shape[-2:]
     k = weight.shape[-1]
     ho, wo = (h - 1) * int(stride) + k, (w - 1) * int(stride) + k

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastfcn
 import fastfcn.models as models
-from fastfcn.models.backbone import conv_padding, conv_weight, reference_conv
+from fastfcn.models.backbone import Pool, conv_padding, conv_weight, reference_conv
 from fastfcn.runtime import cpu_fast
 
 VGG = " ".join(f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1))
@@ -146,10 +146,16 @@ def test_planner_keeps_the_fastest_once_per_shape():
         m(torch.randn(1, 3, 85, 23).contiguous(memory_format=torch.channels_last))
         assert n < len(timer.calls) <= 2 * n
     plan = planner.plan()
-    assert len(plan) == 2 * len(m.conv_steps())
-    assert {e["chosen"] for e in plan} == {"torch"}
     measured = [e for e in plan if e["source"] == "measured"]
     assert sum(len(e["times_ms"]) + len(e.get("errors", {})) for e in measured) == len(timer.calls)
+    pools = [e for e in plan if e["layer"] == "maxpool"]
+    # the max pools are planned too (cpp vs torch), one entry per pool input shape: 5 pools x 2 sizes
+    assert len(pools) == 2 * sum(isinstance(s, Pool) for s in m.backbone)
+    assert {e["chosen"] for e in pools} == {"torch"}
+    assert all(set(e["times_ms"]) == {"torch", "cpp"} for e in pools)
+    plan = [e for e in plan if e["layer"] != "maxpool"]
+    assert len(plan) == 2 * len(m.conv_steps())
+    assert {e["chosen"] for e in plan} == {"torch"}
     e = plan[0]
     assert e["layer"] == "conv1_1" and e["input"] == [1, 3, 21, 23] and e["source"] == "measured"
     assert e["times_ms"]["torch"] == 100.0 and e["times_ms"]["onednn"] == 500.0
@@ -173,7 +179,7 @@ def test_planner_drops_a_candidate_that_raises_and_results_agree():
         pc.cands = {"broken": broken, **pc.cands}
     with torch.no_grad():
         got = m(x)
-    plan = planner.plan()
+    plan = [e for e in planner.plan() if e["layer"] != "maxpool"]
     assert all(e["chosen"] != "broken" for e in plan)
     assert all("broken" in e["errors"] for e in plan if e["source"] == "measured")
     assert any(e["chosen"] == "nnpack" for e in plan)
@@ -188,7 +194,7 @@ def test_planner_raises_when_nothing_runs():
         raise RuntimeError("no")
 
     planner.convs["conv1_1"].cands = {"broken": broken}
-    with pytest.raises(RuntimeError, match="no convolution implementation could run layer conv1_1"):
+    with pytest.raises(RuntimeError, match="no implementation could run layer conv1_1"):
         m(torch.randn(1, 3, 9, 9))
 
 

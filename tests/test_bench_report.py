@@ -217,7 +217,7 @@ def test_floor_fields():
     common = _common()
     assert common.gpu_peak("Tesla K40c") is None
     info = {"name": "NVIDIA H200", "peak": common.gpu_peak("NVIDIA H200")}
-    # FACTS.md: FCN-8s 363 GFLOP at 989 TFLOP/s is a 0.37 ms floor.
+    # docs/facts.md, "Cost of FCN-8s": 363 GFLOP at 989 TFLOP/s is a 0.37 ms floor.
     f = common.floor_fields(363e9, 1e-3, info, "bf16")
     assert f["floor_ms"] == pytest.approx(0.367, abs=1e-3) and f["fraction_of_floor"] == pytest.approx(
         0.367, abs=1e-3

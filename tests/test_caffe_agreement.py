@@ -1,7 +1,7 @@
 """A Caffe-named state dict saved with torch.save loads through fastfcn.load and its
 forward matches an independent implementation of the reference Caffe nets.
 
-The implementation below is written from FACTS.md with plain torch.nn.functional
+The implementation below is written from docs/facts.md with plain torch.nn.functional
 calls only (no fastfcn models, heads or ops): conv1_1 pad 100, ceil-mode pooling,
 fc6 7x7 (AlexNet 6x6), 1x1 score layers, Deconvolutions as conv_transpose2d with
 the file's upscore weights, Caffe's Crop (top-left offset, to the reference
@@ -23,7 +23,7 @@ WIDTH = 0.125
 NUM_CLASSES = 7
 VGG = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 FC = 4096
-# Deconvolutions (kernel, stride) and Crop offsets of the reference prototxts (FACTS.md).
+# Deconvolutions (kernel, stride) and Crop offsets of the reference prototxts (docs/facts.md, "Crop offsets").
 UPSCORE = {
     "fcn32s": {"upscore": (64, 32)},
     "fcn16s": {"upscore2": (4, 2), "upscore16": (32, 16)},
@@ -38,7 +38,8 @@ def ch(c: int, multiple: int = 1) -> int:
 
 
 def bilinear(c: int, k: int) -> torch.Tensor:
-    """FACTS.md: factor = (k+1)//2, center = factor-1 (k odd) or factor-0.5; on the diagonal only."""
+    """docs/facts.md, "Upsampling weights": factor = (k+1)//2, center = factor-1 (k odd) or
+    factor-0.5; on the diagonal only."""
     factor = (k + 1) // 2
     center = factor - 1 if k % 2 == 1 else factor - 0.5
     og = torch.arange(k, dtype=torch.float64)

@@ -197,7 +197,7 @@ def test_cli_errors_are_one_line_exit_1_and_write_nothing(work, bad_paths, capsy
 
 
 def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
-    from fastfcn import bench_report
+    from fastfcn.cli import bench_report
 
     def boom(args):
         raise RuntimeError("first line\nsecond line")
@@ -225,3 +225,25 @@ def test_odd_input_names(work, tmp_path, capsys):
     for name in ("..png", ".hidden.png"):
         assert Image.open(tmp_path / "o" / "labels" / name).size == (7, 9)
         assert Image.open(tmp_path / "o" / "overlays" / name).size == (7, 9)
+
+
+def test_layout_commands_live_in_cli_and_the_runtime_holds_no_io():
+    """kernels -> ops -> models -> runtime -> cli: every command's module is in fastfcn.cli, and
+    the runtime holds no argument parsing, image file IO or palette code (fastfcn.imageio,
+    fastfcn.viz hold those)."""
+    from pathlib import Path
+
+    from fastfcn.cli import COMMANDS
+
+    assert all(module.startswith("fastfcn.cli.") for module, _ in COMMANDS.values())
+    pkg = Path(fastfcn.__file__).parent
+    for path in (pkg / "runtime").glob("*.py"):
+        text = path.read_text()
+        for needle in ("argparse", "add_arguments", "from PIL", "import PIL", "read_image(", "putpalette",
+                       "save_labels", "palette_bytes"):
+            assert needle not in text, f"{path.name} holds {needle!r}"
+    for path in [*(pkg / "models").glob("*.py"), *(pkg / "runtime").glob("*.py")]:
+        text = path.read_text()
+        assert "from ..cli" not in text and "fastfcn.cli" not in text, path.name
+        if path.parent.name == "models":
+            assert "from ..runtime" not in text and "import fastfcn.runtime" not in text, path.name

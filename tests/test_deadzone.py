@@ -1,4 +1,4 @@
-"""The image-independent positions ("dead zone"): geometry against FACTS.md and brute force, and
+"""The image-independent positions ("dead zone"): geometry against docs/facts.md and brute force, and
 the executor against the reference forward.
 
 Tolerance of the exactness checks: the skip recomputes the same convolutions on smaller windows,
@@ -119,11 +119,10 @@ def test_fcn8s_500_per_layer_numbers():
         name = sp.step.tap if isinstance(sp.step, Pool) else sp.step.name  # FCN taps every pool
         assert sp.rows == sp.cols  # square input: both dimensions alike
         got[name] = (dep_len(sp.rows.out_dep), sp.rows.out_size)
-    # FACTS.md, "Image-independent positions": conv1_1 502/698, conv1_2 504/698, pool1 253/349,
-    # conv2_x 255-257/349, pool2 129/175, conv3_x 131-135/175, pool4 38/44, conv5 ~all. FACTS
-    # gives pool3 69/88 and conv4_x 71-75: brute force (test_brute_force_fcn, and the same
-    # count at 500x500) finds 68 and 70-74, one fewer: pool3 output 78 reads conv3_3 rows
-    # 156-157, beyond its last dependent row 154.
+    # docs/facts.md, "Image-independent positions" (its table, with the correction listed under
+    # "Corrections": the paper-style count of pool3 69/88 and conv4_x 71-75 is one too many;
+    # brute force (test_brute_force_fcn, and the same count at 500x500) finds 68 and 70-74:
+    # pool3 output 78 reads conv3_3 rows 156-157, beyond its last dependent row 154).
     assert got == {
         "conv1_1": (502, 698), "conv1_2": (504, 698), "pool1": (253, 349),
         "conv2_1": (255, 349), "conv2_2": (257, 349), "pool2": (129, 175),

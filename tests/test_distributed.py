@@ -19,7 +19,7 @@ from fastfcn import distributed, models
 from fastfcn.cli import main
 from fastfcn.errors import CheckpointError, InputError
 from fastfcn.imageio import read_image
-from fastfcn.runtime.commands import plan_outputs
+from fastfcn.paths import plan_outputs
 from fastfcn.viz import overlay, side_by_side
 
 pytest.importorskip("ray", reason="Ray Data is the ray extra: pip install 'fastfcn[ray]'")

@@ -105,11 +105,12 @@ def test_bad_choices_fail_while_parsing(argv, needle, capsys):
 
 
 def test_one_progress_bar():
-    import fastfcn.runtime.commands as commands
-    import fastfcn.train as train
+    import fastfcn.cli.segment as segment
+    import fastfcn.training.loop as loop
+    import fastfcn.video as video
 
-    assert train.Progress is Progress and commands.Progress is Progress
-    # evaluate imports it in main(); no module defines a bar of its own.
+    assert loop.Progress is Progress and segment.Progress is Progress and video.Progress is Progress
+    # eval imports it in main(); no module defines a bar of its own.
     defined = [p.relative_to(REPO).as_posix() for p in (REPO / "fastfcn").rglob("*.py")
                if "class Progress" in p.read_text()]
     assert defined == ["fastfcn/progress.py"]

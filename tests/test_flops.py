@@ -1,4 +1,4 @@
-"""The FLOP counter: hand-computed small nets, and FCN-8s against FACTS.md's cost table.
+"""The FLOP counter: hand-computed small nets, and FCN-8s against docs/facts.md's cost table.
 
 Models at width 1 are built on the meta device (no 538 MB of random weights), which
 the counter supports directly.
@@ -64,7 +64,7 @@ def test_restores_mode_and_counts_in_eval():
 def test_fcn8s_500_matches_the_cost_table():
     m = meta_model("fcn8s")
     c = count_macs(m, (1, 3, 500, 500))
-    # FACTS.md: 181.5 GMAC per image; conv1 18.8, conv2 26.9, conv3 45.2, conv4 45.7,
+    # docs/facts.md, "Cost of FCN-8s": 181.5 GMAC per image; conv1 18.8, conv2 26.9, conv3 45.2, conv4 45.7,
     # conv5 13.7, fc6 26.3, fc7 4.3 GMAC; dense upscore8 553 MMAC.
     assert c.gmac == pytest.approx(181.5, abs=0.1)
     groups = {k: v / 1e9 for k, v in c.by_group().items()}
@@ -106,10 +106,11 @@ def test_bad_input_size():
     [((500, 500), 55.96, 0.308), ((224, 224), 31.37, 0.499), ((1080, 1920), 145.67, 0.135)],
 )
 def test_computed_macs_skip_the_image_independent_positions(size, skipped_gmac, fraction):
-    # FACTS.md: about 56 of 181.5 GMAC at 500x500 never depend on the image (31%), about 50% at
-    # 224x224, about 14% at 1920x1080. Computed: a little more than the dependent part, as the
-    # conv before a pool also computes the outputs the pool's window reads (conv1_2: 506^2
-    # instead of 504^2; 56.27 GMAC are independent, 55.96 skipped).
+    # docs/facts.md, "Image-independent positions": about 56 of 181.5 GMAC at 500x500 never
+    # depend on the image (31%), about 50% at 224x224, about 14% at 1920x1080. Computed: a
+    # little more than the dependent part, as the conv before a pool also computes the outputs
+    # the pool's window reads (conv1_2: 506^2 instead of 504^2; 56.27 GMAC are independent,
+    # 55.96 skipped).
     m = meta_model("fcn8s")
     c = count_macs(m, (1, 3, *size))
     assert (c.macs - c.computed_macs) / 1e9 == pytest.approx(skipped_gmac, abs=0.01)

@@ -71,7 +71,7 @@ def seeds(tmp_path_factory):
     out["legacy.pth.tar"] = buf.getvalue()
     out["m.caffemodel"] = caffe_fcn(m, v1=False)
     out["v1.caffemodel"] = caffe_fcn(m, v1=True)
-    out["config"] = copy.deepcopy(m.config)
+    out["config"] = m.config.to_dict()
     out["dir"] = d
     return out
 

@@ -3,7 +3,9 @@ process-wide lock, out-of-memory during capture), precision flags per Segmenter,
 setting for every backend, independent compile backends, and the CUDA conv epilogues
 (which implementation is chosen, fallbacks when cuDNN's fused op is missing or refuses)."""
 
+import dataclasses
 import gc
+import types
 import weakref
 from contextlib import contextmanager
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 import fastfcn
 from fastfcn.models import build
 from fastfcn.runtime import backends, cuda_fast, cuda_graphs, segmenter
+from fastfcn.runtime.execution import ExecutionPlan
 
 
 def _images(n, h, w, seed=0):
@@ -68,32 +71,38 @@ def test_oom_at_capture_end_becomes_out_of_memory_error(monkeypatch):
 
 
 def test_untyped_oom_from_a_capture_halves_the_batch(monkeypatch):
-    """_run_split treats capture_end's untyped out-of-memory like any other: halve and retry."""
+    """CudaGraphRunner.split treats capture_end's untyped out-of-memory like any other: halve and retry."""
     seg = fastfcn.Segmenter(build("fcn32s", 21, 0.0625).eval(), device="cpu", backend="torch")
-    seg._use_graphs = True
+    # The CUDA runner's logic on the CPU: graphs on, replay faked.
+    runner = cuda_graphs.CudaGraphRunner(seg._forward, dataclasses.replace(seg.execution, cuda_graphs=True))
     sizes = []
 
     def replay(t, kind, output):
         sizes.append(t.shape[0])
         if t.shape[0] > 1:
             raise RuntimeError("CUDA error: out of memory")  # as capture_end raises it
-        return seg._finish(seg._compute(t, kind, output))
+        return seg._forward(t, kind, output)
 
-    monkeypatch.setattr(seg, "_replay", replay)
+    monkeypatch.setattr(runner, "replay", replay)
     batch = _images(4, 20, 24)
     with torch.inference_mode():
-        got = seg._run_split(batch, "u8", "labels")
+        got = runner.split(batch, "u8", "labels")
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
-    seg._use_graphs = False
     assert torch.equal(got, seg.run(batch))
+
+    def one_too_big(t, kind, output):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(runner, "replay", one_too_big)
+    with pytest.raises(fastfcn.InputError, match="does not fit in the memory of cpu with backend 'torch' at"):
+        runner.split(batch[:1], "u8", "labels")
 
     def broken(*args):
         raise RuntimeError("illegal memory access")
 
-    monkeypatch.setattr(seg, "_replay", broken)
-    seg._use_graphs = True
+    monkeypatch.setattr(runner, "replay", broken)
     with pytest.raises(RuntimeError, match="illegal memory access"), torch.inference_mode():
-        seg._run_split(batch, "u8", "labels")
+        runner.split(batch, "u8", "labels")
 
 
 # ------------------------------------------------------------------ precision, cuDNN setting
@@ -113,7 +122,11 @@ def _flags():
 @pytest.mark.parametrize("precision,inside", [("fp32", (False,) * 2), ("tf32", (True,) * 2), ("bf16", None)])
 def test_precision_flags_are_per_segmenter(precision, inside, tf32_flags):
     seg = fastfcn.Segmenter(build("fcn32s", 21, 0.0625).eval(), device="cpu", backend="torch")
-    seg._device, seg._precision = torch.device("cuda"), precision  # the CUDA logic, on the CPU
+    # The CUDA logic, on the CPU: the plan of a CUDA backend at this precision.
+    cuda_backend = types.SimpleNamespace(device=torch.device("cuda", 0), precision=precision,
+                                         input_dtype=torch.float32, graph_safe=False, thread_safe=True)
+    seg.execution = ExecutionPlan.of(cuda_backend, "torch", graph_cache=8)
+    assert seg.execution.serial and not seg.execution.cuda_graphs
     for before in ((True, True), (False, True)):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
         with seg._precision_flags():

@@ -21,6 +21,16 @@ def _names(reqs: list[str]) -> set[str]:
     return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].strip().lower() for r in reqs}
 
 
+def test_every_package_is_installed():
+    # The package list in pyproject is explicit: a new subpackage missing from it is left out of
+    # wheels (the `fastfcn` command then fails outside an editable checkout).
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastfcn").rglob("__init__.py")}
+    assert found, "no packages found under fastfcn/"
+    assert found <= listed, f"pyproject's [tool.setuptools] packages lacks {sorted(found - listed)}"
+
+
 def test_dependencies():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

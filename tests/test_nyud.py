@@ -16,7 +16,7 @@ from test_caffe_agreement import assert_float32_close, caffe_forward
 
 import fastfcn
 from fastfcn import models
-from fastfcn.config import validate_config
+from fastfcn.config import config_inputs, validate_config
 from fastfcn.errors import CheckpointError, InputError
 from fastfcn.flops import count_macs
 from fastfcn.runtime.backends import create_backend
@@ -73,7 +73,7 @@ def reference_input(color: np.ndarray, second: np.ndarray | None, arch: str) -> 
 def test_build_names_defaults_and_config():
     want = {
         "nyud-fcn32s-color": (["color"], list(MEAN_BGR), "BGR", 3),
-        "nyud-fcn32s-hha": (["hha"], list(MEAN_HHA), "RGB", 3),
+        "nyud-fcn32s-hha": (["hha"], list(MEAN_HHA), "BGR", 3),  # colour order: the colour modality's
         "nyud-fcn32s-color-d": (["color", "depth"], [*MEAN_BGR, MEAN_LOGD], "BGR", 4),
         "nyud-fcn32s-color-hha": (["color", "hha"], [*MEAN_BGR, *MEAN_HHA], "BGR", 6),
     }
@@ -240,7 +240,8 @@ def test_bare_state_dict_of_fusion_nets_infers_arch_and_width(tmp_path):
 def test_config_validator_takes_one_mean_per_input_channel():
     base = {"arch": "nyud-fcn32s-color-d", "num_classes": 40, "width": 1.0}
     c = validate_config(dict(base, mean=[1, 2, 3, 4], std=[1, 1, 1, 2]), "f")
-    assert c["inputs"] == ["color", "depth"] and c["mean"] == [1.0, 2.0, 3.0, 4.0]
+    assert config_inputs(c) == ("color", "depth") and c["mean"] == [1.0, 2.0, 3.0, 4.0]
+    assert validate_config(dict(base, inputs=["color", "depth"]), "f")["inputs"] == ["color", "depth"]
     with pytest.raises(CheckpointError, match=r"mean must be 4 finite numbers .*\['color', 'depth'\]"):
         validate_config(dict(base, mean=[1, 2, 3]), "f")
     with pytest.raises(CheckpointError, match=r"inputs \['color', 'hha'\] do not fit nyud-fcn32s-color-d"):
@@ -251,7 +252,8 @@ def test_config_validator_takes_one_mean_per_input_channel():
         with pytest.raises(CheckpointError, match="inputs must be a list of 1 or 2 modality names"):
             validate_config(dict(base, inputs=bad), "f")
     # Files of the VOC nets, written before the key existed, are colour images.
-    assert validate_config({"arch": "fcn8s", "num_classes": 21, "width": 1.0}, "f")["inputs"] == ["color"]
+    voc = validate_config({"arch": "fcn8s", "num_classes": 21, "width": 1.0}, "f")
+    assert "inputs" not in voc and config_inputs(voc) == ("color",)
     with pytest.raises(CheckpointError, match="mean must be 3"):
         validate_config({"arch": "fcn8s", "num_classes": 21, "width": 1.0, "mean": [1, 2, 3, 4]}, "f")
 
@@ -449,7 +451,7 @@ def test_exported_fusion_net_runs_with_its_second_input_in_onnxruntime(exported)
     pytest.importorskip("onnxruntime")
     m, path = exported("nyud-fcn32s-color-d")  # shared with test_export (one export per session)
     seg = fastfcn.Segmenter(path, device="cpu")
-    assert seg.backend == "onnxruntime" and seg.config["inputs"] == ["color", "depth"]
+    assert seg.backend == "onnxruntime" and config_inputs(seg.config) == ("color", "depth")
     color, d = images(2, 17, 22, seed=8), depths(2, 17, 22, seed=8)
     with torch.no_grad():
         want = m(reference_input(color, d, "nyud-fcn32s-color-d"))

@@ -1,9 +1,26 @@
-"""Agreement of every fused op and implementation with kernels.reference (the spec).
+"""The one kernel test harness: every fused op, every implementation, against kernels.reference.
 
 "triton" runs the Triton kernels (in the interpreter without a GPU), "cpu" the C++ twins,
-"reference" the spec itself (a check of the harness). Shapes are small on the CPU lane: the
-interpreter costs about 1 ms per tl op whatever the block size, so cases are chosen to cover
-every geometry, kind and output rather than every combination.
+"reference" the spec itself (a check of the harness). Each test is parametrized over IMPLS and
+calls the op through fastfcn.ops, so the implementations share the cases and the tolerances.
+
+Tolerances, one per dtype, for every implementation:
+- float32: elementwise fp32_bound, 2 * (n + 3) * eps * sum|terms|. Two implementations sum the
+  same n products in different orders, and two orders of an n-term fp32 sum differ by at most
+  about n * eps * sum|terms| (Higham, recursive summation); the bilinear path takes its taps
+  from the formula (one ulp from the rounded weight tensor); factor 2 for the reference's own
+  rounding. sum|terms| per element is the reference run on absolute values in float64. An
+  off-by-one tap, a wrong offset or a dropped skip fails it by orders of magnitude.
+- float16 / bfloat16: lowp_bound, twice plain PyTorch's error at that dtype against the float64
+  result, floored at half an ulp of the largest output (DESIGN convention: a multiple of what
+  torch itself gets at the same dtype).
+- labels: equal to the float64 reference's argmax except at near-ties (top two within twice
+  the bound), and at most 1% of pixels; pooling and unpooling: exact (torch.equal).
+
+Shapes are small on the CPU lane: the interpreter costs about 1 ms per tl op whatever the block
+size (measured here: 0.2-0.6 s per upsample_crop call at 7x13, 1.5-3 s at 500x375), so the
+Triton cases cover every geometry, kind and output rather than every combination, and the size
+sweeps run the interpreter at one odd size only.
 """
 
 import functools
@@ -16,6 +33,7 @@ import torch.nn.functional as F
 from helpers import cpu_twin_available
 
 import fastfcn.ops as ops
+from fastfcn.kernels import cpu
 from fastfcn.kernels import reference as ref
 from fastfcn.kernels import structure as st
 
@@ -23,14 +41,27 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-IMPLS = [
-    "triton",
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(not cpu_twin_available(), reason="fastfcn.kernels.cpu is not built here"),
-    ),
-    "reference",
-]
+NEEDS_TWIN = pytest.mark.skipif(not cpu_twin_available(), reason="fastfcn.kernels.cpu is not built here")
+IMPLS = ["triton", pytest.param("cpu", marks=NEEDS_TWIN), "reference"]
+KINDS = ("bilinear", "depthwise", "dense")
+
+
+def impl_params(cases, ids, interpret=lambda case: True, spec=lambda case: True):
+    """(case, impl) for every case and implementation; Triton only where ``interpret(case)`` holds:
+    in its interpreter (no GPU) a call costs 10-100x the C++ twin's, and on a GPU each new
+    specialization compiles (benchmarks/gpu_first_contact.sh gives this file 40 s).
+    impl="reference" runs where ``spec(case)`` holds: the grids that extend a base list leave it
+    out, as the base cases already check it against float64 and it would only time torch twice."""
+    out = []
+    for case in cases:
+        for impl in ("triton", "cpu", "reference"):
+            if impl == "triton" and not interpret(case):
+                continue
+            if impl == "reference" and not spec(case):
+                continue
+            marks = [NEEDS_TWIN] if impl == "cpu" else []
+            out.append(pytest.param(case, impl, id=f"{ids(case)}-{impl}", marks=marks))
+    return out
 
 
 def _dev(impl):
@@ -75,10 +106,11 @@ def fp32_bound(magnitude, n_terms):
     Both sides sum the same n products in fp32 in different orders; the classic bound on
     a float sum is gamma_n * sum|terms| with gamma_n ~ n * eps (Higham, ch. 4). The bilinear
     path takes its taps from the formula, which can differ from the rounded weight tensor
-    by one ulp: two more eps. Factor 2 for the reference's own rounding. magnitude is the
-    same computation run on absolute values in float64, i.e. sum|terms| per element.
+    by one ulp: two more eps, and one for each multiplication's rounding. Factor 2 for the
+    reference's own rounding. magnitude is the same computation run on absolute values in
+    float64, i.e. sum|terms| per element.
     """
-    return 2 * (n_terms + 2) * EPS32 * magnitude.float() + 1e-30
+    return 2 * (n_terms + 3) * EPS32 * magnitude.float() + 1e-30
 
 
 def check_logits(out, want, bound):
@@ -136,6 +168,8 @@ FINAL = {
     "alexnet": (63, 32, 18),
     "dilated": (16, 8, 4),  # grouped deconvolution k16 s8 pad 4
     "up2": (4, 2, 0),
+    "pool4": (4, 2, 5),  # FCN-16s/8s upscore2 with score_pool4's offset
+    "pool3": (4, 2, 9),  # FCN-8s upscore_pool4 with score_pool3's offset
 }
 
 # (geometry, kind, layout, C, N, (H, W), output)
@@ -177,7 +211,7 @@ CROP_CASES = [
 
 
 def _crop_id(c):
-    return f"{c[0]}-{c[1]}-{c[2]}-C{c[3]}-N{c[4]}-{c[5][0]}x{c[5][1]}-{c[6]}"
+    return f"{c[0]}-{c[1]}-{c[2]}-C{c[3]}-N{c[4]}-{c[5][0]}x{c[5][1]}" + "".join(f"-{o}" for o in c[6:])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -225,6 +259,112 @@ def _crop_expected(case):
     return x, w, want.float(), fp32_bound(mag, _terms(kind, c, k, s))
 
 
+# Every odd size x every FCN upsampling stage x every kind, logits; at 500x375 the non-bilinear
+# kinds run FCN-8s' final stage only (the float64 reference of a dense 500x375 stage is slow).
+SWEEP_SIZES = [(1, 1), (2, 3), (7, 13), (37, 53), (127, 129), (500, 375)]
+SWEEP_GEOMS = ("pool4", "pool3", "fcn8s", "fcn16s", "fcn32s", "alexnet", "dilated")
+SWEEP = [
+    (size, geom, kind)
+    for size in SWEEP_SIZES
+    for geom in SWEEP_GEOMS
+    for kind in KINDS
+    if size != SWEEP_SIZES[-1] or kind == "bilinear" or geom == "fcn8s"
+]
+
+
+def _sweep_interpreted(case):
+    # the interpreter runs the two stages CROP_CASES does not have, at one odd size
+    return case[0] == (7, 13) and case[1] in ("pool4", "pool3")
+
+
+@pytest.mark.parametrize("case,impl", impl_params(SWEEP, lambda c: f"{c[0][0]}x{c[0][1]}-{c[1]}-{c[2]}",
+                                                  interpret=_sweep_interpreted, spec=lambda c: False))
+def test_upsample_crop_sweep(case, impl):
+    (H, W), geom, kind = case
+    n, c = (1, 2) if H * W > 10_000 else (3, 3)
+    x, w, want, bound = _crop_expected((geom, kind, "full", c, n, (H, W)))
+    k, s, off = FINAL[geom]
+    dev = _dev(impl)
+    out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, (H, W), "logits", impl=impl).cpu()
+    check_logits(out, want, bound)
+
+
+# (geometry, kind, layout, C, N, (H, W)): every output of each; many classes use the grouped
+# (C, 1, k, k) layout, which keeps the reference's conv_transpose2d cheap
+OUTPUT_CASES = [
+    ("fcn8s", "bilinear", "full", 1, 3, (37, 53)),
+    ("fcn32s", "depthwise", "full", 2, 3, (37, 53)),
+    ("fcn8s", "bilinear", "full", 21, 1, (127, 129)),
+    ("fcn8s", "dense", "full", 21, 3, (37, 53)),
+    ("alexnet", "depthwise", "full", 21, 3, (37, 53)),
+    ("fcn16s", "bilinear", "dw", 60, 1, (37, 53)),
+    ("pool3", "dense", "full", 60, 1, (7, 13)),
+    ("dilated", "bilinear", "dw", 300, 1, (7, 13)),  # > 256 classes: int32 labels
+    ("pool4", "dense", "full", 300, 1, (7, 13)),
+]
+
+
+def _outputs_interpreted(case):
+    # CROP_CASES runs dense and 300 classes in the interpreter already; measured here, the
+    # dense C=21 37x53 N=3 case alone costs 20 s interpreted
+    return case[1] != "dense" and case[3] <= 60 and case[4] * case[5][0] * case[5][1] <= 2000
+
+
+@pytest.mark.parametrize("case,impl", impl_params(OUTPUT_CASES, _crop_id, interpret=_outputs_interpreted,
+                                                  spec=lambda c: False))
+def test_upsample_crop_every_output(case, impl):
+    x, w, want, bound = _crop_expected(case)
+    k, s, off = FINAL[case[0]]
+    dev = _dev(impl)
+    for output in ("logits", "labels", "probs"):
+        out = ops.upsample_crop(x.to(dev), w.to(dev), s, off, case[5], output, impl=impl).cpu()
+        check_output(out, want, bound, output)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_weight_reads_like_its_full_twin(impl):
+    """A grouped (C, 1, k, k) weight, the dilated net's deconv, gives what its (C, C, k, k) twin gives."""
+    x = torch.randn(2, 5, 9, 8, generator=torch.Generator().manual_seed(6))
+    for kind in ("bilinear", "depthwise"):
+        g = make_weight(kind, 5, 16, "dw")
+        full = torch.zeros(5, 5, 16, 16)
+        full[torch.arange(5), torch.arange(5)] = g[:, 0]
+        want = ref.upsample_crop(x.double(), full.double(), 8, 4, (60, 50)).float()
+        bound = fp32_bound(ref.upsample_crop(*_abs_inputs(x, full), 8, 4, (60, 50)), _terms(kind, 5, 16, 8))
+        out = ops.upsample_crop(x.to(_dev(impl)), g.to(_dev(impl)), 8, 4, (60, 50), impl=impl).cpu()
+        check_logits(out, want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_labels_ties_go_to_lowest_index(impl):
+    """Classes 1 and 3 are bit-identical maps: wherever they win, the label is 1, like torch.argmax."""
+    x = torch.randn(2, 5, 12, 11, generator=torch.Generator().manual_seed(7))
+    x[:, 1] += 1.0  # make the tied pair win often
+    x[:, 3] = x[:, 1]
+    w = st.bilinear_weight(5, 16)
+    got = ops.upsample_crop(x.to(_dev(impl)), w.to(_dev(impl)), 8, 31, (50, 40), "labels", impl=impl).cpu()
+    assert bool((got == 1).any()) and not bool((got == 3).any())
+    assert torch.equal(got, ref.upsample_crop(x, w, 8, 31, (50, 40), "labels"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_labels_nan_wins_like_argmax(impl):
+    """A NaN score wins its pixels and the first NaN class is kept, as torch.argmax.
+
+    The weight is the grouped (C, 1, k, k) form: with a full (C, C, k, k) weight the
+    reference's dense product multiplies the NaN by the off-diagonal zeros and spreads it to
+    every class, which the diagonal kernels (rightly) never compute.
+    """
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(8))
+    x[0, 2, 3, 3] = float("nan")
+    x[0, 3, 3, 3] = float("nan")
+    w = st.bilinear_weight(4, 4, depthwise=True)
+    got = ops.upsample_crop(x.to(_dev(impl)), w.to(_dev(impl)), 2, 1, (9, 9), "labels", impl=impl).cpu()
+    want = ref.upsample_crop(x, w, 2, 1, (9, 9), "labels")
+    assert bool((want == 2).any())
+    assert torch.equal(got, want)
+
+
 # (kind, C, N, x size, kernel, stride, skip offset, scale)
 ADD_CASES = [
     ("bilinear", 21, 1, (1, 1), 4, 2, 5, 1.0),  # FCN-8s upscore2 + score_pool4
@@ -240,12 +380,29 @@ ADD_CASES = [
     ("bilinear", 2, 1, (63, 64), 4, 2, 5, 1.0),  # output 128x130
     ("depthwise", 2, 1, (3, 4), 32, 16, 0, 1.0),
     ("bilinear", 2, 1, (7, 13), 4, 2, None, 1.0),  # no skip
+    ("bilinear", 4, 3, (5, 7), 16, 8, None, 1.0),
+    ("depthwise", 4, 3, (5, 7), 16, 8, None, 1.0),
+    ("dense", 4, 3, (5, 7), 16, 8, None, 1.0),
+]
+# every kind x the at-once scales x three class counts (FCN-8s' 4/2 stages)
+ADD_GRID = [
+    (kind, c, n, hw, 4, 2, off, scale)
+    for c, n, off, hw in [(1, 3, 5, (1, 1)), (21, 1, 9, (7, 13)), (60, 2, 5, (9, 8))]
+    for kind in KINDS
+    for scale in (1.0, 0.01, 0.0001)
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", ADD_CASES, ids=lambda c: f"{c[0]}-C{c[1]}-N{c[2]}-{c[3][0]}x{c[3][1]}"
-                         f"-k{c[4]}s{c[5]}-off{c[6]}-scale{c[7]}")
+def _add_id(c):
+    return f"{c[0]}-C{c[1]}-N{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4]}s{c[5]}-off{c[6]}-scale{c[7]}"
+
+
+@pytest.mark.parametrize(
+    "case,impl",
+    impl_params(ADD_CASES, _add_id)
+    # ADD_CASES runs every kind and scale in the interpreter and the reference already
+    + impl_params(ADD_GRID, _add_id, interpret=lambda c: False, spec=lambda c: False),
+)
 def test_upsample_add(case, impl):
     kind, c, n, (h, w_), k, s, off, scale = case
     x, w, skip, want, bound = _add_expected(case)
@@ -273,7 +430,7 @@ def _add_expected(case):
 
 
 def _pool(size, k, s):
-    return ops._pool_out(size, k, s, True)
+    return st.pool_out_size(size, k, s, True)
 
 
 def head_case(arch, H, W, c, n, kinds=None, seed=3):
@@ -311,8 +468,10 @@ def head_case(arch, H, W, c, n, kinds=None, seed=3):
             stages, skip_hw = [(4, 2, 5), (4, 2, 9), (16, 8, 31)], [(ph[3], pw[3]), (ph[2], pw[2])]
     scales = [0.01, 0.0001][: len(skip_hw)] if arch == "fcn8s-atonce" else [1.0] * len(skip_hw)
     kinds = kinds or ["bilinear"] * len(stages)
-    layout = "dw" if arch == "dilated" else "full"
-    weights = [make_weight(kd, c, k, layout, seed=i) for i, (kd, (k, _, _)) in enumerate(zip(kinds, stages))]
+    # over 256 classes the grouped layout keeps the weights small (a full 300x300x32x32 is 368 MB)
+    layouts = ["dw" if arch == "dilated" or (c > 256 and kd != "dense") else "full" for kd in kinds]
+    weights = [make_weight(kd, c, k, lay, seed=i)
+               for i, (kd, lay, (k, _, _)) in enumerate(zip(kinds, layouts, stages))]
     score = torch.randn(n, c, *score_hw, generator=g)
     skips = [torch.randn(n, c, *hw, generator=g) * 30 for hw in skip_hw]
     return dict(score=score, skips=skips, weights=weights, strides=[s for _, s, _ in stages],
@@ -349,19 +508,40 @@ HEAD_CASES = [
     # learned (non-bilinear) intermediate stages, as the paper's nets may have
     ("fcn8s", 7, 13, 21, 1, "labels", ["dense", "depthwise", "bilinear"]),
     ("fcn16s", 2, 3, 2, 3, "logits", ["dense", "dense"]),
+    # every output of each ("all")
+    ("fcn8s", 500, 375, 2, 1, "all", None),
+    ("fcn8s", 2, 3, 2, 3, "all", ["depthwise"] * 3),
+    ("fcn8s", 1, 1, 1, 1, "all", ["dense"] * 3),
+    ("fcn8s-atonce", 127, 129, 21, 1, "all", None),
+    ("fcn8s-atonce", 7, 13, 60, 3, "all", ["depthwise", "dense", "depthwise"]),
+    ("fcn16s", 37, 53, 60, 3, "all", None),
+    ("fcn16s", 7, 13, 300, 1, "all", None),
+    ("fcn32s", 127, 129, 21, 1, "all", None),
+    ("alexnet", 7, 13, 2, 1, "all", ["dense"]),
+    ("dilated", 127, 129, 21, 1, "all", ["depthwise"]),
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-C{c[3]}-N{c[4]}-{c[5]}"
-                         + ("-" + "-".join(c[6]) if c[6] else ""))
+def _head_id(c):
+    return f"{c[0]}-{c[1]}x{c[2]}-C{c[3]}-N{c[4]}-{c[5]}" + ("-" + "-".join(c[6]) if c[6] else "")
+
+
+def _head_interpreted(case):
+    # the single-output cases run every arch in the interpreter and the reference already; an
+    # "all" case (three heads) costs 0.9-5 s interpreted
+    return case[5] != "all"
+
+
+@pytest.mark.parametrize("case,impl", impl_params(HEAD_CASES, _head_id, interpret=_head_interpreted,
+                                                  spec=_head_interpreted))
 def test_fcn_head(case, impl):
     arch, H, W, c, n, output, kinds = case
     h, want, bound = _head_expected(arch, H, W, c, n, None if kinds is None else tuple(kinds))
     dev = _dev(impl)
-    out = ops.fcn_head(h["score"].to(dev), [s.to(dev) for s in h["skips"]], [w.to(dev) for w in h["weights"]],
-                       h["strides"], h["offsets"], h["scales"], h["size"], output, impl=impl).cpu()
-    check_output(out, want, bound, output)
+    args = (h["score"].to(dev), [s.to(dev) for s in h["skips"]], [w.to(dev) for w in h["weights"]],
+            h["strides"], h["offsets"], h["scales"], h["size"])
+    for out_kind in ("logits", "labels", "probs") if output == "all" else (output,):
+        check_output(ops.fcn_head(*args, out_kind, impl=impl).cpu(), want, bound, out_kind)
 
 
 @functools.lru_cache(maxsize=4)
@@ -423,7 +603,7 @@ def test_upsample_lowp(kind, dtype, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_fcn_head_lowp(dtype, impl):
-    h, _ = head_case("fcn8s", 37, 53, 21, 1)
+    h, _ = head_case("fcn8s-atonce", 37, 53, 21, 1)  # the scaled skips too
     lo = dict(h, score=h["score"].to(dtype), skips=[s.to(dtype) for s in h["skips"]])
     want = fp64_head(lo)
     bound = lowp_bound(ref.fcn_head(**lo), want, dtype)
@@ -448,19 +628,41 @@ def int_valued(n, c, H, W, dtype=torch.float32, seed=5):
     return torch.randint(-4, 5, (n, c, H, W), generator=g).to(dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+CL = torch.channels_last
+
+
+# NHWC runs where an implementation has a kernel for it (the C++ twin) and on the reference;
+# the interpreted Triton kernel reads NCHW only (the launcher makes the input contiguous)
+IMPL_LAYOUTS = [("triton", "nchw")] + [pytest.param(i, lay, marks=[NEEDS_TWIN] if i == "cpu" else [])
+                                       for i in ("cpu", "reference") for lay in ("nchw", "nhwc")]
+
+
+@pytest.mark.parametrize("impl,layout", IMPL_LAYOUTS)
 @pytest.mark.parametrize("size", POOL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("kernel,stride,ceil_mode", [(2, 2, True), (2, 2, False), (3, 3, True), (3, 2, True)])
-def test_max_pool2d_with_switches(size, kernel, stride, ceil_mode, impl):
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 3), (2, 3), (3, 2)])
+@pytest.mark.parametrize("ceil_mode", [True, False], ids=["ceil", "floor"])
+def test_max_pool2d_with_switches(ceil_mode, kernel, stride, size, layout, impl):
     H, W = size
-    if ops._pool_out(H, kernel, stride, ceil_mode) < 1 or ops._pool_out(W, kernel, stride, ceil_mode) < 1:
-        pytest.skip(f"{H}x{W} is smaller than one {kernel}x{kernel} window without ceil mode")
+    if min(st.pool_out_size(v, kernel, stride, ceil_mode) for v in (H, W)) < 1:
+        with pytest.raises(ValueError, match="too small"):  # torch has no window either
+            tiny = torch.zeros(1, 1, H, W, device=_dev(impl))
+            ops.max_pool2d_with_switches(tiny, kernel, stride, ceil_mode, impl=impl)
+        return
     n, c = (3, 2) if H * W < 1000 else (1, 2)
-    x = int_valued(n, c, H, W)
+    x = int_valued(n, c, H, W)  # small integers: the first of tied maxima must win
+    x[0, 0] = torch.randn(H, W, generator=torch.Generator().manual_seed(9))
+    if x.numel() > 40:
+        x.view(-1)[::37] = float("nan")  # NaN propagates and takes the switch, as in torch
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=CL)
     want_v, want_s = ref.max_pool2d_with_switches(x, kernel, stride, ceil_mode)
     v, s = ops.max_pool2d_with_switches(x.to(_dev(impl)), kernel, stride, ceil_mode, impl=impl)
-    assert torch.equal(v.cpu(), want_v)
+    assert torch.equal(v.cpu().isnan(), want_v.isnan())
+    assert torch.equal(v.cpu().nan_to_num(), want_v.nan_to_num())
     assert s.dtype == torch.uint8 and torch.equal(s.cpu(), want_s)
+    if impl == "cpu" and layout == "nhwc" and v.shape[-2] * v.shape[-1] > 1:
+        # the C++ twin has an NHWC kernel and keeps the layout (DeconvNet's channels_last encoder)
+        assert v.is_contiguous(memory_format=CL) and s.is_contiguous(memory_format=CL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -487,26 +689,55 @@ UNPOOL_CASES = [
     (127, 129, 2, 2, True, 2, 1),
     (7, 13, 3, 3, True, 2, 3),
     (10, 11, 2, 3, True, 2, 1),  # stride > kernel: pixels between windows stay zero
+    (37, 53, 3, 3, True, 5, 3),
+    (127, 129, 2, 3, True, 2, 1),
+    (224, 224, 2, 2, True, 2, 1),  # DeconvNet's unpool1
+    (224, 224, 3, 3, True, 2, 1),
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _unpool_id(c):
+    return f"{c[0]}x{c[1]}-k{c[2]}s{c[3]}-ceil{int(c[4])}-C{c[5]}"
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-@pytest.mark.parametrize("case", UNPOOL_CASES,
-                         ids=lambda c: f"{c[0]}x{c[1]}-k{c[2]}s{c[3]}-ceil{int(c[4])}-C{c[5]}")
-def test_max_unpool2d(case, relu, impl):
-    H, W, k, s, ceil_mode, c, n = case
+@pytest.mark.parametrize("case,impl", impl_params(
+    [(c, lay) for c in UNPOOL_CASES for lay in ("nchw", "nhwc")], lambda c: f"{_unpool_id(c[0])}-{c[1]}",
+    interpret=lambda c: c[0][0] < 200 and c[1] == "nchw",  # see IMPL_LAYOUTS
+))
+def test_max_unpool2d(case, impl, relu):
+    (H, W, k, s, ceil_mode, c, n), layout = case
     x = int_valued(n, c, H, W)
     values, idx = F.max_pool2d(x, k, s, ceil_mode=ceil_mode, return_indices=True)
     values = values - 1.5  # negative entries exercise the fused relu
     want = F.max_unpool2d(torch.relu(values) if relu else values, idx, k, s, output_size=(H, W))
+    _, sw = ref.max_pool2d_with_switches(x, k, s, ceil_mode)
+    if layout == "nhwc":  # switches from the C++ twin's NHWC pooling where it runs
+        values = values.contiguous(memory_format=CL)
+        if impl == "cpu":
+            sw = ops.max_pool2d_with_switches(x.contiguous(memory_format=CL), k, s, ceil_mode, impl="cpu")[1]
     dev = _dev(impl)
     out = ops.max_unpool2d(values.to(dev), idx.to(dev), (H, W), k, s, relu=relu, impl=impl).cpu()
     assert torch.equal(out, want)
     # the same through one-byte switches
-    _, sw = ref.max_pool2d_with_switches(x, k, s, ceil_mode)
     out = ops.max_unpool2d(values.to(dev), sw.to(dev), (H, W), k, s, relu=relu, impl=impl).cpu()
     assert torch.equal(out, want)
+    if impl == "cpu" and layout == "nhwc" and values.shape[-2] * values.shape[-1] > 1:
+        assert out.is_contiguous(memory_format=CL)  # the C++ gather keeps the layout
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_max_unpool2d_floor_mode_and_larger_output(impl):
+    dev = _dev(impl)
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(10))
+    values, idx = F.max_pool2d(x, 2, 2, ceil_mode=False, return_indices=True)  # drops the last row/col
+    got = ops.max_unpool2d(values.to(dev), idx.to(dev), (9, 11), impl=impl).cpu()
+    assert torch.equal(got, F.max_unpool2d(values, idx, 2, 2, output_size=(9, 11)))
+    # switches can be unpooled into any size torch accepts (here one past the windows)
+    values, sw = ref.max_pool2d_with_switches(x[..., :8, :10], 2, 2, False)
+    got = ops.max_unpool2d(values.to(dev), sw.to(dev), (9, 11), impl=impl).cpu()
+    assert torch.equal(got, ref.max_unpool2d(values, sw, (9, 11)))
+    assert not bool(got[..., 8, :].any()) and not bool(got[..., 10].any())
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -575,6 +806,71 @@ def test_deconvnet_roundtrip_through_switches():
     values, idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
     assert torch.equal(out, F.max_unpool2d(values, idx, 2, 2, output_size=(13, 14)))
     assert int((out != 0).sum()) <= v.numel()
+
+
+# ------------------------------------------------------------------ the C++ twins' own argument checks
+# (fastfcn.kernels.cpu is also called directly, by the CPU backbone planner, so it validates
+# what fastfcn.ops would have checked, and the switch values, which a GPU kernel cannot)
+
+
+@NEEDS_TWIN
+def test_cpu_twin_bad_inputs_raise_value_error():
+    x = torch.randn(1, 3, 5, 5)
+    w = st.bilinear_weight(3, 4)
+    u8 = torch.zeros_like(x, dtype=torch.uint8)
+    cases = [
+        (lambda: cpu.upsample_crop(x, w, 2, 5, (5, 5), "logits", "nearest"), "kind must be one of"),
+        (lambda: cpu.upsample_crop(x, w, 2, 5, (5, 5), "scores", "bilinear"), "output must be one of"),
+        (lambda: cpu.upsample_crop(x, w, 2, 5, (20, 5), "logits", "bilinear"), "does not fit"),
+        (lambda: cpu.upsample_crop(x, make_weight("dense", 4, 4), 2, 0, (5, 5), "logits", "dense"), "C=3"),
+        (lambda: cpu.upsample_crop(x[0], w, 2, 0, (5, 5), "logits", "bilinear"), None),  # 3-D input
+        (lambda: cpu.upsample_crop(x.long(), w, 2, 0, (5, 5), "logits", "bilinear"), None),  # integer dtype
+        (lambda: cpu.upsample_crop(x, w, 0, 0, (5, 5), "logits", "bilinear"), "stride"),
+        (lambda: cpu.upsample_crop(x, w, 2, -1, (5, 5), "logits", "bilinear"), "offset"),
+        (lambda: cpu.upsample_add(x, w, 2, torch.randn(1, 3, 12, 12), 5, 1.0, "bilinear"), "does not fit"),
+        (lambda: cpu.upsample_add(x, w, 2, torch.randn(1, 4, 40, 40), 5, 1.0, "bilinear"), "skip must be"),
+        (lambda: cpu.fcn_head(x, [torch.randn(1, 3, 40, 40)], [w], [2], [5], [1.0], (5, 5), "labels"), None),
+        (lambda: cpu.max_pool2d_with_switches(x, 17, 17), "kernel\\*kernel <= 256"),
+        (lambda: cpu.max_pool2d_with_switches(torch.randn(1, 1, 1, 1), 2, 2, False), None),  # no window
+        (lambda: cpu.max_unpool2d(x, torch.zeros(1, 3, 5, 5, dtype=torch.int32), (10, 10)), None),
+        (lambda: cpu.max_unpool2d(x, torch.zeros(1, 3, 5, 4, dtype=torch.int64), (10, 10)), None),
+        (lambda: cpu.max_unpool2d(x, u8, (10, 10), 3, 2), None),  # overlapping windows
+        (lambda: cpu.max_unpool2d(x, u8, (13, 10)), None),  # size out of torch's range
+        (lambda: cpu.max_unpool2d(x, u8 + 4, (10, 10)), "do not point inside"),  # switch >= k*k
+    ]
+    for i, (case, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            case()
+            pytest.fail(f"case {i} did not raise")
+
+
+@NEEDS_TWIN
+def test_cpu_twin_nhwc_bad_switch_raises():
+    x = torch.randn(1, 3, 5, 5).contiguous(memory_format=CL)
+    sw = torch.zeros_like(x, dtype=torch.uint8)
+    sw[0, 1, 2, 3] = 4  # >= k*k
+    with pytest.raises(ValueError, match="do not point inside"):
+        cpu.max_unpool2d(x, sw, (10, 10))
+    sw[0, 1, 2, 3] = 0
+    sw[0, 2, 4, 1] = 2  # dy = 1 on the last window row of a 9-row output
+    with pytest.raises(ValueError, match="do not point inside"):
+        cpu.max_unpool2d(x, sw, (9, 10))
+
+
+@NEEDS_TWIN
+def test_cpu_twin_rejects_indices_outside_their_window():
+    """A scatter would silently accept these; the gather refuses them rather than drop values."""
+    x = torch.randn(1, 2, 8, 8)
+    values, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(11))
+    shuffled = idx.flatten(2)[:, :, perm].view_as(idx)
+    assert not torch.equal(shuffled, idx)
+    with pytest.raises(ValueError, match="window"):
+        cpu.max_unpool2d(values, shuffled, (8, 8))
+    # indices of a 9-wide map read as an 8-wide one point into the wrong windows
+    _, idx9 = F.max_pool2d(torch.randn(1, 2, 8, 9), 2, 2, return_indices=True)
+    with pytest.raises(ValueError, match="window"):
+        cpu.max_unpool2d(values, idx9[..., :4], (8, 8))
 
 
 # ------------------------------------------------------------------ validation, caching, dispatch

@@ -12,7 +12,8 @@ import torch
 import fastfcn
 from fastfcn import cli, models
 from fastfcn.data import HELDOUT_SEED
-from fastfcn.train import augment, init_weights, mosaic, plot_curves, preprocess
+from fastfcn.runtime.preprocess import Preprocessor
+from fastfcn.training import augment, init_weights, mosaic, plot_curves
 
 TINY = ["--data", "synthetic", "--width", "0.0625", "--num-classes", "3", "--size", "32", "--batch", "2",
         "--dropout", "0", "--threads", "1", "--val-n", "4", "--quiet"]  # fmt: skip
@@ -87,11 +88,16 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_preprocess_follows_the_config():
+    # Training feeds the model through the runtime's Preprocessor, as the Segmenter does.
+    cpu = torch.device("cpu")
     img = torch.tensor([[[[10, 20, 30]]]], dtype=torch.uint8)  # (1, 1, 1, 3) RGB
     cfg = {"color_order": "BGR", "mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0], "input_scale": 255.0}
-    assert preprocess(img, cfg).flatten().tolist() == [29.0, 18.0, 7.0]
+    assert Preprocessor(cfg, cpu)(img).flatten().tolist() == [29.0, 18.0, 7.0]
     cfg = {"color_order": "RGB", "mean": [0.0, 0.0, 0.0], "std": [2.0, 2.0, 2.0], "input_scale": 1.0}
-    torch.testing.assert_close(preprocess(img, cfg).flatten(), torch.tensor([10, 20, 30]) / 255 / 2)
+    torch.testing.assert_close(Preprocessor(cfg, cpu)(img).flatten(), torch.tensor([10, 20, 30]) / 255 / 2)
+    import fastfcn.training.loop as loop
+
+    assert loop.Preprocessor is Preprocessor and not hasattr(loop, "preprocess")
 
 
 def test_augment_scales_and_flips_labels_with_images():

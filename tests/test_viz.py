@@ -1,4 +1,4 @@
-"""fastfcn.viz: class colours, overlay, side by side, palette PNGs; the old import path still works."""
+"""fastfcn.viz: class colours, overlay, side by side, palette PNGs; the video progress line."""
 
 import io
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from fastfcn import viz
 from fastfcn.models import voc_palette
-from fastfcn.runtime import commands
+from fastfcn.progress import Progress
 
 
 def test_colourize_uses_the_palette_then_voc():
@@ -27,7 +27,9 @@ def test_overlay_blends_and_checks_shapes():
     assert o[0, 1].tolist() == [125, 75, 75] and o[0, 0].tolist() == [75, 75, 75]
     with pytest.raises(ValueError, match="same height and width"):
         viz.overlay(img, lab[:, :2], pal)
-    assert commands.overlay is viz.overlay  # `fastfcn segment` and the demo share it
+    from fastfcn.cli import segment
+
+    assert segment.overlay is viz.overlay  # `fastfcn segment` and the demo share it
 
 
 def test_side_by_side():
@@ -51,12 +53,50 @@ def test_palette_png_round_trip(tmp_path):
 
 
 def test_video_progress_line():
-    pytest.importorskip("av")
-    from fastfcn.video import _Progress
-
+    # A known frame count: the bar, as every command draws it.
     buf = io.StringIO()
-    bar = _Progress(10, enabled=True, stream=buf)
-    bar.last = -1e9  # draw now
-    bar.step(4)
+    bar = Progress(10, "video", stream=buf, unit="frames")
+    bar.step(n=4)
     line = buf.getvalue()
-    assert "4/10" in line and "frames/s" in line and "ETA" in line
+    assert line.startswith("video [#########") and "4/10" in line and "frames/s" in line and "eta" in line
+    # An unknown frame count (a container without one): a count, no bar; finish() draws the end.
+    buf = io.StringIO()
+    bar = Progress(None, "video", stream=buf, unit="frames")
+    bar.step(n=3)
+    assert buf.getvalue() == ""  # not a terminal: at most one line per LOG_EVERY_S
+    bar.finish()
+    bar.finish()
+    assert buf.getvalue().splitlines() == [buf.getvalue().splitlines()[0]]
+    assert buf.getvalue().startswith("video 3 frames") and "[" not in buf.getvalue()
+
+
+def test_progress_estimate_exceeded_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = Progress(2, stream=tty)
+    for _ in range(3):  # a video's frame count is an estimate: one more frame than announced
+        bar.step()
+    bar.finish()
+    assert tty.getvalue().count("\n") == 1 and tty.getvalue().endswith("\n")
+    assert bar.interrupt() == ""
+
+
+def test_chart_scales_map_values_to_pixels():
+    from fastfcn.charts import Scale
+
+    lin = Scale(0.0, 10.0, 100.0, 200.0)
+    assert lin(5.0) == 150.0 and lin.ticks(3) == [0.0, 5.0, 10.0]
+    up = Scale(0.0, 1.0, 300.0, 100.0)  # a y axis: larger values higher up
+    assert up(1.0) == 100.0 and up(0.25) == 250.0
+    log = Scale.decades(3.0, 250.0, 0.0, 300.0)
+    assert (log.lo, log.hi) == (1.0, 1000.0) and log.ticks() == [1.0, 10.0, 100.0, 1000.0]
+    assert abs(log(10.0) - 100.0) < 1e-9 and abs(log(100.0) - 200.0) < 1e-9
+    flat = Scale.padded(2.0, 2.0, 0.0, 10.0)
+    assert (flat.lo, flat.hi) == pytest.approx((1.45, 2.55)) and flat(2.0) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="hi > lo"):
+        Scale(1.0, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="lo > 0"):
+        Scale(0.0, 10.0, 0.0, 1.0, log=True)

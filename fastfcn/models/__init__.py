@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import SegmentationModel, fold_batchnorm, voc_palette
+from ..config import arch_inputs, voc_palette
+from .common import SegmentationModel, fold_batchnorm
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
-from .nyud import ARCHS as NYUD_ARCHS
-from .nyud import NYUDFCN32s, NYUDLateFusion, arch_inputs
+from .nyud import NYUDFCN32s, NYUDLateFusion
 
 _BUILDERS = {
     "fcn32s": lambda **kw: FCN("fcn32s", **kw),
@@ -60,7 +60,7 @@ def input_modalities(arch: str) -> tuple[str, ...]:
     the VOC nets; NYUDv2: ("hha",), ("color", "depth"), ("color", "hha")."""
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
-    return arch_inputs(arch) if arch in NYUD_ARCHS else ("color",)
+    return arch_inputs(arch)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -144,6 +144,15 @@ def local_response_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module(h)
 
 
+def max_pool(model, h: torch.Tensor, step: Pool) -> torch.Tensor:
+    """A Pool step without switches: the model's ``pool_impl`` when the runtime set one, else
+    torch's max_pool2d. Caffe rounds pooled sizes up; PyTorch's default floor breaks the crop offsets."""
+    impl = getattr(model, "pool_impl", None)
+    if impl is not None:
+        return impl(h, step.kernel, step.stride)
+    return F.max_pool2d(h, step.kernel, step.stride, ceil_mode=True)
+
+
 def run_steps(
     model: nn.Module,
     steps: Sequence[Step],
@@ -180,8 +189,7 @@ def run_steps(
                     h, sw = pool_with_switches(h, step.kernel, step.stride)
                 switches[step.switches] = (sw, size)
             else:
-                # Caffe rounds pooled sizes up; PyTorch's default floor breaks the crop offsets.
-                h = F.max_pool2d(h, step.kernel, step.stride, ceil_mode=True)
+                h = max_pool(model, h, step)
             if step.tap is not None:
                 feats[step.tap] = h
         elif isinstance(step, LRN):

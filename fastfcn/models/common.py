@@ -1,5 +1,5 @@
-"""Pieces shared by the model families: channel scaling, preprocessing
-defaults, the fused/reference switch, Caffe-style layers, BatchNorm folding."""
+"""Pieces shared by the model families: channel scaling, the config (fastfcn.config.ModelConfig,
+where the preprocessing defaults live), the fused/reference switch, Caffe-style layers, BatchNorm folding."""
 
 from __future__ import annotations
 
@@ -8,36 +8,16 @@ from torch import nn
 
 from fastfcn.kernels.structure import bilinear_weight
 
-from ..modalities import DEFAULT_INPUTS, input_channels
+# The means, VOC names and palette are defined in fastfcn.config (the one set of defaults) and
+# stay importable from here, as before.
+from ..config import DILATED_MEAN_BGR, VOC_CLASSES, VOC_MEAN_BGR, ModelConfig, config_inputs, voc_palette  # noqa: F401
+from ..modalities import input_channels
 from .backbone import Conv, run_conv, run_steps
-
-VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
-DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
 
 # Model impl names: "reference" is the plain-PyTorch spec (the default forward);
 # "fused" routes heads and unpooling through fastfcn.ops (Triton on CUDA, C++ on CPU);
 # "triton" / "cpu" pin one implementation.
 IMPLS = ("reference", "fused", "triton", "cpu")
-
-
-def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
-    """The PASCAL VOC colour map (bit-interleaved), n entries of (R, G, B)."""
-    pal = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal.append((r, g, b))
-    return pal
 
 
 def scaled(channels: int, width: float, multiple: int = 1) -> int:
@@ -71,14 +51,12 @@ class SegmentationModel(nn.Module):
     # may skip (fastfcn.runtime.deadzone). The dilated nets reflect-pad: every position depends
     # on the image.
     has_dead_zone: bool = False
+    # pool_impl(h, kernel, stride) -> h: the max pooling of Pool steps without switches (Caffe's
+    # ceil rounding, no padding) in place of torch's max_pool2d; set by the runtime (cpu_fast).
+    pool_impl = None
 
-    def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean, std=None,
-                 inputs=DEFAULT_INPUTS):
+    def __init__(self, arch: str, num_classes: int, width: float, options: dict, mean=None, std=None):
         super().__init__()
-        channels = input_channels(inputs)
-        std = (1.0,) * channels if std is None else std
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean and std need {channels} numbers, one per input channel of {list(inputs)}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
         if not (isinstance(width, (int, float)) and 0 < width <= 4):
@@ -89,24 +67,10 @@ class SegmentationModel(nn.Module):
         # runner(h, feats, switches, image_size) -> h: runs the backbone steps in place of
         # run_steps (set by the runtime, e.g. its planner of image-independent positions).
         self.backbone_runner = None
-        self.config = {
-            "arch": arch,
-            "num_classes": num_classes,
-            "width": float(width),
-            "options": dict(options),
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            # The modalities of the input, in channel order (fastfcn.modalities); mean / std have
-            # one number per channel of their concatenation.
-            "inputs": list(inputs),
-            # Caffe-trained reference nets take BGR, mean-subtracted, unscaled (0..255).
-            "color_order": "BGR",
-            "input_scale": 255.0,
-            "class_names": list(VOC_CLASSES)
-            if num_classes == 21
-            else [f"class_{i}" for i in range(num_classes)],
-            "palette": [list(c) for c in voc_palette(num_classes)],
-        }
+        # Every field the family does not fix (mean, colour order, scale, names, palette, input
+        # modalities) takes ModelConfig's default: the reference net's.
+        given = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
+        self.config = ModelConfig(arch, num_classes, float(width), options, **given)
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +80,7 @@ class SegmentationModel(nn.Module):
     def in_channels(self) -> int:
         """Channels of the input forward takes: 3 for an image; more for several modalities
         concatenated (NYUDv2 colour + log depth: 4; colour + HHA: 6)."""
-        return input_channels(self.config["inputs"])
+        return input_channels(config_inputs(self.config))
 
     def set_impl(self, impl: str) -> SegmentationModel:
         if impl not in IMPLS:
@@ -206,10 +170,6 @@ def fc_steps(suffix: str = "") -> tuple[Conv, Conv]:
 
 
 FC_STEPS = fc_steps()
-
-
-def conv_relu_names(prefix: str, counts: list[int]) -> list[str]:
-    return [f"{prefix}{b}_{i}" for b, n in enumerate(counts, 1) for i in range(1, n + 1)]
 
 
 def make_upsampler(channels: int, k: int, stride: int, learnable: bool, depthwise: bool = False):

@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from ..kernels.reference import finish
 from .backbone import Conv, Pool, run_conv
-from .common import VOC_MEAN_BGR, SegmentationModel, ops_impl, scaled
+from .common import SegmentationModel, ops_impl, scaled
 from .fcn import VGG_BLOCKS
 
 # decoder blocks, coarse to fine: (unpool level, [(name, out channels at width 1)])
@@ -59,7 +59,7 @@ class DeconvNet(SegmentationModel):
     has_dead_zone = True  # the zero padding to >= 224 and a multiple of 32 (encoder only)
 
     def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5):
-        super().__init__("deconvnet", num_classes, width, {"dropout": dropout}, VOC_MEAN_BGR)
+        super().__init__("deconvnet", num_classes, width, {"dropout": dropout})
         self._pairs: list[tuple[str, str]] = []
         c_in, enc = 3, []
         for b, (c, n) in enumerate(VGG_BLOCKS, 1):

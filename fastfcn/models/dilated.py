@@ -24,7 +24,7 @@ from torch import nn
 
 from ..heads import HEADS, run_head
 from .backbone import Conv, Pool, run_conv
-from .common import DILATED_MEAN_BGR, FC_STEPS, SegmentationModel, make_upsampler, ops_impl, scaled
+from .common import FC_STEPS, SegmentationModel, make_upsampler, ops_impl, scaled
 from .fcn import VGG_BLOCKS
 
 MARGIN = 186
@@ -139,7 +139,7 @@ class DilatedNet(SegmentationModel):
         options = {"learnable_upsampling": learnable_upsampling, "dropout": dropout}
         if context is not None:
             options["context"] = context
-        super().__init__(arch, num_classes, width, options, DILATED_MEAN_BGR)
+        super().__init__(arch, num_classes, width, options)
         self.head = HEADS["dilated"]
         self.context = context
         c_in, steps = 3, []

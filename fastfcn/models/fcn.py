@@ -1,6 +1,6 @@
 """FCN-32s / 16s / 8s / 8s at-once on VGG16 and FCN-AlexNet (Long, Shelhamer, Darrell).
 
-Exact reference geometry (FACTS.md): conv1_1 pad 100, Caffe ceil-mode pooling,
+Exact reference geometry (docs/facts.md, "Reference geometry"): conv1_1 pad 100, Caffe ceil-mode pooling,
 fc6 7x7 pad 0 (AlexNet: 6x6), 1x1 score layers, bilinear Deconvolutions without
 bias, the crop offsets of heads.HEADS. Module names are the Caffe layer names,
 so state dicts of the common PyTorch port load by name. Output is exactly
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..heads import HEADS, run_head
 from .backbone import LRN, Conv, Pool, run_conv
-from .common import FC_STEPS, VOC_MEAN_BGR, SegmentationModel, make_upsampler, ops_impl, scaled
+from .common import FC_STEPS, SegmentationModel, make_upsampler, ops_impl, scaled
 
 VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
@@ -62,7 +62,6 @@ class FCN(SegmentationModel):
             raise ValueError(f"FCN arch must be fcn32s, fcn16s, fcn8s or fcn8s-atonce; got {arch!r}")
         super().__init__(
             arch, num_classes, width, {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
-            VOC_MEAN_BGR,
         )  # fmt: skip
         self._build(HEADS[arch], 3, width, learnable_upsampling, dropout)
 
@@ -105,7 +104,7 @@ class FCNAlexNet(SegmentationModel):
     ):  # fmt: skip
         super().__init__(
             "fcn-alexnet", num_classes, width,
-            {"learnable_upsampling": learnable_upsampling, "dropout": dropout}, VOC_MEAN_BGR,
+            {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
         )  # fmt: skip
         self.head = HEADS["fcn-alexnet"]
         c1, c2, c3, c4, c5 = (scaled(c, width, 2) for c in (96, 256, 384, 384, 256))

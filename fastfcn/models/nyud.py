@@ -28,42 +28,21 @@ import torch
 from torch import nn
 
 from ..heads import HEADS, run_head
-from ..modalities import input_channels
 from .backbone import Conv, run_conv
 from .common import SegmentationModel, fc_steps, make_upsampler, ops_impl
 from .fcn import FCN, add_vgg
 
-NYUD_MEAN_BGR = (116.190, 97.203, 92.318)
-NYUD_MEAN_HHA = (132.431, 94.076, 118.477)
-NYUD_MEAN_LOGD = 7.844
 NYUD_NUM_CLASSES = 40
-# The 40-class task of Gupta, Arbelaez, Malik (CVPR 2013) that nyud_layers.py trains on (its
-# labels 1..40 shifted to 0..39, void 0 -> 255).
-NYUD_CLASSES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
-    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
-    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
-    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
-)  # fmt: skip
 
-# arch -> (inputs, mean per input channel, conv1_1's name)
-_SINGLE = {
-    "nyud-fcn32s-color": (("color",), NYUD_MEAN_BGR, None),
-    "nyud-fcn32s-hha": (("hha",), NYUD_MEAN_HHA, None),
-    "nyud-fcn32s-color-d": (("color", "depth"), (*NYUD_MEAN_BGR, NYUD_MEAN_LOGD), "conv1_1_bgrd"),
-}
+# arch -> conv1_1's name. The means, the input modalities (fastfcn.config ARCH_MEAN, ARCH_INPUTS)
+# and the 40 class names (NYUD_CLASSES) are the config's defaults for these archs.
+_SINGLE = {"nyud-fcn32s-color": None, "nyud-fcn32s-hha": None, "nyud-fcn32s-color-d": "conv1_1_bgrd"}
 LATE_FUSION = "nyud-fcn32s-color-hha"
 ARCHS = (*_SINGLE, LATE_FUSION)
 STREAMS = ("color", "hha")
 # Keys that only these nets' state dicts have (checkpoint arch inference): the two stream-less
 # NYUD nets have the VOC FCN-32s's keys and load as fcn32s unless arch= says otherwise.
 ARCH_KEYS = {"conv1_1_bgrd": "nyud-fcn32s-color-d", "conv1_1color": LATE_FUSION, "score_frcolor": LATE_FUSION}
-
-
-def arch_inputs(arch: str) -> tuple[str, ...]:
-    """The input modalities of a NYUD arch, in channel order."""
-    return STREAMS if arch == LATE_FUSION else _SINGLE[arch][0]
 
 
 def first_conv(arch: str) -> str:
@@ -76,11 +55,6 @@ def score_layer(arch: str) -> str:
     return "score_frcolor" if arch == LATE_FUSION else "score_fr"
 
 
-def _nyud_labels(model: SegmentationModel) -> None:
-    if model.num_classes == NYUD_NUM_CLASSES:
-        model.config["class_names"] = list(NYUD_CLASSES)
-
-
 class NYUDFCN32s(FCN):
     """FCN-32s on one NYUDv2 input: colour, HHA, or colour + log depth (4 channels, first layer
     ``conv1_1_bgrd``). forward(x: (N, in_channels, H, W)) -> logits (N, C, H, W)."""
@@ -91,16 +65,11 @@ class NYUDFCN32s(FCN):
     ):  # fmt: skip
         if arch not in _SINGLE:
             raise ValueError(f"NYUD FCN-32s arch must be one of {list(_SINGLE)}; got {arch!r}")
-        inputs, mean, first = _SINGLE[arch]
         SegmentationModel.__init__(
             self, arch, num_classes, width,
-            {"learnable_upsampling": learnable_upsampling, "dropout": dropout}, mean, inputs=inputs,
+            {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
         )  # fmt: skip
-        if inputs == ("hha",):
-            # An HHA image is taken in the file's channel order (nyud_layers.py load_hha: no swap).
-            self.config["color_order"] = "RGB"
-        self._build(HEADS["fcn32s"], input_channels(inputs), width, learnable_upsampling, dropout, first)
-        _nyud_labels(self)
+        self._build(HEADS["fcn32s"], self.in_channels, width, learnable_upsampling, dropout, _SINGLE[arch])
 
 
 class NYUDLateFusion(SegmentationModel):
@@ -118,7 +87,6 @@ class NYUDLateFusion(SegmentationModel):
         super().__init__(
             LATE_FUSION, num_classes, width,
             {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
-            (*NYUD_MEAN_BGR, *NYUD_MEAN_HHA), inputs=STREAMS,
         )  # fmt: skip
         self.head = HEADS["fcn32s"]  # upscore 64/32, crop from 19
         self._streams: dict[str, tuple] = {}
@@ -131,7 +99,6 @@ class NYUDLateFusion(SegmentationModel):
         self.upscore = make_upsampler(num_classes, 64, 32, learnable_upsampling)
         self.extra_steps = tuple(extra)
         self.head_convs = frozenset(f"score_fr{s}" for s in STREAMS)
-        _nyud_labels(self)
 
     def backbone_streams(self) -> dict[str, tuple]:
         return dict(self._streams)

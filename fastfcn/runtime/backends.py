@@ -1,4 +1,4 @@
-"""Backends: one interface, one registry (DESIGN.md idea 6).
+"""Backends: one interface, one registry (docs/design.md, idea 6).
 
 A backend is built from a model (or, for onnxruntime and openvino, an ``.onnx`` path) for
 one device and precision, and answers
@@ -10,7 +10,8 @@ one of "logits" (N, C, H, W), "probs" (N, C, H, W) or "labels" (N, H, W)
 (uint8 when C <= 256, else int32). Floating results may be in the compute
 dtype; the Segmenter converts them to float32.
 
-Registered backends:
+Each is an entry of the registry (fastfcn.runtime.registry: devices, precisions, agreement
+tolerance, packages it needs); ``register_backend`` adds more. The built-in ones:
 
 - ``torch``: the reference model in eager PyTorch at the requested precision;
   nothing folded, no channels_last, no CUDA graphs: the numerical spec.
@@ -22,8 +23,8 @@ Registered backends:
   autotuning and CUDA graphs.
 - ``compile``: ``torch.compile`` (inductor) of the reference with BatchNorm folded,
   channels_last and inductor freezing.
-- ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported lazily).
-- ``openvino``: ``fastfcn.runtime.openvino.OpenVinoBackend`` (imported lazily): the exported
+- ``onnxruntime``: ``fastfcn.runtime.ort.OnnxRuntimeBackend`` (imported when built).
+- ``openvino``: ``fastfcn.runtime.openvino.OpenVinoBackend`` (imported when built): the exported
   graph in OpenVINO's CPU plugin at fp32 ("f32" hint) or bf16 (native-bf16 CPUs only).
 
 A backend that cannot run raises BackendUnavailableError saying why.
@@ -40,13 +41,21 @@ import itertools
 import shutil
 import threading
 import types
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError
 from ..models import SegmentationModel, fold_batchnorm
+from .registry import (  # noqa: F401 - the registry's public names, importable from here as before
+    BackendSpec,
+    Tolerance,
+    available_backends,
+    backend_spec,
+    can_run,
+    onnx_backends,
+    register_backend,
+)
 
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,26 +65,33 @@ class Backend:
 
     ``Backend(source, device, precision)``: source is a SegmentationModel (the
     backend copies what it changes) or, for backends that say so, a file path.
-    Attributes: ``name``; ``graph_safe`` (its call may be captured in a CUDA
-    graph: no host sync, no allocation outside torch's caching allocator);
-    ``thread_safe`` (it may be called from several threads at once);
-    ``input_dtype`` (the dtype it wants ``x`` in; the Segmenter preprocesses to it).
+    Attributes: ``name``; ``device``; ``precision`` (the one it runs at);
+    ``graph_safe`` (its call may be captured in a CUDA graph: no host sync, no allocation
+    outside torch's caching allocator); ``thread_safe`` (it may be called from several
+    threads at once); ``input_dtype`` (the dtype it wants ``x`` in; the Segmenter
+    preprocesses to it); ``config`` (the model's config when the source carries one the
+    Segmenter cannot read itself, e.g. an ``.onnx`` file's metadata; else None).
     """
 
     name = "base"
     graph_safe = False
     thread_safe = True
+    config: dict | None = None
 
-    def __init__(self, source, device: torch.device, precision: str):
+    def __init__(self, source, device: torch.device, precision: str, input_dtype: torch.dtype | None = None):
         self.device = device
         self.precision = precision
-        self.input_dtype = PRECISIONS[precision]
+        self.input_dtype = PRECISIONS[precision] if input_dtype is None else input_dtype
         if device.type == "cuda":
             _cuda_process_settings()
 
     def __call__(self, x: torch.Tensor, output: str) -> torch.Tensor:
         """x: float (N, 3, H, W) on the device -> logits/probs (N, C, H, W) or labels (N, H, W)."""
         raise NotImplementedError
+
+    def plan(self) -> list[dict]:
+        """The implementations it chose per layer and input shape (see Segmenter.plan); [] if none."""
+        return []
 
 
 def _cuda_process_settings() -> None:
@@ -289,51 +305,29 @@ def _own_code(fn, name: str):
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _onnxruntime(source, device, precision):
-    try:
-        from .ort import OnnxRuntimeBackend
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"backend 'onnxruntime' is not available: {e} (install onnxruntime, or onnxruntime-gpu for CUDA)"
-        ) from None
-    return OnnxRuntimeBackend(source, device, precision)
-
-
-def _openvino(source, device, precision):
-    # The module imports openvino itself only when a backend is built; it raises
-    # BackendUnavailableError with the install command when the package is missing.
-    from .openvino import OpenVinoBackend
-
-    return OpenVinoBackend(source, device, precision)
-
-
-_REGISTRY: dict[str, Callable[..., Backend]] = {
-    "torch": TorchBackend,
-    "fused": FusedBackend,
-    "compile": CompileBackend,
-    "onnxruntime": _onnxruntime,
-    "openvino": _openvino,
-}
-
-# Backends that run an exported graph and so also take an .onnx file as their source.
-ONNX_BACKENDS = ("onnxruntime", "openvino")
-
-
-def register_backend(name: str, factory: Callable[..., Backend]) -> None:
-    """Add a backend: factory(source, device, precision) -> Backend."""
-    _REGISTRY[name] = factory
-
-
-def available_backends() -> list[str]:
-    """Registered backend names (whether each runs here is decided when it is built)."""
-    return list(_REGISTRY)
-
-
 def create_backend(name: str, source, device: torch.device, precision: str, **options) -> Backend:
-    """Build backend ``name``; ``options`` are that backend's keyword options (e.g. the fused
-    backend's ``skip_dead_zone``)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {available_backends()}")
+    """Build backend ``name`` from its registry entry; ``options`` are that backend's keyword
+    options (e.g. the fused backend's ``skip_dead_zone``)."""
+    spec = backend_spec(name)
     if precision not in PRECISIONS and not (precision == "auto" and name == "onnxruntime"):
         raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
-    return _REGISTRY[name](source, device, precision, **options)
+    if device.type not in spec.devices:
+        raise BackendUnavailableError(
+            f"backend {name!r} runs on {' and '.join(spec.devices)} only; got device {device}"
+        )
+    offered = spec.precisions[device.type]
+    if precision != "auto" and precision not in offered:
+        listed = " or ".join(offered) if len(offered) < 3 else ", ".join(offered[:-1]) + " or " + offered[-1]
+        raise BackendUnavailableError(
+            f"backend {name!r} runs at precision {listed} on {device.type}; got {precision!r}"
+            + (" (a CUDA mode: Ampere or newer GPUs)" if precision == "tf32" else "")
+        )
+    try:
+        backend = spec.build(source, device, precision, **options)
+    except ImportError as e:
+        why = spec.can_run(device.type)[1] or f"backend {name!r} is not available"
+        raise BackendUnavailableError(f"{why} ({e})") from None
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend {name!r}: its factory returned a {type(backend).__name__}, not a "
+                        "fastfcn.runtime.Backend; subclass Backend")
+    return backend

@@ -1,5 +1,5 @@
 """The fused backend's CUDA backbone: convolutions with their epilogue fused, fc6 as a GEMM
-where that pays, each chosen by measurement on the GPU at hand (DESIGN.md idea 8).
+where that pays, each chosen by measurement on the GPU at hand (docs/design.md, idea 8).
 
 Eager cuDNN runs a VGG conv step as three passes: the convolution, the bias add and the
 ReLU. The static review of FCN-8s 500x500 bf16 batch 1 on an H200 put the two extra passes

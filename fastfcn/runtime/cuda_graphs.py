@@ -1,4 +1,6 @@
-"""CUDA graphs for the Segmenter: one captured forward per (input kind, N, H, W, output).
+"""CUDA execution for the Segmenter: its own stream, one captured forward per (input kind,
+N, H, W, output) replayed from a CUDA graph, the batch halved on out-of-memory
+(``CudaGraphRunner``).
 
 Capture is thread-local (``capture_error_mode="thread_local"``): with the default global
 mode, a synchronising call from any other thread of the process (another Segmenter, a
@@ -12,9 +14,12 @@ handling (halve the batch, retry) runs as it does outside a capture.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+
+from ..errors import InputError
 
 # One capture at a time in the whole process (two Segmenters, or two threads of one).
 CAPTURE_LOCK = threading.Lock()
@@ -89,3 +94,76 @@ class CapturedForward:
             self.static_in.copy_(t)
         self.graph.replay()
         return self.static_out.clone()
+
+
+class CudaGraphRunner:
+    """``runner(t, kind, output)``: a Segmenter's forward on CUDA, on a stream of its own.
+
+    forward(t, kind, output) -> result: the Segmenter's preprocessing + backend + finish, with
+    t on the device (kind "u8": uint8 (N, H, W, 3); "float": (N, 3, H, W) in the plan's
+    input dtype). plan: the Segmenter's ExecutionPlan; with ``plan.cuda_graphs`` each (kind,
+    shape, output) is captured once (CapturedForward: pinned host staging) and replayed,
+    the ``plan.graph_cache`` most recently used graphs kept. On out-of-memory the graphs are
+    dropped and the batch is run in halves; one image that does not fit raises InputError.
+    Not thread-safe: the Segmenter calls it under its lock.
+    """
+
+    def __init__(self, forward: Callable, plan):
+        self.forward = forward
+        self.plan = plan
+        self.graphs: OrderedDict = OrderedDict()
+        self.stream = torch.cuda.Stream(plan.device) if plan.device.type == "cuda" else None
+        self._pool = None  # one memory pool for all of this runner's graphs, made at the first capture
+
+    def __call__(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        device = self.plan.device
+        caller = torch.cuda.current_stream(device)
+        self.stream.wait_stream(caller)  # device input may have been produced on the caller's stream
+        try:
+            with torch.cuda.stream(self.stream), torch.inference_mode():
+                out = self.split(t, kind, output)
+        finally:
+            caller.wait_stream(self.stream)
+        out.record_stream(caller)
+        return out
+
+    def split(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        """Run on self.stream; on CUDA out-of-memory, halve the batch and retry."""
+        try:
+            if self.plan.cuda_graphs:
+                return self.replay(t, kind, output)
+            return self.forward(t.to(self.plan.device, non_blocking=False), kind, output)
+        except RuntimeError as e:  # OutOfMemoryError, or an untyped one from a graph capture
+            if not is_oom(e):
+                raise
+            self.graphs.clear()
+            torch.cuda.empty_cache()
+            n = t.shape[0]
+            if n == 1:
+                raise InputError(
+                    f"one image of shape {tuple(t.shape)} does not fit in the memory of {self.plan.device} "
+                    f"with backend {self.plan.backend!r} at {self.plan.precision}; use smaller images or "
+                    "set max_pixels"
+                ) from None
+            half = n // 2
+            return torch.cat([self.split(t[:half], kind, output), self.split(t[half:], kind, output)])
+
+    def replay(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        """The captured graph of (kind, t's shape, output), captured now if not cached."""
+        key = (kind, tuple(t.shape), output)
+        g = self.graphs.get(key)
+        if g is None:
+            while len(self.graphs) >= self.plan.graph_cache:
+                self.graphs.popitem(last=False)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            dtype = torch.uint8 if kind == "u8" else self.plan.input_dtype
+
+            def run_fn(static_in):
+                return self.forward(static_in, kind, output)
+
+            g = CapturedForward(run_fn, tuple(t.shape), dtype, self.plan.device, self.stream, self._pool)
+            self.graphs[key] = g
+        else:
+            self.graphs.move_to_end(key)
+        return g.run(t)

@@ -3,7 +3,7 @@
 conv1_1's padding of 100 (FCN-VGG, FCN-AlexNet) and DeconvNet's zero padding to >= 224 and a
 multiple of 32 surround the image with positions whose receptive field never reaches it: their
 values depend only on (H, W) and the weights. For FCN-8s at 500x500 that is 56 of 181.5 GMAC
-(31%), about 50% at 224x224 and 14% at 1920x1080 (FACTS.md, "Image-independent positions";
+(31%), about 50% at 224x224 and 14% at 1920x1080 (docs/facts.md, "Image-independent positions";
 ``fastfcn.flops.count_macs(...).computed_macs`` reports what this plan computes: 125.6 GMAC).
 
 Two parts:
@@ -42,7 +42,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.backbone import LRN, Conv, Pool, conv_geometry, local_response_norm, reference_conv, run_steps
+from ..kernels import structure
+from ..models.backbone import (
+    LRN,
+    Conv,
+    Pool,
+    conv_geometry,
+    local_response_norm,
+    max_pool,
+    reference_conv,
+    run_steps,
+)
 
 # The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
 ENABLED = True
@@ -139,10 +149,9 @@ def conv_dim(size: int, dep: Span, kernel: int, stride: int, padding: int, dilat
 
 
 def pool_out_size(size: int, kernel: int, stride: int) -> int:
-    """torch's max_pool2d output size with ceil_mode=True and no padding (Caffe's rounding)."""
-    out = (size - kernel + stride - 1) // stride + 1
-    if (out - 1) * stride >= size:
-        out -= 1
+    """torch's max_pool2d output size with ceil_mode=True and no padding (Caffe's rounding);
+    raises where there is none."""
+    out = structure.pool_out_size(size, kernel, stride, ceil_mode=True)
     if out < 1:
         raise ValueError(f"max pooling {kernel}/{stride} of a size-{size} map has no output")
     return out
@@ -204,10 +213,6 @@ class StepPlan:
     @property
     def dependent_fraction(self) -> float:
         return _area((self.rows.out_dep, self.cols.out_dep)) / _area(self.whole)
-
-    @property
-    def computed_fraction(self) -> float:
-        return _area(self.comp) / _area(self.whole)
 
 
 def _area(rect: Rect) -> int:
@@ -546,7 +551,7 @@ class DeadZoneForward:
             return impl(win, sym), None
         if isinstance(step, Pool):
             if step.switches is None:
-                return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True), None
+                return max_pool(self.model, win, step), None
             if self.pool_with_switches is None:
                 return F.max_pool2d(win, step.kernel, step.stride, ceil_mode=True, return_indices=True)
             return self.pool_with_switches(win, step.kernel, step.stride)

@@ -17,46 +17,15 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import InputError
-from ..imageio import IMAGE_SUFFIXES, check_regular_file, read_image
+from ..imageio import decode_inputs, depth_from_pil, read_depth
 from .preprocess import Parsed, _as_tensor, _check_device, _check_hwc, _check_image
 
-_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _DEPTH_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
                  torch.float32, torch.float64)  # fmt: skip
-
-
-def read_depth(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """(H, W) float32 depth of a single-channel 16-bit / 32-bit / float image file (NYUDv2's
-    depth PNGs: uint16 millimetres), values as stored. InputError (starting with the path)
-    for another mode, an unreadable file or one over ``max_pixels``."""
-    check_regular_file(path)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return _depth_from_pil(im, max_pixels)
-    except InputError as e:
-        raise InputError(f"{path}: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise InputError(f"{path}: not a readable depth image ({type(e).__name__}: {e})") from None
-
-
-def _depth_from_pil(im, max_pixels: int | None) -> np.ndarray:
-    w, h = im.size
-    if max_pixels is not None and w * h > max_pixels:
-        raise InputError(f"the depth image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    if im.mode not in _DEPTH_MODES:
-        raise InputError(
-            f"a depth image must be one channel of 16 or 32 bits (millimetres; PIL modes "
-            f"{', '.join(_DEPTH_MODES)}); got mode {im.mode!r}"
-        )
-    return np.asarray(im, dtype=np.float32)
 
 
 def _is_pil(obj) -> bool:
@@ -69,7 +38,7 @@ def _depth_item(obj, what: str, max_pixels: int | None) -> torch.Tensor:
         obj = read_depth(obj, max_pixels)
     elif _is_pil(obj):
         try:
-            obj = _depth_from_pil(obj, max_pixels)
+            obj = depth_from_pil(obj, max_pixels)
         except InputError as e:
             raise InputError(f"{what}: {e}") from None
     t = _as_tensor(obj, what)
@@ -85,10 +54,8 @@ def _depth_item(obj, what: str, max_pixels: int | None) -> torch.Tensor:
 
 
 def _hha_item(obj, what: str, max_pixels: int | None) -> torch.Tensor:
-    from .segmenter import _decode_one
-
     try:
-        t = _as_tensor(_decode_one(obj, max_pixels), what)
+        t = _as_tensor(decode_inputs(obj, max_pixels), what)
     except InputError as e:
         raise InputError(f"{what}: {e}") from None
     _check_device(t, what)
@@ -145,28 +112,4 @@ def parse_second(value, modality: str, p: Parsed, max_pixels: int | None) -> lis
     return out
 
 
-def match_file(image: Path, base: Path, folder: Path, modality: str) -> Path:
-    """The file of ``folder`` that holds ``image``'s second modality: the same path relative to
-    the image's input folder ``base``, with any image suffix (NYUDv2: images/img_5001.png ->
-    depth/img_5001.png, hha/img_5001.png). InputError when there is none or several."""
-    rel = Path(os.path.relpath(image, base))
-    where = folder / rel.parent
-    found = []
-    if where.is_dir():
-        found = sorted(p for p in where.iterdir() if p.stem == rel.stem and p.is_file()
-                       and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
-    if len(found) != 1:
-        what = f"several ({', '.join(p.name for p in found)})" if found else "none"
-        raise InputError(
-            f"{image}: its {modality} file must be {where / rel.stem}.<png|tif|...>, one file named as the "
-            f"image; found {what}"
-        )
-    return found[0]
-
-
-def read_second(path: Path, modality: str, max_pixels: int | None):
-    """A second-modality file: depth (H, W) float32 millimetres or an HHA (H, W, 3) uint8 image."""
-    return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
-
-
-__all__ = ["match_file", "parse_second", "read_depth", "read_second"]
+__all__ = ["parse_second"]

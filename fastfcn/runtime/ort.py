@@ -16,9 +16,12 @@ import os
 
 import torch
 
+from ..config import config_inputs
 from ..errors import BackendUnavailableError
-from ..kernels.reference import OUTPUTS, finish
-from ..modalities import config_inputs, input_channels
+from ..kernels.reference import finish
+from ..kernels.structure import check_output
+from ..modalities import input_channels
+from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
 # "tf32" is fp32 storage with TF32 tensor-core math (CUDA provider only); "auto" means the
@@ -69,7 +72,7 @@ def available(device: str | torch.device = "cpu", precision: str = "fp32") -> tu
     return True, ""
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """An exported fastfcn graph in an ONNX Runtime session.
 
     source: a fastfcn nn.Module (exported once to a temporary .onnx owned by this
@@ -82,14 +85,13 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     graph_safe = False  # ORT allocates and synchronises inside Run: never inside a CUDA graph
     thread_safe = True
-    input_dtype = torch.float32  # the graph's interface at every precision
 
     def __init__(self, source, device: str | torch.device = "cpu", precision: str = "auto"):
         ort = _ort()
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            index = torch.cuda.current_device() if torch.cuda.is_available() else 0
-            self.device = torch.device("cuda", index)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        self.device = device
         ok, why = available(self.device, precision)
         if not ok:
             raise BackendUnavailableError(why)
@@ -105,7 +107,8 @@ class OnnxRuntimeBackend:
                 f"{self.onnx_path} was exported at {exported} but precision {precision!r} was requested; "
                 f"re-export it with `fastfcn export --precision {storage}`"
             )
-        self.precision = precision
+        # the graph's interface is float32 at every precision
+        super().__init__(source, self.device, precision, input_dtype=torch.float32)
         self.num_classes = int(self.config["num_classes"])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -145,8 +148,7 @@ class OnnxRuntimeBackend:
         Returns logits or probs float32 (N, C, H, W), or labels (N, H, W) uint8 (int32 when
         C > 256), on the same device.
         """
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+        check_output(output)
         x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
         if self.device.type == "cuda":
             y = self._run_cuda(x)

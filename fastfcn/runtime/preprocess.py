@@ -31,15 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import config_inputs, preprocessing
 from ..errors import InputError
-from ..modalities import MODALITIES, check_inputs, config_inputs, input_channels
-
-FORMS = ("image", "batch", "list", "float")
+from ..modalities import MODALITIES, check_inputs, input_channels
 
 
 @dataclass
 class Parsed:
-    """form: one of FORMS; tensors: uint8 (N, H, W, 3) groups (for "list" one per
+    """form: "image", "batch", "list" or "float"; tensors: uint8 (N, H, W, 3) groups (for "list" one per
     image, in order) or one float (N, 3, H, W) tensor (form "float")."""
 
     form: str
@@ -206,23 +205,19 @@ class Preprocessor:
     """
 
     def __init__(self, config: dict, device: torch.device, dtype: torch.dtype = torch.float32):
-        order = str(config.get("color_order", "BGR")).upper()
-        if order not in ("RGB", "BGR"):
-            raise InputError(f"config color_order must be 'RGB' or 'BGR'; got {order!r}")
+        bgr, scale, mean, std = preprocessing(config)
         self.inputs = config_inputs(config)
         why = check_inputs(self.inputs)
         if why is not None:
             raise InputError(f"config {why}")
         n = input_channels(self.inputs)
-        mean = [float(m) for m in config.get("mean", (0.0,) * n)]
-        std = [float(s) for s in config.get("std", (1.0,) * n)]
-        scale = float(config.get("input_scale", 255.0))
         if len(mean) != n or len(std) != n or any(s == 0 or not math.isfinite(s) for s in std):
             raise InputError(
                 f"config mean/std must be {n} finite numbers (one per channel of {list(self.inputs)}), "
-                f"std non-zero; got {mean}, {std}"
+                f"std non-zero; got {list(mean)}, {list(std)}"
             )
-        self.bgr = order == "BGR" and self.inputs[0] == "color"
+        # color_order is the colour modality's: an HHA image keeps its file's channel order.
+        self.bgr = bgr and self.inputs[0] == "color"
         self.second = self.inputs[1] if len(self.inputs) > 1 else None
         self.dtype = dtype
         # x_model[c] = (pixel[c] * scale / 255 - mean[c]) / std[c]  ==  pixel[c] * a[c] + b[c]

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
-from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import BackendUnavailableError, CheckpointError, InputError
-from ..imageio import from_pil, read_image
-from ..kernels.reference import OUTPUTS
-from ..modalities import config_inputs, input_channels
+from ..config import config_inputs
+from ..errors import CheckpointError, InputError
+from ..modalities import input_channels
 from ..models import SegmentationModel, available
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
-from .backends import ONNX_BACKENDS, PRECISIONS, Backend, available_backends, create_backend
-from .cuda_graphs import CapturedForward, is_oom
-from .modal import parse_second
-from .preprocess import Parsed, Preprocessor, check_finite, parse_batch
-from .tiling import check_tiling, run_tiled
+from .backends import PRECISIONS, Backend, create_backend
+from .cuda_graphs import CudaGraphRunner
+from .dispatch import run_batch, run_postprocessed
+from .execution import ExecutionPlan, resolve_backend, resolve_device, resolve_precision
+from .preprocess import Preprocessor, check_finite
+from .registry import available_backends
 
 # The TF32 switches are process-wide: a Segmenter at fp32 or tf32 on CUDA holds this lock while
 # its forward runs with its own setting, so Segmenters of different precisions in other threads
@@ -31,94 +30,6 @@ from .tiling import check_tiling, run_tiled
 _TF32_LOCK = threading.Lock()
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e})"
-        ) from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"device {device!r} was asked for but this machine has no usable CUDA GPU"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise BackendUnavailableError(
-                f"device {device!r} does not exist; this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    return dev
-
-
-def _resolve_precision(precision: str, device: torch.device, backend: str = "auto") -> str:
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        if device.type == "cpu" and backend in ("auto", "fused"):
-            return _cpu_auto_precision()
-        return "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
-    return precision
-
-
-def _is_pil(obj) -> bool:
-    # PIL is imported only if the caller already has PIL images: no import cost otherwise.
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(obj, pil.Image)
-
-
-def _decode_one(obj, max_pixels: int | None):
-    if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, max_pixels)
-    if _is_pil(obj):
-        try:
-            return from_pil(obj, max_pixels)
-        except InputError as e:
-            raise InputError(f"the PIL image: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
-    return obj
-
-
-def _decode(batch, max_pixels: int | None):
-    """Image paths and PIL images (alone or in a list) -> (H, W, 3) uint8 arrays; other items unchanged."""
-    if isinstance(batch, (list, tuple)):
-        return [_decode_one(b, max_pixels) for b in batch]
-    return _decode_one(batch, max_pixels)
-
-
-def _cpu_auto_precision() -> str:
-    """bf16 where the CPU computes it natively (AVX512-BF16 / AMX), else fp32; the environment
-    variable FASTFCN_CPU_PRECISION=fp32|bf16 pins the choice.
-
-    Measured on a 2-core Zen 4 with AVX512-BF16 (shared machine, 2 threads, medians of 3
-    interleaved rounds, benchmarks/cpu_fused_vs_torch.py): fused bf16 vs fused fp32, FCN-8s
-    500x500 2.14 vs 3.06 s (torch fp32 5.12 s), FCN-AlexNet 500x500 1.37 vs 1.68 s; DeconvNet
-    224x224 batch 2 3.6 vs 5.2 s (two runs at a similar load of ~7.5). Shipped FCN-8s on 32
-    held-out scenes: 99.986% of labels equal the fp32 ones, mean IU 91.99 vs 91.98; untrained
-    nets (nearly flat logits) 98.7-100% (benchmarks/cpu_bf16_agreement.py). OpenVINO also
-    defaults to bf16 on such CPUs.
-    """
-    pinned = os.environ.get("FASTFCN_CPU_PRECISION", "").strip().lower()
-    if pinned:
-        if pinned not in ("fp32", "bf16"):
-            raise ValueError(f"FASTFCN_CPU_PRECISION must be 'fp32' or 'bf16'; got {pinned!r}")
-        return pinned
-    from .cpu_fast import native_bf16
-
-    return "bf16" if native_bf16() else "fp32"
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class Segmenter:
@@ -126,7 +37,7 @@ class Segmenter:
 
     Segmenter(checkpoint, *, arch=None, device="auto", backend="auto", precision="auto",
               max_pixels=4096*4096, graph_cache=8, check_finite=True, num_threads=None,
-              skip_dead_zone=True)
+              skip_dead_zone=True, postprocess=None, crf=None)
 
     checkpoint: a path fastfcn.load reads (``arch=`` as there), a built-in model's name
         (``"demo"``, see fastfcn.zoo), a ``.onnx`` file exported by
@@ -142,19 +53,30 @@ class Segmenter:
         convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU fused) and the head's
         score layers and upsampling in fp32: on a Zen 4 it measured 1.2-1.45x faster than fp32 and
         kept 99.986% of the shipped FCN-8s's labels (mean IU unchanged: 91.99 vs 91.98); see
-        _cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
+        fastfcn.runtime.execution.cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to
+        fp32 on the CPU.
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
     graph_cache: how many CUDA graphs (one per batch size, H, W, input kind and output) are
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
     check_finite: refuse float input containing NaN/Inf (costs one device->host sync per
         float batch on CUDA; uint8 input needs no check).
     num_threads: if given, an int >= 1: torch.set_num_threads(num_threads) (process-wide).
+    postprocess: None, or "crf": refine the probabilities with a fully connected CRF on the
+        original image (fastfcn.runtime.crf; needs the extra ``pip install fastfcn[crf]``). Runs
+        on the CPU, per image, after the backend; needs uint8 images (not preprocessed float).
+        output "probs" are then the CRF's marginals, "logits" their log, "labels" their argmax.
+    crf: the CRF's parameters with postprocess="crf": a fastfcn.runtime.crf.CRFParams, a dict
+        of some of its fields, or None (DeepLab's: 10 iterations, Gaussian sxy 1 compat 3,
+        bilateral sxy 67 srgb 3 compat 4).
     skip_dead_zone: backend "fused" computes only the positions whose receptive field
         reaches the image (FCN-VGG, FCN-AlexNet, DeconvNet's encoder; fastfcn.runtime.deadzone),
         taking the rest from maps cached per input size; False computes everything (ablation).
         The results agree to float32 rounding either way.
 
-    Properties: device, backend, precision, config, num_classes, class_names, palette, plan.
+    Properties: device, backend, precision, config, num_classes, class_names, palette, plan,
+    postprocess, crf.
+    execution: how it runs, resolved once (fastfcn.runtime.execution.ExecutionPlan: device,
+      backend, precision, input dtype, CUDA graphs, serialised calls, TF32 switches).
     plan: the convolution implementations chosen on this machine (fused backend on the CPU), per
       layer and input shape with the measured times; filled at the first run of each shape.
 
@@ -178,6 +100,8 @@ class Segmenter:
         check_finite: bool = True,
         num_threads: int | None = None,
         skip_dead_zone: bool = True,
+        postprocess: str | None = None,
+        crf=None,
     ):
         if arch is not None and arch not in available():
             raise CheckpointError(f"unknown arch {arch!r}; expected one of {available()}")
@@ -192,53 +116,40 @@ class Segmenter:
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"num_threads must be None (torch's choice) or an int >= 1; got {num_threads!r}")
+        from .crf import check_postprocess
+
+        # Before the model loads: a missing pydensecrf2 or a bad parameter costs no load.
+        self._crf = check_postprocess(postprocess, crf)
+        self._postprocess = postprocess
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        # OpenVINO runs on the CPU only: "auto" means the CPU for it, even where CUDA is present.
-        cpu_only = backend == "openvino" and (device is None or device == "auto")
-        self._device = _resolve_device("cpu" if cpu_only else device)
-        self._precision = _resolve_precision(precision, self._device, backend)
+        # "auto" is the CPU for a backend whose registry entry has no CUDA (openvino).
+        device = resolve_device(device, backend)
+        requested = precision
+        precision = resolve_precision(precision, device, backend)
         self.max_pixels = max_pixels
         self.check_finite = check_finite
 
         source, config = self._load(checkpoint, arch, backend)
-        if backend == "auto":
-            backend = "onnxruntime" if not isinstance(source, nn.Module) else "fused"
-        elif not isinstance(source, nn.Module) and backend not in ONNX_BACKENDS:
-            raise BackendUnavailableError(
-                f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} (or 'auto'); "
-                f"got backend {backend!r}. Load the checkpoint (.safetensors/.pt) to use the other backends."
-            )
-        self._backend_name = backend
-        if backend == "onnxruntime" and precision == "auto":
+        backend = resolve_backend(backend, graph=not isinstance(source, nn.Module))
+        if backend == "onnxruntime" and requested == "auto":
             # ORT has no bf16 path: "auto" there is the precision the graph was exported at.
-            self._backend: Backend = create_backend(backend, source, self._device, "auto")
-            self._precision = getattr(self._backend, "precision", "fp32")
-        else:
-            options = {"skip_dead_zone": bool(skip_dead_zone)} if backend == "fused" else {}
-            self._backend = create_backend(backend, source, self._device, self._precision, **options)
+            precision = "auto"
+        options = {"skip_dead_zone": bool(skip_dead_zone)} if backend == "fused" else {}
+        self._backend: Backend = create_backend(backend, source, device, precision, **options)
+        self.execution = ExecutionPlan.of(self._backend, backend, graph_cache)
         if config is None:
-            config = getattr(self._backend, "config", None)
-        if not isinstance(config, dict):
+            config = self._backend.config
+        if not isinstance(config, Mapping):
             raise CheckpointError(
                 f"{checkpoint!r} carries no fastfcn config (mean, std, colour order, classes); "
                 "export it with fastfcn.export_onnx"
             )
         self._config = dict(config)
-        in_dtype = getattr(self._backend, "input_dtype", torch.float32)
-        self._pre = Preprocessor(self._config, self._device, in_dtype)
+        self._pre = Preprocessor(self._config, device, self.execution.input_dtype)
         self._inputs = config_inputs(self._config)
-        self._in_dtype = in_dtype
-
         self._lock = threading.Lock()
-        self._graph_cache = graph_cache
-        self._graphs: OrderedDict = OrderedDict()
-        cuda = self._device.type == "cuda"
-        self._use_graphs = cuda and graph_cache > 0 and getattr(self._backend, "graph_safe", False)
-        self._stream = torch.cuda.Stream(self._device) if cuda else None
-        self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
-        # GPU work (flag toggling, graph replay) is serialised; on CPU, eager torch is reentrant.
-        self._serial = cuda or not getattr(self._backend, "thread_safe", True)
+        self._cuda = CudaGraphRunner(self._forward, self.execution) if device.type == "cuda" else None
 
     # ------------------------------------------------------------------ loading
     def _load(self, checkpoint, arch, backend):
@@ -257,11 +168,7 @@ class Segmenter:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
         if path.suffix.lower() == ".onnx":
-            if backend != "auto" and backend not in ONNX_BACKENDS:
-                raise BackendUnavailableError(
-                    f"a .onnx file runs only with backend {' or '.join(map(repr, ONNX_BACKENDS))} "
-                    f"(or 'auto'); got backend {backend!r}"
-                )
+            resolve_backend(backend, graph=True)  # refuses a backend that takes no graph, before reading it
             from ..export import read_onnx_metadata
 
             # Raises CheckpointError for a file that is not ONNX or carries no fastfcn metadata.
@@ -279,15 +186,24 @@ class Segmenter:
     # --------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self.execution.device
 
     @property
     def backend(self) -> str:
-        return self._backend_name
+        return self.execution.backend
 
     @property
     def precision(self) -> str:
-        return self._precision
+        return self.execution.precision
+
+    @property
+    def postprocess(self) -> str | None:
+        return self._postprocess
+
+    @property
+    def crf(self):
+        """The CRF's parameters (fastfcn.runtime.crf.CRFParams) with postprocess="crf", else None."""
+        return self._crf
 
     @property
     def config(self) -> dict:
@@ -305,8 +221,7 @@ class Segmenter:
         times_ms per candidate. Filled at the first run of each input shape (fused backend on the
         CPU: see fastfcn.runtime.cpu_fast); [] for backends that do not choose.
         ``fastfcn.runtime.cpu_fast.format_plan(seg.plan)`` gives it as text."""
-        plan = getattr(self._backend, "plan", None)
-        return plan() if callable(plan) else []
+        return self._backend.plan()
 
     @property
     def class_names(self) -> list[str]:
@@ -318,9 +233,10 @@ class Segmenter:
 
     def __repr__(self) -> str:
         arch = self._config.get("arch", "?")
+        post = f", postprocess={self._postprocess!r}" if self._postprocess else ""
         return (
-            f"Segmenter(arch={arch!r}, device={str(self._device)!r}, backend={self.backend!r}, "
-            f"precision={self.precision!r})"
+            f"Segmenter(arch={arch!r}, device={str(self.device)!r}, backend={self.backend!r}, "
+            f"precision={self.precision!r}{post})"
         )
 
     # ---------------------------------------------------------------------- run
@@ -350,46 +266,8 @@ class Segmenter:
         every modality's channels.
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
         second = self._second_input(depth, hha, preprocessed)
-        run = self._run
-        if tile is None and overlap is not None:
-            raise InputError(f"overlap={overlap!r} is for tiled runs; pass tile=(h, w) too")
-        if tile is not None:
-            tile, overlap = check_tiling(tile, overlap)
-            run = lambda t, kind, out: self._run_tiles(t, kind, out, tile, overlap)  # noqa: E731
-        # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
-        # decompression-bomb limit (179 M pixels) still holds.
-        max_pixels = None if tile is not None else self.max_pixels
-        batch = _decode(batch, max_pixels)
-        p: Parsed = parse_batch(batch, preprocessed, input_channels(self._inputs))
-        seconds = None
-        if second is not None:
-            if p.form == "float":
-                raise InputError(
-                    f"a float batch is preprocessed input, all {input_channels(self._inputs)} channels "
-                    f"({' + '.join(self._inputs)}): pass it with preprocessed=True and no "
-                    f"{self._inputs[1]}=, or pass uint8 images with {self._inputs[1]}="
-                )
-            seconds = parse_second(second, self._inputs[1], p, max_pixels)
-            # Both modalities become one preprocessed float batch: one input tensor for every backend.
-            run = self._two_input_runner(run, check_size=tile is None)
-        if p.form == "list":
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, t in enumerate(p.tensors):
-                groups.setdefault((t.shape[1], t.shape[2]), []).append(i)
-            results: list = [None] * len(p.tensors)
-            for idx in groups.values():
-                t = _cat([p.tensors[i] for i in idx])
-                t = t if seconds is None else (t, _cat([seconds[i] for i in idx]))
-                out = run(t, "u8", output)
-                for j, i in enumerate(idx):
-                    results[i] = out[j]
-            return results
-        t = p.tensors[0] if seconds is None else (p.tensors[0], seconds[0])
-        out = run(t, "float" if p.form == "float" else "u8", output)
-        return out[0] if p.form == "image" else out
+        return run_batch(self, batch, output, preprocessed, tile, overlap, second)
 
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
                  overlap: int | None = None, depth=None, hha=None):
@@ -422,29 +300,9 @@ class Segmenter:
             raise InputError(f"{arch} takes a second input, {want}: run(images, {example}){other}")
         if len(given) > 1:
             raise InputError(f"{arch} takes {want}= only; got {', '.join(k + '=' for k in given)}")
+        if self._crf is not None:
+            raise InputError(f"postprocess='crf' reads one colour image; {arch} takes two inputs")
         return given[want]
-
-    def _two_input_runner(self, run, check_size: bool):
-        """run(t, kind, output) taking t = (images uint8 (N, H, W, 3), second (N, H, W[, 3])):
-        both preprocessed on the device into one float (N, C, H, W), then ``run`` of kind
-        "float" (tiled runs split that one tensor; untiled ones check max_pixels first)."""
-
-        def two(t, kind, output):
-            u8, sec = t
-            if check_size:
-                self._check_size(u8.shape[1], u8.shape[2])
-            with torch.inference_mode():
-                x = self._pre(u8.to(self._device), sec.to(self._device))
-            return run(x, "float", output)
-
-        return two
-
-    def _run_tiles(self, t: torch.Tensor, kind: str, output: str, tile, overlap) -> torch.Tensor:
-        """Each image of ``t`` (as for _run) in tiles; results stacked to (N, ...)."""
-        if t.shape[0] == 1:  # no stacking copy (100 MB of labels at 10,000 x 10,000)
-            return run_tiled(self._run, t, kind, output, tile, overlap).unsqueeze(0)
-        return torch.stack([run_tiled(self._run, t[i:i + 1], kind, output, tile, overlap)
-                            for i in range(t.shape[0])])
 
     def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
         """Segment an iterable of frames: an iterator with one CPU tensor per frame, in order,
@@ -471,27 +329,31 @@ class Segmenter:
             )
 
     def _run(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        """t: uint8 (N, H, W, 3) (kind "u8") or float (N, 3, H, W) (kind "float"), any device."""
+        """t: uint8 (N, H, W, 3) (kind "u8") or float (N, 3, H, W) (kind "float"), any device.
+        The batch path of run() and stream(): inference, then the post-processing (if any)."""
+        return run_postprocessed(self, t, kind, output)
+
+    def _infer(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        """The backend's result for ``t`` (as for _run), without post-processing."""
         h, w = (t.shape[1], t.shape[2]) if kind == "u8" else (t.shape[2], t.shape[3])
         self._check_size(h, w)
-        if kind == "float" or self._device.type == "cpu":
-            t = t.to(self._device)
+        device = self.execution.device
+        if kind == "float" or device.type == "cpu":
+            t = t.to(device)
         if kind == "float" and self.check_finite:
             check_finite(t)
-        if self._device.type == "cuda":
+        if self._cuda is not None:
             with self._lock:
-                return self._run_cuda(t, kind, output)
-        with self._lock if self._serial else nullcontext(), torch.inference_mode():
-            return self._finish(self._compute(t, kind, output))
+                return self._cuda(t, kind, output)
+        with self._lock if self.execution.serial else nullcontext(), torch.inference_mode():
+            return self._forward(t, kind, output)
 
-    def _compute(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        """Preprocess (uint8) and run the backend; t already on the device (or CPU for CPU)."""
+    def _forward(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
+        """Preprocess (uint8), run the backend, results as float32 (floating outputs) or labels;
+        t already on the device. What a CUDA graph captures."""
         x = self._pre(t) if kind == "u8" else t
         with self._precision_flags():
-            return self._backend(x, output)
-
-    @staticmethod
-    def _finish(out: torch.Tensor) -> torch.Tensor:
+            out = self._backend(x, output)
         return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
 
     @contextmanager
@@ -499,10 +361,10 @@ class Segmenter:
         # fp32 means fp32 on CUDA: torch lets cuDNN use TF32 by default. The precision is fixed
         # per Segmenter; the flags are written only when they differ from it (with CUDA graphs
         # the forward runs in Python only while capturing), and only for fp32 / tf32.
-        if self._device.type != "cuda" or self._precision not in ("fp32", "tf32"):
+        tf32 = self.execution.tf32
+        if tf32 is None:
             yield
             return
-        tf32 = self._precision == "tf32"
         with _TF32_LOCK:
             old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
             if old != (tf32, tf32):
@@ -512,57 +374,3 @@ class Segmenter:
                 yield
             finally:
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-    # --------------------------------------------------------------------- CUDA
-    def _run_cuda(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        caller = torch.cuda.current_stream(self._device)
-        stream = self._stream
-        stream.wait_stream(caller)  # device input may have been produced on the caller's stream
-        try:
-            with torch.cuda.stream(stream), torch.inference_mode():
-                out = self._run_split(t, kind, output)
-        finally:
-            caller.wait_stream(stream)
-        out.record_stream(caller)
-        return out
-
-    def _run_split(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        """Run on self._stream; on CUDA out-of-memory, halve the batch and retry."""
-        try:
-            if self._use_graphs:
-                return self._replay(t, kind, output)
-            x = t.to(self._device, non_blocking=False)
-            return self._finish(self._compute(x, kind, output))
-        except RuntimeError as e:  # OutOfMemoryError, or an untyped one from a graph capture
-            if not is_oom(e):
-                raise
-            self._graphs.clear()
-            torch.cuda.empty_cache()
-            n = t.shape[0]
-            if n == 1:
-                shape = tuple(t.shape)
-                raise InputError(
-                    f"one image of shape {shape} does not fit in the memory of {self._device} "
-                    f"with backend {self.backend!r} at {self.precision}; use smaller images or set max_pixels"
-                ) from None
-            half = n // 2
-            a = self._run_split(t[:half], kind, output)
-            b = self._run_split(t[half:], kind, output)
-            return torch.cat([a, b])
-
-    def _replay(self, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:
-        dtype = torch.uint8 if kind == "u8" else self._in_dtype
-        key = (kind, tuple(t.shape), output)
-        g = self._graphs.get(key)
-        if g is None:
-            while len(self._graphs) >= self._graph_cache:
-                self._graphs.popitem(last=False)
-
-            def forward(static_in):
-                return self._finish(self._compute(static_in, kind, output))
-
-            g = CapturedForward(forward, tuple(t.shape), dtype, self._device, self._stream, self._pool)
-            self._graphs[key] = g
-        else:
-            self._graphs.move_to_end(key)
-        return g.run(t)

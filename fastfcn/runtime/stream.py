@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, StreamError
-from ..kernels.reference import OUTPUTS
+from ..kernels.structure import check_output
 from .preprocess import _as_tensor, _check_image
 
 POLL_S = 0.05  # how often a blocked stage looks at the stop flag
@@ -297,8 +297,7 @@ def stream(
     """The body of ``Segmenter.stream`` (see there); ``stats`` collects per-stage busy time;
     ``source_wait_s``: how long closing waits for a reader inside the source's next() (a
     decoder whose container is closed next must be waited for)."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+    check_output(output)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an int >= 1; got {batch_size!r}")
     if max_delay is not None and (isinstance(max_delay, bool) or not max_delay >= 0):

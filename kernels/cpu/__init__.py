@@ -21,16 +21,24 @@ from __future__ import annotations
 
 import torch
 
-from ..structure import KINDS, bilinear_1d, diagonal
+from ..structure import (
+    KIND_CODES,
+    KINDS,
+    OUT_LABELS_I32,
+    OUT_LABELS_U8,
+    OUT_LOGITS,
+    bilinear_1d,
+    check_switch_window,
+    diagonal,
+    output_code,
+    pool_out_size,
+)
 
 try:
     from . import _ext
 except ImportError:  # built without a compiler: the ops dispatcher falls back to the reference
     _ext = None
 
-OUTPUTS = ("logits", "labels", "probs")
-_KIND_CODE = {"bilinear": 0, "depthwise": 1, "dense": 2}
-_LOGITS, _LABELS_U8, _LABELS_I32, _PROBS = 0, 1, 2, 3
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -121,29 +129,19 @@ def _weight(weight, c: int, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor
         w = diagonal(weight.detach()).to(dtype).float().contiguous()
     else:
         w = weight.detach().to(dtype).float().contiguous()
-    return w, k, _KIND_CODE[kind]
-
-
-def _out_code(output: str, c: int) -> int:
-    if output == "logits":
-        return _LOGITS
-    if output == "labels":
-        return _LABELS_U8 if c <= 256 else _LABELS_I32
-    if output == "probs":
-        return _PROBS
-    raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
+    return w, k, KIND_CODES[kind]
 
 
 def _alloc(code: int, n: int, c: int, h: int, w: int) -> torch.Tensor:
-    if code == _LABELS_U8:
+    if code == OUT_LABELS_U8:
         return torch.empty((n, h, w), dtype=torch.uint8)
-    if code == _LABELS_I32:
+    if code == OUT_LABELS_I32:
         return torch.empty((n, h, w), dtype=torch.int32)
     return torch.empty((n, c, h, w), dtype=torch.float32)
 
 
 def _finish(out: torch.Tensor, code: int, dtype: torch.dtype) -> torch.Tensor:
-    return out if code in (_LABELS_U8, _LABELS_I32) else out.to(dtype)
+    return out if code in (OUT_LABELS_U8, OUT_LABELS_I32) else out.to(dtype)
 
 
 def _skip(skip, n: int, c: int, ho: int, wo: int, offset, dtype) -> tuple[torch.Tensor | None, int]:
@@ -179,7 +177,7 @@ def upsample_add(x, weight, stride, skip=None, offset=0, scale=1.0, kind="dense"
         xf.data_ptr(), n, c, h, w, kc, wt.data_ptr(), k, stride,
         0 if sk is None else sk.data_ptr(), 0 if sk is None else sk.shape[2],
         0 if sk is None else sk.shape[3], offset, float(scale),
-        0, 0, ho, wo, _LOGITS, out.data_ptr(), _threads(),
+        0, 0, ho, wo, OUT_LOGITS, out.data_ptr(), _threads(),
     )  # fmt: skip
     return out.to(x.dtype)
 
@@ -196,7 +194,7 @@ def upsample_crop(x, weight, stride, offset, size, output="logits", kind="dense"
     stride = _int(stride, "stride", 1)
     offset = _int(offset, "offset", 0)
     oh, ow = _size(size)
-    code = _out_code(output, c)
+    code = output_code(output, c)
     wt, k, kc = _weight(weight, c, kind, x.dtype)
     ho, wo = (h - 1) * stride + k, (w - 1) * stride + k
     if offset + oh > ho or offset + ow > wo:
@@ -231,7 +229,7 @@ def fcn_head(score, skips, weights, strides, offsets, scales, size, output="logi
         )
     n, c, h, w = score.shape
     oh, ow = _size(size)
-    code = _out_code(output, c)
+    code = output_code(output, c)
     dtype = score.dtype
     keep = []  # tensors whose addresses the extension reads
     wptr, ks, kcs, sptr, sh, sw, strd, offs = [], [], [], [], [], [], [], []
@@ -268,15 +266,6 @@ def fcn_head(score, skips, weights, strides, offsets, scales, size, output="logi
     return _finish(out, code, dtype)
 
 
-def _pooled(length: int, kernel: int, stride: int, ceil_mode: bool) -> int:
-    """torch's pooling_output_shape without padding or dilation."""
-    num = length - kernel + (stride - 1 if ceil_mode else 0)
-    out = num // stride + 1
-    if ceil_mode and (out - 1) * stride >= length:
-        out -= 1  # a window starting past the input is dropped
-    return out
-
-
 def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True) -> tuple[torch.Tensor, torch.Tensor]:
     """Max pooling with one-byte switches dy * kernel + dx (the first maximum; NaN propagates).
 
@@ -286,10 +275,9 @@ def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True) -> tuple[tor
     _check_map(x, "x")
     kernel = _int(kernel, "kernel", 1)
     stride = _int(stride, "stride", 1)
-    if kernel * kernel > 256:
-        raise ValueError(f"compact switches need kernel*kernel <= 256; got kernel={kernel}")
+    check_switch_window(kernel, stride)
     n, c, H, W = x.shape
-    h, w = _pooled(H, kernel, stride, bool(ceil_mode)), _pooled(W, kernel, stride, bool(ceil_mode))
+    h, w = (pool_out_size(v, kernel, stride, bool(ceil_mode)) for v in (H, W))
     if h < 1 or w < 1:
         raise ValueError(f"a {H}x{W} input is smaller than the {kernel}x{kernel} pooling window")
     if _channels_last(x):
@@ -308,6 +296,27 @@ def max_pool2d_with_switches(x, kernel=2, stride=2, ceil_mode=True) -> tuple[tor
         xf.data_ptr(), n * c, H, W, kernel, stride, h, w, values.data_ptr(), switches.data_ptr(), _threads()
     )
     return values.to(x.dtype), switches
+
+
+def max_pool2d_nhwc(x, kernel=2, stride=2, ceil_mode=True) -> torch.Tensor:
+    """max_pool2d without indices (no padding, torch's window rules; NaN propagates), for a
+    channels_last fp32 or bf16 map: x (N, C, H, W) stored (N, H, W, C) -> (N, C, h, w), same
+    dtype and layout. Exact: the maximum element itself is copied."""
+    _need_ext()
+    _check_map(x, "x", (torch.float32, torch.bfloat16))
+    if not x.is_contiguous(memory_format=CL):
+        raise ValueError("x must be channels_last (x.contiguous(memory_format=torch.channels_last))")
+    kernel = _int(kernel, "kernel", 1)
+    stride = _int(stride, "stride", 1)
+    n, c, H, W = x.shape
+    h, w = (pool_out_size(v, kernel, stride, bool(ceil_mode)) for v in (H, W))
+    if h < 1 or w < 1:
+        raise ValueError(f"a {H}x{W} input is smaller than the {kernel}x{kernel} pooling window")
+    out = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=CL)
+    _ext.max_pool2d_nhwc(
+        x.data_ptr(), x.dtype == torch.bfloat16, n, c, H, W, kernel, stride, h, w, out.data_ptr(), _threads()
+    )
+    return out
 
 
 def max_unpool2d(x, indices, output_size, kernel=2, stride=2, relu=False) -> torch.Tensor:
@@ -375,6 +384,7 @@ def max_unpool2d(x, indices, output_size, kernel=2, stride=2, relu=False) -> tor
 __all__ = [
     "available",
     "fcn_head",
+    "max_pool2d_nhwc",
     "max_pool2d_with_switches",
     "max_unpool2d",
     "upsample_add",

@@ -90,19 +90,17 @@ void max_pool2d_switches_nhwc(std::uintptr_t x, i64 n, i64 c, i64 H, i64 W, i64 
                                       ptr<std::uint8_t>(switches), threads);
 }
 
+void max_pool2d_nhwc(std::uintptr_t x, bool bf16, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h,
+                     i64 w, std::uintptr_t out, int threads) {
+    py::gil_scoped_release nogil;
+    fastfcn::max_pool2d_nhwc(ptr<const void>(x), bf16, n, c, H, W, kernel, stride, h, w, ptr<void>(out), threads);
+}
+
 i64 max_unpool2d_nhwc(std::uintptr_t x, std::uintptr_t switches, i64 n, i64 c, i64 h, i64 w, i64 H, i64 W,
                       i64 kernel, i64 stride, bool relu, std::uintptr_t out, int threads) {
     py::gil_scoped_release nogil;
     return fastfcn::max_unpool2d_gather_nhwc(ptr<const float>(x), ptr<const std::uint8_t>(switches), n, c, h, w,
                                              H, W, kernel, stride, relu, ptr<float>(out), threads);
-}
-
-bool has_openmp() {
-#ifdef _OPENMP
-    return true;
-#else
-    return false;
-#endif
 }
 
 }  // namespace
@@ -115,5 +113,5 @@ PYBIND11_MODULE(_ext, m) {
     m.def("max_unpool2d", &max_unpool2d);
     m.def("max_pool2d_switches_nhwc", &max_pool2d_switches_nhwc);
     m.def("max_unpool2d_nhwc", &max_unpool2d_nhwc);
-    m.def("has_openmp", &has_openmp);
+    m.def("max_pool2d_nhwc", &max_pool2d_nhwc);
 }

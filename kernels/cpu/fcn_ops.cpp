@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 namespace fastfcn {
 
@@ -409,6 +411,74 @@ void max_pool2d_switches_nhwc(const float* x, i64 n, i64 c, i64 H, i64 W, i64 ke
                     }
             }
         }
+}
+
+namespace {
+
+inline float bf16_to_float(std::uint16_t b) {
+    std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(std::uint16_t b) { return bf16_to_float(b); }
+inline void from_float(float v, float& o) { o = v; }
+inline void from_float(float v, std::uint16_t& o) {
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    o = static_cast<std::uint16_t>(u >> 16);  // exact: v is one of the bf16 inputs, widened
+}
+
+// One output pixel's c channels, as floats in ``best`` (each loop is a plain vector pass: widen,
+// compare-select, narrow), then written back in T. Greater or NaN wins, as in max_pool2d.
+template <typename T>
+void pool_window(const T* __restrict x, i64 c, i64 W, i64 iy0, i64 iy1, i64 ix0, i64 ix1, float* __restrict best,
+                 T* __restrict o) {
+    const T* __restrict first = x + (iy0 * W + ix0) * c;
+    for (i64 ch = 0; ch < c; ++ch) best[ch] = to_float(first[ch]);
+    for (i64 iy = iy0; iy < iy1; ++iy)
+        for (i64 ix = ix0; ix < ix1; ++ix) {
+            if (iy == iy0 && ix == ix0) continue;
+            const T* __restrict xp = x + (iy * W + ix) * c;
+            for (i64 ch = 0; ch < c; ++ch) {
+                const float v = to_float(xp[ch]), b = best[ch];
+                best[ch] = (v > b) | (v != v) ? v : b;
+            }
+        }
+    for (i64 ch = 0; ch < c; ++ch) from_float(best[ch], o[ch]);
+}
+
+template <typename T>
+void max_pool2d_nhwc_t(const T* x, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h, i64 w, T* out,
+                       int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> best(static_cast<std::size_t>(c));
+#pragma omp for collapse(2) schedule(static)
+        for (i64 ni = 0; ni < n; ++ni)
+            for (i64 oy = 0; oy < h; ++oy) {
+                const i64 iy0 = oy * stride, iy1 = std::min(iy0 + kernel, H);
+                for (i64 ox = 0; ox < w; ++ox) {
+                    const i64 ix0 = ox * stride, ix1 = std::min(ix0 + kernel, W);
+                    pool_window(x + ni * H * W * c, c, W, iy0, iy1, ix0, ix1, best.data(),
+                                out + ((ni * h + oy) * w + ox) * c);
+                }
+            }
+    }
+}
+
+}  // namespace
+
+void max_pool2d_nhwc(const void* x, bool bf16, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h,
+                     i64 w, void* out, int threads) {
+    if (bf16)
+        max_pool2d_nhwc_t(static_cast<const std::uint16_t*>(x), n, c, H, W, kernel, stride, h, w,
+                          static_cast<std::uint16_t*>(out), threads);
+    else
+        max_pool2d_nhwc_t(static_cast<const float*>(x), n, c, H, W, kernel, stride, h, w, static_cast<float*>(out),
+                          threads);
 }
 
 i64 max_unpool2d_gather_nhwc(const float* x, const std::uint8_t* switches, i64 n, i64 c, i64 h, i64 w,

@@ -55,6 +55,13 @@ i64 max_unpool2d_gather(const float* x, const void* indices, bool compact, i64 p
 void max_pool2d_switches_nhwc(const float* x, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h,
                               i64 w, float* values, std::uint8_t* switches, int threads);
 
+// Max pooling (no padding, torch's window rules) without switches, channels last, on fp32 or
+// bf16 (stored as uint16; compared as floats, the winner's bits copied, so the result is exact).
+// The greater value or a NaN wins, as in max_pool2d. torch's CPU max_pool2d always computes
+// int64 indices as well: at bf16 those are 4x the bytes of the values it writes.
+void max_pool2d_nhwc(const void* x, bool bf16, i64 n, i64 c, i64 H, i64 W, i64 kernel, i64 stride, i64 h,
+                     i64 w, void* out, int threads);
+
 // Gather unpooling from compact switches, channels last; returns the number of switches that
 // do not name a pixel of their own window inside the H x W output (as max_unpool2d_gather).
 i64 max_unpool2d_gather_nhwc(const float* x, const std::uint8_t* switches, i64 n, i64 c, i64 h, i64 w,

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from .distributed import MODES
-    from .names import BACKENDS, PRECISIONS
-    from .zoo import BUILTIN
+    from ..distributed import MODES
+    from ..names import BACKENDS, PRECISIONS
+    from ..zoo import BUILTIN
 
     a = parser.add_argument
     a("checkpoint", help=f"a checkpoint fastfcn.load reads, an exported .onnx (path or URI), or a built-in "
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .distributed import segment_dataset
+    from ..distributed import segment_dataset
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be >= 1; got {args.workers}")

@@ -1,8 +1,10 @@
 """The `fastfcn` command.
 
-Each subcommand lives in its own module, imported only when it runs, and
-exposes ``add_arguments(parser, command)`` and ``main(args) -> int``
-(``args.command`` names the subcommand, for modules that serve several).
+Each subcommand lives in its own module of this package (``fastfcn.cli.<command>``),
+imported only when it runs (so ``fastfcn --help`` imports no torch), and exposes
+``add_arguments(parser, command)`` and ``main(args) -> int``. The modules hold argument
+parsing, checks and printing; the work itself is the library's (Segmenter, video,
+training, evaluate, ...).
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ import importlib
 import os
 import sys
 
-from .errors import FastFCNError
+from ..errors import FastFCNError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("fastfcn.demo", "segment generated images with the built-in model; compare backends"),
-    "info": ("fastfcn.runtime.commands", "describe a checkpoint"),
-    "export": ("fastfcn.runtime.commands", "export a checkpoint to ONNX"),
-    "segment": ("fastfcn.runtime.commands", "segment images to label PNGs and overlays"),
-    "video": ("fastfcn.video", "segment a video file: overlay, side by side or a lossless label video"),
-    "batch": ("fastfcn.batch", "segment folders of images and videos on a Ray cluster (extra: ray)"),
-    "train": ("fastfcn.train", "train a model"),
-    "eval": ("fastfcn.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
-    "data": ("fastfcn.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),
-    "bench-report": ("fastfcn.bench_report", "turn stored benchmark results into a table and chart"),
+    "demo": ("fastfcn.cli.demo", "segment generated images with the built-in model; compare backends"),
+    "info": ("fastfcn.cli.info", "describe a checkpoint"),
+    "export": ("fastfcn.cli.export", "export a checkpoint to ONNX"),
+    "segment": ("fastfcn.cli.segment", "segment images to label PNGs and overlays"),
+    "video": ("fastfcn.cli.video", "segment a video file: overlay, side by side or a lossless label video"),
+    "batch": ("fastfcn.cli.batch", "segment folders of images and videos on a Ray cluster (extra: ray)"),
+    "train": ("fastfcn.cli.train", "train a model"),
+    "eval": ("fastfcn.cli.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
+    "data": ("fastfcn.cli.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),
+    "bench-report": ("fastfcn.cli.bench_report", "turn stored benchmark results into a table and chart"),
 }
 
 
@@ -84,7 +86,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="fastfcn", description="Fully convolutional segmentation, fast.",
                      formatter_class=_Formatter,

@@ -1,0 +1,117 @@
+"""What a bare state dict is: its arch, class count and width, read from the Caffe-named keys.
+
+    infer_arch(state)                       # "fcn8s", "deconvnet", ... or None
+    infer_config(state, None, path)         # {"arch", "num_classes", "width", "options"}
+
+FCN-8s and FCN-8s at-once share every key and shape (at-once differs only by constant scales
+in the forward): infer_arch returns "fcn8s" for both; the loader takes the file's hint or the
+caller's ``arch=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import CheckpointError
+from .state import _short
+
+
+def _strip_prefix(state: dict) -> dict:
+    # DataParallel / DistributedDataParallel save every key under "module.".
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _shape(state: dict, key: str, dim: int = 0) -> int | None:
+    v = state.get(key)
+    return int(v.shape[dim]) if isinstance(v, torch.Tensor) and v.dim() > dim else None
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The arch a Caffe-named state dict belongs to, or None if the keys do not tell.
+
+    fcn8s and fcn8s-atonce share every key; this returns "fcn8s" for both.
+    """
+    from ..models.nyud import ARCH_KEYS
+
+    keys = {k.rsplit(".", 1)[0] for k in state}
+    for key, nyud_arch in ARCH_KEYS.items():  # early / late fusion's own layer names
+        if key in keys:
+            return nyud_arch
+    if "seg_score" in keys or "fc6_deconv" in keys:
+        return "deconvnet"
+    if "final" in keys and "conv1_1" in keys:
+        return "dilated-context" if any(k.startswith("ctx_") for k in keys) else "dilated-frontend"
+    if "score_fr" in keys or "fc7" in keys:
+        if "conv1" in keys and "conv1_1" not in keys:
+            return "fcn-alexnet"
+        if "score_pool3" in keys or "upscore8" in keys or "upscore_pool4" in keys:
+            return "fcn8s"
+        if "score_pool4" in keys or "upscore16" in keys:
+            return "fcn16s"
+        if "conv1_1" in keys:
+            return "fcn32s"
+    return None
+
+
+def _infer_config(state: dict, arch: str | None, path) -> dict:
+    from ..models import available
+
+    guessed = infer_arch(state)
+    if arch is None:
+        if guessed is None:
+            raise CheckpointError(
+                f"{path}: cannot infer the architecture from the keys "
+                f"(first keys: {sorted(state)[:6]}); pass arch= one of {available()}"
+            )
+        arch = guessed
+    if arch not in available():
+        raise CheckpointError(f"{path}: unknown arch {arch!r}; expected one of {available()}")
+    score = {"deconvnet": "seg_score.weight", "dilated-frontend": "final.weight",
+             "dilated-context": "final.weight"}.get(arch, "score_fr.weight")  # fmt: skip
+    from ..models.nyud import ARCHS as NYUD_ARCHS
+    from ..models.nyud import score_layer
+
+    if arch in NYUD_ARCHS:
+        score = f"{score_layer(arch)}.weight"
+    num_classes = _shape(state, score)
+    if num_classes is None:
+        raise CheckpointError(f"{path}: no {score!r} to take the class count from (arch {arch}); keys: "
+                              f"{_short(sorted(state))}")  # fmt: skip
+    options: dict = {}
+    if arch == "dilated-context":
+        c = _shape(state, "ctx_conv1_1.weight")
+        options["context"] = "basic" if c == num_classes else "large"
+    return {"arch": arch, "num_classes": num_classes, "width": _infer_width(state, arch), "options": options}
+
+
+def _infer_width(state: dict, arch: str) -> float:
+    """The width whose scaled channel counts reproduce the file's.
+
+    fc7 has 4096 * width channels (the finest resolution), conv1 64 or 96 * width;
+    candidates are checked against both and the first consistent one wins.
+    """
+    from ..models.common import scaled
+    from ..models.nyud import ARCHS as NYUD_ARCHS
+    from ..models.nyud import first_conv
+
+    first, base, mult = ("conv1", 96, 2) if arch == "fcn-alexnet" else ("conv1_1", 64, 1)
+    fc7 = "fc7"
+    if arch in NYUD_ARCHS:
+        first, fc7 = first_conv(arch), "fc7color" if arch == "nyud-fcn32s-color-hha" else "fc7"
+    c1 = _shape(state, f"{first}.weight")
+    c7 = _shape(state, f"{fc7}.weight")
+    cands = []
+    if c7 is not None:
+        cands.append(c7 / 4096)
+    if c1 is not None:
+        cands.append(c1 / base)
+    for w in cands:
+        ok1 = c1 is None or scaled(base, w, mult) == c1
+        ok7 = c7 is None or scaled(4096, w) == c7
+        if 0 < w <= 4 and ok1 and ok7:
+            return w
+    return cands[0] if cands and 0 < cands[0] <= 4 else 1.0

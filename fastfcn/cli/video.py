@@ -1,0 +1,56 @@
+"""``fastfcn video CHECKPOINT IN OUT``: a video file through ``fastfcn.video.segment_video``.
+
+    fastfcn video fcn8s.safetensors street.mp4 street_seg.mp4 [--mode overlay|labels|side-by-side]
+        [--labels-out labels.mkv] [--alpha 0.5] [--batch-size 8] [--every 1] [--start S] [--duration S]
+        [--backend B] [--precision P] [--device D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..names import ARCHS, BACKENDS, PRECISIONS, device_arg
+from ..zoo import BUILTIN
+from .common import checkpoint_path, open_segmenter
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from ..video import MODES
+
+    a = parser.add_argument
+    a("checkpoint", help=f"a checkpoint fastfcn.load reads, an exported .onnx, or a built-in model by name "
+                         f"({', '.join(BUILTIN)})")
+    a("input", help="the video file to segment")
+    a("output", help="the video to write (.mp4, .mkv, ...; --mode labels: .mkv or a folder for PNGs)")
+    a("--mode", choices=MODES, default="overlay",
+      help="overlay (default): frame + class colours; side-by-side: frame | colours; labels: class ids")
+    a("--labels-out", default=None, metavar="PATH",
+      help="also write the class ids: a lossless FFV1 .mkv, or a folder for palette PNGs")
+    a("--alpha", type=float, default=0.5, help="overlay opacity of the class colours, 0..1 (default 0.5)")
+    a("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
+    a("--every", type=int, default=1,
+      help="segment every Nth frame, reusing its labels for the frames between (default 1)")
+    a("--start", type=float, default=None, help="start at this time, in seconds")
+    a("--duration", type=float, default=None, help="segment this many seconds")
+    a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
+    a("--precision", default="auto", choices=("auto", *PRECISIONS), help="compute precision")
+    a("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    a("--arch", choices=ARCHS, help="architecture, for checkpoint files that do not record it")
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..video import check_options, check_paths, format_summary, segment_video
+
+    check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
+    check_paths(args.input, args.output, args.labels_out)
+    seg = open_segmenter(checkpoint_path(args.checkpoint), args)
+    summary = segment_video(
+        args.input, args.output, seg, mode=args.mode, alpha=args.alpha, batch_size=args.batch_size,
+        every=args.every, start=args.start, duration=args.duration, labels_out=args.labels_out,
+        progress=not args.quiet,
+    )  # fmt: skip
+    if args.quiet:
+        print(format_summary(summary), file=sys.stderr)
+    return 0

@@ -1,0 +1,364 @@
+"""The training loop: whole-image training of the model zoo's nets.
+
+Per-pixel softmax cross-entropy (label 255 ignored; mean over pixels by default, the
+paper's unnormalised sum with ``--loss-reduction sum``), SGD with momentum (the paper)
+or Adam, random scaling and horizontal flips, the model's own preprocessing (the runtime's
+Preprocessor: for the reference nets RGB -> BGR, mean subtraction, no scaling), and the
+paper's staged schedule (``--stages fcn32s:N,fcn16s:N,fcn8s:N``: each net initialised by
+layer name from the coarser one). ``--resume`` continues from the last save point. Several
+processes through ``torchrun`` train with DistributedDataParallel (NCCL on GPUs, gloo on
+the CPU); every rank takes its share of each global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from ..evaluate import evaluate
+from ..progress import Progress
+from ..runtime.preprocess import Preprocessor
+from .augment import Subset, augment, draw_batch, open_dataset
+from .batchnorm import add_batchnorm, plain_copy
+from .plots import smooth
+from .state import load_state, new_history, save_final, save_point
+
+VAL_SEED_OFFSET = 7919  # synthetic validation during training: seed + this, never the held-out seed
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def init_weights(model: nn.Module) -> None:
+    """From-scratch init: He-normal convolutions, zero biases; score layers zero (the paper's
+    choice for new score layers). Upsampling deconvolutions keep their bilinear init."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if name.startswith("score"):
+                nn.init.zeros_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def copy_by_name(dst: nn.Module, src_state: dict) -> list[str]:
+    """Copy every tensor of ``src_state`` whose name and shape match into ``dst``; returns the names."""
+    own = dst.state_dict()
+    copied = []
+    with torch.no_grad():
+        for k, v in src_state.items():
+            if k in own and own[k].shape == v.shape:
+                own[k].copy_(v)
+                copied.append(k)
+    return copied
+
+
+def parse_stages(spec: str | None, arch: str, iters: int) -> list[tuple[str, int]]:
+    """``"fcn32s:3000,fcn16s:1000,fcn8s:1000"`` -> [(arch, iters), ...]; default one stage."""
+    if not spec:
+        return [(arch, iters)]
+    out = []
+    for part in spec.split(","):
+        name, _, n = part.strip().partition(":")
+        if not name or not n.isdigit() or int(n) < 1:
+            raise InputError(f"--stages expects ARCH:ITERS[,ARCH:ITERS...]; got {part!r} in {spec!r}")
+        out.append((name, int(n)))
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class _Forward:
+    """A model in training behind the ``run(images, output="labels")`` face that
+    ``fastfcn.evaluate.evaluate`` drives: eval mode, the reference forward, on ``device``."""
+
+    def __init__(self, model: nn.Module, device):
+        self.model, self.device = model, device
+        self.pre = Preprocessor(model.config, device)
+
+    @torch.no_grad()
+    def run(self, images, output: str = "labels") -> torch.Tensor:
+        x = self.pre(torch.from_numpy(images).to(self.device))
+        return self.model(x).argmax(1).cpu()
+
+
+def evaluate_model(model: nn.Module, ds, num_classes: int, batch: int = 16, device=None) -> dict:
+    """Mean IU etc. of a model (eval mode, reference forward) over a dataset (``fastfcn.evaluate``)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(_Forward(model, device), ds, num_classes, batch=batch)[0]
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device("cpu")
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _check_in_sync(model: nn.Module) -> None:
+    """DDP keeps replicas identical; verify it once per stage (a cheap all-reduce of a checksum)."""
+    import torch.distributed as dist
+
+    s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    lo, hi = s.clone(), s.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        state = "in sync" if float(hi - lo) <= 1e-9 * max(1.0, abs(float(hi))) else "OUT OF SYNC"
+        world = dist.get_world_size()
+        print(f"ddp: {world} processes ({dist.get_backend()}), parameters {state}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: arguments, processes, data and progress so far."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    stages: list[tuple[str, int]]
+    ds: object
+    val: object
+    num_classes: int
+    class_names: list[str] | None
+    step: int
+    history: dict
+    state: dict | None  # the resume state, None for a fresh run
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.stages)
+
+    def say(self, msg: str) -> None:
+        if self.main_rank:
+            print(msg, file=sys.stderr)
+
+
+def _device(args, world: int, device: torch.device) -> torch.device:
+    if args.device != "auto":
+        return torch.device(args.device)
+    if world == 1 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return device
+
+
+def _open_val(args, num_classes: int):
+    """The validation set: synthetic scenes of another seed, or the first --val-n of a VOC split."""
+    if not (args.val_every and args.val_n):
+        return None
+    if args.data == "synthetic":
+        return open_dataset("synthetic", "", n=args.val_n, size=args.size,
+                            seed=args.seed + VAL_SEED_OFFSET, num_classes=num_classes)  # fmt: skip
+    if not args.val_split:
+        return None
+    val = open_dataset(args.data, args.val_split, n=0, size=0, seed=0, num_classes=num_classes)
+    return Subset(val, args.val_n) if len(val) > args.val_n else val
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Processes, device, data and resume state, all checked before anything is written."""
+    rank, world, device = _dist_setup()
+    device = _device(args, world, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch % world:
+        raise InputError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
+    ds = open_dataset(args.data, args.split, n=args.train_n, size=args.size, seed=args.seed,
+                      num_classes=args.num_classes)  # fmt: skip
+    num_classes = getattr(ds, "num_classes", args.num_classes)
+    out = Path(args.out)
+    state = load_state(out) if args.resume else None
+    run = Run(args, rank, world, device, out, parse_stages(args.stages, args.arch, args.iters), ds,
+              _open_val(args, num_classes), num_classes, list(getattr(ds, "class_names", [])) or None,
+              step=int(state["step"]) if state else 0,
+              history=state["history"] if state else new_history(), state=state)  # fmt: skip
+    if run.main_rank:
+        # Only now, with the arguments, the data and the resume state checked, is anything written.
+        out.mkdir(parents=True, exist_ok=True)
+    run.say(f"training {' -> '.join(f'{a} ({n} it)' for a, n in run.stages)} on {args.data} "
+            f"({len(ds)} images, {num_classes} classes), {world} process(es), device {device}")  # fmt: skip
+    return run
+
+
+def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Module:
+    """Stage ``si``'s model: fresh weights, then the resume point, the previous stage or --init."""
+    import fastfcn
+    from fastfcn import models
+
+    args = run.args
+    options = {"dropout": args.dropout}
+    if args.learnable_upsampling:
+        options["learnable_upsampling"] = True
+    model = models.build(arch, num_classes=run.num_classes, width=args.width, **options)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    init_weights(model)
+    if run.class_names:
+        model.config = model.config.replace(class_names=tuple(run.class_names))
+    resumed = _resumes(run, si)
+    if resumed:
+        model.load_state_dict(fastfcn.load(run.out / "last.safetensors").state_dict())
+    elif prev_state is not None:
+        copied = copy_by_name(model, prev_state)
+        run.say(f"stage {si + 1}: {arch} initialised from the previous stage ({len(copied)} tensors)")
+    elif args.init:
+        copied = copy_by_name(model, fastfcn.load(args.init).state_dict())
+        run.say(f"{arch} initialised from {args.init} ({len(copied)} tensors by name)")
+    if args.batchnorm:
+        add_batchnorm(model)
+        if resumed and "model" in run.state:
+            model.load_state_dict(run.state["model"])
+    return model.to(run.device).train()
+
+
+def _resumes(run: Run, si: int) -> bool:
+    return run.state is not None and int(run.state["stage"]) == si
+
+
+def make_optimizer(run: Run, model: nn.Module, si: int):
+    """SGD or Adam over the trainable parameters; on a resume, its state and the torch RNG back."""
+    args = run.args
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    if _resumes(run, si):
+        opt.load_state_dict(run.state["optimizer"])
+        torch.set_rng_state(run.state["torch_rng"])
+    return opt
+
+
+def _lr(args, i: int, n: int) -> float:
+    if args.schedule == "poly":
+        return args.lr * (1 - i / n) ** 0.9
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * i / n))
+    return args.lr
+
+
+def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
+    """One optimizer step on this rank's share of the global batch of ``run.step``; returns the loss."""
+    args, device = run.args, run.device
+    images, labels, scale, flips = draw_batch(args, run.ds, run.step, run.rank, run.world)
+    # The runtime's Preprocessor: training and inference cannot disagree on colour order,
+    # scale, mean or std. Same values and (channels_last) strides as the loop's own
+    # preprocessing before it, so training results are unchanged.
+    x = pre(images.to(device))
+    x, y = augment(x, labels.to(device), scale, flips.to(device))
+    loss = F.cross_entropy(net(x), y, ignore_index=255, reduction=args.loss_reduction)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    run.step += 1
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise InputError(
+            f"loss became {lv} at step {run.step}; lower --lr (now {args.lr}) or use mean loss reduction"
+        )
+    run.history["loss"].append([run.step, lv])
+    return lv
+
+
+def validate(run: Run, model: nn.Module, loss: float, lr: float, progress: Progress) -> None:
+    """Mean IU on the validation set (BatchNorm folded, on the CPU, when training with it)."""
+    folded = run.args.batchnorm
+    r = evaluate_model(plain_copy(model) if folded else model, run.val, run.num_classes,
+                       device=torch.device("cpu") if folded else run.device)  # fmt: skip
+    run.history["val_mean_iu"].append([run.step, r["mean_iu"]])
+    msg = f"step {run.step}: loss {loss:.4f}  val mean IU {100 * r['mean_iu']:.2f}  lr {lr:.3g}"
+    print(("\n" if progress.tty else "") + msg, file=sys.stderr, flush=True)
+
+
+def run_stage(run: Run, si: int, arch: str, first: int, iters: int, prev_state: dict | None) -> nn.Module:
+    """Train stage ``si`` (steps ``first`` .. ``first + iters``) from ``run.step``; returns its model."""
+    args = run.args
+    model = build_model(run, si, arch, prev_state)
+    opt = make_optimizer(run, model, si)
+    net = model
+    if run.world > 1:
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    pre = Preprocessor(model.config, run.device)
+    progress = Progress(run.total, label=arch, enabled=run.main_rank and not args.quiet)
+    progress.start = run.step
+    end = first + iters
+    while run.step < end:
+        lr = _lr(args, run.step - first, iters)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        train_step(run, net, opt, pre)
+        sm = smooth([v for _, v in run.history["loss"][-50:]], 50)[-1]
+        progress.update(run.step, f"loss {sm:.4f}")
+        last = run.step == end
+        if run.val is not None and run.main_rank and (run.step % args.val_every == 0 or last):
+            validate(run, model, sm, lr, progress)
+        if run.main_rank and (run.step % args.save_every == 0 or last):
+            save_point(model, run.out, run.step, si, opt, run.history, args, arch)
+    if run.world > 1:
+        _check_in_sync(model)
+    return plain_copy(model) if args.batchnorm else model
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as configured by the ``fastfcn train`` arguments; returns the history."""
+    run = setup(args)
+    model, prev_state, first, arch = None, None, 0, args.arch
+    t_start = time.time()
+    for si, (arch, iters) in enumerate(run.stages):
+        if run.step < first + iters:  # else: finished before a resume
+            model = run_stage(run, si, arch, first, iters, prev_state)
+            prev_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        first += iters
+    if model is None:
+        raise InputError(f"nothing to do: {run.out} already holds a run of {run.total} iterations")
+    if run.main_rank:
+        save_final(model, run.out, run.step, run.history, args, arch)
+        final = run.out / "final.safetensors"
+        print(f"done: {run.step} iterations in {time.time() - t_start:.0f} s; wrote {final}"
+              + (f" and {args.export}" if args.export else ""), file=sys.stderr)  # fmt: skip
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return run.history

@@ -1,0 +1,69 @@
+"""What a run keeps on disk: checkpoints, the resume state and the history.
+
+In ``--out``: ``last.safetensors`` + ``train_state.pt`` (optimizer, step, stage, history, torch
+RNG, and with ``--batchnorm`` the unfolded weights and statistics) at every save point;
+``final.safetensors``, ``history.json`` and ``curves.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..paths import atomic_path
+from .batchnorm import plain_copy
+from .plots import for_plot, plot_curves
+
+STATE_FILE = "train_state.pt"
+
+
+def new_history() -> dict:
+    """``{"loss": [[step, loss], ...], "val_mean_iu": [[step, mean IU], ...]}``."""
+    return {"loss": [], "val_mean_iu": []}
+
+
+def load_state(out: Path) -> dict:
+    """The resume state of the run in ``out``; InputError when there is none."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise InputError(f"--resume: {path} is missing; train without --resume first")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def meta(args, step: int, arch: str) -> dict:
+    """The ``trained`` record every saved model carries."""
+    return {"trained": {"data": args.data, "seed": args.seed, "iterations": step, "arch": arch,
+                        "size": args.size, "optimizer": args.optimizer, "lr": args.lr}}  # fmt: skip
+
+
+def save_point(model: nn.Module, out: Path, step: int, stage: int, opt, history: dict, args,
+               arch: str) -> None:
+    """``last.safetensors`` (BatchNorm folded) and ``train_state.pt``: a resume point."""
+    import fastfcn
+
+    # fastfcn.save writes atomically; the state file is renamed into place the same way, so an
+    # interrupted save never leaves a broken resume point.
+    fastfcn.save(plain_copy(model), out / "last.safetensors", **meta(args, step, arch))
+    state = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "history": history,
+             "torch_rng": torch.get_rng_state()}  # fmt: skip
+    if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
+        state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(out / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def save_final(model: nn.Module, out: Path, step: int, history: dict, args, arch: str) -> None:
+    """``final.safetensors`` (and ``--export``), ``history.json`` and ``curves.png``."""
+    import fastfcn
+
+    info = meta(args, step, arch)
+    fastfcn.save(model.cpu(), out / "final.safetensors", **info)
+    if args.export:
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+        fastfcn.save(model, args.export, **info)
+    (out / "history.json").write_text(json.dumps(history))
+    plot_curves(for_plot(history), out / "curves.png", f"{arch} width {args.width} on {args.data}")
