@@ -1,9 +1,9 @@
 """Input modalities: what each channel group of a model's input is (no torch import).
 
-A config's ``inputs`` lists the modalities its model takes, in channel order (default
-``["color"]``: every VOC net). The model sees them concatenated along channels, so every
-backend keeps one input tensor; ``mean`` and ``std`` hold one number per channel of that
-tensor, in the same order.
+A model takes the modalities its arch fixes, in channel order (``fastfcn.config.ARCH_INPUTS``;
+``("color",)`` for every VOC net; ``config_inputs(config)`` / ``ModelConfig.inputs`` read them).
+The model sees them concatenated along channels, so every backend keeps one input tensor;
+``mean`` and ``std`` hold one number per channel of that tensor, in the same order.
 
 - ``color``: 3 channels from an (H, W, 3) uint8 RGB image, reordered to the config's
   ``color_order`` and scaled by ``input_scale / 255``.

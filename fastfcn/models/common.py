@@ -134,7 +134,7 @@ class SegmentationModel(nn.Module):
         c = self.in_channels
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            what = "" if c == 3 else f" ({' + '.join(self.config['inputs'])} concatenated)"
+            what = "" if c == 3 else f" ({' + '.join(config_inputs(self.config))} concatenated)"
             raise ValueError(f"input must be a float tensor (N, {c}, H, W){what}; got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")

@@ -257,7 +257,7 @@ class Segmenter:
         (fastfcn.runtime.tiling), for images over ``max_pixels`` (which then applies per tile)
         or to bound memory; overlap: pixels shared by neighbouring tiles (< the tile's sides;
         None: 64, at most half the tile's smaller side).
-        depth / hha: the second input of the two-modality nets (``inputs`` of the config):
+        depth / hha: the second input of the two-modality nets (fastfcn.config.ARCH_INPUTS):
         ``run(images, depth=depth_maps)`` for nyud-fcn32s-color-d (depth in millimetres, (H, W)
         per image, (N, H, W) for a batch, or 16-bit PNG paths), ``run(images, hha=hha_images)``
         for nyud-fcn32s-color-hha (HHA images as the colour ones); in the form of ``batch``, each
