@@ -59,6 +59,8 @@ ARCH_OPTIONS = {
     "fcn32s": _FCN_OPTIONS, "fcn16s": _FCN_OPTIONS, "fcn8s": _FCN_OPTIONS, "fcn8s-atonce": _FCN_OPTIONS,
     "fcn-alexnet": _FCN_OPTIONS, "deconvnet": {"dropout": 0.5}, "dilated-frontend": _FCN_OPTIONS,
     "dilated-context": {**_FCN_OPTIONS, "context": "large"},
+    # GoogLeNet's own dropout ratio before its classifier (pool5/drop_7x7_s1), models/googlenet.py
+    "fcn-googlenet": {**_FCN_OPTIONS, "dropout": 0.4},
     "nyud-fcn32s-color": _FCN_OPTIONS, "nyud-fcn32s-hha": _FCN_OPTIONS, "nyud-fcn32s-color-d": _FCN_OPTIONS,
     "nyud-fcn32s-color-hha": _FCN_OPTIONS,
 }  # fmt: skip
@@ -67,6 +69,8 @@ ARCH_OPTIONS = {
 # (0..255), minus the training set's mean in BGR order, std 1.
 VOC_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
+# bvlc_googlenet's train_val.prototxt mean_value (FCN-GoogLeNet, models/googlenet.py)
+GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
 # NYUDv2 (fcn.berkeleyvision.org nyud_layers.py): colour BGR, HHA in the file's order, log depth
 # of millimetres (exp(7.844) = 2.55 m).
 NYUD_MEAN_BGR = (116.190, 97.203, 92.318)
@@ -75,7 +79,7 @@ NYUD_MEAN_LOGD = 7.844
 ARCH_MEAN = {
     "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
     "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
-    "dilated-context": DILATED_MEAN_BGR,
+    "dilated-context": DILATED_MEAN_BGR, "fcn-googlenet": GOOGLENET_MEAN_BGR,
     "nyud-fcn32s-color": NYUD_MEAN_BGR, "nyud-fcn32s-hha": NYUD_MEAN_HHA,
     "nyud-fcn32s-color-d": (*NYUD_MEAN_BGR, NYUD_MEAN_LOGD),
     "nyud-fcn32s-color-hha": (*NYUD_MEAN_BGR, *NYUD_MEAN_HHA),

@@ -86,6 +86,9 @@ HEADS: dict[str, Head] = {
     "fcn8s": _fcn8s(False),
     "fcn8s-atonce": _fcn8s(True),
     "fcn-alexnet": Head("score_fr", (), (Stage("upscore", 63, 32, offset=18),)),
+    # Not a reference net (never released): kernel 63 and offset 16 = conv1 pad 18 - 2 centre the
+    # receptive fields exactly (derivation in models/googlenet.py).
+    "fcn-googlenet": Head("score_fr", (), (Stage("upscore", 63, 32, offset=16),)),
     # Grouped bilinear deconvolution k16 s8 pad 4: pad 4 is a crop from offset 4.
     "dilated": Head("score", (), (Stage("upscore", 16, 8, offset=4),)),
 }

@@ -19,7 +19,7 @@ BACKENDS = registry.builtin_backends()
 PRECISIONS = registry.PRECISIONS
 # fastfcn.models.available()
 ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn-alexnet", "deconvnet",
-         "dilated-frontend", "dilated-context", "nyud-fcn32s-color", "nyud-fcn32s-hha",
+         "dilated-frontend", "dilated-context", "fcn-googlenet", "nyud-fcn32s-color", "nyud-fcn32s-hha",
          "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha")
 
 # The largest H * W a Segmenter accepts per image (per tile when tiling) unless told otherwise.

@@ -35,6 +35,12 @@ KEYS = {
         + ["upscore:w"]
     ),
 }
+# bvlc_googlenet's layer names with '/' -> '_', in deploy.prototxt order; no aux classifiers.
+_INCEPTION = " ".join(
+    f"inception_{b}_{c}" for b in ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")
+    for c in ("1x1", "3x3_reduce", "3x3", "5x5_reduce", "5x5", "pool_proj")
+)  # fmt: skip
+KEYS["fcn-googlenet"] = f"conv1_7x7_s2 conv2_3x3_reduce conv2_3x3 {_INCEPTION} score_fr upscore:w"
 _DEC = ("deconv5_1 deconv5_2 deconv5_3 deconv4_1 deconv4_2 deconv4_3 deconv3_1 deconv3_2 deconv3_3 "
         "deconv2_1 deconv2_2 deconv1_1 deconv1_2").split()  # fmt: skip
 KEYS["deconvnet"] = " ".join(

@@ -18,7 +18,7 @@ Formats
 
 Bare state dicts and caffemodels carry no config: the arch is inferred from the
 keys (``fcn8s`` / ``fcn16s`` / ``fcn32s`` / ``fcn-alexnet`` / ``deconvnet`` /
-``dilated-frontend`` / ``dilated-context``), num_classes from the last score
+``dilated-frontend`` / ``dilated-context`` / ``fcn-googlenet``), num_classes from the last score
 layer, width from the channel counts. FCN-8s and FCN-8s at-once have the same
 keys and shapes (at-once differs only by constant scales in the forward): such
 files load as ``fcn8s`` unless the file says otherwise (a torchfcn Trainer

@@ -41,6 +41,8 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     for key, nyud_arch in ARCH_KEYS.items():  # early / late fusion's own layer names
         if key in keys:
             return nyud_arch
+    if "conv1_7x7_s2" in keys or "inception_5b_1x1" in keys:
+        return "fcn-googlenet"
     if "seg_score" in keys or "fc6_deconv" in keys:
         return "deconvnet"
     if "final" in keys and "conv1_1" in keys:
@@ -91,27 +93,31 @@ def _infer_config(state: dict, arch: str | None, path) -> dict:
 def _infer_width(state: dict, arch: str) -> float:
     """The width whose scaled channel counts reproduce the file's.
 
-    fc7 has 4096 * width channels (the finest resolution), conv1 64 or 96 * width;
+    fc7 has 4096 * width channels (the finest resolution; FCN-GoogLeNet: inception_5b/3x3,
+    384 * width), conv1 64 or 96 * width;
     candidates are checked against both and the first consistent one wins.
     """
     from ..models.common import scaled
     from ..models.nyud import ARCHS as NYUD_ARCHS
     from ..models.nyud import first_conv
 
-    first, base, mult = ("conv1", 96, 2) if arch == "fcn-alexnet" else ("conv1_1", 64, 1)
-    fc7 = "fc7"
-    if arch in NYUD_ARCHS:
-        first, fc7 = first_conv(arch), "fc7color" if arch == "nyud-fcn32s-color-hha" else "fc7"
+    first, base, mult = {"fcn-alexnet": ("conv1", 96, 2), "fcn-googlenet": ("conv1_7x7_s2", 64, 1)}.get(
+        arch, ("conv1_1", 64, 1)
+    )
+    # FCN-GoogLeNet has no fc7: its widest layer, inception_5b/3x3 (384), takes its place.
+    fine, fine_base = ("inception_5b_3x3", 384) if arch == "fcn-googlenet" else ("fc7", 4096)
+    if arch in NYUD_ARCHS:  # early fusion's conv1_1_bgrd; late fusion's colour stream
+        first, fine = first_conv(arch), "fc7color" if arch == "nyud-fcn32s-color-hha" else "fc7"
     c1 = _shape(state, f"{first}.weight")
-    c7 = _shape(state, f"{fc7}.weight")
+    c7 = _shape(state, f"{fine}.weight")
     cands = []
     if c7 is not None:
-        cands.append(c7 / 4096)
+        cands.append(c7 / fine_base)
     if c1 is not None:
         cands.append(c1 / base)
     for w in cands:
         ok1 = c1 is None or scaled(base, w, mult) == c1
-        ok7 = c7 is None or scaled(4096, w) == c7
+        ok7 = c7 is None or scaled(fine_base, w) == c7
         if 0 < w <= 4 and ok1 and ok7:
             return w
     return cands[0] if cands and 0 < cands[0] <= 4 else 1.0

@@ -13,6 +13,7 @@ from .common import SegmentationModel, fold_batchnorm
 from .deconvnet import DeconvNet
 from .dilated import DilatedNet
 from .fcn import FCN, FCNAlexNet
+from .googlenet import FCNGoogLeNet
 from .nyud import NYUDFCN32s, NYUDLateFusion
 
 _BUILDERS = {
@@ -24,6 +25,7 @@ _BUILDERS = {
     "deconvnet": lambda **kw: DeconvNet(**kw),
     "dilated-frontend": lambda **kw: DilatedNet(context=None, **kw),
     "dilated-context": lambda **kw: DilatedNet(**{"context": "large", **kw}),
+    "fcn-googlenet": lambda **kw: FCNGoogLeNet(**kw),
     "nyud-fcn32s-color": lambda **kw: NYUDFCN32s("nyud-fcn32s-color", **kw),
     "nyud-fcn32s-hha": lambda **kw: NYUDFCN32s("nyud-fcn32s-hha", **kw),
     "nyud-fcn32s-color-d": lambda **kw: NYUDFCN32s("nyud-fcn32s-color-d", **kw),
@@ -41,7 +43,8 @@ def build(arch: str, num_classes: int | None = None, width: float = 1.0, **optio
 
     arch: one of available(); num_classes: None for the dataset's (VOC 21, NYUDv2 40);
     width scales every channel count (1.0 is the paper's net); options: learnable_upsampling
-    (FCN, dilated), dropout, context="basic" | "large" (dilated-context, default "large").
+    (FCN, FCN-GoogLeNet, dilated), dropout, context="basic" | "large" (dilated-context, default
+    "large").
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {available()}")
@@ -69,7 +72,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "NYUDFCN32s", "NYUDLateFusion", "SegmentationModel",
-    "available", "build", "input_modalities",
+    "FCN", "DeconvNet", "DilatedNet", "FCNAlexNet", "FCNGoogLeNet", "NYUDFCN32s", "NYUDLateFusion",
+    "SegmentationModel", "available", "build", "input_modalities",
     "fold_batchnorm", "parameter_count", "voc_palette",
 ]  # fmt: skip

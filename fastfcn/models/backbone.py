@@ -1,11 +1,11 @@
 """The backbone as data: the steps a family's encoder runs, and one runner.
 
 Every family's backbone is a chain of a few kinds of step (conv [+ BatchNorm] + ReLU,
-max pooling with Caffe's ceil rounding, LRN). Describing the chain as data lets
-the runtime swap the convolution behind every ``Conv`` step generically (prepacked
-oneDNN, NNPACK, bf16, ...: ``SegmentationModel.set_conv_impl``) and lets the planner
-of image-independent positions read the geometry of the whole chain, without a
-second forward per family. Module names stay the Caffe layer names, so state-dict
+max pooling with Caffe's ceil rounding, LRN, GoogLeNet's Inception block of Conv steps).
+Describing the chain as data lets the runtime swap the convolution behind every ``Conv``
+step generically (prepacked oneDNN, NNPACK, bf16, ...: ``SegmentationModel.set_conv_impl``)
+and lets the planner of image-independent positions read the geometry of the whole chain,
+without a second forward per family. Module names stay the Caffe layer names, so state-dict
 keys do not change.
 """
 
@@ -62,7 +62,41 @@ class LRN:
     name: str
 
 
-Step = Conv | Pool | LRN
+@dataclass(frozen=True)
+class Inception:
+    """GoogLeNet's Inception module (Szegedy et al. 2015) ``name``: four branches on one input,
+    concatenated along channels in this order: 1x1; 3x3_reduce -> 3x3 (pad 1); 5x5_reduce ->
+    5x5 (pad 2); 3x3 stride-1 max pooling (pad 1) -> pool_proj. Every conv has a ReLU and is a
+    Conv step of its own, named ``{name}_{branch}`` (Caffe's ``{name}/{branch}``: '/' is no
+    valid module name), so a backend swaps the branch convolutions like any other.
+
+    Every branch keeps the map's size and is centred (pad = (k - 1) / 2), so the block is a
+    pointwise step for the geometry of the crop offsets."""
+
+    name: str
+
+    @property
+    def branches(self) -> tuple[tuple[Conv, ...], ...]:
+        """The Conv steps of each branch, in concatenation order (the last follows the pool)."""
+        n = self.name
+        return (
+            (Conv(f"{n}_1x1"),), (Conv(f"{n}_3x3_reduce"), Conv(f"{n}_3x3")),
+            (Conv(f"{n}_5x5_reduce"), Conv(f"{n}_5x5")), (Conv(f"{n}_pool_proj"),),
+        )  # fmt: skip
+
+
+Step = Conv | Pool | LRN | Inception
+
+
+def step_convs(steps: Sequence[Step]) -> tuple[Conv, ...]:
+    """Every Conv step of ``steps`` in forward order, an Inception block's branch convs included."""
+    out: list[Conv] = []
+    for s in steps:
+        if isinstance(s, Conv):
+            out.append(s)
+        elif isinstance(s, Inception):
+            out.extend(c for branch in s.branches for c in branch)
+    return tuple(out)
 
 
 Pair = tuple[int, int]
@@ -144,6 +178,18 @@ def local_response_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module(h)
 
 
+def run_inception(model: nn.Module, step: Inception, h: torch.Tensor) -> torch.Tensor:
+    """An Inception block on h (N, C, H, W) -> (N, sum of the branches' channels, H, W)."""
+    outs = []
+    for i, branch in enumerate(step.branches):
+        # Caffe's max pooling skips the padded positions: torch pads with -inf, the same.
+        y = F.max_pool2d(h, 3, 1, 1, ceil_mode=True) if i == len(step.branches) - 1 else h
+        for conv in branch:
+            y = run_conv(model, conv, y)
+        outs.append(y)
+    return torch.cat(outs, 1)
+
+
 def max_pool(model, h: torch.Tensor, step: Pool) -> torch.Tensor:
     """A Pool step without switches: the model's ``pool_impl`` when the runtime set one, else
     torch's max_pool2d. Caffe rounds pooled sizes up; PyTorch's default floor breaks the crop offsets."""
@@ -194,6 +240,8 @@ def run_steps(
                 feats[step.tap] = h
         elif isinstance(step, LRN):
             h = local_response_norm(getattr(model, step.name), h)
+        elif isinstance(step, Inception):
+            h = run_inception(model, step, h)
         else:
             raise TypeError(f"unknown backbone step {step!r}")
     return h

@@ -12,7 +12,7 @@ from fastfcn.kernels.structure import bilinear_weight
 # stay importable from here, as before.
 from ..config import DILATED_MEAN_BGR, VOC_CLASSES, VOC_MEAN_BGR, ModelConfig, config_inputs, voc_palette  # noqa: F401
 from ..modalities import input_channels
-from .backbone import Conv, run_conv, run_steps
+from .backbone import Conv, run_conv, run_steps, step_convs
 
 # Model impl names: "reference" is the plain-PyTorch spec (the default forward);
 # "fused" routes heads and unpooling through fastfcn.ops (Triton on CUDA, C++ on CPU);
@@ -94,9 +94,10 @@ class SegmentationModel(nn.Module):
         return {"": self.backbone}
 
     def conv_steps(self) -> tuple[Conv, ...]:
-        """Every Conv step of the model, in forward order: each stream's backbone, then extra_steps."""
-        steps = [s for stream in self.backbone_streams().values() for s in stream]
-        return tuple(s for s in steps if isinstance(s, Conv)) + tuple(self.extra_steps)
+        """Every Conv step of the model, in forward order: each stream's backbone (an Inception
+        block's branch convs included), then extra_steps."""
+        steps = tuple(s for stream in self.backbone_streams().values() for s in stream)
+        return step_convs(steps) + tuple(self.extra_steps)
 
     def run_backbone(self, h: torch.Tensor, feats: dict, switches: dict | None = None,
                      pool_with_switches=None, image_size=None, stream: str = "") -> torch.Tensor:
@@ -170,6 +171,12 @@ def fc_steps(suffix: str = "") -> tuple[Conv, Conv]:
 
 
 FC_STEPS = fc_steps()
+
+
+def caffe_lrn() -> nn.LocalResponseNorm:
+    """Caffe's LRN across channels as AlexNet and GoogLeNet use it (local_size 5, alpha 1e-4,
+    beta 0.75): x / (1 + alpha / 5 * sum of x^2 over 5 neighbouring channels)^beta."""
+    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
 
 
 def make_upsampler(channels: int, k: int, stride: int, learnable: bool, depthwise: bool = False):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..heads import HEADS, run_head
 from .backbone import LRN, Conv, Pool, run_conv
-from .common import FC_STEPS, SegmentationModel, make_upsampler, ops_impl, scaled
+from .common import FC_STEPS, SegmentationModel, caffe_lrn, make_upsampler, ops_impl, scaled
 
 VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
@@ -109,9 +109,9 @@ class FCNAlexNet(SegmentationModel):
         self.head = HEADS["fcn-alexnet"]
         c1, c2, c3, c4, c5 = (scaled(c, width, 2) for c in (96, 256, 384, 384, 256))
         self.conv1 = nn.Conv2d(3, c1, 11, stride=4, padding=100)
-        self.norm1 = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.norm1 = caffe_lrn()
         self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=2)
-        self.norm2 = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.norm2 = caffe_lrn()
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=2)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=2)

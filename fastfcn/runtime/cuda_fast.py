@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import SegmentationModel
-from ..models.backbone import Conv
+from ..models.backbone import step_convs
 from .cuda_graphs import is_oom
 
 # im2col for the GEMM path costs rows x K elements (fc6: K = 25088): at most 2048 rows
@@ -284,9 +284,8 @@ def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, 
     installed object (for inspection)."""
     done: dict[str, object] = {}
     streams = model.backbone_streams() if hasattr(model, "backbone_streams") else {"": model.backbone}
-    for step in (s for steps in streams.values() for s in steps):
-        if not isinstance(step, Conv):
-            continue
+    # Every stream's convs (late fusion), an Inception block's branches included.
+    for step in step_convs(tuple(s for steps in streams.values() for s in steps)):
         if step.bn is not None and not isinstance(getattr(model, step.bn), nn.Identity):
             continue  # an unfolded BatchNorm sits between conv and ReLU: keep torch's step
         impl = EpilogueConv(getattr(model, step.name), step.relu, timer=timer)

@@ -435,6 +435,14 @@ class DeadZoneForward:
         self.steps = tuple(model.backbone if steps is None else steps)
         if not self.steps:
             raise ValueError(f"{type(model).__name__} has no backbone steps to plan")
+        other = [s for s in self.steps if not isinstance(s, (Conv, Pool, LRN))]
+        if other:
+            # FCN-GoogLeNet's Inception blocks: its image-independent work is 1.3% of its MACs at
+            # 500x500, so it runs without the skip (has_dead_zone = False; models/googlenet.py).
+            raise ValueError(
+                f"{type(model).__name__}: the dead-zone planner runs chains of Conv, Pool and LRN "
+                f"steps; {other[0]!r} is none of them"
+            )
         self.pool_with_switches = pool_with_switches
         if taps is None:
             head = getattr(model, "head", None)

@@ -31,11 +31,10 @@ class ConvBN(nn.Module):
 
 
 def add_batchnorm(model: nn.Module) -> list[str]:
-    """Put a BatchNorm after every backbone convolution (``conv*``, ``fc*``) for training;
-    returns the wrapped module names."""
-    names = [
-        n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(("conv", "fc"))
-    ]
+    """Put a BatchNorm after every backbone convolution (``conv*``, ``fc*``, FCN-GoogLeNet's
+    ``inception_*``) for training; returns the wrapped module names."""
+    backbone = ("conv", "fc", "inception_")
+    names = [n for n, m in model.named_children() if isinstance(m, nn.Conv2d) and n.startswith(backbone)]
     for n in names:
         setattr(model, n, ConvBN(getattr(model, n)))
     return names
