@@ -41,6 +41,8 @@ def shipped(n: int) -> None:
 def random_nets() -> None:
     print("random nets, width 0.25, 2 x (64x80) noise images, two seeds:")
     for arch in models.available():
+        if len(models.input_modalities(arch)) > 1:
+            continue  # the NYUDv2 fusion nets take a second input (depth / HHA) besides the image
         row = []
         for seed in (0, 1):
             torch.manual_seed(seed)

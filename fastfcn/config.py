@@ -41,6 +41,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import CheckpointError, InputError
+from .modalities import DEFAULT_INPUTS, MODALITIES, check_inputs, input_channels
 
 MAX_CLASSES = 4096
 MAX_WIDTH = 4.0
@@ -64,6 +65,8 @@ ARCH_OPTIONS = {
     # (models/multihead.py); PASCAL-Context: the VOC nets' options.
     **{f"siftflow-{a}": {**_FCN_OPTIONS, "geometric_classes": 3} for a in ("fcn32s", "fcn16s", "fcn8s")},
     **{f"pascalcontext-{a}": _FCN_OPTIONS for a in ("fcn32s", "fcn16s", "fcn8s")},
+    "nyud-fcn32s-color": _FCN_OPTIONS, "nyud-fcn32s-hha": _FCN_OPTIONS, "nyud-fcn32s-color-d": _FCN_OPTIONS,
+    "nyud-fcn32s-color-hha": _FCN_OPTIONS,
 }  # fmt: skip
 
 # Preprocessing of the reference nets (FACTS.md): Caffe-trained, they take BGR, unscaled
@@ -75,13 +78,36 @@ GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
 SIFTFLOW_MEAN_BGR = (114.578, 115.294, 108.353)  # fcn.berkeleyvision.org siftflow_layers.py
 _SIFTFLOW = ("siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s")
 _PASCAL_CONTEXT = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
+# NYUDv2 (fcn.berkeleyvision.org nyud_layers.py): colour BGR, HHA in the file's order, log depth
+# of millimetres (exp(7.844) = 2.55 m).
+NYUD_MEAN_BGR = (116.190, 97.203, 92.318)
+NYUD_MEAN_HHA = (132.431, 94.076, 118.477)
+NYUD_MEAN_LOGD = 7.844
 ARCH_MEAN = {
     "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
     "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
     "dilated-context": DILATED_MEAN_BGR, "fcn-googlenet": GOOGLENET_MEAN_BGR,
     **dict.fromkeys(_SIFTFLOW, SIFTFLOW_MEAN_BGR),
     **dict.fromkeys(_PASCAL_CONTEXT, VOC_MEAN_BGR),  # pascalcontext_layers.py: the VOC mean
+    "nyud-fcn32s-color": NYUD_MEAN_BGR, "nyud-fcn32s-hha": NYUD_MEAN_HHA,
+    "nyud-fcn32s-color-d": (*NYUD_MEAN_BGR, NYUD_MEAN_LOGD),
+    "nyud-fcn32s-color-hha": (*NYUD_MEAN_BGR, *NYUD_MEAN_HHA),
 }  # fmt: skip
+# The input modalities of each arch, in channel order (fastfcn.modalities); the others take one
+# colour image.
+ARCH_INPUTS = {
+    "nyud-fcn32s-hha": ("hha",), "nyud-fcn32s-color-d": ("color", "depth"),
+    "nyud-fcn32s-color-hha": ("color", "hha"),
+}  # fmt: skip
+# The 40-class task of Gupta, Arbelaez, Malik (CVPR 2013) that nyud_layers.py trains on (its
+# labels 1..40 shifted to 0..39, void 0 -> 255).
+NYUD_CLASSES = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)  # fmt: skip
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -109,6 +135,8 @@ PASCAL_CONTEXT_CLASSES = (
 ARCH_CLASS_NAMES = {
     **dict.fromkeys(_SIFTFLOW, SIFTFLOW_SEMANTIC + SIFTFLOW_GEOMETRIC),
     **dict.fromkeys(_PASCAL_CONTEXT, PASCAL_CONTEXT_CLASSES),
+    **dict.fromkeys(("nyud-fcn32s-color", "nyud-fcn32s-hha", "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha"),
+                    NYUD_CLASSES),
 }
 
 
@@ -216,6 +244,7 @@ def validate_config(c: Mapping, source) -> dict:
         bad(f"options.geometric_classes must be an int in 1..num_classes-1 = 1..{n - 1} (num_classes "
             f"counts both heads' classes); got {g!r}")
     _validate_labels(c, n, bad)
+    _validate_inputs(c, arch, bad)
     _validate_preprocessing(c, bad)
     if c.get("meta") is not None and not isinstance(c["meta"], Mapping):
         bad("meta must be a dict")
@@ -265,13 +294,37 @@ def _validate_options(opts, arch: str, bad) -> dict:
     return dict(opts)
 
 
+def arch_inputs(arch: str) -> tuple[str, ...]:
+    """The input modalities ``arch`` takes, in channel order (("color",) unless ARCH_INPUTS says)."""
+    return ARCH_INPUTS.get(arch, DEFAULT_INPUTS)
+
+
+def _validate_inputs(c: dict, arch: str, bad) -> None:
+    """``inputs`` (the modalities, fastfcn.modalities), where a config names them, must be the
+    arch's; one that does not (every file: the arch fixes them) is left so (``config_inputs``
+    reads the arch's)."""
+    want = list(arch_inputs(arch))
+    inputs = c.get("inputs")
+    if inputs is None:
+        return
+    why = check_inputs(inputs)
+    if why is not None:
+        bad(why)
+    if list(inputs) != want:
+        bad(f"inputs {list(inputs)} do not fit {arch}, which takes {want}")
+    c["inputs"] = list(inputs)
+
+
 def _validate_preprocessing(c: dict, bad) -> None:
+    inputs = list(config_inputs(c))
+    n = input_channels(inputs)
+    of = "" if inputs == list(DEFAULT_INPUTS) else f" of {inputs}"
     for k in ("mean", "std"):
         v = c.get(k)
         if v is None:
             continue
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_finite_number, v))):
-            bad(f"{k} must be 3 finite numbers (one per input channel); got {v!r}")
+        if not (isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_finite_number, v))):
+            bad(f"{k} must be {n} finite numbers (one per input channel{of}); got {v!r}")
         if k == "mean" and not all(abs(x) <= MAX_ABS_MEAN for x in v):
             bad(f"mean must be within +-{MAX_ABS_MEAN:g}; got {v!r}")
         lo, hi = STD_RANGE
@@ -296,10 +349,11 @@ class ModelConfig(Mapping):
         cfg.to_dict()                                           # the JSON form files store
 
     Defaults (None means "the arch's"): width 1.0; options those of ARCH_OPTIONS; mean the
-    arch's training-set mean (ARCH_MEAN, BGR); std 1; color_order "BGR"; input_scale 255
-    (0..255 unscaled, the Caffe convention); class_names the dataset's at its class count (VOC
-    21, SIFT Flow 33 + 3, PASCAL-Context 60: default_class_names), else ``class_<i>``;
-    palette the VOC colour map; meta (user metadata) none.
+    arch's training-set mean (ARCH_MEAN, BGR; one number per input channel); std 1 per channel;
+    color_order "BGR" (the colour modality's; an HHA image keeps its file's order); input_scale
+    255 (0..255 unscaled, the Caffe convention); class_names the dataset's at its class count (VOC
+    21, SIFT Flow 33 + 3, NYUDv2 40, PASCAL-Context 60: default_class_names), else ``class_<i>``;
+    palette the VOC colour map; inputs the arch's modalities (ARCH_INPUTS); meta (user metadata) none.
     Frozen: sequences are tuples, options and meta read-only mappings. As a Mapping it reads
     like the dict it replaces (``cfg["mean"]`` is a list, as ``to_dict`` gives it).
     """
@@ -308,12 +362,13 @@ class ModelConfig(Mapping):
     num_classes: int
     width: float = 1.0
     options: Mapping[str, Any] | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     color_order: str = "BGR"
     input_scale: float = 255.0
     class_names: tuple[str, ...] | None = None
     palette: tuple[tuple[int, int, int], ...] | None = None
+    inputs: tuple[str, ...] | None = None
     meta: Mapping[str, Any] | None = None
 
     def __post_init__(self):
@@ -324,7 +379,7 @@ class ModelConfig(Mapping):
                                   "expected mean=(3 numbers)")  # fmt: skip
         frozen = {
             "width": c["width"], "options": MappingProxyType(c["options"]), "mean": tuple(c["mean"]),
-            "std": tuple(c["std"]), "input_scale": float(c["input_scale"]),
+            "std": tuple(c["std"]), "input_scale": float(c["input_scale"]), "inputs": config_inputs(c),
             "class_names": tuple(c["class_names"]), "palette": tuple(tuple(p) for p in c["palette"]),
             "meta": None if c.get("meta") is None else MappingProxyType(copy.deepcopy(dict(c["meta"]))),
         }  # fmt: skip
@@ -342,6 +397,9 @@ class ModelConfig(Mapping):
             c["options"] = {**ARCH_OPTIONS[arch], **(c["options"] or {})}
         if c["mean"] is None:
             c["mean"] = ARCH_MEAN.get(arch)
+        if c["std"] is None:
+            inputs = c["inputs"] if isinstance(c["inputs"], (list, tuple)) else arch_inputs(arch)
+            c["std"] = (1.0,) * input_channels([m for m in inputs if m in MODALITIES])
         if c["class_names"] is None:
             c["class_names"] = default_class_names(arch, n)
         if c["palette"] is None:
@@ -373,10 +431,12 @@ class ModelConfig(Mapping):
         return _plain(getattr(self, key))
 
     def __iter__(self):
-        return (k for k in _KEYS if k != "meta" or self.meta is not None)
+        # ``inputs`` is the arch's (the validator holds them to it), so files need not store it:
+        # a config saved before the key existed and one saved now are the same JSON.
+        return (k for k in _KEYS if (k != "meta" or self.meta is not None) and k != "inputs")
 
     def __len__(self) -> int:
-        return len(_KEYS) - (self.meta is None)
+        return len(_KEYS) - 1 - (self.meta is None)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Mapping):
@@ -413,16 +473,23 @@ def _plain(v):
     return v
 
 
+def config_inputs(config: Mapping) -> tuple[str, ...]:
+    """The modalities of a config's model: its ``inputs``, else its arch's, else one colour image."""
+    inputs = config.get("inputs")
+    return tuple(inputs) if inputs is not None else arch_inputs(config.get("arch"))
+
+
 def preprocessing(config: Mapping) -> tuple[bool, float, tuple, tuple]:
     """(bgr, input_scale, mean, std) of a config; a key a partial dict lacks (or holds as None)
-    takes ModelConfig's default, the mean its arch's. InputError when neither mean nor a known
-    arch is given, or the colour order is neither RGB nor BGR."""
+    takes ModelConfig's default, the mean its arch's, std 1 per input channel. InputError when
+    neither mean nor a known arch is given, or the colour order is neither RGB nor BGR."""
     get = config.get
     mean = get("mean") if get("mean") is not None else ARCH_MEAN.get(get("arch"))
     if mean is None:
         raise InputError(f"the config has no mean and arch {get('arch')!r} has none by default; "
-                         "expected mean=[3 numbers]")  # fmt: skip
+                         "expected mean=[one number per input channel]")  # fmt: skip
     default = {f.name: f.default for f in fields(ModelConfig)}
+    default["std"] = (1.0,) * input_channels(config_inputs(config))
     keys = ("color_order", "input_scale", "std")
     order, scale, std = (default[k] if get(k) is None else get(k) for k in keys)
     if str(order).upper() not in ("RGB", "BGR"):
@@ -446,8 +513,9 @@ def model_bytes(config: Mapping) -> int:
 
 
 __all__ = [
-    "ARCH_CLASS_NAMES", "ARCH_MEAN", "ARCH_OPTIONS", "PASCAL_CONTEXT_CLASSES", "SIFTFLOW_GEOMETRIC",
-    "SIFTFLOW_SEMANTIC", "VOC_CLASSES", "ModelConfig", "default_class_names", "preprocessing", "voc_palette",
+    "ARCH_CLASS_NAMES", "ARCH_INPUTS", "ARCH_MEAN", "ARCH_OPTIONS", "NYUD_CLASSES", "PASCAL_CONTEXT_CLASSES",
+    "SIFTFLOW_GEOMETRIC", "SIFTFLOW_SEMANTIC", "VOC_CLASSES", "ModelConfig", "arch_inputs", "config_inputs",
+    "default_class_names", "preprocessing", "voc_palette",
     "MAX_CLASSES", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_WIDTH", "json_depth", "loads_json",
     "model_bytes", "validate_config",
 ]  # fmt: skip

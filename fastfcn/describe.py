@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import config_inputs
 from .errors import CheckpointError
 from .zoo import resolve
 
@@ -43,6 +44,8 @@ def describe_checkpoint(path: str | Path, arch: str | None = None) -> dict:
         info["params"] = parameter_count(model)
     for k in ("arch", "num_classes", "width", "options", "mean", "std", "color_order", "input_scale"):
         info[k] = config.get(k)
+    # The input modalities in channel order (fastfcn.modalities): ["color"] for the VOC nets.
+    info["modalities"] = list(config_inputs(config))
     names = config.get("class_names") or []
     info["class_names"] = names
     from .models.multihead import output_heads

@@ -4,7 +4,9 @@
     meta = fastfcn.export.read_onnx_metadata("fcn8s.onnx")             # arch, mean, palette, ...
 
 The graph has one input ``input``: float32 (N, 3, H, W), already preprocessed
-(colour order, mean/std and scale from the metadata), and one output
+(colour order, mean/std and scale from the metadata; a model of several input modalities,
+NYUDv2 early / late fusion, takes them concatenated: (N, 4, H, W) / (N, 6, H, W), the
+channel count the config's ``inputs`` give), and one output
 ``logits``: float32 (N, C, H, W). With ``dynamic=True`` (the default) N, H and W
 are symbolic (``batch``, ``height``, ``width``) and the graph is correct at every
 size, not only the traced one: it is exported with torch.export
@@ -41,8 +43,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig, loads_json, validate_config
+from .config import ModelConfig, config_inputs, loads_json, validate_config
 from .errors import CheckpointError, FastFCNError
+from .modalities import input_channels
 
 META_KEY = "fastfcn.config"
 EXPORT_KEY = "fastfcn.export"
@@ -225,12 +228,13 @@ def export_onnx(
     for p in graph_model.parameters():
         p.requires_grad_(False)
     wrapper = _Graph(graph_model, dtype).eval()
+    channels = input_channels(config_inputs(model.config))
     if dynamic:
-        example = torch.zeros(_TRACE_SHAPE)
+        example = torch.zeros(_TRACE_SHAPE[0], channels, *_TRACE_SHAPE[2:])
         auto = torch.export.Dim.AUTO
         dynamic_shapes = {"x": {0: auto, 2: auto, 3: auto}}
     else:
-        example = torch.zeros(int(batch_size), 3, int(input_size[0]), int(input_size[1]))
+        example = torch.zeros(int(batch_size), channels, int(input_size[0]), int(input_size[1]))
         dynamic_shapes = None
     try:
         with _quiet(), _cached_registry(), torch.no_grad():
@@ -246,11 +250,12 @@ def export_onnx(
     _name_dims(proto, static=not dynamic)
     meta = {p.key: p.value for p in proto.metadata_props}
     meta[META_KEY] = _config_json(model)
+    static_shape = [int(batch_size), channels, int(input_size[0]), int(input_size[1])]
     meta[EXPORT_KEY] = json.dumps({
         "precision": precision, "dynamic": bool(dynamic),
         "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         "input": INPUT_NAME, "output": OUTPUT_NAME, "fastfcn_version": __version__,
-        "input_shape": None if dynamic else [int(batch_size), 3, int(input_size[0]), int(input_size[1])],
+        "input_shape": None if dynamic else static_shape,
     })
     del proto.metadata_props[:]
     for k, v in meta.items():
@@ -297,7 +302,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: corrupt fastfcn metadata (not a JSON object)")
     version = config.pop("fastfcn_version", None)
     config = validate_config(config, path)
-    export = _validate_export(export, path)
+    export = _validate_export(export, path, input_channels(config_inputs(config)))
     _check_signature(proto.graph, config, export, path)
     if version is not None:
         config["fastfcn_version"] = str(version)
@@ -305,7 +310,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     return config
 
 
-def _validate_export(e: dict, path) -> dict:
+def _validate_export(e: dict, path, channels: int = 3) -> dict:
     def bad(msg):
         raise CheckpointError(f"{path}: corrupt fastfcn export metadata ({msg})")
 
@@ -321,10 +326,10 @@ def _validate_export(e: dict, path) -> dict:
         bad(f"opset must be an int; got {op!r}")
     shape = e.get("input_shape")
     if shape is not None and not (
-        isinstance(shape, list) and len(shape) == 4 and shape[1] == 3
+        isinstance(shape, list) and len(shape) == 4 and shape[1] == channels
         and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 2**31 - 1 for d in shape)
     ):  # fmt: skip
-        bad(f"input_shape must be [N, 3, H, W] with positive ints; got {shape!r}")
+        bad(f"input_shape must be [N, {channels}, H, W] with positive ints; got {shape!r}")
     if e.get("dynamic") is False and shape is None:
         bad("a static export must record its input_shape")
     return e
@@ -357,8 +362,10 @@ def _check_signature(graph, config: dict, export: dict, path) -> None:
     for k, vi in (("input", inputs[0]), ("output", outputs[0])):
         if k in export and export[k] != vi.name:
             bad(f"the {k} is named {vi.name!r}; the metadata says {export[k]!r}")
-    if c_in != 3:
-        bad(f"the input has {c_in if c_in is not None else 'a symbolic number of'} channels; expected 3")
+    channels = input_channels(config_inputs(config))
+    if c_in != channels:
+        got = c_in if c_in is not None else "a symbolic number of"
+        bad(f"the input has {got} channels; expected {channels} (inputs {config_inputs(config)})")
     if c_out != config["num_classes"]:
         got = c_out if c_out is not None else "a symbolic number of"
         bad(f"the output has {got} channels; the metadata says num_classes={config['num_classes']}")
@@ -367,7 +374,7 @@ def _check_signature(graph, config: dict, export: dict, path) -> None:
         fixed = [d for d in (n_in, h_in, w_in) if d is not None]
         if fixed:
             bad(f"the export is recorded as dynamic but the input has fixed dims {fixed}")
-    elif export.get("dynamic") is False and [n_in, 3, h_in, w_in] != shape:
+    elif export.get("dynamic") is False and [n_in, channels, h_in, w_in] != shape:
         bad(f"the input is {[n_in, c_in, h_in, w_in]}; the metadata says {shape}")
     for name, i, o in (("N", n_in, n_out), ("H", h_in, h_out), ("W", w_in, w_out)):
         if i is not None and o is not None and i != o:

@@ -196,7 +196,12 @@ def _skip_dead_zone(model: nn.Module, size: tuple[int, ...], layers: list[LayerC
     """Set ``computed_macs`` of the backbone convs to their image-dependent outputs' share."""
     if not getattr(model, "has_dead_zone", False):
         return  # the dilated nets reflect-pad: every position depends on the image
-    steps = getattr(model, "backbone", ())
+    streams = model.backbone_streams() if hasattr(model, "backbone_streams") else {"": model.backbone}
+    for steps in streams.values():  # late fusion: one backbone per modality
+        _skip_stream(model, steps, size, layers)
+
+
+def _skip_stream(model: nn.Module, steps, size: tuple[int, ...], layers: list[LayerCount]) -> None:
     by_name = {layer.name: layer for layer in layers}
     first = by_name.get(getattr(steps[0], "name", None)) if steps else None
     if first is None:

@@ -34,6 +34,8 @@ from .errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Depth maps (NYUDv2: uint16 millimetres) keep their values: one channel, 16 or 32 bits or float.
+_DEPTH_MODES = (*_SIXTEEN_BIT, "F")
 
 
 def check_regular_file(path: str | os.PathLike) -> None:
@@ -151,3 +153,32 @@ def decode_inputs(batch, max_pixels: int | None = None):
     if isinstance(batch, (list, tuple)):
         return [_decode_one(b, max_pixels) for b in batch]
     return _decode_one(batch, max_pixels)
+
+
+def read_depth(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """(H, W) float32 depth of a single-channel 16-bit / 32-bit / float image file (NYUDv2's
+    depth PNGs: uint16 millimetres), values as stored. InputError (starting with the path)
+    for another mode, an unreadable file or one over ``max_pixels``."""
+    check_regular_file(path)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return depth_from_pil(im, max_pixels)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InputError(f"{path}: not a readable depth image ({type(e).__name__}: {e})") from None
+
+
+def depth_from_pil(im, max_pixels: int | None = None) -> np.ndarray:
+    """A PIL depth image (one channel of 16 / 32 bits or float) -> (H, W) float32, values as stored."""
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise InputError(f"the depth image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    if im.mode not in _DEPTH_MODES:
+        raise InputError(
+            f"a depth image must be one channel of 16 or 32 bits (millimetres; PIL modes "
+            f"{', '.join(_DEPTH_MODES)}); got mode {im.mode!r}"
+        )
+    return np.asarray(im, dtype=np.float32)

@@ -21,7 +21,8 @@ PRECISIONS = registry.PRECISIONS
 ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn-alexnet", "deconvnet",
          "dilated-frontend", "dilated-context", "fcn-googlenet",
          "siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s",
-         "pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
+         "pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s",
+         "nyud-fcn32s-color", "nyud-fcn32s-hha", "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha")
 
 # The largest H * W a Segmenter accepts per image (per tile when tiling) unless told otherwise.
 DEFAULT_MAX_PIXELS = 4096 * 4096

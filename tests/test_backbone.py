@@ -26,6 +26,15 @@ KEYS = {
     "fcn-alexnet": "conv1 conv2 conv3 conv4 conv5 fc6 fc7 score_fr upscore:w",
     "dilated-frontend": f"{VGG} fc6 fc7 final upscore:w",
     "dilated-context": f"{VGG} fc6 fc7 final {CTX} upscore:w",
+    # fcn.berkeleyvision.org nyud-fcn32s-*/net.py: colour and HHA are VOC FCN-32s; early fusion
+    # renames conv1_1 (4 input channels); late fusion appends the modality to every layer name.
+    "nyud-fcn32s-color": f"{VGG} fc6 fc7 score_fr upscore:w",
+    "nyud-fcn32s-hha": f"{VGG} fc6 fc7 score_fr upscore:w",
+    "nyud-fcn32s-color-d": f"conv1_1_bgrd {VGG.split(' ', 1)[1]} fc6 fc7 score_fr upscore:w",
+    "nyud-fcn32s-color-hha": " ".join(
+        [f"{c}{s}" for s in ("color", "hha") for c in (*VGG.split(), "fc6", "fc7", "score_fr")]
+        + ["upscore:w"]
+    ),
 }
 # bvlc_googlenet's layer names with '/' -> '_', in deploy.prototxt order; no aux classifiers.
 _INCEPTION = " ".join(
@@ -86,7 +95,7 @@ def test_generic_swap_runs_every_step(arch):
     """A ConvImpl set on every step is what runs: delegating gives the same logits bit for bit,
     every step called once; scaling one step's output changes them."""
     m = small(arch)
-    x = torch.randn(1, 3, 37, 45, generator=torch.Generator().manual_seed(1)) * 50
+    x = torch.randn(1, m.in_channels, 37, 45, generator=torch.Generator().manual_seed(1)) * 50
     with torch.no_grad():
         want = m(x)
         calls = []

@@ -27,11 +27,11 @@ W = 0.125
 C = 5
 
 
-def _input(n: int = 1) -> torch.Tensor:
+def _input(n: int = 1, channels: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     # Small odd sizes keep the forwards cheap: FCNs pad by 100, DeconvNet runs at >= 224
     # and the dilated nets add a 186 px margin anyway.
-    return torch.randn(n, 3, 5, 7, generator=g) * 50
+    return torch.randn(n, channels, 5, 7, generator=g) * 50
 
 
 def _model(arch: str, seed: int = 0, width: float = W, num_classes: int = C, **options):
@@ -70,19 +70,21 @@ def test_safetensors_round_trip_every_arch(tmp_path, arch):
     m = cached(arch)
     names = [f"thing{i}" for i in range(C)]
     palette = [[i * 40, 255 - i * 40, 7] for i in range(C)]
+    c = m.in_channels  # one mean / std per input channel (NYUDv2 fusion: 4, 6)
+    mean, std = [float(i + 1) for i in range(c)], [float(i + 4) for i in range(c)]
     path = fastfcn.save(m, tmp_path / f"{arch}.safetensors", class_names=names, palette=palette,
-                        mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0], color_order="RGB", input_scale=1.0,
+                        mean=mean, std=std, color_order="RGB", input_scale=1.0,
                         dataset="synthetic")  # fmt: skip
     loaded = fastfcn.load(path)
     assert not loaded.training
     assert type(loaded) is type(m)
-    expected = dict(m.config, class_names=names, palette=palette, mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0],
+    expected = dict(m.config, class_names=names, palette=palette, mean=mean, std=std,
                     color_order="RGB", input_scale=1.0)  # fmt: skip
     got = dict(loaded.config)
     assert got.pop("meta") == {"dataset": "synthetic"}
     assert got == expected
     assert_same_weights(m, loaded)
-    x = _input()
+    x = _input(channels=c)
     # Same weights, same ops, same process: bit-identical.
     assert torch.equal(_out(m, x), _out(loaded, x))
     # The saving model's own config is untouched by the metadata overrides.
@@ -186,8 +188,10 @@ def test_save_rejects_unknown_suffix_and_non_models(tmp_path):
 
 @pytest.mark.parametrize("arch", available())
 def test_infer_arch_from_keys(arch):
-    # Same keys: documented defaults (at-once -> fcn8s; PASCAL-Context -> VOC unless 60 classes).
-    expected = "fcn8s" if arch == "fcn8s-atonce" else arch.removeprefix("pascalcontext-")
+    # Same keys: documented defaults (at-once -> fcn8s; PASCAL-Context -> VOC unless 60 classes;
+    # NYUDv2 colour / HHA nets have VOC FCN-32s's keys).
+    same = {"fcn8s-atonce": "fcn8s", "nyud-fcn32s-color": "fcn32s", "nyud-fcn32s-hha": "fcn32s"}
+    expected = same.get(arch, arch.removeprefix("pascalcontext-"))
     assert infer_arch(cached(arch).state_dict()) == expected
 
 

@@ -47,10 +47,12 @@ def test_defaults_are_the_models_own(arch):
     assert ModelConfig(arch, 5, width=0.0625).to_dict() == dict(_built(arch).config)
     c = ModelConfig(arch, 21)
     assert c.mean == ARCH_MEAN[arch] and c.color_order == "BGR" and c.input_scale == 255.0
-    # 21 classes are VOC's names only for the VOC nets (SIFT Flow and PASCAL-Context have their
-    # own datasets' names at 36 and 60 classes, none invented at other counts).
+    # 21 classes are VOC's names only for the VOC nets (SIFT Flow, NYUDv2 and PASCAL-Context have
+    # their own datasets' names at 36, 40 and 60 classes, none invented at other counts); std 1 per
+    # input channel (NYUDv2 fusion: 4 or 6).
     voc = VOC_CLASSES if arch not in ARCH_CLASS_NAMES else tuple(f"class_{i}" for i in range(21))
-    assert c.std == (1.0, 1.0, 1.0) and c.class_names == voc and c.meta is None
+    assert c.std == (1.0,) * models.build(arch, width=1 / 64).in_channels
+    assert c.class_names == voc and c.meta is None
     # 4 classes: the fewest a SIFT Flow net holds with its 3 geometric ones
     assert ModelConfig(arch, 4).class_names == ("class_0", "class_1", "class_2", "class_3")
     assert [list(p) for p in ModelConfig(arch, 4).palette] == [list(p) for p in voc_palette(4)]

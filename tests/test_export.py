@@ -41,10 +41,10 @@ def _model(arch: str, width: float = WIDTH):
     return export_model(arch, width)
 
 
-def _input(n, h, w, seed=1):
+def _input(n, h, w, seed=1, channels=3):
     g = torch.Generator().manual_seed(seed)
     # Preprocessed Caffe-style input: BGR minus mean, unscaled, roughly -120..130.
-    return torch.rand(n, 3, h, w, generator=g) * 255 - 120
+    return torch.rand(n, channels, h, w, generator=g) * 255 - 120
 
 
 def _session(path):
@@ -77,7 +77,7 @@ def test_dynamic_export_matches_reference(arch, exported):
     model, path = exported(arch)
     sess = _session(path)
     for n, h, w in SIZES:
-        x = _input(n, h, w)
+        x = _input(n, h, w, channels=model.in_channels)  # NYUDv2 fusion: 4 or 6 channels
         with torch.no_grad():
             ref = model(x).numpy()
         out = sess.run(["logits"], {"input": x.numpy()})[0]

@@ -39,7 +39,7 @@ def test_fused_equals_reference(arch, impl):
     dev = "cpu" if impl == "cpu" else DEV
     m = m.to(dev)
     H, W = SIZES.get(arch, DEFAULT_SIZE)
-    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(1)).to(dev) * 50
+    x = torch.randn(1, m.in_channels, H, W, generator=torch.Generator().manual_seed(1)).to(dev) * 50
     with torch.no_grad():
         want = m.set_impl("reference")(x).float()
         got = m.set_impl(impl)(x).float()

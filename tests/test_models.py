@@ -35,9 +35,10 @@ def test_fcn_output_is_exactly_input_size_for_every_side_1_to_96(arch):
 def test_every_arch_computes_logits_of_input_size(arch, size):
     torch.manual_seed(0)
     m = models.build(arch, num_classes=5, width=0.0625).eval()
+    c = m.in_channels  # 3; NYUDv2 early fusion 4, late fusion 6
     with torch.no_grad():
-        y = m(torch.randn(2, 3, *size))
-        labels = m(torch.randn(2, 3, *size), output="labels")
+        y = m(torch.randn(2, c, *size))
+        labels = m(torch.randn(2, c, *size), output="labels")
     assert y.shape == (2, 5, *size)
     assert torch.isfinite(y).all()
     # Two-headed nets (SIFT Flow): one label map per head (models/multihead.py).

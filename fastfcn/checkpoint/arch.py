@@ -41,7 +41,12 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     name only records the dataset and gives its class names); any other count stays VOC.
     A config in the file, or ``arch=``, always wins over this guess.
     """
+    from ..models.nyud import ARCH_KEYS
+
     keys = {k.rsplit(".", 1)[0] for k in state}
+    for key, nyud_arch in ARCH_KEYS.items():  # early / late fusion's own layer names
+        if key in keys:
+            return nyud_arch
     if "conv1_7x7_s2" in keys or "inception_5b_1x1" in keys:
         return "fcn-googlenet"
     if "score_fr_sem" in keys or "score_fr_geo" in keys:
@@ -101,6 +106,11 @@ def _infer_config(state: dict, arch: str | None, path) -> dict:
             raise CheckpointError(f"{path}: no 'score_fr_geo.weight' to take the geometric class count "
                                   f"from (arch {arch}); keys: {_short(sorted(state))}")  # fmt: skip
         options["geometric_classes"] = geo
+    from ..models.nyud import ARCHS as NYUD_ARCHS
+    from ..models.nyud import score_layer
+
+    if arch in NYUD_ARCHS:
+        score = f"{score_layer(arch)}.weight"
     num_classes = _shape(state, score)
     if num_classes is None:
         raise CheckpointError(f"{path}: no {score!r} to take the class count from (arch {arch}); keys: "
@@ -120,12 +130,16 @@ def _infer_width(state: dict, arch: str) -> float:
     candidates are checked against both and the first consistent one wins.
     """
     from ..models.common import scaled
+    from ..models.nyud import ARCHS as NYUD_ARCHS
+    from ..models.nyud import first_conv
 
     first, base, mult = {"fcn-alexnet": ("conv1", 96, 2), "fcn-googlenet": ("conv1_7x7_s2", 64, 1)}.get(
         arch, ("conv1_1", 64, 1)
     )
     # FCN-GoogLeNet has no fc7: its widest layer, inception_5b/3x3 (384), takes its place.
     fine, fine_base = ("inception_5b_3x3", 384) if arch == "fcn-googlenet" else ("fc7", 4096)
+    if arch in NYUD_ARCHS:  # early fusion's conv1_1_bgrd; late fusion's colour stream
+        first, fine = first_conv(arch), "fc7color" if arch == "nyud-fcn32s-color-hha" else "fc7"
     c1 = _shape(state, f"{first}.weight")
     c7 = _shape(state, f"{fine}.weight")
     cands = []

@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
         ("arch", info["arch"]),
         ("classes", f"{info['num_classes']}" + (f" ({', '.join(names[:6])}{more})" if names else "")),
         ("width", info["width"]),
+        ("modalities", " + ".join(info["modalities"])),
         ("params", f"{info['params']:,} ({human_size(4 * info['params'])} as fp32)"),
         ("mean", ", ".join(f"{m:g}" for m in info["mean"] or [])),
         ("std", ", ".join(f"{s:g}" for s in info["std"] or [])),

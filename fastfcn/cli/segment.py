@@ -16,11 +16,13 @@ creates nothing before the first result is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from ..errors import InputError
-from ..imageio import read_image
+from ..imageio import IMAGE_SUFFIXES, read_depth, read_image
 from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
 from ..paths import Job, check_output_dir, collect_images, plan_outputs
 from ..progress import Progress
@@ -62,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="pixels shared by neighbouring tiles, with --tile; each pixel's label comes "
                              "from the tile where it lies farthest from the edge (default: 64, at most "
                              "half the tile's smaller side)")
+    parser.add_argument("--depth", metavar="DIR", default=None,
+                        help="the depth maps (16-bit PNGs in millimetres) of a colour + depth net "
+                             "(nyud-fcn32s-color-d): DIR/<path> named as each image, <path> relative "
+                             "to the image's input folder, any image suffix")
+    parser.add_argument("--hha", metavar="DIR", default=None,
+                        help="the HHA images of a colour + HHA net (nyud-fcn32s-color-hha), matched "
+                             "by name as --depth")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="overlay opacity of the class colours, 0..1 (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,11 +95,59 @@ def _check(args: argparse.Namespace) -> dict:
     return {"tile": tile, "overlap": overlap}
 
 
-def _segment(seg, loaded: list, tiling: dict, skip) -> list:
+def match_file(image: Path, base: Path, folder: Path, modality: str) -> Path:
+    """The file of ``folder`` that holds ``image``'s second modality: the same path relative to
+    the image's input folder ``base``, with any image suffix (NYUDv2: images/img_5001.png ->
+    depth/img_5001.png, hha/img_5001.png). InputError when there is none or several."""
+    rel = Path(os.path.relpath(image, base))
+    where = folder / rel.parent
+    found = []
+    if where.is_dir():
+        found = sorted(p for p in where.iterdir() if p.stem == rel.stem and p.is_file()
+                       and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+    if len(found) != 1:
+        what = f"several ({', '.join(p.name for p in found)})" if found else "none"
+        raise InputError(
+            f"{image}: its {modality} file must be {where / rel.stem}.<png|tif|...>, one file named as the "
+            f"image; found {what}"
+        )
+    return found[0]
+
+
+def read_second(path: Path, modality: str, max_pixels: int | None):
+    """A second-modality file: depth (H, W) float32 millimetres or an HHA (H, W, 3) uint8 image."""
+    return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
+
+
+def _second_modality(args, seg) -> tuple[str, Path] | None:
+    """(modality, folder) of --depth / --hha, checked against the model's inputs."""
+    from ..config import config_inputs
+
+    inputs = config_inputs(seg.config)
+    given = {k: v for k, v in (("depth", args.depth), ("hha", args.hha)) if v is not None}
+    arch = seg.config.get("arch")
+    if len(inputs) == 1:
+        if given:
+            raise InputError(f"{arch} takes one input; --{'/--'.join(given)} is for the two-modality nets")
+        return None
+    want = inputs[1]
+    if set(given) != {want}:
+        raise InputError(f"{arch} takes {inputs[0]} images and {want}: pass --{want} DIR (and only it)")
+    folder = Path(given[want])
+    if not folder.is_dir():
+        raise InputError(f"--{want} {folder}: not a folder")
+    return want, folder
+
+
+def _segment(seg, loaded: list, tiling: dict, skip, extra: dict) -> list:
     """Labels for each ``(job, image)`` of ``loaded``, in one run; if that fails, one image at a
-    time, so only the bad image is skipped (its result None)."""
+    time, so only the bad image is skipped (its result None). ``extra``: job -> the second
+    modality's keyword argument of run (two-modality nets), else empty."""
+    both = {}
+    if extra:
+        both = {k: [extra[job][k] for job, _ in loaded] for k in extra[loaded[0][0]]}
     try:
-        return seg.run([im for _, im in loaded], **tiling)
+        return seg.run([im for _, im in loaded], **tiling, **both)
     except InputError as e:
         if len(loaded) == 1:
             skip(loaded[0][0], e)
@@ -98,7 +155,7 @@ def _segment(seg, loaded: list, tiling: dict, skip) -> list:
     results = []
     for job, im in loaded:
         try:
-            results.append(seg.run(im, **tiling))
+            results.append(seg.run(im, **tiling, **extra.get(job, {})))
         except InputError as e1:
             skip(job, e1)
             results.append(None)
@@ -137,8 +194,11 @@ def main(args: argparse.Namespace) -> int:
     post = crf_from_args(args)  # {} or postprocess="crf" with its parameters
     ckpt = checkpoint_path(args.checkpoint)
     out = check_output_dir(args.out, "--out")
-    jobs = plan_outputs(collect_images(args.inputs, out, args.recursive), out)
+    found = collect_images(args.inputs, out, args.recursive)
+    jobs = plan_outputs(found, out)
+    bases = {job.src: base for job, (_, base) in zip(jobs, found)}
     seg = open_segmenter(ckpt, args, max_pixels=args.max_pixels, **post)
+    second = _second_modality(args, seg)
     palettes = seg.head_palettes()
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()
@@ -155,13 +215,18 @@ def main(args: argparse.Namespace) -> int:
         bar.step(job.src.name)
 
     for i in range(0, len(jobs), args.batch_size):
-        loaded = []
+        loaded, extra = [], {}
         for job in jobs[i:i + args.batch_size]:
             try:
-                loaded.append((job, read_image(job.src, read_limit)))
+                image = read_image(job.src, read_limit)
+                if second is not None:  # the second modality's file, matched by name
+                    modality, folder = second
+                    path = match_file(job.src, bases[job.src], folder, modality)
+                    extra[job] = {modality: read_second(path, modality, read_limit)}
+                loaded.append((job, image))
             except InputError as e:
                 skip(job, e)
-        results = _segment(seg, loaded, tiling, skip) if loaded else []
+        results = _segment(seg, loaded, tiling, skip, extra) if loaded else []
         for (job, image), result in zip(loaded, results):
             if result is not None:
                 for head_job, labels, palette in head_outputs(job, result, palettes, out):

@@ -62,6 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
     data is read or anything is written (a bad --export found after training loses the run)."""
     import torch
 
+    from ..config import arch_inputs
     from ..models import DEFAULT_CLASSES, available
     from ..models.multihead import check_one_head
     from ..paths import check_output_dir, check_output_file
@@ -91,6 +92,9 @@ def check_args(args: argparse.Namespace) -> None:
         need(arch in available(), "--stages architecture", repr(arch), f"one of {', '.join(available())}")
         # the loss and the datasets are one label map per image: no two-headed nets
         check_one_head({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]}, "fastfcn train")
+        # The data loaders read colour images (VOC layout) only: no depth or HHA to feed.
+        need(len(arch_inputs(arch)) == 1, "--arch", arch,
+             "a net of one image input (the data loaders read no depth or HHA)")  # fmt: skip
     if args.init is not None and not Path(args.init).is_file():
         raise InputError(f"--init {args.init}: no such checkpoint file")
     if args.data != "synthetic" and not Path(args.data).is_dir():

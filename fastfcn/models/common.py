@@ -10,7 +10,8 @@ from fastfcn.kernels.structure import bilinear_weight
 
 # The means, VOC names and palette are defined in fastfcn.config (the one set of defaults) and
 # stay importable from here, as before.
-from ..config import DILATED_MEAN_BGR, VOC_CLASSES, VOC_MEAN_BGR, ModelConfig, voc_palette  # noqa: F401
+from ..config import DILATED_MEAN_BGR, VOC_CLASSES, VOC_MEAN_BGR, ModelConfig, config_inputs, voc_palette  # noqa: F401
+from ..modalities import input_channels
 from .backbone import Conv, run_conv, run_steps, step_convs
 
 # Model impl names: "reference" is the plain-PyTorch spec (the default forward);
@@ -66,8 +67,8 @@ class SegmentationModel(nn.Module):
         # runner(h, feats, switches, image_size) -> h: runs the backbone steps in place of
         # run_steps (set by the runtime, e.g. its planner of image-independent positions).
         self.backbone_runner = None
-        # Every field the family does not fix (mean, colour order, scale, names, palette) takes
-        # ModelConfig's default: the reference net's.
+        # Every field the family does not fix (mean, colour order, scale, names, palette, input
+        # modalities) takes ModelConfig's default: the reference net's.
         given = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
         self.config = ModelConfig(arch, num_classes, float(width), options, **given)
 
@@ -75,25 +76,41 @@ class SegmentationModel(nn.Module):
     def num_classes(self) -> int:
         return self.config["num_classes"]
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input forward takes: 3 for an image; more for several modalities
+        concatenated (NYUDv2 colour + log depth: 4; colour + HHA: 6)."""
+        return input_channels(config_inputs(self.config))
+
     def set_impl(self, impl: str) -> SegmentationModel:
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
         self.impl = impl
         return self
 
+    def backbone_streams(self) -> dict[str, tuple]:
+        """Stream name -> backbone steps. One stream, "" (``backbone``), unless the model runs
+        one backbone per input modality (late fusion: "color" and "hha")."""
+        return {"": self.backbone}
+
     def conv_steps(self) -> tuple[Conv, ...]:
-        """Every Conv step of the model, in forward order: the backbone's (an Inception block's
-        branch convs included), then extra_steps."""
-        return step_convs(self.backbone) + tuple(self.extra_steps)
+        """Every Conv step of the model, in forward order: each stream's backbone (an Inception
+        block's branch convs included), then extra_steps."""
+        steps = tuple(s for stream in self.backbone_streams().values() for s in stream)
+        return step_convs(steps) + tuple(self.extra_steps)
 
     def run_backbone(self, h: torch.Tensor, feats: dict, switches: dict | None = None,
-                     pool_with_switches=None, image_size=None) -> torch.Tensor:
-        """The backbone steps on h (N, C, H, W): through ``backbone_runner`` when one is set,
-        else ``run_steps``. image_size: the top-left (H, W) of h that holds the image (DeconvNet's
-        padding), None for all of it."""
-        if self.backbone_runner is not None:
-            return self.backbone_runner(h, feats, switches, image_size)
-        return run_steps(self, self.backbone, h, feats, switches, pool_with_switches)
+                     pool_with_switches=None, image_size=None, stream: str = "") -> torch.Tensor:
+        """The backbone steps of ``stream`` on h (N, C, H, W): through ``backbone_runner`` when one
+        is set (a dict of runners by stream for models with several), else ``run_steps``.
+        image_size: the top-left (H, W) of h that holds the image (DeconvNet's padding), None for
+        all of it."""
+        runner = self.backbone_runner
+        if isinstance(runner, dict):
+            runner = runner.get(stream)
+        if runner is not None:
+            return runner(h, feats, switches, image_size)
+        return run_steps(self, self.backbone_streams()[stream], h, feats, switches, pool_with_switches)
 
     def apply_conv(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """Conv step ``name`` on h (its ConvImpl if one is set, else torch's conv + BN + ReLU)."""
@@ -115,35 +132,45 @@ class SegmentationModel(nn.Module):
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        c = self.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input must be a float tensor (N, 3, H, W); got {shape}")
+            what = "" if c == 3 else f" ({' + '.join(config_inputs(self.config))} concatenated)"
+            raise ValueError(f"input must be a float tensor (N, {c}, H, W){what}; got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"input must be non-empty (N, 3, H, W) with N, H, W >= 1; got {tuple(x.shape)}")
+            raise ValueError(f"input must be non-empty (N, {c}, H, W), N, H, W >= 1; got {tuple(x.shape)}")
 
-    def _add_fc(self, c_in: int, kernel: int, width: float, dropout: float, dilation: int = 1) -> int:
+    def _add_fc(self, c_in: int, kernel: int, width: float, dropout: float, dilation: int = 1,
+                suffix: str = "") -> int:
         """fc6 (kernel x kernel, no pad), fc7 (1x1) to 4096 * width channels, with their
-        dropouts; returns that channel count."""
+        dropouts (names + ``suffix``: late fusion's "fc6color"); returns that channel count."""
         c_fc = scaled(4096, width)
-        self.fc6 = nn.Conv2d(c_in, c_fc, kernel, dilation=dilation)
-        self.fc7 = nn.Conv2d(c_fc, c_fc, 1)
-        self.drop6 = nn.Dropout(dropout)
-        self.drop7 = nn.Dropout(dropout)
+        setattr(self, f"fc6{suffix}", nn.Conv2d(c_in, c_fc, kernel, dilation=dilation))
+        setattr(self, f"fc7{suffix}", nn.Conv2d(c_fc, c_fc, 1))
+        setattr(self, f"drop6{suffix}", nn.Dropout(dropout))
+        setattr(self, f"drop7{suffix}", nn.Dropout(dropout))
         return c_fc
 
-    def _fc(self, h: torch.Tensor) -> torch.Tensor:
-        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout (fc6/fc7 are FC_STEPS in extra_steps)."""
-        h = self.drop6(run_conv(self, FC_STEPS[0], h))
-        return self.drop7(run_conv(self, FC_STEPS[1], h))
+    def _fc(self, h: torch.Tensor, suffix: str = "") -> torch.Tensor:
+        """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout (fc6/fc7 are FC_STEPS in extra_steps;
+        with ``suffix``, fc_steps(suffix))."""
+        fc6, fc7 = fc_steps(suffix)
+        h = getattr(self, f"drop6{suffix}")(run_conv(self, fc6, h))
+        return getattr(self, f"drop7{suffix}")(run_conv(self, fc7, h))
 
     def bn_pairs(self) -> list[tuple[str, str]]:
         """(conv name, BatchNorm name) pairs that fold_batchnorm may merge."""
         return []
 
 
-FC_STEPS = (Conv("fc6"), Conv("fc7"))
+def fc_steps(suffix: str = "") -> tuple[Conv, Conv]:
+    """fc6 and fc7 as Conv steps, their names + ``suffix``."""
+    return Conv(f"fc6{suffix}"), Conv(f"fc7{suffix}")
+
+
+FC_STEPS = fc_steps()
 
 
 def caffe_lrn() -> nn.LocalResponseNorm:

@@ -19,6 +19,24 @@ from .common import FC_STEPS, SegmentationModel, caffe_lrn, make_upsampler, ops_
 VGG_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
+def add_vgg(model: nn.Module, c_in: int, width: float, suffix: str = "", first: str | None = None):
+    """Register the VGG16 convs of the reference FCNs on ``model`` (conv1_1 pad 100, the rest pad 1)
+    named ``conv{b}_{i}`` + ``suffix`` (late fusion's "conv1_1color"), conv1_1 named ``first``
+    where given (early fusion's "conv1_1_bgrd"); returns (steps, output channels). The pools tap
+    ``pool{b}`` (+ suffix)."""
+    steps = []
+    for b, (c, n) in enumerate(VGG_BLOCKS, 1):
+        for i in range(1, n + 1):
+            base = f"conv{b}_{i}"
+            name = first if base == "conv1_1" and first is not None else base + suffix
+            c_out = scaled(c, width)
+            setattr(model, name, nn.Conv2d(c_in, c_out, 3, padding=100 if base == "conv1_1" else 1))
+            steps.append(Conv(name))
+            c_in = c_out
+        steps.append(Pool(2, 2, tap=f"pool{b}{suffix}"))
+    return tuple(steps), c_in
+
+
 def score_steps(head) -> tuple[Conv, ...]:
     """The head's 1x1 score layers as Conv steps without ReLU: score_fr, then the taps'."""
     return (Conv(head.score, relu=False),) + tuple(Conv(t.score, relu=False) for t in head.taps)
@@ -45,27 +63,22 @@ class FCN(SegmentationModel):
         super().__init__(
             arch, num_classes, width, {"learnable_upsampling": learnable_upsampling, "dropout": dropout},
         )  # fmt: skip
-        self.head = HEADS[arch]
-        c_fc = self._add_vgg16(width, dropout)
-        self._add_head(self.head, num_classes, c_fc, width, learnable_upsampling)
-        self.extra_steps = FC_STEPS + score_steps(self.head)
-        self.head_convs = frozenset(s.name for s in score_steps(self.head))
+        self._build(HEADS[arch], 3, width, learnable_upsampling, dropout)
 
-    def _add_vgg16(self, width: float, dropout: float) -> int:
+    def _build(self, head, c_in: int, width: float, learnable_upsampling: bool, dropout: float,
+               first: str | None = None) -> None:
+        """The VGG16 backbone on ``c_in`` input channels (conv1_1 named ``first`` where given),
+        fc6/fc7, and ``head``: its score layers and upsamplings."""
+        self.head = head
+        c_fc = self._add_vgg16(width, dropout, c_in, first)
+        self._add_head(head, self.num_classes, c_fc, width, learnable_upsampling)
+        self.extra_steps = FC_STEPS + score_steps(head)
+        self.head_convs = frozenset(s.name for s in score_steps(head))
+
+    def _add_vgg16(self, width: float, dropout: float, c_in: int = 3, first: str | None = None) -> int:
         """conv1_1 .. conv5_3 (the backbone steps, tapping pool1..pool5), fc6 and fc7;
         returns fc7's channel count."""
-        c_in = 3
-        steps = []
-        for b, (c, n) in enumerate(VGG_BLOCKS, 1):
-            for i in range(1, n + 1):
-                name = f"conv{b}_{i}"
-                c_out = scaled(c, width)
-                pad = 100 if name == "conv1_1" else 1
-                setattr(self, name, nn.Conv2d(c_in, c_out, 3, padding=pad))
-                steps.append(Conv(name))
-                c_in = c_out
-            steps.append(Pool(2, 2, tap=f"pool{b}"))
-        self.backbone = tuple(steps)
+        self.backbone, c_in = add_vgg(self, c_in, width, first=first)
         return self._add_fc(c_in, 7, width, dropout)
 
     def _add_head(self, head, num_classes: int, c_fc: int, width: float, learnable_upsampling: bool) -> None:

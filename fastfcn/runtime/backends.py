@@ -191,9 +191,11 @@ class FusedBackend(Backend):
             # keeps the cache entries its capture read (cuda_graphs.CapturedForward.held).
             from .deadzone import DeadZoneForward
 
-            self.dead_zone = DeadZoneForward(
-                self.model, pool_with_switches=getattr(self.model, "pool_with_switches", None)
-            )
+            # One planner per backbone stream (late fusion's colour and HHA VGGs pad 100 each).
+            pool = getattr(self.model, "pool_with_switches", None)
+            runners = {name: DeadZoneForward(self.model, steps, pool_with_switches=pool)
+                       for name, steps in self.model.backbone_streams().items()}  # fmt: skip
+            self.dead_zone = runners[""] if list(runners) == [""] else runners
             self.model.backbone_runner = self.dead_zone
 
     def plan(self) -> list[dict]:

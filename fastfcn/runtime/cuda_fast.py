@@ -280,16 +280,20 @@ class ChosenConv2d(nn.Conv2d):
 
 def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, object]:
     """Swap every backbone Conv step (BatchNorm already folded) for an EpilogueConv and fc6 for
-    a ChosenConv2d. Returns name -> the installed object (for inspection)."""
+    a ChosenConv2d (every stream's: late fusion's fc6color, fc6hha). Returns name -> the
+    installed object (for inspection)."""
     done: dict[str, object] = {}
-    for step in step_convs(getattr(model, "backbone", ())):  # Inception branches included
+    streams = model.backbone_streams() if hasattr(model, "backbone_streams") else {"": model.backbone}
+    # Every stream's convs (late fusion), an Inception block's branches included.
+    for step in step_convs(tuple(s for steps in streams.values() for s in steps)):
         if step.bn is not None and not isinstance(getattr(model, step.bn), nn.Identity):
             continue  # an unfolded BatchNorm sits between conv and ReLU: keep torch's step
         impl = EpilogueConv(getattr(model, step.name), step.relu, timer=timer)
         model.set_conv_impl(step.name, impl)
         done[step.name] = impl
-    fc6 = getattr(model, "fc6", None)
-    if type(fc6) is nn.Conv2d and fc6.groups == 1:
-        model.fc6 = ChosenConv2d.wrap(fc6, timer)
-        done["fc6"] = model.fc6
+    for name in (f"fc6{suffix}" for suffix in streams):
+        fc6 = getattr(model, name, None)
+        if type(fc6) is nn.Conv2d and fc6.groups == 1:
+            setattr(model, name, ChosenConv2d.wrap(fc6, timer))
+            done[name] = getattr(model, name)
     return done

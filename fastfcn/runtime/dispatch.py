@@ -14,12 +14,15 @@ import torch
 from ..errors import InputError
 from ..imageio import decode_inputs
 from ..kernels.structure import check_output
+from ..modalities import DEFAULT_INPUTS, input_channels
+from .modal import parse_second
 from .preprocess import Parsed, parse_batch
 from .tiling import check_tiling, run_tiled
 
 
-def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap):
-    """The body of ``run`` (see Segmenter.run for the forms of ``batch`` and the results)."""
+def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap, second=None):
+    """The body of ``run`` (see Segmenter.run for the forms of ``batch`` and the results).
+    ``second``: the second modality of a two-input net (Segmenter._second_input), or None."""
     check_output(output)
     run = runner._run
     if tile is None and overlap is not None:
@@ -29,20 +32,35 @@ def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap):
         run = lambda t, kind, out: run_tiles(runner, t, kind, out, tile, overlap)  # noqa: E731
     # Tiled, an image file may exceed max_pixels (the limit is per tile); Pillow's own
     # decompression-bomb limit (179 M pixels) still holds.
-    batch = decode_inputs(batch, None if tile is not None else runner.max_pixels)
-    p: Parsed = parse_batch(batch, preprocessed)
+    max_pixels = None if tile is not None else runner.max_pixels
+    batch = decode_inputs(batch, max_pixels)
+    inputs = getattr(runner, "_inputs", DEFAULT_INPUTS)
+    p: Parsed = parse_batch(batch, preprocessed, input_channels(inputs))
+    seconds = None
+    if second is not None:
+        if p.form == "float":
+            raise InputError(
+                f"a float batch is preprocessed input, all {input_channels(inputs)} channels "
+                f"({' + '.join(inputs)}): pass it with preprocessed=True and no {inputs[1]}=, or pass "
+                f"uint8 images with {inputs[1]}="
+            )
+        seconds = parse_second(second, inputs[1], p, max_pixels)
+        # Both modalities become one preprocessed float batch: one input tensor for every backend.
+        run = _two_inputs(runner, run, check_size=tile is None)
     if p.form == "list":
         groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(p.tensors):
             groups.setdefault((t.shape[1], t.shape[2]), []).append(i)
         results: list = [None] * len(p.tensors)
         for idx in groups.values():
-            t = p.tensors[idx[0]] if len(idx) == 1 else torch.cat([p.tensors[i] for i in idx])
+            t = _cat([p.tensors[i] for i in idx])
+            t = t if seconds is None else (t, _cat([seconds[i] for i in idx]))
             out = run(t, "u8", output)
             for j, i in enumerate(idx):
                 results[i] = _by_head(runner, out[j], output, batched=False)
         return results
-    out = run(p.tensors[0], "float" if p.form == "float" else "u8", output)
+    t = p.tensors[0] if seconds is None else (p.tensors[0], seconds[0])
+    out = run(t, "float" if p.form == "float" else "u8", output)
     if p.form == "image":
         return _by_head(runner, out[0], output, batched=False)
     return _by_head(runner, out, output)
@@ -52,6 +70,27 @@ def _by_head(runner, out: torch.Tensor, output: str, batched: bool = True):
     """A two-headed net's result as {head: result} (Segmenter.split_heads); others unchanged."""
     split = getattr(runner, "split_heads", None)
     return out if split is None else split(out, output, batched)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _two_inputs(runner, run, check_size: bool):
+    """run(t, kind, output) taking t = (images uint8 (N, H, W, 3), second (N, H, W[, 3])): both
+    preprocessed on the device into one float (N, C, H, W) by the runner's Preprocessor, then
+    ``run`` of kind "float" (tiled runs split that one tensor; untiled ones check max_pixels first)."""
+
+    def two(t, kind, output):
+        u8, sec = t
+        if check_size:
+            runner._check_size(u8.shape[1], u8.shape[2])
+        device = runner.execution.device
+        with torch.inference_mode():
+            x = runner._pre(u8.to(device), sec.to(device))
+        return run(x, "float", output)
+
+    return two
 
 
 def run_postprocessed(runner, t: torch.Tensor, kind: str, output: str) -> torch.Tensor:

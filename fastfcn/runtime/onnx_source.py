@@ -64,18 +64,19 @@ def check_graph_output(x: torch.Tensor, y, num_classes: int, path) -> None:
         )
 
 
-def check_graph_input(x, device: torch.device) -> torch.Tensor:
-    """x: preprocessed float (N, 3, H, W) on ``device`` -> float32 contiguous (the graph's
-    interface at every precision; fp16 graphs cast inside). Raises InputError otherwise."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+def check_graph_input(x, device: torch.device, channels: int = 3) -> torch.Tensor:
+    """x: preprocessed float (N, channels, H, W) on ``device`` -> float32 contiguous (the graph's
+    interface at every precision; fp16 graphs cast inside). Raises InputError otherwise.
+    channels: the model's input channels (3; NYUDv2 fusion 4 or 6)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InputError(f"input must be a float tensor (N, 3, H, W); got {got}")
+        raise InputError(f"input must be a float tensor (N, {channels}, H, W); got {got}")
     if not x.is_floating_point():
         raise InputError(f"input must be a preprocessed float tensor; got dtype {x.dtype}")
     if x.device != device and not (x.device.type == device.type == "cpu"):
         raise InputError(f"input is on {x.device} but this backend runs on {device}")
     if 0 in x.shape:
-        raise InputError(f"input must be non-empty (N, 3, H, W); got {tuple(x.shape)}")
+        raise InputError(f"input must be non-empty (N, {channels}, H, W); got {tuple(x.shape)}")
     return x.to(torch.float32).contiguous()
 
 

@@ -25,8 +25,10 @@ import threading
 
 import torch
 
+from ..config import config_inputs
 from ..errors import BackendUnavailableError, InputError
 from ..kernels.structure import check_output
+from ..modalities import input_channels
 from ..models.multihead import finish, output_heads
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
@@ -130,7 +132,7 @@ class OpenVinoBackend(Backend):
         C > 256).
         """
         check_output(output)
-        x = check_graph_input(x, self.device)
+        x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
         if self.static_shape is not None and tuple(x.shape) != self.static_shape:
             raise InputError(
                 f"{self.onnx_path} was exported with the static input shape {self.static_shape}; got "

@@ -16,8 +16,10 @@ import os
 
 import torch
 
+from ..config import config_inputs
 from ..errors import BackendUnavailableError
 from ..kernels.structure import check_output
+from ..modalities import input_channels
 from ..models.multihead import finish, output_heads
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
@@ -147,7 +149,7 @@ class OnnxRuntimeBackend(Backend):
         C > 256), on the same device.
         """
         check_output(output)
-        x = check_graph_input(x, self.device)
+        x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
         if self.device.type == "cuda":
             y = self._run_cuda(x)
         else:

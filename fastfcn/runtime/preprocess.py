@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import preprocessing
+from ..config import config_inputs, preprocessing
 from ..errors import InputError
+from ..modalities import MODALITIES, check_inputs, input_channels
 
 
 @dataclass
@@ -117,11 +118,12 @@ def _check_not_an_image(t: torch.Tensor) -> None:
     )
 
 
-def parse_batch(batch, preprocessed: bool = False) -> Parsed:
+def parse_batch(batch, preprocessed: bool = False, channels: int = 3) -> Parsed:
     """Validate ``batch`` and bring it to tensors, without copying where possible.
 
-    preprocessed: the batch is float (N, 3, H, W) input already preprocessed for the model;
-    without it, float input that looks like an image is refused (InputError).
+    preprocessed: the batch is float (N, channels, H, W) input already preprocessed for the
+    model (channels: the model's input channels, every modality concatenated); without it,
+    float input that looks like an image is refused (InputError).
     """
     if not isinstance(preprocessed, bool):
         raise TypeError(f"preprocessed must be True or False; got {preprocessed!r}")
@@ -145,7 +147,7 @@ def parse_batch(batch, preprocessed: bool = False) -> Parsed:
             "are preprocessed by the Segmenter: pass them without preprocessed=True)"
         )
     if t.is_floating_point():
-        if t.dim() != 4 or t.shape[1] != 3:
+        if t.dim() != 4 or t.shape[1] != channels:
             if t.shape[-1] == 3 and t.dim() in (3, 4):
                 raise InputError(
                     f"a float batch of shape {tuple(t.shape)} (HWC): float input must be preprocessed "
@@ -153,7 +155,7 @@ def parse_batch(batch, preprocessed: bool = False) -> Parsed:
                     "or (N, H, W, 3)"
                 )
             raise InputError(
-                f"a float batch must be preprocessed (N, 3, H, W); got shape {tuple(t.shape)} "
+                f"a float batch must be preprocessed (N, {channels}, H, W); got shape {tuple(t.shape)} "
                 "(raw images must be uint8 (H, W, 3) or (N, H, W, 3))"
             )
         if t.shape[0] == 0:
@@ -187,31 +189,77 @@ def check_finite(x: torch.Tensor) -> None:
 
 
 class Preprocessor:
-    """uint8 RGB (N, H, W, 3) -> float (N, 3, H, W) per the model config, on the device.
+    """uint8 RGB (N, H, W, 3) [+ a second modality] -> float (N, C, H, W) per the model config, on
+    the device.
 
-    The output is a channels_last view of the NHWC data (no layout change needed
-    by the channels_last backbones). ``out``: an optional preallocated output
-    (CUDA graphs write into their static buffer).
+    The config's ``inputs`` (fastfcn.modalities) say what the channels are; ``mean`` / ``std``
+    hold one number per channel. The first input is an image: "color" is reordered to
+    ``color_order``, "hha" kept in the file's order; both are scaled by ``input_scale / 255``.
+    A second input ("depth" or "hha") is preprocessed by its own rule and concatenated after
+    the first: depth (N, H, W) in millimetres -> ``(log(depth) - mean) / std`` (depth <= 0 or
+    non-finite is refused: log would give -inf / NaN), HHA (N, H, W, 3) uint8 as the first.
+
+    The output is a channels_last view of the NHWC data for one image input (no layout change
+    needed by the channels_last backbones). ``out``: an optional preallocated output (CUDA
+    graphs write into their static buffer).
     """
 
     def __init__(self, config: dict, device: torch.device, dtype: torch.dtype = torch.float32):
         bgr, scale, mean, std = preprocessing(config)
-        if len(mean) != 3 or len(std) != 3 or any(s == 0 or not math.isfinite(s) for s in std):
-            raise InputError(f"config mean/std must be 3 finite numbers, std non-zero; got {mean}, {std}")
-        self.bgr = bgr
-        # x_model[c] = (pixel[c] * scale / 255 - mean[c]) / std[c]  ==  pixel[c] * a[c] + b[c]
-        a = [scale / 255.0 / s for s in std]
-        b = [-m / s for m, s in zip(mean, std)]
+        self.inputs = config_inputs(config)
+        why = check_inputs(self.inputs)
+        if why is not None:
+            raise InputError(f"config {why}")
+        n = input_channels(self.inputs)
+        if len(mean) != n or len(std) != n or any(s == 0 or not math.isfinite(s) for s in std):
+            raise InputError(
+                f"config mean/std must be {n} finite numbers (one per channel of {list(self.inputs)}), "
+                f"std non-zero; got {list(mean)}, {list(std)}"
+            )
+        # color_order is the colour modality's: an HHA image keeps its file's channel order.
+        self.bgr = bgr and self.inputs[0] == "color"
+        self.second = self.inputs[1] if len(self.inputs) > 1 else None
         self.dtype = dtype
-        self.a = torch.tensor(a, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.b = torch.tensor(b, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        # x_model[c] = (pixel[c] * scale / 255 - mean[c]) / std[c]  ==  pixel[c] * a[c] + b[c]
+        # (depth: log(d) * a + b with a = 1 / std: input_scale is for 0..255 pixels)
+        per_channel = [m for m in self.inputs for _ in range(MODALITIES[m])]
+        a = [(1.0 if m == "depth" else scale / 255.0) / s for m, s in zip(per_channel, std)]
+        b = [-m / s for m, s in zip(mean, std)]
+        self.a = torch.tensor(a, dtype=torch.float32, device=device).view(1, n, 1, 1)
+        self.b = torch.tensor(b, dtype=torch.float32, device=device).view(1, n, 1, 1)
 
-    def __call__(self, u8: torch.Tensor) -> torch.Tensor:
-        """u8: (N, H, W, 3) uint8 on the device -> (N, 3, H, W) float (channels_last strides)."""
+    def __call__(self, u8: torch.Tensor, second: torch.Tensor | None = None) -> torch.Tensor:
+        """u8: (N, H, W, 3) uint8 on the device; second: the second modality on the device (depth
+        (N, H, W) numbers, HHA (N, H, W, 3) uint8), where the config has one -> (N, C, H, W) float."""
         x = u8.permute(0, 3, 1, 2)
         if self.bgr:
             x = x.flip(1)
         # The affine runs in float32 (0..255 needs 8 mantissa bits: exact in bf16 but not
         # after the mean shift); the cast to a low precision dtype comes last.
-        y = torch.addcmul(self.b, x.to(torch.float32), self.a)
+        y = torch.addcmul(self.b[:, :3], x.to(torch.float32), self.a[:, :3])
+        if self.second is None:
+            if second is not None:
+                raise InputError(f"this model takes one input ({self.inputs[0]}); got a second one")
+        else:
+            if second is None:
+                raise InputError(f"this model takes a second input ({self.second}); none was given")
+            if self.second == "depth":
+                z = log_depth(second.to(torch.float32)).unsqueeze(1)
+            else:
+                z = second.permute(0, 3, 1, 2).to(torch.float32)
+            y = torch.cat([y, torch.addcmul(self.b[:, 3:], z, self.a[:, 3:])], 1)
         return y if self.dtype == torch.float32 else y.to(self.dtype)
+
+
+def log_depth(d: torch.Tensor) -> torch.Tensor:
+    """log of a depth map (millimetres, any float shape); refuses depth <= 0, NaN or inf (one host
+    sync): log(0) = -inf would turn every logit it reaches into NaN, silently."""
+    bad = ~(torch.isfinite(d) & (d > 0))
+    if bool(bad.any()):
+        n = int(bad.sum())
+        raise InputError(
+            f"the depth map has {n} of {d.numel()} pixels that are <= 0 or not finite; log depth needs "
+            "positive depths in millimetres (fill the holes of a raw sensor map first, as the NYUDv2 "
+            "release's depth PNGs are)"
+        )
+    return torch.log(d)

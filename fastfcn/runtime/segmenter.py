@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import config_inputs
 from ..errors import CheckpointError, InputError
+from ..modalities import input_channels
 from ..models import SegmentationModel, available
 from ..models.multihead import head_entries, output_heads, split
 from ..names import DEFAULT_MAX_PIXELS
@@ -155,6 +157,7 @@ class Segmenter:
                 f"{self._config['arch']} has {len(self._heads)} heads. Run it without postprocess"
             )
         self._pre = Preprocessor(self._config, device, self.execution.input_dtype)
+        self._inputs = config_inputs(self._config)
         self._lock = threading.Lock()
         self._cuda = CudaGraphRunner(self._forward, self.execution) if device.type == "cuda" else None
 
@@ -262,7 +265,7 @@ class Segmenter:
 
     # ---------------------------------------------------------------------- run
     def run(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
-            overlap: int | None = None):
+            overlap: int | None = None, depth=None, hha=None):
         """Segment ``batch``.
 
         batch: (H, W, 3) uint8 RGB image | (N, H, W, 3) uint8 | an image file path (str or
@@ -278,9 +281,17 @@ class Segmenter:
         (fastfcn.runtime.tiling), for images over ``max_pixels`` (which then applies per tile)
         or to bound memory; overlap: pixels shared by neighbouring tiles (< the tile's sides;
         None: 64, at most half the tile's smaller side).
+        depth / hha: the second input of the two-modality nets (fastfcn.config.ARCH_INPUTS):
+        ``run(images, depth=depth_maps)`` for nyud-fcn32s-color-d (depth in millimetres, (H, W)
+        per image, (N, H, W) for a batch, or 16-bit PNG paths), ``run(images, hha=hha_images)``
+        for nyud-fcn32s-color-hha (HHA images as the colour ones); in the form of ``batch``, each
+        of its image's size (fastfcn.runtime.modal). Tiling splits both alike. A model that
+        takes one input refuses them; with ``preprocessed=True`` the float batch already holds
+        every modality's channels.
         Returns a tensor on self.device ((H, W) / (C, H, W) for one image; a list for a list).
         """
-        return run_batch(self, batch, output, preprocessed, tile, overlap)
+        second = self._second_input(depth, hha, preprocessed)
+        return run_batch(self, batch, output, preprocessed, tile, overlap, second)
 
     def split_heads(self, out: torch.Tensor, output: str, batched: bool = True):
         """A backend's result as run() returns it: unchanged for one head, {head name: result}
@@ -288,15 +299,52 @@ class Segmenter:
         return out if self._heads is None else split(out, output, self._heads, batched)
 
     def __call__(self, batch, output: str = "labels", *, preprocessed: bool = False, tile=None,
-                 overlap: int | None = None):
-        return self.run(batch, output, preprocessed=preprocessed, tile=tile, overlap=overlap)
+                 overlap: int | None = None, depth=None, hha=None):
+        return self.run(batch, output, preprocessed=preprocessed, tile=tile, overlap=overlap, depth=depth,
+                        hha=hha)  # fmt: skip
+
+    def _second_input(self, depth, hha, preprocessed: bool):
+        """The second modality given to run, checked against the model's inputs (or None)."""
+        given = {k: v for k, v in (("depth", depth), ("hha", hha)) if v is not None}
+        arch = self._config.get("arch", "this model")
+        if len(self._inputs) == 1:
+            if given:
+                raise InputError(
+                    f"{arch} takes one input ({self._inputs[0]} images); {'/'.join(given)}= is for the "
+                    "two-modality nets (nyud-fcn32s-color-d: depth=, nyud-fcn32s-color-hha: hha=)"
+                )
+            return None
+        want = self._inputs[1]
+        if preprocessed:
+            if given:
+                raise InputError(
+                    f"with preprocessed=True the float batch holds every modality of {arch} "
+                    f"({' + '.join(self._inputs)}, {input_channels(self._inputs)} channels); drop "
+                    f"{'/'.join(given)}="
+                )
+            return None
+        if want not in given:
+            other = f" (got {'/'.join(given)}=)" if given else ""
+            example = f"{want}={want}_maps" if want == "depth" else f"{want}={want}_images"
+            raise InputError(f"{arch} takes a second input, {want}: run(images, {example}){other}")
+        if len(given) > 1:
+            raise InputError(f"{arch} takes {want}= only; got {', '.join(k + '=' for k in given)}")
+        if self._crf is not None:
+            raise InputError(f"postprocess='crf' reads one colour image; {arch} takes two inputs")
+        return given[want]
 
     def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
         """Segment an iterable of frames: an iterator with one CPU tensor per frame, in order,
         each equal to ``run(frame, output).cpu()``. frames: (H, W, 3) uint8 RGB (numpy, torch,
         PIL) or PyAV VideoFrames, sizes may change. Batches of up to ``batch_size``; a partial
         batch is pushed after ``max_delay`` seconds; at most ``queue_size`` (default 2) batches
-        wait between stages. See fastfcn.runtime.stream."""
+        wait between stages. See fastfcn.runtime.stream. Models of two inputs (NYUDv2 fusion)
+        are refused: a frame carries one image; use run(images, depth=... / hha=...)."""
+        if len(self._inputs) > 1:
+            raise InputError(
+                f"{self._config.get('arch')} takes two inputs ({' + '.join(self._inputs)}); stream() and "
+                f"video take one image per frame: use run(images, {self._inputs[1]}=...)"
+            )
         from .stream import stream
 
         return stream(self, frames, batch_size=batch_size, output=output, max_delay=max_delay,
