@@ -102,3 +102,32 @@ def test_gemm1x1_candidate_equals_torch_conv(dtype, relu):
     assert not impl.accepts(x, (1, 1)) and not impl.accepts(x.contiguous(), (0, 0))
     with pytest.raises(ValueError, match="unpadded channels_last"):
         impl(x, (1, 1))
+
+
+def _keeps(env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = "from fastfcn.runtime.memory import keep_freed_memory as k; print(k(), k())"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_memory_is_kept_once_per_process_and_can_be_turned_off():
+    import ctypes
+
+    glibc = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert _keeps({"FASTFCN_KEEP_FREED_MEMORY": ""}) == ("True True" if glibc else "False False")
+    assert _keeps({"FASTFCN_KEEP_FREED_MEMORY": "0"}) == "False False"
+
+
+def test_the_fused_cpu_backend_applies_it():
+    from fastfcn.runtime.memory import keep_freed_memory
+
+    seg = __import__("fastfcn").Segmenter(models.build("fcn32s", 3, 1 / 16), backend="fused", device="cpu",
+                                          precision="fp32")  # fmt: skip
+    assert seg._backend.keeps_freed_memory is keep_freed_memory()

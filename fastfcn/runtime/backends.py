@@ -177,6 +177,10 @@ class FusedBackend(Backend):
             install(self.model)
         else:
             from .cpu_fast import plan_model
+            from .memory import keep_freed_memory
+
+            # activations reuse freed heap blocks instead of fresh pages each forward (memory.py)
+            self.keeps_freed_memory = keep_freed_memory()
 
             self.native_bf16 = None
             if precision == "bf16":
