@@ -150,8 +150,8 @@ class FusedBackend(Backend):
     graph-capturable with cuDNN autotuning.
 
     FCN-8s, width 1, 500x500, one image (labels), AMD EPYC Zen 4 with AVX512-BF16, 2 threads,
-    medians of 5 interleaved rounds (benchmarks/results/peers/): fused fp32 1.03 s (OpenVINO f32
-    1.66, ONNX Runtime 1.70, torch 2.34), fused bf16 0.61 s (OpenVINO bf16 0.85).
+    medians of 5 interleaved rounds (benchmarks/results/peers/, r2): fused fp32 0.89 s (OpenVINO
+    f32 1.68, ONNX Runtime 1.71; torch 2.34 in the first run), fused bf16 0.59 s (OpenVINO bf16 0.86).
 
     ``plan()``: the CPU convolution choices so far (cpu_fast.ConvPlanner.plan); [] on CUDA.
     """
