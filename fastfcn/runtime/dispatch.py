@@ -2,9 +2,10 @@
 
 A runner (a Segmenter or an Ensemble) provides ``_infer(t, kind, output)`` (its own results for
 one same-size batch, ``t`` uint8 (N, H, W, 3) with kind "u8" or float (N, 3, H, W) with kind
-"float"), ``max_pixels`` and ``_crf`` (fastfcn.runtime.crf.CRFParams or None). The functions
-here give it the rest of ``run``: decoding files and PIL images, the accepted batch forms,
-grouping a list by size, tiling, and the CRF post-processing, in one place for both.
+"float"), ``split_heads(out, output, batched)`` (its results per head), ``max_pixels`` and
+``_crf`` (fastfcn.runtime.crf.CRFParams or None). The functions here give it the rest of
+``run``: decoding files and PIL images, the accepted batch forms, grouping a list by size,
+tiling, and the CRF post-processing, in one place for both.
 """
 
 from __future__ import annotations
@@ -67,9 +68,8 @@ def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap, sec
 
 
 def _by_head(runner, out: torch.Tensor, output: str, batched: bool = True):
-    """A two-headed net's result as {head: result} (Segmenter.split_heads); others unchanged."""
-    split = getattr(runner, "split_heads", None)
-    return out if split is None else split(out, output, batched)
+    """A two-headed net's result as {head: result} (runner.split_heads); others unchanged."""
+    return runner.split_heads(out, output, batched)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
