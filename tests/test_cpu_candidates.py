@@ -93,6 +93,7 @@ def test_gemm1x1_candidate_equals_torch_conv(dtype, relu):
     got = cpu_fast.Gemm1x1Conv(geom, dtype)(x, (0, 0))
     want = cpu_fast.TorchConv(geom, dtype)(x, (0, 0))
     assert got.shape == want.shape and got.is_contiguous(memory_format=CL)
+    # bf16: both round one fp32 accumulation to bf16 (2^-8 relative), summed in different orders: 2 ulps
     tol = 0 if dtype == torch.float32 else 2**-7 * float(want.float().abs().max())
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=tol + 1e-5)
     assert "gemm1x1" + ("" if dtype == torch.float32 else "-bfloat16") in cpu_fast.candidates(geom, dtype)
