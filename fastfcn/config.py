@@ -76,8 +76,8 @@ DILATED_MEAN_BGR = (102.93, 111.36, 116.52)
 # bvlc_googlenet's train_val.prototxt mean_value (FCN-GoogLeNet, models/googlenet.py)
 GOOGLENET_MEAN_BGR = (104.0, 117.0, 123.0)
 SIFTFLOW_MEAN_BGR = (114.578, 115.294, 108.353)  # fcn.berkeleyvision.org siftflow_layers.py
-_SIFTFLOW = ("siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s")
-_PASCAL_CONTEXT = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
+SIFTFLOW_ARCHS = ("siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s")
+PASCAL_CONTEXT_ARCHS = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
 # NYUDv2 (fcn.berkeleyvision.org nyud_layers.py): colour BGR, HHA in the file's order, log depth
 # of millimetres (exp(7.844) = 2.55 m).
 NYUD_MEAN_BGR = (116.190, 97.203, 92.318)
@@ -87,8 +87,8 @@ ARCH_MEAN = {
     "fcn32s": VOC_MEAN_BGR, "fcn16s": VOC_MEAN_BGR, "fcn8s": VOC_MEAN_BGR, "fcn8s-atonce": VOC_MEAN_BGR,
     "fcn-alexnet": VOC_MEAN_BGR, "deconvnet": VOC_MEAN_BGR, "dilated-frontend": DILATED_MEAN_BGR,
     "dilated-context": DILATED_MEAN_BGR, "fcn-googlenet": GOOGLENET_MEAN_BGR,
-    **dict.fromkeys(_SIFTFLOW, SIFTFLOW_MEAN_BGR),
-    **dict.fromkeys(_PASCAL_CONTEXT, VOC_MEAN_BGR),  # pascalcontext_layers.py: the VOC mean
+    **dict.fromkeys(SIFTFLOW_ARCHS, SIFTFLOW_MEAN_BGR),
+    **dict.fromkeys(PASCAL_CONTEXT_ARCHS, VOC_MEAN_BGR),  # pascalcontext_layers.py: the VOC mean
     "nyud-fcn32s-color": NYUD_MEAN_BGR, "nyud-fcn32s-hha": NYUD_MEAN_HHA,
     "nyud-fcn32s-color-d": (*NYUD_MEAN_BGR, NYUD_MEAN_LOGD),
     "nyud-fcn32s-color-hha": (*NYUD_MEAN_BGR, *NYUD_MEAN_HHA),
@@ -133,8 +133,8 @@ PASCAL_CONTEXT_CLASSES = (
 )  # fmt: skip
 # The dataset's class names of each arch (VOC where not listed), used at that class count only.
 ARCH_CLASS_NAMES = {
-    **dict.fromkeys(_SIFTFLOW, SIFTFLOW_SEMANTIC + SIFTFLOW_GEOMETRIC),
-    **dict.fromkeys(_PASCAL_CONTEXT, PASCAL_CONTEXT_CLASSES),
+    **dict.fromkeys(SIFTFLOW_ARCHS, SIFTFLOW_SEMANTIC + SIFTFLOW_GEOMETRIC),
+    **dict.fromkeys(PASCAL_CONTEXT_ARCHS, PASCAL_CONTEXT_CLASSES),
     **dict.fromkeys(("nyud-fcn32s-color", "nyud-fcn32s-hha", "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha"),
                     NYUD_CLASSES),
 }
@@ -513,7 +513,8 @@ def model_bytes(config: Mapping) -> int:
 
 
 __all__ = [
-    "ARCH_CLASS_NAMES", "ARCH_INPUTS", "ARCH_MEAN", "ARCH_OPTIONS", "NYUD_CLASSES", "PASCAL_CONTEXT_CLASSES",
+    "ARCH_CLASS_NAMES", "ARCH_INPUTS", "ARCH_MEAN", "ARCH_OPTIONS", "NYUD_CLASSES", "PASCAL_CONTEXT_ARCHS",
+    "PASCAL_CONTEXT_CLASSES", "SIFTFLOW_ARCHS",
     "SIFTFLOW_GEOMETRIC", "SIFTFLOW_SEMANTIC", "VOC_CLASSES", "ModelConfig", "arch_inputs", "config_inputs",
     "default_class_names", "preprocessing", "voc_palette",
     "MAX_CLASSES", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_WIDTH", "json_depth", "loads_json",

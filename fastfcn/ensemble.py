@@ -54,6 +54,21 @@ def _check_members(segmenters) -> tuple[Segmenter, ...]:
                 f"member {i} of the ensemble is a two-headed net ({', '.join(h for h, _ in s.heads)}); "
                 "an ensemble averages one class distribution per pixel"
             )
+        if len(s._inputs) > 1:
+            raise ValueError(
+                f"member {i} of the ensemble takes {' + '.join(s._inputs)}; an ensemble runs on "
+                "colour images alone (run two-input nets with their Segmenter)"
+            )
+        if s._inputs != members[0]._inputs:
+            raise ValueError(
+                f"member {i} of the ensemble takes {s._inputs[0]} images and member 0 "
+                f"{members[0]._inputs[0]} images; every member must read the same input"
+            )
+        if s.postprocess is not None:
+            raise ValueError(
+                f"member {i} of the ensemble has postprocess={s.postprocess!r}; an ensemble averages "
+                "its members' probabilities first: give postprocess to the Ensemble instead"
+            )
     classes = [s.num_classes for s in members]
     if len(set(classes)) != 1:
         raise ValueError(
@@ -115,6 +130,7 @@ class Ensemble:
         # The file decoder's limit (run_batch; none when tiled): the strictest member's. Each
         # member still checks its own limit on what it runs (per tile when tiled).
         self.max_pixels = min(s.max_pixels for s in self._members)
+        self._inputs = first._inputs  # the same for every member (checked above)
 
     # --------------------------------------------------------------- properties
     @property

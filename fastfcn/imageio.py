@@ -171,6 +171,21 @@ def read_depth(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
         raise InputError(f"{path}: not a readable depth image ({type(e).__name__}: {e})") from None
 
 
+def decode_depth(obj, what: str, max_pixels: int | None = None):
+    """A depth file path or PIL depth image -> (H, W) float32 (read_depth / depth_from_pil); any
+    other object unchanged. Errors are InputError starting with ``what`` (or the path)."""
+    if isinstance(obj, (str, os.PathLike)):
+        return read_depth(obj, max_pixels)
+    if _is_pil(obj):
+        try:
+            return depth_from_pil(obj, max_pixels)
+        except InputError as e:
+            raise InputError(f"{what}: {e}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise InputError(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
+    return obj
+
+
 def depth_from_pil(im, max_pixels: int | None = None) -> np.ndarray:
     """A PIL depth image (one channel of 16 / 32 bits or float) -> (H, W) float32, values as stored."""
     w, h = im.size

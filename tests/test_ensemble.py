@@ -124,6 +124,13 @@ def test_properties(members):
     assert fastfcn.Ensemble is Ensemble
 
 
+def _crf_member():
+    pytest.importorskip("pydensecrf", reason="pydensecrf2 not installed (pip install fastfcn[crf])")
+    torch.manual_seed(0)
+    model = fastfcn.models.build("fcn8s", width=0.0625, num_classes=5).eval()
+    return fastfcn.Segmenter(model, device="cpu", backend="torch", precision="fp32", postprocess="crf")
+
+
 @pytest.mark.parametrize(
     "make, error, match",
     [
@@ -139,6 +146,10 @@ def test_properties(members):
         (lambda m: Ensemble(m, [True, 1]), ValueError, "weight 0 is True"),
         (lambda m: Ensemble(m, "12"), TypeError, "list of numbers"),
         (lambda m: Ensemble(m, postprocess="blur"), ValueError, "postprocess must be"),
+        (lambda m: Ensemble([_segmenter("nyud-fcn32s-color", 0), _segmenter("nyud-fcn32s-hha", 1)]),
+         ValueError, "member 1 .* takes hha images and member 0 color images"),
+        (lambda m: Ensemble([_segmenter("nyud-fcn32s-color-d", 0)]), ValueError, "takes color \\+ depth"),
+        (lambda m: Ensemble([m[0], _crf_member()]), ValueError, "member 1 .* postprocess='crf'"),
         (lambda m: Ensemble(m).run(images(), "scores"), ValueError, "output must be one of"),
         (lambda m: Ensemble(m).run(images(), overlap=3), InputError, "tile"),
     ],

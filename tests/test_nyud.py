@@ -358,6 +358,18 @@ def test_second_input_errors_say_what_is_expected():
         voc.run(color, depth=d)
 
 
+def test_a_truncated_pil_depth_image_is_an_input_error(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "d.png"
+    Image.fromarray(depths(1, 9, 9)[0].astype(np.uint16)).save(path)
+    path.write_bytes(path.read_bytes()[:-40])  # the pixel data cut short: PIL fails only on load
+    seg = _segmenter("nyud-fcn32s-color-d")
+    with Image.open(path) as im:
+        with pytest.raises(InputError, match="cannot be decoded"):
+            seg.run(images(1, 9, 9)[0], depth=im)
+
+
 # ------------------------------------------------------------------------------- dead zone, flops
 
 
@@ -460,3 +472,9 @@ def test_exported_fusion_net_runs_with_its_second_input_in_onnxruntime(exported)
     assert (got - want).abs().max() <= 1e-5 * (want.max() - want.min())
     with pytest.raises(InputError, match="takes a second input, depth"):
         seg.run(color)
+
+
+def test_crf_on_a_two_input_net_is_refused_when_built():
+    pytest.importorskip("pydensecrf", reason="pydensecrf2 not installed (pip install fastfcn[crf])")
+    with pytest.raises(ValueError, match="postprocess=.crf. reads one colour image; this nyud-fcn32s-color"):
+        _segmenter("nyud-fcn32s-color-d", postprocess="crf")

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..config import PASCAL_CONTEXT_CLASSES
 from ..errors import CheckpointError
 from .state import _short
 
@@ -56,13 +57,12 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
             return "siftflow-fcn16s"
         return "siftflow-fcn32s"
     arch = _infer_voc_arch(keys)
-    if arch in ("fcn32s", "fcn16s", "fcn8s") and _shape(state, "score_fr.weight") == PASCAL_CONTEXT_CLASSES:
+    # PASCAL-Context's class count (59 + background): a bare VOC-layout FCN with it is taken as one.
+    classes = _shape(state, "score_fr.weight")
+    if arch in ("fcn32s", "fcn16s", "fcn8s") and classes == len(PASCAL_CONTEXT_CLASSES):
         return f"pascalcontext-{arch}"
     return arch
 
-
-# PASCAL-Context's class count (59 + background): a bare VOC-layout FCN with it is taken as one.
-PASCAL_CONTEXT_CLASSES = 60
 
 
 def _infer_voc_arch(keys: set[str]) -> str | None:

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from ..heads import HEADS, run_head
+from ..kernels.structure import pool_out_size
 from .backbone import LRN, Conv, Inception, Pool, run_conv
 from .common import SegmentationModel, caffe_lrn, make_upsampler, ops_impl, scaled
 
@@ -89,7 +90,7 @@ def googlenet_sizes(size: int, pad: int = CONV1_PAD) -> list[int] | None:
     h = (size + 2 * pad - 7) // 2 + 1
     out = [h]
     for _ in range(4):
-        h = -((3 - h) // 2) + 1  # Caffe / torch ceil mode, no padding: ceil((h - 3) / 2) + 1
+        h = pool_out_size(h, 3, 2)  # Caffe / torch ceil mode, no padding
         if h < 1:
             return None
         out.append(h)

@@ -24,11 +24,10 @@ import torch
 from fastfcn.kernels.reference import OUTPUTS
 from fastfcn.kernels.reference import finish as finish_one
 
-from ..config import ARCH_OPTIONS
+from ..config import ARCH_OPTIONS, SIFTFLOW_ARCHS
 
 # Archs with two heads, and the name of the option giving the second head's channel count
 # (the first head has the rest of num_classes).
-SIFTFLOW_ARCHS = ("siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s")
 # SIFT Flow's geometric classes (sky, horizontal, vertical): the option's default.
 GEOMETRIC_CLASSES = ARCH_OPTIONS["siftflow-fcn8s"]["geometric_classes"]
 

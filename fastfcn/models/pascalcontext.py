@@ -8,10 +8,8 @@ names, so a checkpoint records which dataset it is.
 
 from __future__ import annotations
 
-from ..config import PASCAL_CONTEXT_CLASSES
+from ..config import PASCAL_CONTEXT_ARCHS, PASCAL_CONTEXT_CLASSES
 from .fcn import FCN
-
-PASCAL_CONTEXT_ARCHS = ("pascalcontext-fcn32s", "pascalcontext-fcn16s", "pascalcontext-fcn8s")
 
 
 class PascalContextFCN(FCN):

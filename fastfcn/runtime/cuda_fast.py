@@ -283,7 +283,7 @@ def install(model: SegmentationModel, timer: Timer = device_timer) -> dict[str, 
     a ChosenConv2d (every stream's: late fusion's fc6color, fc6hha). Returns name -> the
     installed object (for inspection)."""
     done: dict[str, object] = {}
-    streams = model.backbone_streams() if hasattr(model, "backbone_streams") else {"": model.backbone}
+    streams = model.backbone_streams()
     # Every stream's convs (late fusion), an Inception block's branches included.
     for step in step_convs(tuple(s for steps in streams.values() for s in steps)):
         if step.bn is not None and not isinstance(getattr(model, step.bn), nn.Identity):

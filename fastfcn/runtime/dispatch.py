@@ -2,7 +2,8 @@
 
 A runner (a Segmenter or an Ensemble) provides ``_infer(t, kind, output)`` (its own results for
 one same-size batch, ``t`` uint8 (N, H, W, 3) with kind "u8" or float (N, 3, H, W) with kind
-"float"), ``split_heads(out, output, batched)`` (its results per head), ``max_pixels`` and
+"float"), ``split_heads(out, output, batched)`` (its results per head), ``_inputs`` (the input
+modalities, fastfcn.modalities), ``max_pixels`` and
 ``_crf`` (fastfcn.runtime.crf.CRFParams or None). The functions here give it the rest of
 ``run``: decoding files and PIL images, the accepted batch forms, grouping a list by size,
 tiling, and the CRF post-processing, in one place for both.
@@ -15,7 +16,7 @@ import torch
 from ..errors import InputError
 from ..imageio import decode_inputs
 from ..kernels.structure import check_output
-from ..modalities import DEFAULT_INPUTS, input_channels
+from ..modalities import input_channels
 from .modal import parse_second
 from .preprocess import Parsed, parse_batch
 from .tiling import check_tiling, run_tiled
@@ -35,7 +36,7 @@ def run_batch(runner, batch, output: str, preprocessed: bool, tile, overlap, sec
     # decompression-bomb limit (179 M pixels) still holds.
     max_pixels = None if tile is not None else runner.max_pixels
     batch = decode_inputs(batch, max_pixels)
-    inputs = getattr(runner, "_inputs", DEFAULT_INPUTS)
+    inputs = runner._inputs
     p: Parsed = parse_batch(batch, preprocessed, input_channels(inputs))
     seconds = None
     if second is not None:

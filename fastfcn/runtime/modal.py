@@ -15,33 +15,18 @@ each of the same H x W as its image.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
 from ..errors import InputError
-from ..imageio import decode_inputs, depth_from_pil, read_depth
+from ..imageio import decode_depth, decode_inputs
 from .preprocess import Parsed, _as_tensor, _check_device, _check_hwc, _check_image
 
 _DEPTH_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
                  torch.float32, torch.float64)  # fmt: skip
 
 
-def _is_pil(obj) -> bool:
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(obj, pil.Image)
-
-
 def _depth_item(obj, what: str, max_pixels: int | None) -> torch.Tensor:
-    if isinstance(obj, (str, os.PathLike)):
-        obj = read_depth(obj, max_pixels)
-    elif _is_pil(obj):
-        try:
-            obj = depth_from_pil(obj, max_pixels)
-        except InputError as e:
-            raise InputError(f"{what}: {e}") from None
-    t = _as_tensor(obj, what)
+    t = _as_tensor(decode_depth(obj, what, max_pixels), what)
     _check_device(t, what)
     if t.dtype not in _DEPTH_DTYPES:
         raise InputError(

@@ -151,13 +151,18 @@ class Segmenter:
             )
         self._config = dict(config)
         self._heads = output_heads(self._config)
+        self._inputs = config_inputs(self._config)
         if self._crf is not None and self._heads is not None:
             raise ValueError(
                 f"postprocess='crf' refines one class distribution per pixel; this "
                 f"{self._config['arch']} has {len(self._heads)} heads. Run it without postprocess"
             )
+        if self._crf is not None and len(self._inputs) > 1:
+            raise ValueError(
+                f"postprocess='crf' reads one colour image; this {self._config['arch']} takes "
+                f"{' + '.join(self._inputs)}. Run it without postprocess"
+            )
         self._pre = Preprocessor(self._config, device, self.execution.input_dtype)
-        self._inputs = config_inputs(self._config)
         self._lock = threading.Lock()
         self._cuda = CudaGraphRunner(self._forward, self.execution) if device.type == "cuda" else None
 
@@ -329,8 +334,6 @@ class Segmenter:
             raise InputError(f"{arch} takes a second input, {want}: run(images, {example}){other}")
         if len(given) > 1:
             raise InputError(f"{arch} takes {want}= only; got {', '.join(k + '=' for k in given)}")
-        if self._crf is not None:
-            raise InputError(f"postprocess='crf' reads one colour image; {arch} takes two inputs")
         return given[want]
 
     def stream(self, frames, *, batch_size: int = 8, output: str = "labels", max_delay=None, queue_size=None):
