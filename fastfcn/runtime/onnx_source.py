@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import config_inputs
 from ..errors import CheckpointError, InputError
+from ..modalities import input_channels
+from ..models.multihead import output_heads
 
 
 class OnnxSource:
@@ -27,8 +30,9 @@ class OnnxSource:
 
     source: a fastfcn nn.Module (exported with ``export_onnx`` at ``export_precision`` into a
     temporary folder that lives as long as this object) or the path of an .onnx file.
-    Attributes: ``path`` (Path), ``config`` (the file's fastfcn metadata, ``export`` included)
-    and ``exported`` (the precision the graph was exported at: "fp32" or "fp16").
+    Attributes: ``path`` (Path), ``config`` (the file's fastfcn metadata, ``export`` included),
+    ``exported`` (the precision the graph was exported at: "fp32" or "fp16"), ``in_channels``
+    and ``heads`` (models.multihead.output_heads).
     """
 
     def __init__(self, source, export_precision: str = "fp32", prefix: str = "fastfcn-onnx-"):
@@ -49,6 +53,10 @@ class OnnxSource:
 
         self.config = read_onnx_metadata(self.path)
         self.exported = self.config.get("export", {}).get("precision", "fp32")
+        # What every call needs from the config, derived once: the input's channel count (the
+        # modalities concatenated) and the heads of a two-headed net (None for one).
+        self.in_channels = input_channels(config_inputs(self.config))
+        self.heads = output_heads(self.config)
 
 
 def check_graph_output(x: torch.Tensor, y, num_classes: int, path) -> None:

@@ -25,11 +25,9 @@ import threading
 
 import torch
 
-from ..config import config_inputs
 from ..errors import BackendUnavailableError, InputError
 from ..kernels.structure import check_output
-from ..modalities import input_channels
-from ..models.multihead import finish, output_heads
+from ..models.multihead import finish
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
@@ -132,7 +130,7 @@ class OpenVinoBackend(Backend):
         C > 256).
         """
         check_output(output)
-        x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
+        x = check_graph_input(x, self.device, self._source.in_channels)
         if self.static_shape is not None and tuple(x.shape) != self.static_shape:
             raise InputError(
                 f"{self.onnx_path} was exported with the static input shape {self.static_shape}; got "
@@ -144,7 +142,7 @@ class OpenVinoBackend(Backend):
         res = self._request().infer({0: x.numpy()}, share_inputs=True, share_outputs=True)
         y = torch.from_numpy(res[0])
         check_graph_output(x, y, self.num_classes, self.onnx_path)
-        out = finish(y, output, output_heads(self.config))
+        out = finish(y, output, self._source.heads)
         return out.clone() if output == "logits" else out
 
 

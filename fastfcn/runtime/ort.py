@@ -16,11 +16,9 @@ import os
 
 import torch
 
-from ..config import config_inputs
 from ..errors import BackendUnavailableError
 from ..kernels.structure import check_output
-from ..modalities import input_channels
-from ..models.multihead import finish, output_heads
+from ..models.multihead import finish
 from .backends import Backend
 from .onnx_source import OnnxSource, check_graph_input, check_graph_output
 
@@ -149,13 +147,13 @@ class OnnxRuntimeBackend(Backend):
         C > 256), on the same device.
         """
         check_output(output)
-        x = check_graph_input(x, self.device, input_channels(config_inputs(self.config)))
+        x = check_graph_input(x, self.device, self._source.in_channels)
         if self.device.type == "cuda":
             y = self._run_cuda(x)
         else:
             y = torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
         check_graph_output(x, y, self.num_classes, self.onnx_path)
-        return finish(y, output, output_heads(self.config))
+        return finish(y, output, self._source.heads)
 
     def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np
