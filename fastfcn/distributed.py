@@ -505,12 +505,11 @@ def _check_model(ckpt: str, backend: str, precision: str) -> None:
     loads (``describe_checkpoint``, on the CPU), so that a bad file is one line here rather
     than an actor that dies at start on every node."""
     from .describe import describe_checkpoint
-    from .runtime.backends import PRECISIONS, available_backends
+    from .runtime.backends import available_backends, check_precision_name
 
     if backend != "auto" and backend not in available_backends():
         raise InputError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
-    if precision != "auto" and precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+    check_precision_name(precision, InputError)
     if not _is_uri(ckpt):
         if not os.path.exists(ckpt):
             raise FileNotFoundError(f"{ckpt}: no such checkpoint")

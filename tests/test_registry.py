@@ -231,3 +231,16 @@ def test_execution_plan_follows_from_the_backend(device, precision, thread_safe,
     plan = ExecutionPlan.of(backend, "x", cache)
     assert {k: getattr(plan, k) for k in want} == want
     assert plan.input_dtype == torch.bfloat16 and plan.precision == precision and plan.graph_cache == cache
+
+
+def test_create_backend_checks_the_precision_name_once_for_every_entry_point():
+    model = build("fcn32s", num_classes=3, width=1 / 16).eval()
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"unknown precision 'int8'; expected 'auto' or one of \['fp32'"):
+        create_backend("torch", model, cpu, "int8")
+    # "auto" is resolved before a backend is built (resolve_precision); only ONNX Runtime takes
+    # it, meaning the precision its graph was exported at.
+    with pytest.raises(ValueError, match="'torch' needs a resolved precision"):
+        create_backend("torch", model, cpu, "auto")
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        fastfcn.Segmenter(model, backend="torch", device="cpu", precision="int8")

@@ -60,6 +60,12 @@ from .registry import (  # noqa: F401 - the registry's public names, importable 
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision_name(precision, error=ValueError) -> None:
+    """``precision`` must be "auto" or one of PRECISIONS; else ``error`` saying so."""
+    if not isinstance(precision, str) or (precision != "auto" and precision not in PRECISIONS):
+        raise error(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+
+
 class Backend:
     """The interface every backend implements.
 
@@ -313,8 +319,9 @@ def create_backend(name: str, source, device: torch.device, precision: str, **op
     """Build backend ``name`` from its registry entry; ``options`` are that backend's keyword
     options (e.g. the fused backend's ``skip_dead_zone``)."""
     spec = backend_spec(name)
-    if precision not in PRECISIONS and not (precision == "auto" and name == "onnxruntime"):
-        raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+    check_precision_name(precision)
+    if precision == "auto" and name != "onnxruntime":  # ORT's "auto": the graph's own precision
+        raise ValueError(f"backend {name!r} needs a resolved precision; got 'auto' (resolve_precision)")
     if device.type not in spec.devices:
         raise BackendUnavailableError(
             f"backend {name!r} runs on {' and '.join(spec.devices)} only; got device {device}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BackendUnavailableError
-from .backends import PRECISIONS, Backend
+from .backends import Backend, check_precision_name
 from .registry import backend_spec, onnx_backends
 
 
@@ -71,8 +71,7 @@ def resolve_precision(precision: str, device: torch.device, backend: str = "auto
         if device.type == "cpu" and backend in ("auto", "fused"):
             return cpu_auto_precision()
         return "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+    check_precision_name(precision)
     return precision
 
 

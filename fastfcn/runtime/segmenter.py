@@ -18,7 +18,7 @@ from ..models import SegmentationModel, available
 from ..models.multihead import head_entries, output_heads, split
 from ..names import DEFAULT_MAX_PIXELS
 from ..zoo import resolve
-from .backends import PRECISIONS, Backend, create_backend
+from .backends import Backend, check_precision_name, create_backend
 from .cuda_graphs import CudaGraphRunner
 from .dispatch import run_batch, run_postprocessed
 from .execution import ExecutionPlan, resolve_backend, resolve_device, resolve_precision
@@ -111,8 +111,7 @@ class Segmenter:
             raise CheckpointError(f"unknown arch {arch!r}; expected one of {available()}")
         if not isinstance(backend, str) or (backend != "auto" and backend not in available_backends()):
             raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
-        if not isinstance(precision, str) or (precision != "auto" and precision not in PRECISIONS):
-            raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {list(PRECISIONS)}")
+        check_precision_name(precision)
         if not isinstance(max_pixels, int) or max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive int; got {max_pixels!r}")
         if not isinstance(graph_cache, int) or graph_cache < 0:
