@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..imageio import IMAGE_SUFFIXES, read_depth, read_image
 from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
-from ..paths import Job, check_output_dir, collect_images, plan_outputs
+from ..paths import Job, check_output_dir, collect_images, head_output, plan_outputs
 from ..progress import Progress
 from ..viz import overlay, save_labels
 from ..zoo import BUILTIN
@@ -167,11 +167,10 @@ def head_outputs(job: Job, result, palettes: dict, out) -> list:
     (palettes {None: palette}); for a net with several heads (a {head: labels} result, SIFT Flow)
     one job per head writing ``OUT/labels/<head>/<path>.png`` and ``OUT/overlays/<head>/<path>.png``,
     each in that head's colours."""
-    if not isinstance(result, dict):
-        return [(job, result.cpu().numpy(), palettes[None])]
-    rel = job.labels.relative_to(out / "labels")
-    return [(Job(job.src, out / "labels" / name / rel, out / "overlays" / name / rel), t.cpu().numpy(),
-             palettes[name]) for name, t in result.items()]  # fmt: skip
+    from ..models.multihead import host_results
+
+    return [(Job(job.src, head_output(job.labels, out, name), head_output(job.overlay, out, name)), labels,
+             palettes[name]) for name, labels in host_results(result).items()]  # fmt: skip
 
 
 def _write(job: Job, image, labels, palette, alpha: float) -> int:

@@ -94,6 +94,15 @@ def check_one_head(config: Mapping, what: str) -> None:
         )
 
 
+def host_results(result) -> dict:
+    """One image's result as numpy arrays on the host, keyed by head: ``{head name: array}`` for a
+    net with several heads (a {head: tensor} result), ``{None: array}`` for one head's tensor.
+    What the writers of files (segment, video, the Ray job) iterate over."""
+    if isinstance(result, Mapping):
+        return {name: t.cpu().numpy() for name, t in result.items()}
+    return {None: result.cpu().numpy()}
+
+
 def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
     """A per-class list of the config (``class_names`` or ``palette``) cut per head."""
     items, out, start = list(config.get(key) or []), {}, 0
@@ -105,5 +114,5 @@ def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
 
 __all__ = [
     "GEOMETRIC_CLASSES", "SIFTFLOW_ARCHS", "check_one_head", "combine", "finish", "head_entries",
-    "output_heads", "split",
+    "host_results", "output_heads", "split",
 ]  # fmt: skip
