@@ -379,6 +379,19 @@ def _check_head_paths(source, dsts: dict, labs: dict) -> None:
             seen[p.resolve()] = name
 
 
+def _check_one_input(config) -> None:
+    """Refuse a net of two inputs (NYUDv2 fusion) before anything is written: a frame is one image."""
+    from .config import config_inputs
+
+    inputs = config_inputs(config)
+    if len(inputs) > 1:
+        raise InputError(
+            f"{config.get('arch')} takes two inputs ({' + '.join(inputs)}) but a video frame is one image; "
+            f"segment image files with `fastfcn segment --{inputs[1]} DIR` or Segmenter.run(images, "
+            f"{inputs[1]}=...)"
+        )
+
+
 def check_options(mode, alpha, batch_size, every, start, duration) -> None:
     """``segment_video``'s options checked before any work (InputError naming the bad one)."""
     if mode not in MODES:
@@ -432,6 +445,7 @@ def segment_video(
         from .runtime import Segmenter
 
         seg = Segmenter(segmenter)
+    _check_one_input(seg.config)
     heads = seg.heads
     dsts = _head_paths(destination, heads, "destination")
     labs = _head_paths(labels_out, heads, "labels_out")

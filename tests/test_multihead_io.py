@@ -101,6 +101,17 @@ def test_video_mapping_is_refused_for_one_head(clip, tmp_path):
         segment_video(clip, {"semantic": tmp_path / "a.mkv"}, seg, mode="labels", progress=False)
 
 
+def test_video_refuses_two_input_nets_before_writing(clip, tmp_path):
+    from fastfcn.video import segment_video
+
+    seg = fastfcn.Segmenter(fastfcn.models.build("nyud-fcn32s-color-d", width=1 / 16, num_classes=5).eval(),
+                            backend="torch", device="cpu")  # fmt: skip
+    with pytest.raises(InputError, match=r"takes two inputs \(color \+ depth\) but a video frame is one "
+                                         r"image; segment image files with `fastfcn segment --depth DIR`"):
+        segment_video(clip, tmp_path / "out.mp4", seg, labels_out=tmp_path / "lab.mkv", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_video_two_heads(sift_file, clip, tmp_path, capsys):
     rc = cli.main(["video", str(sift_file), str(clip), str(tmp_path / "seg.mp4"), "--mode", "side-by-side",
                    "--labels-out", str(tmp_path / "png"), "--backend", "torch", "--device", "cpu",
