@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import reduce
 
+import numpy as np
 import torch
 
 from fastfcn.kernels.reference import OUTPUTS
@@ -97,10 +98,12 @@ def check_one_head(config: Mapping, what: str) -> None:
 def host_results(result) -> dict:
     """One image's result as numpy arrays on the host, keyed by head: ``{head name: array}`` for a
     net with several heads (a {head: tensor} result), ``{None: array}`` for one head's tensor.
-    What the writers of files (segment, video, the Ray job) iterate over."""
+    What the writers of files (segment, video, the Ray job) and evaluate iterate over; numpy
+    results pass through."""
+    host = lambda t: t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
     if isinstance(result, Mapping):
-        return {name: t.cpu().numpy() for name, t in result.items()}
-    return {None: result.cpu().numpy()}
+        return {name: host(t) for name, t in result.items()}
+    return {None: host(result)}
 
 
 def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
