@@ -81,8 +81,9 @@ def split(out: torch.Tensor, output: str, heads, batched: bool = True) -> dict[s
 
 
 def check_one_head(config: Mapping, what: str) -> None:
-    """Refuse a net with several heads where ``what`` handles one label map per image (video
-    files, the Ray batch job, training and evaluation against one ground truth per image)."""
+    """Refuse a net with several heads where ``what`` handles one label map per image (training,
+    whose loss takes one ground truth per image; video, the Ray job and evaluation write or score
+    every head)."""
     heads = output_heads(config)
     if heads:
         from ..errors import InputError
