@@ -429,10 +429,14 @@ def segment_video(
         module docstring). every: segment every Nth frame and reuse its labels for the next
         N - 1 (each frame is still written). start, duration: the range, in seconds of the
         input's timeline. labels_out: also write the class ids there (label video or folder).
+        A net with several heads (``segmenter.heads``) writes destination and labels_out once
+        per head: one path becomes one per head (``head_target``), or give {head: path}.
     Returns {"frames_in", "frames_out", "segmented", "seconds", "fps", "decode_s",
     "inference_s", "encode_s", "decode_share", "inference_share", "encode_share",
     "destination", "labels_out"}; the shares are each stage's busy time over their sum
-    (the stages overlap, so the busy times add up to more than ``seconds``).
+    (the stages overlap, so the busy times add up to more than ``seconds``). With several
+    heads, "destination" / "labels_out" list the heads' paths (", "), and "heads" maps each
+    head to its {"destination", "labels_out"}.
     A missing file raises FileNotFoundError; everything else the user can fix, InputError.
     """
     check_options(mode, alpha, batch_size, every, start, duration)
