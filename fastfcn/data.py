@@ -79,11 +79,17 @@ class VOCSegmentation:
     ``ds[i]`` -> ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``, 255 = ignore.
     Missing files are reported when the dataset is opened, corrupt ones when read, each
     by an :class:`InputError` that names the file.
+
+    heads: the head names of a net with several heads (SIFT Flow: ``("semantic", "geometric")``),
+    whose ground truth lies in a folder per head, as ``fastfcn segment`` writes its labels:
+    ``SegmentationClass/<head>/<id>.png``; ``ds[i]`` is then ``(image, {head: label})``. (The
+    SIFT Flow release's .mat labels become these PNGs as the reference's siftflow_layers.py
+    reads them: ``S - 1`` as uint8, geometric -1 first set to 0, so void is 255.)
     """
 
     LABEL_DIRS = ("SegmentationClass", "SegmentationClassAug")
 
-    def __init__(self, root: str | os.PathLike, split: str = "val"):
+    def __init__(self, root: str | os.PathLike, split: str = "val", heads=None):
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"VOC root {root} is not a directory")
@@ -112,16 +118,17 @@ class VOCSegmentation:
         if not ids:
             raise InputError(f"split list {list_file} is empty")
         self.ids = ids
+        self.heads = tuple(heads) if heads else None
         self.images, self.labels = [], []
         label_dirs = [root / d for d in self.LABEL_DIRS if (root / d).is_dir()]
         for i in ids:
             img = root / "JPEGImages" / f"{i}.jpg"
             if not img.is_file():
                 raise InputError(f"image file {img} (listed in {list_file}) is missing")
-            lab = next((d / f"{i}.png" for d in label_dirs if (d / f"{i}.png").is_file()), None)
-            if lab is None:
-                want = root / "SegmentationClass" / f"{i}.png"
-                raise InputError(f"label file {want} (listed in {list_file}) is missing")
+            if self.heads is None:
+                lab = self._label_file(label_dirs, Path(f"{i}.png"), list_file)
+            else:
+                lab = {h: self._label_file(label_dirs, Path(h, f"{i}.png"), list_file) for h in self.heads}
             self.images.append(img)
             self.labels.append(lab)
         self.class_names = VOC_CLASSES
@@ -131,19 +138,29 @@ class VOCSegmentation:
             self.class_names = tuple(n for n in names.read_text().split() if n)
             self.num_classes = len(self.class_names)
 
+    def _label_file(self, label_dirs: list[Path], rel: Path, list_file: Path) -> Path:
+        lab = next((d / rel for d in label_dirs if (d / rel).is_file()), None)
+        if lab is None:
+            want = self.root / "SegmentationClass" / rel
+            raise InputError(f"label file {want} (listed in {list_file}) is missing")
+        return lab
+
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
-        image, label = read_image(self.images[i]), _read_label(self.labels[i])
-        if image.shape[:2] != label.shape:
-            raise InputError(
-                f"label file {self.labels[i]} is {label.shape[1]}x{label.shape[0]} but image "
-                f"{self.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
-            )
-        return image, label
+        image = read_image(self.images[i])
+        files = self.labels[i] if self.heads else {None: self.labels[i]}
+        labels = {h: _read_label(f) for h, f in files.items()}
+        for h, label in labels.items():
+            if image.shape[:2] != label.shape:
+                raise InputError(
+                    f"label file {files[h]} is {label.shape[1]}x{label.shape[0]} but image "
+                    f"{self.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
+                )
+        return image, (labels if self.heads else labels[None])
 
 
 # --------------------------------------------------------------------------- synthetic scenes

@@ -6,7 +6,9 @@
 Outputs are named as ``fastfcn segment`` names them (``plan_outputs``: ``OUT/labels/<rel>.png``
 and ``OUT/overlays/<rel>.png``, ``<rel>`` mirroring the inputs' subfolders); a video writes
 ``OUT/labels/<rel>.mkv`` (lossless class ids, ``segment_video(mode="labels")``) and, with a
-picture, ``OUT/overlays/<rel>.mp4`` or ``OUT/side-by-side/<rel>.mp4``.
+picture, ``OUT/overlays/<rel>.mp4`` or ``OUT/side-by-side/<rel>.mp4``. A net with several heads
+(SIFT Flow) writes each of these once per head, in a folder per head at the top of each tree
+(``OUT/labels/semantic/<rel>.png``, ``OUT/overlays/geometric/<rel>.png``, ...), as ``segment`` does.
 
 How the work is shared and why it survives failures:
 
@@ -48,7 +50,7 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -208,10 +210,12 @@ def _stand_in(name: str) -> Path:
     return Path("/", name.split("://", 1)[1].lstrip("/"))
 
 
-def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...]) -> list[Task]:
+def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...], heads=None) -> list[Task]:
     """Tasks with ``fastfcn segment``'s output names (``plan_outputs``); videos get .mkv labels
-    and .mp4 pictures at the same relative paths. pictures: a subset of ("overlay", "side-by-side")."""
-    from .paths import plan_outputs
+    and .mp4 pictures at the same relative paths. pictures: a subset of ("overlay", "side-by-side").
+    heads: the head names of a net with several heads (SIFT Flow), or None: each head's labels and
+    pictures, in that order, head after head (``OUT/labels/<head>/<rel>``, ``paths.head_output``)."""
+    from .paths import head_output, plan_outputs
 
     out = Path(output)
     jobs = plan_outputs([(_stand_in(f), _stand_in(b)) for f, b in found], out)
@@ -224,6 +228,7 @@ def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...]) -> lis
             paths.append(job.overlay if p == "overlay" else out / "side-by-side" / rel)
         if kind == "video":
             paths = [paths[0].with_suffix(".mkv"), *(p.with_suffix(".mp4") for p in paths[1:])]
+        paths = [head_output(p, out, h) for h in (heads or (None,)) for p in paths]
         tasks.append(Task(src, kind, tuple(map(str, paths))))
     return tasks
 
@@ -322,6 +327,23 @@ def _read_bytes(src: str) -> bytes:
 # ------------------------------------------------------------------------------------- workers
 
 
+@contextmanager
+def _checkpoint_file(data: bytes, name: str):
+    """A temporary file holding a checkpoint's bytes, with the suffix of ``name`` (its path or
+    URI: the suffix picks the format); errors raised in the block name ``name``, not it."""
+    from .errors import FastFCNError
+
+    fd, path = tempfile.mkstemp(suffix=PurePosixPath(name).suffix, prefix="fastfcn-ckpt-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    except FastFCNError as e:
+        raise type(e)(str(e).replace(path, name)) from None
+    finally:
+        os.unlink(path)
+
+
 def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -334,24 +356,14 @@ class _Worker:
         """checkpoint: the file's bytes, or a Ray object reference to them (put once by the
         driver: an FCN-8s is 540 MB, not to be copied into every actor's arguments); name:
         the checkpoint's path or URI (its suffix picks the format; errors name it)."""
-        from .errors import FastFCNError
         from .runtime import Segmenter
 
         if not isinstance(checkpoint, bytes):
             checkpoint = _ray().get(checkpoint)
-        fd, path = tempfile.mkstemp(suffix=PurePosixPath(name).suffix, prefix="fastfcn-ckpt-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(checkpoint)
+        with _checkpoint_file(checkpoint, name) as path:
             self.seg = Segmenter(path, **options)
-        except FastFCNError as e:
-            raise type(e)(str(e).replace(path, name)) from None
-        finally:
-            os.unlink(path)
-        from .models.multihead import check_one_head
-
-        check_one_head(self.seg.config, "fastfcn.distributed")
         self.pictures, self.alpha = tuple(pictures), alpha
+        self.palettes = self.seg.head_palettes()  # {head: palette}; {None: palette} for one head
 
     def __call__(self, batch: dict) -> dict:
         tasks = [Task(str(s), str(k), tuple(json.loads(o)))
@@ -393,7 +405,17 @@ class _Worker:
             labels = self.seg.run(list(images.values()))
         except Exception:  # noqa: BLE001 - the inputs are retried one by one
             return {}
-        return {src: (im, lab.cpu().numpy()) for (src, im), lab in zip(images.items(), labels)}
+        from .models.multihead import host_results
+
+        return {src: (im, host_results(lab)) for (src, im), lab in zip(images.items(), labels)}
+
+    def _per_head(self, task: Task) -> dict[str | None, tuple[str, ...]]:
+        """{head: (its labels, its pictures...)} of ``task``'s outputs, laid out by ``plan``."""
+        k, names = 1 + len(self.pictures), list(self.palettes)
+        if len(task.outputs) != k * len(names):
+            raise InputError(f"{task.src}: {len(task.outputs)} outputs planned; the model's {len(names)} "
+                             f"head(s) with {k - 1} picture(s) write {k * len(names)}")  # fmt: skip
+        return {name: task.outputs[i * k:(i + 1) * k] for i, name in enumerate(names)}
 
     def _attempt(self, task: Task, ready=None, spent: float = 0.0) -> dict:
         """Write ``task``'s outputs, up to ATTEMPTS times; its manifest row. ready: (image,
@@ -423,42 +445,50 @@ class _Worker:
     def _image(self, task: Task, ready=None) -> int:
         from PIL import Image
 
+        from .models.multihead import host_results
         from .viz import overlay, save_labels, side_by_side
 
         if ready is None:
             image = self._read(task.src)
-            labels = self.seg.run(image).cpu().numpy()
+            by_head = host_results(self.seg.run(image))
         else:
-            image, labels = ready
-        palette = self.seg.palette
-        with _atomic(task.outputs[0]) as tmp:
-            save_labels(labels, palette, tmp)
-        for picture, path in zip(self.pictures, task.outputs[1:]):
-            if picture == "overlay":
-                pic = overlay(image, labels, palette, self.alpha)
-            else:
-                pic = side_by_side(image, labels, palette)
-            with _atomic(path) as tmp:
-                Image.fromarray(pic).save(tmp, format="PNG")
+            image, by_head = ready
+        for name, paths in self._per_head(task).items():
+            labels, palette = by_head[name], self.palettes[name]
+            with _atomic(paths[0]) as tmp:
+                save_labels(labels, palette, tmp)
+            for picture, path in zip(self.pictures, paths[1:]):
+                if picture == "overlay":
+                    pic = overlay(image, labels, palette, self.alpha)
+                else:
+                    pic = side_by_side(image, labels, palette)
+                with _atomic(path) as tmp:
+                    Image.fromarray(pic).save(tmp, format="PNG")
         return 1
 
     def _video(self, task: Task) -> int:
         from .video import segment_video
 
-        with _local_copy(task.src) as src:
-            labels_out = task.outputs[0]
-            pictures = task.outputs[1:]
+        per_head = self._per_head(task)
+
+        def temporaries(stack: ExitStack, i: int):
+            """Output ``i`` of every head as a temporary: one path, or {head: path} for several."""
+            tmp = {name: stack.enter_context(_atomic(paths[i])) for name, paths in per_head.items()}
+            return tmp[None] if None in tmp else tmp
+
+        with _local_copy(task.src) as src, ExitStack() as labels_stack:
+            lab_tmp = temporaries(labels_stack, 0)
             frames = 0
-            with _atomic(labels_out) as lab_tmp:
-                if not pictures:
-                    s = segment_video(src, lab_tmp, self.seg, mode="labels", progress=False)
-                    frames = s["frames_out"]
-                for i, (picture, path) in enumerate(zip(self.pictures, pictures)):
-                    with _atomic(path) as tmp:
-                        # The first picture's pass writes the labels too: one decode for both.
-                        s = segment_video(src, tmp, self.seg, mode=picture, alpha=self.alpha,
-                                          labels_out=lab_tmp if i == 0 else None, progress=False)
-                    frames = s["frames_out"]
+            if not self.pictures:
+                s = segment_video(src, lab_tmp, self.seg, mode="labels", progress=False)
+                frames = s["frames_out"]
+            for i, picture in enumerate(self.pictures):
+                with ExitStack() as stack:
+                    # The first picture's pass writes the labels too: one decode for both.
+                    dst = temporaries(stack, 1 + i)
+                    s = segment_video(src, dst, self.seg, mode=picture, alpha=self.alpha,
+                                      labels_out=lab_tmp if i == 0 else None, progress=False)  # fmt: skip
+                frames = s["frames_out"]
         return frames
 
 
@@ -500,10 +530,11 @@ def _check_options(batch_size, concurrency, num_gpus_per_worker, mode) -> None:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}")
 
 
-def _check_model(ckpt: str, backend: str, precision: str) -> None:
+def _check_model(ckpt: str, backend: str, precision: str) -> dict | None:
     """Before a cluster is asked for anything: the names are known, and a local checkpoint
     loads (``describe_checkpoint``, on the CPU), so that a bad file is one line here rather
-    than an actor that dies at start on every node."""
+    than an actor that dies at start on every node. Returns its description (None for a URI:
+    ``_model_heads`` describes the bytes read)."""
     from .describe import describe_checkpoint
     from .runtime.backends import available_backends, check_precision_name
 
@@ -513,7 +544,26 @@ def _check_model(ckpt: str, backend: str, precision: str) -> None:
     if not _is_uri(ckpt):
         if not os.path.exists(ckpt):
             raise FileNotFoundError(f"{ckpt}: no such checkpoint")
-        describe_checkpoint(ckpt)
+        return describe_checkpoint(ckpt)
+    return None
+
+
+def _model_heads(ckpt: str, data: bytes, info: dict | None) -> tuple[str, ...] | None:
+    """The names of the model's heads (SIFT Flow: semantic, geometric), None for one head: they
+    decide the output names. A net of two inputs (NYUDv2 fusion) is refused here, before Ray.
+    info: ``_check_model``'s description, or None (a URI: described from ``data``, its bytes)."""
+    if info is None:
+        from .describe import describe_checkpoint
+
+        with _checkpoint_file(data, ckpt) as path:
+            info = describe_checkpoint(path)
+    modalities = info.get("modalities") or ["color"]
+    if len(modalities) > 1:
+        raise InputError(
+            f"{ckpt}: {info.get('arch')} takes two inputs ({' + '.join(modalities)}); the batch job reads "
+            f"one image per input: use `fastfcn segment --{modalities[1]} DIR` (pairs files by name)"
+        )
+    return tuple(name for name, _ in info["heads"]) if info.get("heads") else None
 
 
 @contextmanager
@@ -627,12 +677,14 @@ def segment_dataset(
                          "on every node); URIs are for inputs")  # fmt: skip
     out = check_output_dir(output, "output")
     pictures = tuple(p for p in ("overlay", "side-by-side") if p == mode or (p == "overlay" and overlays))
-    tasks = plan(collect_inputs(inputs, out), out, pictures)
+    found = collect_inputs(inputs, out)
     from .zoo import resolve
 
     ckpt = os.fspath(resolve(checkpoint))  # "demo": the built-in model's file
-    _check_model(ckpt, backend, precision)
+    info = _check_model(ckpt, backend, precision)
     ckpt_bytes = _read_bytes(ckpt)
+    heads = _model_heads(ckpt, ckpt_bytes, info)
+    tasks = plan(found, out, pictures, heads)
     manifest_path = out / MANIFEST
     previous = read_manifest(manifest_path)  # kept for inputs this run does not name
     todo = [t for t in tasks if not (resume and is_complete(previous.get(t.src), t))]

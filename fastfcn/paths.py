@@ -156,6 +156,17 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
     return jobs
 
 
+def head_output(path: Path, out: Path, head: str | None) -> Path:
+    """Where a net with several heads writes ``head``'s version of the output ``path`` planned
+    under ``out``: a folder per head at the top of its tree (``OUT/labels/<rel>`` ->
+    ``OUT/labels/<head>/<rel>``, ``OUT/overlays/<rel>`` -> ``OUT/overlays/<head>/<rel>``);
+    ``path`` itself for ``head`` None (one head)."""
+    if head is None:
+        return path
+    tree, *rest = path.relative_to(out).parts
+    return out.joinpath(tree, head, *rest)
+
+
 TMP_TAG = ".fastfcn-tmp-"  # in every temporary name, so leftovers of killed writers can be found
 
 

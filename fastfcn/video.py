@@ -13,6 +13,11 @@ copied packet for packet. Outputs:
   above 256 classes) in .mkv / .avi / .nut, whose decoded frames equal the label maps
   exactly; a directory instead (an existing one, or a path ending in "/" or without a suffix)
   gets one palette PNG per frame, ``frame_000000.png``, ... (the ``segment`` command's format).
+
+A net with several heads (SIFT Flow: semantic and geometric) writes every output once per head,
+each in that head's colours: ``street_seg.mp4`` becomes ``street_seg.semantic.mp4`` and
+``street_seg.geometric.mp4``, a label folder ``labels/`` becomes ``labels/semantic/`` and
+``labels/geometric/`` (``head_target``), as ``fastfcn segment`` keeps one folder per head.
 """
 
 from __future__ import annotations
@@ -95,10 +100,10 @@ class _VideoWriter:
             # The file is created when the header is written, with the first frame.
             raise InputError(f"{self.path}: cannot write the output video ({e})") from None
 
-    def mux_audio(self, packet) -> None:
-        """Copy an input audio packet; called after the first video frame (the header is
-        written then)."""
-        out = self.audio.get(packet.stream.index)
+    def mux_audio(self, packet, index: int) -> None:
+        """Copy an input audio packet of the input's stream ``index``; called after the first
+        video frame (the header is written then)."""
+        out = self.audio.get(index)
         if out is None or packet.dts is None:
             return  # a label video carries no audio; the demuxer's flush packets are empty
         packet.stream = out
@@ -131,7 +136,7 @@ class _PngWriter:
         save_labels(arr, self.palette, self.path / f"frame_{self.n:06d}.png")
         self.n += 1
 
-    def mux_audio(self, packet) -> None:
+    def mux_audio(self, packet, index: int) -> None:
         pass
 
     def close(self) -> None:
@@ -335,6 +340,58 @@ def check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Pat
     return src, dst, lab
 
 
+def head_target(path, head: str) -> Path:
+    """Where ``head``'s output goes when one path is given for a net with several heads: a
+    folder target gets a subfolder (``labels/`` -> ``labels/semantic/``), a file its head
+    before the suffix (``street_seg.mp4`` -> ``street_seg.semantic.mp4``)."""
+    p = Path(path)
+    if _is_dir_target(path):
+        return p / head
+    return p.with_name(f"{p.stem}.{head}{p.suffix}")
+
+
+def _head_paths(value, heads, what: str) -> dict:
+    """{head: Path or None} of a destination or labels_out: one path (None for one head), a
+    path given for all heads (``head_target``) or a {head: path} mapping naming each."""
+    names = [n for n, _ in heads] if heads else [None]
+    if isinstance(value, dict):
+        if set(value) != set(names) or not heads:
+            want = f"one path per head ({', '.join(names)})" if heads else "one path (the net has one head)"
+            raise InputError(f"{what} is a mapping of {sorted(map(str, value))}; expected {want}")
+        return {n: Path(value[n]) for n in names}
+    if value is None:
+        return dict.fromkeys(names)
+    if not heads:
+        return {None: Path(value)}
+    return {n: head_target(value, n) for n in names}
+
+
+def _check_head_paths(source, dsts: dict, labs: dict) -> None:
+    """Every head's paths checked as ``check_paths`` checks one pair, and no two heads' alike."""
+    seen: dict = {}
+    for name in dsts:
+        check_paths(source, dsts[name], labs[name])
+        for p in (dsts[name], labs[name]):
+            if p is None:
+                continue
+            if p.resolve() in seen:
+                raise InputError(f"{p}: heads {seen[p.resolve()]} and {name} would both write it")
+            seen[p.resolve()] = name
+
+
+def _check_one_input(config) -> None:
+    """Refuse a net of two inputs (NYUDv2 fusion) before anything is written: a frame is one image."""
+    from .config import config_inputs
+
+    inputs = config_inputs(config)
+    if len(inputs) > 1:
+        raise InputError(
+            f"{config.get('arch')} takes two inputs ({' + '.join(inputs)}) but a video frame is one image; "
+            f"segment image files with `fastfcn segment --{inputs[1]} DIR` or Segmenter.run(images, "
+            f"{inputs[1]}=...)"
+        )
+
+
 def check_options(mode, alpha, batch_size, every, start, duration) -> None:
     """``segment_video``'s options checked before any work (InputError naming the bad one)."""
     if mode not in MODES:
@@ -372,39 +429,51 @@ def segment_video(
         module docstring). every: segment every Nth frame and reuse its labels for the next
         N - 1 (each frame is still written). start, duration: the range, in seconds of the
         input's timeline. labels_out: also write the class ids there (label video or folder).
+        A net with several heads (``segmenter.heads``) writes destination and labels_out once
+        per head: one path becomes one per head (``head_target``), or give {head: path}.
     Returns {"frames_in", "frames_out", "segmented", "seconds", "fps", "decode_s",
     "inference_s", "encode_s", "decode_share", "inference_share", "encode_share",
     "destination", "labels_out"}; the shares are each stage's busy time over their sum
-    (the stages overlap, so the busy times add up to more than ``seconds``).
+    (the stages overlap, so the busy times add up to more than ``seconds``). With several
+    heads, "destination" / "labels_out" list the heads' paths (", "), and "heads" maps each
+    head to its {"destination", "labels_out"}.
     A missing file raises FileNotFoundError; everything else the user can fix, InputError.
     """
     check_options(mode, alpha, batch_size, every, start, duration)
-    src, dst, lab = check_paths(source, destination, labels_out)
+    if not isinstance(destination, dict) and not isinstance(labels_out, dict):
+        check_paths(source, destination, labels_out)  # before any model loads
+    src = Path(source)
     _av()
     seg = segmenter
     if not hasattr(seg, "stream"):
         from .runtime import Segmenter
 
         seg = Segmenter(segmenter)
-    from .models.multihead import check_one_head
-
-    check_one_head(seg.config, "segment_video")
-    palette = seg.palette
-    num_classes = int(seg.config.get("num_classes", 256))
+    _check_one_input(seg.config)
+    heads = seg.heads
+    dsts = _head_paths(destination, heads, "destination")
+    labs = _head_paths(labels_out, heads, "labels_out")
+    _check_head_paths(src, dsts, labs)
+    palettes = seg.head_palettes() if heads else {None: seg.palette}
+    classes = dict(heads) if heads else {None: int(seg.config.get("num_classes", 256))}
     t0 = time.perf_counter()
     dec = _Decoder(src, every, start, duration)
     writers: list = []
     try:
         tb, rate = dec.video.time_base, dec.rate
-        if mode == "labels":
-            main = _label_writer(dst, palette, num_classes, tb, rate)
-        else:
-            main = _VideoWriter(dst, labels=False, time_base=tb, rate=rate, audio=dec.audio)
-        writers.append(main)
-        labels_writer = _label_writer(lab, palette, num_classes, tb, rate) if lab is not None else None
-        if labels_writer is not None:
-            writers.append(labels_writer)
-        summary = _run(seg, dec, main, labels_writer, mode, alpha, batch_size, progress, palette)
+        outs = {}  # head -> (picture or label writer, label writer or None, palette)
+        for name in dsts:
+            if mode == "labels":
+                main = _label_writer(dsts[name], palettes[name], classes[name], tb, rate)
+            else:
+                main = _VideoWriter(dsts[name], labels=False, time_base=tb, rate=rate, audio=dec.audio)
+            writers.append(main)
+            extra = None
+            if labs[name] is not None:
+                extra = _label_writer(labs[name], palettes[name], classes[name], tb, rate)
+                writers.append(extra)
+            outs[name] = (main, extra, palettes[name])
+        summary = _run(seg, dec, outs, mode, alpha, batch_size, progress)
     finally:
         for w in writers:
             try:
@@ -414,12 +483,16 @@ def segment_video(
         dec.close()
     seconds = time.perf_counter() - t0
     busy = summary["decode_s"] + summary["inference_s"] + summary["encode_s"]
+    joined = lambda paths: None if paths[0] is None else ", ".join(map(str, paths))  # noqa: E731
     summary.update(
         seconds=seconds,
         fps=summary["frames_out"] / seconds if seconds > 0 else 0.0,
-        destination=str(dst),
-        labels_out=None if lab is None else str(lab),
+        destination=joined(list(dsts.values())),
+        labels_out=joined(list(labs.values())),
     )
+    if heads:
+        summary["heads"] = {n: {"destination": str(dsts[n]), "labels_out": labs[n] and str(labs[n])}
+                            for n in dsts}  # fmt: skip
     for k in ("decode", "inference", "encode"):
         summary[f"{k}_share"] = summary[f"{k}_s"] / busy if busy > 0 else 0.0
     if progress:
@@ -427,7 +500,9 @@ def segment_video(
     return summary
 
 
-def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progress, palette) -> dict:
+def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> dict:
+    """outs: {head (None for one head): (main writer, label writer or None, palette)}."""
+    from .models.multihead import host_results
     from .runtime.stream import JOIN_S, StreamStats, stream
     from .viz import overlay, side_by_side
 
@@ -435,26 +510,28 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
     bar = Progress(dec.estimated_frames() or None, "video", enabled=progress, unit="frames")
     out = segmented = 0
     encode_s = 0.0
+    mains = [main for main, _, _ in outs.values()]
     # Closing waits for the reader to leave the decoder: the container is closed after this.
     results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats, source_wait_s=JOIN_S)
     try:
-        for labels in results:
+        for result in results:
             t = time.perf_counter()
-            lab = labels.numpy()
+            labels = host_results(result)  # {head: (H, W)}; {None: (H, W)} for one head
             segmented += 1
             group = dec.groups.popleft()
             for pts, time_base, rgb in group:
-                if mode == "overlay":
-                    main.write(overlay(rgb, lab, palette, alpha), pts, time_base)
-                elif mode == "side-by-side":
-                    main.write(side_by_side(rgb, lab, palette), pts, time_base)
-                else:
-                    main.write(lab, pts, time_base)
-                if labels_writer is not None:
-                    labels_writer.write(lab, pts, time_base)
+                for name, (main, labels_writer, palette) in outs.items():
+                    lab = labels[name]
+                    if mode == "overlay":
+                        main.write(overlay(rgb, lab, palette, alpha), pts, time_base)
+                    elif mode == "side-by-side":
+                        main.write(side_by_side(rgb, lab, palette), pts, time_base)
+                    else:
+                        main.write(lab, pts, time_base)
+                    if labels_writer is not None:
+                        labels_writer.write(lab, pts, time_base)
                 out += 1
-            while dec.audio_packets:
-                main.mux_audio(dec.audio_packets.popleft())
+            _mux_audio(dec, mains)
             encode_s += time.perf_counter() - t
             bar.step(n=len(group))
     except StreamError as e:
@@ -464,8 +541,7 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
     finally:
         results.close()  # on an error, too: the traceback would keep the threads' iterator alive
         bar.finish()
-    while dec.audio_packets:
-        main.mux_audio(dec.audio_packets.popleft())
+    _mux_audio(dec, mains)
     return {
         "frames_in": dec.decoded,
         "frames_out": out,
@@ -474,6 +550,16 @@ def _run(seg, dec: _Decoder, main, labels_writer, mode, alpha, batch_size, progr
         "inference_s": stats.infer_s + stats.batch_s,
         "encode_s": encode_s,
     }
+
+
+def _mux_audio(dec: _Decoder, writers: list) -> None:
+    """The audio packets decoded so far into every picture video (one per head): PyAV 18 muxes
+    a packet into several containers unchanged (their packets compared equal in the tests)."""
+    while dec.audio_packets:
+        packet = dec.audio_packets.popleft()
+        index = packet.stream.index  # the input's: muxing re-points packet.stream
+        for w in writers:
+            w.mux_audio(packet, index)
 
 
 def format_summary(s: dict) -> str:

@@ -326,3 +326,98 @@ def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, s
     want = side_by_side(image, seg.run(image).numpy(), seg.palette)
     got = np.array(Image.open(out / "side-by-side" / "in" / p.relative_to(tmp_path / "in")))
     np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- two heads (SIFT Flow)
+
+
+def test_plan_puts_each_head_in_a_folder_of_its_own(tmp_path):
+    found = [(str(tmp_path / "a" / "x.png"), str(tmp_path)), (str(tmp_path / "b" / "y.mp4"), str(tmp_path))]
+    tasks = distributed.plan(found, tmp_path / "o", ("overlay",), heads=("semantic", "geometric"))
+    o = tmp_path / "o"
+    assert tasks[0].outputs == tuple(str(o / d / h / "a" / "x.png") for h in ("semantic", "geometric")
+                                     for d in ("labels", "overlays"))  # fmt: skip
+    assert tasks[1].outputs == tuple(str(o / d / h / "b" / f) for h in ("semantic", "geometric")
+                                     for d, f in (("labels", "y.mkv"), ("overlays", "y.mp4")))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sift_ckpt(tmp_path_factory):
+    from test_siftflow_context import small
+
+    return fastfcn.save(small("siftflow-fcn8s", seed=5), tmp_path_factory.mktemp("sift") / "sf.safetensors")
+
+
+def test_two_headed_net_writes_each_head_and_resumes(ray_local, sift_ckpt, tmp_path, capsys):
+    """Images of a SIFT Flow net through Ray: every head's labels equal Segmenter.run's, overlays and
+    side-by-side in each head's colours, and the manifest lists every head's files, so resume
+    redoes an input when one head's file is gone."""
+    sift = fastfcn.Segmenter(sift_ckpt, device="cpu", **OPTS)
+    palettes = sift.head_palettes()
+    src = tmp_path / "in"
+    imgs = images(src, 3)
+    out = tmp_path / "out"
+    rc = main(["batch", str(sift_ckpt), str(src), "--out", str(out), "--workers", "1", "--mode",
+               "side-by-side", "--overlays", "--backend", "torch", "--precision", "fp32"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    for p in imgs:
+        rel, image = p.relative_to(src), read_image(p)
+        want = sift.run(image)
+        for head in ("semantic", "geometric"):
+            lab = want[head].numpy()
+            np.testing.assert_array_equal(np.array(Image.open(out / "labels" / head / rel)), lab)
+            np.testing.assert_array_equal(np.array(Image.open(out / "overlays" / head / rel)),
+                                          overlay(image, lab, palettes[head], 0.5))  # fmt: skip
+            np.testing.assert_array_equal(np.array(Image.open(out / "side-by-side" / head / rel)),
+                                          side_by_side(image, lab, palettes[head]))  # fmt: skip
+    assert not (out / "labels" / "cam0").exists()
+    by = distributed.read_manifest(out / "manifest.jsonl")
+    assert len(by) == 3 and all(r["status"] == "ok" and len(r["outputs"]) == 6 for r in by.values())
+    # resume (segment_dataset's test, without a second Ray run): complete until one head's file goes
+    found = distributed.collect_inputs([src], out)
+    tasks = distributed.plan(found, out, ("overlay", "side-by-side"), heads=("semantic", "geometric"))
+    assert all(distributed.is_complete(by[t.src], t) for t in tasks)
+    (out / "overlays" / "geometric" / imgs[1].relative_to(src)).unlink()
+    assert [t.src for t in tasks if not distributed.is_complete(by[t.src], t)] == [str(imgs[1])]
+    one_head = distributed.plan(found, out, ("overlay", "side-by-side"))
+    assert not any(distributed.is_complete(by[t.src], t) for t in one_head)
+
+
+def test_worker_writes_a_two_headed_video_per_head(sift_ckpt, tmp_path):
+    """A video task in the worker (what each actor runs, here without Ray): each head's label
+    video equals Segmenter.run on the decoded frames, each head's pictures have every frame."""
+    clip = tmp_path / "in" / "v.mp4"
+    clip.parent.mkdir()
+    write_video(clip, [photo(f, 32, 48) for f in range(4)])
+    out = tmp_path / "out"
+    pictures = ("overlay", "side-by-side")
+    heads = ("semantic", "geometric")
+    task = distributed.plan([(str(clip), str(clip.parent))], out, pictures, heads=heads)[0]
+    worker = distributed._Worker(sift_ckpt.read_bytes(), str(sift_ckpt), {"device": "cpu", **OPTS}, pictures)
+    assert worker.process(task) == 4
+    with av.open(str(clip)) as c:
+        want = worker.seg.run(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+    for head in heads:
+        with av.open(str(out / "labels" / head / "v.mkv")) as c:
+            got = np.stack([f.to_ndarray(format="gray") for f in c.decode(video=0)])
+        np.testing.assert_array_equal(got, want[head].numpy(), err_msg=head)
+        for d in ("overlays", "side-by-side"):
+            with av.open(str(out / d / head / "v.mp4")) as c:
+                assert sum(1 for _ in c.decode(video=0)) == 4
+    assert files(out) == sorted(str(Path(p).relative_to(out)) for p in task.outputs)
+
+
+def test_two_input_nets_are_refused_before_ray(sift_ckpt, tmp_path, monkeypatch):
+    """NYUDv2 fusion takes a second file per image, which the job does not read: one error,
+    before Ray or the output folder; a checkpoint URI is described from its bytes (its heads)."""
+    nyud = fastfcn.save(models.build("nyud-fcn32s-color-hha", width=1 / 16, num_classes=5), tmp_path / "n.pt")
+    images(tmp_path / "in", 1)
+    monkeypatch.setattr(distributed, "_connected", None)  # asking Ray for anything fails the test
+    want = r"color-hha takes two inputs \(color \+ hha\); the batch job reads one image per input: use " \
+           r"`fastfcn segment --hha DIR`"
+    with pytest.raises(InputError, match=want):
+        distributed.segment_dataset([tmp_path / "in"], tmp_path / "o", nyud, **OPTS)
+    assert not (tmp_path / "o").exists()
+    uri = f"file://{sift_ckpt}"
+    info = distributed._check_model(uri, "torch", "fp32")
+    assert distributed._model_heads(uri, sift_ckpt.read_bytes(), info) == ("semantic", "geometric")

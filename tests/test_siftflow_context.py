@@ -364,20 +364,17 @@ def test_cli_segment_writes_each_head(sift, tmp_path, capsys):
 
 
 def test_one_map_per_image_paths_refuse_two_heads(sift, tmp_path):
-    pytest.importorskip("av")
-    from fastfcn.video import segment_video
-
+    """Training takes one ground truth per image; evaluation wants every head's (video, the Ray
+    job and eval with each head's labels: tests/test_multihead_io.py, test_distributed.py)."""
     seg = fastfcn.Segmenter(sift, backend="torch", device="cpu")
-    src = tmp_path / "in.mp4"
-    src.write_bytes(b"")
-    with pytest.raises(InputError, match="2 output heads .semantic and geometric"):
-        segment_video(src, tmp_path / "out.mp4", seg, progress=False)
-    with pytest.raises(InputError, match="fastfcn.distributed handles one label map"):
-        multihead.check_one_head(seg.config, "fastfcn.distributed")
-    multihead.check_one_head(small("pascalcontext-fcn32s").config, "segment_video")  # one head: fine
+    with pytest.raises(InputError, match="fastfcn train handles one label map"):
+        multihead.check_one_head(seg.config, "fastfcn train")
+    multihead.check_one_head(small("pascalcontext-fcn32s").config, "fastfcn train")  # one head: fine
     from fastfcn.evaluate import evaluate
 
-    with pytest.raises(InputError, match="evaluate handles one label map"):
+    with pytest.raises(InputError, match=r"head 'semantic' has no ground truth in the dataset \(one label"):
+        evaluate(seg, [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))], SEM + GEO)
+    with pytest.raises(InputError, match=r"num_classes=4 but the heads"):
         evaluate(seg, [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))], SEM)
 
 

@@ -5,7 +5,9 @@
         [--overlays] [--no-resume]
 
 Without ``--address`` a local Ray is started for the run (and stopped after it). Outputs are
-named as ``fastfcn segment`` names them; ``OUT/manifest.jsonl`` has one row per input. The exit
+named as ``fastfcn segment`` names them (a net with several heads, SIFT Flow: a folder per head,
+``OUT/labels/semantic/``, ``OUT/labels/geometric/``, ...); ``OUT/manifest.jsonl`` has one row per
+input. The exit
 status is 1 when any input failed (the manifest and the last line name them).
 """
 
@@ -27,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                          f"model by name ({', '.join(BUILTIN)})")
     a("inputs", nargs="+", metavar="INPUT",
       help="image and video files, folders (walked recursively), globs, or URIs (s3://, gs://, file://)")
-    a("--out", required=True, help="output folder: labels/, overlays/ and manifest.jsonl")
+    a("--out", required=True,
+      help="output folder: labels/, overlays/ and manifest.jsonl; a net with several heads (SIFT Flow) "
+           "writes labels/<head>/, overlays/<head>/, ... as segment does")
     a("--address", default=None,
       help="the Ray cluster: ray://HEAD:10001 or auto (a `ray start` on this machine); default: a local Ray")
     a("--workers", type=int, default=None, help="actors, each holding one Segmenter (default: one per "

@@ -1,5 +1,7 @@
-"""``fastfcn eval CHECKPOINT --data VOCROOT|synthetic``: ``fastfcn.evaluate`` through any backend,
-as a table or one JSON object."""
+"""``fastfcn eval CHECKPOINT --data VOCROOT|synthetic [--depth DIR | --hha DIR]``: ``fastfcn.evaluate``
+through any backend, as a table or one JSON object; per head for a net with several (SIFT Flow:
+``SegmentationClass/<head>/<id>.png``), with each image's second input for the NYUDv2 fusion nets
+(``DIR/<id>.<png|...>``, paired as ``segment`` pairs them)."""
 
 from __future__ import annotations
 
@@ -28,21 +30,65 @@ def segmenter_config(seg, checkpoint=None) -> dict:
     raise InputError("cannot tell the number of classes of this model; pass a fastfcn checkpoint")
 
 
-def _open_data(args, num_classes: int):
+def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int | None = None):
+    """The dataset and a line saying what it is. heads: the model's ((name, classes), ...) when it
+    has several (labels per head); second: (modality, folder) of a two-input net (paired files)."""
     from .. import data
 
     if args.data == "synthetic":
+        if heads or second:
+            what = (f"{len(heads)} heads ({', '.join(n for n, _ in heads)})" if heads else
+                    f"a second input ({second[0]})")  # fmt: skip
+            raise InputError(f"--data synthetic has one label map per colour image, but this model has "
+                             f"{what}; pass a VOC-layout folder (see --data)")  # fmt: skip
         n = args.n or data.HELDOUT_N
         return data.heldout_scenes(n, args.size, num_classes), f"held-out synthetic split ({n} scenes)"
-    ds = data.VOCSegmentation(args.data, args.split)
-    if ds.num_classes != num_classes:
+    ds = data.VOCSegmentation(args.data, args.split, heads=[n for n, _ in heads] if heads else None)
+    if not heads and ds.num_classes != num_classes:
         raise InputError(
             f"{args.data} has {ds.num_classes} classes but the model predicts {num_classes}; "
             "evaluate a model trained for this dataset"
         )
     if args.n and args.n < len(ds):
         ds.ids, ds.images, ds.labels = ds.ids[: args.n], ds.images[: args.n], ds.labels[: args.n]
-    return ds, f"{ds.root} split {args.split} ({len(ds)} images)"
+    what = f"{ds.root} split {args.split} ({len(ds)} images)"
+    if second is None:
+        return ds, what
+    return Paired(ds, *second, max_pixels), f"{what} with {second[0]} from {second[1]}"
+
+
+class Paired:
+    """A VOC-layout dataset whose images come with a second input (NYUDv2 fusion): ``ds[i]`` ->
+    ``(image, label, {modality: array})``, the file of ``folder`` named as the image (any image
+    suffix, ``segment.match_file``). Every pair is found when it is built, so a missing or
+    ambiguous file stops the run before the model runs once."""
+
+    def __init__(self, ds, modality: str, folder: Path, max_pixels: int):
+        from .segment import match_file
+
+        self.ds, self.modality, self.max_pixels = ds, modality, max_pixels
+        base = ds.root / "JPEGImages"
+        self.files = [match_file(Path(img), base, folder, modality) for img in ds.images]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        from .segment import read_second
+
+        image, label = self.ds[i]
+        return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
+
+
+def _metrics(result: dict, matrix, names: list) -> dict:
+    """One head's numbers as JSON values (nan: null)."""
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return {
+        **{k: clean(result[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")},
+        "per_class_iu": {n: clean(float(v)) for n, v in zip(names, result["per_class_iu"])},
+        "per_class_acc": {n: clean(float(v)) for n, v in zip(names, result["per_class_acc"])},
+        "confusion_matrix": matrix.tolist(),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -51,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
     a = parser.add_argument
     a("checkpoint", help="a fastfcn checkpoint, an ONNX file exported by fastfcn, or a built-in name (demo)")
-    a("--data", required=True, help="a VOC root (VOCdevkit/VOC2012) or 'synthetic' (the held-out split)")
+    a("--data", required=True,
+      help="a VOC root (VOCdevkit/VOC2012) or 'synthetic' (the held-out split); for a net with several heads "
+           "(SIFT Flow) the labels of each head in SegmentationClass/<head>/<id>.png")
     a("--split", default="val", help="VOC split (default val)")
     a("--n", type=int, default=0, help="evaluate only the first N images (synthetic: default 500)")
     a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
@@ -59,7 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N")
     a("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
     a("--batch", type=int, default=8, help="images per run() call (default 8)")
-    a("--json", action="store_true", help="print the metrics as one JSON object")
+    a("--json", action="store_true", help="print the metrics as one JSON object (per head under \"heads\" "
+                                           "for a net with several)")
+    from .segment import add_second_input_arguments
+
+    add_second_input_arguments(parser, "DIR/<id>.png for JPEGImages/<id>.jpg (any image suffix)")
     from .common import add_crf_arguments
 
     add_crf_arguments(parser)
@@ -86,17 +138,26 @@ def main(args: argparse.Namespace) -> int:
     seg = fastfcn.Segmenter(
         args.checkpoint, backend=args.backend, device=args.device, precision=args.precision, **post
     )
+    from .segment import second_modality
+
+    second = second_modality(args, seg)
     cfg = segmenter_config(seg, args.checkpoint)
     num_classes = int(cfg["num_classes"])
-    names = list(cfg.get("class_names") or [str(i) for i in range(num_classes)])
-    ds, what = _open_data(args, num_classes)
+    heads = getattr(seg, "heads", None)
+    ds, what = _open_data(args, num_classes, heads, second, seg.max_pixels)
     t0 = time.perf_counter()
     bar = Progress(len(ds), "eval", enabled=not args.json)
     result, matrix = evaluate(seg, ds, num_classes, batch=args.batch, progress=bar)
     seconds = time.perf_counter() - t0
+    if heads:
+        from ..models.multihead import head_entries
+
+        names = head_entries(cfg, "class_names", heads)
+    else:
+        names = {None: list(cfg.get("class_names") or [str(i) for i in range(num_classes)])}
+        result, matrix = {None: result}, {None: matrix}
     backend = getattr(seg, "backend", args.backend)
     if args.json:
-        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
         obj = {
             "checkpoint": str(args.checkpoint),
             "data": args.data if args.data != "synthetic" else "synthetic",
@@ -107,15 +168,16 @@ def main(args: argparse.Namespace) -> int:
             "precision": str(getattr(seg, "precision", args.precision)),
             "postprocess": post.get("postprocess"),
             "crf": post["crf"].as_dict() if post else None,
-            **{k: clean(result[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")},
-            "per_class_iu": {n: clean(float(v)) for n, v in zip(names, result["per_class_iu"])},
-            "per_class_acc": {n: clean(float(v)) for n, v in zip(names, result["per_class_acc"])},
-            "confusion_matrix": matrix.tolist(),
-            "seconds": round(seconds, 3),
         }
+        if second is not None:
+            obj[second[0]] = str(second[1])
+        per = {n: _metrics(result[n], matrix[n], names[n]) for n in result}
+        obj.update({"heads": per} if heads else per[None])
+        obj["seconds"] = round(seconds, 3)
         print(json.dumps(obj))
     else:
         crf = f", dense CRF {post['crf']}" if post else ""
         print(f"{args.checkpoint} on {what}, backend {backend}{crf}, {seconds:.1f} s", file=sys.stderr)
-        print(format_table(result, names))
+        title = lambda n: f"{n} ({len(names[n])} classes)\n" if n else ""  # noqa: E731
+        print("\n\n".join(title(n) + format_table(result[n], names[n]) for n in result))
     return 0

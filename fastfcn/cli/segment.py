@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..imageio import IMAGE_SUFFIXES, read_depth, read_image
 from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
-from ..paths import Job, check_output_dir, collect_images, plan_outputs
+from ..paths import Job, check_output_dir, collect_images, head_output, plan_outputs
 from ..progress import Progress
 from ..viz import overlay, save_labels
 from ..zoo import BUILTIN
@@ -64,17 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="pixels shared by neighbouring tiles, with --tile; each pixel's label comes "
                              "from the tile where it lies farthest from the edge (default: 64, at most "
                              "half the tile's smaller side)")
-    parser.add_argument("--depth", metavar="DIR", default=None,
-                        help="the depth maps (16-bit PNGs in millimetres) of a colour + depth net "
-                             "(nyud-fcn32s-color-d): DIR/<path> named as each image, <path> relative "
-                             "to the image's input folder, any image suffix")
-    parser.add_argument("--hha", metavar="DIR", default=None,
-                        help="the HHA images of a colour + HHA net (nyud-fcn32s-color-hha), matched "
-                             "by name as --depth")
+    add_second_input_arguments(parser, "DIR/<path> named as each image, <path> relative to the image's "
+                                       "input folder, any image suffix")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="overlay opacity of the class colours, 0..1 (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_crf_arguments(parser)
+
+
+def add_second_input_arguments(parser: argparse.ArgumentParser, where: str) -> None:
+    """--depth DIR / --hha DIR, the second input of the NYUDv2 fusion nets; ``where``: how a file
+    of DIR is matched to its image (match_file)."""
+    parser.add_argument("--depth", metavar="DIR", default=None,
+                        help="the depth maps (16-bit PNGs in millimetres) of a colour + depth net "
+                             f"(nyud-fcn32s-color-d): {where}")
+    parser.add_argument("--hha", metavar="DIR", default=None,
+                        help="the HHA images of a colour + HHA net (nyud-fcn32s-color-hha), matched "
+                             "by name as --depth")
 
 
 def _check(args: argparse.Namespace) -> dict:
@@ -119,7 +125,7 @@ def read_second(path: Path, modality: str, max_pixels: int | None):
     return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
 
 
-def _second_modality(args, seg) -> tuple[str, Path] | None:
+def second_modality(args, seg) -> tuple[str, Path] | None:
     """(modality, folder) of --depth / --hha, checked against the model's inputs."""
     from ..config import config_inputs
 
@@ -167,11 +173,10 @@ def head_outputs(job: Job, result, palettes: dict, out) -> list:
     (palettes {None: palette}); for a net with several heads (a {head: labels} result, SIFT Flow)
     one job per head writing ``OUT/labels/<head>/<path>.png`` and ``OUT/overlays/<head>/<path>.png``,
     each in that head's colours."""
-    if not isinstance(result, dict):
-        return [(job, result.cpu().numpy(), palettes[None])]
-    rel = job.labels.relative_to(out / "labels")
-    return [(Job(job.src, out / "labels" / name / rel, out / "overlays" / name / rel), t.cpu().numpy(),
-             palettes[name]) for name, t in result.items()]  # fmt: skip
+    from ..models.multihead import host_results
+
+    return [(Job(job.src, head_output(job.labels, out, name), head_output(job.overlay, out, name)), labels,
+             palettes[name]) for name, labels in host_results(result).items()]  # fmt: skip
 
 
 def _write(job: Job, image, labels, palette, alpha: float) -> int:
@@ -198,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     jobs = plan_outputs(found, out)
     bases = {job.src: base for job, (_, base) in zip(jobs, found)}
     seg = open_segmenter(ckpt, args, max_pixels=args.max_pixels, **post)
-    second = _second_modality(args, seg)
+    second = second_modality(args, seg)
     palettes = seg.head_palettes()
     bar = Progress(len(jobs), "segment", enabled=not args.quiet and len(jobs) > 1, unit="img")
     t0 = time.perf_counter()

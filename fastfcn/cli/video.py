@@ -3,6 +3,10 @@
     fastfcn video fcn8s.safetensors street.mp4 street_seg.mp4 [--mode overlay|labels|side-by-side]
         [--labels-out labels.mkv] [--alpha 0.5] [--batch-size 8] [--every 1] [--start S] [--duration S]
         [--backend B] [--precision P] [--device D]
+
+A net with several heads (SIFT Flow: semantic and geometric) writes each output once per head:
+street_seg.semantic.mp4 and street_seg.geometric.mp4, labels.semantic.mkv / labels.geometric.mkv,
+a label folder labels/ as labels/semantic/ and labels/geometric/ (fastfcn.video.head_target).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("checkpoint", help=f"a checkpoint fastfcn.load reads, an exported .onnx, or a built-in model by name "
                          f"({', '.join(BUILTIN)})")
     a("input", help="the video file to segment")
-    a("output", help="the video to write (.mp4, .mkv, ...; --mode labels: .mkv or a folder for PNGs)")
+    a("output", help="the video to write (.mp4, .mkv, ...; --mode labels: .mkv or a folder for PNGs); a net "
+                     "with several heads (SIFT Flow) writes one per head, OUT.mp4 as OUT.semantic.mp4 and "
+                     "OUT.geometric.mp4, a folder DIR/ as DIR/semantic/ and DIR/geometric/")
     a("--mode", choices=MODES, default="overlay",
       help="overlay (default): frame + class colours; side-by-side: frame | colours; labels: class ids")
     a("--labels-out", default=None, metavar="PATH",
-      help="also write the class ids: a lossless FFV1 .mkv, or a folder for palette PNGs")
+      help="also write the class ids: a lossless FFV1 .mkv, or a folder for palette PNGs (one per head, "
+           "named as OUTPUT's, for a net with several heads)")
     a("--alpha", type=float, default=0.5, help="overlay opacity of the class colours, 0..1 (default 0.5)")
     a("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
     a("--every", type=int, default=1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import reduce
 
+import numpy as np
 import torch
 
 from fastfcn.kernels.reference import OUTPUTS
@@ -80,8 +81,9 @@ def split(out: torch.Tensor, output: str, heads, batched: bool = True) -> dict[s
 
 
 def check_one_head(config: Mapping, what: str) -> None:
-    """Refuse a net with several heads where ``what`` handles one label map per image (video
-    files, the Ray batch job, training and evaluation against one ground truth per image)."""
+    """Refuse a net with several heads where ``what`` handles one label map per image (training,
+    whose loss takes one ground truth per image; video, the Ray job and evaluation write or score
+    every head)."""
     heads = output_heads(config)
     if heads:
         from ..errors import InputError
@@ -92,6 +94,17 @@ def check_one_head(config: Mapping, what: str) -> None:
             f"heads ({names}); use Segmenter.run / Segmenter.stream (one {{head: result}} per image) or "
             "`fastfcn segment` (one folder per head)"
         )
+
+
+def host_results(result) -> dict:
+    """One image's result as numpy arrays on the host, keyed by head: ``{head name: array}`` for a
+    net with several heads (a {head: tensor} result), ``{None: array}`` for one head's tensor.
+    What the writers of files (segment, video, the Ray job) and evaluate iterate over; numpy
+    results pass through."""
+    host = lambda t: t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
+    if isinstance(result, Mapping):
+        return {name: host(t) for name, t in result.items()}
+    return {None: host(result)}
 
 
 def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
@@ -105,5 +118,5 @@ def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
 
 __all__ = [
     "GEOMETRIC_CLASSES", "SIFTFLOW_ARCHS", "check_one_head", "combine", "finish", "head_entries",
-    "output_heads", "split",
+    "host_results", "output_heads", "split",
 ]  # fmt: skip
