@@ -38,6 +38,7 @@ from torch import nn
 
 from ..models import SegmentationModel
 from ..models.backbone import step_convs
+from ..ops import tensor_version
 from .cuda_graphs import is_oom
 
 # im2col for the GEMM path costs rows x K elements (fc6: K = 25088): at most 2048 rows
@@ -76,9 +77,11 @@ def _capturing() -> bool:
 class Chooser:
     """Runs the fastest of several implementations per input key, measured on first use.
 
-    candidates: name -> fn(*args) (insertion order = preference when nothing is measured).
-    A candidate that raises anything but an out-of-memory is dropped for that key (and
-    recorded in ``failed``); the last one must always work.
+    candidates: name -> fn(*args) (insertion order = preference when nothing is measured, and
+    on a tie). A candidate that raises anything but an out-of-memory is dropped for that key
+    (and recorded in ``failed``): Triton's CompilationError and OutOfResources are no
+    RuntimeError, and a launcher's ValueError (a size it refuses) is a refusal too. The last
+    one must always work.
     """
 
     def __init__(self, candidates: dict[str, Callable], timer: Timer = device_timer):
@@ -104,7 +107,7 @@ class Chooser:
         for name, fn in self.candidates.items():
             try:
                 times[name] = self.timer(lambda fn=fn: fn(*args), cuda)
-            except (RuntimeError, NotImplementedError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 - any refusal drops the candidate, see above
                 if is_oom(e):
                     raise
                 self.failed[(key, name)] = f"{type(e).__name__}: {str(e).strip()[:200]}"
@@ -203,12 +206,14 @@ def triton_conv(conv: nn.Conv2d, pool: bool = False):
         _triton_here(x)
         from ..kernels import conv_epilogue as ce
 
-        key = (x.dtype, conv.weight._version, conv.bias._version)
+        key = (x.dtype, tensor_version(conv.weight), tensor_version(conv.bias))
         if packed.get("key") != key:
             w = ce.pack_weight(conv.weight.to(x.dtype))
             packed.update(key=key, w=w, b=conv.bias.float().contiguous())
-        # fp32 means fp32 products unless the Segmenter asked for TF32 (it sets the flag per call)
-        ieee = not torch.backends.cuda.matmul.allow_tf32
+        # fp32 means fp32 products unless the Segmenter asked for TF32 (it sets the flag per
+        # call); bf16 / fp16 never read it (a process that mixed torch's two TF32 APIs makes
+        # the read raise)
+        ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         geom = (conv.kernel_size, padding, conv.stride[0], conv.dilation[0])
         return ce.conv_bias_relu(x, packed["w"], packed["b"], *geom, pool, ieee)
 

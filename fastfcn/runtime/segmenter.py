@@ -31,6 +31,22 @@ from .registry import available_backends
 _TF32_LOCK = threading.Lock()
 
 
+def _tf32_switches() -> tuple[bool, bool]:
+    """(cuDNN, cuBLAS) TF32 switches. Their legacy getters raise RuntimeError (and so do torch's
+    own fp32 convolutions and matmuls) in a process that set torch's fp32_precision API
+    (torch >= 2.9) to something they disagree with: the new API's value is the switch then, and
+    it is written back through the legacy setter, which sets both APIs alike."""
+    try:
+        cudnn = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        cudnn = torch.backends.cudnn.conv.fp32_precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = cudnn
+    try:
+        cublas = bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        cublas = torch.backends.cuda.matmul.fp32_precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = cublas
+    return cudnn, cublas
 
 
 class Segmenter:
@@ -397,7 +413,7 @@ class Segmenter:
             yield
             return
         with _TF32_LOCK:
-            old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            old = _tf32_switches()
             if old != (tf32, tf32):
                 torch.backends.cudnn.allow_tf32 = tf32
                 torch.backends.cuda.matmul.allow_tf32 = tf32
