@@ -339,6 +339,39 @@ def test_weights_made_in_inference_mode_keep_every_candidate(monkeypatch, tf32_f
     torch.testing.assert_close(seg.run(img, "logits"), want, rtol=1e-5, atol=1e-5)
 
 
+def test_device_timer_times_gpu_work_not_launches(monkeypatch):
+    """Each timed call is queued behind a spin kernel, so the events bracket the candidate's GPU
+    work and not the host's launches (which a CUDA graph replay does not have)."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = f"event{sum(e[0] == 'new' for e in log)}"
+            log.append(("new", self.name))
+
+        def record(self, stream=None):
+            log.append(("record", self.name))
+
+        def synchronize(self):
+            log.append(("sync", self.name))
+
+        def elapsed_time(self, other):
+            return {"event0": 4.0, "event2": 2.0, "event4": 3.0}[self.name]
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("spin", cycles)))
+    seconds = cuda_fast.device_timer(lambda: log.append(("fn",)), cuda=True, reps=3)
+    assert seconds == 0.003  # the median of 4, 2 and 3 ms
+    rep = [("spin", cuda_fast.SPIN_CYCLES), ("record", "a"), ("fn",), ("record", "b"), ("sync", "b")]
+    want = [("fn",)]
+    for i in range(3):
+        names = {"a": f"event{2 * i}", "b": f"event{2 * i + 1}"}
+        want += [("new", names["a"]), ("new", names["b"])]
+        want += [(e[0], names[e[1]]) if e[0] in ("record", "sync") else e for e in rep]
+    assert log == want
+
+
 def test_out_of_memory_while_measuring_is_not_a_fallback(monkeypatch):
     def oom(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -11,7 +11,10 @@ them) would win by. Two remedies, both per layer and both measured before use:
 - ``triton``: fastfcn's implicit-GEMM convolution (kernels/conv_epilogue.py) with bias + ReLU in
   the epilogue, and for the last conv of a block (``conv_pool``) the 2x2 max pool too, so the
   block's full-size activation is never written (conv1_2 at 500x500: 698 x 698 x 64 bf16,
-  62 MB written and read back per image by the separate pool);
+  62 MB written and read back per image by the separate pool). Only where the backbone runs on
+  whole maps (run_steps): the dead-zone skip (runtime/deadzone.py, on by default for FCN-VGG,
+  FCN-AlexNet and DeconvNet's encoder) runs one step at a time on windows, so every conv there
+  goes through ``__call__`` and its pool is torch's;
 - ``gemm`` (fc6 at small batch): fc6 is a 7x7 conv, 512 -> 4096, over 22x22 at 500x500, i.e.
   a GEMM of M = 256 N output positions, N = 4096, K = 25088. At batch 1 an implicit-GEMM
   convolution has few output tiles for 132 SMs; im2col + cuBLAS matmul lets cuBLAS split K
@@ -51,13 +54,23 @@ SPLITS = (4, 8)
 Timer = Callable[[Callable[[], object], bool], float]
 
 
+# GPU cycles of the spin kernel queued before each timed call (~1 ms at an H200's 1.98 GHz):
+# while the GPU spins, the host enqueues the candidate's kernels, so the events time the GPU's
+# work alone. Without it a candidate of several small kernels (im2col + GEMM + sum + bias for
+# fc6, ~5 launches of ~10-20 us of Python each, against ~0.1 ms of GEMM at batch 1) is timed
+# host-bound, while the CUDA graph it is chosen for replays it without any host cost.
+SPIN_CYCLES = 2_000_000
+
+
 def device_timer(fn: Callable[[], object], cuda: bool, reps: int = 3) -> float:
-    """Seconds per call of fn (median of reps after one warm-up); CUDA events when cuda."""
+    """Seconds per call of fn (median of reps after one warm-up); CUDA events when cuda, each
+    timed call queued behind a spin kernel (SPIN_CYCLES) so that launches do not count."""
     fn()
     times = []
     for _ in range(reps):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SPIN_CYCLES)
             a.record()
             fn()
             b.record()
