@@ -182,6 +182,19 @@ def test_precision_flags_survive_torchs_mixed_tf32_apis(tf32_flags):
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    """"auto" asks the Segmenter's own device, and a V100 / T4 (bf16 only emulated, slower than
+    fp32) gets fp32 although torch.cuda.is_bf16_supported() says True there."""
+    from fastfcn.runtime.execution import resolve_precision
+
+    caps = {0: (9, 0), 1: (7, 0)}  # an H100 as the current device, a V100 as cuda:1
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: caps[torch.device(d).index])
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp32"
+    assert resolve_precision("bf16", torch.device("cuda", 1)) == "bf16"  # asked for: emulated is allowed
+
+
 def test_every_cuda_backend_sets_the_same_cudnn_mode(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     backends.Backend(None, torch.device("cpu"), "fp32")

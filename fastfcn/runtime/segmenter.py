@@ -64,14 +64,14 @@ class Segmenter:
         "cuda:N" or a torch.device.
     backend: "auto" (= "fused"; "onnxruntime" for a .onnx file), "fused", "torch", "compile",
         "onnxruntime", "openvino" (see fastfcn.runtime.backends).
-    precision: "auto", "fp32", "tf32" (CUDA only), "bf16", "fp16". "auto" is bf16 on GPUs that
-        support it and, for the fused backend, on CPUs with native bf16 (AVX512-BF16 or AMX,
-        detected here, when the Segmenter is built); fp32 otherwise. On the CPU, bf16 runs the
-        convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU fused) and the head's
-        score layers and upsampling in fp32: on a Zen 4 it measured 1.2-1.45x faster than fp32 and
-        kept 99.986% of the shipped FCN-8s's labels (mean IU unchanged: 91.99 vs 91.98); see
-        fastfcn.runtime.execution.cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to
-        fp32 on the CPU.
+    precision: "auto", "fp32", "tf32" (CUDA only), "bf16", "fp16". "auto" is bf16 on GPUs with
+        native bf16 (Ampere or newer) and, for the fused backend, on CPUs with native bf16
+        (AVX512-BF16 or AMX, detected here, when the Segmenter is built); fp32 otherwise. On the
+        CPU, bf16 runs the convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU
+        fused) and the head's score layers and upsampling in fp32: on a Zen 4 it measured
+        1.2-1.45x faster than fp32 and kept 99.986% of the shipped FCN-8s's labels (mean IU
+        unchanged: 91.99 vs 91.98); see fastfcn.runtime.execution.cpu_auto_precision.
+        FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
     graph_cache: how many CUDA graphs (one per batch size, H, W, input kind and output) are
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
