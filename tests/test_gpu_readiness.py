@@ -537,6 +537,16 @@ def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
     torch.testing.assert_close(got, F.max_pool2d(want, 3, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
 
 
+def test_triton_conv_not_offered_for_fp32_products_on_cuda(tf32_flags):
+    """fp32 without TF32 on CUDA: the kernel's FMA dot compiles 10-45 s per specialisation, so the
+    candidate refuses (and the Chooser falls back) instead of compiling."""
+    run = cuda_fast.triton_conv(_conv())
+    cuda_fp32 = types.SimpleNamespace(dtype=torch.float32, is_cuda=True)  # as much as run reads
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with pytest.raises(NotImplementedError, match="bf16, fp16 and TF32 only"):
+        run(cuda_fp32, (1, 1))
+
+
 def test_backbone_runner_hands_the_pool_to_conv_pool():
     """run_steps gives a conv's conv_pool the Pool step after it (taps kept); other convs run plainly."""
     m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
