@@ -27,8 +27,10 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -130,6 +132,10 @@ def stage_env(out: str, dry: bool) -> None:
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version(),
         dry_run=dry,
+        # Triton builds its launchers (and inductor its wrappers) with a C compiler against
+        # Python.h at the first launch: without either every fastfcn kernel fails on the GPU
+        c_compiler=os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"),
+        python_h=os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
     )
     cuda = cuda_here(dry)
     d = rec.data
@@ -731,7 +737,8 @@ def stage_summary(out: str) -> str:
     lines = [
         f"device {e.get('name')} torch {e.get('torch')} triton {e.get('triton')} cudnn {e.get('cudnn')} "
         f"copy {e.get('copy_tbps_read_plus_write') or 0:.2f} TB/s "
-        f"bf16 mm {e.get('bf16_mm_tflops') or 0:.1f} TF/s"
+        f"bf16 mm {e.get('bf16_mm_tflops') or 0:.1f} TF/s C compiler {e.get('c_compiler')} "
+        f"Python.h {e.get('python_h')}"
     ]
     for r in c.get("kernels", []):
         extra = {k: v for k, v in r.items() if k not in ("name", "ms", "expect")}

@@ -50,6 +50,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     }
     for name, d in data.items():
         assert d["errors"] == [], (name, d["errors"])
+    assert data["env"]["c_compiler"] and data["env"]["python_h"] is True  # Triton's launchers need both
     kernels = {k["name"]: k for k in data["correctness"]["kernels"]}
     for kind in ("bilinear", "depthwise", "dense"):
         k = next(v for n, v in kernels.items() if n.startswith(f"final_stage_{kind}"))
