@@ -511,6 +511,15 @@ def _conv_epilogue(rec: Record, dev: str, cuda: bool, dry: bool) -> None:
                 free(cuda)
         except Exception as ex:  # noqa: BLE001
             rec.error(f"triton conv {name}", ex)
+    try:  # registers and spills of every specialisation compiled so far (none in the interpreter)
+        for cache in getattr(ce.conv_bias_relu_kernel, "device_caches", {}).values():
+            for key, kern in cache[0].items():
+                rec.add("triton_conv_compiled", {
+                    "n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None),
+                    "shared": getattr(getattr(kern, "metadata", None), "shared", None), "key": str(key)[:300],
+                })  # fmt: skip
+    except Exception as ex:  # noqa: BLE001
+        rec.error("triton conv registers", ex)
     try:  # fc6: 7x7, 512 -> 4096 on 22x22 (16x16 out): GEMM (cuBLAS's / explicit split-K) vs cuDNN's conv
         c, co, hw = (512, 4096, 22) if not dry else (16, 32, 9)
         conv = torch.nn.Conv2d(c, co, 7).to(dev, torch.bfloat16).requires_grad_(False)
