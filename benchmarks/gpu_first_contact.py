@@ -752,6 +752,8 @@ def stage_summary(out: str) -> str:
     for r in c.get("kernels", []):
         extra = {k: v for k, v in r.items() if k not in ("name", "ms", "expect")}
         lines.append(f"{r['name']:44s} {r.get('ms', float('nan')):8.3f} ms {extra}")
+    for r in c.get("triton_conv_compiled", []):
+        lines.append(f"triton conv compiled: {r.get('n_regs')} registers, {r.get('n_spills')} spills")
     for k, v in (c.get("graph_checks") or {}).items():
         lines.append(f"check {k}: {v}")
     lines.append(
