@@ -756,6 +756,10 @@ def stage_summary(out: str) -> str:
         lines.append(f"triton conv compiled: {r.get('n_regs')} registers, {r.get('n_spills')} spills")
     for k, v in (c.get("graph_checks") or {}).items():
         lines.append(f"check {k}: {v}")
+    for layer, v in (c.get("fused_bf16_conv_plan") or {}).items():
+        if isinstance(v, dict):
+            lines.append(f"conv {layer}: {sorted(set(v.get('choice', {}).values()))} "
+                         f"pool {sorted(set(v.get('pool', {}).values()))} failed {v.get('failed', {})}")
     lines.append(
         f"{'backend':8s} {'N':>3s} {'ms/batch':>9s} {'ms/img':>7s} {'img/s':>8s} {'TF/s':>7s} "
         f"{'%peak':>6s} setup_s"
