@@ -80,7 +80,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert data["correctness"]["fused_bf16_conv_plan"]["cpu_plan"]  # the CPU planner's, in a dry run
     cases = data["headline"]["cases"]
     measured = {(c["backend"], c["batch"]) for c in cases if c.get("ms_per_image", 0) > 0}
-    assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2)}
+    assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2), ("fused-whole", 1)}
     assert {c["backend"] for c in cases if "skipped" in c} == {"compile"}
     profiles = data["profile"]["profiles"]
     assert [(p["backend"], p["batch"]) for p in profiles] == [("fused", 1), ("torch", 1)]
