@@ -235,6 +235,13 @@ def test_compile_backends_are_independent_and_freed(monkeypatch):
 # ------------------------------------------------------------------ CUDA conv epilogues
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# The Triton conv runs compiled at bf16 on a GPU (fp32 products are not offered there:
+# cuda_fast.triton_conv), in Triton's interpreter at fp32 without one.
+EPI_DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
+EPI_TOL = {"rtol": 2**-7, "atol": 1e-2} if DEV == "cuda" else {"rtol": 1e-5, "atol": 1e-5}
+
+
 def _conv(cin=4, cout=6, k=3, pad=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(cin, cout, k, padding=pad)
@@ -331,13 +338,13 @@ def test_weights_made_in_inference_mode_keep_every_candidate(monkeypatch, tf32_f
     the TF32 switch either (it raises in a process that mixed torch's two TF32 APIs)."""
     monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
     with torch.inference_mode():
-        conv = _conv(4, 6, 3, 1).bfloat16()
+        conv = _conv(4, 6, 3, 1).to(DEV, torch.bfloat16)
     assert torch.is_inference(conv.weight)
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # mixed: allow_tf32 raises if read
     impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0]))
-    x = torch.randn(1, 4, 9, 7).bfloat16()
+    x = torch.randn(1, 4, 9, 7).to(DEV, torch.bfloat16)
     got = impl(x, (1, 1))
     assert impl.chooser.failed == {} and list(impl.chooser.choice.values()) == ["triton"]
     want = torch.relu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1))
@@ -521,20 +528,20 @@ def test_triton_conv_bf16_and_bad_input():
 
 def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
     monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
-    conv = _conv(4, 6, 3, 1)
-    x = torch.randn(1, 4, 9, 7)
+    conv = _conv(4, 6, 3, 1).to(DEV, EPI_DTYPE)
+    x = torch.randn(1, 4, 9, 7).to(DEV, EPI_DTYPE)
     impl = cuda_fast.EpilogueConv(conv, relu=True, timer=_fake_timer([1.0, 2.0]))
     assert list(impl.chooser.candidates) == ["triton", "eager"]
-    want = torch.relu(conv(x))
-    torch.testing.assert_close(impl(x, (1, 1)), want, rtol=1e-5, atol=1e-5)
+    want = torch.relu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1))
+    torch.testing.assert_close(impl(x, (1, 1)).double(), want, **EPI_TOL)
     assert list(impl.chooser.choice.values()) == ["triton"]
     pooled = impl.conv_pool(x, (1, 1), 2, 2)
-    torch.testing.assert_close(pooled, F.max_pool2d(want, 2, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled.double(), F.max_pool2d(want, 2, 2, ceil_mode=True), **EPI_TOL)
     assert list(impl._pool_choosers[(2, 2)].choice.values()) == ["triton_pool"]
     # a 3x3/2 pool has no fused kernel: the conv's choice, then torch's pool
     got = impl.conv_pool(x, (1, 1), 3, 2)
     assert list(impl._pool_choosers[(3, 2)].candidates) == ["separate"]
-    torch.testing.assert_close(got, F.max_pool2d(want, 3, 2, ceil_mode=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), F.max_pool2d(want, 3, 2, ceil_mode=True), **EPI_TOL)
 
 
 def test_triton_conv_not_offered_for_fp32_products_on_cuda(tf32_flags):
