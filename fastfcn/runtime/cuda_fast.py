@@ -54,12 +54,13 @@ SPLITS = (4, 8)
 Timer = Callable[[Callable[[], object], bool], float]
 
 
-# GPU cycles of the spin kernel queued before each timed call (~1 ms at an H200's 1.98 GHz):
-# while the GPU spins, the host enqueues the candidate's kernels, so the events time the GPU's
-# work alone. Without it a candidate of several small kernels (im2col + GEMM + sum + bias for
-# fc6, ~5 launches of ~10-20 us of Python each, against ~0.1 ms of GEMM at batch 1) is timed
-# host-bound, while the CUDA graph it is chosen for replays it without any host cost.
-SPIN_CYCLES = 2_000_000
+# GPU cycles of the spin kernel queued before each timed call (~0.5 ms at an H200's 1.98 GHz,
+# ~0.1 s per input shape over FCN-8s's candidates): while the GPU spins, the host enqueues the
+# candidate's kernels, so the events time the GPU's work alone. Without it a candidate of
+# several small kernels (im2col + GEMM + sum + bias for fc6, ~5 launches of ~10-20 us of Python
+# each, against ~0.1 ms of GEMM at batch 1) is timed host-bound, while the CUDA graph it is
+# chosen for replays it without any host cost.
+SPIN_CYCLES = 1_000_000
 
 
 def device_timer(fn: Callable[[], object], cuda: bool, reps: int = 3) -> float:
