@@ -27,8 +27,10 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -93,6 +95,28 @@ def bench(fn, cuda: bool) -> float:
     return float("nan")
 
 
+def conv_plan(seg) -> dict:
+    """The fused CUDA backend's measured choices per layer (cuda_fast.Chooser): {layer: {"choice":
+    {input shape: candidate}, "pool": {...} (conv + 2x2 pool), "failed": {candidate: why}}}; the
+    CPU backend's plan (Segmenter.plan) in a dry run. Failures are what a first GPU run must see:
+    a candidate that raised (cuDNN's refusal, a Triton compile error) falls back silently."""
+    model = seg._backend.model
+    impls = dict(getattr(model, "_conv_impls", {}))
+    impls.update({n: m for n, m in model.named_children() if hasattr(m, "chooser")})  # fc6 (ChosenConv2d)
+    plan = {}
+    for name, impl in impls.items():
+        chooser = getattr(impl, "chooser", None)
+        if chooser is None:
+            continue
+        choosers = [("choice", chooser)] + [("pool", c) for c in getattr(impl, "_pool_choosers", {}).values()]
+        entry: dict = {}
+        for what, ch in choosers:
+            entry.setdefault(what, {}).update({str(k[0]): v for k, v in ch.choice.items()})
+            entry.setdefault("failed", {}).update({f"{k[1]} {k[0][0]}": v for k, v in ch.failed.items()})
+        plan[name] = {k: v for k, v in entry.items() if v}
+    return plan or {"cpu_plan": [f"{p.get('layer')} {p.get('chosen')}" for p in seg.plan]}
+
+
 # ------------------------------------------------------------------ env
 
 
@@ -108,6 +132,10 @@ def stage_env(out: str, dry: bool) -> None:
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version(),
         dry_run=dry,
+        # Triton builds its launchers (and inductor its wrappers) with a C compiler against
+        # Python.h at the first launch: without either every fastfcn kernel fails on the GPU
+        c_compiler=os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"),
+        python_h=os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
     )
     cuda = cuda_here(dry)
     d = rec.data
@@ -393,6 +421,7 @@ def _graph_path(rec: Record, dev: str, dry: bool) -> None:
         c["sensitive_to_input"] = not bool(torch.equal(a1, b1))
         c["pinned_host_input_equals_device_input"] = bool(torch.equal(a1.cpu(), host.cpu()))
         c["graphs_cached"] = len(s._cuda.graphs) if getattr(s, "_cuda", None) is not None else 0
+        rec.data["fused_bf16_conv_plan"] = conv_plan(s)
         rec.dump()
         outs: dict = {}
 
@@ -453,8 +482,8 @@ def _conv_case(rec, ce, cuda_fast, name, shape, pool, dt, dev, g, cuda) -> None:
     if fused is not None and cuda:
         try:
             item["cudnn_relu_ms"] = bench(lambda: fused(x, (pad, pad)), cuda) * 1e3
-        except RuntimeError as ex:
-            item["cudnn_relu_error"] = str(ex)[:200]
+        except Exception as ex:  # noqa: BLE001 - recorded with the case's other numbers
+            item["cudnn_relu_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
     rec.add("kernels", item)
 
 
@@ -475,12 +504,22 @@ def _conv_epilogue(rec: Record, dev: str, cuda: bool, dry: bool) -> None:
     g = torch.Generator(device=dev).manual_seed(2)
     for name, n, c, co, h, w, k, pad, pool in cases:
         try:
-            for dt in (torch.float32, torch.bfloat16) if not pool or dry else (torch.bfloat16,):
+            # fp32 on the GPU: not a runtime candidate (cuda_fast.triton_conv), 10-45 s of ptxas
+            for dt in (torch.float32, torch.bfloat16) if dry else (torch.bfloat16,):
                 label = f"{name}_{str(dt).split('.')[-1]}_b{n}"
                 _conv_case(rec, ce, cuda_fast, label, (n, c, co, h, w, k, pad), pool, dt, dev, g, cuda)
                 free(cuda)
         except Exception as ex:  # noqa: BLE001
             rec.error(f"triton conv {name}", ex)
+    try:  # registers and spills of every specialisation compiled so far (none in the interpreter)
+        for cache in getattr(ce.conv_bias_relu_kernel, "device_caches", {}).values():
+            for key, kern in cache[0].items():
+                rec.add("triton_conv_compiled", {
+                    "n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None),
+                    "shared": getattr(getattr(kern, "metadata", None), "shared", None), "key": str(key)[:300],
+                })  # fmt: skip
+    except Exception as ex:  # noqa: BLE001
+        rec.error("triton conv registers", ex)
     try:  # fc6: 7x7, 512 -> 4096 on 22x22 (16x16 out): GEMM (cuBLAS's / explicit split-K) vs cuDNN's conv
         c, co, hw = (512, 4096, 22) if not dry else (16, 32, 9)
         conv = torch.nn.Conv2d(c, co, 7).to(dev, torch.bfloat16).requires_grad_(False)
@@ -530,7 +569,8 @@ def stage_headline(out: str, dry: bool, budget_s: float) -> None:
     env = load(out, "env")
     peak = env.get("bf16_mm_tflops") or 790.0
     model = fastfcn.models.build("fcn8s", 21, width).eval()
-    gmac = count_macs(model, (1, 3, H, W)).macs / 1e9
+    macs = count_macs(model, (1, 3, H, W))
+    gmac = macs.macs / 1e9  # tflops below: nominal work per second (fused computes computed_gmac)
     rec = Record(
         out,
         "headline",
@@ -540,16 +580,23 @@ def stage_headline(out: str, dry: bool, budget_s: float) -> None:
         precision="bf16",
         device=env.get("name", dev),
         gmac_per_image=gmac,
+        computed_gmac_per_image_fused=macs.computed_macs / 1e9,
         peak_tflops_measured=peak,
         input="uint8 NHWC on the device",
         cases=[],
     )
 
     def measure(backend: str, n: int) -> None:
+        # "fused-whole": the fused backend without the dead-zone skip, so with the conv + pool
+        # epilogues (cuda_fast), which the skip's one-step-at-a-time windows never use
         case = {"backend": backend, "batch": n}
+        options = {}
+        if backend == "fused-whole":
+            backend, options = "fused", {"skip_dead_zone": False}
         t0 = time.time()
         try:
-            seg = fastfcn.Segmenter(copy.deepcopy(model), backend=backend, precision="bf16", device=dev)
+            seg = fastfcn.Segmenter(copy.deepcopy(model), backend=backend, precision="bf16", device=dev,
+                                    **options)  # fmt: skip
             g = torch.Generator().manual_seed(10 + n)
             xs = [
                 torch.randint(0, 256, (n, H, W, 3), generator=g, dtype=torch.uint8).to(dev) for _ in range(2)
@@ -605,14 +652,16 @@ def stage_headline(out: str, dry: bool, budget_s: float) -> None:
         else:
             measure("compile", n)
 
-    # fused first (seconds each), then compile at batch 1, the comparison that matters most, then
-    # torch, then compile at the larger batches (~30-60 s of inductor per shape on a first run;
-    # the inductor cache under .fc_cache makes a rerun on the same machine quick)
-    for n in batches:
-        measure("fused", n)
+    # fused first, then torch (seconds each: the baseline is never left to a cap), then compile
+    # at batch 1, the comparison that matters most, fused without the dead-zone skip, then
+    # compile at the larger batches (~30-60 s of inductor per shape on a first run, which the
+    # stage's cap may cut; the inductor cache under .fc_cache makes a rerun on the same machine
+    # quick)
+    for backend in ("fused", "torch"):
+        for n in batches:
+            measure(backend, n)
     compile_case(batches[0])
-    for n in batches:
-        measure("torch", n)
+    measure("fused-whole", batches[0])  # seconds: what the skip is worth against the pool epilogue
     for n in batches[1:]:
         compile_case(n)
     rec.data["stage_s"] = round(time.time() - start, 1)
@@ -624,6 +673,7 @@ def stage_headline(out: str, dry: bool, budget_s: float) -> None:
 # (category, regex over CUDA kernel names / CPU op names), first match wins
 CATEGORIES = [
     ("fastfcn_kernels", r"upsample_kernel|max_pool_switches|unpool_gather|fastfcn::"),
+    ("fastfcn_conv", r"conv_bias_relu_kernel"),  # the Triton conv + bias + ReLU (+ pool), where chosen
     # inductor's generated kernels (bias + ReLU epilogues, pools, copies), named after what they fuse
     ("inductor_fused", r"^triton_"),
     ("layout_copies", r"nchwToNhwc|nhwcToNchw|transpose|copy|contiguous|memcpy|memset|fill"),
@@ -686,11 +736,7 @@ def stage_profile(out: str, dry: bool) -> None:
             item["by_category_ms_count"] = {
                 k: [round(v[0], 4), v[1]] for k, v in sorted(cats.items(), key=lambda kv: -kv[1][0])
             }
-            impls = getattr(seg._backend.model, "_conv_impls", {})
-            item["conv_choices"] = {
-                name: {str(k[0]): v for k, v in getattr(getattr(impl, "chooser", None), "choice", {}).items()}
-                for name, impl in impls.items()
-            }
+            item["conv_choices"] = conv_plan(seg)
             item["top_kernels_ms"] = [
                 [k[:100], round(ms, 4), cnt] for k, ms, cnt in sorted(rows, key=lambda r: -r[1])[:15]
             ]
@@ -709,13 +755,20 @@ def stage_summary(out: str) -> str:
     lines = [
         f"device {e.get('name')} torch {e.get('torch')} triton {e.get('triton')} cudnn {e.get('cudnn')} "
         f"copy {e.get('copy_tbps_read_plus_write') or 0:.2f} TB/s "
-        f"bf16 mm {e.get('bf16_mm_tflops') or 0:.1f} TF/s"
+        f"bf16 mm {e.get('bf16_mm_tflops') or 0:.1f} TF/s C compiler {e.get('c_compiler')} "
+        f"Python.h {e.get('python_h')}"
     ]
     for r in c.get("kernels", []):
         extra = {k: v for k, v in r.items() if k not in ("name", "ms", "expect")}
         lines.append(f"{r['name']:44s} {r.get('ms', float('nan')):8.3f} ms {extra}")
+    for r in c.get("triton_conv_compiled", []):
+        lines.append(f"triton conv compiled: {r.get('n_regs')} registers, {r.get('n_spills')} spills")
     for k, v in (c.get("graph_checks") or {}).items():
         lines.append(f"check {k}: {v}")
+    for layer, v in (c.get("fused_bf16_conv_plan") or {}).items():
+        if isinstance(v, dict):
+            lines.append(f"conv {layer}: {sorted(set(v.get('choice', {}).values()))} "
+                         f"pool {sorted(set(v.get('pool', {}).values()))} failed {v.get('failed', {})}")
     lines.append(
         f"{'backend':8s} {'N':>3s} {'ms/batch':>9s} {'ms/img':>7s} {'img/s':>8s} {'TF/s':>7s} "
         f"{'%peak':>6s} setup_s"

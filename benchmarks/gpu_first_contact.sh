@@ -8,6 +8,7 @@
 #   correctness    120    every Triton kernel compiled vs the reference at full size; CUDA graphs;
 #                         the conv-epilogue candidates vs torch and cuDNN
 #   headline       160    FCN-8s 500x500 bf16 fused/torch/compile at batch 1, 8, 32 (compile last)
+#                         and fused without the dead-zone skip at batch 1
 #   profile         40    device time per kernel category, fused and torch
 #   tests           80    pytest -m gpu, then tests/test_ops.py compiled (40 s each)
 #   summary         10
@@ -21,7 +22,7 @@
 #   bash benchmarks/gpu_first_contact.sh                     # everything, on the GPU machine
 #   STAGES="correctness tests" bash benchmarks/gpu_first_contact.sh   # a targeted rerun
 #   FC_DRY=1 bash benchmarks/gpu_first_contact.sh /tmp/fc    # CPU dry run (tiny sizes, interpreter)
-set -u
+set -u  # empty arrays are expanded as ${A[@]+"${A[@]}"}: bash < 4.4 calls "${A[@]}" unbound
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUTDIR=${1:-${FC_OUT:-${OUT:-$ROOT/fc_out}}}
@@ -61,7 +62,7 @@ stage() {  # stage NAME CAP [extra args]
     local name=$1 cap=$2
     shift 2
     say "$name (cap $cap s)"
-    timeout -k 5 "$cap" "$PY" "$ROOT/benchmarks/gpu_first_contact.py" "$name" "$OUTDIR" "${DRYARG[@]}" "$@" \
+    timeout -k 5 "$cap" "$PY" "$ROOT/benchmarks/gpu_first_contact.py" "$name" "$OUTDIR" ${DRYARG[@]+"${DRYARG[@]}"} "$@" \
         >>"$LOG" 2>&1
     local rc=$?
     [ $rc -eq 0 ] || echo "stage $name ended with status $rc (124: hit its cap)" | tee -a "$LOG"
@@ -80,7 +81,7 @@ if has tests; then
     say "tests (cap 2 x 40 s)"
     TO=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && TO=(--timeout=35)
-    PT=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short "${TO[@]}")
+    PT=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short ${TO[@]+"${TO[@]}"})
     [ "$DRY" = 1 ] && PT+=(--collect-only)  # the dry run checks that both selections collect
     echo "--- pytest -m gpu (full-size kernels, CUDA-graph path)" >"$OUTDIR/tests.log"
     timeout -k 5 40 "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py tests/test_gpu_readiness.py \

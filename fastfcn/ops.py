@@ -35,7 +35,9 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _kind_cache: dict = {}
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
+    """t's version counter (bumped by in-place changes); -1 for an inference tensor, which has
+    none and cannot change outside inference mode."""
     try:
         return t._version
     except RuntimeError:  # inference tensors carry no version counter and cannot change outside it
@@ -50,7 +52,7 @@ def weight_kind(weight: torch.Tensor) -> str:
     """
     key = id(weight)
     hit = _kind_cache.get(key)
-    version = _version(weight)
+    version = tensor_version(weight)
     if hit is not None and hit[0]() is weight and hit[1] == version:
         return hit[2]
     kind = _structure.weight_kind(weight)

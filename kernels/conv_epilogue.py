@@ -91,9 +91,14 @@ def conv_bias_relu_kernel(
              mask=rmask[:, None] & cmask[None, :])  # fmt: skip
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA. Not
-# measured yet (no GPU run since this was written): the runtime times this kernel against
-# cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins.
+# Launch configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA. Not timed
+# yet (no GPU run since this was written): the runtime times this kernel against cuDNN per
+# layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins. Compiled for
+# sm_90 by triton 3.6 (3x3, C and C_out multiples of 16, as every VGG conv but conv1_1):
+# bf16 154 registers, no spills, 36 KB shared; with POOL 254, no spills, 24 KB; fp32 with TF32
+# 232, no spills. Spills: conv1_1 (C = 3, no 16-divisibility) 504 B at bf16; fp32 without
+# TF32 80 B (864 B with POOL), which cuda_fast does not offer on CUDA. 8 warps for the
+# 128 x 64 tile would spill nowhere (84 registers); kept at 4 until a GPU run times both.
 CUDA_LAUNCH = {False: (128, 64, 32, 4, 3), True: (64, 64, 32, 4, 3)}
 
 

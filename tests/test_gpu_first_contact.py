@@ -50,6 +50,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     }
     for name, d in data.items():
         assert d["errors"] == [], (name, d["errors"])
+    assert data["env"]["c_compiler"] and data["env"]["python_h"] is True  # Triton's launchers need both
     kernels = {k["name"]: k for k in data["correctness"]["kernels"]}
     for kind in ("bilinear", "depthwise", "dense"):
         k = next(v for n, v in kernels.items() if n.startswith(f"final_stage_{kind}"))
@@ -76,25 +77,63 @@ def test_dry_run_writes_every_stage(tmp_path):
     # benchmark mode on a GPU); at bf16 on a random net with nearly flat logits another choice
     # moves a few labels (measured 0.9962 in a dry run); a broken path agrees on ~1/C of them.
     assert checks["graph_vs_no_graph"]["label_agreement"] >= 0.99
+    assert data["correctness"]["fused_bf16_conv_plan"]["cpu_plan"]  # the CPU planner's, in a dry run
     cases = data["headline"]["cases"]
     measured = {(c["backend"], c["batch"]) for c in cases if c.get("ms_per_image", 0) > 0}
-    assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2)}
+    assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2), ("fused-whole", 1)}
     assert {c["backend"] for c in cases if "skipped" in c} == {"compile"}
     profiles = data["profile"]["profiles"]
     assert [(p["backend"], p["batch"]) for p in profiles] == [("fused", 1), ("torch", 1)]
     assert all("convolution" in p["by_category_ms_count"] for p in profiles)
+    assert profiles[0]["conv_choices"]["cpu_plan"] and profiles[1]["conv_choices"] == {"cpu_plan": []}
     tests_log = (out / "tests.log").read_text()
     assert tests_log.count("collected") == 2, tests_log[-2000:]
     summary = (out / "summary.txt").read_text()
     assert "fused      1" in summary and "check threads_4x3_consistent: True" in summary
 
 
-def test_categories():
+def _fc():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_first_contact as fc
     finally:
         sys.path.pop(0)
+    return fc
+
+
+def test_conv_plan_reports_choices_pool_epilogues_and_failures(monkeypatch):
+    """What the first GPU run must see of the fused CUDA backend: per layer the candidate chosen
+    per shape, the conv + pool choice, and why a candidate fell back (here cuDNN's fused op
+    refuses and the Triton conv has no GPU)."""
+    import types
+
+    import torch
+
+    from fastfcn.models import build
+    from fastfcn.runtime import cuda_fast
+
+    def refuses(*args):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", refuses, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = build("fcn8s", 21, 0.0625).eval().requires_grad_(False)
+    cuda_fast.install(m)
+    with torch.inference_mode():
+        m(torch.randn(1, 3, 40, 36), "labels")
+    plan = _fc().conv_plan(types.SimpleNamespace(_backend=types.SimpleNamespace(model=m)))
+    assert len(plan) == 14 and len(plan["fc6"]["choice"]) == 1
+    convs = {k: v for k, v in plan.items() if k.startswith("conv")}
+    assert all(list(v["choice"].values()) == ["eager"] for v in convs.values())
+    assert sorted(k for k, v in convs.items() if "pool" in v) == [f"conv{i}_{j}" for i, j in
+                                                                    ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))]
+    failed = plan["conv1_1"]["failed"]
+    assert any(k.startswith("cudnn_relu") and "NOT_SUPPORTED" in v for k, v in failed.items())
+    assert any(k.startswith("triton") and "CUDA tensors" in v for k, v in failed.items())
+
+
+def test_categories():
+    fc = _fc()
     assert fc.categorize("upsample_kernel") == "fastfcn_kernels"
     assert fc.categorize("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert fc.categorize("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>") == "layout_copies"
@@ -112,4 +151,5 @@ def test_categories():
         fc.categorize("void at::native::elementwise_kernel<128, 2, CUDAFunctor_add<c10::BFloat16>>") == "bias"
     )
     assert fc.categorize("triton_poi_fused_convolution_relu_3") == "inductor_fused"
+    assert fc.categorize("conv_bias_relu_kernel") == "fastfcn_conv"
     assert fc.categorize("aten::mm") == "convolution" and fc.categorize("aten::relu_") == "relu"

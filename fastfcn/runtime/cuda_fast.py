@@ -11,7 +11,10 @@ them) would win by. Two remedies, both per layer and both measured before use:
 - ``triton``: fastfcn's implicit-GEMM convolution (kernels/conv_epilogue.py) with bias + ReLU in
   the epilogue, and for the last conv of a block (``conv_pool``) the 2x2 max pool too, so the
   block's full-size activation is never written (conv1_2 at 500x500: 698 x 698 x 64 bf16,
-  62 MB written and read back per image by the separate pool);
+  62 MB written and read back per image by the separate pool). Only where the backbone runs on
+  whole maps (run_steps): the dead-zone skip (runtime/deadzone.py, on by default for FCN-VGG,
+  FCN-AlexNet and DeconvNet's encoder) runs one step at a time on windows, so every conv there
+  goes through ``__call__`` and its pool is torch's;
 - ``gemm`` (fc6 at small batch): fc6 is a 7x7 conv, 512 -> 4096, over 22x22 at 500x500, i.e.
   a GEMM of M = 256 N output positions, N = 4096, K = 25088. At batch 1 an implicit-GEMM
   convolution has few output tiles for 132 SMs; im2col + cuBLAS matmul lets cuBLAS split K
@@ -38,6 +41,7 @@ from torch import nn
 
 from ..models import SegmentationModel
 from ..models.backbone import step_convs
+from ..ops import tensor_version
 from .cuda_graphs import is_oom
 
 # im2col for the GEMM path costs rows x K elements (fc6: K = 25088): at most 2048 rows
@@ -50,13 +54,24 @@ SPLITS = (4, 8)
 Timer = Callable[[Callable[[], object], bool], float]
 
 
+# GPU cycles of the spin kernel queued before each timed call (~0.5 ms at an H200's 1.98 GHz,
+# ~0.1 s per input shape over FCN-8s's candidates): while the GPU spins, the host enqueues the
+# candidate's kernels, so the events time the GPU's work alone. Without it a candidate of
+# several small kernels (im2col + GEMM + sum + bias for fc6, ~5 launches of ~10-20 us of Python
+# each, against ~0.1 ms of GEMM at batch 1) is timed host-bound, while the CUDA graph it is
+# chosen for replays it without any host cost.
+SPIN_CYCLES = 1_000_000
+
+
 def device_timer(fn: Callable[[], object], cuda: bool, reps: int = 3) -> float:
-    """Seconds per call of fn (median of reps after one warm-up); CUDA events when cuda."""
+    """Seconds per call of fn (median of reps after one warm-up); CUDA events when cuda, each
+    timed call queued behind a spin kernel (SPIN_CYCLES) so that launches do not count."""
     fn()
     times = []
     for _ in range(reps):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SPIN_CYCLES)
             a.record()
             fn()
             b.record()
@@ -76,9 +91,11 @@ def _capturing() -> bool:
 class Chooser:
     """Runs the fastest of several implementations per input key, measured on first use.
 
-    candidates: name -> fn(*args) (insertion order = preference when nothing is measured).
-    A candidate that raises anything but an out-of-memory is dropped for that key (and
-    recorded in ``failed``); the last one must always work.
+    candidates: name -> fn(*args) (insertion order = preference when nothing is measured, and
+    on a tie). A candidate that raises anything but an out-of-memory is dropped for that key
+    (and recorded in ``failed``): Triton's CompilationError and OutOfResources are no
+    RuntimeError, and a launcher's ValueError (a size it refuses) is a refusal too. The last
+    one must always work.
     """
 
     def __init__(self, candidates: dict[str, Callable], timer: Timer = device_timer):
@@ -104,7 +121,7 @@ class Chooser:
         for name, fn in self.candidates.items():
             try:
                 times[name] = self.timer(lambda fn=fn: fn(*args), cuda)
-            except (RuntimeError, NotImplementedError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 - any refusal drops the candidate, see above
                 if is_oom(e):
                     raise
                 self.failed[(key, name)] = f"{type(e).__name__}: {str(e).strip()[:200]}"
@@ -203,12 +220,20 @@ def triton_conv(conv: nn.Conv2d, pool: bool = False):
         _triton_here(x)
         from ..kernels import conv_epilogue as ce
 
-        key = (x.dtype, conv.weight._version, conv.bias._version)
+        key = (x.dtype, tensor_version(conv.weight), tensor_version(conv.bias))
         if packed.get("key") != key:
             w = ce.pack_weight(conv.weight.to(x.dtype))
             packed.update(key=key, w=w, b=conv.bias.float().contiguous())
-        # fp32 means fp32 products unless the Segmenter asked for TF32 (it sets the flag per call)
-        ieee = not torch.backends.cuda.matmul.allow_tf32
+        # fp32 means fp32 products unless the Segmenter asked for TF32 (it sets the flag per
+        # call); bf16 / fp16 never read it (a process that mixed torch's two TF32 APIs makes
+        # the read raise)
+        ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        if ieee and x.is_cuda:
+            # fp32 products (no TF32) make tl.dot a loop of FMAs that takes ptxas long: compiled
+            # for sm_90 by triton 3.6 (AMD EPYC Zen 4, 2 shared cores), 10-13 s per
+            # specialisation (28-45 s with the pool) against 1.3-3.4 s at bf16, and a net needs
+            # about three per batch size, for a kernel unlikely to beat cuDNN's fp32.
+            raise NotImplementedError("the Triton convolution is offered at bf16, fp16 and TF32 only")
         geom = (conv.kernel_size, padding, conv.stride[0], conv.dilation[0])
         return ce.conv_bias_relu(x, packed["w"], packed["b"], *geom, pool, ieee)
 

@@ -34,18 +34,32 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(t in str(exc) for t in _OOM_TEXT)
 
 
+def _oom_in_chain(exc: BaseException) -> bool:
+    """is_oom of exc or of an exception it was raised while handling: torch.cuda.graph's
+    __exit__ calls capture_end even when the captured code raised, and capture_end's own
+    error (the capture was invalidated) then hides the out-of-memory as its __context__."""
+    seen: set = set()
+    while exc is not None and id(exc) not in seen:
+        if is_oom(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def capture(graph, fn: Callable[[], torch.Tensor], stream, pool) -> torch.Tensor:
     """Capture ``fn()`` into ``graph`` on ``stream`` (thread-local mode, under CAPTURE_LOCK).
 
     Returns fn's output (the graph's static output). An out-of-memory anywhere in the capture,
-    including capture_end's untyped RuntimeError, is raised as torch.cuda.OutOfMemoryError.
+    including capture_end's untyped RuntimeError and one that capture_end's own error hides, is
+    raised as torch.cuda.OutOfMemoryError.
     """
     with CAPTURE_LOCK:
         try:
             with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 out = fn()
         except RuntimeError as e:
-            if is_oom(e) and not isinstance(e, torch.cuda.OutOfMemoryError):
+            if _oom_in_chain(e) and not isinstance(e, torch.cuda.OutOfMemoryError):
                 raise torch.cuda.OutOfMemoryError(f"out of memory during CUDA graph capture: {e}") from e
             raise
     return out

@@ -54,6 +54,7 @@ from ..models.backbone import (
     reference_conv,
     run_steps,
 )
+from ..ops import tensor_version
 
 # The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
 ENABLED = True
@@ -497,7 +498,7 @@ class DeadZoneForward:
         impls = getattr(self.model, "_conv_impls", {})
         # Weights and BatchNorm statistics changed in place (load_state_dict) bump _version;
         # replaced ones (fold_batchnorm) change data_ptr.
-        weights = tuple((t.data_ptr(), t._version) for t in self._step_tensors)
+        weights = tuple((t.data_ptr(), tensor_version(t)) for t in self._step_tensors)
         autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
         return (
             plan.size, plan.image_size, x.dtype, x.device, _memory_format(x), autocast,

@@ -66,7 +66,10 @@ def resolve_precision(precision: str, device: torch.device, backend: str = "auto
     """"auto" -> bf16 on GPUs that support it, on the CPU for the fused backend where the CPU
     computes bf16 natively (cpu_auto_precision), fp32 otherwise; a named precision is checked."""
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        # Native bf16 on this device (Ampere, sm_80, or newer): is_bf16_supported() asks about the
+        # current device, not this one, and counts the emulated bf16 of a V100 or T4 (slower than
+        # fp32) as support.
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
             return "bf16"
         if device.type == "cpu" and backend in ("auto", "fused"):
             return cpu_auto_precision()

@@ -31,6 +31,22 @@ from .registry import available_backends
 _TF32_LOCK = threading.Lock()
 
 
+def _tf32_switches() -> tuple[bool, bool]:
+    """(cuDNN, cuBLAS) TF32 switches. Their legacy getters raise RuntimeError (and so do torch's
+    own fp32 convolutions and matmuls) in a process that set torch's fp32_precision API
+    (torch >= 2.9) to something they disagree with: the new API's value is the switch then, and
+    it is written back through the legacy setter, which sets both APIs alike."""
+    try:
+        cudnn = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        cudnn = torch.backends.cudnn.conv.fp32_precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = cudnn
+    try:
+        cublas = bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        cublas = torch.backends.cuda.matmul.fp32_precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = cublas
+    return cudnn, cublas
 
 
 class Segmenter:
@@ -48,14 +64,14 @@ class Segmenter:
         "cuda:N" or a torch.device.
     backend: "auto" (= "fused"; "onnxruntime" for a .onnx file), "fused", "torch", "compile",
         "onnxruntime", "openvino" (see fastfcn.runtime.backends).
-    precision: "auto", "fp32", "tf32" (CUDA only), "bf16", "fp16". "auto" is bf16 on GPUs that
-        support it and, for the fused backend, on CPUs with native bf16 (AVX512-BF16 or AMX,
-        detected here, when the Segmenter is built); fp32 otherwise. On the CPU, bf16 runs the
-        convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU fused) and the head's
-        score layers and upsampling in fp32: on a Zen 4 it measured 1.2-1.45x faster than fp32 and
-        kept 99.986% of the shipped FCN-8s's labels (mean IU unchanged: 91.99 vs 91.98); see
-        fastfcn.runtime.execution.cpu_auto_precision. FASTFCN_CPU_PRECISION=fp32 pins "auto" to
-        fp32 on the CPU.
+    precision: "auto", "fp32", "tf32" (CUDA only), "bf16", "fp16". "auto" is bf16 on GPUs with
+        native bf16 (Ampere or newer) and, for the fused backend, on CPUs with native bf16
+        (AVX512-BF16 or AMX, detected here, when the Segmenter is built); fp32 otherwise. On the
+        CPU, bf16 runs the convolutions in bf16 (channels_last, prepacked oneDNN with the ReLU
+        fused) and the head's score layers and upsampling in fp32: on a Zen 4 it measured
+        1.2-1.45x faster than fp32 and kept 99.986% of the shipped FCN-8s's labels (mean IU
+        unchanged: 91.99 vs 91.98); see fastfcn.runtime.execution.cpu_auto_precision.
+        FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
     graph_cache: how many CUDA graphs (one per batch size, H, W, input kind and output) are
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
@@ -397,7 +413,7 @@ class Segmenter:
             yield
             return
         with _TF32_LOCK:
-            old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            old = _tf32_switches()
             if old != (tf32, tf32):
                 torch.backends.cudnn.allow_tf32 = tf32
                 torch.backends.cuda.matmul.allow_tf32 = tf32
