@@ -607,3 +607,54 @@ def test_fused_cuda_backend_chooses_an_epilogue_for_every_conv(skip_dead_zone):
     assert all(len(c.choice) == 1 for i in pooled for c in i._pool_choosers.values())
     assert float((got - want).abs().max() / (want.max() - want.min())) < 0.03
     assert float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.98
+
+
+def test_chooser_drops_candidates_that_disagree_with_the_reference():
+    """A kernel that compiled wrong must not win by being fast: the last candidate's output is
+    the reference, and a candidate off by more than AGREE_TOL, with NaNs the reference lacks, or
+    of another shape is dropped (the fake timer calls the wrong ones fastest)."""
+    cands = {
+        "scaled": lambda x: torch.relu(x) * 1.1,
+        "nan": lambda x: torch.where(x > 2, float("nan"), torch.relu(x)),
+        "shape": lambda x: torch.relu(x)[:-1],
+        "close": lambda x: torch.relu(x) * (1 + 2**-9),  # within bf16 rounding of the reference
+        "eager": torch.relu,
+    }
+    chooser = cuda_fast.Chooser(cands, timer=_fake_timer([2.0, 1.0]))
+    x = torch.randn(64, 64, dtype=torch.bfloat16) * 3
+    out = chooser("k", x)
+    assert chooser.choice == {"k": "eager"}  # 'close' timed 2.0, eager 1.0
+    assert torch.equal(out, torch.relu(x))
+    assert set(chooser.failed) == {("k", "scaled"), ("k", "nan"), ("k", "shape")}
+    assert "disagrees" in chooser.failed[("k", "scaled")]
+    assert "non-finite" in chooser.failed[("k", "nan")]
+    assert "(63, 64)" in chooser.failed[("k", "shape")]
+    assert cuda_fast.disagreement(torch.relu(x) * (1 + 2**-9), torch.relu(x)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chooser_admits_the_real_candidates_and_catches_a_shift(dtype, monkeypatch):
+    """AGREE_TOL's bound against the real candidates: fc6-like GEMM / split-K and the Triton conv
+    (interpreter) agree with eager within it at fp32 and bf16, while an output shifted by one
+    pixel (what a wrong index in a kernel gives) does not."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(3)
+    fc6 = torch.nn.Conv2d(64, 256, 7).requires_grad_(False)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).requires_grad_(False)
+    for c in (fc6, conv):
+        with torch.no_grad():
+            c.weight.copy_(torch.randn(c.weight.shape, generator=g) * (2 / c.weight[0].numel()) ** 0.5)
+            c.bias.copy_(torch.randn(c.bias.shape, generator=g) * 0.1)
+    x6 = torch.relu(torch.randn(1, 64, 12, 12, generator=g)).to(dtype)
+    fc6 = fc6.to(dtype)
+    ref6 = cuda_fast.eager_conv(fc6, False)(x6, (0, 0))
+    for split in (1, 4, 8):
+        assert cuda_fast.disagreement(cuda_fast.gemm_conv(fc6, False, split)(x6, (0, 0)), ref6) is None
+    xc = torch.relu(torch.randn(2, 16, 13, 11, generator=g)).to(dtype)
+    conv = conv.to(dtype)
+    ref = cuda_fast.eager_conv(conv, True)(xc, (1, 1))
+    assert cuda_fast.disagreement(cuda_fast.triton_conv(conv)(xc, (1, 1)), ref) is None
+    pooled = cuda_fast.triton_conv(conv, pool=True)(xc, (1, 1))
+    assert cuda_fast.disagreement(pooled, F.max_pool2d(ref, 2, 2, ceil_mode=True)) is None
+    assert "disagrees" in cuda_fast.disagreement(torch.roll(ref, 1, dims=3), ref)
+    assert "disagrees" in cuda_fast.disagreement(torch.roll(ref6, 1, dims=1), ref6)

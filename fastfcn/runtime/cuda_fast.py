@@ -88,14 +88,49 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# How far a candidate's output may stray from the reference's (the last candidate: torch's own
+# op) before the candidate is dropped for that input: max |out - ref| over max |ref|. A guard
+# against a kernel that compiled wrong (indices, layout, a miscompiled tile: errors of the order
+# of the values themselves), not a precision test: the fused candidates round once where eager
+# rounds the conv output and again after its bias add (bf16: 2^-8 = 0.4% of the largest value
+# per rounding), sum in another order, and at fp32 cuDNN may use TF32 (2^-11 per product) unless
+# the Segmenter forbids it. Measured against eager on the CPU (2-core AMD EPYC Zen 4, kaiming
+# weights, ReLU'd normal input): fc6 (512 -> 4096, 7x7, K = 25088) as GEMM and split-K 4 / 8,
+# 3.4e-3 at bf16 and 5e-7 at fp32; a 3x3 64 -> 64 conv through the Triton kernel
+# (interpreter), with and without its pool, 7.0e-3 at bf16 and 3e-7 at fp32. The bf16 bound is
+# 4x the larger; a one-pixel shift of the output is ~1x the values
+# (tests/test_gpu_readiness.py::test_chooser_admits_the_real_candidates_and_catches_a_shift).
+AGREE_TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def disagreement(out, ref) -> str | None:
+    """Why ``out`` is not an acceptable stand-in for ``ref`` (None when it is): another shape, a
+    non-finite value where the reference has a finite one (or the other way round), or an error
+    above AGREE_TOL of the reference's largest magnitude."""
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+        return f"output {tuple(getattr(out, 'shape', ()))} where the reference gives {tuple(ref.shape)}"
+    o, r = out.float(), ref.float()
+    finite = torch.isfinite(r)
+    if not torch.equal(torch.isfinite(o), finite):
+        return "non-finite values where the reference has finite ones (or the other way round)"
+    scale = float(torch.where(finite, r, 0).abs().max()) if r.numel() else 0.0
+    err = float(torch.where(finite, o - r, 0).abs().max()) if r.numel() else 0.0
+    tol = AGREE_TOL.get(ref.dtype, AGREE_TOL[torch.float32])
+    if err > tol * max(scale, 1e-30):
+        return f"disagrees with the reference: max |error| {err:.3g} > {tol:g} x max |reference| {scale:.3g}"
+    return None
+
+
 class Chooser:
     """Runs the fastest of several implementations per input key, measured on first use.
 
     candidates: name -> fn(*args) (insertion order = preference when nothing is measured, and
-    on a tie). A candidate that raises anything but an out-of-memory is dropped for that key
-    (and recorded in ``failed``): Triton's CompilationError and OutOfResources are no
-    RuntimeError, and a launcher's ValueError (a size it refuses) is a refusal too. The last
-    one must always work.
+    on a tie). The last one is the reference and must always work: every other candidate's
+    first output is compared with its output (``disagreement``) and a candidate that disagrees
+    is dropped for that key, so a kernel that compiled wrong on a GPU never wins by being fast.
+    A candidate that raises anything but an out-of-memory is dropped likewise (both recorded in
+    ``failed``): Triton's CompilationError and OutOfResources are no RuntimeError, and a
+    launcher's ValueError (a size it refuses) is a refusal too.
     """
 
     def __init__(self, candidates: dict[str, Callable], timer: Timer = device_timer):
@@ -118,8 +153,15 @@ class Chooser:
     def _choose(self, key, args) -> str:
         times = {}
         cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        names = list(self.candidates)
+        ref = self.candidates[names[-1]](*args) if len(names) > 1 else None
         for name, fn in self.candidates.items():
             try:
+                if ref is not None and name != names[-1]:
+                    why = disagreement(fn(*args), ref)
+                    if why is not None:
+                        self.failed[(key, name)] = why
+                        continue
                 times[name] = self.timer(lambda fn=fn: fn(*args), cuda)
             except Exception as e:  # noqa: BLE001 - any refusal drops the candidate, see above
                 if is_oom(e):
@@ -159,13 +201,18 @@ def cudnn_relu_conv(conv: nn.Conv2d):
 
 
 def splitk_matmul(a: torch.Tensor, b: torch.Tensor, split: int) -> torch.Tensor:
-    """a (M, K) @ b (K, N) as ``split`` partial products over K slices, summed in fp32: (M, N).
+    """a (M, K) @ b (K, N) as ``split`` partial products over K slices, summed in fp32: (M, N)
+    in fp32 (split 1: one GEMM with fp32 output).
 
     Each slice is one GEMM of a batched call, so a small M x N (fc6 at batch 1: 256 x 4096,
     64 tiles of 128 x 128 for 132 SMs) still fills the GPU. On CUDA the bf16 / fp16 partials
     come out in fp32 (``bmm(..., out_dtype)``); elsewhere the operands are upcast.
     """
     m, k = a.shape
+    if split == 1:  # one GEMM; cuBLAS splits K itself where its heuristics say so
+        if a.is_cuda and a.dtype != torch.float32:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a.float(), b.float())
     if k % split:
         raise NotImplementedError(f"K={k} is not a multiple of split={split}")
     a3 = a.view(m, split, k // split).transpose(0, 1)  # (S, M, K/S), a strided view
@@ -179,7 +226,9 @@ def splitk_matmul(a: torch.Tensor, b: torch.Tensor, split: int) -> torch.Tensor:
 
 def gemm_conv(conv: nn.Conv2d, relu: bool, split: int = 1):
     """The conv as im2col + one matmul (split 1: cuBLAS decides on split-K itself) or an explicit
-    split-K over ``split`` slices of K: output channels_last."""
+    split-K over ``split`` slices of K: output channels_last. The GEMM's output is fp32 and the
+    bias is added before the one rounding to the input's dtype (a bf16 GEMM output plus a bf16
+    bias rounded twice: 5.1e-3 of the largest value off at fc6, against 0 with fp32 output)."""
 
     def run(x, padding):
         n = x.shape[0]
@@ -190,11 +239,8 @@ def gemm_conv(conv: nn.Conv2d, relu: bool, split: int = 1):
             raise NotImplementedError(f"{n * ho * wo} output rows exceed GEMM_MAX_ROWS={GEMM_MAX_ROWS}")
         cols = F.unfold(x, (kh, kw), dilation=conv.dilation, padding=tuple(padding), stride=conv.stride)
         w2 = conv.weight.reshape(conv.weight.shape[0], -1)
-        if split == 1:
-            y = torch.matmul(cols.transpose(1, 2), w2.t())  # (N, L, C_out)
-        else:
-            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, K)
-            y = splitk_matmul(a, w2.t(), split).view(n, ho * wo, -1)
+        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, K)
+        y = splitk_matmul(a, w2.t(), split).view(n, ho * wo, -1)  # fp32: the bias rounds once
         if conv.bias is not None:
             y = y.add_(conv.bias)
         if relu:
