@@ -658,3 +658,19 @@ def test_chooser_admits_the_real_candidates_and_catches_a_shift(dtype, monkeypat
     assert cuda_fast.disagreement(pooled, F.max_pool2d(ref, 2, 2, ceil_mode=True)) is None
     assert "disagrees" in cuda_fast.disagreement(torch.roll(ref, 1, dims=3), ref)
     assert "disagrees" in cuda_fast.disagreement(torch.roll(ref6, 1, dims=1), ref6)
+
+
+def test_stream_input_slot_is_released_once():
+    """compute() gives the pinned input slot back after the upload; when inference then fails,
+    the worker's error path releases the batch again: the slot must not enter the free queue
+    twice (two batches would be staged into one buffer)."""
+    from fastfcn.runtime import stream_cuda
+
+    stager = stream_cuda.CudaStager.__new__(stream_cuda.CudaStager)  # no CUDA streams needed
+    stager.inputs = stream_cuda._Ring(2)
+    slot = stager.inputs.free.get_nowait()
+    staged = stream_cuda.Staged(slot, torch.empty(0, dtype=torch.uint8), 1)
+    stager.release(staged)
+    stager.release(staged)
+    assert stager.inputs.free.qsize() == 2
+    assert sorted(stager.inputs.free.get_nowait() for _ in range(2)) == [0, 1]

@@ -26,6 +26,7 @@ class Staged:
     slot: int
     host: torch.Tensor
     n: int
+    released: bool = False
 
     def __len__(self) -> int:
         return self.n
@@ -84,7 +85,11 @@ class CudaStager:
         return Staged(slot, host, len(frames))
 
     def release(self, staged: Staged) -> None:
-        self.inputs.free.put(staged.slot)
+        """Give the batch's input slot back, once: compute() releases it after the upload, and
+        the worker's error path releases a batch whose compute() failed before that."""
+        if not staged.released:
+            staged.released = True
+            self.inputs.free.put(staged.slot)
 
     def compute(self, staged: Staged) -> Pending:
         """Worker thread: upload, segment, start the copy back; returns without waiting."""
