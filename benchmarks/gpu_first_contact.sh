@@ -10,9 +10,14 @@
 #   headline       160    FCN-8s 500x500 bf16 fused/torch/compile at batch 1, 8, 32 (compile last)
 #                         and fused without the dead-zone skip at batch 1
 #   profile         40    device time per kernel category, fused and torch
-#   tests           80    pytest -m gpu, then tests/test_ops.py compiled (40 s each)
+#   tests         rest    pytest -m gpu, then tests/test_ops.py compiled: what the stages before
+#                         left of the whole run's FC_TOTAL (465 s), half each, at least 40 s each
 #   summary         10
-#   total          430 s + nvidia-smi 10 s + 5 s kill grace per timeout (8) = 480 s at the very worst
+# Every cap is also cut to what is left of FC_TOTAL (less the summary's 10 s), so the run ends
+# within FC_TOTAL + nvidia-smi's 10 s + 5 s kill grace = 480 s. The tests compile every Triton
+# specialisation they use (the static sm_90a build, benchmarks/results/static/: 0.1-0.3 s each
+# for the heads, 1-3 s for a conv epilogue on the 2-core CPU here), so they run on 8 pytest-xdist
+# workers where xdist is installed (the H200 image has it; 16 cores).
 #
 # Results go to the folder given as the first argument, else $FC_OUT, else $OUT (the device
 # tool's), else ./fc_out: env.json correctness.json headline.json profile.json tests.log
@@ -43,6 +48,13 @@ fi
 LOG=$OUTDIR/run.log
 : >>"$LOG"
 T0=$(date +%s)
+TOTAL=${FC_TOTAL:-465}
+left() { echo $((T0 + TOTAL - 10 - $(date +%s))); }  # seconds left, the summary's 10 s kept
+capped() {  # capped CAP: CAP, or what is left of the run if less (at least 1)
+    local l
+    l=$(left)
+    [ "$l" -lt "$1" ] && { [ "$l" -gt 1 ] && echo "$l" || echo 1; } || echo "$1"
+}
 say() { echo "=== $* (+$(($(date +%s) - T0)) s)" | tee -a "$LOG"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -59,7 +71,8 @@ if ! (cd /tmp && "$PY" -c "import fastfcn.kernels" >/dev/null 2>&1); then
 fi
 
 stage() {  # stage NAME CAP [extra args]
-    local name=$1 cap=$2
+    local name=$1 cap
+    cap=$(capped "$2")
     shift 2
     say "$name (cap $cap s)"
     timeout -k 5 "$cap" "$PY" "$ROOT/benchmarks/gpu_first_contact.py" "$name" "$OUTDIR" ${DRYARG[@]+"${DRYARG[@]}"} "$@" \
@@ -78,16 +91,25 @@ has headline && stage headline 160 --budget 145
 has profile && stage profile 40
 
 if has tests; then
-    say "tests (cap 2 x 40 s)"
+    # what the stages before left, half for each selection, at least 40 s each
+    CAP1=$(( $(left) / 2 ))
+    [ "$CAP1" -lt 40 ] && CAP1=40
+    say "tests (cap $CAP1 s, then the rest, at least 40 s)"
     TO=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && TO=(--timeout=35)
     PT=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short ${TO[@]+"${TO[@]}"})
-    [ "$DRY" = 1 ] && PT+=(--collect-only)  # the dry run checks that both selections collect
+    if [ "$DRY" = 1 ]; then
+        PT+=(--collect-only)  # the dry run checks that both selections collect
+    elif "$PY" -c "import xdist" 2>/dev/null; then
+        PT+=(-n 8)  # Triton's compiles are single-threaded: 8 processes compile side by side
+    fi
     echo "--- pytest -m gpu (full-size kernels, CUDA-graph path)" >"$OUTDIR/tests.log"
-    timeout -k 5 40 "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py tests/test_gpu_readiness.py \
+    timeout -k 5 "$CAP1" "${PT[@]}" -m gpu tests/test_ops.py tests/test_runtime.py tests/test_gpu_readiness.py \
         >>"$OUTDIR/tests.log" 2>&1
-    echo "--- tests/test_ops.py and the Triton conv tests compiled (not gpu)" >>"$OUTDIR/tests.log"
-    timeout -k 5 40 "${PT[@]}" -m "not gpu" tests/test_ops.py \
+    CAP2=$(left)
+    [ "$CAP2" -lt 40 ] && CAP2=40
+    echo "--- tests/test_ops.py and the Triton conv tests compiled (not gpu; cap $CAP2 s)" >>"$OUTDIR/tests.log"
+    timeout -k 5 "$CAP2" "${PT[@]}" -m "not gpu" tests/test_ops.py \
         tests/test_gpu_readiness.py::test_triton_conv_bias_relu_pool_matches_reference \
         tests/test_gpu_readiness.py::test_triton_conv_bf16_and_bad_input >>"$OUTDIR/tests.log" 2>&1
     grep -E "(passed|failed|error|tests? collected|selected)" "$OUTDIR/tests.log" | tee -a "$LOG"

@@ -17,6 +17,28 @@ SCRIPT = ROOT / "benchmarks" / "gpu_first_contact.sh"
 @pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
 )
+def test_caps_are_cut_to_what_is_left_of_the_run(tmp_path):
+    """Every stage's cap is cut to what is left of FC_TOTAL (less the summary's 10 s): a run
+    given 14 s gives env at most 4 s instead of its 20 and the headline what env left."""
+    import re
+
+    out = tmp_path / "fc"
+    env = {**os.environ, "FC_DRY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "STAGES": "env headline", "FC_TOTAL": "14",
+           "TRITON_CACHE_DIR": str(tmp_path / "triton")}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "run.log").read_text()
+    caps = {m[0]: int(m[1]) for m in re.findall(r"=== (\w+) \(cap (\d+) s\)", log)}
+    assert set(caps) == {"env", "headline"}, log
+    assert caps["env"] <= 4 and 1 <= caps["headline"] <= 4, caps
+
+
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
+)
 def test_dry_run_writes_every_stage(tmp_path):
     out = tmp_path / "fc"
     env = {
