@@ -97,6 +97,22 @@ def conv_bias_relu_kernel(
 CUDA_LAUNCH = {False: (128, 64, 32, 4, 3), True: (64, 64, 32, 4, 3)}
 
 
+def launch_config(is_cuda: bool, pool: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    if is_cuda:
+        return CUDA_LAUNCH[bool(pool)]
+    return 64, 64, 16, 1, 1  # interpreter: few programs; tl.dot needs every block >= 16
+
+
+def ieee_dot(is_cuda: bool, dtype, ieee: bool) -> bool:
+    """The IEEE constexpr: fp32 products for fp32 input unless TF32 was asked for (ieee=False).
+    The interpreter's bf16 dot returned garbage (errors of 1e11 on values of 8), so it always
+    multiplies in fp32 there, which is exact for bf16 / fp16 inputs."""
+    import torch
+
+    return (bool(ieee) and dtype == torch.float32) or not is_cuda
+
+
 def pack_weight(weight):
     """(C_out, C_in, KH, KW) -> (KH * KW * C_in, C_out) contiguous: the kernel's B operand."""
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
@@ -133,17 +149,12 @@ def conv_bias_relu(x, packed, bias, kernel, padding, stride=1, dilation=1, pool=
         raise ValueError(f"input {tuple(x.shape)} has too many pixels for one launch; split the batch")
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, cout, hp, wp), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    if x.is_cuda:
-        bm, bn, bk, warps, stages = CUDA_LAUNCH[bool(pool)]
-    else:  # interpreter: few programs; tl.dot needs every block >= 16
-        bm, bn, bk, warps, stages = 64, 64, 16, 1, 1
+    bm, bn, bk, warps, stages = launch_config(x.is_cuda, pool)
     grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(cout, bn))
     conv_bias_relu_kernel[grid](
         x, packed, bias, out, n, c, h, w, cout, ho, wo, hp, wp, ph, pw,
         KH=kh, KW=kw, STRIDE=int(stride), DIL=int(dilation), POOL=bool(pool),
-        # the interpreter's bf16 dot returned garbage (errors of 1e11 on values of 8): products
-        # in fp32 there, which is exact for bf16 / fp16 inputs
-        IEEE=(bool(ieee) and x.dtype == torch.float32) or not x.is_cuda, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=ieee_dot(x.is_cuda, x.dtype, ieee), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

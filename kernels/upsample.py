@@ -186,6 +186,17 @@ def launch_config(is_cuda: bool, kind: str, output: str, c: int, hw: int) -> tup
     return min(_pow2(hw), (1 << 18) // block_c), block_c, 1
 
 
+def stage_constexprs(k: int, s: int, kind: str, output: str, c: int, has_skip: bool) -> dict:
+    """upsample_kernel's constexprs (all but the block sizes) for one stage: a k x k, stride s
+    upsampling of ``kind`` to ``output`` ("logits" for an add stage) over c classes."""
+    factor = (k + 1) // 2
+    center = factor - 1.0 if k % 2 == 1 else factor - 0.5
+    return dict(
+        K=k, S=s, T=triton.cdiv(k, s), KIND=KIND_CODES[kind], OUTPUT=output_code(output, c),
+        HAS_SKIP=bool(has_skip), CENTER=float(center), FACTOR=float(factor),
+    )
+
+
 # Per-plane sizes above this need 64-bit pixel math, which the kernel does not carry (a 46341 x
 # 46341 map; the Segmenter's max_pixels default is 4096 x 4096).
 PLANE_LIMIT = 2**31 - 1 - 4096
@@ -258,16 +269,13 @@ def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_d
         hs, ws = skip.shape[-2:]
     else:
         skip, hs, ws = x, 0, 0
-    factor = (k + 1) // 2
-    center = factor - 1.0 if k % 2 == 1 else factor - 0.5
     hw = ho * wo
     block_p, block_c, num_warps = launch_config(x.is_cuda, kind, output, c, hw)
     grid = (triton.cdiv(hw, block_p), n, triton.cdiv(c, block_c) if output == "logits" else 1)
     upsample_kernel[grid](
         x, wk, skip, out,
         c, h, w, ho, wo, int(off), int(soff), hs, ws, float(scale),
-        K=k, S=s, T=triton.cdiv(k, s), KIND=KIND_CODES[kind], OUTPUT=output_code(output, c),
-        HAS_SKIP=skip is not x, CENTER=float(center), FACTOR=float(factor),
+        **stage_constexprs(k, s, kind, output, c, skip is not x),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
