@@ -73,7 +73,10 @@ def conv_bias_relu_kernel(
     cmask = co < Cout
     if POOL:
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
-        for q in tl.static_range(4):
+        # a loop, not static_range(4): four inlined copies of the conv tile's tap loops took the
+        # pooled bf16 build from 3.3 s to 25.5 s of compile (Triton 3.9.0 on this machine's CPU)
+        # and from 218 registers without spills to 255 with 132/388 B (64, 64, 32, 4, 3)
+        for q in range(4):
             oy = py * 2 + q // 2
             ox = px * 2 + q % 2
             valid = rmask & (oy < Ho) & (ox < Wo)  # ceil mode: windows may hang over the edge
@@ -91,16 +94,32 @@ def conv_bias_relu_kernel(
              mask=rmask[:, None] & cmask[None, :])  # fmt: skip
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA. Not
-# measured yet (no GPU run since this was written): the runtime times this kernel against
-# cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins.
-CUDA_LAUNCH = {False: (128, 64, 32, 4, 3), True: (64, 64, 32, 4, 3)}
+# Launch configurations on CUDA by (POOL, IEEE): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# IEEE False is tensor-core MMA (bf16, fp16, TF32), IEEE True the FMA path (fp32 products).
+# Registers and spills from the static sm_90a builds, Triton 3.9.0 / 3.6.0, 3x3 conv 64 -> 64
+# (benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md; benchmarks/triton_sm90.py).
+# The first configs, (128, 64, 32, 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, spilled
+# on 3.9.0: fp32 80/208 B (stores/loads), pooled bf16 132/388 B, pooled TF32 1016/2584 B, pooled
+# fp32 760/2604 B, all at 255 registers. Speed is not measured on a GPU yet: the runtime times
+# this kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only
+# where it wins.
+CUDA_LAUNCH = {
+    # bf16 145 / 156 registers, TF32 208 / 233; no spills
+    (False, False): (128, 64, 32, 4, 3),
+    # 8 warps halve the two (BLOCK_M, BLOCK_N) fp32 tiles per thread (window max and conv tile):
+    # bf16 126 / 126 registers, TF32 208 / 212; no spills
+    (True, False): (64, 64, 32, 8, 3),
+    # K tile 16 and 8 warps: 151 / 155 registers, no spills
+    (False, True): (128, 64, 16, 8, 2),
+    # 128 / 128 registers, no spills; 64 x 64 tiles at 8 warps spilled 28/28 B on 3.9.0
+    (True, True): (32, 32, 16, 4, 2),
+}
 
 
-def launch_config(is_cuda: bool, pool: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+def launch_config(is_cuda: bool, pool: bool, ieee: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the POOL and IEEE constexprs."""
     if is_cuda:
-        return CUDA_LAUNCH[bool(pool)]
+        return CUDA_LAUNCH[(bool(pool), bool(ieee))]
     return 64, 64, 16, 1, 1  # interpreter: few programs; tl.dot needs every block >= 16
 
 
@@ -149,12 +168,13 @@ def conv_bias_relu(x, packed, bias, kernel, padding, stride=1, dilation=1, pool=
         raise ValueError(f"input {tuple(x.shape)} has too many pixels for one launch; split the batch")
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, cout, hp, wp), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    bm, bn, bk, warps, stages = launch_config(x.is_cuda, pool)
+    use_ieee = ieee_dot(x.is_cuda, x.dtype, ieee)
+    bm, bn, bk, warps, stages = launch_config(x.is_cuda, pool, use_ieee)
     grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(cout, bn))
     conv_bias_relu_kernel[grid](
         x, packed, bias, out, n, c, h, w, cout, ho, wo, hp, wp, ph, pw,
         KH=kh, KW=kw, STRIDE=int(stride), DIL=int(dilation), POOL=bool(pool),
-        IEEE=ieee_dot(x.is_cuda, x.dtype, ieee), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=use_ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
