@@ -86,10 +86,9 @@ class Launch:
     uses: list[str] = field(default_factory=list)
 
     def key(self) -> tuple:
-        """What Triton compiles as different code: argument types (an int == 1 is a constexpr,
-        one past int32 an i64), constexprs and config. Divisibility hints (ints that are multiples
-        of 16) only change alignment: launches differing in those alone are merged, compiled with
-        the first one's sizes."""
+        """What Triton compiles separately: argument types with its specialisation of each (an
+        int == 1 is a constexpr, a multiple of 16 carries a divisibility hint, one past int32 is
+        an i64), constexprs and config."""
         return (self.kernel, tuple(_arg_class(a) for a in self.args), tuple(sorted(self.constexprs.items())),
                 self.num_warps, self.num_stages)  # fmt: skip
 
@@ -101,7 +100,8 @@ def _arg_class(a) -> str:
         return type(a).__name__
     if a == 1:
         return "1"
-    return "i64" if not -(2**31) <= a < 2**31 else "i32"
+    width = "i64" if not -(2**31) <= a < 2**31 else "i32"
+    return width + ("/16" if a % 16 == 0 else "")
 
 
 def _dt(d) -> str:
@@ -281,25 +281,25 @@ def conv_launches(table: dict) -> None:
                   (torch.float16, False)]  # fmt: skip
     for arch, layer, conv, pool in triton_convs():
         (kh, kw), stride, dil = conv.kernel_size, conv.stride[0], conv.dilation[0]
-        ph, pw = conv_padding(conv)
+        own = conv_padding(conv)[0]
         cin, cout = conv.in_channels, conv.out_channels
         for d, ieee in precisions:
-            ho = (H + 2 * ph - dil * (kh - 1) - 1) // stride + 1
-            wo = (H + 2 * pw - dil * (kw - 1) - 1) // stride + 1
-            hp, wp = ((ho + 1) // 2, (wo + 1) // 2) if pool else (ho, wo)
-            ie = ce.ieee_dot(True, d, ieee)
-            cfg = ce.launch_config(True, pool, ie)
-            prec = _dt(d) if d != torch.float32 else ("fp32-ieee" if ie else "tf32")
-            launch = Launch(
-                f"conv/{'pool' if pool else 'nopool'}/{prec}/k{kh}x{kw}s{stride}d{dil}/pad{ph}/"
-                f"cin{cin}-cout{cout}",
-                "conv_epilogue.conv_bias_relu_kernel",
-                (d, d, torch.float32, d, n, cin, H, H, cout, ho, wo, hp, wp, ph, pw),
-                {"KH": kh, "KW": kw, "STRIDE": stride, "DIL": dil, "POOL": pool, "IEEE": ie,
-                 "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "BLOCK_K": cfg[2]}, cfg[3], cfg[4],
-                config=f"conv_epilogue.CUDA_LAUNCH[{(pool, ie)}] = {cfg}",
-            )  # fmt: skip
-            _add(table, launch, f"{arch}:{layer}")
+            for p in sorted({own, *(q for q in (0, 1) if q <= own)}):
+                ho = (H + 2 * p - dil * (kh - 1) - 1) // stride + 1
+                hp = (ho + 1) // 2 if pool else ho
+                ie = ce.ieee_dot(True, d, ieee)
+                cfg = ce.launch_config(True, pool, ie)
+                prec = _dt(d) if d != torch.float32 else ("fp32-ieee" if ie else "tf32")
+                launch = Launch(
+                    f"conv/{'pool' if pool else 'nopool'}/{prec}/k{kh}x{kw}s{stride}d{dil}/pad{p}/"
+                    f"cin{cin}-cout{cout}",
+                    "conv_epilogue.conv_bias_relu_kernel",
+                    (d, d, torch.float32, d, n, cin, H, H, cout, ho, ho, hp, hp, p, p),
+                    {"KH": kh, "KW": kw, "STRIDE": stride, "DIL": dil, "POOL": pool, "IEEE": ie,
+                     "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "BLOCK_K": cfg[2]}, cfg[3], cfg[4],
+                    config=f"conv_epilogue.CUDA_LAUNCH[{(pool, ie)}] = {cfg}",
+                )  # fmt: skip
+                _add(table, launch, f"{arch}:{layer}")
 
 
 def all_launches(only: str | None = None) -> list[Launch]:
@@ -493,8 +493,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"sm90a-triton-{env['triton']}"  # no with_suffix: the version has dots
-    doc = {"environment": env, "specialisations": rows}
-    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    # one specialisation per line: diffs between runs stay readable
+    body = ",\n".join(json.dumps(r) for r in rows)
+    text = f'{{"environment": {json.dumps(env)},\n"specialisations": [\n{body}\n]}}\n'
+    Path(f"{stem}.json").write_text(text)
     Path(f"{stem}.md").write_text(markdown(env, rows))
     failed = [r["name"] for r in rows if not r.get("ok")]
     print(f"wrote {stem}.json and .md: {len(rows)} specialisations, {len(failed)} failed")

@@ -28,9 +28,13 @@ def _conv_tile(
     """fp32 conv outputs at pixels (n, oy, ox) x channels co: (BLOCK_M, BLOCK_N)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ck = tl.arange(0, BLOCK_K)
-    for ky in tl.static_range(KH):
+    # loops, not static_range: with every tap unrolled (121 copies of the K loop for FCN-AlexNet's
+    # 11x11 conv1) its fp32 build had not finished after 100 s (Triton 3.9.0, this machine's CPU;
+    # 3x3 builds took 3-5 s); as loops every specialisation builds in under 0.7 s, with fewer
+    # registers (3x3 64 -> 64 bf16: 145 -> 132 at (128, 64, 32, 4, 3))
+    for ky in range(KH):
         iy = oy * STRIDE - pad_h + ky * DIL
-        for kx in tl.static_range(KW):
+        for kx in range(KW):
             ix = ox * STRIDE - pad_w + kx * DIL
             ok = rmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             row = ((n * H + iy) * W + ix).to(tl.int64) * C  # NHWC: a pixel's channels are contiguous
@@ -73,9 +77,9 @@ def conv_bias_relu_kernel(
     cmask = co < Cout
     if POOL:
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
-        # a loop, not static_range(4): four inlined copies of the conv tile's tap loops took the
-        # pooled bf16 build from 3.3 s to 25.5 s of compile (Triton 3.9.0 on this machine's CPU)
-        # and from 218 registers without spills to 255 with 132/388 B (64, 64, 32, 4, 3)
+        # a loop, not static_range(4): four inlined copies of the conv tile took the pooled bf16
+        # build (64, 64, 32, 4, 3), taps unrolled, from 3.3 s to 25.5 s of compile (Triton 3.9.0,
+        # this machine's CPU) and from 218 registers without spills to 255 with 132/388 B
         for q in range(4):
             oy = py * 2 + q // 2
             ox = px * 2 + q % 2
@@ -96,23 +100,26 @@ def conv_bias_relu_kernel(
 
 # Launch configurations on CUDA by (POOL, IEEE): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 # IEEE False is tensor-core MMA (bf16, fp16, TF32), IEEE True the FMA path (fp32 products).
-# Registers and spills from the static sm_90a builds, Triton 3.9.0 / 3.6.0, 3x3 conv 64 -> 64
-# (benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md; benchmarks/triton_sm90.py).
-# The first configs, (128, 64, 32, 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, spilled
-# on 3.9.0: fp32 80/208 B (stores/loads), pooled bf16 132/388 B, pooled TF32 1016/2584 B, pooled
-# fp32 760/2604 B, all at 255 registers. Speed is not measured on a GPU yet: the runtime times
-# this kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only
-# where it wins.
+# Registers (min-max over the 88 specialisations: every conv geometry, padding class and channel
+# alignment the fused backend launches) from the static sm_90a builds with Triton 3.9.0 / 3.6.0,
+# benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md (benchmarks/triton_sm90.py);
+# no configuration spills on either. The first configs, (128, 64, 32, 4, 3) and pooled
+# (64, 64, 32, 4, 3) for every dtype, spilled on 3.9.0 at 255 registers: conv1_1 (3 input
+# channels) bf16 756/1368 B (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32
+# 1016/2584 B, pooled fp32 760/2604 B. Speed is not measured on a GPU yet: the runtime times this
+# kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it
+# wins.
 CUDA_LAUNCH = {
-    # bf16 145 / 156 registers, TF32 208 / 233; no spills
-    (False, False): (128, 64, 32, 4, 3),
-    # 8 warps halve the two (BLOCK_M, BLOCK_N) fp32 tiles per thread (window max and conv tile):
-    # bf16 126 / 126 registers, TF32 208 / 212; no spills
+    # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
+    # bf16 / fp16 64-128 registers, TF32 64-160, on both versions
+    (False, False): (128, 64, 16, 8, 3),
+    # the pooled kernel holds two (BLOCK_M, BLOCK_N) fp32 tiles (window max and conv tile):
+    # bf16 / fp16 76 / 74 registers, TF32 124 / 124
     (True, False): (64, 64, 32, 8, 3),
-    # K tile 16 and 8 warps: 151 / 155 registers, no spills
+    # 108-181 registers on both (181: 3 input channels)
     (False, True): (128, 64, 16, 8, 2),
-    # 128 / 128 registers, no spills; 64 x 64 tiles at 8 warps spilled 28/28 B on 3.9.0
-    (True, True): (32, 32, 16, 4, 2),
+    # 96 / 128 registers; (64, 64, 16, 4, 2) spilled 24/24 B on 3.6.0
+    (True, True): (32, 64, 16, 4, 2),
 }
 
 

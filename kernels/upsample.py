@@ -165,14 +165,19 @@ def _pow2(v: int) -> int:
 # Measured before (sm_90a builds, static review of the compiled kernels): the 256-pixel x
 # 32-class tile spilled 3.4-5 KB per thread (depthwise labels) and 11-12 KB (probs), bilinear
 # used 255 registers with spills; a 128 x 8 tile compiled without spills on Triton 3.6 but on
-# Triton 3.9 the same code laid classes on lanes and spilled 20 KB. The 256 x 1 configs below
-# hold 2 pixels per thread (4 warps); their registers and spills are not measured yet (no GPU
-# run since): benchmarks/gpu_first_contact.sh records n_regs / n_spills and the time of this
-# config and of the old tiles side by side.
+# Triton 3.9 the same code laid classes on lanes and spilled 20 KB. The configs below, in the
+# static sm_90a builds of all 222 upsample specialisations (every kind x output x dtype x head
+# geometry; benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md, from
+# benchmarks/triton_sm90.py), use no shared memory and never spill on Triton 3.9.0 or 3.6.0;
+# registers per kind below (3.9.0 / 3.6.0 where they differ). Their time is not measured yet (no
+# GPU run since): benchmarks/gpu_first_contact.sh records it beside the old tiles.
 CUDA_LAUNCH = {
+    # logits 30-32, add stages 30-32, labels 56, probs 48 registers
     "bilinear": (256, 1, 4),
+    # logits 32, add stages 32, labels 64, probs 56 / 64
     "depthwise": (256, 1, 4),
-    # dense loops over input channels per class: half the pixels keep more programs in flight
+    # dense loops over input channels per class: half the pixels keep more programs in flight;
+    # 32-40 registers for every output
     "dense": (128, 1, 4),
 }
 
