@@ -28,11 +28,12 @@ What is enumerated (derived from the code, so a new kind, output, config or laye
   built on the meta device), with the pool epilogue where a 2x2/2 pool without switches
   follows, for fp32 (IEEE and TF32), bf16 and fp16, config ``conv_epilogue.launch_config``.
 
-Runtime int arguments are specialised by Triton (== 1 becomes a constexpr, multiples of 16 get
-a divisibility hint): the report compiles each kernel at the sizes of one representative call
-(``SIZES`` below) and, for the conv, at every padding class the planner of image-independent
-positions can pass (the layer's own, 0 and 1); other size classes compile to the same code
-with different alignment hints.
+Runtime int arguments are specialised by Triton (== 1 becomes a constexpr, a multiple of 16
+gets a divisibility hint, which changes vectorisation and registers: a 3-channel conv1_1 needs
+more than a 64-channel conv). The report builds every layer's channel counts, and for the conv
+every padding class the planner of image-independent positions can pass (the layer's own, 0
+and 1), but spatial sizes and the batch at one representative call each (``SIZES`` below: not
+multiples of 16, batch 1); their other classes are specialisations this report does not build.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 # 175x175, no multiple of 16, batch 1). Classes per image: 21 (VOC); 300 for the int32 labels.
 SIZES = {
     "classes": 21, "classes_i32": 300,
-    "add_in": 35, "add_skip_offset": 5,  # upscore_pool4: 35x35 -> 72x72 + crop(score_pool3, 5)
-    "final_in": 70, "final_out": 500,  # upscore8: 70x70 -> crop 500x500
+    "add_in": 34, "add_skip_offset": 9,  # upscore_pool4: 34x34 -> 70x70 + crop(score_pool3 88x88, 9)
+    "final_in": 70, "final_out": 500, "final_offset": 31,  # upscore8: 70x70 -> 568x568, crop 500 at 31
     "pool_in": 224, "pool_out": 112, "pool_channels": 64, "int64_total": 2**31 + 4096,
     "conv_batch": 1, "conv_in": 175,
 }  # fmt: skip
@@ -119,30 +120,32 @@ def _add(table: dict, launch: Launch, use: str) -> None:
 
 
 def head_dtypes():
-    """(stage, x, skip, out, via) dtypes fastfcn.ops launches upsample_kernel with. stage: "add"
-    (an intermediate stage, logits plus a scaled skip) or "final"; out None: labels. fcn_head
-    keeps intermediate stages in fp32; the public upsample_add / upsample_crop keep x's dtype."""
+    """(stage, x, skip, out, via, reaches) for every way fastfcn.ops launches upsample_kernel.
+    stage: "add" (an intermediate stage: logits plus a scaled skip) or "final"; dtypes of x, skip
+    (None: no skip) and out (logits / probs; labels have their own); reaches(i, taps): whether
+    the call runs stage i of a head with ``taps`` skips. fcn_head keeps intermediate stages in
+    fp32; the public upsample_add / upsample_crop keep x's dtype, at any stage's geometry."""
     f32 = torch.float32
     for d in FLOATS:
-        yield "add", d, d, f32, "fcn_head first skip stage"
-        yield "add", f32, d, f32, "fcn_head later skip stage"
-        yield "add", d, d, d, "ops.upsample_add"
-        yield "add", d, None, d, "ops.upsample_add without skip"
-        yield "final", f32, None, d, "fcn_head after skip stages"
-        yield "final", d, None, d, "fcn_head without skips / ops.upsample_crop"
+        yield "add", d, d, f32, "fcn_head first skip stage", lambda i, taps: i == 0
+        yield "add", f32, d, f32, "fcn_head later skip stage", lambda i, taps: i > 0
+        yield "add", d, d, d, "ops.upsample_add", lambda i, taps: True
+        yield "add", d, None, d, "ops.upsample_add without skip", lambda i, taps: True
+        yield "final", f32, None, d, "fcn_head after skip stages", lambda i, taps: taps > 0
+        yield "final", d, None, d, "fcn_head without skips", lambda i, taps: taps == 0
+        yield "final", d, None, d, "ops.upsample_crop", lambda i, taps: True
 
 
 def head_geometries():
-    """{"add" | "final": {(kernel, stride): [head names]}} over fastfcn.heads.HEADS."""
+    """{"add" | "final": {(kernel, stride): [(head name, stage index, number of skips)]}} over
+    fastfcn.heads.HEADS."""
     from fastfcn.heads import HEADS
 
     geo: dict = {"add": {}, "final": {}}
     for name, head in HEADS.items():
         for i, st in enumerate(head.stages):
             where = "final" if i == len(head.stages) - 1 else "add"
-            names = geo[where].setdefault((st.kernel, st.stride), [])
-            if name not in names:
-                names.append(name)
+            geo[where].setdefault((st.kernel, st.stride), []).append((name, i, len(head.taps)))
     return geo
 
 
@@ -154,7 +157,7 @@ def _stage_ints(stage: str, k: int, s: int, c: int, has_skip: bool) -> tuple:
         hs = ho + 2 * soff if has_skip else 0
         return c, h, h, ho, ho, 0, soff, hs, hs
     h, ho = SIZES["final_in"], SIZES["final_out"]
-    return c, h, h, ho, ho, 19, 0, 0, 0
+    return c, h, h, ho, ho, SIZES["final_offset"], 0, 0, 0
 
 
 def upsample_launches(table: dict) -> None:
@@ -162,9 +165,12 @@ def upsample_launches(table: dict) -> None:
     from fastfcn.kernels import upsample as up
 
     geo = head_geometries()
-    for stage, x, skip, out, via in head_dtypes():
+    for stage, x, skip, out, via, reaches in head_dtypes():
         outputs = ["logits"] if stage == "add" else list(st.OUTPUTS)
-        for (k, s), heads in sorted(geo[stage].items()):
+        for (k, s), used in sorted(geo[stage].items()):
+            heads = list(dict.fromkeys(name for name, i, taps in used if reaches(i, taps)))
+            if not heads:
+                continue
             for kind in st.KINDS:
                 for output in outputs:
                     labels = output == "labels"
@@ -174,10 +180,11 @@ def upsample_launches(table: dict) -> None:
                         cfg = up.launch_config(True, kind, output, c, ints[3] * ints[4])
                         cx = up.stage_constexprs(k, s, kind, output, c, skip is not None)
                         wk = x if kind == "bilinear" else torch.float32  # bilinear passes x, never read
+                        sk = x if skip is None else skip  # no skip: the launcher passes x, never read
                         name = (f"upsample/{stage}/{kind}/{output if stage == 'final' else 'add'}-{_dt(o)}/"
                                 f"x{_dt(x)}-skip{_dt(skip)}/k{k}s{s}")  # fmt: skip
                         launch = Launch(
-                            name, "upsample.upsample_kernel", (x, wk, skip or x, o, *ints, 1.0),
+                            name, "upsample.upsample_kernel", (x, wk, sk, o, *ints, 1.0),
                             {**cx, "BLOCK_P": cfg[0], "BLOCK_C": cfg[1]}, cfg[2],
                             config=f"upsample.CUDA_LAUNCH[{kind!r}] = {cfg}",
                         )

@@ -166,7 +166,7 @@ def _pow2(v: int) -> int:
 # 32-class tile spilled 3.4-5 KB per thread (depthwise labels) and 11-12 KB (probs), bilinear
 # used 255 registers with spills; a 128 x 8 tile compiled without spills on Triton 3.6 but on
 # Triton 3.9 the same code laid classes on lanes and spilled 20 KB. The configs below, in the
-# static sm_90a builds of all 222 upsample specialisations (every kind x output x dtype x head
+# static sm_90a builds of all 198 upsample specialisations (every kind x output x dtype x head
 # geometry; benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md, from
 # benchmarks/triton_sm90.py), use no shared memory and never spill on Triton 3.9.0 or 3.6.0;
 # registers per kind below (3.9.0 / 3.6.0 where they differ). Their time is not measured yet (no
