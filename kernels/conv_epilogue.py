@@ -29,8 +29,8 @@ def _conv_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ck = tl.arange(0, BLOCK_K)
     # loops, not static_range: with every tap unrolled (121 copies of the K loop for FCN-AlexNet's
-    # 11x11 conv1) its fp32 build had not finished after 100 s (Triton 3.9.0, this machine's CPU;
-    # 3x3 builds took 3-5 s); as loops every specialisation builds in under 0.7 s, with fewer
+    # 11x11 conv1) its fp32 build had not finished after 100 s (Triton 3.9.0 on the 2-core AMD
+    # EPYC Zen 4; 3x3 builds took 3-7 s); as loops every specialisation builds in under 0.7 s, with fewer
     # registers (3x3 64 -> 64 bf16: 145 -> 132 at (128, 64, 32, 4, 3))
     for ky in range(KH):
         iy = oy * STRIDE - pad_h + ky * DIL
@@ -78,8 +78,8 @@ def conv_bias_relu_kernel(
     if POOL:
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
         # a loop, not static_range(4): four inlined copies of the conv tile took the pooled bf16
-        # build (64, 64, 32, 4, 3), taps unrolled, from 3.3 s to 25.5 s of compile (Triton 3.9.0,
-        # this machine's CPU) and from 218 registers without spills to 255 with 132/388 B
+        # build (64, 64, 32, 4, 3), taps unrolled, from 3.3 s to 25.5 s of compile (Triton 3.9.0 on
+        # the 2-core AMD EPYC Zen 4) and from 218 registers without spills to 255 with 132/388 B
         for q in range(4):
             oy = py * 2 + q // 2
             ox = px * 2 + q % 2
@@ -104,11 +104,11 @@ def conv_bias_relu_kernel(
 # alignment the fused backend launches) from the static sm_90a builds with Triton 3.9.0 / 3.6.0,
 # benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md (benchmarks/triton_sm90.py);
 # no configuration spills on either. The first configs, (128, 64, 32, 4, 3) and pooled
-# (64, 64, 32, 4, 3) for every dtype, spilled on 3.9.0 at 255 registers: conv1_1 (3 input
-# channels) bf16 756/1368 B (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32
-# 1016/2584 B, pooled fp32 760/2604 B. Speed is not measured on a GPU yet: the runtime times this
-# kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it
-# wins.
+# (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps and pooled windows unrolled),
+# spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels) bf16 756/1368 B (stores/loads),
+# TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32 1016/2584 B, pooled fp32 760/2604 B.
+# Speed is not measured on a GPU yet: the runtime times this kernel against cuDNN per layer and
+# shape (fastfcn.runtime.cuda_fast) and uses it only where it wins.
 CUDA_LAUNCH = {
     # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
     # bf16 / fp16 64-128 registers, TF32 64-160, on both versions
