@@ -240,3 +240,18 @@ def test_committed_reports_are_current_and_clean():
         assert not stale, f"{f.name}: {len(stale)} launch configs the code no longer has, e.g. {stale[:3]}"
         if f.name == f"sm90a-triton-{triton.__version__}.json":
             assert set(current) <= {r["name"] for r in rows}, f"{f.name} lacks specialisations"
+
+
+def test_specialisation_classes_follow_triton():
+    """The report merges launches whose arguments Triton specialises alike: its classes of ints
+    (== 1 a constexpr, multiples of 16 with a divisibility hint, int64 past int32) and pointers
+    must be the installed Triton's own."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    for v in (0, 1, 2, 3, 16, 17, 100, 224, 2**31 - 16, 2**31 + 16, 2**31 + 17, torch.float32, torch.uint8):
+        arg = torch.empty(1, dtype=v) if isinstance(v, torch.dtype) else v
+        kind, hint = native_specialize_impl(BaseBackend, arg, False, True, True)[:2]
+        aligned = hint == "D" and not kind.startswith("*")  # pointers: torch's allocations are all aligned
+        want = "1" if kind == "constexpr" else kind + ("/16" if aligned else "")
+        assert report._arg_class(v) == want, (v, kind, hint)
