@@ -32,8 +32,8 @@ Runtime int arguments are specialised by Triton (== 1 becomes a constexpr, a mul
 gets a divisibility hint, which changes vectorisation and registers: a 3-channel conv1_1 needs
 more than a 64-channel conv). The report builds every layer's channel counts, and for the conv
 every padding class the planner of image-independent positions can pass (the layer's own, 0
-and 1), but spatial sizes and the batch at one representative call each (``SIZES`` below: not
-multiples of 16, batch 1); their other classes are specialisations this report does not build.
+and 1) at batch 1, 8 and 32, but spatial sizes at one representative call each (``SIZES``
+below: not multiples of 16); their other classes are specialisations this report does not build.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -62,13 +63,14 @@ _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
 
 # Representative sizes (FCN-8s 500x500 head; DeconvNet 224x224 first pooling level; a conv at
-# 175x175, no multiple of 16, batch 1). Classes per image: 21 (VOC); 300 for the int32 labels.
+# 175x175, no multiple of 16, at batch 1, 8 and 32: a constexpr, a plain int and a multiple of
+# 16). Classes per image: 21 (VOC); 300 for the int32 labels.
 SIZES = {
     "classes": 21, "classes_i32": 300,
     "add_in": 34, "add_skip_offset": 9,  # upscore_pool4: 34x34 -> 70x70 + crop(score_pool3 88x88, 9)
     "final_in": 70, "final_out": 500, "final_offset": 31,  # upscore8: 70x70 -> 568x568, crop 500 at 31
     "pool_in": 224, "pool_out": 112, "pool_channels": 64, "int64_total": 2**31 + 4096,
-    "conv_batch": 1, "conv_in": 175,
+    "conv_batches": (1, 8, 32), "conv_in": 175,  # the first contact's headline batches
 }  # fmt: skip
 
 
@@ -282,31 +284,31 @@ def conv_launches(table: dict) -> None:
     from fastfcn.kernels import conv_epilogue as ce
     from fastfcn.models.backbone import conv_padding
 
-    n, H = SIZES["conv_batch"], SIZES["conv_in"]
+    H = SIZES["conv_in"]
     # fp32 with IEEE products (the default) and with TF32 (allow_tf32), bf16, fp16
     precisions = [(torch.float32, True), (torch.float32, False), (torch.bfloat16, False),
                   (torch.float16, False)]  # fmt: skip
     for arch, layer, conv, pool in triton_convs():
         (kh, kw), stride, dil = conv.kernel_size, conv.stride[0], conv.dilation[0]
         own = conv_padding(conv)[0]
+        pads = sorted({own, *(q for q in (0, 1) if q <= own)})
         cin, cout = conv.in_channels, conv.out_channels
-        for d, ieee in precisions:
-            for p in sorted({own, *(q for q in (0, 1) if q <= own)}):
-                ho = (H + 2 * p - dil * (kh - 1) - 1) // stride + 1
-                hp = (ho + 1) // 2 if pool else ho
-                ie = ce.ieee_dot(True, d, ieee)
-                cfg = ce.launch_config(True, pool, ie)
-                prec = _dt(d) if d != torch.float32 else ("fp32-ieee" if ie else "tf32")
-                launch = Launch(
-                    f"conv/{'pool' if pool else 'nopool'}/{prec}/k{kh}x{kw}s{stride}d{dil}/pad{p}/"
-                    f"cin{cin}-cout{cout}",
-                    "conv_epilogue.conv_bias_relu_kernel",
-                    (d, d, torch.float32, d, n, cin, H, H, cout, ho, ho, hp, hp, p, p),
-                    {"KH": kh, "KW": kw, "STRIDE": stride, "DIL": dil, "POOL": pool, "IEEE": ie,
-                     "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "BLOCK_K": cfg[2]}, cfg[3], cfg[4],
-                    config=f"conv_epilogue.CUDA_LAUNCH[{(pool, ie)}] = {cfg}",
-                )  # fmt: skip
-                _add(table, launch, f"{arch}:{layer}")
+        for (d, ieee), p, n in itertools.product(precisions, pads, SIZES["conv_batches"]):
+            ho = (H + 2 * p - dil * (kh - 1) - 1) // stride + 1
+            hp = (ho + 1) // 2 if pool else ho
+            ie = ce.ieee_dot(True, d, ieee)
+            cfg = ce.launch_config(True, pool, ie)
+            prec = _dt(d) if d != torch.float32 else ("fp32-ieee" if ie else "tf32")
+            launch = Launch(
+                f"conv/{'pool' if pool else 'nopool'}/{prec}/k{kh}x{kw}s{stride}d{dil}/pad{p}/"
+                f"cin{cin}-cout{cout}/n{n}",
+                "conv_epilogue.conv_bias_relu_kernel",
+                (d, d, torch.float32, d, n, cin, H, H, cout, ho, ho, hp, hp, p, p),
+                {"KH": kh, "KW": kw, "STRIDE": stride, "DIL": dil, "POOL": pool, "IEEE": ie,
+                 "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "BLOCK_K": cfg[2]}, cfg[3], cfg[4],
+                config=f"conv_epilogue.CUDA_LAUNCH[{(pool, ie)}] = {cfg}",
+            )  # fmt: skip
+            _add(table, launch, f"{arch}:{layer}")
 
 
 def all_launches(only: str | None = None) -> list[Launch]:

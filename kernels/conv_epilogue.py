@@ -100,25 +100,25 @@ def conv_bias_relu_kernel(
 
 # Launch configurations on CUDA by (POOL, IEEE): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 # IEEE False is tensor-core MMA (bf16, fp16, TF32), IEEE True the FMA path (fp32 products).
-# Registers (min-max over the 88 specialisations: every conv geometry, padding class and channel
-# alignment the fused backend launches) from the static sm_90a builds with Triton 3.9.0 / 3.6.0,
-# benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md (benchmarks/triton_sm90.py);
-# no configuration spills on either. The first configs, (128, 64, 32, 4, 3) and pooled
-# (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps and pooled windows unrolled),
-# spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels) bf16 756/1368 B (stores/loads),
-# TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32 1016/2584 B, pooled fp32 760/2604 B.
-# Speed is not measured on a GPU yet: the runtime times this kernel against cuDNN per layer and
-# shape (fastfcn.runtime.cuda_fast) and uses it only where it wins.
+# Registers (min-max over the 264 specialisations: every conv geometry, padding class, channel
+# alignment and batch class (1, 8, 32) the fused backend launches) from the static sm_90a builds
+# with Triton 3.9.0 / 3.6.0, benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md
+# (benchmarks/triton_sm90.py); no configuration spills on either. The first configs, (128, 64, 32,
+# 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps and pooled
+# windows unrolled), spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels) bf16 756/1368 B
+# (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32 1016/2584 B, pooled fp32
+# 760/2604 B. Speed is not measured on a GPU yet: the runtime times this kernel against cuDNN per
+# layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins.
 CUDA_LAUNCH = {
     # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
     # bf16 / fp16 64-128 registers, TF32 64-160, on both versions
     (False, False): (128, 64, 16, 8, 3),
     # the pooled kernel holds two (BLOCK_M, BLOCK_N) fp32 tiles (window max and conv tile):
-    # bf16 / fp16 76 / 74 registers, TF32 124 / 124
+    # bf16 / fp16 72-76 / 74 registers, TF32 124 / 124
     (True, False): (64, 64, 32, 8, 3),
-    # 108-181 registers on both (181: 3 input channels)
+    # 106-181 registers on both (181: 3 input channels)
     (False, True): (128, 64, 16, 8, 2),
-    # 96 / 128 registers; (64, 64, 16, 4, 2) spilled 24/24 B on 3.6.0
+    # 96 / 127-128 registers; (64, 64, 16, 4, 2) spilled 24/24 B on 3.6.0
     (True, True): (32, 64, 16, 4, 2),
 }
 

@@ -33,7 +33,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SUBSET = {
     "upsample/final/bilinear/labels-u8/xfp32-skipnone/k16s8": "upsample.upsample_kernel",
     "unpool/unpool/bf16/idx=u8/relu=True/int64=False/k2s2": "unpool.max_unpool_gather_kernel",
-    "conv/pool/bf16/k3x3s1d1/pad1/cin64-cout64": "conv_epilogue.conv_bias_relu_kernel",
+    "conv/pool/bf16/k3x3s1d1/pad1/cin64-cout64/n1": "conv_epilogue.conv_bias_relu_kernel",
 }
 
 
