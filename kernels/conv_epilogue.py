@@ -103,12 +103,13 @@ def conv_bias_relu_kernel(
 # Registers (min-max over the 264 specialisations: every conv geometry, padding class, channel
 # alignment and batch class (1, 8, 32) the fused backend launches) from the static sm_90a builds
 # with Triton 3.9.0 / 3.6.0, benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md
-# (benchmarks/triton_sm90.py); no configuration spills on either. The first configs, (128, 64, 32,
-# 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps and pooled
-# windows unrolled), spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels) bf16 756/1368 B
-# (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32 1016/2584 B, pooled fp32
-# 760/2604 B. Speed is not measured on a GPU yet: the runtime times this kernel against cuDNN per
-# layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins.
+# (benchmarks/triton_sm90.py); no configuration spills on either. The first configs,
+# (128, 64, 32, 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps
+# and pooled windows unrolled), spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels)
+# bf16 756/1368 B (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32
+# 1016/2584 B, pooled fp32 760/2604 B. Speed is not measured on a GPU yet: the runtime times
+# this kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only
+# where it wins.
 CUDA_LAUNCH = {
     # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
     # bf16 / fp16 64-128 registers, TF32 64-160, on both versions
