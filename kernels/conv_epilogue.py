@@ -28,9 +28,13 @@ def _conv_tile(
     """fp32 conv outputs at pixels (n, oy, ox) x channels co: (BLOCK_M, BLOCK_N)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ck = tl.arange(0, BLOCK_K)
-    for ky in tl.static_range(KH):
+    # loops, not static_range: with every tap unrolled (121 copies of the K loop for FCN-AlexNet's
+    # 11x11 conv1) its fp32 build had not finished after 100 s (Triton 3.9.0 on the 2-core AMD
+    # EPYC Zen 4; 3x3 builds took 3-7 s); as loops every specialisation builds in under 0.7 s, with fewer
+    # registers (3x3 64 -> 64 bf16: 145 -> 132 at (128, 64, 32, 4, 3))
+    for ky in range(KH):
         iy = oy * STRIDE - pad_h + ky * DIL
-        for kx in tl.static_range(KW):
+        for kx in range(KW):
             ix = ox * STRIDE - pad_w + kx * DIL
             ok = rmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             row = ((n * H + iy) * W + ix).to(tl.int64) * C  # NHWC: a pixel's channels are contiguous
@@ -73,7 +77,10 @@ def conv_bias_relu_kernel(
     cmask = co < Cout
     if POOL:
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
-        for q in tl.static_range(4):
+        # a loop, not static_range(4): four inlined copies of the conv tile took the pooled bf16
+        # build (64, 64, 32, 4, 3), taps unrolled, from 3.3 s to 25.5 s of compile (Triton 3.9.0 on
+        # the 2-core AMD EPYC Zen 4) and from 218 registers without spills to 255 with 132/388 B
+        for q in range(4):
             oy = py * 2 + q // 2
             ox = px * 2 + q % 2
             valid = rmask & (oy < Ho) & (ox < Wo)  # ceil mode: windows may hang over the edge
@@ -91,15 +98,46 @@ def conv_bias_relu_kernel(
              mask=rmask[:, None] & cmask[None, :])  # fmt: skip
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA. Not timed
-# yet (no GPU run since this was written): the runtime times this kernel against cuDNN per
-# layer and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins. Compiled for
-# sm_90 by triton 3.6 (3x3, C and C_out multiples of 16, as every VGG conv but conv1_1):
-# bf16 154 registers, no spills, 36 KB shared; with POOL 254, no spills, 24 KB; fp32 with TF32
-# 232, no spills. Spills: conv1_1 (C = 3, no 16-divisibility) 504 B at bf16; fp32 without
-# TF32 80 B (864 B with POOL), which cuda_fast does not offer on CUDA. 8 warps for the
-# 128 x 64 tile would spill nowhere (84 registers); kept at 4 until a GPU run times both.
-CUDA_LAUNCH = {False: (128, 64, 32, 4, 3), True: (64, 64, 32, 4, 3)}
+# Launch configurations on CUDA by (POOL, IEEE): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# IEEE False is tensor-core MMA (bf16, fp16, TF32), IEEE True the FMA path (fp32 products).
+# Registers (min-max over the 264 specialisations: every conv geometry, padding class, channel
+# alignment and batch class (1, 8, 32) the fused backend launches) from the static sm_90a builds
+# with Triton 3.9.0 / 3.6.0, benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md
+# (benchmarks/triton_sm90.py); no configuration spills on either. The first configs,
+# (128, 64, 32, 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps
+# and pooled windows unrolled), spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels)
+# bf16 756/1368 B (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32
+# 1016/2584 B, pooled fp32 760/2604 B. Speed is not measured on a GPU yet: the runtime times
+# this kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only
+# where it wins.
+CUDA_LAUNCH = {
+    # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
+    # bf16 / fp16 64-128 registers, TF32 64-160, on both versions
+    (False, False): (128, 64, 16, 8, 3),
+    # the pooled kernel holds two (BLOCK_M, BLOCK_N) fp32 tiles (window max and conv tile):
+    # bf16 / fp16 72-76 / 74 registers, TF32 124 / 124
+    (True, False): (64, 64, 32, 8, 3),
+    # 106-181 registers on both (181: 3 input channels)
+    (False, True): (128, 64, 16, 8, 2),
+    # 96 / 127-128 registers; (64, 64, 16, 4, 2) spilled 24/24 B on 3.6.0
+    (True, True): (32, 64, 16, 4, 2),
+}
+
+
+def launch_config(is_cuda: bool, pool: bool, ieee: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the POOL and IEEE constexprs."""
+    if is_cuda:
+        return CUDA_LAUNCH[(bool(pool), bool(ieee))]
+    return 64, 64, 16, 1, 1  # interpreter: few programs; tl.dot needs every block >= 16
+
+
+def ieee_dot(is_cuda: bool, dtype, ieee: bool) -> bool:
+    """The IEEE constexpr: fp32 products for fp32 input unless TF32 was asked for (ieee=False).
+    The interpreter's bf16 dot returned garbage (errors of 1e11 on values of 8), so it always
+    multiplies in fp32 there, which is exact for bf16 / fp16 inputs."""
+    import torch
+
+    return (bool(ieee) and dtype == torch.float32) or not is_cuda
 
 
 def pack_weight(weight):
@@ -138,17 +176,13 @@ def conv_bias_relu(x, packed, bias, kernel, padding, stride=1, dilation=1, pool=
         raise ValueError(f"input {tuple(x.shape)} has too many pixels for one launch; split the batch")
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, cout, hp, wp), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    if x.is_cuda:
-        bm, bn, bk, warps, stages = CUDA_LAUNCH[bool(pool)]
-    else:  # interpreter: few programs; tl.dot needs every block >= 16
-        bm, bn, bk, warps, stages = 64, 64, 16, 1, 1
+    use_ieee = ieee_dot(x.is_cuda, x.dtype, ieee)
+    bm, bn, bk, warps, stages = launch_config(x.is_cuda, pool, use_ieee)
     grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(cout, bn))
     conv_bias_relu_kernel[grid](
         x, packed, bias, out, n, c, h, w, cout, ho, wo, hp, wp, ph, pw,
         KH=kh, KW=kw, STRIDE=int(stride), DIL=int(dilation), POOL=bool(pool),
-        # the interpreter's bf16 dot returned garbage (errors of 1e11 on values of 8): products
-        # in fp32 there, which is exact for bf16 / fp16 inputs
-        IEEE=(bool(ieee) and x.dtype == torch.float32) or not x.is_cuda, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=use_ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

@@ -92,11 +92,20 @@ def max_unpool_gather_kernel(
     tl.store(out_ptr + o, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _block(total: int, is_cuda: bool) -> int:
+# Launch configuration on CUDA: (BLOCK, num_warps), both kernels: 8 elements per thread. Static
+# sm_90a builds (benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md, from
+# benchmarks/triton_sm90.py), Triton 3.9.0 / 3.6.0, no spills in any of the 33 specialisations
+# (dtype x int32/int64 indexing x switches or int64 indices x relu): pooling 54-93 registers
+# (int64 indexing the most), unpooling 32-70 / 32-64.
+CUDA_LAUNCH = (1024, 4)
+
+
+def launch_config(total: int, is_cuda: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps) for ``total`` elements."""
     if is_cuda:
-        return 1024
+        return CUDA_LAUNCH
     # interpreter: a fixed cost per tl op, so few large programs
-    return min(1 << max(0, total - 1).bit_length(), 1 << 16)
+    return min(1 << max(0, total - 1).bit_length(), 1 << 16), 1
 
 
 # Flat element indices fit int32 up to here (the last program's lanes run up to BLOCK - 1 past
@@ -132,11 +141,11 @@ def max_pool2d_with_switches(x, kernel, stride, ceil_mode):
     total = values.numel()
     if total == 0:
         return values, switches
-    block = _block(total, x.is_cuda)
+    block, warps = launch_config(total, x.is_cuda)
     max_pool_switches_kernel[(triton.cdiv(total, block),)](
         x.contiguous(), values, switches, total, H, W, h, w,
         KERNEL=kernel, STRIDE=stride, INT64=needs_int64(block, total, x.numel()), BLOCK=block,
-        num_warps=4 if x.is_cuda else 1,
+        num_warps=warps,
     )
     return values, switches
 
@@ -171,10 +180,10 @@ def max_unpool2d(x, indices, output_size, kernel, stride, relu):
     total = out.numel()
     if total == 0:
         return out
-    block = _block(total, x.is_cuda)
+    block, warps = launch_config(total, x.is_cuda)
     max_unpool_gather_kernel[(triton.cdiv(total, block),)](
         x.contiguous(), indices.contiguous(), out, total, H, W, h, w,
         KERNEL=kernel, STRIDE=stride, SWITCHES=indices.dtype == torch.uint8, RELU=bool(relu),
-        INT64=needs_int64(block, total, x.numel()), BLOCK=block, num_warps=4 if x.is_cuda else 1,
+        INT64=needs_int64(block, total, x.numel()), BLOCK=block, num_warps=warps,
     )
     return out

@@ -165,14 +165,19 @@ def _pow2(v: int) -> int:
 # Measured before (sm_90a builds, static review of the compiled kernels): the 256-pixel x
 # 32-class tile spilled 3.4-5 KB per thread (depthwise labels) and 11-12 KB (probs), bilinear
 # used 255 registers with spills; a 128 x 8 tile compiled without spills on Triton 3.6 but on
-# Triton 3.9 the same code laid classes on lanes and spilled 20 KB. The 256 x 1 configs below
-# hold 2 pixels per thread (4 warps); their registers and spills are not measured yet (no GPU
-# run since): benchmarks/gpu_first_contact.sh records n_regs / n_spills and the time of this
-# config and of the old tiles side by side.
+# Triton 3.9 the same code laid classes on lanes and spilled 20 KB. The configs below, in the
+# static sm_90a builds of all 198 upsample specialisations (every kind x output x dtype x head
+# geometry; benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md, from
+# benchmarks/triton_sm90.py), use no shared memory and never spill on Triton 3.9.0 or 3.6.0;
+# registers per kind below (3.9.0 / 3.6.0 where they differ). Their time is not measured yet (no
+# GPU run since): benchmarks/gpu_first_contact.sh records it beside the old tiles.
 CUDA_LAUNCH = {
+    # logits 30-32, add stages 30-32, labels 56, probs 48 registers
     "bilinear": (256, 1, 4),
+    # logits 32, add stages 32, labels 64, probs 56 / 64
     "depthwise": (256, 1, 4),
-    # dense loops over input channels per class: half the pixels keep more programs in flight
+    # dense loops over input channels per class: half the pixels keep more programs in flight;
+    # 32-40 registers for every output
     "dense": (128, 1, 4),
 }
 
@@ -184,6 +189,17 @@ def launch_config(is_cuda: bool, kind: str, output: str, c: int, hw: int) -> tup
     # interpreter: each tl op costs a fixed overhead, so few large programs with wide class tiles
     block_c = min(_pow2(c), 64)
     return min(_pow2(hw), (1 << 18) // block_c), block_c, 1
+
+
+def stage_constexprs(k: int, s: int, kind: str, output: str, c: int, has_skip: bool) -> dict:
+    """upsample_kernel's constexprs (all but the block sizes) for one stage: a k x k, stride s
+    upsampling of ``kind`` to ``output`` ("logits" for an add stage) over c classes."""
+    factor = (k + 1) // 2
+    center = factor - 1.0 if k % 2 == 1 else factor - 0.5
+    return dict(
+        K=k, S=s, T=triton.cdiv(k, s), KIND=KIND_CODES[kind], OUTPUT=output_code(output, c),
+        HAS_SKIP=bool(has_skip), CENTER=float(center), FACTOR=float(factor),
+    )
 
 
 # Per-plane sizes above this need 64-bit pixel math, which the kernel does not carry (a 46341 x
@@ -258,16 +274,13 @@ def _launch(x, weight, stride, kind, skip, soff, scale, off, size, output, out_d
         hs, ws = skip.shape[-2:]
     else:
         skip, hs, ws = x, 0, 0
-    factor = (k + 1) // 2
-    center = factor - 1.0 if k % 2 == 1 else factor - 0.5
     hw = ho * wo
     block_p, block_c, num_warps = launch_config(x.is_cuda, kind, output, c, hw)
     grid = (triton.cdiv(hw, block_p), n, triton.cdiv(c, block_c) if output == "logits" else 1)
     upsample_kernel[grid](
         x, wk, skip, out,
         c, h, w, ho, wo, int(off), int(soff), hs, ws, float(scale),
-        K=k, S=s, T=triton.cdiv(k, s), KIND=KIND_CODES[kind], OUTPUT=output_code(output, c),
-        HAS_SKIP=skip is not x, CENTER=float(center), FACTOR=float(factor),
+        **stage_constexprs(k, s, kind, output, c, skip is not x),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out

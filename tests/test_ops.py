@@ -771,7 +771,7 @@ def test_pool_index_width_boundary(monkeypatch):
     want = F.max_unpool2d(torch.relu(values - 1.5), idx, 2, 2, output_size=(13, 14))
     for limit in (unpool.INT32_LIMIT, 50):
         monkeypatch.setattr(unpool, "INT32_LIMIT", limit)
-        assert unpool.needs_int64(unpool._block(x.numel(), HAS_CUDA), x.numel()) == (limit == 50)
+        assert unpool.needs_int64(unpool.launch_config(x.numel(), HAS_CUDA)[0], x.numel()) == (limit == 50)
         v, sw = ops.max_pool2d_with_switches(x.to(DEV), impl="triton")
         assert torch.equal(v.cpu(), values) and torch.equal(sw.cpu(), ref.max_pool2d_with_switches(x)[1])
         out = ops.max_unpool2d(v - 1.5, sw, (13, 14), relu=True, impl="triton")
