@@ -236,8 +236,7 @@ def test_compile_backends_are_independent_and_freed(monkeypatch):
 
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# The Triton conv runs compiled at bf16 on a GPU (fp32 products are not offered there:
-# cuda_fast.triton_conv), in Triton's interpreter at fp32 without one.
+# The Triton conv runs compiled at bf16 on a GPU, in Triton's interpreter at fp32 without one.
 EPI_DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 EPI_TOL = {"rtol": 2**-7, "atol": 1e-2} if DEV == "cuda" else {"rtol": 1e-5, "atol": 1e-5}
 
@@ -544,14 +543,20 @@ def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
     torch.testing.assert_close(got.double(), F.max_pool2d(want, 3, 2, ceil_mode=True), **EPI_TOL)
 
 
-def test_triton_conv_not_offered_for_fp32_products_on_cuda(tf32_flags):
-    """fp32 without TF32 on CUDA: the kernel's FMA dot compiles 10-45 s per specialisation, so the
-    candidate refuses (and the Chooser falls back) instead of compiling."""
+def test_triton_conv_multiplies_in_fp32_unless_tf32_was_asked_for(tf32_flags, monkeypatch):
+    """fp32 input on CUDA: fp32 products (the IEEE kernel) unless the Segmenter allowed TF32;
+    bf16 never reads the flag. The launch is intercepted: only the ieee argument is checked."""
+    from fastfcn.kernels import conv_epilogue as ce
+
+    seen = []
+    monkeypatch.setattr(ce, "conv_bias_relu", lambda x, w, b, *geom: seen.append(geom[-1]))
     run = cuda_fast.triton_conv(_conv())
-    cuda_fp32 = types.SimpleNamespace(dtype=torch.float32, is_cuda=True)  # as much as run reads
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with pytest.raises(NotImplementedError, match="bf16, fp16 and TF32 only"):
-        run(cuda_fp32, (1, 1))
+    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        x = torch.randn(1, 4, 6, 6, dtype=dtype)
+        monkeypatch.setattr(cuda_fast, "_triton_here", lambda x: None)  # as if x were on CUDA
+        run(x, (1, 1))
+    assert seen == [True, False, False]
 
 
 def test_backbone_runner_hands_the_pool_to_conv_pool():

@@ -274,12 +274,10 @@ def triton_conv(conv: nn.Conv2d, pool: bool = False):
         # call); bf16 / fp16 never read it (a process that mixed torch's two TF32 APIs makes
         # the read raise)
         ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-        if ieee and x.is_cuda:
-            # fp32 products (no TF32) make tl.dot a loop of FMAs that takes ptxas long: compiled
-            # for sm_90 by triton 3.6 (AMD EPYC Zen 4, 2 shared cores), 10-13 s per
-            # specialisation (28-45 s with the pool) against 1.3-3.4 s at bf16, and a net needs
-            # about three per batch size, for a kernel unlikely to beat cuDNN's fp32.
-            raise NotImplementedError("the Triton convolution is offered at bf16, fp16 and TF32 only")
+        # fp32 products build like the rest since the taps are a loop (static sm_90a builds,
+        # benchmarks/results/static/sm90a-triton-3.6.0.md: at most 0.64 s per specialisation
+        # on the 2-core AMD EPYC Zen 4, against 10-45 s with the taps unrolled), so the FMA
+        # kernel is measured against cuDNN's fp32 like every other candidate.
         geom = (conv.kernel_size, padding, conv.stride[0], conv.dilation[0])
         return ce.conv_bias_relu(x, packed["w"], packed["b"], *geom, pool, ieee)
 
