@@ -750,6 +750,41 @@ def stage_profile(out: str, dry: bool) -> None:
 # ------------------------------------------------------------------ summary
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def issue_targets(c: dict, h: dict) -> list[str]:
+    """The targets this run is judged by (issue 12, H200), each met / missed / not measured:
+    fused bf16 FCN-8s 500x500 at batch 1 <= 0.8 ms and >= 1.1x torch.compile; batch 32 >= 1,500
+    images/s; the final-stage labels kernel >= 10x the eager composition."""
+    rows = {(r["backend"], r["batch"]): r for r in h.get("cases", []) if "ms_per_image" in r}
+
+    def verdict(name: str, value, goal: str, ok) -> str:
+        if not _finite(value):
+            return f"target {name}: not measured ({goal})"
+        return f"target {name}: {value:.3f} ({goal}) {'met' if ok(value) else 'MISSED'}"
+
+    f1, c1, f32 = rows.get(("fused", 1)), rows.get(("compile", 1)), rows.get(("fused", 32))
+    lines = [
+        verdict("fused b1 ms", f1 and f1["ms_per_batch"], "<= 0.8 ms on an H200", lambda v: v <= 0.8),
+        verdict("fused vs compile b1", f1 and c1 and c1["ms_per_batch"] / f1["ms_per_batch"], ">= 1.1x",
+                lambda v: v >= 1.1),  # fmt: skip
+        verdict("fused b32 images/s", f32 and f32["images_per_s"], ">= 1500", lambda v: v >= 1500),
+    ]
+    for n in (8, 32):
+        fn, cn = rows.get(("fused", n)), rows.get(("compile", n))
+        if fn and cn:
+            lines.append(verdict(f"fused vs compile b{n}", cn["ms_per_batch"] / fn["ms_per_batch"],
+                                 "reported", lambda v: True))  # fmt: skip
+    for r in c.get("kernels", []):
+        if r["name"].startswith("final_stage_"):
+            ms, torch_ms = r.get("ms"), r.get("torch_ms")
+            ratio = torch_ms / ms if _finite(ms) and _finite(torch_ms) and ms > 0 else None
+            lines.append(verdict(f"{r['name']} labels vs eager", ratio, ">= 10x", lambda v: v >= 10))
+    return lines
+
+
 def stage_summary(out: str) -> str:
     e, c, h, p = (load(out, n) for n in ("env", "correctness", "headline", "profile"))
     lines = [
@@ -786,6 +821,7 @@ def stage_summary(out: str) -> str:
             f"profile {r['backend']} b{r['batch']}: {r.get('total_ms', 0):.3f} ms "
             f"{r.get('by_category_ms_count') or r.get('error')}"
         )
+    lines += issue_targets(c, h)
     for d in (e, c, h, p):
         lines += [f"ERROR {str(x)[:300]}" for x in d.get("errors", [])]
     text = "\n".join(lines)

@@ -175,3 +175,29 @@ def test_categories():
     assert fc.categorize("triton_poi_fused_convolution_relu_3") == "inductor_fused"
     assert fc.categorize("conv_bias_relu_kernel") == "fastfcn_conv"
     assert fc.categorize("aten::mm") == "convolution" and fc.categorize("aten::relu_") == "relu"
+
+
+def test_summary_judges_the_issue_targets():
+    """The summary says of each target whether this run met it, from the stages' JSON: fused
+    bf16 b1 <= 0.8 ms and >= 1.1x compile, b32 >= 1,500 images/s, final stage >= 10x eager."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_first_contact as fc
+    finally:
+        sys.path.pop(0)
+    h = {"cases": [
+        {"backend": "fused", "batch": 1, "ms_per_batch": 0.7, "ms_per_image": 0.7, "images_per_s": 1428.6},
+        {"backend": "compile", "batch": 1, "ms_per_batch": 0.84, "ms_per_image": 0.84, "images_per_s": 1190},
+        {"backend": "fused", "batch": 32, "ms_per_batch": 25.6, "ms_per_image": 0.8, "images_per_s": 1250.0},
+        {"backend": "compile", "batch": 32, "error": "cap reached"},
+    ]}  # fmt: skip
+    nan = float("nan")
+    c = {"kernels": [{"name": "final_stage_bilinear_b8_1080x1920", "ms": 0.5, "torch_ms": 4.0},
+                     {"name": "final_stage_dense_b8_1080x1920", "ms": nan, "torch_ms": 9.0}]}  # fmt: skip
+    lines = fc.issue_targets(c, h)
+    assert lines[0] == "target fused b1 ms: 0.700 (<= 0.8 ms on an H200) met"
+    assert lines[1] == "target fused vs compile b1: 1.200 (>= 1.1x) met"
+    assert lines[2] == "target fused b32 images/s: 1250.000 (>= 1500) MISSED"
+    assert lines[3] == "target final_stage_bilinear_b8_1080x1920 labels vs eager: 8.000 (>= 10x) MISSED"
+    assert lines[4].endswith("not measured (>= 10x)") and len(lines) == 5
+    assert all(x.endswith("not measured (<= 0.8 ms on an H200)") for x in fc.issue_targets({}, {})[:1])
