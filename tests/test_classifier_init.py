@@ -290,3 +290,17 @@ def test_train_init_from_a_classifier(tmp_path, vgg, capsys):
     torch.testing.assert_close(trained.conv3_1.weight, donor.conv3_1.weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(trained.fc6.weight, donor.fc6.weight, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "history.json").read_text())["loss"]
+
+
+def test_train_keeps_torchvision_preprocessing_through_the_stages(tmp_path, capsys):
+    path = tmp_path / "vgg16.pth"
+    torch.save(_torchvision_vgg16(_donor("fcn32s", seed=3)), path)
+    args = ["train", "--data", "synthetic", "--width", str(W), "--num-classes", "3", "--size", "32",
+            "--batch", "1", "--val-every", "0", "--threads", "1", "--quiet", "--init", str(path)]  # fmt: skip
+    assert cli.main([*args, "--out", str(tmp_path / "a"), "--stages", "fcn32s:1,fcn16s:1"]) == 0
+    assert "(torchvision vgg16)" in capsys.readouterr().err
+    c = fastfcn.load(tmp_path / "a" / "final.safetensors").config
+    assert (c.arch, c.color_order, c.input_scale, c.std) == ("fcn16s", "RGB", 1.0, (0.229, 0.224, 0.225))
+    # a classifier for another net is refused before anything trains, with the layer that differs
+    assert cli.main([*args, "--out", str(tmp_path / "b"), "--arch", "fcn-alexnet", "--iters", "1"]) == 1
+    assert "'fc6'" in capsys.readouterr().err
