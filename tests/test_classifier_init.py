@@ -273,6 +273,15 @@ def test_fcn_checkpoints_are_no_classifiers(tmp_path, vgg):
     assert not is_classifier_file(caffe_fcn)
 
 
+def test_loading_a_classifier_as_an_fcn_points_to_the_surgery(tmp_path, vgg):
+    _, path = vgg
+    with pytest.raises(fastfcn.CheckpointError, match="classifier, not an FCN.*init_from_classifier"):
+        fastfcn.load(path)
+    torch.save(_torchvision_vgg16(_donor("fcn32s")), tmp_path / "vgg16.pth")
+    with pytest.raises(fastfcn.CheckpointError, match="ImageNet classifier, not an FCN"):
+        fastfcn.load(tmp_path / "vgg16.pth")
+
+
 # ------------------------------------------------------------------------------ fastfcn train --init
 
 

@@ -161,7 +161,7 @@ def load(
     held = _tensor_bytes(state, path) if kind != "caffe" else sum(b.nbytes for ly in layers for b in ly.blobs)
     inferred = config is None  # a bare state dict or caffemodel: the reference defaults apply
     if inferred:
-        config = _infer_config(state, arch or hint, path)
+        config = _infer_config_or_explain(state, arch or hint, path)
     elif arch is not None:
         config = dict(config, arch=arch)
     config = validate_config(config, path)
@@ -173,6 +173,19 @@ def load(
     model.config = _with_file_settings(model.config, config)
     model.eval()
     return model.to(map_location)
+
+
+def _infer_config_or_explain(state: dict, arch: str | None, path: Path) -> dict:
+    """_infer_config; a file that fits no FCN because it is an ImageNet classifier says so."""
+    try:
+        return _infer_config(state, arch, path)
+    except CheckpointError as e:
+        if not is_classifier_file(path):
+            raise
+        raise CheckpointError(
+            f"{e}. The file is an ImageNet classifier, not an FCN: build the FCN and call "
+            "fastfcn.init_from_classifier(model, path), or give it to fastfcn train --init"
+        ) from None
 
 
 def _regular_file(path) -> Path:
