@@ -179,6 +179,20 @@ def test_vgg_into_a_model_of_another_width_is_refused(vgg):
         fastfcn.init_from_classifier(models.build("fcn8s", width=2 * W), path)
 
 
+def test_non_finite_classifier_weights_are_refused(tmp_path):
+    donor = _donor("fcn-alexnet")
+    with torch.no_grad():
+        donor.conv3.weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "bvlc_alexnet.caffemodel"
+    path.write_bytes(_classifier_bytes(donor, ALEX_CONVS))
+    model = models.build("fcn-alexnet", width=W)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fastfcn.CheckpointError, match="non-finite.*'conv3'"):
+        fastfcn.init_from_classifier(model, path)
+    # conv1 and conv2 fitted before conv3 was found bad: nothing is half-copied
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_vgg_into_alexnet_is_refused(vgg):
     _, path = vgg
     with pytest.raises(fastfcn.InputError, match="'fc6'.*fcn-alexnet"):
