@@ -3,7 +3,7 @@
     seg = fastfcn.Segmenter("fcn8s.safetensors")   # device, backend, precision: auto
     labels = seg.run(frames)                        # (N, H, W) class ids
 
-Public API: Segmenter, Ensemble, load, save, export_onnx, models, ops.
+Public API: Segmenter, Ensemble, load, save, init_from_classifier, export_onnx, models, ops.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "StreamError",
     "__version__",
     "export_onnx",
+    "init_from_classifier",
     "load",
     "models",
     "save",
@@ -41,7 +42,7 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(".models", __name__)
-    if name in ("load", "save"):
+    if name in ("load", "save", "init_from_classifier"):
         from . import checkpoint
 
         return getattr(checkpoint, name)

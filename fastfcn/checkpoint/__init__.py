@@ -30,7 +30,9 @@ the reference nets', from ModelConfig.
 Layout (one concern a module): ``safetensors_format`` and ``torch_format`` read and write
 their format, ``caffe`` decodes .caffemodel files and maps their layers, ``arch`` infers what
 a bare state dict is, ``state`` builds the model and loads tensors into it, ``store`` writes
-files atomically and holds the size checks; this module ties them into ``save`` and ``load``.
+files atomically and holds the size checks, ``classifier`` initialises an FCN from an ImageNet
+classifier (``init_from_classifier``: the paper's net surgery); this module ties them into
+``save`` and ``load``.
 The config itself is ``fastfcn.config.ModelConfig`` (``model.config``).
 
 Trust: every size a file claims is checked before anything is allocated (see
@@ -52,6 +54,7 @@ from ..config import ModelConfig, validate_config
 from ..errors import CheckpointError
 from .arch import _infer_config, _strip_prefix, infer_arch
 from .caffe import CaffeLayer, _caffe_arch, _caffe_name, _caffe_probe, _caffe_state, read_caffemodel
+from .classifier import SurgeryReport, init_from_classifier, is_classifier_file
 from .safetensors_format import _read_safetensors, write_safetensors
 from .state import _build, _load_state
 from .store import (
@@ -158,7 +161,7 @@ def load(
     held = _tensor_bytes(state, path) if kind != "caffe" else sum(b.nbytes for ly in layers for b in ly.blobs)
     inferred = config is None  # a bare state dict or caffemodel: the reference defaults apply
     if inferred:
-        config = _infer_config(state, arch or hint, path)
+        config = _infer_config_or_explain(state, arch or hint, path)
     elif arch is not None:
         config = dict(config, arch=arch)
     config = validate_config(config, path)
@@ -170,6 +173,19 @@ def load(
     model.config = _with_file_settings(model.config, config)
     model.eval()
     return model.to(map_location)
+
+
+def _infer_config_or_explain(state: dict, arch: str | None, path: Path) -> dict:
+    """_infer_config; a file that fits no FCN because it is an ImageNet classifier says so."""
+    try:
+        return _infer_config(state, arch, path)
+    except CheckpointError as e:
+        if not is_classifier_file(path):
+            raise
+        raise CheckpointError(
+            f"{e}. The file is an ImageNet classifier, not an FCN: build the FCN and call "
+            "fastfcn.init_from_classifier(model, path), or give it to fastfcn train --init"
+        ) from None
 
 
 def _regular_file(path) -> Path:
@@ -238,6 +254,7 @@ def _detect_format(path: Path) -> str:
 
 
 __all__ = [
-    "FORMAT_VERSION", "META_KEY", "MODEL_SLACK", "CaffeLayer", "atomic_write", "infer_arch", "load",
-    "read_caffemodel", "save", "save_target",
+    "FORMAT_VERSION", "META_KEY", "MODEL_SLACK", "CaffeLayer", "SurgeryReport", "atomic_write",
+    "infer_arch", "init_from_classifier", "is_classifier_file", "load", "read_caffemodel", "save",
+    "save_target",
 ]  # fmt: skip

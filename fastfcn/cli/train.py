@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--batchnorm", action="store_true",
       help="train with BatchNorm after each conv, folded away in every saved model (from-scratch training)")
     a("--learnable-upsampling", action="store_true", help="learn the upsampling deconvolutions too")
-    a("--init", default=None, help="initialise from a checkpoint, by layer name where shapes match")
+    a("--init", default=None,
+      help="initialise from a checkpoint, by layer name where shapes match, or from an ImageNet "
+           "classifier (VGG16 / AlexNet / GoogLeNet .caffemodel, torchvision vgg16 .pth; told apart "
+           "by content)")  # fmt: skip
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--val-every", type=int, default=200, help="validate every N iterations (0: never; default 200)")
     a("--val-n", type=int, default=100, help="validation images (default 100)")

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -160,6 +160,9 @@ class Run:
     step: int
     history: dict
     state: dict | None  # the resume state, None for a fresh run
+    # The preprocessing an --init classifier set (torchvision's RGB 0..1 ImageNet mean/std): every
+    # later stage's model is fed as the weights it starts from were trained.
+    preprocessing: dict = field(default_factory=dict)
 
     @property
     def main_rank(self) -> bool:
@@ -220,10 +223,14 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
+_PREPROCESSING = ("color_order", "input_scale", "mean", "std")
+
+
 def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Module:
     """Stage ``si``'s model: fresh weights, then the resume point, the previous stage or --init."""
     import fastfcn
     from fastfcn import models
+    from fastfcn.checkpoint import is_classifier_file
 
     args = run.args
     options = {"dropout": args.dropout}
@@ -236,13 +243,22 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
         model.config = model.config.replace(class_names=tuple(run.class_names))
     resumed = _resumes(run, si)
     if resumed:
-        model.load_state_dict(fastfcn.load(run.out / "last.safetensors").state_dict())
+        last = fastfcn.load(run.out / "last.safetensors")
+        model.load_state_dict(last.state_dict())
+        run.preprocessing = {k: getattr(last.config, k) for k in _PREPROCESSING}
     elif prev_state is not None:
         copied = copy_by_name(model, prev_state)
         run.say(f"stage {si + 1}: {arch} initialised from the previous stage ({len(copied)} tensors)")
+    elif args.init and is_classifier_file(args.init):
+        report = fastfcn.init_from_classifier(model, args.init)
+        run.preprocessing = {k: getattr(model.config, k) for k in report.preprocessing}
+        run.say(f"{arch} initialised from the ImageNet classifier {args.init} "
+                f"({report.source}): {report.summary()}")  # fmt: skip
     elif args.init:
         copied = copy_by_name(model, fastfcn.load(args.init).state_dict())
         run.say(f"{arch} initialised from {args.init} ({len(copied)} tensors by name)")
+    if run.preprocessing:
+        model.config = model.config.replace(**run.preprocessing)
     if args.batchnorm:
         add_batchnorm(model)
         if resumed and "model" in run.state:
