@@ -638,11 +638,10 @@ def test_chooser_drops_candidates_that_disagree_with_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chooser_admits_the_real_candidates_and_catches_a_shift(dtype, monkeypatch):
+def test_chooser_admits_the_real_candidates_and_catches_a_shift(dtype):
     """AGREE_TOL's bound against the real candidates: fc6-like GEMM / split-K and the Triton conv
-    (interpreter) agree with eager within it at fp32 and bf16, while an output shifted by one
-    pixel (what a wrong index in a kernel gives) does not."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (interpreter here, compiled on a GPU) agree with eager within it at fp32 and bf16, while an
+    output shifted by one pixel (what a wrong index in a kernel gives) does not."""
     g = torch.Generator().manual_seed(3)
     fc6 = torch.nn.Conv2d(64, 256, 7).requires_grad_(False)
     conv = torch.nn.Conv2d(16, 32, 3, padding=1).requires_grad_(False)
@@ -650,13 +649,13 @@ def test_chooser_admits_the_real_candidates_and_catches_a_shift(dtype, monkeypat
         with torch.no_grad():
             c.weight.copy_(torch.randn(c.weight.shape, generator=g) * (2 / c.weight[0].numel()) ** 0.5)
             c.bias.copy_(torch.randn(c.bias.shape, generator=g) * 0.1)
-    x6 = torch.relu(torch.randn(1, 64, 12, 12, generator=g)).to(dtype)
-    fc6 = fc6.to(dtype)
+    x6 = torch.relu(torch.randn(1, 64, 12, 12, generator=g)).to(DEV, dtype)
+    fc6 = fc6.to(DEV, dtype)
     ref6 = cuda_fast.eager_conv(fc6, False)(x6, (0, 0))
     for split in (1, 4, 8):
         assert cuda_fast.disagreement(cuda_fast.gemm_conv(fc6, False, split)(x6, (0, 0)), ref6) is None
-    xc = torch.relu(torch.randn(2, 16, 13, 11, generator=g)).to(dtype)
-    conv = conv.to(dtype)
+    xc = torch.relu(torch.randn(2, 16, 13, 11, generator=g)).to(DEV, dtype)
+    conv = conv.to(DEV, dtype)
     ref = cuda_fast.eager_conv(conv, True)(xc, (1, 1))
     assert cuda_fast.disagreement(cuda_fast.triton_conv(conv)(xc, (1, 1)), ref) is None
     pooled = cuda_fast.triton_conv(conv, pool=True)(xc, (1, 1))
