@@ -9,6 +9,11 @@ and ``OUT/overlays/<rel>.png``, ``<rel>`` mirroring the inputs' subfolders); a v
 picture, ``OUT/overlays/<rel>.mp4`` or ``OUT/side-by-side/<rel>.mp4``. A net with several heads
 (SIFT Flow) writes each of these once per head, in a folder per head at the top of each tree
 (``OUT/labels/semantic/<rel>.png``, ``OUT/overlays/geometric/<rel>.png``, ...), as ``segment`` does.
+A net of two inputs (NYUDv2 fusion: nyud-fcn32s-color-d, -color-hha) takes ``depth=DIR`` or
+``hha=DIR`` (``fastfcn batch --depth / --hha``): the driver pairs every image with its file there
+as ``segment`` does (``pair_second``: the image's path relative to its input folder, any image
+suffix; DIR local or a URI), every pair before Ray starts; the pair travels to the actor, which
+reads both and runs ``seg.run(image, depth=...)``. Videos have no depth track: refused for these.
 
 How the work is shared and why it survives failures:
 
@@ -29,8 +34,10 @@ How the work is shared and why it survives failures:
 - The manifest (``OUT/manifest.jsonl``, one JSON object per input) is written by the driver
   alone, from the rows the workers return: a row is appended as it arrives (an interrupted run
   keeps what it finished) and the file is compacted to one row per input, atomically, at the
-  end. ``resume`` treats an input as complete when its last row is ``ok`` and every output it
-  lists exists with the size it recorded.
+  end. ``resume`` treats an input as complete when its last row is ``ok``, every output it
+  lists exists with the size it recorded and, for a two-input net, its row's ``second`` (the
+  paired file) is the one paired now. Like the image itself, a file is known by its path, not
+  its contents or mtime: an edited depth map at the same path is not redone (``--no-resume``).
 - A failing input is tried ``ATTEMPTS`` times in its worker, then recorded as ``failed`` with
   the error; the others go on. Nothing is dropped: an input without a row after the run is
   recorded as failed too.
@@ -287,18 +294,26 @@ def pair_second(found: list[tuple[str, str]], folder: str, modality: str) -> lis
     """Each input's second-input file (NYUDv2 fusion: its depth map or HHA image), as ``segment
     --depth / --hha`` pairs them (``paths.match_file``): the file of ``folder`` (a local folder
     or a URI) at the image's path relative to its input folder, with the same stem and any image
-    suffix. Every pair is found here, so a missing or ambiguous file is an InputError before
-    Ray starts; each subfolder of ``folder`` is listed once."""
+    suffix. Every pair is looked for here, before Ray starts: the InputError for missing or
+    ambiguous files names the first and counts the others. Each subfolder of ``folder`` is listed
+    once (a folder per image would be 10^4 listings of 10^4 names for NYUDv2-sized folders)."""
     from .paths import second_file_name
 
     root = _Folder(folder, f"--{modality}")
-    pairs = []
+    pairs, errors = [], []
     for src, base in found:
         rel = PurePosixPath(os.path.relpath(_stand_in(src), _stand_in(base)))
         rel_dir = "" if str(rel.parent) == "." else str(rel.parent)
         where = root.where(rel_dir)
-        name = second_file_name(src, where, rel.stem, root.names(rel_dir), modality)
+        try:
+            name = second_file_name(src, where, rel.stem, root.names(rel_dir), modality)
+        except InputError as e:
+            errors.append(str(e))
+            continue
         pairs.append(f"{where.rstrip('/')}/{name}" if root.uri else os.path.join(where, name))
+    if errors:
+        more = f"; {len(errors) - 1} more of the {len(found)} images lack theirs too" if errors[1:] else ""
+        raise InputError(errors[0] + more)
     return pairs
 
 

@@ -531,11 +531,14 @@ def test_two_input_net_refusals_before_ray(depth_ckpt, ckpt, sift_ckpt, tmp_path
             r"found several \(img002.png, img002.tif\)", depth=dep)
     (dep / "cam0" / "img002.tif").unlink()
     deps[1].unlink()
-    refused(r"img001.jpg: its depth file must be .*cam1/img001.<png\|tif\|...>.*found none", depth=dep)
+    refused(r"img001.jpg: its depth file must be .*cam1/img001.<png\|tif\|...>.*found none$", depth=dep)
+    deps[2].unlink()  # every pair is looked for: the first missing is named, the others counted
+    refused(r"cam0/img002.jpg: its depth file .*found none; 1 more of the 3 images lack theirs too$",
+            depth=dep)
     assert not out.exists()
     capsys.readouterr()
     assert main(["batch", str(depth_ckpt), str(src), "--out", str(out), "--depth", str(dep)]) == 1
-    assert "img001.jpg: its depth file must be" in capsys.readouterr().err
+    assert "img002.jpg: its depth file must be" in capsys.readouterr().err
     assert main(["batch", "--help"]) == 0
     assert "--depth DIR" in capsys.readouterr().out
     assert not out.exists()
@@ -589,10 +592,17 @@ def test_worker_reads_second_inputs_at_uris_and_refuses_videos(tmp_path):
     assert [(r["status"], r["second"]) for r in got] == [("ok", t.second) for t in tasks[:2]]
     assert worker.process(tasks[2]) == 1  # alone: the path a retry takes
     by = {str(p): h for p, h in zip(imgs, hhas)}
+    swapped = 0
     for t in tasks:
         image, hha = read_image(t.src[len("file://"):]), read_image(by[t.src[len("file://"):]])
         want = worker.seg.run(image, hha=hha).numpy()
         np.testing.assert_array_equal(np.array(Image.open(t.outputs[0])), want, err_msg=t.src)
+        swapped += int((worker.seg.run(image, hha=np.ascontiguousarray(hha[::-1])).numpy() != want).sum())
+    assert swapped > 0  # the labels follow the HHA image: a wrong pairing would be caught above
+    Image.fromarray(photo(9, 16, 16)).save(hhas[0])  # not the image's size: that input fails alone
+    rows_ = [json.loads(r) for r in worker(batch)["row"]]
+    assert [r["status"] for r in rows_] == ["failed", "ok"]
+    assert "every hha map must have the size of its image" in rows_[0]["error"]
     clip = distributed.Task(str(tmp_path / "v.mp4"), "video", (str(out / "labels" / "v.mkv"),))
     with pytest.raises(InputError, match=r"v.mp4: a video has no hha track"):
         worker.process(clip)
