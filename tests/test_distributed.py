@@ -565,6 +565,14 @@ def test_pair_second_mirrors_relative_paths_locally_and_at_uris(tmp_path):
         assert distributed.pair_second(f, str(dep), "depth") == [str(d) for d in deps_sorted(imgs, deps, f)]
     with pytest.raises(InputError, match="--hha file:///nowhere/at/all: not a folder"):
         distributed.pair_second(found, "file:///nowhere/at/all", "hha")
+    # what a worker does with the bytes of a depth file at a URI: read_second's result and errors
+    from fastfcn.imageio import decode_second, read_second
+
+    np.testing.assert_array_equal(decode_second(deps[0].read_bytes(), "s3://b/d.png", "depth"),
+                                  read_second(deps[0], "depth"))  # fmt: skip
+    Image.fromarray(photo(0, 8, 8)[..., 0]).save(deps[0])  # 8 bits: no millimetres
+    with pytest.raises(InputError, match=r"^s3://b/d.png: a depth image must be one channel of 16"):
+        decode_second(deps[0].read_bytes(), "s3://b/d.png", "depth")
 
 
 def deps_sorted(imgs: list[Path], deps: list[Path], found) -> list[Path]:
