@@ -160,15 +160,41 @@ def read_depth(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     depth PNGs: uint16 millimetres), values as stored. InputError (starting with the path)
     for another mode, an unreadable file or one over ``max_pixels``."""
     check_regular_file(path)
+    return _decode_depth(path, path, max_pixels)
+
+
+def decode_depth_bytes(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """``read_depth`` for the bytes of a depth file (read from any file system); ``name`` (its
+    path or URI) starts every error message."""
+    import io
+
+    return _decode_depth(io.BytesIO(data), name, max_pixels)
+
+
+def _decode_depth(source, path, max_pixels: int | None) -> np.ndarray:
+    """source: a path or a binary file object; path: what the messages call it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return depth_from_pil(im, max_pixels)
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise InputError(f"{path}: not a readable depth image ({type(e).__name__}: {e})") from None
+
+
+def read_second(path: str | os.PathLike, modality: str, max_pixels: int | None = None) -> np.ndarray:
+    """A second-modality file of the NYUDv2 fusion nets: depth (H, W) float32 millimetres
+    (``read_depth``) or an HHA (H, W, 3) uint8 image (``read_image``)."""
+    return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
+
+
+def decode_second(data: bytes, name: str, modality: str, max_pixels: int | None = None) -> np.ndarray:
+    """``read_second`` for the bytes of the file ``name`` (a path or URI, read elsewhere)."""
+    if modality == "depth":
+        return decode_depth_bytes(data, name, max_pixels)
+    return decode_image(data, name, max_pixels)
 
 
 def decode_depth(obj, what: str, max_pixels: int | None = None):

@@ -156,6 +156,32 @@ def plan_outputs(found: list[tuple[Path, Path]], out: str | os.PathLike) -> list
     return jobs
 
 
+def second_file_name(image, where: str, stem: str, names, modality: str) -> str:
+    """The one name of ``names`` (the files of the folder ``where``) that holds ``image``'s second
+    modality: ``stem`` with an image suffix. InputError when there is none or several."""
+    found = sorted(n for n in names if os.path.splitext(n)[0] == stem
+                   and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES)  # fmt: skip
+    if len(found) != 1:
+        what = f"several ({', '.join(found)})" if found else "none"
+        raise InputError(
+            f"{image}: its {modality} file must be {where}/{stem}.<png|tif|...>, one file named as the "
+            f"image; found {what}"
+        )
+    return found[0]
+
+
+def match_file(image: Path, base: Path, folder: Path, modality: str) -> Path:
+    """The file of ``folder`` that holds ``image``'s second modality: the same path relative to
+    the image's input folder ``base``, with any image suffix (NYUDv2: images/img_5001.png ->
+    depth/img_5001.png, hha/img_5001.png). InputError when there is none or several."""
+    rel = Path(os.path.relpath(image, base))
+    where = folder / rel.parent
+    names = []
+    if where.is_dir():
+        names = [p.name for p in where.iterdir() if p.stem == rel.stem and p.is_file()]
+    return where / second_file_name(image, str(where), rel.stem, names, modality)
+
+
 def head_output(path: Path, out: Path, head: str | None) -> Path:
     """Where a net with several heads writes ``head``'s version of the output ``path`` planned
     under ``out``: a folder per head at the top of its tree (``OUT/labels/<rel>`` ->

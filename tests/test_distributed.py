@@ -407,17 +407,210 @@ def test_worker_writes_a_two_headed_video_per_head(sift_ckpt, tmp_path):
     assert files(out) == sorted(str(Path(p).relative_to(out)) for p in task.outputs)
 
 
-def test_two_input_nets_are_refused_before_ray(sift_ckpt, tmp_path, monkeypatch):
-    """NYUDv2 fusion takes a second file per image, which the job does not read: one error,
-    before Ray or the output folder; a checkpoint URI is described from its bytes (its heads)."""
-    nyud = fastfcn.save(models.build("nyud-fcn32s-color-hha", width=1 / 16, num_classes=5), tmp_path / "n.pt")
-    images(tmp_path / "in", 1)
+# ------------------------------------------------------------------ two inputs (NYUDv2 fusion)
+
+
+def _fusion_net(arch: str, second) -> torch.nn.Module:
+    """A tiny NYUDv2 fusion net whose labels vary over the image and follow the second input:
+    He-normal convs, the depth channel's weights scaled up (log depth is ~1, colour ~100), and
+    the score layers' biases centring the classes' mean logits (else one class wins every pixel)."""
+    import math
+
+    torch.manual_seed(3)
+    model = models.build(arch, width=1 / 16, num_classes=5).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()))
+                m.bias.zero_()
+        if arch == "nyud-fcn32s-color-d":
+            model.conv1_1_bgrd.weight[:, 3] *= 100
+        x = torch.cat([torch.from_numpy(photo(k, 40, 48)).permute(2, 0, 1)[None] for k in range(4)])
+        x = x.float() - 110
+        mean = model(torch.cat([x, second(x)], 1)).mean((0, 2, 3))
+        for m in model.modules():  # late fusion averages a score layer per stream: each is centred
+            if isinstance(m, torch.nn.Conv2d) and m.out_channels == 5:
+                m.bias -= mean
+    return model
+
+
+def depth_map(seed: int, h: int, w: int) -> np.ndarray:
+    """uint16 millimetres (0.6 to 9.6 m, NYUDv2's range): a ramp of a random slope and offset."""
+    rng = np.random.default_rng(seed + 1000)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramp = xx / w if seed % 2 else yy / h
+    mm = rng.uniform(600, 3000) + rng.uniform(500, 6000) * ramp + rng.uniform(0, 300, (h, w))
+    return mm.astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def depth_ckpt(tmp_path_factory):
+    model = _fusion_net("nyud-fcn32s-color-d", lambda x: torch.randn(x.shape[0], 1, *x.shape[2:]))
+    return fastfcn.save(model, tmp_path_factory.mktemp("nyud") / "cd.safetensors")
+
+
+def fusion_inputs(root: Path, n: int, modality: str = "depth") -> tuple[list[Path], list[Path]]:
+    """``n`` colour JPEGs under root/in/cam<k>/ and their second inputs at the same relative paths
+    under root/<modality>/ as PNGs (the suffixes differ: any image suffix pairs); sizes alternate."""
+    imgs, seconds = [], []
+    for i in range(n):
+        h, w = (40, 48) if i % 2 else (48, 40)
+        rel = Path(f"cam{i % 2}", f"img{i:03d}")
+        img, sec = root / "in" / rel.with_suffix(".jpg"), root / modality / rel.with_suffix(".png")
+        for p in (img, sec):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo(i, h, w)).save(img, quality=95)
+        Image.fromarray(depth_map(i, h, w) if modality == "depth" else photo(i + 50, h, w)).save(sec)
+        imgs.append(img)
+        seconds.append(sec)
+    return imgs, seconds
+
+
+def test_two_input_net_pairs_files_and_matches_segmenter(ray_local, depth_ckpt, tmp_path, capsys):
+    """`fastfcn batch --depth DIR` on a colour + depth net through Ray: each written label map and
+    overlay equals Segmenter.run(image, depth=its paired file), the manifest records the pair,
+    a second run skips everything, and another depth folder makes every input due again."""
+    from fastfcn.imageio import read_depth
+
+    seg = fastfcn.Segmenter(depth_ckpt, device="cpu", **OPTS)
+    imgs, deps = fusion_inputs(tmp_path, 6)
+    src, out = tmp_path / "in", tmp_path / "out"
+    args = ["batch", str(depth_ckpt), str(src), "--out", str(out), "--depth", str(tmp_path / "depth"),
+            "--workers", "1", "--batch-size", "4", "--overlays", "--backend", "torch", "--precision", "fp32"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "6 done, 0 skipped (complete before), 0 failed" in capsys.readouterr().err
+    swapped = 0
+    for i, (p, d) in enumerate(zip(imgs, deps)):
+        rel, image = p.relative_to(src).with_suffix(".png"), read_image(p)
+        want = seg.run(image, depth=read_depth(d)).numpy()
+        np.testing.assert_array_equal(np.array(Image.open(out / "labels" / rel)), want, err_msg=str(rel))
+        np.testing.assert_array_equal(np.array(Image.open(out / "overlays" / rel)),
+                                      overlay(image, want, seg.palette, 0.5))  # fmt: skip
+        other = read_depth(deps[(i + 2) % len(deps)])  # the same size: another image's depth
+        swapped += int((seg.run(image, depth=other).numpy() != want).sum())
+    assert swapped > 0  # the labels follow the depth: a wrong pairing would be caught above
+    by = distributed.read_manifest(out / "manifest.jsonl")
+    assert {k: r["second"] for k, r in by.items()} == {str(p): str(d) for p, d in zip(imgs, deps)}
+    assert all(r["status"] == "ok" for r in by.values())
+    assert main(args) == 0
+    assert "0 done, 6 skipped (complete before), 0 failed" in capsys.readouterr().err
+    # resume: complete for this pairing only; the same outputs from other depth files are due again
+    found = distributed.collect_inputs([src], out)
+    other = tmp_path / "depth2"
+    (other / "cam0").mkdir(parents=True)
+    (other / "cam1").mkdir()
+    for d in deps:
+        (other / d.relative_to(tmp_path / "depth")).write_bytes(d.read_bytes())
+    for folder, due in ((tmp_path / "depth", 0), (other, 6)):
+        tasks = distributed.plan(found, out, ("overlay",), None,
+                                 distributed.pair_second(found, str(folder), "depth"))  # fmt: skip
+        assert sum(not distributed.is_complete(by[t.src], t) for t in tasks) == due, folder
+
+
+def test_two_input_net_refusals_before_ray(depth_ckpt, ckpt, sift_ckpt, tmp_path, monkeypatch, capsys):
+    """Every way a pairing can be wrong is one error naming what was expected, found before Ray
+    starts or the output folder is made: no --depth, the wrong flag, --depth for a one-input net,
+    a video (no depth track), a missing or ambiguous depth file, a depth path that is no folder."""
+    imgs, deps = fusion_inputs(tmp_path, 3)
+    src, dep, out = tmp_path / "in", tmp_path / "depth", tmp_path / "o"
     monkeypatch.setattr(distributed, "_connected", None)  # asking Ray for anything fails the test
-    want = r"color-hha takes two inputs \(color \+ hha\); the batch job reads one image per input: use " \
-           r"`fastfcn segment --hha DIR`"
-    with pytest.raises(InputError, match=want):
-        distributed.segment_dataset([tmp_path / "in"], tmp_path / "o", nyud, **OPTS)
-    assert not (tmp_path / "o").exists()
-    uri = f"file://{sift_ckpt}"
+
+    def refused(match: str, inputs=(src,), model=depth_ckpt, **kw) -> None:
+        with pytest.raises(InputError, match=match):
+            distributed.segment_dataset(list(inputs), out, model, **OPTS, **kw)
+
+    refused(r"nyud-fcn32s-color-d takes two inputs \(color \+ depth\): pass depth=DIR")
+    refused(r"takes two inputs .*: pass depth=DIR \(and only it; `fastfcn batch --depth DIR`\)", hha=dep)
+    refused(r"fcn8s takes one input; depth= is for the two-input nets", model=ckpt, depth=dep)
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, [photo(k, 32, 48) for k in range(2)])
+    refused(r"clip.mp4: a video has no depth track; nyud-fcn32s-color-d takes images", (src, clip), depth=dep)
+    refused(r"--depth .*img000.png: not a folder", depth=deps[0])
+    (dep / "cam0" / "img002.tif").write_bytes(deps[2].read_bytes())
+    refused(r"img002.jpg: its depth file must be .*cam0/img002.<png\|tif\|...>, one file named as the image; "
+            r"found several \(img002.png, img002.tif\)", depth=dep)
+    (dep / "cam0" / "img002.tif").unlink()
+    deps[1].unlink()
+    refused(r"img001.jpg: its depth file must be .*cam1/img001.<png\|tif\|...>.*found none$", depth=dep)
+    deps[2].unlink()  # every pair is looked for: the first missing is named, the others counted
+    refused(r"cam0/img002.jpg: its depth file .*found none; 1 more of the 3 images lack theirs too$",
+            depth=dep)
+    assert not out.exists()
+    capsys.readouterr()
+    assert main(["batch", str(depth_ckpt), str(src), "--out", str(out), "--depth", str(dep)]) == 1
+    assert "img002.jpg: its depth file must be" in capsys.readouterr().err
+    assert main(["batch", "--help"]) == 0
+    assert "--depth DIR" in capsys.readouterr().out
+    assert not out.exists()
+    uri = f"file://{sift_ckpt}"  # a checkpoint URI is described from its bytes (its heads)
     info = distributed._check_model(uri, "torch", "fp32")
     assert distributed._model_heads(uri, sift_ckpt.read_bytes(), info) == ("semantic", "geometric")
+
+
+def test_pair_second_mirrors_relative_paths_locally_and_at_uris(tmp_path):
+    """Images in folders, named alone, by glob or at a URI; second inputs in a local folder or at
+    a URI: each image's file is at its path relative to its input folder, any image suffix."""
+    imgs, deps = fusion_inputs(tmp_path, 4)
+    src, dep = tmp_path / "in", tmp_path / "depth"
+    found = distributed.collect_inputs([src], tmp_path / "o")
+    want = deps_sorted(imgs, deps, found)
+    assert distributed.pair_second(found, str(dep), "depth") == [str(d) for d in want]
+    at_uri = distributed.pair_second(found, f"file://{dep}", "depth")
+    assert at_uri == [f"file://{d}" for d in deps_sorted(imgs, deps, found)]
+    alone = distributed.collect_inputs([imgs[1]], tmp_path / "o")  # its folder is its base: DIR/<name>
+    assert distributed.pair_second(alone, str(dep / "cam1"), "depth") == [str(deps[1])]
+    globbed = distributed.collect_inputs([str(src / "cam*" / "*.jpg")], tmp_path / "o")
+    remote = distributed.collect_inputs([f"file://{src}"], tmp_path / "o")
+    for f in (globbed, remote):
+        assert distributed.pair_second(f, str(dep), "depth") == [str(d) for d in deps_sorted(imgs, deps, f)]
+    with pytest.raises(InputError, match="--hha file:///nowhere/at/all: not a folder"):
+        distributed.pair_second(found, "file:///nowhere/at/all", "hha")
+    # what a worker does with the bytes of a depth file at a URI: read_second's result and errors
+    from fastfcn.imageio import decode_second, read_second
+
+    np.testing.assert_array_equal(decode_second(deps[0].read_bytes(), "s3://b/d.png", "depth"),
+                                  read_second(deps[0], "depth"))  # fmt: skip
+    Image.fromarray(photo(0, 8, 8)[..., 0]).save(deps[0])  # 8 bits: no millimetres
+    with pytest.raises(InputError, match=r"^s3://b/d.png: a depth image must be one channel of 16"):
+        decode_second(deps[0].read_bytes(), "s3://b/d.png", "depth")
+
+
+def deps_sorted(imgs: list[Path], deps: list[Path], found) -> list[Path]:
+    """``deps`` in the order of ``found`` (paths or file:// URIs of ``imgs``)."""
+    by = {str(p): d for p, d in zip(imgs, deps)}
+    return [by[f.removeprefix("file://")] for f, _ in found]
+
+
+def test_worker_reads_second_inputs_at_uris_and_refuses_videos(tmp_path):
+    """What each actor runs, here without Ray, for a colour + HHA net with images and HHA files at
+    URIs: a batch in one call and an input on its own both equal Segmenter.run(image, hha=...);
+    a video task is refused with the reason."""
+    model = _fusion_net("nyud-fcn32s-color-hha", lambda x: x)
+    ckpt = fastfcn.save(model, tmp_path / "ch.safetensors")
+    imgs, hhas = fusion_inputs(tmp_path, 3, "hha")
+    out = tmp_path / "out"
+    found = distributed.collect_inputs([f"file://{tmp_path / 'in'}"], out)
+    seconds = distributed.pair_second(found, f"file://{tmp_path / 'hha'}", "hha")
+    tasks = distributed.plan(found, out, (), None, seconds)
+    worker = distributed._Worker(ckpt.read_bytes(), str(ckpt), {"device": "cpu", **OPTS}, second="hha")
+    batch = {"src": np.array([t.src for t in tasks[:2]]), "kind": np.array(["image"] * 2),
+             "outputs": np.array([json.dumps(list(t.outputs)) for t in tasks[:2]]),
+             "second": np.array([t.second for t in tasks[:2]])}  # fmt: skip
+    got = [json.loads(r) for r in worker(batch)["row"]]
+    assert [(r["status"], r["second"]) for r in got] == [("ok", t.second) for t in tasks[:2]]
+    assert worker.process(tasks[2]) == 1  # alone: the path a retry takes
+    by = {str(p): h for p, h in zip(imgs, hhas)}
+    swapped = 0
+    for t in tasks:
+        image, hha = read_image(t.src[len("file://"):]), read_image(by[t.src[len("file://"):]])
+        want = worker.seg.run(image, hha=hha).numpy()
+        np.testing.assert_array_equal(np.array(Image.open(t.outputs[0])), want, err_msg=t.src)
+        swapped += int((worker.seg.run(image, hha=np.ascontiguousarray(hha[::-1])).numpy() != want).sum())
+    assert swapped > 0  # the labels follow the HHA image: a wrong pairing would be caught above
+    Image.fromarray(photo(9, 16, 16)).save(hhas[0])  # not the image's size: that input fails alone
+    rows_ = [json.loads(r) for r in worker(batch)["row"]]
+    assert [r["status"] for r in rows_] == ["failed", "ok"]
+    assert "every hha map must have the size of its image" in rows_[0]["error"]
+    clip = distributed.Task(str(tmp_path / "v.mp4"), "video", (str(out / "labels" / "v.mkv"),))
+    with pytest.raises(InputError, match=r"v.mp4: a video has no hha track"):
+        worker.process(clip)

@@ -46,7 +46,8 @@ EXAMPLES = {
               "fastfcn video demo clip.mp4 side.mp4 --mode side-by-side --labels-out labels.mkv"],
     "batch": ["fastfcn batch demo photos/ clips/ --out seg/ --workers 2",
               "fastfcn batch fcn8s.safetensors s3://bucket/frames/ --out /shared/seg --address auto "
-              "--gpus-per-worker 1 --overlays"],
+              "--gpus-per-worker 1 --overlays",
+              "fastfcn batch nyud-color-d.safetensors nyud/images/ --depth nyud/depth/ --out seg/"],
     "train": ["fastfcn train --iters 200 --width 0.125 --out runs/tiny",
               "fastfcn train --data VOCdevkit/VOC2012 --stages fcn32s:3000,fcn16s:1000,fcn8s:1000"],
     "eval": ["fastfcn eval demo --data synthetic",

@@ -2,13 +2,15 @@
 
     fastfcn batch fcn8s.safetensors photos/ clips/*.mp4 s3://bucket/more/ --out seg/
         [--address ray://head:10001|auto] [--workers N] [--gpus-per-worker G] [--batch-size N]
-        [--overlays] [--no-resume]
+        [--overlays] [--no-resume] [--depth DIR | --hha DIR]
 
 Without ``--address`` a local Ray is started for the run (and stopped after it). Outputs are
 named as ``fastfcn segment`` names them (a net with several heads, SIFT Flow: a folder per head,
 ``OUT/labels/semantic/``, ``OUT/labels/geometric/``, ...); ``OUT/manifest.jsonl`` has one row per
-input. The exit
-status is 1 when any input failed (the manifest and the last line name them).
+input. A two-input net (NYUDv2 fusion: nyud-fcn32s-color-d, -color-hha) takes ``--depth DIR`` or
+``--hha DIR``: each image's file there is found as ``segment`` finds it, before Ray starts, and
+read by the actor beside the image (videos have no depth track: refused for these nets). The
+exit status is 1 when any input failed (the manifest and the last line name them).
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help="redo every input (default: skip inputs the manifest records as complete)")
     a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
     a("--precision", default="auto", choices=("auto", *PRECISIONS), help="compute precision")
+    from .segment import add_second_input_arguments
+
+    add_second_input_arguments(parser, "DIR/<path> named as each image, <path> relative to the image's "
+                                       "input folder, any image suffix; DIR a local folder or a URI, read by "
+                                       "the workers as the images are; images only (a video has no depth "
+                                       "track)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
         args.inputs, args.out, args.checkpoint, backend=args.backend, precision=args.precision,
         batch_size=args.batch_size, concurrency=args.workers, num_gpus_per_worker=args.gpus_per_worker,
         mode=args.mode, overlays=args.overlays, resume=args.resume, address=args.address,
+        depth=args.depth, hha=args.hha,
     )  # fmt: skip
     for src, error in summary["failed_inputs"]:
         print(f"fastfcn batch: failed {src}: {error}", file=sys.stderr)

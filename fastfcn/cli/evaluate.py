@@ -60,11 +60,11 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
 class Paired:
     """A VOC-layout dataset whose images come with a second input (NYUDv2 fusion): ``ds[i]`` ->
     ``(image, label, {modality: array})``, the file of ``folder`` named as the image (any image
-    suffix, ``segment.match_file``). Every pair is found when it is built, so a missing or
+    suffix, ``paths.match_file``). Every pair is found when it is built, so a missing or
     ambiguous file stops the run before the model runs once."""
 
     def __init__(self, ds, modality: str, folder: Path, max_pixels: int):
-        from .segment import match_file
+        from ..paths import match_file
 
         self.ds, self.modality, self.max_pixels = ds, modality, max_pixels
         base = ds.root / "JPEGImages"
@@ -74,7 +74,7 @@ class Paired:
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        from .segment import read_second
+        from ..imageio import read_second
 
         image, label = self.ds[i]
         return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
