@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .imageio import read_image
+from .imageio import IMAGE_SUFFIXES, read_depth, read_image
 
 IGNORE = 255
 
@@ -161,6 +161,54 @@ class VOCSegmentation:
                     f"{self.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
                 )
         return image, (labels if self.heads else labels[None])
+
+
+# --------------------------------------------------------------------------- second inputs (NYUDv2)
+
+
+def match_file(image: Path, base: Path, folder: Path, modality: str) -> Path:
+    """The file of ``folder`` that holds ``image``'s second modality: the same path relative to
+    the image's input folder ``base``, with any image suffix (NYUDv2: images/img_5001.png ->
+    depth/img_5001.png, hha/img_5001.png). InputError when there is none or several."""
+    rel = Path(os.path.relpath(image, base))
+    where = folder / rel.parent
+    found = []
+    if where.is_dir():
+        found = sorted(p for p in where.iterdir() if p.stem == rel.stem and p.is_file()
+                       and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+    if len(found) != 1:
+        what = f"several ({', '.join(p.name for p in found)})" if found else "none"
+        raise InputError(
+            f"{image}: its {modality} file must be {where / rel.stem}.<png|tif|...>, one file named as the "
+            f"image; found {what}"
+        )
+    return found[0]
+
+
+def read_second(path: Path, modality: str, max_pixels: int | None):
+    """A second-modality file: depth (H, W) float32 millimetres or an HHA (H, W, 3) uint8 image."""
+    return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
+
+
+class Paired:
+    """A VOC-layout dataset whose images come with a second input (NYUDv2 fusion): ``ds[i]`` ->
+    ``(image, label, {modality: array})``, the file of ``folder`` named as the image (any image
+    suffix, ``match_file``). Every pair is found when it is built, so a missing or ambiguous
+    file stops the run before the model runs once. ``fastfcn eval`` and ``fastfcn train`` read
+    their second inputs through it; ``num_classes`` and ``class_names`` are the dataset's."""
+
+    def __init__(self, ds, modality: str, folder: Path, max_pixels: int | None):
+        self.ds, self.modality, self.max_pixels = ds, modality, max_pixels
+        self.num_classes, self.class_names = ds.num_classes, ds.class_names
+        base = ds.root / "JPEGImages"
+        self.files = [match_file(Path(img), base, Path(folder), modality) for img in ds.images]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image, label = self.ds[i]
+        return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
 
 
 # --------------------------------------------------------------------------- synthetic scenes

@@ -16,13 +16,13 @@ creates nothing before the first result is written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from ..data import match_file, read_second
 from ..errors import InputError
-from ..imageio import IMAGE_SUFFIXES, read_depth, read_image
+from ..imageio import read_image
 from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
 from ..paths import Job, check_output_dir, collect_images, head_output, plan_outputs
 from ..progress import Progress
@@ -99,30 +99,6 @@ def _check(args: argparse.Namespace) -> dict:
 
     tile, overlap = check_tiling(tuple(args.tile), args.overlap)
     return {"tile": tile, "overlap": overlap}
-
-
-def match_file(image: Path, base: Path, folder: Path, modality: str) -> Path:
-    """The file of ``folder`` that holds ``image``'s second modality: the same path relative to
-    the image's input folder ``base``, with any image suffix (NYUDv2: images/img_5001.png ->
-    depth/img_5001.png, hha/img_5001.png). InputError when there is none or several."""
-    rel = Path(os.path.relpath(image, base))
-    where = folder / rel.parent
-    found = []
-    if where.is_dir():
-        found = sorted(p for p in where.iterdir() if p.stem == rel.stem and p.is_file()
-                       and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
-    if len(found) != 1:
-        what = f"several ({', '.join(p.name for p in found)})" if found else "none"
-        raise InputError(
-            f"{image}: its {modality} file must be {where / rel.stem}.<png|tif|...>, one file named as the "
-            f"image; found {what}"
-        )
-    return found[0]
-
-
-def read_second(path: Path, modality: str, max_pixels: int | None):
-    """A second-modality file: depth (H, W) float32 millimetres or an HHA (H, W, 3) uint8 image."""
-    return read_depth(path, max_pixels) if modality == "depth" else read_image(path, max_pixels)
 
 
 def second_modality(args, seg) -> tuple[str, Path] | None:
