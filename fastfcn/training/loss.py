@@ -30,8 +30,9 @@ def check_labels(labels: torch.Tensor, classes: int, head: str | None = None) ->
         )
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, heads=None,
-                      reduction: str = "mean") -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
+def segmentation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, heads=None, reduction: str = "mean"
+) -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
     """The loss and each head's part: ``(total, {head: loss})`` (one head: ``{None: loss}``).
 
     logits: (N, C, H, W), C the heads' channels side by side (fastfcn.models.multihead); labels:
