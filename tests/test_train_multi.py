@@ -32,7 +32,7 @@ def depth_of(lab: np.ndarray) -> np.ndarray:
     return (1000 * (lab.astype(np.uint16) + 1)).astype(np.uint16)
 
 
-def write_voc(root, n_train=6, n_val=2, *, heads=False, second=None, names=None, seed=0):
+def write_voc(root, n_train=6, n_val=2, *, heads=False, second=None, names=None, seed=0, block=4):
     """A VOC-layout folder of random block label maps (ids 0..3) with images coloured by label;
     ``heads``: SIFT Flow's per-head folders (geometric = f(semantic)); ``second``: "depth" or "hha",
     written to ``root.parent / second``. Returns that folder (or None)."""
@@ -43,7 +43,8 @@ def write_voc(root, n_train=6, n_val=2, *, heads=False, second=None, names=None,
     for split, n in (("train", n_train), ("val", n_val)):
         ids = [f"{split}_{k}" for k in range(n)]
         for i in ids:
-            lab = np.kron(rng.integers(0, 4, (H // 4, W // 4)), np.ones((4, 4), int)).astype(np.uint8)
+            cells = rng.integers(0, 4, (-(-H // block), -(-W // block)))
+            lab = np.kron(cells, np.ones((block, block), int))[:H, :W].astype(np.uint8)
             ids_ = lab.astype(int)
             img = np.stack([ids_ * 60, 255 - ids_ * 60, (ids_ * 97) % 256], -1).astype(np.uint8)
             Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg", quality=100, subsampling=0)
@@ -167,6 +168,17 @@ def test_siftflow_trains_validates_per_head_and_resumes(tmp_path, capsys):
     resumed = _train(tmp_path / "b", *common, "--iters", "4", "--resume")
     assert resumed == hist
     _same_weights(final, tmp_path / "b" / "final.safetensors")
+
+
+def test_siftflow_loss_falls_on_both_heads(tmp_path):
+    root = tmp_path / "sift"
+    write_voc(root, n_train=8, heads=True, names=SIFT_NAMES, block=12)
+    hist = _train(tmp_path / "run", "--data", str(root), "--arch", "siftflow-fcn8s", "--iters", "30",
+                  "--val-every", "0")  # fmt: skip
+    for name, classes in (("semantic", 4), ("geometric", 3)):
+        loss = [v for _, v in hist["heads"][name]["loss"]]
+        assert loss[0] == pytest.approx(np.log(classes), rel=1e-6)  # zero score layers: uniform
+        assert np.mean(loss[-8:]) < 0.9 * np.log(classes), (name, loss)
 
 
 def test_siftflow_stages_and_refusals(tmp_path, capsys):
