@@ -100,7 +100,7 @@ class _Forward:
     def run(self, images, output: str = "labels", **second):
         from ..models.multihead import finish, split
 
-        (z,) = [torch.from_numpy(v).to(self.device) for v in second.values()] or [None]
+        z = next((torch.from_numpy(v).to(self.device) for v in second.values()), None)  # depth / HHA
         y = self.model(self.pre(torch.from_numpy(images).to(self.device), z))
         if not self.heads:
             return y.argmax(1).cpu()
@@ -365,9 +365,10 @@ def training_batch(run: Run, pre: Preprocessor, step: int) -> tuple[torch.Tensor
                                                       _head_names(run.heads))  # fmt: skip
     # The runtime's Preprocessor: training and inference cannot disagree on colour order,
     # scale, mean or std, nor on a second input's (log depth minus its mean, HHA minus its
-    # own). Same values and (channels_last) strides as the loop's own preprocessing before
-    # it, so training results are unchanged. The second input is concatenated to the image's
-    # channels here, so augment flips and scales it with the image by construction.
+    # own). For one image input: the same values and (channels_last) strides as the loop's own
+    # preprocessing before it, so training results are unchanged. A second input is
+    # concatenated to the image's channels here, so augment flips and scales it with the image
+    # by construction.
     device = run.device
     x = pre(images.to(device), None if second is None else second.to(device))
     if run.heads:
@@ -390,8 +391,9 @@ def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
             f"loss became {lv} at step {run.step}; lower --lr (now {args.lr}) or use mean loss reduction"
         )
     run.history["loss"].append([run.step, lv])
-    for name, part in parts.items() if run.heads else ():
-        run.history["heads"][name]["loss"].append([run.step, float(part.detach())])
+    if run.heads:
+        for name, part in parts.items():
+            run.history["heads"][name]["loss"].append([run.step, float(part.detach())])
     return lv
 
 
