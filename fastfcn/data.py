@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .imageio import read_image
+from .imageio import read_image, read_second
+from .paths import StemIndex, match_file
 
 IGNORE = 255
 
@@ -161,6 +162,31 @@ class VOCSegmentation:
                     f"{self.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
                 )
         return image, (labels if self.heads else labels[None])
+
+
+# --------------------------------------------------------------------------- second inputs (NYUDv2)
+
+
+class Paired:
+    """A VOC-layout dataset whose images come with a second input (NYUDv2 fusion): ``ds[i]`` ->
+    ``(image, label, {modality: array})``, the file of ``folder`` named as the image (any image
+    suffix, ``match_file``). Every pair is found when it is built, so a missing or ambiguous
+    file stops the run before the model runs once. ``fastfcn eval`` and ``fastfcn train`` read
+    their second inputs through it; ``num_classes`` and ``class_names`` are the dataset's."""
+
+    def __init__(self, ds, modality: str, folder: Path, max_pixels: int | None):
+        self.ds, self.modality, self.max_pixels = ds, modality, max_pixels
+        self.num_classes, self.class_names = ds.num_classes, ds.class_names
+        base = ds.root / "JPEGImages"
+        index = StemIndex()
+        self.files = [match_file(Path(img), base, Path(folder), modality, index) for img in ds.images]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image, label = self.ds[i]
+        return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
 
 
 # --------------------------------------------------------------------------- synthetic scenes

@@ -302,7 +302,8 @@ def pair_second(found: list[tuple[str, str]], folder: str, modality: str) -> lis
     suffix. Every pair is looked for here, before Ray starts: the InputError for missing or
     ambiguous files names the first and counts the others. Each subfolder of ``folder`` is listed
     once and indexed by stem: 3,000 images in one folder pair in 55 ms (94 ms at file://
-    URIs), where ``match_file`` per image lists the folder each time and takes 11.9 s (2-core EPYC)."""
+    URIs), where listing the folder again for each image took 11.9 s (2-core EPYC); local runs of
+    segment and eval share ``paths.StemIndex`` to the same end."""
     from .paths import second_file_name
 
     root = _Folder(folder, f"--{modality}")

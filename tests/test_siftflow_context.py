@@ -364,12 +364,13 @@ def test_cli_segment_writes_each_head(sift, tmp_path, capsys):
 
 
 def test_one_map_per_image_paths_refuse_two_heads(sift, tmp_path):
-    """Training takes one ground truth per image; evaluation wants every head's (video, the Ray
-    job and eval with each head's labels: tests/test_multihead_io.py, test_distributed.py)."""
+    """A path of one ground truth per image refuses two heads; evaluation wants every head's (video,
+    the Ray job and eval with each head's labels: tests/test_multihead_io.py, test_distributed.py;
+    training: tests/test_train_multi.py)."""
     seg = fastfcn.Segmenter(sift, backend="torch", device="cpu")
-    with pytest.raises(InputError, match="fastfcn train handles one label map"):
-        multihead.check_one_head(seg.config, "fastfcn train")
-    multihead.check_one_head(small("pascalcontext-fcn32s").config, "fastfcn train")  # one head: fine
+    with pytest.raises(InputError, match="a one-map tool handles one label map"):
+        multihead.check_one_head(seg.config, "a one-map tool")
+    multihead.check_one_head(small("pascalcontext-fcn32s").config, "a one-map tool")  # one head: fine
     from fastfcn.evaluate import evaluate
 
     with pytest.raises(InputError, match=r"head 'semantic' has no ground truth in the dataset \(one label"):
@@ -378,11 +379,14 @@ def test_one_map_per_image_paths_refuse_two_heads(sift, tmp_path):
         evaluate(seg, [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))], SEM)
 
 
-def test_training_refuses_two_headed_nets(tmp_path, capsys):
+def test_training_on_synthetic_scenes_refuses_two_headed_nets(tmp_path, capsys):
+    # The synthetic scenes have one label map per image; SIFT Flow trains on a VOC-layout folder
+    # with each head's labels (tests/test_train_multi.py).
     from fastfcn import cli
 
     args = ["train", "--out", str(tmp_path / "run"), "--arch", "siftflow-fcn8s", "--data", "synthetic",
             "--width", "0.0625", "--num-classes", "3", "--size", "32", "--iters", "1", "--quiet"]  # fmt: skip
     assert cli.main(args) == 1
-    assert "fastfcn train handles one label map per image" in capsys.readouterr().err
+    assert "--data synthetic has one label map per colour image, but siftflow-fcn8s has 2 heads" in \
+        capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..data import Paired
 from ..errors import InputError
 from ..evaluate import evaluate
 from ..metrics import format_table
@@ -55,29 +56,6 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
     if second is None:
         return ds, what
     return Paired(ds, *second, max_pixels), f"{what} with {second[0]} from {second[1]}"
-
-
-class Paired:
-    """A VOC-layout dataset whose images come with a second input (NYUDv2 fusion): ``ds[i]`` ->
-    ``(image, label, {modality: array})``, the file of ``folder`` named as the image (any image
-    suffix, ``paths.match_file``). Every pair is found when it is built, so a missing or
-    ambiguous file stops the run before the model runs once."""
-
-    def __init__(self, ds, modality: str, folder: Path, max_pixels: int):
-        from ..paths import match_file
-
-        self.ds, self.modality, self.max_pixels = ds, modality, max_pixels
-        base = ds.root / "JPEGImages"
-        self.files = [match_file(Path(img), base, folder, modality) for img in ds.images]
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        from ..imageio import read_second
-
-        image, label = self.ds[i]
-        return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
 
 
 def _metrics(result: dict, matrix, names: list) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..imageio import read_image, read_second
 from ..names import ARCHS, BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, device_arg
-from ..paths import Job, check_output_dir, collect_images, head_output, match_file, plan_outputs
+from ..paths import Job, StemIndex, check_output_dir, collect_images, head_output, match_file, plan_outputs
 from ..progress import Progress
 from ..viz import overlay, save_labels
 from ..zoo import BUILTIN
@@ -194,6 +194,7 @@ def main(args: argparse.Namespace) -> int:
         print(bar.interrupt() + f"fastfcn segment: skipped {e}", file=sys.stderr)
         bar.step(job.src.name)
 
+    index = StemIndex()  # the second modality's folders, each listed once
     for i in range(0, len(jobs), args.batch_size):
         loaded, extra = [], {}
         for job in jobs[i:i + args.batch_size]:
@@ -201,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
                 image = read_image(job.src, read_limit)
                 if second is not None:  # the second modality's file, matched by name
                     modality, folder = second
-                    path = match_file(job.src, bases[job.src], folder, modality)
+                    path = match_file(job.src, bases[job.src], folder, modality, index)
                     extra[job] = {modality: read_second(path, modality, read_limit)}
                 loaded.append((job, image))
             except InputError as e:

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from ..names import device_arg
 
     a = parser.add_argument
-    a("--data", default="synthetic", help="a VOC root, or 'synthetic' (SyntheticScenes; default)")
+    a("--data", default="synthetic",
+      help="a VOC root, or 'synthetic' (SyntheticScenes; default); for a net with several heads (SIFT Flow) "
+           "the labels of each head in SegmentationClass/<head>/<id>.png")  # fmt: skip
     a("--split", default="train", help="VOC split to train on (default train; e.g. train_aug with SBD)")
     a("--val-split", default="val", help="VOC split for validation during training (default val)")
     a("--out", default="runs/train", help="output folder: checkpoints, history, curves (default runs/train)")
@@ -58,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help="cpu, cuda, cuda:1 ... (default: the GPU of this rank, else CPU)")
     a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a("--quiet", action="store_true", help="no progress bar")
+    from .segment import add_second_input_arguments
+
+    add_second_input_arguments(parser, "DIR/<id>.png for JPEGImages/<id>.jpg (any image suffix), for the "
+                                       "training and validation splits alike")  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -65,9 +71,7 @@ def check_args(args: argparse.Namespace) -> None:
     data is read or anything is written (a bad --export found after training loses the run)."""
     import torch
 
-    from ..config import arch_inputs
-    from ..models import DEFAULT_CLASSES, available
-    from ..models.multihead import check_one_head
+    from ..models import available
     from ..paths import check_output_dir, check_output_file
     from ..training.loop import parse_stages
 
@@ -91,13 +95,10 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.size >= 8, "--size", args.size, ">= 8 pixels")
     if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
         raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
-    for arch, _ in parse_stages(args.stages, args.arch, args.iters):
+    stages = parse_stages(args.stages, args.arch, args.iters)
+    for arch, _ in stages:
         need(arch in available(), "--stages architecture", repr(arch), f"one of {', '.join(available())}")
-        # the loss and the datasets are one label map per image: no two-headed nets
-        check_one_head({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]}, "fastfcn train")
-        # The data loaders read colour images (VOC layout) only: no depth or HHA to feed.
-        need(len(arch_inputs(arch)) == 1, "--arch", arch,
-             "a net of one image input (the data loaders read no depth or HHA)")  # fmt: skip
+    _check_heads_and_inputs(args, [arch for arch, _ in stages])
     if args.init is not None and not Path(args.init).is_file():
         raise InputError(f"--init {args.init}: no such checkpoint file")
     if args.data != "synthetic" and not Path(args.data).is_dir():
@@ -110,6 +111,38 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "--out")
     if args.export:
         check_output_file(args.export, "--export")
+
+
+def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
+    """Every stage's net has the heads and inputs of the first (the data and the loss are read
+    once per run); --depth / --hha is given exactly when the nets take that second input, as a
+    folder; --data synthetic has neither a label map per head nor a second input."""
+    from ..config import arch_inputs
+    from ..models import DEFAULT_CLASSES
+    from ..models.multihead import output_heads
+
+    def heads(arch):
+        return tuple(n for n, _ in output_heads({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]}) or ())
+
+    kinds = {(heads(a), arch_inputs(a)) for a in archs}
+    if len(kinds) > 1:
+        raise InputError(f"--stages {args.stages}: every stage's net must have the same heads and inputs "
+                         f"(one data set feeds them all); got {', '.join(archs)}")  # fmt: skip
+    (names, inputs), arch = kinds.pop(), archs[0]
+    given = {m: d for m, d in (("depth", args.depth), ("hha", args.hha)) if d is not None}
+    if len(inputs) == 1 and given:
+        raise InputError(f"{arch} takes one input ({inputs[0]} images); --{'/--'.join(given)} is for the "
+                         "two-input nets (nyud-fcn32s-color-d, nyud-fcn32s-color-hha)")  # fmt: skip
+    if len(inputs) == 2:
+        if set(given) != {inputs[1]}:
+            raise InputError(f"{arch} takes {inputs[0]} images and {inputs[1]}: pass --{inputs[1]} DIR "
+                             "(and only it)")  # fmt: skip
+        if not Path(given[inputs[1]]).is_dir():
+            raise InputError(f"--{inputs[1]} {given[inputs[1]]}: not a folder")
+    if args.data == "synthetic" and (names or len(inputs) == 2):
+        what = f"{len(names)} heads ({', '.join(names)})" if names else f"a second input ({inputs[1]})"
+        raise InputError(f"--data synthetic has one label map per colour image, but {arch} has {what}; pass "
+                         "a VOC-layout folder (see --data)")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

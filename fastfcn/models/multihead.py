@@ -81,9 +81,8 @@ def split(out: torch.Tensor, output: str, heads, batched: bool = True) -> dict[s
 
 
 def check_one_head(config: Mapping, what: str) -> None:
-    """Refuse a net with several heads where ``what`` handles one label map per image (training,
-    whose loss takes one ground truth per image; video, the Ray job and evaluation write or score
-    every head)."""
+    """Refuse a net with several heads where ``what`` handles one label map per image (the video
+    writer, the Ray job, evaluation and training handle every head, and need not call it)."""
     heads = output_heads(config)
     if heads:
         from ..errors import InputError

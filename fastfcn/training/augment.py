@@ -9,15 +9,30 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 
-def open_dataset(spec: str, split: str, *, n: int, size: int, seed: int, num_classes: int):
-    """``synthetic`` -> SyntheticScenes(n, size, seed, num_classes); else a VOC root."""
+def open_dataset(spec: str, split: str, *, n: int, size: int, seed: int, num_classes: int, heads=None,
+                 second=None):
+    """``synthetic`` -> SyntheticScenes(n, size, seed, num_classes); else a VOC root.
+
+    heads: the head names of a net with several (SIFT Flow): the VOC layout's labels per head,
+    ``SegmentationClass/<head>/<id>.png``, read as ``fastfcn eval`` reads them. second:
+    ``(modality, folder)`` of a two-input net (NYUDv2): each image's depth / HHA file, paired by
+    name as eval and segment pair it (``fastfcn.data.Paired``). The synthetic scenes have one
+    label map per colour image, so they take neither (InputError).
+    """
     from .. import data
 
     if spec == "synthetic":
+        if heads or second:
+            what = f"{len(heads)} heads ({', '.join(heads)})" if heads else f"a second input ({second[0]})"
+            raise InputError(
+                f"--data synthetic has one label map per colour image, but this net has {what}; pass a "
+                "VOC-layout folder (see --data)"
+            )
         if seed == data.HELDOUT_SEED:
             raise InputError(f"seed {seed} is the held-out synthetic split's; training must never see it")
         return data.SyntheticScenes(n, size, seed, num_classes)
-    return data.VOCSegmentation(spec, split)
+    ds = data.VOCSegmentation(spec, split, heads=heads)
+    return data.Paired(ds, *second, None) if second else ds
 
 
 class Subset:
@@ -34,57 +49,80 @@ class Subset:
         return self.ds[i]
 
 
-def batch_of(ds, idx) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack items of one size: ``(N, H, W, 3)`` uint8 and ``(N, H, W)`` long."""
+def batch_of(ds, idx, heads=None):
+    """Stack items of one size: ``(images (N, H, W, 3) uint8, labels, second)``.
+
+    labels: ``(N, H, W)`` long, or ``(N, H, W, K)`` for the K ``heads`` of a net with several
+    (items ``(image, {head: label})``); second: the second inputs of items ``(image, label,
+    {modality: array})`` stacked, depth ``(N, H, W)``, HHA ``(N, H, W, 3)``, else None.
+    """
     items = [ds[int(i)] for i in idx]
-    shapes = {im.shape for im, _ in items}
+    shapes = {item[0].shape for item in items}
     if len(shapes) != 1:
         raise InputError(
             f"images of one batch differ in size ({sorted(shapes)}); use --batch 1 for datasets of mixed "
             "sizes (whole-image training, as in the paper)"
         )
-    images = torch.from_numpy(np.stack([im for im, _ in items]))
-    labels = torch.from_numpy(np.stack([lb for _, lb in items]).astype(np.int64))
-    return images, labels
+    images = torch.from_numpy(np.stack([item[0] for item in items]))
+    if heads:
+        labels = np.stack([np.stack([item[1][h] for h in heads], -1) for item in items])
+    else:
+        labels = np.stack([item[1] for item in items])
+    second = None
+    if len(items[0]) == 3:
+        (modality,) = items[0][2]
+        second = torch.from_numpy(np.stack([item[2][modality] for item in items]))
+    return images, torch.from_numpy(labels.astype(np.int64)), second
+
+
+def tile(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Groups of k*k maps into one canvas each: ``(N*k*k, H, W, *rest)`` -> ``(N, k*H, k*W, *rest)``,
+    row by row."""
+    if k == 1:
+        return t
+    n, h, w, rest = t.shape[0], t.shape[1], t.shape[2], tuple(t.shape[3:])
+    t = t.reshape(n // (k * k), k, k, h, w, *rest).transpose(2, 3)
+    return t.reshape(-1, k * h, k * w, *rest)
 
 
 def mosaic(images: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile groups of k*k images into one canvas: ``(N*k*k, H, W, 3)`` -> ``(N, k*H, k*W, 3)``
-    (labels ``(N*k*k, H, W)`` -> ``(N, k*H, k*W)``).
+    (labels ``(N*k*k, H, W)`` -> ``(N, k*H, k*W)``, per head ``(..., K)`` alike; a second input
+    through ``tile`` in the same order).
 
     The reference nets pad conv1_1 by 100 pixels, so a 96x96 image costs a 296x296 forward;
     3x3 tiles cost 488x488 for nine images, 3.3x less per image.
     """
-    if k == 1:
-        return images, labels
-    n, h, w = labels.shape
-    images = images.view(n // (k * k), k, k, h, w, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, k * h, k * w, 3)
-    labels = labels.view(n // (k * k), k, k, h, w).permute(0, 1, 3, 2, 4).reshape(-1, k * h, k * w)
-    return images, labels
+    return tile(images, k), tile(labels, k)
 
 
 def augment(images: torch.Tensor, labels: torch.Tensor, scale: float, flips: torch.Tensor):
     """Random scaling and horizontal flips of a batch.
 
-    images: ``(N, 3, H, W)`` float, labels: ``(N, H, W)`` long; one scale for the batch (so
-    it stays one tensor), one flip flag per image ``flips: (N,) bool``. Images resize
-    bilinearly, labels by nearest neighbour (ids must not blend).
+    images: ``(N, C, H, W)`` float, every input channel (a second input concatenated by the
+    Preprocessor flips and scales with the image), labels: ``(N, H, W)`` long, or ``(N, K, H, W)``
+    for a net of K heads; one scale for the batch (so it stays one tensor), one flip flag per
+    image ``flips: (N,) bool``. Images resize bilinearly, labels by nearest neighbour (ids must
+    not blend).
     """
     if flips.any():
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-        labels = torch.where(flips.view(-1, 1, 1), labels.flip(-1), labels)
+        labels = torch.where(flips.view(-1, *[1] * (labels.dim() - 1)), labels.flip(-1), labels)
     if scale != 1.0:
         h, w = labels.shape[-2:]
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        per_head = labels.dim() == 4
+        y = F.interpolate((labels if per_head else labels[:, None]).float(), size=size, mode="nearest").long()
+        labels = y if per_head else y[:, 0]
     return images, labels
 
 
-def draw_batch(args, ds, step: int, rank: int, world: int):
+def draw_batch(args, ds, step: int, rank: int, world: int, heads=None):
     """This rank's share of the global batch of ``step``: ``(images (n, H, W, 3) uint8, labels
-    (n, H, W) long, scale, flips (n,) bool)``. The batch depends only on (seed, step): a resumed
-    run sees the same data, and the ranks split one batch between them."""
+    (n, H, W) long (per head (n, H, W, K)), second input (n, H, W[, 3]) or None, scale, flips (n,)
+    bool)``. The batch depends only on (seed, step): a resumed run sees the same data, and the
+    ranks split one batch between them."""
     rng = np.random.default_rng([args.seed, step, 0xB47C])
     idx = rng.integers(0, len(ds), (args.batch, args.mosaic * args.mosaic))
     scale = float(rng.uniform(args.scale_min, args.scale_max)) if args.scale_max > 0 else 1.0
@@ -92,5 +130,8 @@ def draw_batch(args, ds, step: int, rank: int, world: int):
     if not args.flip:
         flips[:] = False
     mine = slice(rank * args.batch // world, (rank + 1) * args.batch // world)
-    images, labels = mosaic(*batch_of(ds, idx[mine].reshape(-1)), args.mosaic)
-    return images, labels, scale, flips[mine]
+    images, labels, second = batch_of(ds, idx[mine].reshape(-1), heads)
+    images, labels = mosaic(images, labels, args.mosaic)
+    if second is not None:
+        second = tile(second, args.mosaic)
+    return images, labels, second, scale, flips[mine]

@@ -1,13 +1,17 @@
 """The training loop: whole-image training of the model zoo's nets.
 
-Per-pixel softmax cross-entropy (label 255 ignored; mean over pixels by default, the
-paper's unnormalised sum with ``--loss-reduction sum``), SGD with momentum (the paper)
-or Adam, random scaling and horizontal flips, the model's own preprocessing (the runtime's
-Preprocessor: for the reference nets RGB -> BGR, mean subtraction, no scaling), and the
-paper's staged schedule (``--stages fcn32s:N,fcn16s:N,fcn8s:N``: each net initialised by
-layer name from the coarser one). ``--resume`` continues from the last save point. Several
-processes through ``torchrun`` train with DistributedDataParallel (NCCL on GPUs, gloo on
-the CPU); every rank takes its share of each global batch.
+Per-pixel softmax cross-entropy (label 255 ignored; mean over pixels by default, the paper's
+unnormalised sum with ``--loss-reduction sum``; a net with several heads (SIFT Flow) sums its
+heads' losses, each over its own classes, as the reference does: ``loss.py``), SGD with
+momentum (the paper) or Adam, random scaling and horizontal flips, the model's own
+preprocessing (the runtime's Preprocessor: for the reference nets RGB -> BGR, mean
+subtraction, no scaling), and the paper's staged schedule (``--stages
+fcn32s:N,fcn16s:N,fcn8s:N``: each net initialised by layer name from the coarser one). A
+two-input net (NYUDv2 fusion) reads each image's depth or HHA file (``--depth`` / ``--hha``,
+paired by name as eval pairs them), preprocessed by the same Preprocessor and flipped and
+scaled with the image. ``--resume`` continues from the last save point. Several processes
+through ``torchrun`` train with DistributedDataParallel (NCCL on GPUs, gloo on the CPU);
+every rank takes its share of each global batch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -30,6 +33,7 @@ from ..progress import Progress
 from ..runtime.preprocess import Preprocessor
 from .augment import Subset, augment, draw_batch, open_dataset
 from .batchnorm import add_batchnorm, plain_copy
+from .loss import segmentation_loss
 from .plots import smooth
 from .state import load_state, new_history, save_final, save_point
 
@@ -81,21 +85,31 @@ def parse_stages(spec: str | None, arch: str, iters: int) -> list[tuple[str, int
 
 
 class _Forward:
-    """A model in training behind the ``run(images, output="labels")`` face that
-    ``fastfcn.evaluate.evaluate`` drives: eval mode, the reference forward, on ``device``."""
+    """A model in training behind the ``run(images, output="labels", **second)`` face that
+    ``fastfcn.evaluate.evaluate`` drives: eval mode, the reference forward, on ``device``; for a
+    net with several heads (``heads``) one label map per head, ``{head: (N, H, W)}``."""
 
     def __init__(self, model: nn.Module, device):
+        from ..models.multihead import output_heads
+
         self.model, self.device = model, device
         self.pre = Preprocessor(model.config, device)
+        self.heads = output_heads(model.config)
 
     @torch.no_grad()
-    def run(self, images, output: str = "labels") -> torch.Tensor:
-        x = self.pre(torch.from_numpy(images).to(self.device))
-        return self.model(x).argmax(1).cpu()
+    def run(self, images, output: str = "labels", **second):
+        from ..models.multihead import finish, split
+
+        z = next((torch.from_numpy(v).to(self.device) for v in second.values()), None)  # depth / HHA
+        y = self.model(self.pre(torch.from_numpy(images).to(self.device), z))
+        if not self.heads:
+            return y.argmax(1).cpu()
+        return {k: v.cpu() for k, v in split(finish(y, "labels", self.heads), "labels", self.heads).items()}
 
 
 def evaluate_model(model: nn.Module, ds, num_classes: int, batch: int = 16, device=None) -> dict:
-    """Mean IU etc. of a model (eval mode, reference forward) over a dataset (``fastfcn.evaluate``)."""
+    """Mean IU etc. of a model (eval mode, reference forward) over a dataset (``fastfcn.evaluate``);
+    for a net with several heads ``{head: scores}``, each over its own classes."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -160,6 +174,8 @@ class Run:
     step: int
     history: dict
     state: dict | None  # the resume state, None for a fresh run
+    # ((name, classes), ...) of a net with several heads (SIFT Flow), else None
+    heads: tuple | None = None
     # The preprocessing an --init classifier set (torchvision's RGB 0..1 ImageNet mean/std): every
     # later stage's model is fed as the weights it starts from were trained.
     preprocessing: dict = field(default_factory=dict)
@@ -185,7 +201,7 @@ def _device(args, world: int, device: torch.device) -> torch.device:
     return device
 
 
-def _open_val(args, num_classes: int):
+def _open_val(args, num_classes: int, heads=None):
     """The validation set: synthetic scenes of another seed, or the first --val-n of a VOC split."""
     if not (args.val_every and args.val_n):
         return None
@@ -194,8 +210,47 @@ def _open_val(args, num_classes: int):
                             seed=args.seed + VAL_SEED_OFFSET, num_classes=num_classes)  # fmt: skip
     if not args.val_split:
         return None
-    val = open_dataset(args.data, args.val_split, n=0, size=0, seed=0, num_classes=num_classes)
+    val = open_dataset(args.data, args.val_split, n=0, size=0, seed=0, num_classes=num_classes,
+                       heads=_head_names(heads), second=second_input(args))  # fmt: skip
     return Subset(val, args.val_n) if len(val) > args.val_n else val
+
+
+def second_input(args) -> tuple[str, Path] | None:
+    """(modality, folder) of ``--depth`` / ``--hha`` (checked against the nets by the CLI), or None."""
+    given = [(m, Path(d)) for m in ("depth", "hha") if (d := getattr(args, m, None)) is not None]
+    return given[0] if given else None
+
+
+def _head_names(heads) -> tuple[str, ...] | None:
+    return tuple(n for n, _ in heads) if heads else None
+
+
+def _classes(args, ds, arch: str) -> tuple[int, list[str] | None]:
+    """(num_classes, class names) to train: the dataset's. A net with several heads counts every
+    head's classes (SIFT Flow 33 + 3): a VOC-layout folder's ``class_names.txt`` lists them all in
+    head order; without one, the arch's own (the VOC class list does not apply)."""
+    from ..models import DEFAULT_CLASSES
+    from ..models.multihead import output_heads
+
+    base = getattr(ds, "ds", ds)  # a Paired dataset's images and labels
+    if output_heads({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]}) and args.data != "synthetic" \
+            and not (base.root / "class_names.txt").is_file():  # fmt: skip
+        return DEFAULT_CLASSES[arch], None
+    return getattr(ds, "num_classes", args.num_classes), list(getattr(ds, "class_names", [])) or None
+
+
+def _heads(arch: str, num_classes: int):
+    """The heads of ``arch`` at ``num_classes`` in all; InputError when the last head takes them all."""
+    from ..models.multihead import GEOMETRIC_CLASSES, output_heads
+
+    heads = output_heads({"arch": arch, "num_classes": num_classes})
+    if heads and num_classes <= GEOMETRIC_CLASSES:
+        raise InputError(
+            f"{arch} has {num_classes} classes in all, but its geometric head alone takes "
+            f"{GEOMETRIC_CLASSES}: list every head's classes in the data's class_names.txt "
+            "(semantic, then geometric)"
+        )
+    return heads
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -206,20 +261,31 @@ def setup(args: argparse.Namespace) -> Run:
         torch.set_num_threads(args.threads)
     if args.batch % world:
         raise InputError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
+    from ..models import DEFAULT_CLASSES
+    from ..models.multihead import output_heads
+
+    stages = parse_stages(args.stages, args.arch, args.iters)
+    arch = stages[0][0]
+    heads = output_heads({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]})
     ds = open_dataset(args.data, args.split, n=args.train_n, size=args.size, seed=args.seed,
-                      num_classes=args.num_classes)  # fmt: skip
-    num_classes = getattr(ds, "num_classes", args.num_classes)
+                      num_classes=args.num_classes, heads=_head_names(heads),
+                      second=second_input(args))  # fmt: skip
+    num_classes, class_names = _classes(args, ds, arch)
+    heads = _heads(arch, num_classes)
     out = Path(args.out)
     state = load_state(out) if args.resume else None
-    run = Run(args, rank, world, device, out, parse_stages(args.stages, args.arch, args.iters), ds,
-              _open_val(args, num_classes), num_classes, list(getattr(ds, "class_names", [])) or None,
-              step=int(state["step"]) if state else 0,
-              history=state["history"] if state else new_history(), state=state)  # fmt: skip
+    run = Run(args, rank, world, device, out, stages, ds, _open_val(args, num_classes, heads), num_classes,
+              class_names, step=int(state["step"]) if state else 0,
+              history=state["history"] if state else new_history(heads), state=state,
+              heads=heads)  # fmt: skip
     if run.main_rank:
         # Only now, with the arguments, the data and the resume state checked, is anything written.
         out.mkdir(parents=True, exist_ok=True)
-    run.say(f"training {' -> '.join(f'{a} ({n} it)' for a, n in run.stages)} on {args.data} "
-            f"({len(ds)} images, {num_classes} classes), {world} process(es), device {device}")  # fmt: skip
+    what = f"{num_classes} classes" + (f": {', '.join(f'{n} {c}' for n, c in heads)}" if heads else "")
+    second = second_input(args)
+    with_second = f" with {second[0]} from {second[1]}" if second else ""
+    run.say(f"training {' -> '.join(f'{a} ({n} it)' for a, n in run.stages)} on {args.data}{with_second} "
+            f"({len(ds)} images, {what}), {world} process(es), device {device}")  # fmt: skip
     return run
 
 
@@ -292,16 +358,29 @@ def _lr(args, i: int, n: int) -> float:
     return args.lr
 
 
+def training_batch(run: Run, pre: Preprocessor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The net's input and labels of this rank's share of the batch of ``step``, augmented:
+    x (n, C, H, W) float, y (n, H, W) long, or (n, K, H, W) for K heads."""
+    images, labels, second, scale, flips = draw_batch(run.args, run.ds, step, run.rank, run.world,
+                                                      _head_names(run.heads))  # fmt: skip
+    # The runtime's Preprocessor: training and inference cannot disagree on colour order,
+    # scale, mean or std, nor on a second input's (log depth minus its mean, HHA minus its
+    # own). For one image input: the same values and (channels_last) strides as the loop's own
+    # preprocessing before it, so training results are unchanged. A second input is
+    # concatenated to the image's channels here, so augment flips and scales it with the image
+    # by construction.
+    device = run.device
+    x = pre(images.to(device), None if second is None else second.to(device))
+    if run.heads:
+        labels = labels.permute(0, 3, 1, 2)  # (n, H, W, K) -> (n, K, H, W)
+    return augment(x, labels.to(device), scale, flips.to(device))
+
+
 def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
     """One optimizer step on this rank's share of the global batch of ``run.step``; returns the loss."""
-    args, device = run.args, run.device
-    images, labels, scale, flips = draw_batch(args, run.ds, run.step, run.rank, run.world)
-    # The runtime's Preprocessor: training and inference cannot disagree on colour order,
-    # scale, mean or std. Same values and (channels_last) strides as the loop's own
-    # preprocessing before it, so training results are unchanged.
-    x = pre(images.to(device))
-    x, y = augment(x, labels.to(device), scale, flips.to(device))
-    loss = F.cross_entropy(net(x), y, ignore_index=255, reduction=args.loss_reduction)
+    args = run.args
+    x, y = training_batch(run, pre, run.step)
+    loss, parts = segmentation_loss(net(x), y, run.heads, args.loss_reduction)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -312,6 +391,9 @@ def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
             f"loss became {lv} at step {run.step}; lower --lr (now {args.lr}) or use mean loss reduction"
         )
     run.history["loss"].append([run.step, lv])
+    if run.heads:
+        for name, part in parts.items():
+            run.history["heads"][name]["loss"].append([run.step, float(part.detach())])
     return lv
 
 
@@ -320,8 +402,14 @@ def validate(run: Run, model: nn.Module, loss: float, lr: float, progress: Progr
     folded = run.args.batchnorm
     r = evaluate_model(plain_copy(model) if folded else model, run.val, run.num_classes,
                        device=torch.device("cpu") if folded else run.device)  # fmt: skip
-    run.history["val_mean_iu"].append([run.step, r["mean_iu"]])
-    msg = f"step {run.step}: loss {loss:.4f}  val mean IU {100 * r['mean_iu']:.2f}  lr {lr:.3g}"
+    if run.heads:  # one mean IU per head, each over its own classes
+        for name, _ in run.heads:
+            run.history["heads"][name]["val_mean_iu"].append([run.step, r[name]["mean_iu"]])
+        ius = "  ".join(f"{name} {100 * r[name]['mean_iu']:.2f}" for name, _ in run.heads)
+        msg = f"step {run.step}: loss {loss:.4f}  val mean IU {ius}  lr {lr:.3g}"
+    else:
+        run.history["val_mean_iu"].append([run.step, r["mean_iu"]])
+        msg = f"step {run.step}: loss {loss:.4f}  val mean IU {100 * r['mean_iu']:.2f}  lr {lr:.3g}"
     print(("\n" if progress.tty else "") + msg, file=sys.stderr, flush=True)
 
 

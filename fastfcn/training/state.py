@@ -21,9 +21,15 @@ from .plots import for_plot, plot_curves
 STATE_FILE = "train_state.pt"
 
 
-def new_history() -> dict:
-    """``{"loss": [[step, loss], ...], "val_mean_iu": [[step, mean IU], ...]}``."""
-    return {"loss": [], "val_mean_iu": []}
+def new_history(heads=None) -> dict:
+    """``{"loss": [[step, loss], ...], "val_mean_iu": [[step, mean IU], ...]}``; for a net with
+    several ``heads`` ((name, classes), ...) also ``"heads": {name: {"loss": [[step, that head's
+    loss], ...], "val_mean_iu": [[step, its mean IU], ...]}}``: "loss" is the heads' sum and the
+    top-level "val_mean_iu" stays empty (the heads' mean IUs are over different class sets)."""
+    history = {"loss": [], "val_mean_iu": []}
+    if heads:
+        history["heads"] = {name: {"loss": [], "val_mean_iu": []} for name, _ in heads}
+    return history
 
 
 def load_state(out: Path) -> dict:
