@@ -63,7 +63,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError
 from .imageio import IMAGE_SUFFIXES
-from .paths import TMP_TAG
+from .paths import TMP_TAG, StemIndex
 from .paths import atomic_path as _atomic
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".nut")
@@ -264,6 +264,7 @@ class _Folder:
         if not is_dir:
             raise InputError(f"{flag} {folder}: not a folder")
         self._names: dict[str, dict[str, list[str]]] = {}
+        self._local = None if self.uri else StemIndex()
 
     def where(self, rel_dir: str) -> str:
         """The path or URI of the subfolder ``rel_dir`` ("" for the folder itself)."""
@@ -275,19 +276,14 @@ class _Folder:
     def names(self, rel_dir: str, stem: str) -> list[str]:
         """The names of the files with ``stem`` in the subfolder ``rel_dir`` (none where it does
         not exist); the subfolder is listed and indexed by stem on first use."""
+        if self._local is not None:
+            return self._local.names(Path(self.where(rel_dir)), stem)
         if rel_dir not in self._names:
-            if self.uri:
-                import pyarrow.fs as pafs
+            import pyarrow.fs as pafs
 
-                where = f"{self.path.rstrip('/')}/{rel_dir}" if rel_dir else self.path
-                infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-                names = [i.base_name for i in infos if i.type == pafs.FileType.File]
-            else:
-                try:
-                    with os.scandir(self.where(rel_dir)) as it:
-                        names = [e.name for e in it if e.is_file()]
-                except (FileNotFoundError, NotADirectoryError):
-                    names = []
+            where = f"{self.path.rstrip('/')}/{rel_dir}" if rel_dir else self.path
+            infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+            names = [i.base_name for i in infos if i.type == pafs.FileType.File]
             index: dict[str, list[str]] = {}
             for n in names:
                 index.setdefault(os.path.splitext(n)[0], []).append(n)
