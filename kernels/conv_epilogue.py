@@ -28,27 +28,34 @@ def _conv_tile(
     """fp32 conv outputs at pixels (n, oy, ox) x channels co: (BLOCK_M, BLOCK_N)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ck = tl.arange(0, BLOCK_K)
-    # loops, not static_range: with every tap unrolled (121 copies of the K loop for FCN-AlexNet's
-    # 11x11 conv1) its fp32 build had not finished after 100 s (Triton 3.9.0 on the 2-core AMD
-    # EPYC Zen 4; 3x3 builds took 3-7 s); as loops every specialisation builds in under 0.7 s, with fewer
-    # registers (3x3 64 -> 64 bf16: 145 -> 132 at (128, 64, 32, 4, 3))
-    for ky in range(KH):
+    # One loop over K = taps x channel tiles, not loops per tap: the software pipeliner
+    # (num_stages) overlaps the loads of the next K step with this one's dot only within one
+    # loop, so per-tap loops restarted it every C / BLOCK_K steps (4 for a 64-channel conv at
+    # BLOCK_K 16); a tap's pixel math is redone per step, a few vector integer ops per
+    # BLOCK_M x BLOCK_N x BLOCK_K dot. Static sm_90a builds (CUDA_LAUNCH's comment) take the same
+    # shared memory either way, fewer registers without the pool (largest: 160 -> 124 at TF32,
+    # 181 -> 150 for fp32 products) and more with it for fp32 products (96 -> 139 on Triton
+    # 3.9.0), none spilling; GPU speed unmeasured.
+    # Loops, not static_range: with every tap unrolled (121 copies for FCN-AlexNet's 11x11
+    # conv1) its fp32 build had not finished after 100 s (Triton 3.9.0 on the 2-core AMD EPYC
+    # Zen 4).
+    CT = tl.cdiv(C, BLOCK_K)
+    for t in range(0, KH * KW * CT):
+        tap = t // CT
+        ci = (t - tap * CT) * BLOCK_K + ck
+        ky = tap // KW
         iy = oy * STRIDE - pad_h + ky * DIL
-        for kx in range(KW):
-            ix = ox * STRIDE - pad_w + kx * DIL
-            ok = rmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            row = ((n * H + iy) * W + ix).to(tl.int64) * C  # NHWC: a pixel's channels are contiguous
-            for c0 in range(0, C, BLOCK_K):
-                ci = c0 + ck
-                kmask = ci < C
-                a = tl.load(x_ptr + row[:, None] + ci[None, :], mask=ok[:, None] & kmask[None, :], other=0.0)
-                wrow = ((ky * KW + kx) * C + ci).to(tl.int64) * Cout
-                bmask = kmask[:, None] & cmask[None, :]
-                b = tl.load(w_ptr + wrow[:, None] + co[None, :], mask=bmask, other=0.0)
-                if IEEE:  # fp32 input (or the interpreter): fp32 products, no TF32
-                    acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, b)
+        ix = ox * STRIDE - pad_w + (tap - ky * KW) * DIL
+        ok = rmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        row = ((n * H + iy) * W + ix).to(tl.int64) * C  # NHWC: a pixel's channels are contiguous
+        kmask = ci < C
+        a = tl.load(x_ptr + row[:, None] + ci[None, :], mask=ok[:, None] & kmask[None, :], other=0.0)
+        wrow = (tap * C + ci).to(tl.int64) * Cout
+        b = tl.load(w_ptr + wrow[:, None] + co[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if IEEE:  # fp32 input (or the interpreter): fp32 products, no TF32
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
     return acc
 
 
@@ -112,14 +119,14 @@ def conv_bias_relu_kernel(
 # where it wins.
 CUDA_LAUNCH = {
     # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
-    # bf16 / fp16 64-128 registers, TF32 64-160, on both versions
+    # bf16 / fp16 58-124 / 62-124 registers, TF32 62-123 / 63-128
     (False, False): (128, 64, 16, 8, 3),
     # the pooled kernel holds two (BLOCK_M, BLOCK_N) fp32 tiles (window max and conv tile):
-    # bf16 / fp16 72-76 / 74 registers, TF32 124 / 124
+    # bf16 / fp16 75-78 / 75 registers, TF32 116 / 114
     (True, False): (64, 64, 32, 8, 3),
-    # 106-181 registers on both (181: 3 input channels)
+    # 108-150 / 106-154 registers
     (False, True): (128, 64, 16, 8, 2),
-    # 96 / 127-128 registers; (64, 64, 16, 4, 2) spilled 24/24 B on 3.6.0
+    # 96-139 / 128-140 registers; (64, 64, 16, 4, 2) spilled 24/24 B on 3.6.0 with per-tap loops
     (True, True): (32, 64, 16, 4, 2),
 }
 
