@@ -36,8 +36,9 @@ How the work is shared and why it survives failures:
   keeps what it finished) and the file is compacted to one row per input, atomically, at the
   end. ``resume`` treats an input as complete when its last row is ``ok``, every output it
   lists exists with the size it recorded and, for a two-input net, its row's ``second`` (the
-  paired file) is the one paired now. Like the image itself, a file is known by its path, not
-  its contents or mtime: an edited depth map at the same path is not redone (``--no-resume``).
+  paired file) is the one paired now, and a local input (and depth / HHA file) still has the
+  size and modification time the row recorded (``stamp``): one edited or replaced in place is
+  redone. Inputs at URIs are known by their URI alone (``--no-resume`` redoes them).
 - A failing input is tried ``ATTEMPTS`` times in its worker, then recorded as ``failed`` with
   the error; the others go on. Nothing is dropped: an input without a row after the run is
   recorded as failed too.
@@ -340,13 +341,31 @@ def read_manifest(path) -> dict[str, dict]:
     return rows
 
 
+def stamp(path: str | None) -> list[int] | None:
+    """``[size, mtime_ns]`` of a local file, what a row records of the inputs it was made from;
+    None for a URI (an object store's listing would cost a request per input) or a file that
+    cannot be read."""
+    if path is None or _is_uri(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def is_complete(row: dict | None, task: Task) -> bool:
     """The row says ``ok`` for exactly the outputs ``task`` plans, from the same second input (a
-    two-input net), and each exists with its size."""
+    two-input net), and each exists with its size; a local input (and second input) must still
+    have the size and modification time the row recorded (``stamp``), so one edited or replaced
+    in place is redone. Rows written before stamps were recorded have none and are not checked."""
     if not row or row.get("status") != "ok" or tuple(row.get("outputs", ())) != task.outputs:
         return False
     if row.get("second") != task.second:
         return False
+    for key, path in (("stamp", task.src), ("second_stamp", task.second)):
+        if key in row and row[key] != stamp(path):
+            return False
     sizes = row.get("sizes") or []
     if len(sizes) != len(task.outputs):
         return False
@@ -455,6 +474,7 @@ class _Worker:
         with _checkpoint_file(checkpoint, name) as path:
             self.seg = Segmenter(path, **options)
         self.pictures, self.alpha, self.second = tuple(pictures), alpha, second
+        self._stamps: dict[str, tuple] = {}  # src -> (its stamp, its second input's) when read
         self.palettes = self.seg.head_palettes()  # {head: palette}; {None: palette} for one head
 
     def __call__(self, batch: dict) -> dict:
@@ -498,6 +518,7 @@ class _Worker:
         from concurrent.futures import ThreadPoolExecutor
 
         def read(task: Task):
+            self._stamps[task.src] = (stamp(task.src), stamp(task.second))  # before the read
             try:
                 return self._inputs(task)
             except Exception:  # noqa: BLE001 - reported by the input's own attempts
@@ -532,8 +553,14 @@ class _Worker:
         """Write ``task``'s outputs, up to ATTEMPTS times; its manifest row. ready: (image,
         labels) already computed for the first attempt; spent: seconds already spent on it."""
         row = {"input": task.src, "kind": task.kind, "worker": _worker_name(), "outputs": list(task.outputs)}
+        # what the outputs are made from, stamped before it was read (by _segment_batch for `ready`)
+        stamps = self._stamps.pop(task.src, None)
+        if ready is None or stamps is None:
+            stamps = (stamp(task.src), stamp(task.second))
+        row["stamp"] = stamps[0]
         if task.second is not None:
             row["second"] = task.second
+            row["second_stamp"] = stamps[1]
         t0 = time.perf_counter()
         attempt = 0
         while attempt < ATTEMPTS:

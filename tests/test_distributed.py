@@ -149,6 +149,31 @@ def test_manifest_completeness_and_truncated_lines(tmp_path):
     assert [json.loads(line)["input"] for line in m.read_text().splitlines()] == ["c.png", "in.png"]
 
 
+def test_an_input_edited_in_place_is_due_again(tmp_path):
+    """A row records its local input's (and second input's) size and mtime: resume redoes an
+    input rewritten or touched at the same path; a row of an older manifest, without stamps, is
+    checked as before; URIs carry none."""
+    src, depth, out = tmp_path / "in.png", tmp_path / "in_depth.png", tmp_path / "o.png"
+    src.write_bytes(b"image")
+    depth.write_bytes(b"depth")
+    out.write_bytes(b"12345")
+    task = distributed.Task(str(src), "image", (str(out),), str(depth))
+    row = {"input": str(src), "status": "ok", "outputs": [str(out)], "sizes": [5], "second": str(depth),
+           "stamp": distributed.stamp(str(src)), "second_stamp": distributed.stamp(str(depth))}  # fmt: skip
+    assert row["stamp"] == [5, os.stat(src).st_mtime_ns]
+    assert distributed.is_complete(row, task)
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, newer
+    assert not distributed.is_complete(row, task)
+    row["stamp"] = distributed.stamp(str(src))
+    depth.write_bytes(b"other depth")
+    assert not distributed.is_complete(row, task)
+    old = {k: v for k, v in row.items() if k not in ("stamp", "second_stamp")}
+    assert distributed.is_complete(old, task)  # an older manifest's row: paths and sizes only
+    assert distributed.stamp("s3://bucket/a.png") is None
+    assert distributed.stamp(str(tmp_path / "gone")) is None
+
+
 def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
     bad = (({"batch_size": 0}, "batch_size"), ({"concurrency": 0}, "concurrency"), ({"mode": "x"}, "mode"),
            ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"))  # fmt: skip
@@ -377,6 +402,7 @@ def test_two_headed_net_writes_each_head_and_resumes(ray_local, sift_ckpt, tmp_p
     found = distributed.collect_inputs([src], out)
     tasks = distributed.plan(found, out, ("overlay", "side-by-side"), heads=("semantic", "geometric"))
     assert all(distributed.is_complete(by[t.src], t) for t in tasks)
+    assert all(r["stamp"] == distributed.stamp(r["input"]) for r in by.values())  # the workers stamp
     (out / "overlays" / "geometric" / imgs[1].relative_to(src)).unlink()
     assert [t.src for t in tasks if not distributed.is_complete(by[t.src], t)] == [str(imgs[1])]
     one_head = distributed.plan(found, out, ("overlay", "side-by-side"))
