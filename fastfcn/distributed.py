@@ -64,7 +64,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError
 from .imageio import IMAGE_SUFFIXES
-from .paths import TMP_TAG, StemIndex
+from .paths import TMP_TAG, StemIndex, local_files
 from .paths import atomic_path as _atomic
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".nut")
@@ -264,8 +264,7 @@ class _Folder:
             is_dir = os.path.isdir(self.path)
         if not is_dir:
             raise InputError(f"{flag} {folder}: not a folder")
-        self._names: dict[str, dict[str, list[str]]] = {}
-        self._local = None if self.uri else StemIndex()
+        self._index = StemIndex(self._files)
 
     def where(self, rel_dir: str) -> str:
         """The path or URI of the subfolder ``rel_dir`` ("" for the folder itself)."""
@@ -277,19 +276,16 @@ class _Folder:
     def names(self, rel_dir: str, stem: str) -> list[str]:
         """The names of the files with ``stem`` in the subfolder ``rel_dir`` (none where it does
         not exist); the subfolder is listed and indexed by stem on first use."""
-        if self._local is not None:
-            return self._local.names(Path(self.where(rel_dir)), stem)
-        if rel_dir not in self._names:
-            import pyarrow.fs as pafs
+        return self._index.names(rel_dir, stem)
 
-            where = f"{self.path.rstrip('/')}/{rel_dir}" if rel_dir else self.path
-            infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-            names = [i.base_name for i in infos if i.type == pafs.FileType.File]
-            index: dict[str, list[str]] = {}
-            for n in names:
-                index.setdefault(os.path.splitext(n)[0], []).append(n)
-            self._names[rel_dir] = index
-        return self._names[rel_dir].get(stem, [])
+    def _files(self, rel_dir: str) -> list[str]:
+        if not self.uri:
+            return local_files(self.where(rel_dir))
+        import pyarrow.fs as pafs
+
+        where = f"{self.path.rstrip('/')}/{rel_dir}" if rel_dir else self.path
+        infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+        return [i.base_name for i in infos if i.type == pafs.FileType.File]
 
 
 def pair_second(found: list[tuple[str, str]], folder: str, modality: str) -> list[str]:

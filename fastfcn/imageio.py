@@ -134,17 +134,23 @@ def _is_pil(obj) -> bool:
     return pil is not None and isinstance(obj, pil.Image)
 
 
-def _decode_one(obj, max_pixels: int | None):
+def _decode_object(obj, read, convert, what: str, max_pixels: int | None):
+    """A path through ``read``, a PIL image through ``convert`` (errors are InputError starting
+    with ``what``), anything else unchanged: the one rule for images and depth maps alike."""
     if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, max_pixels)
+        return read(obj, max_pixels)
     if _is_pil(obj):
         try:
-            return from_pil(obj, max_pixels)
+            return convert(obj, max_pixels)
         except InputError as e:
-            raise InputError(f"the PIL image: {e}") from None
+            raise InputError(f"{what}: {e}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(f"the PIL image cannot be decoded ({type(e).__name__}: {e})") from None
+            raise InputError(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
     return obj
+
+
+def _decode_one(obj, max_pixels: int | None):
+    return _decode_object(obj, read_image, from_pil, "the PIL image", max_pixels)
 
 
 def decode_inputs(batch, max_pixels: int | None = None):
@@ -200,16 +206,7 @@ def decode_second(data: bytes, name: str, modality: str, max_pixels: int | None 
 def decode_depth(obj, what: str, max_pixels: int | None = None):
     """A depth file path or PIL depth image -> (H, W) float32 (read_depth / depth_from_pil); any
     other object unchanged. Errors are InputError starting with ``what`` (or the path)."""
-    if isinstance(obj, (str, os.PathLike)):
-        return read_depth(obj, max_pixels)
-    if _is_pil(obj):
-        try:
-            return depth_from_pil(obj, max_pixels)
-        except InputError as e:
-            raise InputError(f"{what}: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise InputError(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
-    return obj
+    return _decode_object(obj, read_depth, depth_from_pil, what, max_pixels)
 
 
 def depth_from_pil(im, max_pixels: int | None = None) -> np.ndarray:

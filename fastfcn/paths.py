@@ -170,25 +170,32 @@ def second_file_name(image, where: str, stem: str, names, modality: str) -> str:
     return found[0]
 
 
+def local_files(where) -> list[str]:
+    """The names of the files in the local folder ``where`` (none when it is no folder)."""
+    if not os.path.isdir(where):
+        return []
+    with os.scandir(where) as entries:
+        return [e.name for e in entries if e.is_file()]
+
+
 class StemIndex:
-    """The files of folders by stem, each folder listed once (``os.scandir``), for pairing many
-    images: ``match_file`` listing the folder again for every image took 11.9 s for 3,000 images
-    in one folder (2-core AMD EPYC Zen 4), quadratic in their number; one index pairs them in
-    68 ms."""
+    """The files of folders by stem, each folder listed once, for pairing many images:
+    ``match_file`` listing the folder again for every image took 11.9 s for 3,000 images in one
+    folder (2-core AMD EPYC Zen 4), quadratic in their number; one index pairs them in 68 ms.
+    list_files(folder) -> file names: local folders (``os.scandir``) unless given (the Ray job
+    lists folders at URIs through pyarrow)."""
 
-    def __init__(self) -> None:
-        self._folders: dict[Path, dict[str, list[str]]] = {}
+    def __init__(self, list_files=None) -> None:
+        self._list = list_files or local_files
+        self._folders: dict = {}
 
-    def names(self, where: Path, stem: str) -> list[str]:
-        """The names of the files of ``where`` whose stem is ``stem`` (none when ``where`` is no folder)."""
+    def names(self, where, stem: str) -> list[str]:
+        """The names of the files of ``where`` whose stem is ``stem``."""
         by_stem = self._folders.get(where)
         if by_stem is None:
             by_stem = self._folders[where] = {}
-            if where.is_dir():
-                with os.scandir(where) as entries:
-                    for e in entries:
-                        if e.is_file():
-                            by_stem.setdefault(os.path.splitext(e.name)[0], []).append(e.name)
+            for name in self._list(where):
+                by_stem.setdefault(os.path.splitext(name)[0], []).append(name)
         return by_stem.get(stem, [])
 
 

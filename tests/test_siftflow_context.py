@@ -363,14 +363,11 @@ def test_cli_segment_writes_each_head(sift, tmp_path, capsys):
                      capsys.readouterr().out)
 
 
-def test_one_map_per_image_paths_refuse_two_heads(sift, tmp_path):
-    """A path of one ground truth per image refuses two heads; evaluation wants every head's (video,
-    the Ray job and eval with each head's labels: tests/test_multihead_io.py, test_distributed.py;
+def test_evaluation_wants_every_heads_ground_truth(sift, tmp_path):
+    """Evaluating a two-headed net needs every head's labels and all heads' classes (video, the Ray
+    job and eval with each head's labels: tests/test_multihead_io.py, test_distributed.py;
     training: tests/test_train_multi.py)."""
     seg = fastfcn.Segmenter(sift, backend="torch", device="cpu")
-    with pytest.raises(InputError, match="a one-map tool handles one label map"):
-        multihead.check_one_head(seg.config, "a one-map tool")
-    multihead.check_one_head(small("pascalcontext-fcn32s").config, "a one-map tool")  # one head: fine
     from fastfcn.evaluate import evaluate
 
     with pytest.raises(InputError, match=r"head 'semantic' has no ground truth in the dataset \(one label"):

@@ -80,21 +80,6 @@ def split(out: torch.Tensor, output: str, heads, batched: bool = True) -> dict[s
     return dict(zip([n for n, _ in heads], torch.split(out, sizes, dim=dim)))
 
 
-def check_one_head(config: Mapping, what: str) -> None:
-    """Refuse a net with several heads where ``what`` handles one label map per image (the video
-    writer, the Ray job, evaluation and training handle every head, and need not call it)."""
-    heads = output_heads(config)
-    if heads:
-        from ..errors import InputError
-
-        names = " and ".join(n for n, _ in heads)
-        raise InputError(
-            f"{what} handles one label map per image, but {config.get('arch')} has {len(heads)} output "
-            f"heads ({names}); use Segmenter.run / Segmenter.stream (one {{head: result}} per image) or "
-            "`fastfcn segment` (one folder per head)"
-        )
-
-
 def host_results(result) -> dict:
     """One image's result as numpy arrays on the host, keyed by head: ``{head name: array}`` for a
     net with several heads (a {head: tensor} result), ``{None: array}`` for one head's tensor.
@@ -116,6 +101,6 @@ def head_entries(config: Mapping, key: str, heads) -> dict[str, list]:
 
 
 __all__ = [
-    "GEOMETRIC_CLASSES", "SIFTFLOW_ARCHS", "check_one_head", "combine", "finish", "head_entries",
+    "GEOMETRIC_CLASSES", "SIFTFLOW_ARCHS", "combine", "finish", "head_entries",
     "host_results", "output_heads", "split",
 ]  # fmt: skip

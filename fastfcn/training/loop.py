@@ -289,14 +289,12 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
-_PREPROCESSING = ("color_order", "input_scale", "mean", "std")
-
-
 def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Module:
     """Stage ``si``'s model: fresh weights, then the resume point, the previous stage or --init."""
     import fastfcn
     from fastfcn import models
     from fastfcn.checkpoint import is_classifier_file
+    from fastfcn.checkpoint.classifier import TORCHVISION_PREPROCESSING
 
     args = run.args
     options = {"dropout": args.dropout}
@@ -311,7 +309,7 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
     if resumed:
         last = fastfcn.load(run.out / "last.safetensors")
         model.load_state_dict(last.state_dict())
-        run.preprocessing = {k: getattr(last.config, k) for k in _PREPROCESSING}
+        run.preprocessing = {k: getattr(last.config, k) for k in TORCHVISION_PREPROCESSING}
     elif prev_state is not None:
         copied = copy_by_name(model, prev_state)
         run.say(f"stage {si + 1}: {arch} initialised from the previous stage ({len(copied)} tensors)")
