@@ -206,11 +206,14 @@ def _skip_stream(model: nn.Module, steps, size: tuple[int, ...], layers: list[La
     first = by_name.get(getattr(steps[0], "name", None)) if steps else None
     if first is None:
         return
-    from .runtime.deadzone import DeadZonePlan  # the planner's geometry is pure ints
+    from .runtime.deadzone import DeadZonePlan, conv_pool_steps  # the planner's geometry is pure ints
 
     # The first step's input is the backbone's map (DeconvNet: the image zero-padded bottom-right).
     mh, mw = first.input_shape[-2:]
-    plan = DeadZonePlan(model, steps, (mh, mw), (min(size[2], mh), min(size[3], mw)))
+    # conv impls with a pool epilogue (the fused CUDA backend's) compute a few more outputs
+    plan = DeadZonePlan(
+        model, steps, (mh, mw), (min(size[2], mh), min(size[3], mw)), conv_pools=conv_pool_steps(model, steps)
+    )  # fmt: skip
     for sp in plan.steps:
         layer = by_name.get(getattr(sp.step, "name", None))
         if layer is not None and layer.kind == "Conv2d":

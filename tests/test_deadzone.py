@@ -521,3 +521,154 @@ def test_a_failed_build_leaves_the_cache_usable():
     entry = deadzone._Entry([[]], [None], [None])
     assert cache.get("k", lambda: entry) is entry
     assert cache.get("k", broken) is entry  # a hit builds nothing
+
+
+# -- conv + pool as one call (an impl's conv_pool) ------------------------------------------------
+
+
+class Float64Conv:
+    """A ConvImpl built from torch's conv2d (+ BatchNorm) + ReLU for ``step`` of ``model``,
+    recording its calls in ``calls``. It computes in float64 and rounds once to the input's
+    dtype, so another blocking on another window cannot change a float32 value: results compare
+    bitwise."""
+
+    def __init__(self, model, step, calls):
+        self.step, self.calls = step, calls
+        self.conv = getattr(model, step.name)
+        self.bn = getattr(model, step.bn) if step.bn is not None else None
+
+    def conv64(self, x, padding):
+        c = self.conv
+        y = F.conv2d(x.double(), c.weight.double(), c.bias.double(), c.stride, padding, c.dilation, c.groups)
+        if self.bn is not None:
+            b = self.bn
+            y = F.batch_norm(y, b.running_mean.double(), b.running_var.double(), b.weight.double(),
+                             b.bias.double(), False, 0.0, b.eps)  # fmt: skip
+        return F.relu(y) if self.step.relu else y
+
+    def __call__(self, x, padding):
+        self.calls.append(("conv", self.step.name, tuple(x.shape[-2:])))
+        return self.conv64(x, padding).to(x.dtype)
+
+
+class Float64ConvPool(Float64Conv):
+    def conv_pool(self, x, padding, kernel, stride):
+        self.calls.append(("conv_pool", self.step.name, (kernel, stride)))
+        return F.max_pool2d(self.conv64(x, padding), kernel, stride, ceil_mode=True).to(x.dtype)
+
+
+def with_impls(model, cls, calls):
+    for step in model.backbone:
+        if isinstance(step, Conv):
+            model.set_conv_impl(step.name, cls(model, step, calls))
+    return model
+
+
+def dead_zone_runs(model, x, image=None, switches=False):
+    """(run_steps's output, taps, switches; the dead-zone forward's, second call: from the
+    cache; the impls' calls in that second call)."""
+    calls = model._conv_impls[next(iter(model._conv_impls))].calls
+    fwd = DeadZoneForward(model)
+    ref_feats, feats, ref_sw, sw = {}, {}, ({} if switches else None), ({} if switches else None)
+    with torch.no_grad():
+        ref = run_steps(model, model.backbone, x, ref_feats, ref_sw)
+        fwd(x, {}, {} if switches else None, image_size=image)  # builds the cache entry
+        calls.clear()
+        got = fwd(x, feats, sw, image_size=image)
+    return (ref, ref_feats, ref_sw), (got, feats, sw), list(calls), fwd
+
+
+VGG_BLOCK_ENDS = ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 13), (31, 18), (64, 97)])
+def test_conv_pool_runs_each_vgg_block_end_with_its_pool(size):
+    """FCN-8s: each block's last conv and its 2x2/2 pool run as one conv_pool call on the window
+    the plan aligned to the pool (odd sizes: ceil-mode windows cut short at the map's edge), and
+    the result, the taps included, equals run_steps' and the dead-zone forward's without
+    conv_pool bitwise (float32 rounded once from float64)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, *size, generator=g) * 50
+    model = with_impls(fcn(), Float64ConvPool, [])
+    (ref, ref_feats, _), (got, feats, _), calls, fwd = dead_zone_runs(model, x)
+    assert torch.equal(got, ref)
+    assert set(feats) == {"pool3", "pool4"}
+    for tap in feats:
+        assert torch.equal(feats[tap], ref_feats[tap]), tap
+    assert [c[1:] for c in calls if c[0] == "conv_pool"] == [(name, (2, 2)) for name in VGG_BLOCK_ENDS]
+    assert len([c for c in calls if c[0] == "conv"]) == 13 - 5
+    plan = fwd.plan(size)
+    names = {sp.step.name: k for k, sp in enumerate(plan.steps) if isinstance(sp.step, Conv)}
+    assert plan.fused == {names[n] for n in VGG_BLOCK_ENDS}
+    for k in plan.fused:  # the conv computes exactly the pool's window
+        assert plan.steps[k].comp == plan.steps[k + 1].window
+    plain = with_impls(fcn(), Float64Conv, [])  # the same weights (seed 0), no conv_pool
+    (_, _, _), (got_plain, feats_plain, _), calls_plain, fwd_plain = dead_zone_runs(plain, x)
+    assert not fwd_plain.plan(size).fused and all(c[0] == "conv" for c in calls_plain)
+    assert torch.equal(got, got_plain)
+    for tap in feats:
+        assert torch.equal(feats[tap], feats_plain[tap]), tap
+
+
+def test_conv_pool_grows_the_conv_to_the_pool_window():
+    """Where a conv impl has conv_pool, the conv computes its pool's window whatever ``align``:
+    FCN-8s 500x500's conv4_3 76 instead of 74 rows (align alone: 2% > 5.5%, no); the other
+    convs as before; taps and the last step are still made whole."""
+    model = meta_fcn()
+    pools = deadzone.conv_pool_steps(model, model.backbone)
+    assert pools == frozenset()  # torch's own convs: no conv_pool
+    with_impls(model, Float64ConvPool, [])
+    pools = deadzone.conv_pool_steps(model, model.backbone)
+    assert sorted(model.backbone[k].name for k in pools) == VGG_BLOCK_ENDS
+    base = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13])
+    plan = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13], conv_pools=pools)
+    assert base.fused == frozenset() and plan.fused == pools
+    for a, b in zip(base.steps, plan.steps):
+        name = getattr(a.step, "name", None)
+        if name == "conv4_3":
+            assert (a.rows.out_comp, b.rows.out_comp) == ((7, 81), (6, 82))
+        else:
+            assert a.comp == b.comp, a.step
+    assert plan.whole == base.whole == {9, 13, len(plan.steps) - 1}
+    assert _inside(plan.steps[13].window, plan.steps[13].avail)  # pool4 reads no ring now
+    # align=0: no conv grows for align, each conv_pool conv still does
+    zero = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13], align=0, conv_pools=pools)
+    assert zero.fused == pools
+    assert all(zero.steps[k].comp == zero.steps[k + 1].window for k in pools)
+
+
+@pytest.mark.parametrize("size", [(45, 61), (1, 1), (16, 9)])
+def test_conv_pool_is_not_used_before_3x3_pools(size):
+    """FCN-AlexNet pools 3x3/2: the pool epilogue is 2x2/2 only, so no pair fuses; every conv runs
+    as a step on its window and the result equals run_steps bitwise."""
+    torch.manual_seed(0)
+    model = with_impls(fastfcn.models.build("fcn-alexnet", width=0.125).eval(), Float64ConvPool, [])
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(8)) * 50
+    assert {(s.kernel, s.stride) for s in model.backbone if isinstance(s, Pool)} == {(3, 2)}
+    (ref, ref_feats, _), (got, feats, _), calls, fwd = dead_zone_runs(model, x)
+    assert torch.equal(got, ref)
+    assert calls and all(c[0] == "conv" for c in calls)
+    assert deadzone.conv_pool_steps(model, model.backbone) == frozenset() and not fwd.plan(size).fused
+    for tap in feats:
+        assert torch.equal(feats[tap], ref_feats[tap]), tap
+
+
+@pytest.mark.parametrize(
+    "size, image", [((224, 224), (100, 150)), ((224, 256), (224, 256)), ((224, 224), (1, 1))]
+)
+def test_conv_pool_is_not_used_before_pools_with_switches(size, image):
+    """DeconvNet's encoder pools keep switches (its unpooling levels): no pair fuses, the switches
+    and the result equal run_steps' bitwise; 224x256 filled by the image has no dead zone."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(fastfcn.models.build("deconvnet", width=0.125).eval())
+    with_impls(model, Float64ConvPool, [])
+    x = padded_input(2, size, image, torch.Generator().manual_seed(9))
+    (ref, _, ref_sw), (got, _, sw), calls, fwd = dead_zone_runs(model, x, image, switches=True)
+    assert torch.equal(got, ref)
+    assert calls and all(c[0] == "conv" for c in calls)
+    assert not fwd.plan(size, image).fused
+    assert set(sw) == set(ref_sw) and len(sw) == 5
+    for level in ref_sw:
+        assert sw[level][1] == ref_sw[level][1] and torch.equal(sw[level][0], ref_sw[level][0]), level
+    if image == size:  # no dead zone: every step computes all of its outputs
+        assert all(sp.full for sp in fwd.plan(size, image).steps)

@@ -17,7 +17,9 @@ Two parts:
   around them (2 px for a 3x3 conv after a conv). Taps (the head's pool3/pool4), pooling
   switches and the final map are whole: the computed part is pasted into the cached rest. The
   cache is filled by one ordinary forward of the steps per (H, W, dtype, device, memory
-  format, autocast, conv impls, weights) and kept in a bounded LRU (``DeadZoneCache``).
+  format, autocast, conv impls, weights) and kept in a bounded LRU (``DeadZoneCache``). A
+  conv whose impl has ``conv_pool`` (the fused CUDA backend's) runs with the 2x2/2 pool after
+  it as one call, the pool in the conv's epilogue, on a window the plan aligns to the pool.
 
 Exact: each computed value is the same conv / pool of the same inputs as in the plain forward
 (the zero padding a window needs where it is clipped is the padding the layer has anyway), so
@@ -58,6 +60,10 @@ from ..ops import tensor_version
 
 # The module-level switch for ablations: DeadZoneForward(enabled=None) reads it at every call.
 ENABLED = True
+
+# (kernel, stride) of the one pooling a conv impl's conv_pool does in its epilogue
+# (kernels/conv_epilogue.py, POOL); other pools after a conv (FCN-AlexNet's 3x3/2) run as steps.
+FUSED_POOL = (2, 2)
 
 _held = threading.local()
 
@@ -235,11 +241,23 @@ class DeadZonePlan:
     conv2_2 and conv3_3 likewise; conv4_3 would need +5.5% and does not. Backbone, 1 thread,
     this shared machine: 6.90 s with it, 7.72 s without (minima of 5 interleaved rounds; the
     plain steps 12.56 s). 0 turns it off.
+
+    ``conv_pools``: indices of Conv steps whose impl has ``conv_pool`` (``conv_pool_steps``).
+    Each of them followed by a 2x2/2 Pool without switches computes the pool's whole input window
+    whatever ``align`` says (at most 2 more rows and 2 more columns of outputs: the ceil-mode
+    pool reads one position beyond the dependent ones on each side), so the two run as one call
+    with the pool in the conv's epilogue (``fused``); the pool reads no copy either. FCN-8s
+    500x500 (counted from this plan): the one conv this grows beyond ``align`` is conv4_3, 76^2
+    instead of 74^2 outputs (+5.5% of conv4_3, 0.71 GMAC at width 1, 0.75% of the backbone's
+    94.3 computed), i.e. 1.4 GFLOP against the copy of the 76^2 x 512 window pool4 would read
+    otherwise, 5.9 MB bf16 written and read back: 120 FLOP per byte, under the H200's ~206 (the
+    datasheet's dense bf16 peak over its memory bandwidth, 989 TFLOP/s / 4.8 TB/s). 1920x1080
+    grows nothing; 224x224 0.19 GMAC (of 23.6).
     """
 
     def __init__(
         self, model, steps: Sequence, size: tuple[int, int], image_size: tuple[int, int] | None = None,
-        whole: Collection[int] = (), align: float = 0.02,
+        whole: Collection[int] = (), align: float = 0.02, conv_pools: Collection[int] = (),
     ):  # fmt: skip
         size = (int(size[0]), int(size[1]))
         image = size if image_size is None else (int(image_size[0]), int(image_size[1]))
@@ -268,12 +286,28 @@ class DeadZonePlan:
                 grown = tuple(
                     (min(comp[k][i][0], win[i][0]), max(comp[k][i][1], win[i][1])) for i in range(2)
                 )
-                if _area(grown) <= (1 + align) * _area(comp[k]):
+                if _fusable(plans[k + 1].step) and k in conv_pools:
+                    comp[k] = grown  # the pool's window: aligned to its stride (see _pair)
+                elif _area(grown) <= (1 + align) * _area(comp[k]):
                     comp[k] = grown
         self.steps: tuple[StepPlan, ...] = tuple(
             StepPlan(p.step, _with(p.rows, avail[0], c[0]), _with(p.cols, avail[1], c[1]))
             for p, avail, c in zip(plans, self._avail(plans, comp), comp)
         )
+        self.fused = frozenset(k for k in conv_pools if k < n - 1 and self._pair(k))
+
+    def _pair(self, k: int) -> bool:
+        """Whether Conv step k and the Pool after it can run as one ``conv_pool`` call: a 2x2/2
+        pool without switches whose input window is exactly what the conv computes. That window
+        starts at a multiple of the stride (pooled output lo reads from 2 * lo) and ends 2 x (the
+        pooled outputs) later or at the map's edge, so the ceil-mode pooling of the conv's
+        computed outputs alone gives the pool's computed outputs, a last window cut short only
+        where the map's is."""
+        conv, pool = self.steps[k], self.steps[k + 1]
+        return (
+            isinstance(conv.step, Conv) and _fusable(pool.step) and k not in self.whole
+            and not conv.empty and conv.comp == pool.window
+        )  # fmt: skip
 
     def _avail(self, plans, comp) -> list[Rect]:
         """What each step's input holds per call: the whole map (the input itself, or a kept-whole
@@ -282,6 +316,22 @@ class DeadZonePlan:
         for k in range(len(plans) - 1):
             out.append(plans[k].whole if k in self.whole else comp[k])
         return out
+
+
+def _fusable(step) -> bool:
+    """A Pool step that a conv impl's conv_pool may run in its epilogue."""
+    return isinstance(step, Pool) and step.switches is None and (step.kernel, step.stride) == FUSED_POOL
+
+
+def conv_pool_steps(model, steps: Sequence) -> frozenset[int]:
+    """Indices of the Conv steps of ``steps`` whose impl on ``model`` (``set_conv_impl``) has
+    ``conv_pool`` and that a 2x2/2 Pool without switches follows: DeadZonePlan's ``conv_pools``."""
+    impls = getattr(model, "_conv_impls", {})
+    return frozenset(
+        k for k in range(len(steps) - 1)
+        if isinstance(steps[k], Conv) and _fusable(steps[k + 1])
+        and hasattr(impls.get(steps[k].name), "conv_pool")
+    )  # fmt: skip
 
 
 def _with(d: DimPlan, avail: Span, out_comp: Span) -> DimPlan:
@@ -463,13 +513,18 @@ class DeadZoneForward:
         self._plans: dict = {}
 
     def plan(self, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> DeadZonePlan:
-        key = (tuple(size), tuple(image_size or size))
+        """The plan for an input map of ``size`` with the image at its top-left ``image_size``,
+        for the conv impls set now (a conv_pool impl grows its conv's outputs: DeadZonePlan)."""
+        conv_pools = conv_pool_steps(self.model, self.steps)
+        key = (tuple(size), tuple(image_size or size), conv_pools)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 256:  # a stream of ever new sizes: plans are cheap to redo
                 self._plans.clear()
             taps = [k for k, st in enumerate(self.steps) if isinstance(st, Pool) and st.tap in self.taps]
-            plan = DeadZonePlan(self.model, self.steps, size, image_size, whole=taps, align=self.align)
+            plan = DeadZonePlan(
+                self.model, self.steps, size, image_size, whole=taps, align=self.align, conv_pools=conv_pools
+            )  # fmt: skip
             self._plans[key] = plan
         return plan
 
@@ -527,6 +582,7 @@ class DeadZoneForward:
 
     def _run(self, x, plan, entry, feats, switches) -> torch.Tensor:
         n, h = x.shape[0], x
+        fused = plan.fused
         for k, sp in enumerate(plan.steps):
             step = sp.step
             keeps_switches = isinstance(step, Pool) and step.switches is not None
@@ -534,9 +590,12 @@ class DeadZoneForward:
                 out = _assemble(None, None, entry.outs[k], sp.whole, n)
                 sw = _assemble(None, None, entry.switches[k], sp.whole, n) if keeps_switches else None
             else:
-                # h holds sp.avail: the whole map, or the previous step's computed outputs.
-                win = _assemble(h, sp.avail, entry.rings[k], sp.window, n)
-                out, sw = self._apply(step, win, sp)
+                if k - 1 in fused:
+                    out, sw = h, None  # the conv before pooled its outputs: this pool's, at sp.comp
+                else:
+                    # h holds sp.avail: the whole map, or the previous step's computed outputs.
+                    win = _assemble(h, sp.avail, entry.rings[k], sp.window, n)
+                    out, sw = self._apply(step, win, sp, plan.steps[k + 1].step if k in fused else None)
                 if sw is not None and not sp.full:
                     sw = _switches_to_map(sw, (sp.window[0][0], sp.window[1][0]), sp)
                     sw = _assemble(sw, sp.comp, entry.switches[k], sp.whole, n)
@@ -549,8 +608,10 @@ class DeadZoneForward:
             h = out
         return h
 
-    def _apply(self, step, win: torch.Tensor, sp: StepPlan):
-        """The step on its window: (dependent output core, its switches in window coords or None)."""
+    def _apply(self, step, win: torch.Tensor, sp: StepPlan, pool: Pool | None = None):
+        """The step on its window: (computed outputs, their switches in window coords or None).
+        ``pool``: the Pool step after a Conv step of ``DeadZonePlan.fused``, run in the conv
+        impl's ``conv_pool``: the outputs are then the pool's computed ones."""
         if isinstance(step, Conv):
             (rlo, rhi), (clo, chi) = sp.rows.pad, sp.cols.pad
             sym = (min(rlo, rhi), min(clo, chi))
@@ -558,6 +619,8 @@ class DeadZoneForward:
             if any(extra):
                 win = F.pad(win, extra)
             impl = getattr(self.model, "_conv_impls", {}).get(step.name) or reference_conv(self.model, step)
+            if pool is not None:
+                return impl.conv_pool(win, sym, pool.kernel, pool.stride), None
             return impl(win, sym), None
         if isinstance(step, Pool):
             if step.switches is None:
@@ -612,6 +675,6 @@ def deadzone_forward(model, steps: Sequence | None = None, **kwargs) -> DeadZone
 
 
 __all__ = [
-    "ENABLED", "DeadZoneCache", "DeadZoneForward", "DeadZonePlan", "DimPlan", "StepPlan",
-    "conv_dim", "deadzone_forward", "pool_dim", "pool_out_size",
+    "ENABLED", "FUSED_POOL", "DeadZoneCache", "DeadZoneForward", "DeadZonePlan", "DimPlan", "StepPlan",
+    "conv_dim", "conv_pool_steps", "deadzone_forward", "pool_dim", "pool_out_size",
 ]  # fmt: skip
