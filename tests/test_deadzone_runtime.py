@@ -126,3 +126,45 @@ def test_hold_entries_keeps_what_a_capture_read():
     b.dead_zone.cache.clear()
     assert len(b.dead_zone.cache) == 0 and b.dead_zone.cache.nbytes == 0
     assert nbytes > 0 and held[0].nbytes == nbytes  # the held entry keeps its tensors
+
+
+@pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton conv in its interpreter on the CPU (on a GPU: test_gpu_readiness's "
+    "test_fused_cuda_backend_chooses_an_epilogue_for_every_conv)",
+)
+def test_triton_pool_epilogue_under_the_skip(monkeypatch):
+    """The fused CUDA backend's conv impls (cuda_fast.install) under the skip, the pool epilogue
+    being Triton's kernel in the interpreter: each VGG block's last conv runs with its pool as one
+    conv_pool call on its window, chooses the Triton kernel (a tie goes to the first candidate,
+    and it agreed with conv + torch's pool, else it would be in ``failed``), and the backbone's
+    output and taps agree with torch's plain forward within the tolerance of the conv-epilogue
+    tests (rtol = atol = 1e-5, here on max |reference|; measured: 6e-7 of it at most). Plain
+    convs run eager: the interpreter takes ~33 s for conv1_1's whole 205 x 211 map (the cache
+    fill), against ~0.3 s for a 13 x 19 window (measured on the 2-core AMD EPYC Zen 4)."""
+    from fastfcn.models.backbone import run_steps
+    from fastfcn.runtime import cuda_fast
+
+    monkeypatch.setattr(cuda_fast, "conv_candidates", lambda conv, relu, gemm=False: {
+        "eager": cuda_fast.eager_conv(conv, relu)})  # fmt: skip
+
+    def tie(fn, cuda):
+        fn()
+        return 0.0
+
+    ref_model = model("fcn8s", width=0.0625)
+    m = model("fcn8s", width=0.0625)
+    impls = cuda_fast.install(m, timer=tie)
+    fwd = DeadZoneForward(m)
+    x = torch.randn(2, 3, 7, 13, generator=torch.Generator().manual_seed(11)) * 50
+    with torch.no_grad():
+        ref_feats, feats = {}, {}
+        ref = run_steps(ref_model, ref_model.backbone, x, ref_feats)
+        got = fwd(x, feats)
+    ends = ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"]
+    assert {name for name, i in impls.items() if getattr(i, "_pool_choosers", None)} == set(ends)
+    for name in ends:
+        (chooser,) = impls[name]._pool_choosers.values()
+        assert list(chooser.choice.values()) == ["triton_pool"] and not chooser.failed, name
+    for a, b in [(got, ref)] + [(feats[t], ref_feats[t]) for t in ("pool3", "pool4")]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
