@@ -8,7 +8,7 @@
 #   correctness    120    every Triton kernel compiled vs the reference at full size; CUDA graphs;
 #                         the conv-epilogue candidates vs torch and cuDNN
 #   headline       160    FCN-8s 500x500 bf16 fused/torch/compile at batch 1, 8, 32 (compile last)
-#                         and fused without the dead-zone skip at batch 1
+#                         and fused without the dead-zone skip at batch 1 (its ablation)
 #   profile         40    device time per kernel category, fused and torch
 #   tests         rest    pytest -m gpu, then tests/test_ops.py compiled: what the stages before
 #                         left of the whole run's FC_TOTAL (465 s), half each, at least 40 s each

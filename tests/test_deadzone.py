@@ -615,10 +615,10 @@ def test_conv_pool_grows_the_conv_to_the_pool_window():
     FCN-8s 500x500's conv4_3 76 instead of 74 rows (align alone: 2% > 5.5%, no); the other
     convs as before; taps and the last step are still made whole."""
     model = meta_fcn()
-    pools = deadzone.conv_pool_steps(model, model.backbone)
+    pools = deadzone.conv_pool_steps(model.backbone, model._conv_impls)
     assert pools == frozenset()  # torch's own convs: no conv_pool
     with_impls(model, Float64ConvPool, [])
-    pools = deadzone.conv_pool_steps(model, model.backbone)
+    pools = deadzone.conv_pool_steps(model.backbone, model._conv_impls)
     assert sorted(model.backbone[k].name for k in pools) == VGG_BLOCK_ENDS
     base = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13])
     plan = DeadZonePlan(model, model.backbone, (500, 500), whole=[9, 13], conv_pools=pools)
@@ -648,7 +648,8 @@ def test_conv_pool_is_not_used_before_3x3_pools(size):
     (ref, ref_feats, _), (got, feats, _), calls, fwd = dead_zone_runs(model, x)
     assert torch.equal(got, ref)
     assert calls and all(c[0] == "conv" for c in calls)
-    assert deadzone.conv_pool_steps(model, model.backbone) == frozenset() and not fwd.plan(size).fused
+    assert deadzone.conv_pool_steps(model.backbone, model._conv_impls) == frozenset()
+    assert not fwd.plan(size).fused
     for tap in feats:
         assert torch.equal(feats[tap], ref_feats[tap]), tap
 

@@ -168,3 +168,19 @@ def test_triton_pool_epilogue_under_the_skip(monkeypatch):
         assert list(chooser.choice.values()) == ["triton_pool"] and not chooser.failed, name
     for a, b in [(got, ref)] + [(feats[t], ref_feats[t]) for t in ("pool3", "pool4")]:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_flops_count_the_convs_grown_for_their_pool_epilogue():
+    """count_macs(conv_pool=True): the fused CUDA backend's plan, where each conv before a 2x2/2
+    pool computes the pool's whole window. FCN-8s 500x500: only conv4_3 grows beyond the plain
+    plan's alignment, 74^2 -> 76^2 outputs of 512 x 512 x 9 MACs (runtime/deadzone.py,
+    DeadZonePlan)."""
+    with torch.device("meta"):
+        m = fastfcn.models.build("fcn8s").eval()
+    plain, grown = count_macs(m, (1, 3, 500, 500)), count_macs(m, (1, 3, 500, 500), conv_pool=True)
+    assert grown.macs == plain.macs
+    assert grown.computed_macs - plain.computed_macs == (76**2 - 74**2) * 512 * 512 * 9
+    with torch.device("meta"):  # 3x3/2 pools: nothing to grow
+        alex = fastfcn.models.build("fcn-alexnet").eval()
+    a, b = count_macs(alex, (1, 3, 500, 500)), count_macs(alex, (1, 3, 500, 500), conv_pool=True)
+    assert a.computed_macs == b.computed_macs

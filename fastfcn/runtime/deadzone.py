@@ -323,14 +323,14 @@ def _fusable(step) -> bool:
     return isinstance(step, Pool) and step.switches is None and (step.kernel, step.stride) == FUSED_POOL
 
 
-def conv_pool_steps(model, steps: Sequence) -> frozenset[int]:
-    """Indices of the Conv steps of ``steps`` whose impl on ``model`` (``set_conv_impl``) has
-    ``conv_pool`` and that a 2x2/2 Pool without switches follows: DeadZonePlan's ``conv_pools``."""
-    impls = getattr(model, "_conv_impls", {})
+def conv_pool_steps(steps: Sequence, impls: dict | None = None) -> frozenset[int]:
+    """DeadZonePlan's ``conv_pools``: indices of the Conv steps of ``steps`` that a 2x2/2 Pool
+    without switches follows and whose impl in ``impls`` (a model's ``_conv_impls``) has
+    ``conv_pool``; impls None: every such conv (as the fused CUDA backend sets them)."""
     return frozenset(
         k for k in range(len(steps) - 1)
         if isinstance(steps[k], Conv) and _fusable(steps[k + 1])
-        and hasattr(impls.get(steps[k].name), "conv_pool")
+        and (impls is None or hasattr(impls.get(steps[k].name), "conv_pool"))
     )  # fmt: skip
 
 
@@ -515,7 +515,7 @@ class DeadZoneForward:
     def plan(self, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> DeadZonePlan:
         """The plan for an input map of ``size`` with the image at its top-left ``image_size``,
         for the conv impls set now (a conv_pool impl grows its conv's outputs: DeadZonePlan)."""
-        conv_pools = conv_pool_steps(self.model, self.steps)
+        conv_pools = conv_pool_steps(self.steps, getattr(self.model, "_conv_impls", {}))
         key = (tuple(size), tuple(image_size or size), conv_pools)
         plan = self._plans.get(key)
         if plan is None:
