@@ -12,11 +12,11 @@ them) would win by. Two remedies, both per layer and both measured before use:
   the epilogue, and for the last conv of a block (``conv_pool``) the 2x2 max pool too, so the
   block's full-size activation is never written (conv1_2 at 500x500: 698 x 698 x 64 bf16,
   62 MB written and read back per image by the separate pool). run_steps hands a conv the pool
-  after it on whole maps; the dead-zone skip (runtime/deadzone.py, on by default for FCN-VGG,
-  FCN-AlexNet and DeconvNet's encoder) does on windows, where its plan grows the block's last
-  conv to exactly the pool's input window (at most 2 more rows and columns of outputs), so the
-  pooled window is the pool's. Only 2x2/2 pools without switches: FCN-AlexNet's 3x3/2 and
-  DeconvNet's pools with switches run as torch's (or fastfcn's) separate steps;
+  after it on whole maps, the dead-zone skip (runtime/deadzone.py, on by default for FCN-VGG,
+  FCN-AlexNet and DeconvNet's encoder) on windows: its plan grows the block's last conv to
+  exactly the pool's input window, aligned to the pool's stride (at most 2 more rows and
+  columns of outputs). Only 2x2/2 pools without switches take part: FCN-AlexNet's 3x3/2 and
+  DeconvNet's pools with switches run as separate steps under the skip;
 - ``gemm`` (fc6 at small batch): fc6 is a 7x7 conv, 512 -> 4096, over 22x22 at 500x500, i.e.
   a GEMM of M = 256 N output positions, N = 4096, K = 25088. At batch 1 an implicit-GEMM
   convolution has few output tiles for 132 SMs; im2col + cuBLAS matmul lets cuBLAS split K
