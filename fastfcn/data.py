@@ -579,9 +579,11 @@ class MovingScenes:
         return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def heldout_scenes(n: int = HELDOUT_N, size: int = HELDOUT_SIZE, num_classes: int = 5) -> SyntheticScenes:
-    """The held-out synthetic split: a fixed seed that training refuses."""
-    return SyntheticScenes(n, size, HELDOUT_SEED, num_classes)
+def heldout_scenes(n: int = HELDOUT_N, size: int = HELDOUT_SIZE, num_classes: int = 5, heads=None,
+                   second: str | None = None) -> SyntheticScenes:  # fmt: skip
+    """The held-out synthetic split: a fixed seed that training refuses (heads, second: as
+    SyntheticScenes takes them, for the two-headed and two-input nets)."""
+    return SyntheticScenes(n, size, HELDOUT_SEED, num_classes, heads=heads, second=second)
 
 
 def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, quality: int = 95) -> list[str]:

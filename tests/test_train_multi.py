@@ -309,9 +309,10 @@ def test_two_headed_and_two_input_nets_train_on_synthetic_scenes(tmp_path, capsy
     scenes) and the NYUDv2 fusion nets (each scene's depth map / HHA image): a finite loss that
     starts at log(classes) per head (zero score layers), validation on the scenes of seed + 7919
     with the same maps (what fastfcn.evaluate measures there with the written model), and a
-    checkpoint that loads and runs with the second input."""
+    checkpoint that loads, runs with the second input and is scored by `fastfcn eval --data
+    synthetic` on the held-out scenes with the same maps."""
     from fastfcn.config import arch_inputs
-    from fastfcn.data import SyntheticScenes
+    from fastfcn.data import SyntheticScenes, heldout_scenes
     from fastfcn.evaluate import evaluate
     from fastfcn.training.loop import VAL_SEED_OFFSET
 
@@ -325,8 +326,14 @@ def test_two_headed_and_two_input_nets_train_on_synthetic_scenes(tmp_path, capsy
     seg = fastfcn.Segmenter(out / "final.safetensors", backend="torch", device="cpu", precision="fp32")
     sift = arch.startswith("siftflow")
     second = None if sift else arch_inputs(arch)[1]
-    val = SyntheticScenes(4, 32, 3 + VAL_SEED_OFFSET, 4, heads=("semantic", "geometric") if sift else None,
-                          second=second)  # fmt: skip
+    heads = ("semantic", "geometric") if sift else None
+    val = SyntheticScenes(4, 32, 3 + VAL_SEED_OFFSET, 4, heads=heads, second=second)
+    held = evaluate(seg, heldout_scenes(3, 32, 4, heads=heads, second=second), 7 if sift else 4)[0]
+    final = str(out / "final.safetensors")
+    scored = _eval_json(capsys, [final, "--data", "synthetic", "--n", "3", "--size", "32"])
+    for name, want in held.items() if sift else [(None, held)]:
+        got = scored["heads"][name] if sift else scored
+        assert got["mean_iu"] == pytest.approx(want["mean_iu"], abs=1e-12)
     if sift:
         assert "(100000 images, 7 classes: semantic 4, geometric 3)" in err
         assert model.config["num_classes"] == 7
@@ -343,6 +350,10 @@ def test_two_headed_and_two_input_nets_train_on_synthetic_scenes(tmp_path, capsy
     assert evaluate(seg, val, 4)[0]["mean_iu"] == pytest.approx(hist["val_mean_iu"][-1][1], abs=1e-9)
     image, _, extra = val[0]
     assert seg.run(image, **extra).shape == (32, 32)
+    assert scored[second] == "synthetic"
+    argv = ["eval", final, "--data", "synthetic", f"--{second}", str(tmp_path)]
+    assert cli.main(argv) == 1
+    assert f"--{second} DIR is for a VOC-layout --data folder" in capsys.readouterr().err
 
 
 def _run(tmp_path, root, arch, *argv):
