@@ -38,7 +38,10 @@ How the work is shared and why it survives failures:
   lists exists with the size it recorded and, for a two-input net, its row's ``second`` (the
   paired file) is the one paired now, and a local input (and depth / HHA file) still has the
   size and modification time the row recorded (``stamp``): one edited or replaced in place is
-  redone. Inputs at URIs are known by their URI alone (``--no-resume`` redoes them).
+  redone. An input at a URI (and its depth / HHA file) is held to the size and
+  modification time that the listing which found it gave (pyarrow's FileInfo: S3's
+  LastModified), so an object rewritten under the same URI is redone too, at no request per
+  input; a file system that gives no time is held to the size alone.
 - A failing input is tried ``ATTEMPTS`` times in its worker, then recorded as ``failed`` with
   the error; the others go on. Nothing is dropped: an input without a row after the run is
   recorded as failed too.
@@ -146,8 +149,18 @@ def _local(item: str, out: Path) -> list[tuple[str, str]]:
     return [(os.path.abspath(item), os.path.dirname(os.path.abspath(item)))]
 
 
-def _remote(item: str) -> list[tuple[str, str]]:
-    """[(uri, base uri)] for a file, folder (recursive) or glob at a URI pyarrow reads."""
+def listed_stamp(info) -> list[int] | None:
+    """What a row records of a file at a URI, from the pyarrow ``FileInfo`` that listing it
+    gave (no request of its own): ``[size, mtime_ns]``, ``[size]`` where the file system gives
+    no modification time (``mtime_ns`` None), None where it gives no size."""
+    if info.size is None:
+        return None
+    return [int(info.size)] if info.mtime_ns is None else [int(info.size), int(info.mtime_ns)]
+
+
+def _remote(item: str) -> list[tuple[str, str, list[int] | None]]:
+    """[(uri, base uri, its listed_stamp)] for a file, folder (recursive) or glob at a URI
+    pyarrow reads: one request for a file, two for a folder or glob (what it is, its listing)."""
     import pyarrow.fs as pafs
 
     scheme = item.split("://", 1)[0]
@@ -167,28 +180,37 @@ def _remote(item: str) -> list[tuple[str, str]]:
         return prefix + p
 
     if info.type == pafs.FileType.File:
-        return [(uri(path), uri(str(PurePosixPath(path).parent)))]
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return [(uri(path), uri(str(PurePosixPath(path).parent)), listed_stamp(info))]
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    # a listing names each path once: the sort never compares stamps
+    files = sorted((i.path, listed_stamp(i)) for i in listing
                    if i.type == pafs.FileType.File and _kind(i.path))  # fmt: skip
     if pattern:
-        files = [f for f in files if fnmatch.fnmatchcase(uri(f), pattern)]  # "*" also matches "/"
+        files = [(f, st) for f, st in files if fnmatch.fnmatchcase(uri(f), pattern)]  # "*" also matches "/"
     if not files:
         raise InputError(f"{item}: no images or videos here")
-    return [(uri(f), uri(path)) for f in files]
+    return [(uri(f), uri(path), st) for f, st in files]
 
 
-def collect_inputs(inputs, output) -> list[tuple[str, str]]:
+def collect_inputs(inputs, output, stamps: dict | None = None) -> list[tuple[str, str]]:
     """``[(file, base)]``: every image and video named, in named folders (recursively) or matching
     a glob, in order, each once; local files as absolute paths, others as URIs. Raises
     InputError for a missing input, an input inside ``output``, and a folder, glob or URI
-    without images or videos."""
+    without images or videos. stamps: a dict that receives ``{uri: listed_stamp}`` of every
+    input at a URI, from the listing that found it (``plan`` carries them into the tasks)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     out = Path(output)
     found: list[tuple[str, str]] = []
     for item in inputs:
         item = os.fspath(item)
-        found += _remote(item) if _is_uri(item) else _local(item, out)
+        if not _is_uri(item):
+            found += _local(item, out)
+            continue
+        for f, base, st in _remote(item):
+            found.append((f, base))
+            if stamps is not None:
+                stamps[f] = st
     if not found:
         raise InputError("no inputs given; expected image or video files, folders, globs or URIs")
     seen, unique = set(), []
@@ -205,12 +227,16 @@ def collect_inputs(inputs, output) -> list[tuple[str, str]]:
 @dataclass(frozen=True)
 class Task:
     """One input: ``src`` (path or URI), its ``kind``, the files it writes (labels first) and,
-    for a two-input net (NYUDv2 fusion), ``second``: the path or URI of its depth / HHA file."""
+    for a two-input net (NYUDv2 fusion), ``second``: the path or URI of its depth / HHA file.
+    ``stamp`` / ``second_stamp``: the ``listed_stamp`` of an input / second input at a URI, as the
+    listing that found it gave it (None for local files: the worker stamps them as it reads)."""
 
     src: str
     kind: str
     outputs: tuple[str, ...]
     second: str | None = None
+    stamp: tuple[int, ...] | None = None
+    second_stamp: tuple[int, ...] | None = None
 
 
 def _stand_in(name: str) -> Path:
@@ -221,12 +247,14 @@ def _stand_in(name: str) -> Path:
 
 
 def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...], heads=None,
-         seconds: list[str] | None = None) -> list[Task]:
+         seconds: list[str] | None = None, stamps: dict | None = None) -> list[Task]:
     """Tasks with ``fastfcn segment``'s output names (``plan_outputs``); videos get .mkv labels
     and .mp4 pictures at the same relative paths. pictures: a subset of ("overlay", "side-by-side").
     heads: the head names of a net with several heads (SIFT Flow), or None: each head's labels and
     pictures, in that order, head after head (``OUT/labels/<head>/<rel>``, ``paths.head_output``).
-    seconds: each input's second-input file (``pair_second``) for a two-input net, else None."""
+    seconds: each input's second-input file (``pair_second``) for a two-input net, else None.
+    stamps: ``{uri: listed_stamp}`` of the inputs and second inputs at URIs (``collect_inputs``,
+    ``pair_second``), recorded in their tasks."""
     from .paths import head_output, plan_outputs
 
     out = Path(output)
@@ -241,12 +269,20 @@ def plan(found: list[tuple[str, str]], output, pictures: tuple[str, ...], heads=
         if kind == "video":
             paths = [paths[0].with_suffix(".mkv"), *(p.with_suffix(".mp4") for p in paths[1:])]
         paths = [head_output(p, out, h) for h in (heads or (None,)) for p in paths]
-        tasks.append(Task(src, kind, tuple(map(str, paths)), seconds[i] if seconds else None))
+        second = seconds[i] if seconds else None
+        listed = [_frozen((stamps or {}).get(p)) for p in (src, second)]
+        tasks.append(Task(src, kind, tuple(map(str, paths)), second, *listed))
     return tasks
 
 
+def _frozen(st) -> tuple[int, ...] | None:
+    """A stamp as a Task holds it (a tuple: Tasks are frozen and hashable); None stays None."""
+    return None if st is None else tuple(st)
+
+
 class _Folder:
-    """The second-input folder (local or a URI), its subfolders listed once each, when asked."""
+    """The second-input folder (local or a URI), its subfolders listed once each, when asked; at
+    a URI each file's ``listed_stamp`` from that listing is kept (``stamp``)."""
 
     def __init__(self, folder: str, flag: str):
         self.uri = _is_uri(folder)
@@ -265,6 +301,7 @@ class _Folder:
         if not is_dir:
             raise InputError(f"{flag} {folder}: not a folder")
         self._index = StemIndex(self._files)
+        self._stamps: dict[tuple[str, str], list[int] | None] = {}  # (rel_dir, name) -> listed_stamp
 
     def where(self, rel_dir: str) -> str:
         """The path or URI of the subfolder ``rel_dir`` ("" for the folder itself)."""
@@ -284,11 +321,18 @@ class _Folder:
         import pyarrow.fs as pafs
 
         where = f"{self.path.rstrip('/')}/{rel_dir}" if rel_dir else self.path
-        infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-        return [i.base_name for i in infos if i.type == pafs.FileType.File]
+        infos = [i for i in self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+                 if i.type == pafs.FileType.File]  # fmt: skip
+        self._stamps.update(((rel_dir, i.base_name), listed_stamp(i)) for i in infos)
+        return [i.base_name for i in infos]
+
+    def stamp(self, rel_dir: str, name: str) -> list[int] | None:
+        """The ``listed_stamp`` of the file ``name`` of ``rel_dir`` at a URI (listed by ``names``)."""
+        return self._stamps.get((rel_dir, name))
 
 
-def pair_second(found: list[tuple[str, str]], folder: str, modality: str) -> list[str]:
+def pair_second(found: list[tuple[str, str]], folder: str, modality: str,
+                stamps: dict | None = None) -> list[str]:
     """Each input's second-input file (NYUDv2 fusion: its depth map or HHA image), as ``segment
     --depth / --hha`` pairs them (``paths.match_file``): the file of ``folder`` (a local folder
     or a URI) at the image's path relative to its input folder, with the same stem and any image
@@ -296,7 +340,8 @@ def pair_second(found: list[tuple[str, str]], folder: str, modality: str) -> lis
     ambiguous files names the first and counts the others. Each subfolder of ``folder`` is listed
     once and indexed by stem: 3,000 images in one folder pair in 55 ms (94 ms at file://
     URIs), where listing the folder again for each image took 11.9 s (2-core EPYC); local runs of
-    segment and eval share ``paths.StemIndex`` to the same end."""
+    segment and eval share ``paths.StemIndex`` to the same end. stamps: a dict that receives
+    ``{uri: listed_stamp}`` of each paired file at a URI, from those listings."""
     from .paths import second_file_name
 
     root = _Folder(folder, f"--{modality}")
@@ -310,7 +355,12 @@ def pair_second(found: list[tuple[str, str]], folder: str, modality: str) -> lis
         except InputError as e:
             errors.append(str(e))
             continue
-        pairs.append(f"{where.rstrip('/')}/{name}" if root.uri else os.path.join(where, name))
+        if not root.uri:
+            pairs.append(os.path.join(where, name))
+            continue
+        pairs.append(f"{where.rstrip('/')}/{name}")
+        if stamps is not None:
+            stamps[pairs[-1]] = root.stamp(rel_dir, name)
     if errors:
         more = f"; {len(errors) - 1} more of the {len(found)} images lack theirs too" if errors[1:] else ""
         raise InputError(errors[0] + more)
@@ -339,8 +389,8 @@ def read_manifest(path) -> dict[str, dict]:
 
 def stamp(path: str | None) -> list[int] | None:
     """``[size, mtime_ns]`` of a local file, what a row records of the inputs it was made from;
-    None for a URI (an object store's listing would cost a request per input) or a file that
-    cannot be read."""
+    None for a file that cannot be read, and for a URI: one is stamped by the listing that found
+    it (``listed_stamp``, carried in its Task), never by a request of its own."""
     if path is None or _is_uri(path):
         return None
     try:
@@ -350,17 +400,33 @@ def stamp(path: str | None) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def task_stamps(task: Task) -> tuple[list[int] | None, list[int] | None]:
+    """(input's stamp, second input's) as they are now: a local file's from ``stamp`` (one stat),
+    a URI's as the listing that found it gave it (``task.stamp`` / ``task.second_stamp``)."""
+
+    def now(path, listed):
+        if path is not None and _is_uri(path):
+            return list(listed) if listed is not None else None
+        return stamp(path)
+
+    return now(task.src, task.stamp), now(task.second, task.second_stamp)
+
+
 def is_complete(row: dict | None, task: Task) -> bool:
     """The row says ``ok`` for exactly the outputs ``task`` plans, from the same second input (a
-    two-input net), and each exists with its size; a local input (and second input) must still
-    have the size and modification time the row recorded (``stamp``), so one edited or replaced
-    in place is redone. Rows written before stamps were recorded have none and are not checked."""
+    two-input net), and each exists with its size; its input (and second input) must still have
+    the size and modification time the row recorded (``task_stamps``: a local file's now, a
+    URI's from this run's listing), so one edited, replaced or rewritten in place is redone.
+    Rows written before stamps were recorded have none, and rows written when URIs were known
+    by URI alone have None for a URI: neither is checked."""
     if not row or row.get("status") != "ok" or tuple(row.get("outputs", ())) != task.outputs:
         return False
     if row.get("second") != task.second:
         return False
-    for key, path in (("stamp", task.src), ("second_stamp", task.second)):
-        if key in row and row[key] != stamp(path):
+    for key, path, now in zip(("stamp", "second_stamp"), (task.src, task.second), task_stamps(task)):
+        if key not in row or (row[key] is None and path is not None and _is_uri(path)):
+            continue
+        if row[key] != now:
             return False
     sizes = row.get("sizes") or []
     if len(sizes) != len(task.outputs):
@@ -474,8 +540,12 @@ class _Worker:
         self.palettes = self.seg.head_palettes()  # {head: palette}; {None: palette} for one head
 
     def __call__(self, batch: dict) -> dict:
-        columns = zip(batch["src"], batch["kind"], batch["outputs"], batch["second"])
-        tasks = [Task(str(s), str(k), tuple(json.loads(o)), str(d) or None) for s, k, o, d in columns]
+        # "stamps": each task's [input, second input] listed_stamp (work_items); a batch without
+        # the column records None for a URI, which is_complete does not hold it to
+        listed = batch.get("stamps", ["[null, null]"] * len(batch["src"]))
+        columns = zip(batch["src"], batch["kind"], batch["outputs"], batch["second"], listed)
+        tasks = [Task(str(s), str(k), tuple(json.loads(o)), str(d) or None, *map(_frozen, json.loads(ls)))
+                 for s, k, o, d, ls in columns]  # fmt: skip
         t0 = time.perf_counter()
         ready = self._segment_batch([t for t in tasks if t.kind == "image"])
         share = (time.perf_counter() - t0) / max(len(ready), 1)
@@ -514,7 +584,7 @@ class _Worker:
         from concurrent.futures import ThreadPoolExecutor
 
         def read(task: Task):
-            self._stamps[task.src] = (stamp(task.src), stamp(task.second))  # before the read
+            self._stamps[task.src] = task_stamps(task)  # before the read
             try:
                 return self._inputs(task)
             except Exception:  # noqa: BLE001 - reported by the input's own attempts
@@ -552,7 +622,7 @@ class _Worker:
         # what the outputs are made from, stamped before it was read (by _segment_batch for `ready`)
         stamps = self._stamps.pop(task.src, None)
         if ready is None or stamps is None:
-            stamps = (stamp(task.src), stamp(task.second))
+            stamps = task_stamps(task)
         row["stamp"] = stamps[0]
         if task.second is not None:
             row["second"] = task.second
@@ -769,11 +839,16 @@ def _pool(ray, concurrency, num_gpus_per_worker, work: int) -> tuple[int, float]
     return n, float(per)
 
 
+def work_items(tasks: list[Task]) -> list[dict]:
+    """The tasks as the rows of the Ray Dataset that ``_Worker`` reads (columns of plain strings)."""
+    return [{"src": t.src, "kind": t.kind, "outputs": json.dumps(list(t.outputs)), "second": t.second or "",
+             "stamps": json.dumps([t.stamp, t.second_stamp])} for t in tasks]  # fmt: skip
+
+
 def _map(ray, tasks: list[Task], worker_args: dict, *, batch_size: int, actors: int, cpus: float,
          gpus: float):  # fmt: skip
     """The workers' result rows, as they arrive."""
-    ds = ray.data.from_items([{"src": t.src, "kind": t.kind, "outputs": json.dumps(list(t.outputs)),
-                               "second": t.second or ""} for t in tasks])  # fmt: skip
+    ds = ray.data.from_items(work_items(tasks))
     ds = ds.map_batches(_Worker, fn_constructor_kwargs=worker_args, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
                         num_gpus=gpus or None)  # fmt: skip
@@ -845,7 +920,8 @@ def segment_dataset(
                          "on every node); URIs are for inputs")  # fmt: skip
     out = check_output_dir(output, "output")
     pictures = tuple(p for p in ("overlay", "side-by-side") if p == mode or (p == "overlay" and overlays))
-    found = collect_inputs(inputs, out)
+    listed: dict = {}  # {uri: listed_stamp} of the inputs (and second inputs) at URIs
+    found = collect_inputs(inputs, out, listed)
     from .zoo import resolve
 
     ckpt = os.fspath(resolve(checkpoint))  # "demo": the built-in model's file
@@ -854,8 +930,8 @@ def segment_dataset(
     info = _describe(ckpt, ckpt_bytes, info)
     heads = _model_heads(ckpt, ckpt_bytes, info)
     second = _second_input(ckpt, info, found, depth, hha)
-    seconds = pair_second(found, second[1], second[0]) if second else None
-    tasks = plan(found, out, pictures, heads, seconds)
+    seconds = pair_second(found, second[1], second[0], listed) if second else None
+    tasks = plan(found, out, pictures, heads, seconds, listed)
     manifest_path = out / MANIFEST
     previous = read_manifest(manifest_path)  # kept for inputs this run does not name
     todo = [t for t in tasks if not (resume and is_complete(previous.get(t.src), t))]

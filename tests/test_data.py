@@ -6,8 +6,10 @@ from PIL import Image
 
 from fastfcn import cli
 from fastfcn.data import (
+    DEPTH_RANGE_MM,
     HELDOUT_SEED,
     SHAPES,
+    SceneLayout,
     SyntheticScenes,
     VOCSegmentation,
     heldout_scenes,
@@ -68,6 +70,80 @@ def test_synthetic_bad_arguments():
     with pytest.raises(IndexError):
         SyntheticScenes(2, 32, 0, 3)[2]
     assert heldout_scenes(3, 32, 3).seed == HELDOUT_SEED
+
+
+SIFT = ("semantic", "geometric")
+
+
+def test_synthetic_maps_of_two_headed_and_two_input_nets(tmp_path):
+    """SIFT Flow's geometric labels, depth maps and HHA images of the scenes: the same for the same
+    (seed, i, size, num_classes) in any order, another seed another draw; shapes, dtypes and ranges;
+    the one-head scene's image and label kept (the sky replaces only the background above the far
+    edge); and each map follows the one geometry: objects vertical and nearer than all they
+    cover, the ground horizontal at height 0 and receding upward, the HHA channels those of the
+    depth map (Gupta et al.'s encoding)."""
+    size, n = (40, 56), 12
+    plain = SyntheticScenes(n, size, seed=5, num_classes=4)
+    kinds = {"sift": {"heads": SIFT}, "depth": {"second": "depth"}, "hha": {"second": "hha"}}
+    made = {k: SyntheticScenes(n, size, seed=5, num_classes=4, **kw) for k, kw in kinds.items()}
+    again = {k: SyntheticScenes(n, size, seed=5, num_classes=4, **kw) for k, kw in kinds.items()}
+    assert made["sift"].num_classes == 7
+    assert made["sift"].class_names == ("background", *SHAPES[:3], "sky", "horizontal", "vertical")
+    assert made["depth"].num_classes == 4 and made["depth"].class_names == plain.class_names
+    seen = set()
+    for i in (3, 0, 11, 7, 1, 5):  # any order
+        image, label = plain[i]
+        sky_image, heads = made["sift"][i]
+        d_image, d_label, d = made["depth"][i]
+        h_image, h_label, h = made["hha"][i]
+        layout = SceneLayout(size, 5, i)
+        for k in made:  # deterministic
+            for x, y in zip(made[k][i], again[k][i]):
+                for a, b in (zip(x.values(), y.values()) if isinstance(x, dict) else [(x, y)]):
+                    np.testing.assert_array_equal(a, b)
+        for x in (d_image, h_image):
+            np.testing.assert_array_equal(x, image)
+        for x in (heads["semantic"], d_label, h_label):
+            np.testing.assert_array_equal(x, label)
+        sky = layout.sky_rows
+        np.testing.assert_array_equal(sky_image[sky:], image[sky:])
+        assert not np.array_equal(sky_image[:sky], image[:sky]) and 0.3 * 40 <= sky <= 0.6 * 40 + 1
+        geo, depth, hha = heads["geometric"], d["depth"], h["hha"]
+        assert list(d) == ["depth"] and list(h) == ["hha"]
+        assert geo.shape == size and geo.dtype == np.uint8 and set(np.unique(geo)) <= {0, 1, 2}
+        assert depth.shape == size and depth.dtype == np.uint16
+        assert DEPTH_RANGE_MM[0] <= depth.min() and depth.max() <= DEPTH_RANGE_MM[1]
+        assert hha.shape == (*size, 3) and hha.dtype == np.uint8
+        seen |= set(np.unique(geo).tolist())
+        # geometric: vertical exactly on the objects, sky above the far edge, horizontal below
+        rows = np.arange(40)[:, None] * np.ones(size, int)
+        np.testing.assert_array_equal(geo == 2, label > 0)
+        np.testing.assert_array_equal(geo == 0, (label == 0) & (rows < sky))
+        # depth: the ground recedes upward to the far plane; objects are nearer than the ground
+        ground = np.where(rows >= sky, 1000 * layout.focal * layout.camera_m / np.maximum(
+            rows - layout.horizon, 1e-9), 1000 * layout.far_m)  # fmt: skip
+        bg = label == 0
+        np.testing.assert_allclose(depth[bg], np.clip(ground[bg], *DEPTH_RANGE_MM), atol=0.5)
+        assert (depth[~bg] < np.clip(ground[~bg], *DEPTH_RANGE_MM)).all()
+        assert (np.diff(np.clip(ground, *DEPTH_RANGE_MM)[:, 0]) <= 0).all()
+        # HHA: disparity, height above the ground, angle + 38, from this depth map
+        disparity = np.clip(np.floor(31000 / np.maximum(depth / 10, 100) + 0.5), 0, 255)
+        np.testing.assert_array_equal(hha[..., 0], disparity)
+        np.testing.assert_array_equal(hha[..., 2], np.where(geo == 1, 38, 128))
+        assert hha[..., 1][geo == 1].max() <= 1  # the ground: 0 cm (depth rounded to the mm)
+        assert (hha[..., 1][geo == 2] > 0).all()  # objects stand above it
+    assert seen == {0, 1, 2}
+    other = SyntheticScenes(n, size, seed=6, num_classes=4, second="depth")
+    assert not np.array_equal(other[0][2]["depth"], made["depth"][0][2]["depth"])
+    assert not np.array_equal(SyntheticScenes(n, size, seed=6, num_classes=4, heads=SIFT)[0][1]["geometric"],
+                              made["sift"][0][1]["geometric"])  # fmt: skip
+    both = SyntheticScenes(n, size, seed=5, num_classes=4, heads=SIFT, second="hha")[4]
+    np.testing.assert_array_equal(both[0], made["sift"][4][0])
+    np.testing.assert_array_equal(both[2]["hha"], made["hha"][4][2]["hha"])
+    with pytest.raises(InputError, match=r"geometric \(SIFT Flow's\) or one; got heads \('a',\)"):
+        SyntheticScenes(1, 32, 0, 3, heads=("a",))
+    with pytest.raises(InputError, match="a second input of depth or hha; got 'rgb'"):
+        SyntheticScenes(1, 32, 0, 3, second="rgb")
 
 
 @pytest.fixture

@@ -152,7 +152,7 @@ def test_manifest_completeness_and_truncated_lines(tmp_path):
 def test_an_input_edited_in_place_is_due_again(tmp_path):
     """A row records its local input's (and second input's) size and mtime: resume redoes an
     input rewritten or touched at the same path; a row of an older manifest, without stamps, is
-    checked as before; URIs carry none."""
+    checked as before; ``stamp`` never asks about a URI (its listing stamps it)."""
     src, depth, out = tmp_path / "in.png", tmp_path / "in_depth.png", tmp_path / "o.png"
     src.write_bytes(b"image")
     depth.write_bytes(b"depth")
@@ -640,3 +640,139 @@ def test_worker_reads_second_inputs_at_uris_and_refuses_videos(tmp_path):
     clip = distributed.Task(str(tmp_path / "v.mp4"), "video", (str(out / "labels" / "v.mkv"),))
     with pytest.raises(InputError, match=r"v.mp4: a video has no hha track"):
         worker.process(clip)
+
+
+# ------------------------------------------------------------------ inputs at URIs: the listing's stamps
+
+
+class _CountingFS:
+    """A pyarrow file system that records what ``get_file_info`` is asked about: a path, or a
+    FileSelector's folder."""
+
+    def __init__(self, fs, calls: list):
+        self._fs, self._calls = fs, calls
+
+    def get_file_info(self, what):
+        import pyarrow.fs as pafs
+
+        self._calls.append(what.base_dir if isinstance(what, pafs.FileSelector) else what)
+        return self._fs.get_file_info(what)
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+@pytest.fixture
+def info_requests(monkeypatch) -> list:
+    """Every get_file_info of the file systems that fastfcn.distributed opens in this process."""
+    import pyarrow.fs as pafs
+
+    calls, real = [], pafs.FileSystem
+
+    class Counting:
+        @staticmethod
+        def from_uri(uri):
+            fs, path = real.from_uri(uri)
+            return _CountingFS(fs, calls), path
+
+    monkeypatch.setattr(pafs, "FileSystem", Counting)
+    return calls
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """New bytes at the same path, its mtime a second later (a coarse clock cannot hide it)."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def test_uri_inputs_are_stamped_by_their_listing(depth_ckpt, tmp_path, info_requests):
+    """Images and depth files at file:// URIs (pyarrow's local file system, as s3:// would be): each
+    row records the size and mtime that listing them gave, and resume holds each input to this
+    run's listing, so an image or depth file rewritten under the same URI is redone and the others
+    are not. get_file_info is asked about folders only (what each named one is, then one listing
+    of each): never once per input, by the driver or the worker."""
+    imgs, deps = fusion_inputs(tmp_path, 6)
+    out = tmp_path / "out"
+
+    def tasks():
+        listed = {}
+        found = distributed.collect_inputs([f"file://{tmp_path / 'in'}"], out, listed)
+        seconds = distributed.pair_second(found, f"file://{tmp_path / 'depth'}", "depth", listed)
+        return distributed.plan(found, out, (), None, seconds, listed)
+
+    first = tasks()
+    folders = [str(tmp_path / f) for f in ("in", "in", "depth", "depth/cam0", "depth/cam1")]
+    assert sorted(info_requests) == sorted(folders)
+    worker = distributed._Worker(depth_ckpt.read_bytes(), str(depth_ckpt), {"device": "cpu", **OPTS},
+                                 second="depth")  # fmt: skip
+    items = distributed.work_items(first)  # what _map hands Ray Data
+    batch = {k: np.array([item[k] for item in items]) for k in items[0]}
+    by = {r["input"]: r for r in map(json.loads, worker(batch)["row"])}
+    assert len(info_requests) == len(folders)  # the worker read 12 files and asked about none
+    for p, d in zip(imgs, deps):
+        row = by[f"file://{p}"]
+        assert row["status"] == "ok", row["error"]
+        assert row["stamp"] == [p.stat().st_size, p.stat().st_mtime_ns]
+        assert row["second_stamp"] == [d.stat().st_size, d.stat().st_mtime_ns]
+    assert all(distributed.is_complete(by[t.src], t) for t in tasks())
+    rewrite(imgs[1], imgs[3].read_bytes())
+    rewrite(deps[4], deps[0].read_bytes()[::-1][:100] + deps[4].read_bytes()[100:])
+    due = {t.src for t in tasks() if not distributed.is_complete(by[t.src], t)}
+    assert due == {f"file://{imgs[1]}", f"file://{imgs[4]}"}
+    assert set(info_requests) == set(folders)  # three listings, still no request per input
+    # rows of older manifests: without stamps, or with None for a URI (known by URI alone)
+    t = next(t for t in tasks() if t.src == f"file://{imgs[1]}")
+    assert distributed.is_complete({k: v for k, v in by[t.src].items() if "stamp" not in k}, t)
+    assert distributed.is_complete({**by[t.src], "stamp": None}, t)
+    assert not distributed.is_complete({**by[t.src], "second_stamp": [1, 2]}, t)
+
+
+def test_a_listing_without_modification_times_stamps_the_size():
+    """A file system whose listing gives no mtime: the row records the size alone, and a change of
+    size is still redone; one that gives no size stamps nothing."""
+    import pyarrow.fs as pafs
+
+    st = distributed.listed_stamp(pafs.FileInfo("b/k.png", pafs.FileType.File, size=5))
+    assert st == [5]
+    assert distributed.listed_stamp(pafs.FileInfo("b/k.png", pafs.FileType.File, size=5, mtime=1.5)) == \
+        [5, 1_500_000_000]
+    assert distributed.listed_stamp(pafs.FileInfo("b/k.png", pafs.FileType.File)) is None
+    task = distributed.Task("s3://b/k.png", "image", (), stamp=(5,))
+    row = {"input": task.src, "status": "ok", "outputs": [], "sizes": [], "stamp": st}
+    assert distributed.is_complete(row, task)
+    assert not distributed.is_complete(row, distributed.Task("s3://b/k.png", "image", (), stamp=(6,)))
+
+
+def test_batch_resume_redoes_objects_rewritten_at_uris(ray_local, depth_ckpt, tmp_path, capsys):
+    """`fastfcn batch` with images and depth files at URIs, run three times: everything, then only
+    the image rewritten under its URI, then only the image whose depth file was; what is redone
+    is segmented from the new bytes."""
+    from fastfcn.imageio import read_depth
+
+    seg = fastfcn.Segmenter(depth_ckpt, device="cpu", **OPTS)
+    imgs, deps = fusion_inputs(tmp_path, 4)
+    out = tmp_path / "out"
+    args = ["batch", str(depth_ckpt), f"file://{tmp_path / 'in'}", "--out", str(out), "--depth",
+            f"file://{tmp_path / 'depth'}", "--workers", "1", "--batch-size", "4", "--backend", "torch",
+            "--precision", "fp32"]  # fmt: skip
+
+    def labels(i: int) -> np.ndarray:
+        return np.array(Image.open(out / "labels" / imgs[i].relative_to(tmp_path / "in").with_suffix(".png")))
+
+    assert main(args) == 0, capsys.readouterr().err
+    assert "4 done, 0 skipped (complete before), 0 failed" in capsys.readouterr().err
+    Image.fromarray(photo(40, 48, 40)).save(imgs[0], quality=95)  # img000 is 48x40
+    os.utime(imgs[0], ns=(imgs[0].stat().st_atime_ns, imgs[0].stat().st_mtime_ns + 10**9))
+    Image.fromarray(depth_map(41, 40, 48)).save(deps[3])  # img003 is 40x48
+    os.utime(deps[3], ns=(deps[3].stat().st_atime_ns, deps[3].stat().st_mtime_ns + 10**9))
+    assert main(args) == 0
+    assert "2 done, 2 skipped (complete before), 0 failed" in capsys.readouterr().err
+    for i in (0, 3):
+        want = seg.run(read_image(imgs[i]), depth=read_depth(deps[i])).numpy()
+        np.testing.assert_array_equal(labels(i), want)
+    by = distributed.read_manifest(out / "manifest.jsonl")
+    assert by[f"file://{imgs[0]}"]["stamp"] == [imgs[0].stat().st_size, imgs[0].stat().st_mtime_ns]
+    assert by[f"file://{imgs[3]}"]["second_stamp"] == [deps[3].stat().st_size, deps[3].stat().st_mtime_ns]
+    assert main(args) == 0
+    assert "0 done, 4 skipped (complete before), 0 failed" in capsys.readouterr().err

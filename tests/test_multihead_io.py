@@ -211,14 +211,20 @@ def test_eval_scores_each_head(sift_file, tmp_path, capsys):
                      ]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith(f"semantic ({SEM} classes)\n") and f"\n\ngeometric ({GEO} classes)\n" in out
-    # a head without ground truth, and the synthetic split (one map per image): clear errors
+    # a head without ground truth: a clear error
     (root / "SegmentationClass" / "geometric" / "sf_1.png").unlink()
     assert cli.main(["eval", str(sift_file), "--data", str(root)]) == 1
     err = capsys.readouterr().err
     assert f"label file {root / 'SegmentationClass' / 'geometric' / 'sf_1.png'} (listed in" in err
-    assert cli.main(["eval", str(sift_file), "--data", "synthetic"]) == 1
-    assert "--data synthetic has one label map per colour image, but this model has 2 heads (semantic, " \
-           "geometric)" in capsys.readouterr().err
+    # the held-out synthetic split, with SIFT Flow's geometric labels of the scenes
+    from fastfcn.data import heldout_scenes
+    from fastfcn.evaluate import evaluate
+
+    got = _eval_json(capsys, [str(sift_file), "--data", "synthetic", "--n", "3", "--size", "32"])
+    want = evaluate(seg, heldout_scenes(3, 32, SEM, heads=HEADS), SEM + GEO)[0]
+    assert want["geometric"]["mean_iu"] > 0
+    for h in HEADS:
+        assert got["heads"][h]["mean_iu"] == pytest.approx(want[h]["mean_iu"], abs=1e-12)
 
 
 def test_eval_two_input_net_pairs_files_by_stem(tmp_path, capsys):

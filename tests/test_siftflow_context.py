@@ -374,16 +374,3 @@ def test_evaluation_wants_every_heads_ground_truth(sift, tmp_path):
         evaluate(seg, [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))], SEM + GEO)
     with pytest.raises(InputError, match=r"num_classes=4 but the heads"):
         evaluate(seg, [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))], SEM)
-
-
-def test_training_on_synthetic_scenes_refuses_two_headed_nets(tmp_path, capsys):
-    # The synthetic scenes have one label map per image; SIFT Flow trains on a VOC-layout folder
-    # with each head's labels (tests/test_train_multi.py).
-    from fastfcn import cli
-
-    args = ["train", "--out", str(tmp_path / "run"), "--arch", "siftflow-fcn8s", "--data", "synthetic",
-            "--width", "0.0625", "--num-classes", "3", "--size", "32", "--iters", "1", "--quiet"]  # fmt: skip
-    assert cli.main(args) == 1
-    assert "--data synthetic has one label map per colour image, but siftflow-fcn8s has 2 heads" in \
-        capsys.readouterr().err
-    assert not (tmp_path / "run").exists()

@@ -214,15 +214,12 @@ def test_siftflow_stages_and_refusals(tmp_path, capsys):
     cases = [
         (["--data", str(root), "--stages", "siftflow-fcn32s:1,fcn16s:1"],
          "every stage's net must have the same heads and inputs"),
-        (["--data", "synthetic", "--arch", "siftflow-fcn16s"],
-         "--data synthetic has one label map per colour image, but siftflow-fcn16s has 2 heads (semantic, "
-         "geometric); pass a VOC-layout folder"),
     ]  # fmt: skip
     for argv, message in cases:
         assert cli.main(["train", "--out", str(tmp_path / "x"), *TINY, "--iters", "1", *argv]) == 1
         assert message in capsys.readouterr().err
-    with pytest.raises(InputError, match="but this net has 2 heads"):
-        open_dataset("synthetic", "", n=2, size=16, seed=0, num_classes=3, heads=("semantic", "geometric"))
+    with pytest.raises(InputError, match=r"synthetic scenes have the heads semantic, geometric"):
+        open_dataset("synthetic", "", n=2, size=16, seed=0, num_classes=3, heads=("semantic",))
     # class names that leave the semantic head 1 class for ids 0..3; too few for both heads
     argv = ["train", "--out", str(tmp_path / "x"), *TINY, "--iters", "1", "--data", str(root),
             "--arch", "siftflow-fcn32s", "--val-every", "0"]  # fmt: skip
@@ -291,7 +288,8 @@ def test_second_input_refusals(tmp_path, capsys):
          "fcn8s takes one input (color images); --depth is for the"),
         (["--arch", "nyud-fcn32s-color-d", "--depth", str(nope)], f"--depth {nope}: not a folder"),
         (["--arch", "nyud-fcn32s-color-d", "--depth", str(depth), "--data", "synthetic"],
-         "but nyud-fcn32s-color-d has a second input (depth); pass a VOC-layout folder"),
+         "--data synthetic makes each scene's depth for nyud-fcn32s-color-d; --depth DIR is for a VOC-layout "
+         "--data folder"),
     ]  # fmt: skip
     for argv, message in cases:
         assert cli.main([*base, *argv]) == 1
@@ -303,6 +301,59 @@ def test_second_input_refusals(tmp_path, capsys):
         in capsys.readouterr().err
     )
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("arch", ["siftflow-fcn16s", "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha"])
+def test_two_headed_and_two_input_nets_train_on_synthetic_scenes(tmp_path, capsys, arch):
+    """`fastfcn train --data synthetic` for a SIFT Flow net (semantic + geometric labels of the
+    scenes) and the NYUDv2 fusion nets (each scene's depth map / HHA image): a finite loss that
+    starts at log(classes) per head (zero score layers), validation on the scenes of seed + 7919
+    with the same maps (what fastfcn.evaluate measures there with the written model), and a
+    checkpoint that loads, runs with the second input and is scored by `fastfcn eval --data
+    synthetic` on the held-out scenes with the same maps."""
+    from fastfcn.config import arch_inputs
+    from fastfcn.data import SyntheticScenes, heldout_scenes
+    from fastfcn.evaluate import evaluate
+    from fastfcn.training.loop import VAL_SEED_OFFSET
+
+    out = tmp_path / "run"
+    hist = _train(out, "--data", "synthetic", "--arch", arch, "--num-classes", "4", "--size", "32", "--iters",
+                  "2", "--val-every", "2", "--save-every", "2", "--seed", "3")  # fmt: skip
+    err = capsys.readouterr().err
+    assert all(np.isfinite(v) for _, v in hist["loss"]) and len(hist["loss"]) == 2
+    model = fastfcn.load(out / "final.safetensors")
+    assert model.config["arch"] == arch
+    seg = fastfcn.Segmenter(out / "final.safetensors", backend="torch", device="cpu", precision="fp32")
+    sift = arch.startswith("siftflow")
+    second = None if sift else arch_inputs(arch)[1]
+    heads = ("semantic", "geometric") if sift else None
+    val = SyntheticScenes(4, 32, 3 + VAL_SEED_OFFSET, 4, heads=heads, second=second)
+    held = evaluate(seg, heldout_scenes(3, 32, 4, heads=heads, second=second), 7 if sift else 4)[0]
+    final = str(out / "final.safetensors")
+    scored = _eval_json(capsys, [final, "--data", "synthetic", "--n", "3", "--size", "32"])
+    for name, want in held.items() if sift else [(None, held)]:
+        got = scored["heads"][name] if sift else scored
+        assert got["mean_iu"] == pytest.approx(want["mean_iu"], abs=1e-12)
+    if sift:
+        assert "(100000 images, 7 classes: semantic 4, geometric 3)" in err
+        assert model.config["num_classes"] == 7
+        assert model.config["class_names"][4:] == ["sky", "horizontal", "vertical"]
+        for name, classes in (("semantic", 4), ("geometric", 3)):
+            assert hist["heads"][name]["loss"][0][1] == pytest.approx(np.log(classes), rel=1e-6)
+        got = evaluate(seg, val, 7)[0]
+        for name in ("semantic", "geometric"):
+            assert got[name]["mean_iu"] == pytest.approx(hist["heads"][name]["val_mean_iu"][-1][1], abs=1e-9)
+        return
+    assert f"on synthetic with {second} from the scenes (100000 images, 4 classes)" in err
+    assert model.config["num_classes"] == 4 and "heads" not in hist
+    assert hist["loss"][0][1] == pytest.approx(np.log(4), rel=1e-6)
+    assert evaluate(seg, val, 4)[0]["mean_iu"] == pytest.approx(hist["val_mean_iu"][-1][1], abs=1e-9)
+    image, _, extra = val[0]
+    assert seg.run(image, **extra).shape == (32, 32)
+    assert scored[second] == "synthetic"
+    argv = ["eval", final, "--data", "synthetic", f"--{second}", str(tmp_path)]
+    assert cli.main(argv) == 1
+    assert f"--{second} DIR is for a VOC-layout --data folder" in capsys.readouterr().err
 
 
 def _run(tmp_path, root, arch, *argv):

@@ -37,13 +37,13 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
     from .. import data
 
     if args.data == "synthetic":
-        if heads or second:
-            what = (f"{len(heads)} heads ({', '.join(n for n, _ in heads)})" if heads else
-                    f"a second input ({second[0]})")  # fmt: skip
-            raise InputError(f"--data synthetic has one label map per colour image, but this model has "
-                             f"{what}; pass a VOC-layout folder (see --data)")  # fmt: skip
+        # The scenes give a two-headed net SIFT Flow's geometric labels too, and a two-input net
+        # each scene's depth map or HHA image (fastfcn.data.SyntheticScenes), as training does.
         n = args.n or data.HELDOUT_N
-        return data.heldout_scenes(n, args.size, num_classes), f"held-out synthetic split ({n} scenes)"
+        names = [name for name, _ in heads] if heads else None
+        semantic = heads[0][1] if heads else num_classes  # SIFT Flow's semantic head comes first
+        ds = data.heldout_scenes(n, args.size, semantic, heads=names, second=second and second[0])
+        return ds, f"held-out synthetic split ({n} scenes{f', with {second[0]}' if second else ''})"
     ds = data.VOCSegmentation(args.data, args.split, heads=[n for n, _ in heads] if heads else None)
     if not heads and ds.num_classes != num_classes:
         raise InputError(
@@ -56,6 +56,22 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
     if second is None:
         return ds, what
     return Paired(ds, *second, max_pixels), f"{what} with {second[0]} from {second[1]}"
+
+
+def _second(args, seg) -> tuple[str, Path | None] | None:
+    """(modality, folder) of --depth / --hha, checked against the model's inputs; with --data
+    synthetic, whose scenes make it, (the model's second modality, None), the flags refused."""
+    from ..config import config_inputs
+    from .segment import second_modality
+
+    if args.data != "synthetic":
+        return second_modality(args, seg)
+    inputs = config_inputs(seg.config)
+    given = [k for k in ("depth", "hha") if getattr(args, k) is not None]
+    if given:
+        raise InputError(f"--data synthetic makes each scene's second input itself; "
+                         f"--{'/--'.join(given)} DIR is for a VOC-layout --data folder")  # fmt: skip
+    return (inputs[1], None) if len(inputs) == 2 else None
 
 
 def _metrics(result: dict, matrix, names: list) -> dict:
@@ -76,8 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a = parser.add_argument
     a("checkpoint", help="a fastfcn checkpoint, an ONNX file exported by fastfcn, or a built-in name (demo)")
     a("--data", required=True,
-      help="a VOC root (VOCdevkit/VOC2012) or 'synthetic' (the held-out split); for a net with several heads "
-           "(SIFT Flow) the labels of each head in SegmentationClass/<head>/<id>.png")
+      help="a VOC root (VOCdevkit/VOC2012) or 'synthetic' (the held-out split, with geometric labels or "
+           "depth / HHA for the nets that take them); for a net with several heads (SIFT Flow) the labels "
+           "of each head in SegmentationClass/<head>/<id>.png")  # fmt: skip
     a("--split", default="val", help="VOC split (default val)")
     a("--n", type=int, default=0, help="evaluate only the first N images (synthetic: default 500)")
     a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
@@ -116,9 +133,7 @@ def main(args: argparse.Namespace) -> int:
     seg = fastfcn.Segmenter(
         args.checkpoint, backend=args.backend, device=args.device, precision=args.precision, **post
     )
-    from .segment import second_modality
-
-    second = second_modality(args, seg)
+    second = _second(args, seg)
     cfg = segmenter_config(seg, args.checkpoint)
     num_classes = int(cfg["num_classes"])
     heads = getattr(seg, "heads", None)
@@ -148,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
             "crf": post["crf"].as_dict() if post else None,
         }
         if second is not None:
-            obj[second[0]] = str(second[1])
+            obj[second[0]] = str(second[1]) if second[1] is not None else "synthetic"
         per = {n: _metrics(result[n], matrix[n], names[n]) for n in result}
         obj.update({"heads": per} if heads else per[None])
         obj["seconds"] = round(seconds, 3)

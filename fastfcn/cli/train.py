@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
     a = parser.add_argument
     a("--data", default="synthetic",
-      help="a VOC root, or 'synthetic' (SyntheticScenes; default); for a net with several heads (SIFT Flow) "
-           "the labels of each head in SegmentationClass/<head>/<id>.png")  # fmt: skip
+      help="a VOC root, or 'synthetic' (SyntheticScenes; default: for SIFT Flow nets with geometric labels "
+           "too, for the colour + depth / HHA nets with each scene's depth map / HHA image); for a net "
+           "with several heads (SIFT Flow) the labels of each head in "
+           "SegmentationClass/<head>/<id>.png")  # fmt: skip
     a("--split", default="train", help="VOC split to train on (default train; e.g. train_aug with SBD)")
     a("--val-split", default="val", help="VOC split for validation during training (default val)")
     a("--out", default="runs/train", help="output folder: checkpoints, history, curves (default runs/train)")
@@ -27,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help="architecture (default fcn8s); see --stages for the staged schedule")  # fmt: skip
     a("--stages", default=None, help="staged schedule, e.g. fcn32s:3000,fcn16s:1000,fcn8s:1000")
     a("--width", type=float, default=1.0, help="channel width multiplier (default 1.0 = the paper's net)")
-    a("--num-classes", type=int, default=5, help="classes of the synthetic data (VOC: from the data)")
+    a("--num-classes", type=int, default=5,
+      help="classes of the synthetic data, SIFT Flow's semantic head's (its geometric head adds 3; VOC: from "
+           "the data)")  # fmt: skip
     a("--size", type=int, default=HELDOUT_SIZE, help=f"synthetic scene size (default {HELDOUT_SIZE})")
     a("--train-n", type=int, default=100_000, help="synthetic training scenes to draw from (default 100000)")
     a("--seed", type=int, default=0, help="seed of data order, augmentation, init and synthetic scenes")
@@ -116,7 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
 def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
     """Every stage's net has the heads and inputs of the first (the data and the loss are read
     once per run); --depth / --hha is given exactly when the nets take that second input, as a
-    folder; --data synthetic has neither a label map per head nor a second input."""
+    folder, and never with --data synthetic, whose scenes make their own depth maps and HHA images
+    (and SIFT Flow's geometric labels: ``fastfcn.data.SyntheticScenes``)."""
     from ..config import arch_inputs
     from ..models import DEFAULT_CLASSES
     from ..models.multihead import output_heads
@@ -128,21 +133,21 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
     if len(kinds) > 1:
         raise InputError(f"--stages {args.stages}: every stage's net must have the same heads and inputs "
                          f"(one data set feeds them all); got {', '.join(archs)}")  # fmt: skip
-    (names, inputs), arch = kinds.pop(), archs[0]
+    (_, inputs), arch = kinds.pop(), archs[0]
     given = {m: d for m, d in (("depth", args.depth), ("hha", args.hha)) if d is not None}
     if len(inputs) == 1 and given:
         raise InputError(f"{arch} takes one input ({inputs[0]} images); --{'/--'.join(given)} is for the "
                          "two-input nets (nyud-fcn32s-color-d, nyud-fcn32s-color-hha)")  # fmt: skip
-    if len(inputs) == 2:
+    if len(inputs) == 2 and args.data == "synthetic":
+        if given:
+            raise InputError(f"--data synthetic makes each scene's {inputs[1]} for {arch}; "
+                             f"--{'/--'.join(given)} DIR is for a VOC-layout --data folder")  # fmt: skip
+    elif len(inputs) == 2:
         if set(given) != {inputs[1]}:
             raise InputError(f"{arch} takes {inputs[0]} images and {inputs[1]}: pass --{inputs[1]} DIR "
                              "(and only it)")  # fmt: skip
         if not Path(given[inputs[1]]).is_dir():
             raise InputError(f"--{inputs[1]} {given[inputs[1]]}: not a folder")
-    if args.data == "synthetic" and (names or len(inputs) == 2):
-        what = f"{len(names)} heads ({', '.join(names)})" if names else f"a second input ({inputs[1]})"
-        raise InputError(f"--data synthetic has one label map per colour image, but {arch} has {what}; pass "
-                         "a VOC-layout folder (see --data)")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

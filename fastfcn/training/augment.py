@@ -14,23 +14,24 @@ def open_dataset(spec: str, split: str, *, n: int, size: int, seed: int, num_cla
     """``synthetic`` -> SyntheticScenes(n, size, seed, num_classes); else a VOC root.
 
     heads: the head names of a net with several (SIFT Flow): the VOC layout's labels per head,
-    ``SegmentationClass/<head>/<id>.png``, read as ``fastfcn eval`` reads them. second:
-    ``(modality, folder)`` of a two-input net (NYUDv2): each image's depth / HHA file, paired by
-    name as eval and segment pair it (``fastfcn.data.Paired``). The synthetic scenes have one
-    label map per colour image, so they take neither (InputError).
+    ``SegmentationClass/<head>/<id>.png``, read as ``fastfcn eval`` reads them; the synthetic
+    scenes make SIFT Flow's (semantic, geometric), num_classes being the semantic classes.
+    second: ``(modality, folder)`` of a two-input net (NYUDv2): each image's depth / HHA file,
+    paired by name as eval and segment pair it (``fastfcn.data.Paired``); for the synthetic
+    scenes, which make each scene's depth map or HHA image themselves, ``(modality, None)``.
+    Items have the same form either way (``fastfcn.data``).
     """
     from .. import data
 
     if spec == "synthetic":
-        if heads or second:
-            what = f"{len(heads)} heads ({', '.join(heads)})" if heads else f"a second input ({second[0]})"
-            raise InputError(
-                f"--data synthetic has one label map per colour image, but this net has {what}; pass a "
-                "VOC-layout folder (see --data)"
-            )
+        if second is not None and second[1] is not None:
+            raise InputError(f"--data synthetic makes each scene's {second[0]} itself; --{second[0]} "
+                             f"{second[1]} is for a VOC-layout folder")  # fmt: skip
         if seed == data.HELDOUT_SEED:
             raise InputError(f"seed {seed} is the held-out synthetic split's; training must never see it")
-        return data.SyntheticScenes(n, size, seed, num_classes)
+        return data.SyntheticScenes(n, size, seed, num_classes, heads=heads, second=second and second[0])
+    if second is not None and second[1] is None:
+        raise InputError(f"{spec}: a VOC-layout folder has no {second[0]} files; pass --{second[0]} DIR")
     ds = data.VOCSegmentation(spec, split, heads=heads)
     return data.Paired(ds, *second, None) if second else ds
 

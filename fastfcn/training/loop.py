@@ -201,22 +201,30 @@ def _device(args, world: int, device: torch.device) -> torch.device:
     return device
 
 
-def _open_val(args, num_classes: int, heads=None):
-    """The validation set: synthetic scenes of another seed, or the first --val-n of a VOC split."""
+def _open_val(args, num_classes: int, heads=None, arch: str | None = None):
+    """The validation set: synthetic scenes of another seed (with the heads and second input of
+    ``arch``, as the training scenes), or the first --val-n of a VOC split."""
     if not (args.val_every and args.val_n):
         return None
     if args.data == "synthetic":
-        return open_dataset("synthetic", "", n=args.val_n, size=args.size,
-                            seed=args.seed + VAL_SEED_OFFSET, num_classes=num_classes)  # fmt: skip
+        return open_dataset("synthetic", "", n=args.val_n, size=args.size, seed=args.seed + VAL_SEED_OFFSET,
+                            num_classes=args.num_classes, heads=_head_names(heads),
+                            second=second_input(args, arch))  # fmt: skip
     if not args.val_split:
         return None
     val = open_dataset(args.data, args.val_split, n=0, size=0, seed=0, num_classes=num_classes,
-                       heads=_head_names(heads), second=second_input(args))  # fmt: skip
+                       heads=_head_names(heads), second=second_input(args, arch))  # fmt: skip
     return Subset(val, args.val_n) if len(val) > args.val_n else val
 
 
-def second_input(args) -> tuple[str, Path] | None:
-    """(modality, folder) of ``--depth`` / ``--hha`` (checked against the nets by the CLI), or None."""
+def second_input(args, arch: str | None = None) -> tuple[str, Path | None] | None:
+    """(modality, folder) of ``--depth`` / ``--hha`` (checked against the nets by the CLI); with
+    --data synthetic, (the second input of ``arch``, None): the scenes make it; else None."""
+    if args.data == "synthetic":
+        from ..config import arch_inputs
+
+        inputs = arch_inputs(arch) if arch else ()
+        return (inputs[1], None) if len(inputs) == 2 else None
     given = [(m, Path(d)) for m in ("depth", "hha") if (d := getattr(args, m, None)) is not None]
     return given[0] if given else None
 
@@ -267,23 +275,22 @@ def setup(args: argparse.Namespace) -> Run:
     stages = parse_stages(args.stages, args.arch, args.iters)
     arch = stages[0][0]
     heads = output_heads({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]})
+    second = second_input(args, arch)
     ds = open_dataset(args.data, args.split, n=args.train_n, size=args.size, seed=args.seed,
-                      num_classes=args.num_classes, heads=_head_names(heads),
-                      second=second_input(args))  # fmt: skip
+                      num_classes=args.num_classes, heads=_head_names(heads), second=second)  # fmt: skip
     num_classes, class_names = _classes(args, ds, arch)
     heads = _heads(arch, num_classes)
     out = Path(args.out)
     state = load_state(out) if args.resume else None
-    run = Run(args, rank, world, device, out, stages, ds, _open_val(args, num_classes, heads), num_classes,
-              class_names, step=int(state["step"]) if state else 0,
-              history=state["history"] if state else new_history(heads), state=state,
-              heads=heads)  # fmt: skip
+    val = _open_val(args, num_classes, heads, arch)
+    run = Run(args, rank, world, device, out, stages, ds, val, num_classes, class_names,
+              step=int(state["step"]) if state else 0, state=state, heads=heads,
+              history=state["history"] if state else new_history(heads))  # fmt: skip
     if run.main_rank:
         # Only now, with the arguments, the data and the resume state checked, is anything written.
         out.mkdir(parents=True, exist_ok=True)
     what = f"{num_classes} classes" + (f": {', '.join(f'{n} {c}' for n, c in heads)}" if heads else "")
-    second = second_input(args)
-    with_second = f" with {second[0]} from {second[1]}" if second else ""
+    with_second = f" with {second[0]} from {second[1] or 'the scenes'}" if second else ""
     run.say(f"training {' -> '.join(f'{a} ({n} it)' for a, n in run.stages)} on {args.data}{with_second} "
             f"({len(ds)} images, {what}), {world} process(es), device {device}")  # fmt: skip
     return run
