@@ -118,6 +118,7 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
     once per run); --depth / --hha is given exactly when the nets take that second input, as a
     folder; --data synthetic has neither a label map per head nor a second input."""
     from ..config import arch_inputs
+    from ..modalities import second_modality
     from ..models import DEFAULT_CLASSES
     from ..models.multihead import output_heads
 
@@ -130,15 +131,9 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
                          f"(one data set feeds them all); got {', '.join(archs)}")  # fmt: skip
     (names, inputs), arch = kinds.pop(), archs[0]
     given = {m: d for m, d in (("depth", args.depth), ("hha", args.hha)) if d is not None}
-    if len(inputs) == 1 and given:
-        raise InputError(f"{arch} takes one input ({inputs[0]} images); --{'/--'.join(given)} is for the "
-                         "two-input nets (nyud-fcn32s-color-d, nyud-fcn32s-color-hha)")  # fmt: skip
-    if len(inputs) == 2:
-        if set(given) != {inputs[1]}:
-            raise InputError(f"{arch} takes {inputs[0]} images and {inputs[1]}: pass --{inputs[1]} DIR "
-                             "(and only it)")  # fmt: skip
-        if not Path(given[inputs[1]]).is_dir():
-            raise InputError(f"--{inputs[1]} {given[inputs[1]]}: not a folder")
+    want = second_modality(arch, inputs, given)
+    if want is not None and not Path(given[want]).is_dir():
+        raise InputError(f"--{want} {given[want]}: not a folder")
     if args.data == "synthetic" and (names or len(inputs) == 2):
         what = f"{len(names)} heads ({', '.join(names)})" if names else f"a second input ({inputs[1]})"
         raise InputError(f"--data synthetic has one label map per colour image, but {arch} has {what}; pass "
