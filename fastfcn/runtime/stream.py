@@ -232,7 +232,7 @@ class _Pipeline:
         image = to_frame(obj[0], i)
         parsed = Parsed("image", [image.unsqueeze(0)])
         second = parse_second(obj[1], self.second, parsed, seg.max_pixels)[0][0]
-        return image, (second if second.device.type == "cpu" else second.cpu()).contiguous()
+        return image, second.cpu().contiguous()
 
     def _batch(self) -> None:
         pending: list = []  # (index, frame) of one size
@@ -367,7 +367,8 @@ def stream(
         iter(frames)
     except TypeError:
         raise TypeError(
-            f"frames must be an iterable of (H, W, 3) uint8 frames; got {type(frames).__name__}"
+            f"frames must be an iterable of (H, W, 3) uint8 frames (of (image, depth / hha) pairs for a "
+            f"two-input net); got {type(frames).__name__}"
         ) from None
     pipe = _Pipeline(seg, frames, batch_size, output, max_delay, queue_size, stats, source_wait_s)
     return pipe.results()
