@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
     a("--depth", metavar="DEPTH_VIDEO", default=None,
       help="the depth video of a colour + depth net (nyud-fcn32s-color-d): 16-bit greyscale millimetres "
-           "(FFV1 gray16le in .mkv, as RGB-D recorders write), frame i paired with IN's frame i")
+           "(FFV1 gray16le in .mkv, as RGB-D recorders write), frame i paired with the input's frame i")
     a("--hha", metavar="HHA_VIDEO", default=None,
       help="the HHA video of a colour + HHA net (nyud-fcn32s-color-hha), paired frame by frame as --depth")
     a("--arch", choices=ARCHS, help="architecture, for checkpoint files that do not record it")
