@@ -67,6 +67,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError
 from .imageio import IMAGE_SUFFIXES
+from .modalities import second_modality
 from .paths import TMP_TAG, StemIndex, local_files
 from .paths import atomic_path as _atomic
 
@@ -779,24 +780,20 @@ def _model_heads(ckpt: str, data: bytes, info: dict | None) -> tuple[str, ...] |
 def _second_input(ckpt: str, info: dict, found: list[tuple[str, str]], depth, hha) -> tuple[str, str] | None:
     """(modality, folder) of a two-input net (NYUDv2 fusion), checked against the model's inputs
     as ``segment`` checks --depth / --hha; None for a one-input net. A video is refused for a
-    two-input net: it has no depth or HHA track."""
+    two-input net: it has no depth or HHA track (``fastfcn video --depth / --hha`` pairs a video
+    with a second video)."""
     modalities = info.get("modalities") or ["color"]
     given = {k: os.fspath(v) for k, v in (("depth", depth), ("hha", hha)) if v is not None}
     arch = info.get("arch") or ckpt
-    if len(modalities) == 1:
-        if given:
-            raise InputError(f"{arch} takes one input; {'/'.join(given)}= is for the two-input nets (NYUDv2 "
-                             "fusion: nyud-fcn32s-color-d, -color-hha)")  # fmt: skip
+    want = second_modality(arch, modalities, given, "{m}=", "DIR")
+    if want is None:
         return None
-    want = modalities[1]
-    if set(given) != {want}:
-        raise InputError(f"{arch} takes two inputs ({' + '.join(modalities)}): pass {want}=DIR (and only it; "
-                         f"`fastfcn batch --{want} DIR`), the folder of a {want} file per image")  # fmt: skip
     videos = [f for f, _ in found if _kind(f) == "video"]
     if videos:
         more = f" and {len(videos) - 1} more" if len(videos) > 1 else ""
         raise InputError(f"{videos[0]}{more}: a video has no {want} track; {arch} takes images, each with a "
-                         f"{want} file: pass images only")  # fmt: skip
+                         f"{want} file: pass images only (`fastfcn video CKPT IN OUT --{want} VIDEO` "
+                         f"segments a video with its {want} video)")  # fmt: skip
     return want, given[want]
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .errors import InputError
+
 MODALITIES = {"color": 3, "hha": 3, "depth": 1}
 # Modalities that can be the first input (an image that Segmenter.run takes as its batch).
 PRIMARY = ("color", "hha")
@@ -47,4 +49,22 @@ def check_inputs(inputs) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_INPUTS", "MODALITIES", "PRIMARY", "check_inputs", "input_channels"]
+def second_modality(arch, inputs: Sequence[str], given: dict, option: str = "--{m}", value: str = " DIR"):
+    """The second modality of a two-input net (None for a one-input net), checked against
+    ``given`` ({modality: what was passed} of the second inputs the caller was given): a
+    one-input net takes none, a two-input net its own and only it. ``option`` / ``value`` spell
+    the caller's option in the message (``--depth DIR``, ``--depth VIDEO``, ``depth=VIDEO``)."""
+    if len(inputs) == 1:
+        if given:
+            names = "/".join(option.format(m=m) for m in given)
+            raise InputError(f"{arch} takes one input ({inputs[0]} images); {names} is for the two-input "
+                             "nets (nyud-fcn32s-color-d, nyud-fcn32s-color-hha)")  # fmt: skip
+        return None
+    want = inputs[1]
+    if set(given) != {want}:
+        raise InputError(f"{arch} takes {inputs[0]} images and {want}: pass {option.format(m=want)}{value} "
+                         "(and only it)")  # fmt: skip
+    return want
+
+
+__all__ = ["DEFAULT_INPUTS", "MODALITIES", "PRIMARY", "check_inputs", "input_channels", "second_modality"]

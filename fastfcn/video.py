@@ -53,16 +53,16 @@ def _av():
 
 class _VideoWriter:
     """One output container with one video stream (created at the first frame) and optionally
-    audio streams copied from the input. write(arr, pts, time_base): arr (H, W, 3) uint8 RGB or
-    (H, W) class ids (``labels``). Pictures go to H.264, or to FFV1 (lossless) with ``lossless``;
-    class ids always to FFV1."""
+    audio streams copied from the input. write(arr, pts, time_base): arr (H, W, 3) uint8 RGB
+    (``fmt`` "rgb24") or (H, W) values of one channel: class ids (``fmt`` "gray", or "gray16le"
+    above 256 classes) or depth in millimetres ("gray16le"). Pictures go to H.264, or to FFV1
+    (lossless) with ``lossless``; one channel always to FFV1."""
 
-    def __init__(self, path: Path, *, labels: bool, time_base, rate, audio=(), wide_ids: bool = False,
-                 lossless: bool = False):  # fmt: skip
+    def __init__(self, path: Path, *, fmt: str = "rgb24", time_base, rate, audio=(), lossless: bool = False):
         av = _av()
-        self.path, self.labels, self.time_base, self.rate = path, labels, time_base, rate
-        self.fmt = ("gray16le" if wide_ids else "gray") if labels else "rgb24"
-        self.lossless = labels or lossless
+        self.path, self.time_base, self.rate = path, time_base, rate
+        self.fmt, self.gray = fmt, fmt != "rgb24"
+        self.lossless = self.gray or lossless
         try:
             self.container = av.open(str(path), "w")
         except (OSError, av.error.FFmpegError, ValueError) as e:
@@ -73,7 +73,7 @@ class _VideoWriter:
     def _open_video(self, h: int, w: int) -> None:
         if self.lossless:
             s = self.container.add_stream("ffv1", rate=self.rate)
-            s.pix_fmt = self.fmt if self.labels else "bgr0"  # RGB without chroma subsampling
+            s.pix_fmt = self.fmt if self.gray else "bgr0"  # RGB without chroma subsampling
         else:
             s = self.container.add_stream("libx264", rate=self.rate, options=dict(H264_OPTIONS))
             s.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
@@ -87,7 +87,7 @@ class _VideoWriter:
 
     def write(self, arr: np.ndarray, pts: int, time_base) -> None:
         av = _av()
-        if self.labels:
+        if self.gray:
             arr = arr.astype(np.uint16 if self.fmt == "gray16le" else np.uint8, copy=False)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=self.fmt)
         frame.pts, frame.time_base = pts, time_base
@@ -157,26 +157,77 @@ def _label_writer(path, palette, num_classes: int, time_base, rate):
             f"{p}: a label video must be lossless FFV1 in {', '.join(LABEL_VIDEO_SUFFIXES)} "
             "(or give a directory for one palette PNG per frame)"
         )
-    return _VideoWriter(p, labels=True, time_base=time_base, rate=rate, wide_ids=num_classes > 256)
+    fmt = "gray16le" if num_classes > 256 else "gray"
+    return _VideoWriter(p, fmt=fmt, time_base=time_base, rate=rate)
 
 
-def write_video(path, frames, fps: int = 25, *, lossless: bool = False) -> int:
-    """Write (H, W, 3) uint8 RGB ``frames`` (any iterable) as a video at ``fps`` frames per
-    second: H.264 (yuv420p), or FFV1 (.mkv, exact) with ``lossless``. Returns the frame count."""
+def _write_all(path, frames, fps: int, fmt: str, convert, lossless: bool = False) -> int:
+    """``frames`` (any iterable) through ``convert(frame, index)`` into a ``fmt`` video at ``fps``
+    frames per second, frame k at k / fps. Returns the frame count."""
     from fractions import Fraction
 
     tb = Fraction(1, int(fps))
-    w = _VideoWriter(Path(path), labels=False, time_base=tb, rate=int(fps), lossless=lossless)
+    w = _VideoWriter(Path(path), fmt=fmt, time_base=tb, rate=int(fps), lossless=lossless)
     n = 0
     try:
         for n, frame in enumerate(frames, 1):
-            w.write(np.asarray(frame, np.uint8), n - 1, tb)
+            w.write(convert(frame, n - 1), n - 1, tb)
     finally:
         w.close()
     return n
 
 
+def write_video(path, frames, fps: int = 25, *, lossless: bool = False) -> int:
+    """Write (H, W, 3) uint8 RGB ``frames`` (any iterable) as a video at ``fps`` frames per
+    second: H.264 (yuv420p), or FFV1 (.mkv, exact) with ``lossless``. Returns the frame count."""
+    return _write_all(path, frames, fps, "rgb24", lambda f, _: np.asarray(f, np.uint8), lossless)
+
+
+def write_depth_video(path, depth_maps, fps: int = 25) -> int:
+    """Write ``depth_maps`` (any iterable of (H, W) depths in millimetres, all one size: numpy,
+    torch or anything numpy reads) as a lossless 16-bit greyscale video (FFV1 gray16le in .mkv,
+    .avi or .nut) at ``fps`` frames per second: what RGB-D recorders write, and what
+    ``segment_video(..., depth=...)`` / ``fastfcn video --depth`` read back, value for value.
+    uint16 maps are stored as they are; other integer or float maps must hold whole numbers
+    0..65535 (InputError otherwise, as for 8-bit maps, which hold no millimetres: nothing is
+    rounded or clipped). Returns the frame count."""
+    p = Path(path)
+    if p.suffix.lower() not in LABEL_VIDEO_SUFFIXES:
+        raise InputError(f"{p}: a depth video is lossless FFV1 in {', '.join(LABEL_VIDEO_SUFFIXES)}; "
+                         f"got the suffix {p.suffix!r}")  # fmt: skip
+    size: list = []
+
+    def convert(d, i: int) -> np.ndarray:
+        a = np.asarray(d.cpu() if hasattr(d, "cpu") else d)
+        what = f"depth map {i}"
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.ndim != 2 or 0 in a.shape:
+            raise InputError(f"{what} has shape {a.shape}; expected (H, W) millimetres")
+        if not size:
+            size.append(a.shape)
+        if a.shape != size[0]:
+            raise InputError(f"{what} is {a.shape[1]}x{a.shape[0]} but depth map 0 is "
+                             f"{size[0][1]}x{size[0][0]}; a video has one size")  # fmt: skip
+        if a.dtype == np.uint16:
+            return a
+        if a.dtype == np.uint8 or a.dtype == bool or not (np.issubdtype(a.dtype, np.integer)
+                                                          or np.issubdtype(a.dtype, np.floating)):
+            raise InputError(f"{what} has dtype {a.dtype}; depth is millimetres as uint16, or integer / "
+                             "float whole numbers 0..65535 (8-bit depth holds no millimetres)")  # fmt: skip
+        ok = np.isfinite(a) & (a >= 0) & (a <= 65535)
+        if not ok.all() or (np.issubdtype(a.dtype, np.floating) and (a != np.round(a)).any()):
+            raise InputError(f"{what} has values that are not whole millimetres in 0..65535 (min {a.min()}, "
+                             f"max {a.max()}); a 16-bit depth video would change them")  # fmt: skip
+        return a.astype(np.uint16)
+
+    return _write_all(p, depth_maps, fps, "gray16le", convert)
+
+
 # ------------------------------------------------------------------------------------ decoding
+
+
+GRAY16 = ("gray16le", "gray16be")  # the pixel formats of a depth video: 16-bit millimetres
 
 
 class _Decoder:
@@ -185,11 +236,17 @@ class _Decoder:
     frames() runs in the stream's reader thread: it yields the first frame of each group of
     ``every`` decoded frames and appends the group ((pts, time_base, rgb) per frame) to
     ``groups`` before that, so the consumer finds the group when its labels arrive.
+
+    ``modality`` "depth" / "hha" opens a second video of a two-input net instead (no audio),
+    which a colour decoder's ``second`` pairs frame by frame (``take``): frame i of the colour
+    range with frame i of this one's, the same range by time. A depth video must be 16-bit
+    greyscale (``GRAY16``): 8-bit or colour pixels hold no millimetres.
     """
 
-    def __init__(self, path: Path, every: int, start: float | None, duration: float | None):
+    def __init__(self, path: Path, every: int, start: float | None, duration: float | None,
+                 modality: str | None = None):  # fmt: skip
         av = _av()
-        self.path, self.every = path, every
+        self.path, self.every, self.modality = path, every, modality
         try:
             self.container = av.open(str(path))
         except av.error.FFmpegError as e:
@@ -199,13 +256,31 @@ class _Decoder:
             raise InputError(f"{path}: has no video stream (streams: {self._kinds()})")
         self.video = self.container.streams.video[0]
         self.video.thread_type = "AUTO"  # frame + slice threads in the decoder
-        self.audio = list(self.container.streams.audio)
+        # A second video's audio is not copied: the output carries the colour video's.
+        self.audio = list(self.container.streams.audio) if modality is None else []
         self.start = float(start or 0.0)
         self.end = None if duration is None else self.start + float(duration)
         self.groups: collections.deque = collections.deque()
         self.audio_packets: collections.deque = collections.deque()
+        self.keep_audio = True  # False while frames past an error are only counted
         self.decoded = 0
         self.last_time: float | None = None
+        self.second: _Decoder | None = None
+        self._range = None  # a second video's frames of the range, as take() consumes them
+        if modality == "depth":
+            try:
+                self._check_depth_format(self.video.codec_context.pix_fmt)
+            except InputError:
+                self.container.close()
+                raise
+
+    def _check_depth_format(self, pix_fmt: str | None) -> None:
+        if pix_fmt is not None and pix_fmt not in GRAY16:
+            raise InputError(
+                f"{self.path}: the depth video's pixel format is {pix_fmt}; depth videos are 16-bit "
+                f"greyscale millimetres ({' or '.join(GRAY16)}, e.g. FFV1 in .mkv as "
+                "fastfcn.video.write_depth_video writes): 8-bit or colour pixels hold no millimetres"
+            )
 
     def _kinds(self) -> str:
         return ", ".join(s.type for s in self.container.streams) or "none"
@@ -252,18 +327,18 @@ class _Decoder:
             f"the {self.decoded} frames before it were written"
         )
 
-    def frames(self):
+    def _in_range(self):
+        """(frame, t) of each decoded frame of the range, in order; the audio packets of the range
+        go to ``audio_packets``. A decoding error raises InputError (``_damaged``)."""
         av = _av()
         self._seek()
-        group: list = []
-        complete, damage = True, None
         try:
             for packet in self.container.demux(self.video, *self.audio):
                 if packet.stream.type == "audio":
                     t = None if packet.pts is None else float(packet.pts * packet.time_base)
                     # Without a range every packet is copied (AAC's priming packet has pts < 0).
                     lo = self.start <= 0 or (t is not None and t >= self.start)
-                    if lo and (self.end is None or t is None or t < self.end):
+                    if self.keep_audio and lo and (self.end is None or t is None or t < self.end):
                         self.audio_packets.append(packet)
                     continue
                 for frame in packet.decode():
@@ -271,27 +346,102 @@ class _Decoder:
                     if t < self.start - 1e-6:
                         continue
                     if self.end is not None and t >= self.end - 1e-6:
-                        break
-                    rgb = frame.to_ndarray(format="rgb24")
-                    group.append((frame.pts, frame.time_base, rgb))
-                    self.decoded += 1
-                    self.last_time = t
-                    if len(group) == self.every:
-                        self.groups.append(group)
-                        yield group[0][2]
-                        group = []
-                else:
-                    continue
-                break  # past the end of the range
+                        return  # past the end of the range
+                    yield frame, t
         except av.error.FFmpegError as e:
-            damage = self._damaged(f"{type(e).__name__}: {e.strerror or e}")
-            complete = False
+            raise self._damaged(f"{type(e).__name__}: {e.strerror or e}") from None
+
+    def _array(self, frame, fmt: str) -> np.ndarray:
+        try:
+            return frame.to_ndarray(format=fmt)
+        except _av().error.FFmpegError as e:
+            raise self._damaged(f"{type(e).__name__}: {e.strerror or e}") from None
+
+    def frames(self):
+        """The first frame of each group of ``every`` (with ``second``: (rgb, its second input));
+        the frames of the group go to ``groups`` first. Damage, or a second video that does not
+        pair up, raises InputError after the frames before it (see _check_complete, take)."""
+        group: list = []
+        head, failure = None, None
+        decoded = self._in_range()
+        try:
+            for frame, t in decoded:
+                rgb = self._array(frame, "rgb24")
+                item = rgb
+                if self.second is not None:
+                    paired = self.second.take(self, frame, need=not group)
+                    if paired is _ENDED:  # count the colour frames left, for the message
+                        rest, exact = _count(decoded, self)
+                        self.decoded += 1 + rest
+                        raise self.second.counts_differ(self, exact)
+                    item = rgb if paired is None else (rgb, paired)
+                if not group:
+                    head = item
+                group.append((frame.pts, frame.time_base, rgb))
+                self.decoded += 1
+                self.last_time = t
+                if len(group) == self.every:
+                    self.groups.append(group)
+                    yield head
+                    group = []
+            self._check_complete()
+            if self.second is not None:
+                self.second.check_rest(self)
+        except InputError as e:
+            failure = e
         if group:  # the last, shorter group (or the frames decoded before the damage)
             self.groups.append(group)
-            yield group[0][2]
-        if not complete:
-            raise damage
+            yield head
+        if failure is not None:
+            raise failure
+
+    def take(self, colour: _Decoder, frame, need: bool):
+        """A second video's next frame of the range, paired with the colour decoder's ``frame``:
+        its array (depth (H, W) uint16 millimetres, HHA (H, W, 3) uint8) when ``need``, else
+        None (a frame between two segmented ones: decoded, checked, not converted); _ENDED when
+        this video has no frame left in the range."""
+        if self._range is None:
+            self._range = self._in_range()
+        try:
+            mine, t = next(self._range)
+        except StopIteration:
+            return _ENDED
+        if (mine.width, mine.height) != (frame.width, frame.height):
+            raise InputError(
+                f"{self.path}: frame {self.decoded} is {mine.width}x{mine.height} but frame {colour.decoded} "
+                f"of {colour.path} is {frame.width}x{frame.height}; the {self.modality} video must have the "
+                "colour video's size"
+            )
+        if self.modality == "depth":
+            self._check_depth_format(mine.format.name)
+        self.decoded += 1
+        self.last_time = t
+        if not need:
+            return None
+        return self._array(mine, "gray16le" if self.modality == "depth" else "rgb24")
+
+    def check_rest(self, colour: _Decoder) -> None:
+        """After the colour range ended complete: this second video must have ended too."""
+        if self._range is None:
+            self._range = self._in_range()
+        extra, exact = _count(self._range, self)
+        if extra:
+            self.decoded += extra
+            raise self.counts_differ(colour, exact=exact)
         self._check_complete()
+
+    def counts_differ(self, colour: _Decoder, exact: bool) -> InputError:
+        """The error of a second video with fewer or more frames in the range than the colour one."""
+        where = " in the range (start / duration)" if colour.start or colour.end is not None else ""
+        shorter = self.decoded < colour.decoded
+        more = "" if exact else " or more"
+        counts = (f"{self.decoded}{'' if shorter else more}", f"{colour.decoded}{more if shorter else ''}")
+        paired = min(self.decoded, colour.decoded)
+        return InputError(
+            f"{self.path} has {counts[0]} frames{where}, {colour.path} {counts[1]}: the {self.modality} "
+            f"video {'ends early' if shorter else 'runs longer'} (frame i of one pairs with frame i of the "
+            f"other; none is dropped or padded); the {paired} paired frames were written"
+        )
 
     def _check_complete(self) -> None:
         """A truncated file often just ends: compare with the length its header declares."""
@@ -306,26 +456,62 @@ class _Decoder:
             raise self._damaged(f"the last frame is at {self.last_time:.3f} s of a declared {end:.3f} s")
 
     def close(self) -> None:
-        self.container.close()
+        try:
+            if self.second is not None:
+                self.second.close()
+        finally:
+            self.container.close()
+
+
+def _check_sizes(colour: _Decoder, second: _Decoder) -> None:
+    """The sizes the two videos' headers declare (each frame is checked again when paired)."""
+    a, b = colour.video.codec_context, second.video.codec_context
+    if a.width and b.width and (a.width, a.height) != (b.width, b.height):
+        raise InputError(
+            f"{second.path} is {b.width}x{b.height} but {colour.path} is {a.width}x{a.height}; the "
+            f"{second.modality} video must have the colour video's size (its frame i pairs with frame i)"
+        )
+
+
+_ENDED = object()  # take(): the second video has no frame left in the range
+
+
+def _count(frames, dec: _Decoder) -> tuple[int, bool]:
+    """(how many frames the iterator ``frames`` of ``dec`` has left, whether that is all of them:
+    False when damage stopped the count). Audio is not collected meanwhile: nothing is written
+    after this. The frames are decoded, not converted or segmented: a small part of what the
+    run would have spent on them (inference is 80-99% of the pipeline's busy time, README
+    "Video"), and the only exact count (packets are not frames once a decoder holds some back)."""
+    dec.keep_audio = False
+    n = 0
+    try:
+        for _ in frames:
+            n += 1
+    except InputError:
+        return n, False
+    return n, True
 
 
 # ------------------------------------------------------------------------------- segment_video
 
 
-def check_paths(source, destination, labels_out) -> tuple[Path, Path | None, Path | None]:
-    """``segment_video``'s paths checked before any work: the input exists, no output is the
-    input or the other output, every output can be written. Returns them as Paths."""
+def check_paths(source, destination, labels_out, second=None) -> tuple[Path, Path | None, Path | None]:
+    """``segment_video``'s paths checked before any work: the input (and ``second``, the depth /
+    HHA video of a two-input net) exists, no output is an input or the other output, every
+    output can be written. Returns source, destination and labels_out as Paths."""
     src = Path(source)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file")
-    if not src.is_file():
-        raise InputError(f"{src}: not a file; expected a video file")
+    ins = [src] + ([Path(second)] if second is not None else [])
+    for path in ins:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if not path.is_file():
+            raise InputError(f"{path}: not a file; expected a video file")
     outs = [Path(p) for p in (destination, labels_out) if p is not None]
-    for out in outs:
-        if out.exists() and out.is_file() and os.path.samefile(out, src):
-            raise InputError(f"{out}: the destination is the input file; choose another output path")
-        if out.resolve() == src.resolve():
-            raise InputError(f"{out}: the destination is the input file; choose another output path")
+    for out, path in ((out, path) for out in outs for path in ins):
+        same = out.resolve() == path.resolve() or (out.is_file() and os.path.samefile(out, path))
+        if same:
+            which = "the input file" if path is src else "the second input's video"
+            raise InputError(f"{out}: the destination is {which}; choose another output path")
     if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
         raise InputError(f"{outs[0]}: the output and --labels-out are the same path")
     dst = Path(destination) if destination is not None else None
@@ -366,11 +552,11 @@ def _head_paths(value, heads, what: str) -> dict:
     return {n: head_target(value, n) for n in names}
 
 
-def _check_head_paths(source, dsts: dict, labs: dict) -> None:
+def _check_head_paths(source, dsts: dict, labs: dict, second=None) -> None:
     """Every head's paths checked as ``check_paths`` checks one pair, and no two heads' alike."""
     seen: dict = {}
     for name in dsts:
-        check_paths(source, dsts[name], labs[name])
+        check_paths(source, dsts[name], labs[name], second)
         for p in (dsts[name], labs[name]):
             if p is None:
                 continue
@@ -379,17 +565,17 @@ def _check_head_paths(source, dsts: dict, labs: dict) -> None:
             seen[p.resolve()] = name
 
 
-def _check_one_input(config) -> None:
-    """Refuse a net of two inputs (NYUDv2 fusion) before anything is written: a frame is one image."""
+def second_video(config, depth=None, hha=None, option: str = "{m}=", value: str = "VIDEO"
+                 ) -> tuple[str, Path] | None:  # fmt: skip
+    """(modality, path) of the second video a two-input net (NYUDv2 fusion) takes, None for a
+    one-input net; the wrong one, or none, raises InputError (fastfcn.modalities.second_modality;
+    ``option`` / ``value`` spell the caller's keyword: "--{m}", " VIDEO" for the command line)."""
     from .config import config_inputs
+    from .modalities import second_modality
 
-    inputs = config_inputs(config)
-    if len(inputs) > 1:
-        raise InputError(
-            f"{config.get('arch')} takes two inputs ({' + '.join(inputs)}) but a video frame is one image; "
-            f"segment image files with `fastfcn segment --{inputs[1]} DIR` or Segmenter.run(images, "
-            f"{inputs[1]}=...)"
-        )
+    given = {k: v for k, v in (("depth", depth), ("hha", hha)) if v is not None}
+    want = second_modality(config.get("arch"), config_inputs(config), given, option, value)
+    return None if want is None else (want, Path(given[want]))
 
 
 def check_options(mode, alpha, batch_size, every, start, duration) -> None:
@@ -420,6 +606,8 @@ def segment_video(
     duration: float | None = None,
     labels_out=None,
     progress: bool = True,
+    depth=None,
+    hha=None,
 ) -> dict:
     """Segment the video file ``source`` into ``destination``; returns a summary.
 
@@ -431,6 +619,15 @@ def segment_video(
         input's timeline. labels_out: also write the class ids there (label video or folder).
         A net with several heads (``segmenter.heads``) writes destination and labels_out once
         per head: one path becomes one per head (``head_target``), or give {head: path}.
+    depth / hha: the second video of a two-input net (NYUDv2 fusion, an RGB-D recording),
+        decoded in lockstep with ``source``: nyud-fcn32s-color-d takes ``depth=`` a 16-bit
+        greyscale video of millimetres (FFV1 gray16le in .mkv: ``write_depth_video``; an 8-bit
+        or colour one is refused), nyud-fcn32s-color-hha ``hha=`` a video of HHA images (decoded
+        as rgb24). Frame i of the range is paired with frame i of the second video's range (the
+        same ``start`` / ``duration``, by time; ``every`` picks the same frames of both); their
+        sizes must match, and a second video with fewer or more frames in the range raises
+        InputError naming both files and counts, after writing the frames paired before. The
+        outputs show the colour frames and carry the colour video's audio.
     Returns {"frames_in", "frames_out", "segmented", "seconds", "fps", "decode_s",
     "inference_s", "encode_s", "decode_share", "inference_share", "encode_share",
     "destination", "labels_out"}; the shares are each stage's busy time over their sum
@@ -440,8 +637,9 @@ def segment_video(
     A missing file raises FileNotFoundError; everything else the user can fix, InputError.
     """
     check_options(mode, alpha, batch_size, every, start, duration)
+    given = depth if depth is not None else hha
     if not isinstance(destination, dict) and not isinstance(labels_out, dict):
-        check_paths(source, destination, labels_out)  # before any model loads
+        check_paths(source, destination, labels_out, given)  # before any model loads
     src = Path(source)
     _av()
     seg = segmenter
@@ -449,24 +647,27 @@ def segment_video(
         from .runtime import Segmenter
 
         seg = Segmenter(segmenter)
-    _check_one_input(seg.config)
+    second = second_video(seg.config, depth, hha)
     heads = seg.heads
     dsts = _head_paths(destination, heads, "destination")
     labs = _head_paths(labels_out, heads, "labels_out")
-    _check_head_paths(src, dsts, labs)
+    _check_head_paths(src, dsts, labs, given)
     palettes = seg.head_palettes() if heads else {None: seg.palette}
     classes = dict(heads) if heads else {None: int(seg.config.get("num_classes", 256))}
     t0 = time.perf_counter()
     dec = _Decoder(src, every, start, duration)
     writers: list = []
     try:
+        if second is not None:  # opened and checked before any output is written
+            dec.second = _Decoder(second[1], every, start, duration, modality=second[0])
+            _check_sizes(dec, dec.second)
         tb, rate = dec.video.time_base, dec.rate
         outs = {}  # head -> (picture or label writer, label writer or None, palette)
         for name in dsts:
             if mode == "labels":
                 main = _label_writer(dsts[name], palettes[name], classes[name], tb, rate)
             else:
-                main = _VideoWriter(dsts[name], labels=False, time_base=tb, rate=rate, audio=dec.audio)
+                main = _VideoWriter(dsts[name], time_base=tb, rate=rate, audio=dec.audio)
             writers.append(main)
             extra = None
             if labs[name] is not None:

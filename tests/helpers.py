@@ -35,6 +35,30 @@ def randomize_batchnorm(model, mean=0.5, var=(0.5, 2.0), weight=(0.5, 1.5), bias
     return model
 
 
+@torch.no_grad()
+def rgbd_net(arch: str, width: float = 1 / 16, num_classes: int = 5):
+    """A width-reduced NYUDv2 fusion net (nyud-fcn32s-color-d / -color-hha) whose labels depend
+    on both inputs, for tests of pairing: He-initialised convolutions with zero biases (the
+    default init's labels are one class whatever the input), the depth channel's conv1_1 weights
+    x30 (log depth spans a few units, colour minus its mean about a hundred). On 8 random 24x32
+    frames, giving each frame its neighbour's second input changed the labels of 5 (depth) and
+    6 (HHA), its neighbour's colour 7 and 5 (measured on the CPU, torch backend, fp32)."""
+    from fastfcn import models
+
+    torch.manual_seed(sum(map(ord, arch)))
+    model = models.build(arch, width=width, num_classes=num_classes).eval()
+    for name, p in model.named_parameters():
+        if name.startswith("upscore"):
+            continue  # the fixed bilinear upsampling
+        if p.dim() == 4:
+            torch.nn.init.kaiming_normal_(p)
+        else:
+            p.zero_()
+    if arch == "nyud-fcn32s-color-d":
+        model.conv1_1_bgrd.weight[:, 3] *= 30
+    return model
+
+
 # .caffemodel bytes for tests: a minimal protobuf encoder for NetParameter, LayerParameter,
 # V1LayerParameter and BlobProto.
 

@@ -545,9 +545,9 @@ def test_two_input_net_refusals_before_ray(depth_ckpt, ckpt, sift_ckpt, tmp_path
         with pytest.raises(InputError, match=match):
             distributed.segment_dataset(list(inputs), out, model, **OPTS, **kw)
 
-    refused(r"nyud-fcn32s-color-d takes two inputs \(color \+ depth\): pass depth=DIR")
-    refused(r"takes two inputs .*: pass depth=DIR \(and only it; `fastfcn batch --depth DIR`\)", hha=dep)
-    refused(r"fcn8s takes one input; depth= is for the two-input nets", model=ckpt, depth=dep)
+    refused(r"^nyud-fcn32s-color-d takes color images and depth: pass depth=DIR \(and only it\)$")
+    refused(r"^nyud-fcn32s-color-d takes color images and depth: pass depth=DIR \(and only it\)$", hha=dep)
+    refused(r"^fcn8s takes one input \(color images\); depth= is for the two-input", model=ckpt, depth=dep)
     clip = tmp_path / "clip.mp4"
     write_video(clip, [photo(k, 32, 48) for k in range(2)])
     refused(r"clip.mp4: a video has no depth track; nyud-fcn32s-color-d takes images", (src, clip), depth=dep)

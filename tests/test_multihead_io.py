@@ -102,13 +102,13 @@ def test_video_mapping_is_refused_for_one_head(clip, tmp_path):
         segment_video(clip, {"semantic": tmp_path / "a.mkv"}, seg, mode="labels", progress=False)
 
 
-def test_video_refuses_two_input_nets_before_writing(clip, tmp_path):
+def test_video_of_a_two_input_net_without_its_depth_video_is_refused_before_writing(clip, tmp_path):
     from fastfcn.video import segment_video
 
     seg = fastfcn.Segmenter(fastfcn.models.build("nyud-fcn32s-color-d", width=1 / 16, num_classes=5).eval(),
                             backend="torch", device="cpu")  # fmt: skip
-    with pytest.raises(InputError, match=r"takes two inputs \(color \+ depth\) but a video frame is one "
-                                         r"image; segment image files with `fastfcn segment --depth DIR`"):
+    with pytest.raises(InputError, match=r"^nyud-fcn32s-color-d takes color images and depth: pass "
+                                         r"depth=VIDEO \(and only it\)$"):
         segment_video(clip, tmp_path / "out.mp4", seg, labels_out=tmp_path / "lab.mkv", progress=False)
     assert list(tmp_path.iterdir()) == []
 

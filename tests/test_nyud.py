@@ -17,7 +17,7 @@ from test_caffe_agreement import assert_float32_close, caffe_forward
 import fastfcn
 from fastfcn import models
 from fastfcn.config import config_inputs, validate_config
-from fastfcn.errors import CheckpointError, InputError
+from fastfcn.errors import CheckpointError, InputError, StreamError
 from fastfcn.flops import count_macs
 from fastfcn.runtime.backends import create_backend
 from fastfcn.runtime.deadzone import DeadZoneForward
@@ -350,7 +350,7 @@ def test_second_input_errors_say_what_is_expected():
         seg.run(torch.zeros(2, 4, 9, 9) - 1, preprocessed=True, depth=d)
     with pytest.raises(InputError, match="a float batch is preprocessed input, all 4 channels"):
         seg.run(torch.zeros(2, 4, 9, 9) - 1, depth=d)
-    with pytest.raises(InputError, match=r"stream\(\) and video take one image per frame"):
+    with pytest.raises(StreamError, match=r"frame 0 is one ndarray; .* must be a pair \(image, depth\)"):
         next(iter(seg.stream([color[0]])))
     voc = fastfcn.Segmenter(models.build("fcn32s", width=W, num_classes=3).eval(), backend="torch",
                             device="cpu")  # fmt: skip

@@ -236,3 +236,129 @@ def test_bad_arguments(seg):
     with pytest.raises(TypeError, match="iterable"):
         seg.stream(3)
     assert list(seg.stream([])) == []
+
+
+# ------------------------------------------------------------------ two-input nets: RGB-D streams
+
+RGBD = [("nyud-fcn32s-color-d", "depth"), ("nyud-fcn32s-color-hha", "hha")]
+
+
+@pytest.fixture(scope="module")
+def rgbd():
+    from helpers import rgbd_net
+
+    return {arch: fastfcn.Segmenter(rgbd_net(arch), device="cpu", backend="torch", precision="fp32")
+            for arch, _ in RGBD}  # fmt: skip
+
+
+def pairs_of(keyword, n, sizes=((24, 32),), seed=0):
+    """n (frame, second input) pairs: depth uint16 millimetres 0.5-10 m, or HHA uint8 images."""
+    rng = np.random.default_rng(seed + 1)
+    frames = frames_of(n, sizes, seed)
+    if keyword == "depth":
+        return [(f, rng.integers(500, 10000, f.shape[:2], dtype=np.uint16)) for f in frames]
+    return [(f, rng.integers(0, 256, f.shape, dtype=np.uint8)) for f in frames]
+
+
+@pytest.mark.parametrize("arch, keyword", RGBD)
+def test_rgbd_pairs_equal_run_in_order(rgbd, arch, keyword):
+    seg = rgbd[arch]
+    pairs = pairs_of(keyword, 9, ((24, 32), (16, 20), (24, 32)), seed=3)  # 3 + 3 + 3 frames
+    stats = StreamStats()
+    out = list(stream(seg, iter(pairs), batch_size=2, stats=stats))
+    assert stats.sizes == [2, 1, 2, 1, 2, 1]  # a size change flushes, as for one input
+    expect = [seg.run(f, **{keyword: s}).cpu() for f, s in pairs]
+    assert len(out) == 9 and all(torch.equal(r, e) for r, e in zip(out, expect))
+    # The labels depend on the second input: a stream that paired a frame with another frame's
+    # second input (same size: the next one in its group of 3) would fail above.
+    other = [pairs[i - i % 3 + (i + 1) % 3][1] for i in range(9)]
+    wrong = [seg.run(f, **{keyword: o}).cpu() for (f, _), o in zip(pairs, other)]
+    assert sum(not torch.equal(w, e) for w, e in zip(wrong, expect)) >= 3
+
+
+def test_rgbd_second_input_forms_logits_and_dtype_batches(rgbd):
+    from PIL import Image
+
+    seg = rgbd["nyud-fcn32s-color-d"]
+    (f0, d0), (f1, d1), (f2, d2), (f3, d3) = pairs_of("depth", 4, ((16, 20),), seed=5)
+    items = [
+        (f0, d0),  # uint16: widened to int32, as run() does
+        [torch.from_numpy(f1), torch.from_numpy(d1.astype(np.int32))],  # a list of two, torch
+        (Image.fromarray(f2), Image.fromarray(d2)),  # PIL: a 16-bit greyscale image -> float32
+        (f3, d3.astype(np.int32)),
+    ]
+    stats = StreamStats()
+    out = list(stream(seg, items, batch_size=4, output="logits", stats=stats))
+    # int32, int32 | float32 | int32: a batch never mixes depth dtypes (stacking would promote)
+    assert stats.sizes == [2, 1, 1]
+    for (f, d), r in zip(((f0, d0), (f1, d1), (f2, d2), (f3, d3)), out):
+        assert r.shape == (5, 16, 20)
+        torch.testing.assert_close(r, seg.run(f, "logits", depth=d).cpu(), rtol=1e-5, atol=1e-4)
+
+
+def test_rgbd_refusals_name_the_frame(seg, rgbd):
+    color_d, color_hha = rgbd["nyud-fcn32s-color-d"], rgbd["nyud-fcn32s-color-hha"]
+    pairs, hha = pairs_of("depth", 4, ((16, 20),), seed=7), pairs_of("hha", 2, ((16, 20),), seed=7)
+    cases = [
+        (seg, [f for f, _ in pairs[:2]] + [pairs[2]], 2,
+         r"a tuple of 2; fcn8s takes one input \(color images\): each frame is one \(H, W, 3\) uint8 image"),
+        (color_d, [pairs[0], pairs[1][0]], 1,
+         r"is one ndarray; nyud-fcn32s-color-d takes two inputs \(color \+ depth\): each frame must be a "
+         r"pair \(image, depth\)"),
+        (color_d, [pairs[0], (*pairs[1], pairs[1][1])], 1, "is a tuple of 3; nyud-fcn32s-color-d takes two"),
+        (color_d, [*pairs[:2], (pairs[2][0], pairs[2][1][:, :19])], 2,
+         r"the depth input is \(1, 16, 19\) \(N, H, W\) but its images are \(1, 16, 20\)"),
+        (color_d, [*pairs[:3], (pairs[3][0], pairs[3][1].astype(np.uint8))], 3,
+         "8-bit depth holds no millimetres"),
+        (color_hha, [hha[0], (hha[1][0], hha[1][1][..., 0])], 1,
+         r"the hha input must be one \(H, W, 3\) uint8"),
+    ]
+    for s, items, index, message in cases:
+        got = []
+        expect = rf"^the source failed at frame {index}: InputError: .*{message}"
+        with pytest.raises(StreamError, match=expect) as e:
+            for r in s.stream(items, batch_size=2):
+                got.append(r)
+        assert e.value.index == index and isinstance(e.value.__cause__, InputError)
+        assert len(got) == index  # every earlier frame's result first
+
+
+def test_rgbd_source_failure_max_delay_and_close(rgbd):
+    seg = rgbd["nyud-fcn32s-color-hha"]
+    pairs = pairs_of("hha", 3, ((16, 20),), seed=9)
+    release = threading.Event()
+
+    def camera():  # a live RGB-D source: 2 pairs, then nothing until the consumer has both
+        yield pairs[0]
+        yield pairs[1]
+        release.wait(10)
+        yield pairs[2]
+        raise OSError("sensor unplugged")
+
+    stats = StreamStats()
+    it = stream(seg, camera(), batch_size=8, max_delay=0.05, stats=stats)
+    first = [next(it), next(it)]  # max_delay pushed the partial batch
+    release.set()
+    with pytest.raises(StreamError, match="^the source failed at frame 3: OSError: sensor unplugged") as e:
+        first.extend(it)
+    assert e.value.index == 3 and stats.sizes == [2, 1]
+    assert all(torch.equal(r, seg.run(f, hha=h).cpu()) for r, (f, h) in zip(first, pairs))
+    it2 = seg.stream(iter(pairs * 100), batch_size=2, queue_size=1)
+    next(it2)
+    it2.close()
+    deadline = time.perf_counter() + 3
+    while threads_now() and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert not threads_now()
+
+
+@pytest.mark.gpu
+def test_rgbd_stream_on_cuda_takes_the_plain_path():
+    from helpers import rgbd_net
+
+    seg = fastfcn.Segmenter(rgbd_net("nyud-fcn32s-color-d"), device="cuda", backend="torch", precision="fp32")
+    pairs = pairs_of("depth", 5, ((24, 32),), seed=11)
+    out = list(seg.stream(pairs, batch_size=2))
+    assert len(out) == 5
+    for r, (f, d) in zip(out, pairs):
+        assert r.device.type == "cpu" and torch.equal(r, seg.run(f, depth=d).cpu())

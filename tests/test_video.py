@@ -15,7 +15,7 @@ import fastfcn  # noqa: E402
 from fastfcn import cli  # noqa: E402
 from fastfcn.demo import DEMO_MODEL  # noqa: E402
 from fastfcn.errors import InputError  # noqa: E402
-from fastfcn.video import segment_video  # noqa: E402
+from fastfcn.video import segment_video, write_depth_video, write_video  # noqa: E402
 
 MS = fractions.Fraction(1, 1000)
 
@@ -246,3 +246,203 @@ def test_thousand_vfr_frames_in_order_with_their_timestamps(tmp_path):
     assert [round(t * 1000) for t, _ in got] == stamps
     expect = tiny.run([f for _, f in decode(src)])
     assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
+
+
+# ------------------------------------------------------------------- RGB-D: depth and HHA videos
+
+RGBD = {"depth": "nyud-fcn32s-color-d", "hha": "nyud-fcn32s-color-hha"}
+
+
+@pytest.fixture(scope="module")
+def rgbd():
+    from helpers import rgbd_net
+
+    return {kw: fastfcn.Segmenter(rgbd_net(arch), device="cpu", backend="torch", precision="fp32")
+            for kw, arch in RGBD.items()}  # fmt: skip
+
+
+def rgbd_clip(folder, keyword, n=8, second_n=None, size=(24, 32), seed=0):
+    """A lossless colour video of ``n`` random frames at 25 fps and its second video (depth:
+    uint16 millimetres, FFV1 gray16le; HHA: lossless RGB) of ``second_n`` frames (default n).
+    Returns (colour path, second path, colour frames, second frames)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    color = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    m = n if second_n is None else second_n
+    second = folder / f"{keyword}.mkv"
+    if keyword == "depth":
+        maps = rng.integers(500, 10000, (m, h, w), dtype=np.uint16)
+        write_depth_video(second, maps)
+    else:
+        maps = rng.integers(0, 256, (m, h, w, 3), dtype=np.uint8)
+        write_video(second, maps, lossless=True)
+    write_video(folder / "color.mkv", color, lossless=True)
+    return folder / "color.mkv", second, color, maps
+
+
+def assert_paired(seg, keyword, labels, color, second, index):
+    """labels[k] == run(color[index[k]], keyword=second[index[k]]), and the check can fail: the
+    labels of some frame change when it is given its neighbour's second input."""
+    assert len(labels) == len(index)
+    for lab, i in zip(labels, index):
+        np.testing.assert_array_equal(lab, seg.run(color[i], **{keyword: second[i]}).numpy())
+    used = sorted(set(index))
+    moved = [seg.run(color[i], **{keyword: second[(i + 1) % len(second)]}).numpy() for i in used]
+    assert sum(not np.array_equal(m, labels[index.index(i)]) for m, i in zip(moved, used)) >= 1
+
+
+def test_depth_video_round_trips_uint16_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    maps = rng.integers(0, 65536, (3, 10, 14), dtype=np.uint16)
+    maps[0, 0, :3] = (0, 1, 65535)
+    path = tmp_path / "d.mkv"
+    assert write_depth_video(path, [maps[0], torch.from_numpy(maps[1].astype(np.int32)),
+                                    maps[2].astype(np.float64)[..., None]], fps=30) == 3  # fmt: skip
+    with av.open(str(path)) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.name, cc.pix_fmt) == ("ffv1", "gray16le")
+        got = [f.to_ndarray(format="gray16le") for f in c.decode(video=0)]
+    assert len(got) == 3 and all(g.dtype == np.uint16 and np.array_equal(g, m) for g, m in zip(got, maps))
+    bad = [
+        ([maps[0].astype(np.uint8)], "depth map 0 has dtype uint8; .*8-bit depth holds no millimetres"),
+        ([maps[0] + 0.5], "not whole millimetres in 0..65535"),
+        ([maps[0].astype(np.int32) - 1], "not whole millimetres in 0..65535"),
+        ([maps[0].astype(np.int64) + 70000], "not whole millimetres in 0..65535"),
+        ([maps[0], maps[1][:, :12]], "depth map 1 is 12x10 but depth map 0 is 14x10"),
+        ([maps[0][None]], r"has shape \(1, 10, 14\); expected \(H, W\)"),
+    ]
+    for frames, message in bad:
+        with pytest.raises(InputError, match=message):
+            write_depth_video(tmp_path / "bad.mkv", frames)
+    with pytest.raises(InputError, match="a depth video is lossless FFV1 in .mkv"):
+        write_depth_video(tmp_path / "d.mp4", maps)
+
+
+@pytest.mark.parametrize("keyword", ["depth", "hha"])
+def test_rgbd_video_labels_equal_run(rgbd, tmp_path, keyword):
+    seg = rgbd[keyword]
+    color, second, frames, maps = rgbd_clip(tmp_path, keyword)
+    out = tmp_path / "labels.mkv"
+    s = segment_video(color, out, seg, mode="labels", batch_size=3, progress=False, **{keyword: second})
+    assert s["frames_in"] == s["frames_out"] == s["segmented"] == 8
+    assert_paired(seg, keyword, [lab for _, lab in decode(out)], frames, maps, list(range(8)))
+
+
+def test_rgbd_start_and_every_pair_the_same_frames(rgbd, tmp_path):
+    seg = rgbd["depth"]
+    color, depth, frames, maps = rgbd_clip(tmp_path, "depth", n=10)
+    out = tmp_path / "part.mkv"
+    # 25 fps: frames 2..7 of both (t = 0.08 .. 0.28 s); every 2: frames 2, 4, 6 segmented
+    s = segment_video(color, out, seg, mode="labels", start=0.08, duration=0.24, every=2, batch_size=2,
+                      depth=depth, progress=False)  # fmt: skip
+    assert (s["frames_in"], s["frames_out"], s["segmented"]) == (6, 6, 3)
+    assert_paired(seg, "depth", [lab for _, lab in decode(out)], frames, maps, [2, 2, 4, 4, 6, 6])
+
+
+def test_rgbd_side_by_side_shows_the_colour_frames_with_their_audio(rgbd, clip, tmp_path):
+    src = decode(clip)
+    hha = tmp_path / "hha.mkv"
+    write_video(hha, [f[::-1, ::-1].copy() for _, f in src], lossless=True)  # another picture
+    out = tmp_path / "sbs.mp4"
+    s = segment_video(clip, out, rgbd["hha"], mode="side-by-side", hha=hha, progress=False)
+    got = decode(out)
+    assert s["frames_out"] == len(got) == 12 and audio_packets(out) == audio_packets(clip)
+    for (_, o), (_, c) in zip(got, src):
+        left = o[:, :64].astype(int)
+        # H.264 at crf 20: 2.4-3.6 mean from the colour frame (measured), 78-105 from the HHA one
+        assert np.abs(left - c).mean() < 6 and np.abs(left - c[::-1, ::-1]).mean() > 40
+
+
+@pytest.mark.parametrize("second_n, message", [
+    (5, "depth.mkv has 5 frames, .*color.mkv 8: the depth video ends early"),
+    (10, "depth.mkv has 10 frames, .*color.mkv 8: the depth video runs longer"),
+])  # fmt: skip
+def test_depth_video_of_another_length_is_an_error_after_the_paired_frames(rgbd, tmp_path, second_n, message):
+    seg = rgbd["depth"]
+    color, depth, frames, maps = rgbd_clip(tmp_path, "depth", n=8, second_n=second_n)
+    out = tmp_path / "labels.mkv"
+    paired = min(8, second_n)
+    with pytest.raises(InputError, match=f"{message} .*; the {paired} paired frames were written$"):
+        segment_video(color, out, seg, mode="labels", batch_size=3, depth=depth, progress=False)
+    assert_paired(seg, "depth", [lab for _, lab in decode(out)], frames, maps, list(range(paired)))
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastfcn-stream")]
+    # from 0.04 s: one frame fewer of each
+    ranged = f"has {second_n - 1} frames in the range \\(start / duration\\), .*color.mkv 7"
+    with pytest.raises(InputError, match=ranged):
+        segment_video(color, tmp_path / "l2.mkv", seg, mode="labels", start=0.04, depth=depth, progress=False)
+
+
+def _gray8_video(path, n=3, size=(24, 32)):
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("ffv1", rate=25)
+        s.width, s.height, s.pix_fmt = size[1], size[0], "gray"
+        for k in range(n):
+            f = av.VideoFrame.from_ndarray(np.full(size, 40 + k, np.uint8), format="gray")
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+
+
+def test_rgbd_refusals_before_anything_is_written(rgbd, seg, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    color, depth, _, _ = rgbd_clip(inputs, "depth", n=3)
+    gray8, narrow = inputs / "gray8.mkv", inputs / "narrow.mkv"
+    _gray8_video(gray8)
+    write_depth_video(narrow, np.full((3, 24, 30), 900, np.uint16))
+    out = tmp_path / "out"
+    out.mkdir()
+    esc = lambda p: re.escape(str(p))  # noqa: E731
+    cases = [
+        (rgbd["depth"], {"depth": gray8}, InputError,
+         f"^{esc(gray8)}: the depth video's pixel format is gray; depth videos are 16-bit greyscale"),
+        (rgbd["depth"], {"depth": color}, InputError,
+         f"^{esc(color)}: the depth video's pixel format is bgr0;"),
+        (rgbd["depth"], {"depth": narrow}, InputError,
+         f"^{esc(narrow)} is 30x24 but {esc(color)} is 32x24; the depth video must have"),
+        (rgbd["depth"], {"hha": depth}, InputError,
+         r"^nyud-fcn32s-color-d takes color images and depth: pass depth=VIDEO \(and only it\)$"),
+        (rgbd["depth"], {"depth": depth, "hha": depth}, InputError, "pass depth=VIDEO"),
+        (rgbd["hha"], {"depth": depth}, InputError,
+         "nyud-fcn32s-color-hha takes color images and hha: pass hha="),
+        (seg, {"depth": depth}, InputError,
+         r"^fcn8s takes one input \(color images\); depth= is for the two-input nets"),
+        (rgbd["depth"], {"depth": inputs / "nope.mkv"}, FileNotFoundError, "nope.mkv: no such file"),
+    ]
+    for s, kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            segment_video(color, out / "o.mp4", s, labels_out=out / "l.mkv", progress=False, **kwargs)
+        assert list(out.iterdir()) == []
+    with pytest.raises(InputError, match="the destination is the second input's video"):
+        segment_video(color, depth, rgbd["depth"], depth=depth, progress=False)
+
+
+def test_cli_rgbd_video(rgbd, tmp_path, capsys):
+    color, depth, frames, maps = rgbd_clip(tmp_path, "depth", n=4)
+    from helpers import rgbd_net
+
+    ckpt = fastfcn.save(rgbd_net("nyud-fcn32s-color-d"), tmp_path / "colord.safetensors")  # rgbd's model
+    common = ["--backend", "torch", "--device", "cpu", "--precision", "fp32", "--quiet"]
+    out = tmp_path / "labels.mkv"
+    assert cli.main(["video", str(ckpt), str(color), str(out), "--mode", "labels", "--depth", str(depth),
+                     "--batch-size", "3", *common]) == 0  # fmt: skip
+    assert "4 frames in, 4 out (4 segmented)" in capsys.readouterr().err
+    assert_paired(rgbd["depth"], "depth", [lab for _, lab in decode(out)], frames, maps, list(range(4)))
+    gray8 = tmp_path / "gray8.mkv"
+    _gray8_video(gray8, n=4)
+    for args, message in [
+        (["--hha", str(depth)], "takes color images and depth: pass --depth VIDEO (and only it)"),
+        ([], "nyud-fcn32s-color-d takes color images and depth: pass --depth VIDEO"),
+        (["--depth", str(gray8)], f"{gray8}: the depth video's pixel format is gray;"),
+        (["--depth", str(tmp_path / "nope.mkv")], "nope.mkv: no such file"),
+    ]:
+        rc = cli.main(["video", str(ckpt), str(color), str(tmp_path / "o.mp4"), *args, *common])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and message in err[0], err
+    rc = cli.main(["video", str(DEMO_MODEL), str(color), str(tmp_path / "o.mp4"), "--depth", str(depth),
+                   *common])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "fcn8s takes one input (color images); --depth is for" in err[0]
+    assert not (tmp_path / "o.mp4").exists()

@@ -103,17 +103,12 @@ def _check(args: argparse.Namespace) -> dict:
 def second_modality(args, seg) -> tuple[str, Path] | None:
     """(modality, folder) of --depth / --hha, checked against the model's inputs."""
     from ..config import config_inputs
+    from ..modalities import second_modality as check_second
 
-    inputs = config_inputs(seg.config)
     given = {k: v for k, v in (("depth", args.depth), ("hha", args.hha)) if v is not None}
-    arch = seg.config.get("arch")
-    if len(inputs) == 1:
-        if given:
-            raise InputError(f"{arch} takes one input; --{'/--'.join(given)} is for the two-modality nets")
+    want = check_second(seg.config.get("arch"), config_inputs(seg.config), given)
+    if want is None:
         return None
-    want = inputs[1]
-    if set(given) != {want}:
-        raise InputError(f"{arch} takes {inputs[0]} images and {want}: pass --{want} DIR (and only it)")
     folder = Path(given[want])
     if not folder.is_dir():
         raise InputError(f"--{want} {folder}: not a folder")

@@ -123,6 +123,7 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
     folder, and never with --data synthetic, whose scenes make their own depth maps and HHA images
     (and SIFT Flow's geometric labels: ``fastfcn.data.SyntheticScenes``)."""
     from ..config import arch_inputs
+    from ..modalities import second_modality
     from ..models import DEFAULT_CLASSES
     from ..models.multihead import output_heads
 
@@ -135,19 +136,14 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
                          f"(one data set feeds them all); got {', '.join(archs)}")  # fmt: skip
     (_, inputs), arch = kinds.pop(), archs[0]
     given = {m: d for m, d in (("depth", args.depth), ("hha", args.hha)) if d is not None}
-    if len(inputs) == 1 and given:
-        raise InputError(f"{arch} takes one input ({inputs[0]} images); --{'/--'.join(given)} is for the "
-                         "two-input nets (nyud-fcn32s-color-d, nyud-fcn32s-color-hha)")  # fmt: skip
     if len(inputs) == 2 and args.data == "synthetic":
         if given:
             raise InputError(f"--data synthetic makes each scene's {inputs[1]} for {arch}; "
                              f"--{'/--'.join(given)} DIR is for a VOC-layout --data folder")  # fmt: skip
-    elif len(inputs) == 2:
-        if set(given) != {inputs[1]}:
-            raise InputError(f"{arch} takes {inputs[0]} images and {inputs[1]}: pass --{inputs[1]} DIR "
-                             "(and only it)")  # fmt: skip
-        if not Path(given[inputs[1]]).is_dir():
-            raise InputError(f"--{inputs[1]} {given[inputs[1]]}: not a folder")
+        return
+    want = second_modality(arch, inputs, given)
+    if want is not None and not Path(given[want]).is_dir():
+        raise InputError(f"--{want} {given[want]}: not a folder")
 
 
 def main(args: argparse.Namespace) -> int:

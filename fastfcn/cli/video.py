@@ -2,11 +2,17 @@
 
     fastfcn video fcn8s.safetensors street.mp4 street_seg.mp4 [--mode overlay|labels|side-by-side]
         [--labels-out labels.mkv] [--alpha 0.5] [--batch-size 8] [--every 1] [--start S] [--duration S]
-        [--backend B] [--precision P] [--device D]
+        [--backend B] [--precision P] [--device D] [--depth DEPTH_VIDEO | --hha HHA_VIDEO]
 
 A net with several heads (SIFT Flow: semantic and geometric) writes each output once per head:
 street_seg.semantic.mp4 and street_seg.geometric.mp4, labels.semantic.mkv / labels.geometric.mkv,
 a label folder labels/ as labels/semantic/ and labels/geometric/ (fastfcn.video.head_target).
+
+The two-input NYUDv2 nets segment an RGB-D recording: the colour video IN with its depth video
+(nyud-fcn32s-color-d: --depth, 16-bit greyscale millimetres, e.g. FFV1 gray16le in .mkv) or HHA
+video (nyud-fcn32s-color-hha: --hha), decoded in lockstep, frame i with frame i over the same
+--start / --duration; the output shows the colour frames. A missing or wrong flag for the net,
+an 8-bit or colour depth video, another size or frame count is an error (one line, status 1).
 """
 
 from __future__ import annotations
@@ -43,20 +49,26 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--backend", default="auto", choices=("auto", *BACKENDS), help="Segmenter backend")
     a("--precision", default="auto", choices=("auto", *PRECISIONS), help="compute precision")
     a("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    a("--depth", metavar="DEPTH_VIDEO", default=None,
+      help="the depth video of a colour + depth net (nyud-fcn32s-color-d): 16-bit greyscale millimetres "
+           "(FFV1 gray16le in .mkv, as RGB-D recorders write), frame i paired with the input's frame i")
+    a("--hha", metavar="HHA_VIDEO", default=None,
+      help="the HHA video of a colour + HHA net (nyud-fcn32s-color-hha), paired frame by frame as --depth")
     a("--arch", choices=ARCHS, help="architecture, for checkpoint files that do not record it")
     a("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..video import check_options, check_paths, format_summary, segment_video
+    from ..video import check_options, check_paths, format_summary, second_video, segment_video
 
     check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration)
-    check_paths(args.input, args.output, args.labels_out)
+    check_paths(args.input, args.output, args.labels_out, args.depth if args.depth is not None else args.hha)
     seg = open_segmenter(checkpoint_path(args.checkpoint), args)
+    second_video(seg.config, args.depth, args.hha, "--{m}", " VIDEO")  # the flag fits the net
     summary = segment_video(
         args.input, args.output, seg, mode=args.mode, alpha=args.alpha, batch_size=args.batch_size,
         every=args.every, start=args.start, duration=args.duration, labels_out=args.labels_out,
-        progress=not args.quiet,
+        progress=not args.quiet, depth=args.depth, hha=args.hha,
     )  # fmt: skip
     if args.quiet:
         print(format_summary(summary), file=sys.stderr)

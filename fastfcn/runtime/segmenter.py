@@ -356,13 +356,17 @@ class Segmenter:
         each equal to ``run(frame, output).cpu()``. frames: (H, W, 3) uint8 RGB (numpy, torch,
         PIL) or PyAV VideoFrames, sizes may change. Batches of up to ``batch_size``; a partial
         batch is pushed after ``max_delay`` seconds; at most ``queue_size`` (default 2) batches
-        wait between stages. See fastfcn.runtime.stream. Models of two inputs (NYUDv2 fusion)
-        are refused: a frame carries one image; use run(images, depth=... / hha=...)."""
-        if len(self._inputs) > 1:
-            raise InputError(
-                f"{self._config.get('arch')} takes two inputs ({' + '.join(self._inputs)}); stream() and "
-                f"video take one image per frame: use run(images, {self._inputs[1]}=...)"
-            )
+        wait between stages. See fastfcn.runtime.stream.
+
+        A net of two inputs (NYUDv2 fusion: RGB-D streams) takes a pair ``(image, second)`` per
+        frame (a tuple or list of two): ``second`` the frame's depth map (nyud-fcn32s-color-d:
+        (H, W) millimetres, uint16 etc.; 8-bit is refused) or HHA image (nyud-fcn32s-color-hha:
+        (H, W, 3) uint8), in any form ``run(image, depth=...)`` / ``run(image, hha=...)`` takes
+        for one image, of its image's size; each result equals ``run(image, output,
+        depth=second).cpu()`` (or ``hha=``). A bare frame for such a net, or a pair for a
+        one-input net, raises StreamError naming the frame. On CUDA these nets skip the pinned
+        ring of one-input streams (fastfcn.runtime.stream_cuda): each batch is uploaded and its
+        results copied back in the worker thread."""
         from .stream import stream
 
         return stream(self, frames, batch_size=batch_size, output=output, max_delay=max_delay,

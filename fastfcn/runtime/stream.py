@@ -3,6 +3,7 @@
 Three stages run concurrently, joined by bounded queues::
 
     reader thread    next(frames) -> (H, W, 3) uint8 tensor      --frames-->   (queue_size * batch_size)
+                     [+ its second input, two-input nets]
     batcher thread   group same-size frames, stack a batch        --batches--> (queue_size)
     worker thread    segment the batch, results to the host      --results--> (queue_size)
     consumer         the caller's loop, one result per frame
@@ -20,7 +21,16 @@ logits: 2 MB instead of 87 MB per 1080p frame at 21 classes) back into a pinned 
 every step ordered by CUDA events, so the host never waits for the device until the
 consumer takes a result.
 
-Results are torch tensors on the CPU, each equal to ``run(frame, output).cpu()``.
+A two-input net (NYUDv2 fusion: nyud-fcn32s-color-d, nyud-fcn32s-color-hha) takes a pair
+``(image, second)`` per frame, ``second`` in a form ``run(image, depth=...)`` / ``hha=...`` takes
+for one image (fastfcn.runtime.modal), checked and converted in the reader thread by the same
+code as run()'s; a batch stacks both, never mixing sizes or depth dtypes, and the worker
+preprocesses both into one float batch as run() does (dispatch._two_inputs). The pinned
+ring is for one input: on CUDA a two-input net goes through the plain path (the batch is
+uploaded and its results copied back in the worker thread).
+
+Results are torch tensors on the CPU, each equal to ``run(frame, output).cpu()`` (two-input:
+``run(image, output, depth=second).cpu()`` / ``hha=``).
 An exception raised by the source or by inference is re-raised to the consumer as
 :class:`~fastfcn.errors.StreamError` naming the frame index, after the results of every
 earlier frame. Closing the iterator (``close()``, leaving a ``for`` loop whose iterator is
@@ -42,7 +52,9 @@ import torch
 
 from ..errors import InputError, StreamError
 from ..kernels.structure import check_output
-from .preprocess import _as_tensor, _check_image
+from .dispatch import _two_inputs
+from .modal import parse_second
+from .preprocess import Parsed, _as_tensor, _check_image
 
 POLL_S = 0.05  # how often a blocked stage looks at the stop flag
 JOIN_S = 5.0  # how long close() waits for each thread
@@ -86,6 +98,17 @@ def to_frame(obj, index: int) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _key(frame):
+    """What the frames of one batch share: the size, and for a two-input frame its second
+    input's dtype (stacking mixed dtypes promotes: int64 and float16 depth would become float16,
+    rounded unlike run() of either frame alone)."""
+    return (frame[0].shape, frame[1].dtype) if isinstance(frame, tuple) else frame.shape
+
+
 class _Stop(Exception):
     """Raised inside a stage when the stream was closed."""
 
@@ -126,9 +149,14 @@ class _Pipeline:
         self.q_frames: queue.Queue = queue.Queue(queue_size * batch_size)
         self.q_batches: queue.Queue = queue.Queue(queue_size)
         self.q_results: queue.Queue = queue.Queue(queue_size)
-        self.cuda = seg.device.type == "cuda"
+        self.second = seg._inputs[1] if len(seg._inputs) > 1 else None
+        # The pinned ring (stream_cuda) stages one input; a two-input net takes the plain path.
+        self.pinned = seg.device.type == "cuda" and self.second is None
+        # One same-size batch -> results: both modalities preprocessed into one float batch as
+        # run() does for a two-input net.
+        self.compute = seg._run if self.second is None else _two_inputs(seg, seg._run, check_size=True)
         self.in_source = False  # the reader is inside next(frames)
-        if self.cuda:
+        if self.pinned:
             from .stream_cuda import CudaStager
 
             # queue_size batches wait in each of two queues, one is being filled, one computed.
@@ -171,7 +199,7 @@ class _Pipeline:
             if self.stop.is_set():
                 return
             try:
-                frame = to_frame(obj, i)
+                frame = self._convert(obj, i)
             except Exception as e:
                 _put(self.q_frames, _Failure(i, e, "the source"), self.stop)
                 return
@@ -179,6 +207,32 @@ class _Pipeline:
             _put(self.q_frames, (i, frame), self.stop)
             i += 1
         _put(self.q_frames, _END, self.stop)
+
+    def _convert(self, obj, i: int):
+        """An item of the source -> a frame (to_frame), or (frame, second input) for a two-input
+        net: the second input parsed and checked against its frame by run()'s own code."""
+        seg = self.seg
+        arch = seg._config.get("arch", "the model")
+        pair = isinstance(obj, (tuple, list))
+        if self.second is None:
+            if pair:
+                raise InputError(
+                    f"frame {i} is a {type(obj).__name__} of {len(obj)}; {arch} takes one input "
+                    f"({seg._inputs[0]} images): each frame is one (H, W, 3) uint8 image (pairs "
+                    "(image, depth / hha) are for the two-input nets)"
+                )
+            return to_frame(obj, i)
+        if not pair or len(obj) != 2:
+            got = f"a {type(obj).__name__} of {len(obj)}" if pair else f"one {type(obj).__name__}"
+            raise InputError(
+                f"frame {i} is {got}; {arch} takes two inputs ({' + '.join(seg._inputs)}): each frame "
+                f"must be a pair (image, {self.second}), the {self.second} as run(image, "
+                f"{self.second}=...) takes it"
+            )
+        image = to_frame(obj[0], i)
+        parsed = Parsed("image", [image.unsqueeze(0)])
+        second = parse_second(obj[1], self.second, parsed, seg.max_pixels)[0][0]
+        return image, second.cpu().contiguous()
 
     def _batch(self) -> None:
         pending: list = []  # (index, frame) of one size
@@ -197,7 +251,7 @@ class _Pipeline:
                 self._flush(pending)
                 _put(self.q_batches, item, self.stop)
                 return
-            if pending and item[1].shape != pending[0][1].shape:
+            if pending and _key(item[1]) != _key(pending[0][1]):
                 self._flush(pending)
                 pending = []
             if not pending:
@@ -213,12 +267,14 @@ class _Pipeline:
         t0 = time.perf_counter()
         start = pending[0][0]
         frames = [f for _, f in pending]
-        if self.cuda:
+        if self.pinned:
             batch = self.stager.stage(frames)
+        elif self.second is not None:
+            batch = (_stack([f[0] for f in frames]), _stack([f[1] for f in frames]))
         else:
-            batch = frames[0].unsqueeze(0) if len(frames) == 1 else torch.stack(frames)
+            batch = _stack(frames)
         self.stats.batch_s += time.perf_counter() - t0
-        _put(self.q_batches, (start, batch), self.stop)
+        _put(self.q_batches, (start, len(frames), batch), self.stop)
 
     def _work(self) -> None:
         while True:
@@ -226,20 +282,20 @@ class _Pipeline:
             if item is _END or isinstance(item, _Failure):
                 _put(self.q_results, item, self.stop)
                 return
-            start, batch = item
+            start, n, batch = item
             t0 = time.perf_counter()
             try:
-                if self.cuda:
+                if self.pinned:
                     result = self.stager.compute(batch)
                 else:
-                    result = self.seg._run(batch, "u8", self.output)
+                    # .cpu(): a no-op on the CPU; the copy back on CUDA (a two-input net)
+                    result = self.compute(batch, "u8", self.output).cpu()
             except Exception as e:
-                if self.cuda:
+                if self.pinned:
                     self.stager.release(batch)
                 _put(self.q_results, _Failure(start, e, "inference"), self.stop)
                 return
             self.stats.infer_s += time.perf_counter() - t0
-            n = len(batch)
             self.stats.frames += n
             self.stats.batches += 1
             self.stats.sizes.append(n)
@@ -257,7 +313,7 @@ class _Pipeline:
                 if isinstance(item, _Failure):
                     raise self._error(item)
                 start, n, result = item
-                if self.cuda:
+                if self.pinned:
                     result = self.stager.fetch(result)
                 for j in range(n):
                     # {head: result} for a net with several heads, as run() gives
@@ -311,7 +367,8 @@ def stream(
         iter(frames)
     except TypeError:
         raise TypeError(
-            f"frames must be an iterable of (H, W, 3) uint8 frames; got {type(frames).__name__}"
+            f"frames must be an iterable of (H, W, 3) uint8 frames (of (image, depth / hha) pairs for a "
+            f"two-input net); got {type(frames).__name__}"
         ) from None
     pipe = _Pipeline(seg, frames, batch_size, output, max_delay, queue_size, stats, source_wait_s)
     return pipe.results()
