@@ -212,7 +212,7 @@ class _Pipeline:
         """An item of the source -> a frame (to_frame), or (frame, second input) for a two-input
         net: the second input parsed and checked against its frame by run()'s own code."""
         seg = self.seg
-        arch = seg._config.get("arch", "the model")
+        arch = (getattr(seg, "config", None) or {}).get("arch", "the model")  # a Segmenter or an Ensemble
         pair = isinstance(obj, (tuple, list))
         if self.second is None:
             if pair:
