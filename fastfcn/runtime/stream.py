@@ -150,6 +150,8 @@ class _Pipeline:
         self.q_batches: queue.Queue = queue.Queue(queue_size)
         self.q_results: queue.Queue = queue.Queue(queue_size)
         self.second = seg._inputs[1] if len(seg._inputs) > 1 else None
+        # For messages; read once (config is a copy per access), a Segmenter or an Ensemble.
+        self.arch = (getattr(seg, "config", None) or {}).get("arch", "the model")
         # The pinned ring (stream_cuda) stages one input; a two-input net takes the plain path.
         self.pinned = seg.device.type == "cuda" and self.second is None
         # One same-size batch -> results: both modalities preprocessed into one float batch as
@@ -211,8 +213,7 @@ class _Pipeline:
     def _convert(self, obj, i: int):
         """An item of the source -> a frame (to_frame), or (frame, second input) for a two-input
         net: the second input parsed and checked against its frame by run()'s own code."""
-        seg = self.seg
-        arch = (getattr(seg, "config", None) or {}).get("arch", "the model")  # a Segmenter or an Ensemble
+        seg, arch = self.seg, self.arch
         pair = isinstance(obj, (tuple, list))
         if self.second is None:
             if pair:
