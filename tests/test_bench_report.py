@@ -227,3 +227,19 @@ def test_floor_fields():
         1e9, 1.0, {"name": "x", "peak": {"tflops": {"fp32": None}, "reason": "why"}}, "fp32"
     )
     assert none["fraction_of_floor"] is None and none["floor_reason"] == "why"
+
+
+def test_floor_counts_the_work_done():
+    """% of floor is of the MACs the backend computed: a fused result from before
+    ``floor_work_gmac`` was recorded (floor on nominal MACs) is rescaled to its computed MACs;
+    a result that records the work it was measured on, or another backend's, is kept."""
+    old = e2e("a", "fused", "fp32", 100.0, fraction_of_floor=1.13, gmac=69.2, computed_gmac=35.9)
+    old = old["extra_info"]
+    assert bench_report.floor_fraction(old) == pytest.approx(1.13 * 35.9 / 69.2)
+    new = dict(old, floor_work_gmac=35.9, fraction_of_floor=0.59)
+    assert bench_report.floor_fraction(new) == pytest.approx(0.59)
+    torch_row = dict(old, backend="torch", fraction_of_floor=0.5)
+    assert bench_report.floor_fraction(torch_row) == pytest.approx(0.5)
+    whole = dict(old, computed_gmac=69.2)  # a net without a dead zone: nothing skipped
+    assert bench_report.floor_fraction(whole) == pytest.approx(1.13)
+    assert bench_report.floor_fraction(dict(old, fraction_of_floor=None)) is None

@@ -76,6 +76,7 @@ def test_dilated_nets_get_no_runner():
     for arch in ("dilated-frontend", "dilated-context"):
         b = create_backend("fused", model(arch), CPU, "fp32")
         assert b.dead_zone is None and b.model.backbone_runner is None
+    assert not fastfcn.Segmenter(model("dilated-context"), backend="fused", precision="fp32").skip_dead_zone
 
 
 def test_segmenter_switch():
@@ -84,6 +85,8 @@ def test_segmenter_switch():
     on = fastfcn.Segmenter(m, backend="fused", precision="fp32")
     off = fastfcn.Segmenter(m, backend="fused", precision="fp32", skip_dead_zone=False)
     assert on._backend.dead_zone is not None and off._backend.dead_zone is None
+    assert on.skip_dead_zone and not off.skip_dead_zone
+    assert not fastfcn.Segmenter(m, backend="torch", precision="fp32").skip_dead_zone
     lo, lf = on.run(img, output="logits"), off.run(img, output="logits")
     assert rel_err(lo, lf) < 2e-5
 

@@ -227,6 +227,12 @@ class Segmenter:
         return self.execution.precision
 
     @property
+    def skip_dead_zone(self) -> bool:
+        """Whether the forward computes only the positions the image reaches (the fused backend
+        on a net with padding that reaches past the image; runtime/deadzone.py)."""
+        return getattr(self._backend, "dead_zone", None) is not None
+
+    @property
     def postprocess(self) -> str | None:
         return self._postprocess
 
