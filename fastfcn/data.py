@@ -5,8 +5,9 @@ is ``(H, W)`` uint8 class ids with 255 meaning "ignore" (VOC's void). For the tw
 (SIFT Flow) the label is ``{head: label}``; for the two-input nets (NYUDv2 fusion) an item is
 ``(image, label, {modality: array})``: both readers give these forms.
 
-``fastfcn data synth OUT`` writes :class:`SyntheticScenes` in the VOC layout, so the
-same reader serves real and generated data.
+``fastfcn data synth OUT [--arch ARCH]`` writes :class:`SyntheticScenes` in the VOC layout
+(``write_voc``), with each head's labels and each second input where the readers look for a
+real data set's, so the same readers serve real and generated data.
 """
 
 from __future__ import annotations
@@ -80,9 +81,11 @@ class VOCSegmentation:
     (grayscale or palette PNGs). A label is looked up in ``SegmentationClass`` first, then
     in ``SegmentationClassAug``.
 
-    ``ds[i]`` -> ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``, 255 = ignore.
-    Missing files are reported when the dataset is opened, corrupt ones when read, each
-    by an :class:`InputError` that names the file.
+    ``ds[i]`` -> ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)``, 255 = ignore. An image
+    is ``JPEGImages/<id>.jpg``, or ``<id>.png`` where there is no .jpg (lossless images, such as
+    the HHA images that nyud-fcn32s-hha takes as its input). Missing files are reported when
+    the dataset is opened, corrupt ones when read, each by an :class:`InputError` that
+    names the file.
 
     heads: the head names of a net with several heads (SIFT Flow: ``("semantic", "geometric")``),
     whose ground truth lies in a folder per head, as ``fastfcn segment`` writes its labels:
@@ -128,7 +131,12 @@ class VOCSegmentation:
         for i in ids:
             img = root / "JPEGImages" / f"{i}.jpg"
             if not img.is_file():
-                raise InputError(f"image file {img} (listed in {list_file}) is missing")
+                # A PNG when there is no JPEG: images whose values are measurements (HHA), which
+                # JPEG would change, are kept lossless (``write_voc``).
+                png = img.with_suffix(".png")
+                if not png.is_file():
+                    raise InputError(f"image file {img} (or {png.name}; listed in {list_file}) is missing")
+                img = png
             if self.heads is None:
                 lab = self._label_file(label_dirs, Path(f"{i}.png"), list_file)
             else:
@@ -291,6 +299,7 @@ def _class_colours(cls: int, num_classes: int, rng: np.random.Generator) -> tupl
 SYNTHETIC_HEADS = ("semantic", "geometric")  # SIFT Flow's; geometric ids: SIFTFLOW_GEOMETRIC's order
 SKY, HORIZONTAL, VERTICAL = range(len(SIFTFLOW_GEOMETRIC))
 SYNTHETIC_SECOND = ("depth", "hha")
+SYNTHETIC_IMAGES = ("color", "hha")  # what the scenes give as the image (the net's first input)
 DEPTH_RANGE_MM = (500, 10_000)  # NYUDv2's depth maps: the Kinect's 0.5 to 10 m
 # Focal length over image width: NYUDv2's Kinect colour camera, f = 518.9 px at 640 px wide.
 FOCAL_PER_WIDTH = 518.9 / 640
@@ -371,6 +380,19 @@ class SceneLayout:
         return hha_encode(z, height, np.where(upright, 90.0, 0.0))
 
 
+def _check_kind(heads, second: str | None, image: str) -> None:
+    """InputError unless the scenes can make these heads, second input and image."""
+    if heads is not None and tuple(heads) != SYNTHETIC_HEADS:
+        raise InputError(f"synthetic scenes have the heads {', '.join(SYNTHETIC_HEADS)} (SIFT Flow's) or "
+                         f"one; got heads {tuple(heads)}")  # fmt: skip
+    if second not in (None, *SYNTHETIC_SECOND):
+        raise InputError(f"synthetic scenes make a second input of {' or '.join(SYNTHETIC_SECOND)}; "
+                         f"got {second!r}")  # fmt: skip
+    if image not in SYNTHETIC_IMAGES or image == second:
+        raise InputError(f"synthetic scenes make an image of {' or '.join(SYNTHETIC_IMAGES)}, other than the "
+                         f"second input; got image {image!r} with second {second!r}")  # fmt: skip
+
+
 class SyntheticScenes:
     """Deterministic generated scenes that take context to segment.
 
@@ -407,20 +429,18 @@ class SyntheticScenes:
       NYUDv2's 500..10000 mm; ``second="hha"``: ``{"hha": (H, W, 3) uint8}``, encoded from the
       same geometry as Gupta et al.'s saveHHA.m (``hha_encode``). The image is the one-head
       scene's.
+    - ``image="hha"`` (nyud-fcn32s-hha, whose one input is an HHA image, read from the image
+      slot as a real data set's HHA files are): the image is that HHA encoding (the one
+      ``second="hha"`` gives) in place of the colour scene; the labels are the same.
     """
 
     def __init__(self, n: int, size: int | tuple[int, int] = 96, seed: int = 0, num_classes: int = 5,
-                 heads=None, second: str | None = None):  # fmt: skip
+                 heads=None, second: str | None = None, image: str = "color"):  # fmt: skip
         if not 2 <= num_classes <= MAX_CLASSES:
             raise InputError(
                 f"num_classes must be in 2..{MAX_CLASSES} (background + shapes); got {num_classes}"
             )
-        if heads is not None and tuple(heads) != SYNTHETIC_HEADS:
-            raise InputError(f"synthetic scenes have the heads {', '.join(SYNTHETIC_HEADS)} (SIFT Flow's) or "
-                             f"one; got heads {tuple(heads)}")  # fmt: skip
-        if second not in (None, *SYNTHETIC_SECOND):
-            raise InputError(f"synthetic scenes make a second input of {' or '.join(SYNTHETIC_SECOND)}; "
-                             f"got {second!r}")  # fmt: skip
+        _check_kind(heads, second, image)
         if n < 0:
             raise InputError(f"n must be >= 0; got {n}")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -428,6 +448,7 @@ class SyntheticScenes:
             raise InputError(f"scene size must be at least 8x8; got {h}x{w}")
         self.n, self.size, self.seed = int(n), (int(h), int(w)), int(seed)
         self.heads, self.second = (SYNTHETIC_HEADS if heads is not None else None), second
+        self.image = image
         self.semantic_classes = int(num_classes)  # background + object shapes
         self.class_names = ("background",) + SHAPES[: num_classes - 1]
         if self.heads:
@@ -443,15 +464,19 @@ class SyntheticScenes:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} scenes")
         i %= self.n
-        layout = SceneLayout(self.size, self.seed, i) if self.heads or self.second else None
+        geometry = self.heads or self.second or self.image != "color"
+        layout = SceneLayout(self.size, self.seed, i) if geometry else None
         image, label, objects = self._render(i, layout if self.heads else None)
         if layout is None:
             return image, label
         target = {"semantic": label, "geometric": layout.geometric(label)} if self.heads else label
+        depth = layout.depth(objects) if self.second or self.image == "hha" else None
+        hha = layout.hha(depth, label) if "hha" in (self.second, self.image) else None
+        if self.image == "hha":
+            image = hha
         if self.second is None:
             return image, target
-        depth = layout.depth(objects)
-        return image, target, {self.second: depth if self.second == "depth" else layout.hha(depth, label)}
+        return image, target, {self.second: depth if self.second == "depth" else hha}
 
     def _render(self, i: int, sky: SceneLayout | None = None):
         """(image, label, [(y0, x0, mask) of each object painted, in paint order]) of scene ``i``;
@@ -580,10 +605,23 @@ class MovingScenes:
 
 
 def heldout_scenes(n: int = HELDOUT_N, size: int = HELDOUT_SIZE, num_classes: int = 5, heads=None,
-                   second: str | None = None) -> SyntheticScenes:  # fmt: skip
-    """The held-out synthetic split: a fixed seed that training refuses (heads, second: as
-    SyntheticScenes takes them, for the two-headed and two-input nets)."""
-    return SyntheticScenes(n, size, HELDOUT_SEED, num_classes, heads=heads, second=second)
+                   second: str | None = None, image: str = "color") -> SyntheticScenes:  # fmt: skip
+    """The held-out synthetic split: a fixed seed that training refuses (heads, second, image: as
+    SyntheticScenes takes them, for the two-headed, two-input and HHA nets)."""
+    return SyntheticScenes(n, size, HELDOUT_SEED, num_classes, heads=heads, second=second, image=image)
+
+
+def scene_options(inputs, heads=None) -> dict:
+    """SyntheticScenes' ``heads``, ``second`` and ``image`` for a net that takes ``inputs``
+    (modality names, in order) and has the heads named ``heads`` (None: one); InputError saying
+    what the scenes cannot make."""
+    inputs = tuple(inputs)
+    if not 1 <= len(inputs) <= 2:
+        raise InputError(f"synthetic scenes make one or two inputs; got {', '.join(inputs) or 'none'}")
+    second = inputs[1] if len(inputs) == 2 else None
+    options = {"heads": tuple(heads) if heads else None, "second": second, "image": inputs[0]}
+    _check_kind(**options)
+    return options
 
 
 def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, quality: int = 95) -> list[str]:
@@ -591,24 +629,59 @@ def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, qu
 
     Images go to ``JPEGImages/<id>.jpg``, labels to ``SegmentationClass/<id>.png`` as palette
     PNGs with the VOC colour map (255 = void), the id list to ``ImageSets/Segmentation/<split>.txt``.
+    What the readers of the other nets take goes where they look for it:
+
+    - labels per head (items ``(image, {head: label})``, SIFT Flow): ``SegmentationClass/<head>/<id>.png``,
+      as ``VOCSegmentation(heads=...)`` reads them;
+    - a second input (items ``(image, label, {modality: array})``): ``<modality>/<id>.png``, as
+      ``read_second`` reads it: depth a 16-bit greyscale PNG of the millimetres, HHA an RGB PNG
+      (``fastfcn train/eval --depth OUT/depth`` or ``--hha OUT/hha`` pair them by name);
+    - an image that is not a photograph (``dataset.image`` "hha": its values are measurements,
+      which JPEG would change): ``JPEGImages/<id>.png``, lossless.
     """
     out = Path(out)
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (out / d).mkdir(parents=True, exist_ok=True)
     pal = voc_palette().reshape(-1).tolist()
+    lossless = getattr(dataset, "image", "color") != "color"
     ids = []
     for i in range(len(dataset)):
-        image, label = dataset[i]
+        image, label, *second = dataset[i]
         name = f"{split}_{start + i:06d}"
-        # 4:4:4 chroma: the scenes have fine coloured textures that 4:2:0 would smear.
-        Image.fromarray(image).save(out / "JPEGImages" / f"{name}.jpg", quality=quality, subsampling=0)
-        raw = np.ascontiguousarray(label, np.uint8).tobytes()
-        lab = Image.frombytes("P", (label.shape[1], label.shape[0]), raw)
-        lab.putpalette(pal)
-        lab.save(out / "SegmentationClass" / f"{name}.png")
+        if lossless:
+            Image.fromarray(image).save(out / "JPEGImages" / f"{name}.png")
+        else:
+            # 4:4:4 chroma: the scenes have fine coloured textures that 4:2:0 would smear.
+            Image.fromarray(image).save(out / "JPEGImages" / f"{name}.jpg", quality=quality, subsampling=0)
+        labels = label if isinstance(label, dict) else {None: label}
+        for head, lab in labels.items():
+            folder = out / "SegmentationClass" / (head or "")
+            folder.mkdir(exist_ok=True)
+            _write_label(lab, folder / f"{name}.png", pal)
+        for modality, array in (second[0] if second else {}).items():
+            (out / modality).mkdir(exist_ok=True)
+            _write_second(array, modality, out / modality / f"{name}.png")
         ids.append(name)
     (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     names = getattr(dataset, "class_names", None)
     if names:
         (out / "class_names.txt").write_text("\n".join(names) + "\n")
     return ids
+
+
+def _write_label(label: np.ndarray, path: Path, pal: list[int]) -> None:
+    raw = np.ascontiguousarray(label, np.uint8).tobytes()
+    lab = Image.frombytes("P", (label.shape[1], label.shape[0]), raw)
+    lab.putpalette(pal)
+    lab.save(path)
+
+
+def _write_second(array: np.ndarray, modality: str, path: Path) -> None:
+    """A second input as a PNG that ``read_second`` gives back unchanged."""
+    if modality == "depth":
+        if array.dtype != np.uint16:
+            raise InputError(f"a depth map is written as 16-bit millimetres; got dtype {array.dtype}")
+        # Pillow writes a uint16 array ("I;16") as a 16-bit greyscale PNG, read back as "I" or "I;16".
+        Image.fromarray(np.ascontiguousarray(array)).save(path)
+    else:
+        Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(path)

@@ -26,7 +26,8 @@ COMMANDS = {
     "batch": ("fastfcn.cli.batch", "segment folders of images and videos on a Ray cluster (extra: ray)"),
     "train": ("fastfcn.cli.train", "train a model"),
     "eval": ("fastfcn.cli.evaluate", "evaluate a checkpoint: pixel acc, mean acc, mean IU, f.w. IU"),
-    "data": ("fastfcn.cli.data", "dataset tools (data synth OUT: write synthetic scenes in VOC layout)"),
+    "data": ("fastfcn.cli.data", "dataset tools (data synth OUT [--arch ARCH]: write synthetic scenes in VOC "
+                                 "layout)"),
     "bench-report": ("fastfcn.cli.bench_report", "turn stored benchmark results into a table and chart"),
 }
 
@@ -52,7 +53,8 @@ EXAMPLES = {
               "fastfcn train --data VOCdevkit/VOC2012 --stages fcn32s:3000,fcn16s:1000,fcn8s:1000"],
     "eval": ["fastfcn eval demo --data synthetic",
              "fastfcn eval fcn8s.safetensors --data VOCdevkit/VOC2012 --json"],
-    "data": ["fastfcn data synth synth-voc/ --n 1000"],
+    "data": ["fastfcn data synth synth-voc/ --n 1000",
+             "fastfcn data synth synth-nyud/ --arch nyud-fcn32s-color-d  # then --depth synth-nyud/depth"],
     "bench-report": ["fastfcn bench-report", "fastfcn bench-report benchmarks/results/ --markdown table.md"],
 }
 

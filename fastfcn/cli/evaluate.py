@@ -31,9 +31,12 @@ def segmenter_config(seg, checkpoint=None) -> dict:
     raise InputError("cannot tell the number of classes of this model; pass a fastfcn checkpoint")
 
 
-def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int | None = None):
+def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int | None = None,
+               image: str = "color"):  # fmt: skip
     """The dataset and a line saying what it is. heads: the model's ((name, classes), ...) when it
-    has several (labels per head); second: (modality, folder) of a two-input net (paired files)."""
+    has several (labels per head); second: (modality, folder) of a two-input net (paired files);
+    image: the model's first input, "hha" for a net that takes HHA images (the synthetic scenes
+    then give their HHA encoding as the image, as a VOC-layout folder for it holds HHA images)."""
     from .. import data
 
     if args.data == "synthetic":
@@ -42,8 +45,10 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
         n = args.n or data.HELDOUT_N
         names = [name for name, _ in heads] if heads else None
         semantic = heads[0][1] if heads else num_classes  # SIFT Flow's semantic head comes first
-        ds = data.heldout_scenes(n, args.size, semantic, heads=names, second=second and second[0])
-        return ds, f"held-out synthetic split ({n} scenes{f', with {second[0]}' if second else ''})"
+        ds = data.heldout_scenes(n, args.size, semantic, heads=names, second=second and second[0],
+                                 image=image)  # fmt: skip
+        extra = (f", with {second[0]}" if second else "") + (", HHA images" if image == "hha" else "")
+        return ds, f"held-out synthetic split ({n} scenes{extra})"
     ds = data.VOCSegmentation(args.data, args.split, heads=[n for n, _ in heads] if heads else None)
     if not heads and ds.num_classes != num_classes:
         raise InputError(
@@ -137,7 +142,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = segmenter_config(seg, args.checkpoint)
     num_classes = int(cfg["num_classes"])
     heads = getattr(seg, "heads", None)
-    ds, what = _open_data(args, num_classes, heads, second, seg.max_pixels)
+    from ..config import config_inputs
+
+    ds, what = _open_data(args, num_classes, heads, second, seg.max_pixels, image=config_inputs(cfg)[0])
     t0 = time.perf_counter()
     bar = Progress(len(ds), "eval", enabled=not args.json)
     result, matrix = evaluate(seg, ds, num_classes, batch=args.batch, progress=bar)

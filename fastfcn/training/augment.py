@@ -10,7 +10,7 @@ from ..errors import InputError
 
 
 def open_dataset(spec: str, split: str, *, n: int, size: int, seed: int, num_classes: int, heads=None,
-                 second=None):
+                 second=None, image: str = "color"):
     """``synthetic`` -> SyntheticScenes(n, size, seed, num_classes); else a VOC root.
 
     heads: the head names of a net with several (SIFT Flow): the VOC layout's labels per head,
@@ -19,6 +19,8 @@ def open_dataset(spec: str, split: str, *, n: int, size: int, seed: int, num_cla
     second: ``(modality, folder)`` of a two-input net (NYUDv2): each image's depth / HHA file,
     paired by name as eval and segment pair it (``fastfcn.data.Paired``); for the synthetic
     scenes, which make each scene's depth map or HHA image themselves, ``(modality, None)``.
+    image: the net's first input, "color" or "hha" (nyud-fcn32s-hha): the synthetic scenes give
+    their HHA encoding as the image, as a VOC-layout folder for that net holds HHA images.
     Items have the same form either way (``fastfcn.data``).
     """
     from .. import data
@@ -29,7 +31,8 @@ def open_dataset(spec: str, split: str, *, n: int, size: int, seed: int, num_cla
                              f"{second[1]} is for a VOC-layout folder")  # fmt: skip
         if seed == data.HELDOUT_SEED:
             raise InputError(f"seed {seed} is the held-out synthetic split's; training must never see it")
-        return data.SyntheticScenes(n, size, seed, num_classes, heads=heads, second=second and second[0])
+        return data.SyntheticScenes(n, size, seed, num_classes, heads=heads, second=second and second[0],
+                                    image=image)
     if second is not None and second[1] is None:
         raise InputError(f"{spec}: a VOC-layout folder has no {second[0]} files; pass --{second[0]} DIR")
     ds = data.VOCSegmentation(spec, split, heads=heads)

@@ -209,7 +209,7 @@ def _open_val(args, num_classes: int, heads=None, arch: str | None = None):
     if args.data == "synthetic":
         return open_dataset("synthetic", "", n=args.val_n, size=args.size, seed=args.seed + VAL_SEED_OFFSET,
                             num_classes=args.num_classes, heads=_head_names(heads),
-                            second=second_input(args, arch))  # fmt: skip
+                            second=second_input(args, arch), image=_image_input(arch))  # fmt: skip
     if not args.val_split:
         return None
     val = open_dataset(args.data, args.val_split, n=0, size=0, seed=0, num_classes=num_classes,
@@ -227,6 +227,14 @@ def second_input(args, arch: str | None = None) -> tuple[str, Path | None] | Non
         return (inputs[1], None) if len(inputs) == 2 else None
     given = [(m, Path(d)) for m in ("depth", "hha") if (d := getattr(args, m, None)) is not None]
     return given[0] if given else None
+
+
+def _image_input(arch: str | None) -> str:
+    """The modality of ``arch``'s first input: what the synthetic scenes give as the image ("hha"
+    for nyud-fcn32s-hha, which takes HHA images in the image slot; "color" for the others)."""
+    from ..config import arch_inputs
+
+    return arch_inputs(arch)[0] if arch else "color"
 
 
 def _head_names(heads) -> tuple[str, ...] | None:
@@ -277,7 +285,8 @@ def setup(args: argparse.Namespace) -> Run:
     heads = output_heads({"arch": arch, "num_classes": DEFAULT_CLASSES[arch]})
     second = second_input(args, arch)
     ds = open_dataset(args.data, args.split, n=args.train_n, size=args.size, seed=args.seed,
-                      num_classes=args.num_classes, heads=_head_names(heads), second=second)  # fmt: skip
+                      num_classes=args.num_classes, heads=_head_names(heads), second=second,
+                      image=_image_input(arch))  # fmt: skip
     num_classes, class_names = _classes(args, ds, arch)
     heads = _heads(arch, num_classes)
     out = Path(args.out)
