@@ -446,3 +446,126 @@ def test_cli_rgbd_video(rgbd, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "fcn8s takes one input (color images); --depth is for" in err[0]
     assert not (tmp_path / "o.mp4").exists()
+
+
+# ------------------------------------------- RGB-D pairing by time; second videos changing mid-stream
+
+
+def depth_at(ms, size=(24, 32)):
+    """The depth map of the time ``ms`` (a function of the time alone): a depth frame paired
+    with a colour frame of another time gives other labels (checked in each test)."""
+    return np.random.default_rng(1000 + ms).integers(500, 10000, size, dtype=np.uint16)
+
+
+def timed_depth(path, stamps_ms, size=(24, 32)):
+    """A depth video (FFV1 gray16le, millisecond time base) with a frame at each of
+    ``stamps_ms``, each ``depth_at`` its time. Returns the path."""
+    from fastfcn.video import _VideoWriter
+
+    w = _VideoWriter(path, fmt="gray16le", time_base=MS, rate=50)
+    try:
+        for ms in stamps_ms:
+            w.write(depth_at(ms, size), ms, MS)
+    finally:
+        w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def colour25(tmp_path_factory):
+    """8 random lossless colour frames at 25 fps (t = 0, 40, ..., 280 ms): (path, frames)."""
+    frames = np.random.default_rng(5).integers(0, 256, (8, 24, 32, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("colour25") / "color.mkv"
+    write_video(path, frames, fps=25, lossless=True)
+    return path, frames
+
+
+def assert_labels(seg, labels, frames, depth_ms, wrong_ms):
+    """labels[k] == run(frames[k], depth=depth_at(depth_ms[k])), and the check can fail: with
+    the depth of ``wrong_ms`` (the pairing by index would make) some frame's labels differ."""
+    assert len(labels) == len(depth_ms) == len(wrong_ms)
+    for lab, f, ms in zip(labels, frames, depth_ms):
+        np.testing.assert_array_equal(lab, seg.run(f, depth=depth_at(ms)).numpy())
+    wrong = [seg.run(f, depth=depth_at(ms)).numpy() for f, ms in zip(frames, wrong_ms)]
+    assert sum(not np.array_equal(w, lab) for w, lab in zip(wrong, labels)) >= 1
+
+
+def test_pair_by_time_takes_the_depth_frame_at_the_colour_frames_time(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))  # 50 fps: 16 frames, 0..300 ms
+    out = tmp_path / "labels.mkv"
+    s = segment_video(color, out, seg, mode="labels", batch_size=3, depth=depth, pair="time", progress=False)
+    assert (s["frames_in"], s["frames_out"], s["segmented"], s["second_skipped"]) == (8, 8, 8, 8)
+    got = decode(out)
+    assert [round(t * 1000) for t, _ in got] == list(range(0, 320, 40))
+    # colour frame i at 40i ms takes the depth frame at 40i ms; by index it would be the one at 20i
+    assert_labels(seg, [lab for _, lab in got], frames, range(0, 320, 40), range(0, 160, 20))
+    # the default stays frame i with frame i: 16 depth frames against 8 is an error
+    with pytest.raises(InputError, match="depth50.mkv has 16 frames, .*color.mkv 8: the depth video runs"):
+        segment_video(color, tmp_path / "index.mkv", seg, mode="labels", depth=depth, progress=False)
+
+
+def test_pair_by_time_with_start_duration_and_every(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))
+    out = tmp_path / "part.mkv"
+    # colour 80..200 ms (frames 2..5) take the depth frames at 80..200 ms; every 2: 2 and 4 segmented.
+    # The depth frames in the range [80, 240) ms not taken: 100, 140, 180, 220 ms.
+    s = segment_video(color, out, seg, mode="labels", start=0.08, duration=0.16, every=2, batch_size=2,
+                      depth=depth, pair="time", progress=False)  # fmt: skip
+    assert (s["frames_in"], s["frames_out"], s["segmented"], s["second_skipped"]) == (4, 4, 2, 4)
+    assert_labels(seg, [lab for _, lab in decode(out)], frames[[2, 2, 4, 4]], [80, 80, 160, 160],
+                  [40, 40, 80, 80])  # fmt: skip
+
+
+def test_pair_by_time_measures_from_each_streams_start(rgbd, colour25, tmp_path):
+    """A depth recording whose timestamps begin at 1 s (its start_time) is paired from its start:
+    its frame at 1 s + 40i ms with colour frame i at 40i ms."""
+    seg, (color, frames) = rgbd["depth"], colour25
+    from fastfcn.video import _VideoWriter
+
+    path = tmp_path / "late.mkv"
+    w = _VideoWriter(path, fmt="gray16le", time_base=MS, rate=25)
+    for ms in range(0, 320, 40):
+        w.write(depth_at(ms), 1000 + ms, MS)  # the content is that of its time from the start
+    w.close()
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].start_time * c.streams.video[0].time_base == 1
+    out = tmp_path / "labels.mkv"
+    s = segment_video(color, out, seg, mode="labels", depth=path, pair="time", progress=False)
+    assert (s["frames_out"], s["second_skipped"]) == (8, 0)
+    neighbours = [40 * (i + 1) % 320 for i in range(8)]
+    assert_labels(seg, [lab for _, lab in decode(out)], frames, range(0, 320, 40), neighbours)
+    # by index too (its Matroska header declares the end time, 1.32 s: not a truncation)
+    segment_video(color, tmp_path / "index.mkv", seg, mode="labels", depth=path, progress=False)
+    by_index = [lab for _, lab in decode(tmp_path / "index.mkv")]
+    assert_labels(seg, by_index, frames, range(0, 320, 40), neighbours)
+
+
+def test_pair_by_time_gap_beyond_tolerance_is_an_error_after_the_frames_before(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    # 50 fps with no frame from 100 to 180 ms: colour frame 3 (120 ms) is 40 ms from the nearest, 80 ms
+    stamps = [*range(0, 100, 20), *range(200, 320, 20)]
+    depth = timed_depth(tmp_path / "gap.mkv", stamps)
+    out = tmp_path / "labels.mkv"
+    message = (f"^{re.escape(str(color))}: frame 3 \\(t=0.120 s from the colour stream's start\\) has no "
+               f"depth frame within 0.02 s: the nearest frame of {re.escape(str(depth))} is at t=0.080 s "
+               r"from its stream's start \(pairing by time; .*\); the 3 frames before it were written$")
+    with pytest.raises(InputError, match=message):
+        segment_video(color, out, seg, mode="labels", batch_size=2, depth=depth, pair="time", progress=False)
+    assert_labels(seg, [lab for _, lab in decode(out)], frames[:3], [0, 40, 80], [0, 20, 40])
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastfcn-stream")]
+    # a wider tolerance pairs frame 3 with 80 ms and frame 4 (160 ms) with 200 ms; skipped: 20, 60,
+    # 220, 260, 300 ms
+    s = segment_video(color, tmp_path / "wide.mkv", seg, mode="labels", depth=depth, pair="time",
+                      pair_tolerance=0.045, progress=False)  # fmt: skip
+    assert (s["frames_out"], s["second_skipped"]) == (8, 5)
+    assert_labels(seg, [lab for _, lab in decode(tmp_path / "wide.mkv")], frames,
+                  [0, 40, 80, 80, 200, 200, 240, 280], [0, 20, 40, 60, 80, 200, 220, 240])  # fmt: skip
+    # a depth stream that ends early: colour frame 4 (160 ms) is 40 ms from its last frame
+    short = timed_depth(tmp_path / "short.mkv", range(0, 140, 20))
+    with pytest.raises(InputError, match="frame 4 .*t=0.160 s.* the nearest frame of .*short.mkv is at "
+                                         "t=0.120 s .*; the 4 frames before it were written$"):  # fmt: skip
+        segment_video(color, tmp_path / "l3.mkv", seg, mode="labels", depth=short, pair="time",
+                      progress=False)  # fmt: skip
+    assert len(decode(tmp_path / "l3.mkv")) == 4
