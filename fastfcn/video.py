@@ -428,7 +428,7 @@ class _Decoder:
             mine, t = next(self._range)
         except StopIteration:
             return _ENDED
-        self._check_frame(colour, frame, mine, "")
+        self._check_frame(colour, frame, mine, self.decoded, "")
         self.decoded += 1
         self.last_time = t
         if not need:
@@ -438,12 +438,12 @@ class _Decoder:
     def _second_array(self, mine) -> np.ndarray:
         return self._array(mine, "gray16le" if self.modality == "depth" else "rgb24")
 
-    def _check_frame(self, colour: _Decoder, frame, mine, when: str) -> None:
-        """This video's next frame ``mine`` (number ``self.decoded``; ``when``: its time, for the
-        message) fits the colour decoder's ``frame``: the same size and, for depth, 16-bit grey.
-        Either can change mid-stream where the codec carries them per frame (PNG, H.264), so
-        each frame is checked, not only the header."""
-        k, written = self.decoded, f"the {colour.decoded} frames before it were written"
+    def _check_frame(self, colour: _Decoder, frame, mine, k: int, when: str) -> None:
+        """This video's frame ``mine`` (number ``k`` of the range; ``when``: its time, for the
+        message), paired with the colour decoder's ``frame``, fits it: the same size and, for
+        depth, 16-bit grey. Either can change mid-stream where the codec carries them per frame
+        (PNG, H.264), so each paired frame is checked, not only the header."""
+        written = f"the {colour.decoded} frames before it were written"
         if (mine.width, mine.height) != (frame.width, frame.height):
             raise InputError(
                 f"{self.path}: frame {k}{when} is {mine.width}x{mine.height} but frame {colour.decoded} "
@@ -473,8 +473,8 @@ class _Decoder:
         (each measured from its stream's start; of two equally near, the earlier), returned as
         take() returns it. Decoding runs ahead only to the first frame past ``t``, so at most
         two frames are held; the frames passed over that no colour frame took are counted in
-        ``skipped``. None within the tolerance raises InputError naming the colour frame, its
-        time and the nearest one's."""
+        ``skipped`` (and not checked: nothing of them is used). None within the tolerance
+        raises InputError naming the colour frame, its time and the nearest one's."""
         at, near = t - colour.origin, self._near
         if self._range is None:
             self._range = self._in_range()
@@ -487,8 +487,7 @@ class _Decoder:
             if got is None:
                 break
             mine, s = got
-            self._check_frame(colour, frame, mine, f" (t={s - self.origin:.3f} s)")
-            near.append(_Near(mine, s - self.origin))
+            near.append(_Near(mine, s - self.origin, self.decoded))
             self.decoded += 1
             self.last_time = s
         where = f"t={at:.3f} s from the colour stream's start"
@@ -506,6 +505,7 @@ class _Decoder:
                 f"its stream's start (pairing by time; pair_tolerance / --pair-tolerance widens it); "
                 f"{written}"
             )
+        self._check_frame(colour, frame, best.frame, best.index, f" (t={best.time:.3f} s)")
         best.taken = True
         if not need:
             return None
@@ -529,7 +529,7 @@ class _Decoder:
             for mine, s in self._range:
                 self.decoded += 1
                 self.last_time = s
-                self._retire(_Near(mine, s - self.origin))
+                self._retire(_Near(mine, s - self.origin, self.decoded - 1))
             self._check_complete()
             return
         extra, exact = _count(self._range, self)
@@ -587,12 +587,12 @@ _ENDED = object()  # take(): the second video has no frame left in the range
 
 class _Near:
     """nearest(): a decoded frame of a second video, its time from the stream's start, whether a
-    colour frame took it, its array once converted."""
+    colour frame took it, its array once converted, its number in the range."""
 
-    __slots__ = ("frame", "time", "taken", "array")
+    __slots__ = ("frame", "time", "index", "taken", "array")
 
-    def __init__(self, frame, time: float):
-        self.frame, self.time, self.taken, self.array = frame, time, False, None
+    def __init__(self, frame, time: float, index: int):
+        self.frame, self.time, self.index, self.taken, self.array = frame, time, index, False, None
 
 
 def _count(frames, dec: _Decoder) -> tuple[int, bool]:

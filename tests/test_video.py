@@ -569,3 +569,109 @@ def test_pair_by_time_gap_beyond_tolerance_is_an_error_after_the_frames_before(r
         segment_video(color, tmp_path / "l3.mkv", seg, mode="labels", depth=short, pair="time",
                       progress=False)  # fmt: skip
     assert len(decode(tmp_path / "l3.mkv")) == 4
+
+
+def png_video(path, frames, formats, fps=25):
+    """A PNG-coded NUT video whose frame k is ``frames[k]`` in the pixel format ``formats[k]``:
+    PNG carries size and pixel format in every frame, so both can change mid-stream (FFV1 and
+    H.264 from one encoder cannot). Each frame gets its own encoder."""
+    tb = fractions.Fraction(1, fps)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("png", rate=fps)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt, s.time_base = formats[0], tb
+        for k, (a, fmt) in enumerate(zip(frames, formats)):
+            enc = av.CodecContext.create("png", "w")
+            enc.height, enc.width = a.shape[:2]
+            enc.pix_fmt, enc.time_base = fmt, tb
+            f = av.VideoFrame.from_ndarray(a, format=fmt)
+            f.pts, f.time_base = k, tb
+            for p in [*enc.encode(f), *enc.encode(None)]:
+                p.stream, p.pts, p.dts, p.time_base = s, k, k, tb
+                c.mux(p)
+    return path
+
+
+@pytest.mark.parametrize("pair", ["index", "time"])
+def test_second_video_changing_size_or_pixel_format_mid_stream(rgbd, tmp_path, pair):
+    """Each frame of the second video is checked as it is paired: frame 3 of another size, or
+    (depth) 8-bit, is an InputError naming it after the 3 frames before it are written; an HHA
+    frame in another pixel format is converted to RGB as the others."""
+    rng = np.random.default_rng(7)
+    colour = rng.integers(0, 256, (5, 24, 32, 3), dtype=np.uint8)
+    color = tmp_path / "color.mkv"
+    write_video(color, colour, lossless=True)
+    depth = list(rng.integers(500, 10000, (5, 24, 32), dtype=np.uint16))
+    hha = list(rng.integers(0, 256, (5, 24, 32, 3), dtype=np.uint8))
+    when = " \\(t=0.120 s\\)" if pair == "time" else ""
+    written = "; the 3 frames before it were written$"
+    narrow_d, narrow_h = depth[:3] + [depth[3][:, :30]] + depth[4:], hha[:3] + [hha[3][:, :30]] + hha[4:]
+    cases = [
+        ("depth", png_video(tmp_path / "d_narrow.nut", narrow_d, ["gray16be"] * 5),
+         f"frame 3{when} is 30x24 but frame 3 of {re.escape(str(color))} is 32x24; the depth video must "
+         f"have the colour video's size{written}"),
+        ("depth", png_video(tmp_path / "d_gray8.nut", [*depth[:3], (depth[3] // 64).astype(np.uint8),
+                                                        depth[4]], ["gray16be"] * 3 + ["gray", "gray16be"]),
+         f"frame 3{when} has the pixel format gray; every frame of a depth video must be 16-bit greyscale "
+         f"millimetres \\(gray16le or gray16be\\){written}"),
+        ("hha", png_video(tmp_path / "h_narrow.nut", narrow_h, ["rgb24"] * 5),
+         f"frame 3{when} is 30x24 but frame 3 of {re.escape(str(color))} is 32x24; the hha video must "
+         f"have the colour video's size{written}"),
+    ]  # fmt: skip
+    for keyword, second, message in cases:
+        out = tmp_path / f"{second.stem}.mkv"
+        with pytest.raises(InputError, match=f"^{re.escape(str(second))}: {message}"):
+            segment_video(color, out, rgbd[keyword], mode="labels", batch_size=2, pair=pair, progress=False,
+                          **{keyword: second})  # fmt: skip
+        maps = depth if keyword == "depth" else hha
+        assert_paired(rgbd[keyword], keyword, [lab for _, lab in decode(out)], colour, maps, [0, 1, 2])
+    # an HHA frame in RGBA among RGB ones: decoded as RGB like the others
+    rgba = np.concatenate([hha[3], np.full((24, 32, 1), 255, np.uint8)], -1)
+    mixed = png_video(tmp_path / "h_rgba.nut", hha[:3] + [rgba] + hha[4:], ["rgb24"] * 3 + ["rgba", "rgb24"])
+    out = tmp_path / "mixed.mkv"
+    s = segment_video(color, out, rgbd["hha"], mode="labels", hha=mixed, pair=pair, progress=False)
+    assert s["frames_out"] == 5
+    assert_paired(rgbd["hha"], "hha", [lab for _, lab in decode(out)], colour, hha, list(range(5)))
+
+
+def test_pair_options_are_checked(rgbd, seg, colour25, tmp_path):
+    color, _ = colour25
+    depth = timed_depth(tmp_path / "depth.mkv", range(0, 320, 40))
+    out = tmp_path / "o.mkv"
+    for kwargs, message in [
+        ({"pair": "pts"}, r"^pair must be one of \('index', 'time'\); got 'pts'$"),
+        ({"pair_tolerance": 0.01}, "^pair_tolerance is for pair='time' .*; got it with pair='index'$"),
+        *[({"pair": "time", "pair_tolerance": v}, f"^pair_tolerance must be a finite number of seconds > 0; "
+           f"got {re.escape(repr(v))}$") for v in (0, -0.1, float("nan"), float("inf"), True, "0.1")],
+    ]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            segment_video(color, out, rgbd["depth"], mode="labels", depth=depth, progress=False, **kwargs)
+    with pytest.raises(InputError, match=r"^pair='time' pairs the second video of a two-input net .*; fcn8s "
+                                         "takes one input$"):  # fmt: skip
+        segment_video(color, out, seg, pair="time", progress=False)
+    assert not out.exists()
+
+
+def test_cli_pair_by_time(rgbd, colour25, tmp_path, capsys):
+    from helpers import rgbd_net
+
+    color, frames = colour25
+    depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))
+    ckpt = fastfcn.save(rgbd_net("nyud-fcn32s-color-d"), tmp_path / "colord.safetensors")  # rgbd's model
+    common = ["--backend", "torch", "--device", "cpu", "--precision", "fp32", "--quiet"]
+    out = tmp_path / "labels.mkv"
+    assert cli.main(["video", str(ckpt), str(color), str(out), "--mode", "labels", "--depth", str(depth),
+                     "--pair", "time", "--pair-tolerance", "0.005", *common]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "8 frames in, 8 out (8 segmented; 8 frames of the second video skipped) in" in err
+    labels = [lab for _, lab in decode(out)]
+    assert_labels(rgbd["depth"], labels, frames, range(0, 320, 40), range(0, 160, 20))
+    for args, message in [
+        (["--pair", "time", "--pair-tolerance", "nan"], "pair_tolerance must be a finite number of seconds"),
+        (["--pair-tolerance", "0.1"], "pair_tolerance is for pair='time'"),
+    ]:
+        rc = cli.main(["video", str(ckpt), str(color), str(tmp_path / "o.mp4"), "--depth", str(depth), *args,
+                       *common])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.mp4").exists()
