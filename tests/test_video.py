@@ -490,12 +490,23 @@ def assert_labels(seg, labels, frames, depth_ms, wrong_ms):
     assert sum(not np.array_equal(w, lab) for w, lab in zip(wrong, labels)) >= 1
 
 
-def test_pair_by_time_takes_the_depth_frame_at_the_colour_frames_time(rgbd, colour25, tmp_path):
+def test_pair_by_time_takes_the_depth_frame_at_the_colour_frames_time(rgbd, colour25, tmp_path, monkeypatch):
     seg, (color, frames) = rgbd["depth"], colour25
     depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))  # 50 fps: 16 frames, 0..300 ms
     out = tmp_path / "labels.mkv"
+    held = []  # the depth frames held after each pairing: the two around the colour frame's time
+    nearest = fastfcn.video._Decoder.nearest
+
+    def spy(self, *args, **kwargs):
+        try:
+            return nearest(self, *args, **kwargs)
+        finally:
+            held.append(len(self._near))
+
+    monkeypatch.setattr(fastfcn.video._Decoder, "nearest", spy)
     s = segment_video(color, out, seg, mode="labels", batch_size=3, depth=depth, pair="time", progress=False)
     assert (s["frames_in"], s["frames_out"], s["segmented"], s["second_skipped"]) == (8, 8, 8, 8)
+    assert held == [2] * 8
     got = decode(out)
     assert [round(t * 1000) for t, _ in got] == list(range(0, 320, 40))
     # colour frame i at 40i ms takes the depth frame at 40i ms; by index it would be the one at 20i
@@ -569,6 +580,12 @@ def test_pair_by_time_gap_beyond_tolerance_is_an_error_after_the_frames_before(r
         segment_video(color, tmp_path / "l3.mkv", seg, mode="labels", depth=short, pair="time",
                       progress=False)  # fmt: skip
     assert len(decode(tmp_path / "l3.mkv")) == 4
+    # from 200 ms it has no frame at all (it is read from 180 ms, the tolerance before the range)
+    none = (r"color.mkv: frame 0 \(t=0.200 s from the colour stream's start\) has no depth frame to pair "
+            r"with: .*short.mkv has none in the range; the 0 frames before it were written$")
+    with pytest.raises(InputError, match=none):
+        segment_video(color, tmp_path / "l4.mkv", seg, mode="labels", depth=short, pair="time", start=0.2,
+                      progress=False)  # fmt: skip
 
 
 def png_video(path, frames, formats, fps=25):
