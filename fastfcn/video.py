@@ -247,9 +247,10 @@ class _Decoder:
     """
 
     def __init__(self, path: Path, every: int, start: float | None, duration: float | None,
-                 modality: str | None = None, pair: str = "index"):  # fmt: skip
+                 modality: str | None = None):  # fmt: skip
         av = _av()
-        self.path, self.every, self.modality, self.pair = path, every, modality, pair
+        self.path, self.every, self.modality = path, every, modality
+        self.pair = "index"  # a second video's pairing; pair_by_time() makes it "time"
         try:
             self.container = av.open(str(path))
         except av.error.FFmpegError as e:
@@ -498,7 +499,7 @@ class _Decoder:
                 f"with: {self.path} has none{' in the range' if self.span != (0.0, None) else ''}; {written}"
             )
         best = min(near, key=lambda e: abs(e.time - at))
-        if abs(best.time - at) > self.tolerance + 1e-9:
+        if abs(best.time - at) > self.tolerance + 1e-9:  # 1e-9: float times of whole pts
             raise InputError(
                 f"{colour.path}: frame {colour.decoded} ({where}) has no {self.modality} frame within "
                 f"{self.tolerance:.4g} s: the nearest frame of {self.path} is at t={best.time:.3f} s from "
@@ -919,7 +920,7 @@ def format_summary(s: dict) -> str:
     return (
         f"{s['frames_in']} frames in, {s['frames_out']} out ({s['segmented']} segmented"
         + (f"; {s['second_skipped']} frames of the second video skipped" if "second_skipped" in s else "")
-        + f") in "
+        + ") in "
         f"{s['seconds']:.1f} s: {s['fps']:.1f} frames/s; busy: decode {100 * s['decode_share']:.0f}%, "
         f"inference {100 * s['inference_share']:.0f}%, encode {100 * s['encode_share']:.0f}% -> "
         f"{s['destination']}" + (f", labels {s['labels_out']}" if s.get("labels_out") else "")

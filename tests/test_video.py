@@ -692,3 +692,15 @@ def test_cli_pair_by_time(rgbd, colour25, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_pair_by_time_depth_at_30_fps_beside_colour_at_25(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "depth30.mkv", [round(j * 1000 / 30) for j in range(10)])  # 0, 33, .. 300
+    out = tmp_path / "labels.mkv"
+    s = segment_video(color, out, seg, mode="labels", batch_size=4, depth=depth, pair="time", progress=False)
+    # colour 0, 40, .. 280 ms: the nearest depth frames (120 ms: 133 is 13 ms away, 100 is 20); 100 and
+    # 300 ms are taken by none
+    nearest = [0, 33, 67, 133, 167, 200, 233, 267]
+    assert (s["frames_out"], s["second_skipped"]) == (8, 2)
+    assert_labels(seg, [lab for _, lab in decode(out)], frames, nearest, [0, 33, 67, 100, 133, 167, 200, 233])
