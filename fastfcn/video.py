@@ -23,6 +23,7 @@ each in that head's colours: ``street_seg.mp4`` becomes ``street_seg.semantic.mp
 from __future__ import annotations
 
 import collections
+import math
 import os
 import sys
 import time
@@ -238,15 +239,18 @@ class _Decoder:
     ``groups`` before that, so the consumer finds the group when its labels arrive.
 
     ``modality`` "depth" / "hha" opens a second video of a two-input net instead (no audio),
-    which a colour decoder's ``second`` pairs frame by frame (``take``): frame i of the colour
-    range with frame i of this one's, the same range by time. A depth video must be 16-bit
-    greyscale (``GRAY16``): 8-bit or colour pixels hold no millimetres.
+    which a colour decoder's ``second`` pairs with its frames: ``pair`` "index" (``take``) frame i
+    of the colour range with frame i of this one's, the same range by time; "time" (``nearest``,
+    after ``pair_by_time``) each colour frame with this video's frame nearest in time, both
+    measured from their stream's start. A depth video must be 16-bit greyscale (``GRAY16``):
+    8-bit or colour pixels hold no millimetres.
     """
 
     def __init__(self, path: Path, every: int, start: float | None, duration: float | None,
                  modality: str | None = None):  # fmt: skip
         av = _av()
         self.path, self.every, self.modality = path, every, modality
+        self.pair = "index"  # a second video's pairing; pair_by_time() makes it "time"
         try:
             self.container = av.open(str(path))
         except av.error.FFmpegError as e:
@@ -266,7 +270,12 @@ class _Decoder:
         self.decoded = 0
         self.last_time: float | None = None
         self.second: _Decoder | None = None
+        self.colour: _Decoder | None = None  # pairing by time: the colour decoder this one serves
         self._range = None  # a second video's frames of the range, as take() consumes them
+        self._near: collections.deque = collections.deque()  # nearest(): the frames around t
+        self.tolerance = 0.0  # nearest(): the largest distance in seconds (set by pair_by_time)
+        self.span = (0.0, None)  # nearest(): the colour range, in seconds from this stream's start
+        self.skipped = 0  # nearest(): frames of the span that no colour frame took
         if modality == "depth":
             try:
                 self._check_depth_format(self.video.codec_context.pix_fmt)
@@ -289,6 +298,12 @@ class _Decoder:
     def rate(self):
         return self.video.average_rate or self.video.guessed_rate or 25
 
+    @property
+    def origin(self) -> float:
+        """The stream's start_time in seconds (0 when unknown): pairing by time measures from it."""
+        v = self.video
+        return float(v.start_time * v.time_base) if v.start_time is not None and v.time_base else 0.0
+
     def estimated_frames(self) -> int | None:
         v = self.video
         total = v.frames or None
@@ -309,7 +324,10 @@ class _Decoder:
         if v.duration is not None and v.time_base is not None:
             return float((v.start_time or 0) * v.time_base + v.duration * v.time_base)
         if self.container.duration and not self.audio:  # with audio it may be the audio's end
-            return (self.container.start_time or 0) / 1e6 + self.container.duration / 1e6
+            # Matroska and NUT declare the end time, not the span from a later start: a file whose
+            # timestamps begin at 1 s with 8 frames at 25 fps declares 1.32 s (mkv) / 1.28 s (nut),
+            # read with PyAV. The smaller reading never calls a whole file truncated.
+            return min((self.container.start_time or 0) / 1e6, 0.0) + self.container.duration / 1e6
         return None
 
     def _seek(self) -> None:
@@ -322,9 +340,11 @@ class _Decoder:
 
     def _damaged(self, cause: str) -> InputError:
         t = "" if self.last_time is None else f" (t={self.last_time:.3f} s is the last good frame)"
+        # Paired by time, this video's frame count is not the colour frames written.
+        written = self.decoded if self.colour is None else self.colour.decoded
         return InputError(
             f"{self.path}: the video is corrupt or truncated at frame {self.decoded}{t}: {cause}; "
-            f"the {self.decoded} frames before it were written"
+            f"the {written} frames before it were written"
         )
 
     def _in_range(self):
@@ -368,7 +388,10 @@ class _Decoder:
             for frame, t in decoded:
                 rgb = self._array(frame, "rgb24")
                 item = rgb
-                if self.second is not None:
+                if self.second is not None and self.second.pair == "time":
+                    paired = self.second.nearest(self, frame, t, need=not group)
+                    item = rgb if paired is None else (rgb, paired)
+                elif self.second is not None:
                     paired = self.second.take(self, frame, need=not group)
                     if paired is _ENDED:  # count the colour frames left, for the message
                         rest, exact = _count(decoded, self)
@@ -406,24 +429,110 @@ class _Decoder:
             mine, t = next(self._range)
         except StopIteration:
             return _ENDED
-        if (mine.width, mine.height) != (frame.width, frame.height):
-            raise InputError(
-                f"{self.path}: frame {self.decoded} is {mine.width}x{mine.height} but frame {colour.decoded} "
-                f"of {colour.path} is {frame.width}x{frame.height}; the {self.modality} video must have the "
-                "colour video's size"
-            )
-        if self.modality == "depth":
-            self._check_depth_format(mine.format.name)
+        self._check_frame(colour, frame, mine, self.decoded, "")
         self.decoded += 1
         self.last_time = t
         if not need:
             return None
+        return self._second_array(mine)
+
+    def _second_array(self, mine) -> np.ndarray:
         return self._array(mine, "gray16le" if self.modality == "depth" else "rgb24")
 
-    def check_rest(self, colour: _Decoder) -> None:
-        """After the colour range ended complete: this second video must have ended too."""
+    def _check_frame(self, colour: _Decoder, frame, mine, k: int, when: str) -> None:
+        """This video's frame ``mine`` (number ``k`` of the range; ``when``: its time, for the
+        message), paired with the colour decoder's ``frame``, fits it: the same size and, for
+        depth, 16-bit grey. Either can change mid-stream where the codec carries them per frame
+        (PNG, H.264), so each paired frame is checked, not only the header."""
+        written = f"the {colour.decoded} frames before it were written"
+        if (mine.width, mine.height) != (frame.width, frame.height):
+            raise InputError(
+                f"{self.path}: frame {k}{when} is {mine.width}x{mine.height} but frame {colour.decoded} "
+                f"of {colour.path} is {frame.width}x{frame.height}; the {self.modality} video must have the "
+                f"colour video's size; {written}"
+            )
+        if self.modality == "depth" and mine.format.name not in GRAY16:
+            raise InputError(
+                f"{self.path}: frame {k}{when} has the pixel format {mine.format.name}; every frame of a "
+                f"depth video must be 16-bit greyscale millimetres ({' or '.join(GRAY16)}); {written}"
+            )
+
+    def pair_by_time(self, colour: _Decoder, tolerance: float | None) -> None:
+        """Pair this second video with ``colour`` by time (``nearest``): its range becomes the
+        colour range's, measured from each stream's start, widened by the tolerance (default
+        half the colour frame interval) so that a frame just outside can still be the nearest."""
+        self.pair, self.colour = "time", colour
+        self.tolerance = 0.5 / float(colour.rate) if tolerance is None else float(tolerance)
+        lo = max(colour.start - colour.origin, 0.0)
+        hi = None if colour.end is None else colour.end - colour.origin
+        self.span = (lo, hi)
+        self.start = self.origin + lo - self.tolerance if lo > self.tolerance else 0.0
+        self.end = None if hi is None else self.origin + hi + self.tolerance
+
+    def nearest(self, colour: _Decoder, frame, t: float, need: bool):
+        """The frame of this video nearest in time to the colour decoder's ``frame`` at ``t``
+        (each measured from its stream's start; of two equally near, the earlier), returned as
+        take() returns it. Decoding runs ahead only to the first frame past ``t``, so at most
+        two frames are held; the frames passed over that no colour frame took are counted in
+        ``skipped`` (and not checked: nothing of them is used). None within the tolerance
+        raises InputError naming the colour frame, its time and the nearest one's."""
+        at, near = t - colour.origin, self._near
         if self._range is None:
             self._range = self._in_range()
+        while True:
+            while len(near) > 1 and near[1].time <= at:  # a frame before t that is never nearest again
+                self._retire(near.popleft())
+            if near and near[-1].time > at:
+                break
+            got = next(self._range, None)
+            if got is None:
+                break
+            mine, s = got
+            near.append(_Near(mine, s - self.origin, self.decoded))
+            self.decoded += 1
+            self.last_time = s
+        where = f"t={at:.3f} s from the colour stream's start"
+        written = f"the {colour.decoded} frames before it were written"
+        if not near:
+            raise InputError(
+                f"{colour.path}: frame {colour.decoded} ({where}) has no {self.modality} frame to pair "
+                f"with: {self.path} has none{' in the range' if self.span != (0.0, None) else ''}; {written}"
+            )
+        best = min(near, key=lambda e: abs(e.time - at))
+        if abs(best.time - at) > self.tolerance + 1e-9:  # 1e-9: float times of whole pts
+            raise InputError(
+                f"{colour.path}: frame {colour.decoded} ({where}) has no {self.modality} frame within "
+                f"{self.tolerance:.4g} s: the nearest frame of {self.path} is at t={best.time:.3f} s from "
+                f"its stream's start (pairing by time; pair_tolerance / --pair-tolerance widens it); "
+                f"{written}"
+            )
+        self._check_frame(colour, frame, best.frame, best.index, f" (t={best.time:.3f} s)")
+        best.taken = True
+        if not need:
+            return None
+        if best.array is None:  # a slower second video: one frame may pair with several
+            best.array = self._second_array(best.frame)
+        return best.array
+
+    def _retire(self, e: _Near) -> None:
+        lo, hi = self.span
+        if not e.taken and e.time >= lo - 1e-6 and (hi is None or e.time < hi - 1e-6):
+            self.skipped += 1
+
+    def check_rest(self, colour: _Decoder) -> None:
+        """After the colour range ended complete: this second video must have ended too; paired
+        by time, its frames left in the range are decoded and counted as skipped."""
+        if self._range is None:
+            self._range = self._in_range()
+        if self.pair == "time":
+            while self._near:
+                self._retire(self._near.popleft())
+            for mine, s in self._range:
+                self.decoded += 1
+                self.last_time = s
+                self._retire(_Near(mine, s - self.origin, self.decoded - 1))
+            self._check_complete()
+            return
         extra, exact = _count(self._range, self)
         if extra:
             self.decoded += extra
@@ -469,11 +578,22 @@ def _check_sizes(colour: _Decoder, second: _Decoder) -> None:
     if a.width and b.width and (a.width, a.height) != (b.width, b.height):
         raise InputError(
             f"{second.path} is {b.width}x{b.height} but {colour.path} is {a.width}x{a.height}; the "
-            f"{second.modality} video must have the colour video's size (its frame i pairs with frame i)"
+            f"{second.modality} video must have the colour video's size (its frames pair with the colour "
+            "ones)"
         )
 
 
 _ENDED = object()  # take(): the second video has no frame left in the range
+
+
+class _Near:
+    """nearest(): a decoded frame of a second video, its time from the stream's start, whether a
+    colour frame took it, its array once converted, its number in the range."""
+
+    __slots__ = ("frame", "time", "index", "taken", "array")
+
+    def __init__(self, frame, time: float, index: int):
+        self.frame, self.time, self.index, self.taken, self.array = frame, time, index, False, None
 
 
 def _count(frames, dec: _Decoder) -> tuple[int, bool]:
@@ -578,7 +698,10 @@ def second_video(config, depth=None, hha=None, option: str = "{m}=", value: str 
     return None if want is None else (want, Path(given[want]))
 
 
-def check_options(mode, alpha, batch_size, every, start, duration) -> None:
+PAIRS = ("index", "time")
+
+
+def check_options(mode, alpha, batch_size, every, start, duration, pair="index", pair_tolerance=None) -> None:
     """``segment_video``'s options checked before any work (InputError naming the bad one)."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}")
@@ -591,6 +714,15 @@ def check_options(mode, alpha, batch_size, every, start, duration) -> None:
         raise InputError(f"start must be a number of seconds >= 0; got {start!r}")
     if duration is not None and not (isinstance(duration, (int, float)) and duration > 0):
         raise InputError(f"duration must be a number of seconds > 0; got {duration!r}")
+    if pair not in PAIRS:
+        raise InputError(f"pair must be one of {PAIRS}; got {pair!r}")
+    if pair_tolerance is not None:
+        if pair != "time":
+            raise InputError(f"pair_tolerance is for pair='time' (the largest time between paired frames); "
+                             f"got it with pair={pair!r}")  # fmt: skip
+        number = isinstance(pair_tolerance, (int, float)) and not isinstance(pair_tolerance, bool)
+        if not (number and math.isfinite(pair_tolerance) and pair_tolerance > 0):
+            raise InputError(f"pair_tolerance must be a finite number of seconds > 0; got {pair_tolerance!r}")
 
 
 def segment_video(
@@ -608,6 +740,8 @@ def segment_video(
     progress: bool = True,
     depth=None,
     hha=None,
+    pair: str = "index",
+    pair_tolerance: float | None = None,
 ) -> dict:
     """Segment the video file ``source`` into ``destination``; returns a summary.
 
@@ -623,20 +757,32 @@ def segment_video(
         decoded in lockstep with ``source``: nyud-fcn32s-color-d takes ``depth=`` a 16-bit
         greyscale video of millimetres (FFV1 gray16le in .mkv: ``write_depth_video``; an 8-bit
         or colour one is refused), nyud-fcn32s-color-hha ``hha=`` a video of HHA images (decoded
-        as rgb24). Frame i of the range is paired with frame i of the second video's range (the
-        same ``start`` / ``duration``, by time; ``every`` picks the same frames of both); their
-        sizes must match, and a second video with fewer or more frames in the range raises
-        InputError naming both files and counts, after writing the frames paired before. The
-        outputs show the colour frames and carry the colour video's audio.
+        as rgb24). The outputs show the colour frames and carry the colour video's audio; every
+        frame of the second video must have the colour frame's size (and, for depth, 16-bit
+        grey), or InputError names the frame, after writing the frames paired before.
+    pair: how the second video's frames meet the colour ones. "index" (the default): frame i
+        of the range with frame i of the second video's range (the same ``start`` / ``duration``,
+        by time; ``every`` picks the same frames of both); a second video with fewer or more
+        frames in the range raises InputError naming both files and counts, after writing the
+        frames paired before. "time", for streams at other or drifting rates (a 30 fps depth
+        stream beside 15 or 25 fps colour): each colour frame takes the second video's frame
+        nearest in presentation time, each time measured from its stream's start_time (the
+        range too: ``start`` / ``duration`` are the colour video's, and the second video is
+        read over the same span of its own timeline), decoded in one forward pass holding at
+        most two frames. A colour frame with no second frame within ``pair_tolerance`` seconds
+        (default half the colour frame interval, from the colour stream's rate) raises
+        InputError naming the frame, its time and the nearest second frame's time, after the
+        frames before it are written. Second frames in the range that no colour frame takes (a
+        faster stream) are skipped and counted ("second_skipped" in the summary).
     Returns {"frames_in", "frames_out", "segmented", "seconds", "fps", "decode_s",
     "inference_s", "encode_s", "decode_share", "inference_share", "encode_share",
-    "destination", "labels_out"}; the shares are each stage's busy time over their sum
-    (the stages overlap, so the busy times add up to more than ``seconds``). With several
-    heads, "destination" / "labels_out" list the heads' paths (", "), and "heads" maps each
-    head to its {"destination", "labels_out"}.
+    "destination", "labels_out"} (and "second_skipped" with ``pair="time"``); the shares are
+    each stage's busy time over their sum (the stages overlap, so the busy times add up to
+    more than ``seconds``). With several heads, "destination" / "labels_out" list the heads'
+    paths (", "), and "heads" maps each head to its {"destination", "labels_out"}.
     A missing file raises FileNotFoundError; everything else the user can fix, InputError.
     """
-    check_options(mode, alpha, batch_size, every, start, duration)
+    check_options(mode, alpha, batch_size, every, start, duration, pair, pair_tolerance)
     given = depth if depth is not None else hha
     if not isinstance(destination, dict) and not isinstance(labels_out, dict):
         check_paths(source, destination, labels_out, given)  # before any model loads
@@ -648,6 +794,9 @@ def segment_video(
 
         seg = Segmenter(segmenter)
     second = second_video(seg.config, depth, hha)
+    if second is None and pair != "index":
+        raise InputError(f"pair={pair!r} pairs the second video of a two-input net (depth= / hha=); "
+                         f"{seg.config.get('arch') or 'this net'} takes one input")  # fmt: skip
     heads = seg.heads
     dsts = _head_paths(destination, heads, "destination")
     labs = _head_paths(labels_out, heads, "labels_out")
@@ -661,6 +810,8 @@ def segment_video(
         if second is not None:  # opened and checked before any output is written
             dec.second = _Decoder(second[1], every, start, duration, modality=second[0])
             _check_sizes(dec, dec.second)
+            if pair == "time":
+                dec.second.pair_by_time(dec, pair_tolerance)
         tb, rate = dec.video.time_base, dec.rate
         outs = {}  # head -> (picture or label writer, label writer or None, palette)
         for name in dsts:
@@ -675,6 +826,8 @@ def segment_video(
                 writers.append(extra)
             outs[name] = (main, extra, palettes[name])
         summary = _run(seg, dec, outs, mode, alpha, batch_size, progress)
+        if pair == "time":
+            summary["second_skipped"] = dec.second.skipped
     finally:
         for w in writers:
             try:
@@ -765,7 +918,9 @@ def _mux_audio(dec: _Decoder, writers: list) -> None:
 
 def format_summary(s: dict) -> str:
     return (
-        f"{s['frames_in']} frames in, {s['frames_out']} out ({s['segmented']} segmented) in "
+        f"{s['frames_in']} frames in, {s['frames_out']} out ({s['segmented']} segmented"
+        + (f"; {s['second_skipped']} frames of the second video skipped" if "second_skipped" in s else "")
+        + ") in "
         f"{s['seconds']:.1f} s: {s['fps']:.1f} frames/s; busy: decode {100 * s['decode_share']:.0f}%, "
         f"inference {100 * s['inference_share']:.0f}%, encode {100 * s['encode_share']:.0f}% -> "
         f"{s['destination']}" + (f", labels {s['labels_out']}" if s.get("labels_out") else "")

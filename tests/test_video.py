@@ -446,3 +446,261 @@ def test_cli_rgbd_video(rgbd, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "fcn8s takes one input (color images); --depth is for" in err[0]
     assert not (tmp_path / "o.mp4").exists()
+
+
+# ------------------------------------------- RGB-D pairing by time; second videos changing mid-stream
+
+
+def depth_at(ms, size=(24, 32)):
+    """The depth map of the time ``ms`` (a function of the time alone): a depth frame paired
+    with a colour frame of another time gives other labels (checked in each test)."""
+    return np.random.default_rng(1000 + ms).integers(500, 10000, size, dtype=np.uint16)
+
+
+def timed_depth(path, stamps_ms, size=(24, 32)):
+    """A depth video (FFV1 gray16le, millisecond time base) with a frame at each of
+    ``stamps_ms``, each ``depth_at`` its time. Returns the path."""
+    from fastfcn.video import _VideoWriter
+
+    w = _VideoWriter(path, fmt="gray16le", time_base=MS, rate=50)
+    try:
+        for ms in stamps_ms:
+            w.write(depth_at(ms, size), ms, MS)
+    finally:
+        w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def colour25(tmp_path_factory):
+    """8 random lossless colour frames at 25 fps (t = 0, 40, ..., 280 ms): (path, frames)."""
+    frames = np.random.default_rng(5).integers(0, 256, (8, 24, 32, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("colour25") / "color.mkv"
+    write_video(path, frames, fps=25, lossless=True)
+    return path, frames
+
+
+def assert_labels(seg, labels, frames, depth_ms, wrong_ms):
+    """labels[k] == run(frames[k], depth=depth_at(depth_ms[k])), and the check can fail: with
+    the depth of ``wrong_ms`` (the pairing by index would make) some frame's labels differ."""
+    assert len(labels) == len(depth_ms) == len(wrong_ms)
+    for lab, f, ms in zip(labels, frames, depth_ms):
+        np.testing.assert_array_equal(lab, seg.run(f, depth=depth_at(ms)).numpy())
+    wrong = [seg.run(f, depth=depth_at(ms)).numpy() for f, ms in zip(frames, wrong_ms)]
+    assert sum(not np.array_equal(w, lab) for w, lab in zip(wrong, labels)) >= 1
+
+
+def test_pair_by_time_takes_the_depth_frame_at_the_colour_frames_time(rgbd, colour25, tmp_path, monkeypatch):
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))  # 50 fps: 16 frames, 0..300 ms
+    out = tmp_path / "labels.mkv"
+    held = []  # the depth frames held after each pairing: the two around the colour frame's time
+    nearest = fastfcn.video._Decoder.nearest
+
+    def spy(self, *args, **kwargs):
+        try:
+            return nearest(self, *args, **kwargs)
+        finally:
+            held.append(len(self._near))
+
+    monkeypatch.setattr(fastfcn.video._Decoder, "nearest", spy)
+    s = segment_video(color, out, seg, mode="labels", batch_size=3, depth=depth, pair="time", progress=False)
+    assert (s["frames_in"], s["frames_out"], s["segmented"], s["second_skipped"]) == (8, 8, 8, 8)
+    assert held == [2] * 8
+    got = decode(out)
+    assert [round(t * 1000) for t, _ in got] == list(range(0, 320, 40))
+    # colour frame i at 40i ms takes the depth frame at 40i ms; by index it would be the one at 20i
+    assert_labels(seg, [lab for _, lab in got], frames, range(0, 320, 40), range(0, 160, 20))
+    # the default stays frame i with frame i: 16 depth frames against 8 is an error
+    with pytest.raises(InputError, match="depth50.mkv has 16 frames, .*color.mkv 8: the depth video runs"):
+        segment_video(color, tmp_path / "index.mkv", seg, mode="labels", depth=depth, progress=False)
+
+
+def test_pair_by_time_with_start_duration_and_every(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))
+    out = tmp_path / "part.mkv"
+    # colour 80..200 ms (frames 2..5) take the depth frames at 80..200 ms; every 2: 2 and 4 segmented.
+    # The depth frames in the range [80, 240) ms not taken: 100, 140, 180, 220 ms.
+    s = segment_video(color, out, seg, mode="labels", start=0.08, duration=0.16, every=2, batch_size=2,
+                      depth=depth, pair="time", progress=False)  # fmt: skip
+    assert (s["frames_in"], s["frames_out"], s["segmented"], s["second_skipped"]) == (4, 4, 2, 4)
+    assert_labels(seg, [lab for _, lab in decode(out)], frames[[2, 2, 4, 4]], [80, 80, 160, 160],
+                  [40, 40, 80, 80])  # fmt: skip
+
+
+def test_pair_by_time_measures_from_each_streams_start(rgbd, colour25, tmp_path):
+    """A depth recording whose timestamps begin at 1 s (its start_time) is paired from its start:
+    its frame at 1 s + 40i ms with colour frame i at 40i ms."""
+    seg, (color, frames) = rgbd["depth"], colour25
+    from fastfcn.video import _VideoWriter
+
+    path = tmp_path / "late.mkv"
+    w = _VideoWriter(path, fmt="gray16le", time_base=MS, rate=25)
+    for ms in range(0, 320, 40):
+        w.write(depth_at(ms), 1000 + ms, MS)  # the content is that of its time from the start
+    w.close()
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].start_time * c.streams.video[0].time_base == 1
+    out = tmp_path / "labels.mkv"
+    s = segment_video(color, out, seg, mode="labels", depth=path, pair="time", progress=False)
+    assert (s["frames_out"], s["second_skipped"]) == (8, 0)
+    neighbours = [40 * (i + 1) % 320 for i in range(8)]
+    assert_labels(seg, [lab for _, lab in decode(out)], frames, range(0, 320, 40), neighbours)
+    # by index too (its Matroska header declares the end time, 1.32 s: not a truncation)
+    segment_video(color, tmp_path / "index.mkv", seg, mode="labels", depth=path, progress=False)
+    by_index = [lab for _, lab in decode(tmp_path / "index.mkv")]
+    assert_labels(seg, by_index, frames, range(0, 320, 40), neighbours)
+
+
+def test_pair_by_time_gap_beyond_tolerance_is_an_error_after_the_frames_before(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    # 50 fps with no frame from 100 to 180 ms: colour frame 3 (120 ms) is 40 ms from the nearest, 80 ms
+    stamps = [*range(0, 100, 20), *range(200, 320, 20)]
+    depth = timed_depth(tmp_path / "gap.mkv", stamps)
+    out = tmp_path / "labels.mkv"
+    message = (f"^{re.escape(str(color))}: frame 3 \\(t=0.120 s from the colour stream's start\\) has no "
+               f"depth frame within 0.02 s: the nearest frame of {re.escape(str(depth))} is at t=0.080 s "
+               r"from its stream's start \(pairing by time; .*\); the 3 frames before it were written$")
+    with pytest.raises(InputError, match=message):
+        segment_video(color, out, seg, mode="labels", batch_size=2, depth=depth, pair="time", progress=False)
+    assert_labels(seg, [lab for _, lab in decode(out)], frames[:3], [0, 40, 80], [0, 20, 40])
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastfcn-stream")]
+    # a wider tolerance pairs frame 3 with 80 ms and frame 4 (160 ms) with 200 ms; skipped: 20, 60,
+    # 220, 260, 300 ms
+    s = segment_video(color, tmp_path / "wide.mkv", seg, mode="labels", depth=depth, pair="time",
+                      pair_tolerance=0.045, progress=False)  # fmt: skip
+    assert (s["frames_out"], s["second_skipped"]) == (8, 5)
+    assert_labels(seg, [lab for _, lab in decode(tmp_path / "wide.mkv")], frames,
+                  [0, 40, 80, 80, 200, 200, 240, 280], [0, 20, 40, 60, 80, 200, 220, 240])  # fmt: skip
+    # a depth stream that ends early: colour frame 4 (160 ms) is 40 ms from its last frame
+    short = timed_depth(tmp_path / "short.mkv", range(0, 140, 20))
+    with pytest.raises(InputError, match="frame 4 .*t=0.160 s.* the nearest frame of .*short.mkv is at "
+                                         "t=0.120 s .*; the 4 frames before it were written$"):  # fmt: skip
+        segment_video(color, tmp_path / "l3.mkv", seg, mode="labels", depth=short, pair="time",
+                      progress=False)  # fmt: skip
+    assert len(decode(tmp_path / "l3.mkv")) == 4
+    # from 200 ms it has no frame at all (it is read from 180 ms, the tolerance before the range)
+    none = (r"color.mkv: frame 0 \(t=0.200 s from the colour stream's start\) has no depth frame to pair "
+            r"with: .*short.mkv has none in the range; the 0 frames before it were written$")
+    with pytest.raises(InputError, match=none):
+        segment_video(color, tmp_path / "l4.mkv", seg, mode="labels", depth=short, pair="time", start=0.2,
+                      progress=False)  # fmt: skip
+
+
+def png_video(path, frames, formats, fps=25):
+    """A PNG-coded NUT video whose frame k is ``frames[k]`` in the pixel format ``formats[k]``:
+    PNG carries size and pixel format in every frame, so both can change mid-stream (FFV1 and
+    H.264 from one encoder cannot). Each frame gets its own encoder."""
+    tb = fractions.Fraction(1, fps)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("png", rate=fps)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt, s.time_base = formats[0], tb
+        for k, (a, fmt) in enumerate(zip(frames, formats)):
+            enc = av.CodecContext.create("png", "w")
+            enc.height, enc.width = a.shape[:2]
+            enc.pix_fmt, enc.time_base = fmt, tb
+            f = av.VideoFrame.from_ndarray(a, format=fmt)
+            f.pts, f.time_base = k, tb
+            for p in [*enc.encode(f), *enc.encode(None)]:
+                p.stream, p.pts, p.dts, p.time_base = s, k, k, tb
+                c.mux(p)
+    return path
+
+
+@pytest.mark.parametrize("pair", ["index", "time"])
+def test_second_video_changing_size_or_pixel_format_mid_stream(rgbd, tmp_path, pair):
+    """Each frame of the second video is checked as it is paired: frame 3 of another size, or
+    (depth) 8-bit, is an InputError naming it after the 3 frames before it are written; an HHA
+    frame in another pixel format is converted to RGB as the others."""
+    rng = np.random.default_rng(7)
+    colour = rng.integers(0, 256, (5, 24, 32, 3), dtype=np.uint8)
+    color = tmp_path / "color.mkv"
+    write_video(color, colour, lossless=True)
+    depth = list(rng.integers(500, 10000, (5, 24, 32), dtype=np.uint16))
+    hha = list(rng.integers(0, 256, (5, 24, 32, 3), dtype=np.uint8))
+    when = " \\(t=0.120 s\\)" if pair == "time" else ""
+    written = "; the 3 frames before it were written$"
+    narrow_d, narrow_h = depth[:3] + [depth[3][:, :30]] + depth[4:], hha[:3] + [hha[3][:, :30]] + hha[4:]
+    cases = [
+        ("depth", png_video(tmp_path / "d_narrow.nut", narrow_d, ["gray16be"] * 5),
+         f"frame 3{when} is 30x24 but frame 3 of {re.escape(str(color))} is 32x24; the depth video must "
+         f"have the colour video's size{written}"),
+        ("depth", png_video(tmp_path / "d_gray8.nut", [*depth[:3], (depth[3] // 64).astype(np.uint8),
+                                                        depth[4]], ["gray16be"] * 3 + ["gray", "gray16be"]),
+         f"frame 3{when} has the pixel format gray; every frame of a depth video must be 16-bit greyscale "
+         f"millimetres \\(gray16le or gray16be\\){written}"),
+        ("hha", png_video(tmp_path / "h_narrow.nut", narrow_h, ["rgb24"] * 5),
+         f"frame 3{when} is 30x24 but frame 3 of {re.escape(str(color))} is 32x24; the hha video must "
+         f"have the colour video's size{written}"),
+    ]  # fmt: skip
+    for keyword, second, message in cases:
+        out = tmp_path / f"{second.stem}.mkv"
+        with pytest.raises(InputError, match=f"^{re.escape(str(second))}: {message}"):
+            segment_video(color, out, rgbd[keyword], mode="labels", batch_size=2, pair=pair, progress=False,
+                          **{keyword: second})  # fmt: skip
+        maps = depth if keyword == "depth" else hha
+        assert_paired(rgbd[keyword], keyword, [lab for _, lab in decode(out)], colour, maps, [0, 1, 2])
+    # an HHA frame in RGBA among RGB ones: decoded as RGB like the others
+    rgba = np.concatenate([hha[3], np.full((24, 32, 1), 255, np.uint8)], -1)
+    mixed = png_video(tmp_path / "h_rgba.nut", hha[:3] + [rgba] + hha[4:], ["rgb24"] * 3 + ["rgba", "rgb24"])
+    out = tmp_path / "mixed.mkv"
+    s = segment_video(color, out, rgbd["hha"], mode="labels", hha=mixed, pair=pair, progress=False)
+    assert s["frames_out"] == 5
+    assert_paired(rgbd["hha"], "hha", [lab for _, lab in decode(out)], colour, hha, list(range(5)))
+
+
+def test_pair_options_are_checked(rgbd, seg, colour25, tmp_path):
+    color, _ = colour25
+    depth = timed_depth(tmp_path / "depth.mkv", range(0, 320, 40))
+    out = tmp_path / "o.mkv"
+    for kwargs, message in [
+        ({"pair": "pts"}, r"^pair must be one of \('index', 'time'\); got 'pts'$"),
+        ({"pair_tolerance": 0.01}, "^pair_tolerance is for pair='time' .*; got it with pair='index'$"),
+        *[({"pair": "time", "pair_tolerance": v}, f"^pair_tolerance must be a finite number of seconds > 0; "
+           f"got {re.escape(repr(v))}$") for v in (0, -0.1, float("nan"), float("inf"), True, "0.1")],
+    ]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            segment_video(color, out, rgbd["depth"], mode="labels", depth=depth, progress=False, **kwargs)
+    with pytest.raises(InputError, match=r"^pair='time' pairs the second video of a two-input net .*; fcn8s "
+                                         "takes one input$"):  # fmt: skip
+        segment_video(color, out, seg, pair="time", progress=False)
+    assert not out.exists()
+
+
+def test_cli_pair_by_time(rgbd, colour25, tmp_path, capsys):
+    from helpers import rgbd_net
+
+    color, frames = colour25
+    depth = timed_depth(tmp_path / "depth50.mkv", range(0, 320, 20))
+    ckpt = fastfcn.save(rgbd_net("nyud-fcn32s-color-d"), tmp_path / "colord.safetensors")  # rgbd's model
+    common = ["--backend", "torch", "--device", "cpu", "--precision", "fp32", "--quiet"]
+    out = tmp_path / "labels.mkv"
+    assert cli.main(["video", str(ckpt), str(color), str(out), "--mode", "labels", "--depth", str(depth),
+                     "--pair", "time", "--pair-tolerance", "0.005", *common]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "8 frames in, 8 out (8 segmented; 8 frames of the second video skipped) in" in err
+    labels = [lab for _, lab in decode(out)]
+    assert_labels(rgbd["depth"], labels, frames, range(0, 320, 40), range(0, 160, 20))
+    for args, message in [
+        (["--pair", "time", "--pair-tolerance", "nan"], "pair_tolerance must be a finite number of seconds"),
+        (["--pair-tolerance", "0.1"], "pair_tolerance is for pair='time'"),
+    ]:
+        rc = cli.main(["video", str(ckpt), str(color), str(tmp_path / "o.mp4"), "--depth", str(depth), *args,
+                       *common])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_pair_by_time_depth_at_30_fps_beside_colour_at_25(rgbd, colour25, tmp_path):
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "depth30.mkv", [round(j * 1000 / 30) for j in range(10)])  # 0, 33, .. 300
+    out = tmp_path / "labels.mkv"
+    s = segment_video(color, out, seg, mode="labels", batch_size=4, depth=depth, pair="time", progress=False)
+    # colour 0, 40, .. 280 ms: the nearest depth frames (120 ms: 133 is 13 ms away, 100 is 20); 100 and
+    # 300 ms are taken by none
+    nearest = [0, 33, 67, 133, 167, 200, 233, 267]
+    assert (s["frames_out"], s["second_skipped"]) == (8, 2)
+    assert_labels(seg, [lab for _, lab in decode(out)], frames, nearest, [0, 33, 67, 100, 133, 167, 200, 233])
