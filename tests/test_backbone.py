@@ -238,6 +238,38 @@ def test_planner_persists_choices(tmp_path, monkeypatch):
     assert p3.store.path is None
 
 
+def test_planner_measures_again_a_cached_choice_that_refuses_the_input(tmp_path, monkeypatch):
+    """The cache file is shared by installs with and without the C++ kernels (same CPU, torch and
+    threads): a pool choice "cpp" written by one with them is measured again, not run, by one
+    without (it raised "C++ CPU kernels are not built" there)."""
+    monkeypatch.setenv("FASTFCN_PLAN_CACHE", "on")
+    monkeypatch.setenv("FASTFCN_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 3, 17, 19).contiguous(memory_format=torch.channels_last)
+    with monkeypatch.context() as mp:  # an install with the kernels (torch's pool stands in)
+        mp.setattr(cpu_fast.cpu, "available", lambda: True)
+        mp.setattr(cpu_fast.cpu, "max_pool2d_nhwc",
+                   lambda h, k, s, ceil_mode: F.max_pool2d(h, k, s, ceil_mode=ceil_mode))  # fmt: skip
+        m = folded("fcn-alexnet")
+        p1 = cpu_fast.ConvPlanner(m, timer=FakeTimer({"cpp": 0.0, "torch": 0.0}))
+        with torch.no_grad():
+            want = m(x)
+    assert {e["chosen"] for e in p1.plan() if e["layer"] == "maxpool"} == {"cpp"}
+
+    def not_built(*args, **kwargs):
+        raise RuntimeError("fastfcn's C++ CPU kernels are not built")
+
+    monkeypatch.setattr(cpu_fast.cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu_fast.cpu, "max_pool2d_nhwc", not_built)
+    m2 = folded("fcn-alexnet")
+    p2 = cpu_fast.ConvPlanner(m2, timer=FakeTimer({"torch": 0.0}))
+    with torch.no_grad():
+        got = m2(x)
+    pools = {(e["chosen"], e["source"]) for e in p2.plan() if e["layer"] == "maxpool"}
+    assert pools == {("torch", "measured")}
+    assert {e["source"] for e in p2.plan() if e["layer"] != "maxpool"} == {"cache"}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_planner_refuses_unfolded_batchnorm():
     with pytest.raises(ValueError, match="unfolded BatchNorm"):
         cpu_fast.ConvPlanner(small("deconvnet"), timer=FakeTimer({}), persist=False)

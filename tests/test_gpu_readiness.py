@@ -444,6 +444,44 @@ def test_gemm_path_refuses_large_outputs():
     assert torch.equal(fc(x), conv(x)) and list(fc.chooser.choice.values()) == ["eager"]
 
 
+def test_cuda_only_calls_exist_in_this_torch_and_triton():
+    """What the CUDA paths call that no CPU test runs (cuda_fast, cuda_graphs, the Triton
+    kernels' launches, benchmarks/gpu_first_contact.py), checked against this torch and Triton
+    without a GPU: the names, the keyword arguments used, the fp32-output GEMMs of splitk_matmul
+    on the meta device, and on a CUDA build of torch that those ops have CUDA kernels. The other
+    tests replace torch.cuda.graph and friends by fakes, which would hide a renamed argument."""
+    import inspect
+
+    for name in ("_sleep", "is_current_stream_capturing", "graph_pool_handle", "CUDAGraph", "Stream"):
+        assert callable(getattr(torch.cuda, name, None)), f"torch.cuda.{name}"
+    assert {"pool", "stream", "capture_error_mode"} <= set(inspect.signature(torch.cuda.graph).parameters)
+    assert "enable_timing" in inspect.signature(torch.cuda.Event.__new__).parameters
+    m, k, n, split = 4, 24, 3, 4  # splitk_matmul's CUDA branch, shapes and views as it makes them
+    a = torch.empty(m, k, device="meta", dtype=torch.bfloat16)
+    b = torch.empty(k, n, device="meta", dtype=torch.bfloat16)
+    assert torch.mm(a, b, out_dtype=torch.float32).dtype == torch.float32
+    a3, b3 = a.view(m, split, k // split).transpose(0, 1), b.reshape(split, k // split, n)
+    parts = torch.bmm(a3, b3, out_dtype=torch.float32)
+    assert parts.dtype == torch.float32 and parts.shape == (split, m, n)
+    if torch.version.cuda is not None:  # a CUDA build (the GPU image's): the kernels are there
+        for op in ("aten::mm.dtype", "aten::bmm.dtype", "aten::cudnn_convolution_relu"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+    import triton.testing  # noqa: F401 - a submodule, not imported by triton itself
+
+    from fastfcn.kernels import conv_epilogue
+
+    assert "input_precision" in inspect.signature(tl.dot).parameters  # conv_epilogue's IEEE dot
+    assert "return_mode" in inspect.signature(triton.testing.do_bench).parameters
+    # gpu_first_contact reads the compiled conv specialisations' registers from this cache (a
+    # compiled kernel's; the interpreter's InterpretedFunction has none, so build one here)
+    kernel = conv_epilogue.conv_bias_relu_kernel
+    jit = triton.runtime.jit.JITFunction(getattr(kernel, "fn", kernel))
+    assert isinstance(jit.device_caches, dict), triton.__version__
+
+
 def test_install_on_fcn_keeps_keys_and_results(monkeypatch):
     monkeypatch.delattr(torch, "cudnn_convolution_relu", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager only: the interpreter is too slow at 238x234

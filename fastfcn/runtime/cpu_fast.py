@@ -412,7 +412,12 @@ class ConvPlanner:
                 return pc.chosen[key](x, padding)
             skey = f"{pc.signature} in{list(key[0])} {str(key[1]).removeprefix('torch.')} pad{list(key[2])}"
             cached = self.store.get(skey)
-            if cached in pc.cands:
+            # The file is shared by every install with this CPU, torch version and thread count:
+            # one without the C++ kernels (cpp) reads the choices of one with them, and the key
+            # has no memory format (gemm1x1 and cpp take channels_last only). A cached choice
+            # that refuses this input is measured again like an uncached one.
+            accepts = getattr(pc.cands.get(cached), "accepts", None)
+            if cached in pc.cands and (accepts is None or accepts(x, padding)):
                 pc.chosen[key] = pc.cands[cached]
                 self._entries.append(self._entry(pc, key, cached, {}, {}, "cache"))
                 return pc.cands[cached](x, padding)
