@@ -242,8 +242,8 @@ class _Decoder:
     which a colour decoder's ``second`` pairs with its frames: ``pair`` "index" (``take``) frame i
     of the colour range with frame i of this one's, the same range by time; "time" (``nearest``,
     after ``pair_by_time``) each colour frame with this video's frame nearest in time, both
-    measured from their stream's start. A depth video must be 16-bit greyscale (``GRAY16``):
-    8-bit or colour pixels hold no millimetres.
+    measured from their stream's start, or ("clock") as both files record them. A depth video must
+    be 16-bit greyscale (``GRAY16``): 8-bit or colour pixels hold no millimetres.
     """
 
     def __init__(self, path: Path, every: int, start: float | None, duration: float | None,
@@ -251,6 +251,7 @@ class _Decoder:
         av = _av()
         self.path, self.every, self.modality = path, every, modality
         self.pair = "index"  # a second video's pairing; pair_by_time() makes it "time"
+        self.clock = False  # pairing by time: times as recorded (one clock), not from the stream's start
         try:
             self.container = av.open(str(path))
         except av.error.FFmpegError as e:
@@ -300,8 +301,11 @@ class _Decoder:
 
     @property
     def origin(self) -> float:
-        """The stream's start_time in seconds (0 when unknown): pairing by time measures from it."""
+        """The stream's start_time in seconds (0 when unknown): pairing by time measures from it;
+        0 when the pairing reads the times as recorded (``clock``)."""
         v = self.video
+        if self.clock:
+            return 0.0
         return float(v.start_time * v.time_base) if v.start_time is not None and v.time_base else 0.0
 
     def estimated_frames(self) -> int | None:
@@ -457,11 +461,13 @@ class _Decoder:
                 f"depth video must be 16-bit greyscale millimetres ({' or '.join(GRAY16)}); {written}"
             )
 
-    def pair_by_time(self, colour: _Decoder, tolerance: float | None) -> None:
+    def pair_by_time(self, colour: _Decoder, tolerance: float | None, clock: bool = False) -> None:
         """Pair this second video with ``colour`` by time (``nearest``): its range becomes the
-        colour range's, measured from each stream's start, widened by the tolerance (default
-        half the colour frame interval) so that a frame just outside can still be the nearest."""
+        colour range's, measured from each stream's start (``clock``: the times as both files
+        record them, for recordings made on one clock), widened by the tolerance (default half
+        the colour frame interval) so that a frame just outside can still be the nearest."""
         self.pair, self.colour = "time", colour
+        self.clock = colour.clock = bool(clock)
         self.tolerance = 0.5 / float(colour.rate) if tolerance is None else float(tolerance)
         lo = max(colour.start - colour.origin, 0.0)
         hi = None if colour.end is None else colour.end - colour.origin
@@ -491,7 +497,8 @@ class _Decoder:
             near.append(_Near(mine, s - self.origin, self.decoded))
             self.decoded += 1
             self.last_time = s
-        where = f"t={at:.3f} s from the colour stream's start"
+        since, how = ("", "the recorded clock") if self.clock else (" from its stream's start", "time")
+        where = f"t={at:.3f} s" + ("" if self.clock else " from the colour stream's start")
         written = f"the {colour.decoded} frames before it were written"
         if not near:
             raise InputError(
@@ -502,9 +509,8 @@ class _Decoder:
         if abs(best.time - at) > self.tolerance + 1e-9:  # 1e-9: float times of whole pts
             raise InputError(
                 f"{colour.path}: frame {colour.decoded} ({where}) has no {self.modality} frame within "
-                f"{self.tolerance:.4g} s: the nearest frame of {self.path} is at t={best.time:.3f} s from "
-                f"its stream's start (pairing by time; pair_tolerance / --pair-tolerance widens it); "
-                f"{written}"
+                f"{self.tolerance:.4g} s: the nearest frame of {self.path} is at t={best.time:.3f} s{since} "
+                f"(pairing by {how}; pair_tolerance / --pair-tolerance widens it); {written}"
             )
         self._check_frame(colour, frame, best.frame, best.index, f" (t={best.time:.3f} s)")
         best.taken = True
@@ -698,7 +704,7 @@ def second_video(config, depth=None, hha=None, option: str = "{m}=", value: str 
     return None if want is None else (want, Path(given[want]))
 
 
-PAIRS = ("index", "time")
+PAIRS = ("index", "time", "clock")
 
 
 def check_options(mode, alpha, batch_size, every, start, duration, pair="index", pair_tolerance=None) -> None:
@@ -717,8 +723,9 @@ def check_options(mode, alpha, batch_size, every, start, duration, pair="index",
     if pair not in PAIRS:
         raise InputError(f"pair must be one of {PAIRS}; got {pair!r}")
     if pair_tolerance is not None:
-        if pair != "time":
-            raise InputError(f"pair_tolerance is for pair='time' (the largest time between paired frames); "
+        if pair == "index":
+            raise InputError(f"pair_tolerance is for pair='time' or 'clock' (the largest time between paired "
+                             "frames); "
                              f"got it with pair={pair!r}")  # fmt: skip
         number = isinstance(pair_tolerance, (int, float)) and not isinstance(pair_tolerance, bool)
         if not (number and math.isfinite(pair_tolerance) and pair_tolerance > 0):
@@ -773,10 +780,14 @@ def segment_video(
         (default half the colour frame interval, from the colour stream's rate) raises
         InputError naming the frame, its time and the nearest second frame's time, after the
         frames before it are written. Second frames in the range that no colour frame takes (a
-        faster stream) are skipped and counted ("second_skipped" in the summary).
+        faster stream) are skipped and counted ("second_skipped" in the summary). "clock", for
+        recordings made on one clock (an RGB-D recorder writing both files): as "time", with the
+        times as both files record them, so a depth stream that began 0.4 s after the colour one
+        keeps that offset (its first 0.4 s of colour frames have no depth frame: pass
+        ``start``).
     Returns {"frames_in", "frames_out", "segmented", "seconds", "fps", "decode_s",
     "inference_s", "encode_s", "decode_share", "inference_share", "encode_share",
-    "destination", "labels_out"} (and "second_skipped" with ``pair="time"``); the shares are
+    "destination", "labels_out"} (and "second_skipped" with ``pair="time"`` / ``"clock"``); the shares are
     each stage's busy time over their sum (the stages overlap, so the busy times add up to
     more than ``seconds``). With several heads, "destination" / "labels_out" list the heads'
     paths (", "), and "heads" maps each head to its {"destination", "labels_out"}.
@@ -810,8 +821,8 @@ def segment_video(
         if second is not None:  # opened and checked before any output is written
             dec.second = _Decoder(second[1], every, start, duration, modality=second[0])
             _check_sizes(dec, dec.second)
-            if pair == "time":
-                dec.second.pair_by_time(dec, pair_tolerance)
+            if pair != "index":
+                dec.second.pair_by_time(dec, pair_tolerance, clock=pair == "clock")
         tb, rate = dec.video.time_base, dec.rate
         outs = {}  # head -> (picture or label writer, label writer or None, palette)
         for name in dsts:
@@ -826,7 +837,7 @@ def segment_video(
                 writers.append(extra)
             outs[name] = (main, extra, palettes[name])
         summary = _run(seg, dec, outs, mode, alpha, batch_size, progress)
-        if pair == "time":
+        if pair != "index":
             summary["second_skipped"] = dec.second.skipped
     finally:
         for w in writers:

@@ -656,8 +656,9 @@ def test_pair_options_are_checked(rgbd, seg, colour25, tmp_path):
     depth = timed_depth(tmp_path / "depth.mkv", range(0, 320, 40))
     out = tmp_path / "o.mkv"
     for kwargs, message in [
-        ({"pair": "pts"}, r"^pair must be one of \('index', 'time'\); got 'pts'$"),
-        ({"pair_tolerance": 0.01}, "^pair_tolerance is for pair='time' .*; got it with pair='index'$"),
+        ({"pair": "pts"}, r"^pair must be one of \('index', 'time', 'clock'\); got 'pts'$"),
+        ({"pair_tolerance": 0.01},
+         "^pair_tolerance is for pair='time' or 'clock' .*; got it with pair='index'$"),
         *[({"pair": "time", "pair_tolerance": v}, f"^pair_tolerance must be a finite number of seconds > 0; "
            f"got {re.escape(repr(v))}$") for v in (0, -0.1, float("nan"), float("inf"), True, "0.1")],
     ]:  # fmt: skip
@@ -667,6 +668,33 @@ def test_pair_options_are_checked(rgbd, seg, colour25, tmp_path):
                                          "takes one input$"):  # fmt: skip
         segment_video(color, out, seg, pair="time", progress=False)
     assert not out.exists()
+
+
+def test_pair_by_clock_keeps_a_later_start_as_an_offset(rgbd, colour25, tmp_path):
+    """One recorder's files on one clock: a depth stream that began 120 ms after the colour one.
+    pair="clock" pairs colour frame k (40k ms) with the depth frame recorded at 40k ms; "time"
+    aligns the two starts instead (the depth frame recorded 120 ms later), which gives other
+    labels; the colour frames before the depth stream began have no depth frame."""
+    seg, (color, frames) = rgbd["depth"], colour25
+    depth = timed_depth(tmp_path / "late.mkv", range(120, 440, 40))  # 120, 160, ..., 400 ms as recorded
+    out = tmp_path / "clock.mkv"
+    s = segment_video(color, out, seg, mode="labels", start=0.12, depth=depth, pair="clock", progress=False)
+    # colour 120..280 ms take the depth frames recorded then; those at 320..400 ms none takes
+    assert (s["frames_in"], s["frames_out"], s["second_skipped"]) == (5, 5, 3)
+    got = decode(out)
+    assert [round(t * 1000) for t, _ in got] == list(range(120, 320, 40))
+    clock = [lab for _, lab in got]
+    assert_labels(seg, clock, frames[3:], range(120, 320, 40), range(240, 440, 40))
+    s = segment_video(color, tmp_path / "time.mkv", seg, mode="labels", start=0.12, depth=depth, pair="time",
+                      progress=False)  # fmt: skip
+    assert_labels(seg, [lab for _, lab in decode(tmp_path / "time.mkv")], frames[3:], range(240, 440, 40),
+                  range(120, 320, 40))  # fmt: skip
+    with pytest.raises(InputError, match=re.escape(
+            f"{color}: frame 0 (t=0.000 s) has no depth frame within 0.02 s: the nearest frame of {depth} is "
+            "at t=0.120 s (pairing by the recorded clock; pair_tolerance / --pair-tolerance widens it); "
+            "the 0 frames before it were written")):  # fmt: skip
+        segment_video(color, tmp_path / "all.mkv", seg, mode="labels", depth=depth, pair="clock",
+                      progress=False)
 
 
 def test_cli_pair_by_time(rgbd, colour25, tmp_path, capsys):
@@ -685,13 +713,21 @@ def test_cli_pair_by_time(rgbd, colour25, tmp_path, capsys):
     assert_labels(rgbd["depth"], labels, frames, range(0, 320, 40), range(0, 160, 20))
     for args, message in [
         (["--pair", "time", "--pair-tolerance", "nan"], "pair_tolerance must be a finite number of seconds"),
-        (["--pair-tolerance", "0.1"], "pair_tolerance is for pair='time'"),
+        (["--pair-tolerance", "0.1"], "pair_tolerance is for pair='time' or 'clock'"),
     ]:
         rc = cli.main(["video", str(ckpt), str(color), str(tmp_path / "o.mp4"), "--depth", str(depth), *args,
                        *common])  # fmt: skip
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o.mp4").exists()
+    late = timed_depth(tmp_path / "late.mkv", range(120, 440, 40))
+    rc = cli.main(["video", str(ckpt), str(color), str(tmp_path / "late.mp4"), "--depth", str(late),
+                   "--pair", "clock", *common])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "frame 0 (t=0.000 s) has no depth frame within 0.02 s" in err[0], err
+    assert cli.main(["video", str(ckpt), str(color), str(tmp_path / "late.mkv.mp4"), "--depth", str(late),
+                     "--pair", "clock", "--start", "0.12", *common]) == 0  # fmt: skip
+    assert "5 frames in, 5 out (5 segmented; 3 frames of the second video skipped)" in capsys.readouterr().err
 
 
 def test_pair_by_time_depth_at_30_fps_beside_colour_at_25(rgbd, colour25, tmp_path):

@@ -3,7 +3,7 @@
     fastfcn video fcn8s.safetensors street.mp4 street_seg.mp4 [--mode overlay|labels|side-by-side]
         [--labels-out labels.mkv] [--alpha 0.5] [--batch-size 8] [--every 1] [--start S] [--duration S]
         [--backend B] [--precision P] [--device D] [--depth DEPTH_VIDEO | --hha HHA_VIDEO]
-        [--pair index|time] [--pair-tolerance SECONDS]
+        [--pair index|time|clock] [--pair-tolerance SECONDS]
 
 A net with several heads (SIFT Flow: semantic and geometric) writes each output once per head:
 street_seg.semantic.mp4 and street_seg.geometric.mp4, labels.semantic.mkv / labels.geometric.mkv,
@@ -15,9 +15,11 @@ video (nyud-fcn32s-color-hha: --hha), decoded in lockstep, frame i with frame i 
 --start / --duration (--pair index, the default), or each colour frame with the second video's
 frame nearest in time, each from its stream's start (--pair time: streams at other or drifting
 rates; within --pair-tolerance seconds, default half the colour frame interval; the summary line
-counts the second video's frames no colour frame took). The output shows the colour frames. A
-missing or wrong flag for the net, an 8-bit or colour depth video, another size or frame count,
-or (--pair time) a colour frame without a second frame near enough is an error (one line, status 1).
+counts the second video's frames no colour frame took), or nearest in time as both files record it
+(--pair clock: one recorder's files on one clock, a later start kept as an offset). The output
+shows the colour frames. A missing or wrong flag for the net, an 8-bit or colour depth video,
+another size or frame count, or (--pair time / clock) a colour frame without a second frame near
+enough is an error (one line, status 1).
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     a("--pair", choices=PAIRS, default="index",
       help="how --depth / --hha frames meet the input's: index (default): frame i with frame i, equal "
            "counts; time: each input frame with the nearest in time (streams at other or drifting "
-           "rates), the frames no input frame takes skipped and counted")
+           "rates), the frames no input frame takes skipped and counted; clock: as time, with the times "
+           "as both files record them (one recorder's files on one clock: a later start stays an offset)")
     a("--pair-tolerance", type=float, default=None, metavar="SECONDS",
-      help="--pair time: the largest time between paired frames (default half the input's frame interval)")
+      help="--pair time / clock: the largest time between paired frames (default half the input's frame "
+           "interval)")
     a("--arch", choices=ARCHS, help="architecture, for checkpoint files that do not record it")
     a("--quiet", action="store_true", help="no progress bar")
 
