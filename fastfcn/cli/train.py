@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
       help="a VOC root, or 'synthetic' (SyntheticScenes; default: for SIFT Flow nets with geometric labels "
            "too, for the colour + depth / HHA nets with each scene's depth map / HHA image); for a net "
            "with several heads (SIFT Flow) the labels of each head in "
-           "SegmentationClass/<head>/<id>.png")  # fmt: skip
+           "SegmentationClass/<head>/<id>.png; `fastfcn data synth OUT --arch ARCH` writes the scenes "
+           "in the layout ARCH reads")  # fmt: skip
     a("--split", default="train", help="VOC split to train on (default train; e.g. train_aug with SBD)")
     a("--val-split", default="val", help="VOC split for validation during training (default val)")
     a("--out", default="runs/train", help="output folder: checkpoints, history, curves (default runs/train)")
