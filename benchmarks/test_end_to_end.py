@@ -307,6 +307,7 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
             except fastfcn.BackendUnavailableError as e:
                 pytest.skip(f"{backend} {precision} on {device.type}: {e}")
             desc = _seg_description(seg)
+            skips = seg.skip_dead_zone
             warmups = 0
             # Inputs live on the device (uploading frames is the caller's pipeline); a
             # Segmenter that only takes host arrays gets host tensors, and the result says so.
@@ -407,7 +408,7 @@ def test_end_to_end(e2e, benchmark, bench_state, bench_device):
     )  # fmt: skip
     # The floor of the work done: the fused backend skips the dead zone (FCN-8s 500x500: 125.6 of
     # 181.5 GMAC), so its nominal FLOPs would put it above 100% of the floor.
-    work = case_count(case).computed_macs * 2 if desc.get("segmenter_skip_dead_zone") == "True" else flops
+    work = case_count(case).computed_macs * 2 if skips else flops
     extra.update(floor_fields(work, med, info, precision), floor_work_gmac=work / 2e9)
     extra.update(desc)
     if backend == "torch":

@@ -22,6 +22,7 @@ from .config import SIFTFLOW_GEOMETRIC
 from .errors import InputError
 from .imageio import read_image, read_second
 from .paths import StemIndex, match_file
+from .viz import save_labels
 
 IGNORE = 255
 
@@ -642,7 +643,6 @@ def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, qu
     out = Path(out)
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (out / d).mkdir(parents=True, exist_ok=True)
-    pal = voc_palette().reshape(-1).tolist()
     lossless = getattr(dataset, "image", "color") != "color"
     ids = []
     for i in range(len(dataset)):
@@ -657,7 +657,7 @@ def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, qu
         for head, lab in labels.items():
             folder = out / "SegmentationClass" / (head or "")
             folder.mkdir(exist_ok=True)
-            _write_label(lab, folder / f"{name}.png", pal)
+            save_labels(lab, None, folder / f"{name}.png")  # a palette PNG, the VOC colour map
         for modality, array in (second[0] if second else {}).items():
             (out / modality).mkdir(exist_ok=True)
             _write_second(array, modality, out / modality / f"{name}.png")
@@ -667,13 +667,6 @@ def write_voc(dataset, out: str | os.PathLike, split: str, *, start: int = 0, qu
     if names:
         (out / "class_names.txt").write_text("\n".join(names) + "\n")
     return ids
-
-
-def _write_label(label: np.ndarray, path: Path, pal: list[int]) -> None:
-    raw = np.ascontiguousarray(label, np.uint8).tobytes()
-    lab = Image.frombytes("P", (label.shape[1], label.shape[0]), raw)
-    lab.putpalette(pal)
-    lab.save(path)
 
 
 def _write_second(array: np.ndarray, modality: str, path: Path) -> None:

@@ -541,10 +541,8 @@ class _Worker:
         self.palettes = self.seg.head_palettes()  # {head: palette}; {None: palette} for one head
 
     def __call__(self, batch: dict) -> dict:
-        # "stamps": each task's [input, second input] listed_stamp (work_items); a batch without
-        # the column records None for a URI, which is_complete does not hold it to
-        listed = batch.get("stamps", ["[null, null]"] * len(batch["src"]))
-        columns = zip(batch["src"], batch["kind"], batch["outputs"], batch["second"], listed)
+        # the columns of work_items; "stamps": each task's [input, second input] listed_stamp
+        columns = zip(batch["src"], batch["kind"], batch["outputs"], batch["second"], batch["stamps"])
         tasks = [Task(str(s), str(k), tuple(json.loads(o)), str(d) or None, *map(_frozen, json.loads(ls)))
                  for s, k, o, d, ls in columns]  # fmt: skip
         t0 = time.perf_counter()

@@ -67,4 +67,18 @@ def second_modality(arch, inputs: Sequence[str], given: dict, option: str = "--{
     return want
 
 
-__all__ = ["DEFAULT_INPUTS", "MODALITIES", "PRIMARY", "check_inputs", "input_channels", "second_modality"]
+def synthetic_second(arch, inputs: Sequence[str], given: dict) -> str | None:
+    """``second_modality`` for ``--data synthetic``, whose scenes make a two-input net's second
+    input themselves: none may be given (a one-input net is checked as ``second_modality``
+    checks it); -> the net's second modality, None for a one-input net."""
+    if len(inputs) == 1:
+        return second_modality(arch, inputs, given)
+    if given:
+        flags = "/".join(f"--{m}" for m in given)
+        raise InputError(f"--data synthetic makes each scene's {inputs[1]} for {arch}; {flags} DIR is for a "
+                         "VOC-layout --data folder")  # fmt: skip
+    return inputs[1]
+
+
+__all__ = ["DEFAULT_INPUTS", "MODALITIES", "PRIMARY", "check_inputs", "input_channels", "second_modality",
+           "synthetic_second"]  # fmt: skip

@@ -239,8 +239,8 @@ class _Decoder:
     ``groups`` before that, so the consumer finds the group when its labels arrive.
 
     ``modality`` "depth" / "hha" opens a second video of a two-input net instead (no audio),
-    which a colour decoder's ``second`` pairs with its frames: ``pair`` "index" (``take``) frame i
-    of the colour range with frame i of this one's, the same range by time; "time" (``nearest``,
+    which a colour decoder's ``second`` pairs with its frames: by index (``take``) frame i
+    of the colour range with frame i of this one's, the same range by time; by time (``nearest``,
     after ``pair_by_time``) each colour frame with this video's frame nearest in time, both
     measured from their stream's start, or ("clock") as both files record them. A depth video must
     be 16-bit greyscale (``GRAY16``): 8-bit or colour pixels hold no millimetres.
@@ -250,7 +250,6 @@ class _Decoder:
                  modality: str | None = None):  # fmt: skip
         av = _av()
         self.path, self.every, self.modality = path, every, modality
-        self.pair = "index"  # a second video's pairing; pair_by_time() makes it "time"
         self.clock = False  # pairing by time: times as recorded (one clock), not from the stream's start
         try:
             self.container = av.open(str(path))
@@ -271,7 +270,7 @@ class _Decoder:
         self.decoded = 0
         self.last_time: float | None = None
         self.second: _Decoder | None = None
-        self.colour: _Decoder | None = None  # pairing by time: the colour decoder this one serves
+        self.colour: _Decoder | None = None  # set by pair_by_time: this one then pairs by time
         self._range = None  # a second video's frames of the range, as take() consumes them
         self._near: collections.deque = collections.deque()  # nearest(): the frames around t
         self.tolerance = 0.0  # nearest(): the largest distance in seconds (set by pair_by_time)
@@ -392,7 +391,7 @@ class _Decoder:
             for frame, t in decoded:
                 rgb = self._array(frame, "rgb24")
                 item = rgb
-                if self.second is not None and self.second.pair == "time":
+                if self.second is not None and self.second.colour is not None:  # by time
                     paired = self.second.nearest(self, frame, t, need=not group)
                     item = rgb if paired is None else (rgb, paired)
                 elif self.second is not None:
@@ -466,7 +465,7 @@ class _Decoder:
         colour range's, measured from each stream's start (``clock``: the times as both files
         record them, for recordings made on one clock), widened by the tolerance (default half
         the colour frame interval) so that a frame just outside can still be the nearest."""
-        self.pair, self.colour = "time", colour
+        self.colour = colour
         self.clock = colour.clock = bool(clock)
         self.tolerance = 0.5 / float(colour.rate) if tolerance is None else float(tolerance)
         lo = max(colour.start - colour.origin, 0.0)
@@ -497,8 +496,11 @@ class _Decoder:
             near.append(_Near(mine, s - self.origin, self.decoded))
             self.decoded += 1
             self.last_time = s
-        since, how = ("", "the recorded clock") if self.clock else (" from its stream's start", "time")
-        where = f"t={at:.3f} s" + ("" if self.clock else " from the colour stream's start")
+        if self.clock:
+            where, since, how = f"t={at:.3f} s", "", "the recorded clock"
+        else:
+            since, how = " from its stream's start", "time"
+            where = f"t={at:.3f} s from the colour stream's start"
         written = f"the {colour.decoded} frames before it were written"
         if not near:
             raise InputError(
@@ -530,7 +532,7 @@ class _Decoder:
         by time, its frames left in the range are decoded and counted as skipped."""
         if self._range is None:
             self._range = self._in_range()
-        if self.pair == "time":
+        if self.colour is not None:  # paired by time
             while self._near:
                 self._retire(self._near.popleft())
             for mine, s in self._range:
@@ -724,9 +726,8 @@ def check_options(mode, alpha, batch_size, every, start, duration, pair="index",
         raise InputError(f"pair must be one of {PAIRS}; got {pair!r}")
     if pair_tolerance is not None:
         if pair == "index":
-            raise InputError(f"pair_tolerance is for pair='time' or 'clock' (the largest time between paired "
-                             "frames); "
-                             f"got it with pair={pair!r}")  # fmt: skip
+            raise InputError("pair_tolerance is for pair='time' or 'clock' (the largest time between paired "
+                             f"frames); got it with pair={pair!r}")  # fmt: skip
         number = isinstance(pair_tolerance, (int, float)) and not isinstance(pair_tolerance, bool)
         if not (number and math.isfinite(pair_tolerance) and pair_tolerance > 0):
             raise InputError(f"pair_tolerance must be a finite number of seconds > 0; got {pair_tolerance!r}")

@@ -619,9 +619,8 @@ def test_worker_reads_second_inputs_at_uris_and_refuses_videos(tmp_path):
     seconds = distributed.pair_second(found, f"file://{tmp_path / 'hha'}", "hha")
     tasks = distributed.plan(found, out, (), None, seconds)
     worker = distributed._Worker(ckpt.read_bytes(), str(ckpt), {"device": "cpu", **OPTS}, second="hha")
-    batch = {"src": np.array([t.src for t in tasks[:2]]), "kind": np.array(["image"] * 2),
-             "outputs": np.array([json.dumps(list(t.outputs)) for t in tasks[:2]]),
-             "second": np.array([t.second for t in tasks[:2]])}  # fmt: skip
+    items = distributed.work_items(tasks[:2])  # the rows Ray Data hands the worker, as numpy columns
+    batch = {k: np.array([it[k] for it in items]) for k in items[0]}
     got = [json.loads(r) for r in worker(batch)["row"]]
     assert [(r["status"], r["second"]) for r in got] == [("ok", t.second) for t in tasks[:2]]
     assert worker.process(tasks[2]) == 1  # alone: the path a retry takes

@@ -67,16 +67,14 @@ def _second(args, seg) -> tuple[str, Path | None] | None:
     """(modality, folder) of --depth / --hha, checked against the model's inputs; with --data
     synthetic, whose scenes make it, (the model's second modality, None), the flags refused."""
     from ..config import config_inputs
+    from ..modalities import synthetic_second
     from .segment import second_modality
 
     if args.data != "synthetic":
         return second_modality(args, seg)
-    inputs = config_inputs(seg.config)
-    given = [k for k in ("depth", "hha") if getattr(args, k) is not None]
-    if given:
-        raise InputError(f"--data synthetic makes each scene's second input itself; "
-                         f"--{'/--'.join(given)} DIR is for a VOC-layout --data folder")  # fmt: skip
-    return (inputs[1], None) if len(inputs) == 2 else None
+    given = {k: v for k in ("depth", "hha") if (v := getattr(args, k)) is not None}
+    want = synthetic_second(seg.config.get("arch"), config_inputs(seg.config), given)
+    return None if want is None else (want, None)
 
 
 def _metrics(result: dict, matrix, names: list) -> dict:

@@ -124,7 +124,7 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
     folder, and never with --data synthetic, whose scenes make their own depth maps and HHA images
     (and SIFT Flow's geometric labels: ``fastfcn.data.SyntheticScenes``)."""
     from ..config import arch_inputs
-    from ..modalities import second_modality
+    from ..modalities import second_modality, synthetic_second
     from ..models import DEFAULT_CLASSES
     from ..models.multihead import output_heads
 
@@ -137,10 +137,8 @@ def _check_heads_and_inputs(args: argparse.Namespace, archs: list[str]) -> None:
                          f"(one data set feeds them all); got {', '.join(archs)}")  # fmt: skip
     (_, inputs), arch = kinds.pop(), archs[0]
     given = {m: d for m, d in (("depth", args.depth), ("hha", args.hha)) if d is not None}
-    if len(inputs) == 2 and args.data == "synthetic":
-        if given:
-            raise InputError(f"--data synthetic makes each scene's {inputs[1]} for {arch}; "
-                             f"--{'/--'.join(given)} DIR is for a VOC-layout --data folder")  # fmt: skip
+    if args.data == "synthetic":
+        synthetic_second(arch, inputs, given)
         return
     want = second_modality(arch, inputs, given)
     if want is not None and not Path(given[want]).is_dir():
