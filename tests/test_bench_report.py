@@ -187,10 +187,11 @@ def test_conftest_writer_feeds_the_report(pytester):
     res.stdout.fnmatch_lines(["*fastfcn benchmarks*", f"results: {out}*"])
 
 
-def _common():
+def _bench_module(name: str = "common"):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fastfcn_bench_common", BENCH_DIR / "common.py")
+    spec = importlib.util.spec_from_file_location(f"fastfcn_bench_{name}", BENCH_DIR / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -208,13 +209,13 @@ def _common():
     ],
 )
 def test_peak_table(name, label, bf16, fp32):
-    e = _common().gpu_peak(name)
+    e = _bench_module().gpu_peak(name)
     assert e["label"].startswith(label) and e["tflops"]["bf16"] == bf16 and e["tflops"]["fp32"] == fp32
     assert "datasheet" in e["source"]
 
 
 def test_floor_fields():
-    common = _common()
+    common = _bench_module()
     assert common.gpu_peak("Tesla K40c") is None
     info = {"name": "NVIDIA H200", "peak": common.gpu_peak("NVIDIA H200")}
     # docs/facts.md, "Cost of FCN-8s": 363 GFLOP at 989 TFLOP/s is a 0.37 ms floor.
@@ -243,3 +244,22 @@ def test_floor_counts_the_work_done():
     whole = dict(old, computed_gmac=69.2)  # a net without a dead zone: nothing skipped
     assert bench_report.floor_fraction(whole) == pytest.approx(1.13)
     assert bench_report.floor_fraction(dict(old, fraction_of_floor=None)) is None
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("side", [9, 12])  # 9: the last tile row/column is partly padding
+def test_bf16_alternatives_winograd_is_the_convolution(m, side):
+    """benchmarks/bf16_alternatives.py measures Winograd's bf16 error and speed: with fp32
+    products its winograd() must be the valid 3x3 convolution, or the measured error is noise."""
+    import torch
+    import torch.nn.functional as F
+
+    mod = _bench_module("bf16_alternatives")
+    g = torch.Generator().manual_seed(m * 100 + side)
+    x = torch.randn(2, 5, side, side + 1, generator=g)
+    w = torch.randn(7, 5, 3, 3, generator=g)
+    y = mod.winograd(x, w, m, torch.float32)
+    ref = F.conv2d(x, w)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert (mod.winograd(x, w, m, torch.bfloat16) - ref).abs().max() > 0  # bf16 products do round

@@ -262,6 +262,9 @@ def candidates(g: _Geom, dtype: torch.dtype) -> dict:
     w = g.weight.to(dtype)  # one copy shared by the candidates (none at fp32)
     if mkldnn_available():
         out["onednn" + suffix] = OneDnnConv(g, dtype, w)
+    # Not offered at bf16: fp32 Winograd lost to oneDNN's bf16 direct conv on every 3x3 shape of
+    # the dilated net (benchmarks/bf16_alternatives.py, 2 threads, AMD EPYC Zen 4: 416 vs 81 ms
+    # for 64->64 at 620x620, 70 vs 53 ms for 512->512 at 71x71).
     if dtype == torch.float32 and NNPackConv.applies(g) and nnpack_available():
         out["nnpack"] = NNPackConv(g)
     out["torch" + suffix] = TorchConv(g, dtype, w)
