@@ -9,7 +9,8 @@ alike (the pytest suite times one backend after the other).
 ablation, ``Segmenter(skip_dead_zone=False)``); it is not counted as a peer.
 
 Same seeded model (width 1) and seeded uint8 images as benchmarks/test_end_to_end.py; the
-ONNX peers share one fp32 export. Prints, per run, the median and IQR in ms, and fused
+ONNX peers share one fp32 export (``onnxruntime:fp16`` runs an fp16 export of the same model).
+Prints, per run, the median and IQR in ms, and fused
 against the fastest peer at each precision; ``--json PATH`` writes the same as JSON with the
 CPU model, flags, versions and load average.
 """
@@ -41,7 +42,7 @@ DEFAULT_RUNS = ["fused:fp32", "fused:bf16", "onnxruntime:fp32", "openvino:fp32",
 def build(args, folder: str) -> dict:
     torch.manual_seed(0)
     model = fastfcn.models.build(args.arch, 21, args.width).eval()
-    onnx_path = None
+    exports = {}  # graph precision -> .onnx path
     segs = {}
     for run in args.runs:
         backend, precision = run.split(":")
@@ -53,9 +54,11 @@ def build(args, folder: str) -> dict:
             continue
         source = model
         if backend in onnx_backends():
-            if onnx_path is None:
-                onnx_path = fastfcn.export_onnx(model, Path(folder) / "model.onnx")
-            source = str(onnx_path)
+            graph = "fp16" if precision == "fp16" else "fp32"  # ONNX Runtime runs fp16 from an fp16 graph
+            if graph not in exports:
+                path = Path(folder) / f"model-{graph}.onnx"
+                exports[graph] = fastfcn.export_onnx(model, path, precision=graph)
+            source = str(exports[graph])
         try:
             segs[run] = fastfcn.Segmenter(source, backend=backend, device="cpu", precision=precision,
                                           **options)

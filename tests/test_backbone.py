@@ -12,6 +12,7 @@ import fastfcn.models as models
 from fastfcn.heads import model_heads
 from fastfcn.models.backbone import Pool, conv_padding, conv_weight, reference_conv
 from fastfcn.runtime import cpu_fast
+from fastfcn.runtime.registry import backend_spec
 
 VGG = " ".join(f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1))
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -407,6 +408,48 @@ def test_gemm_conv_is_the_convolution_when_the_kernel_covers_the_input():
         GemmConv(g, torch.float32)(torch.randn(1, 32, 9, 9), (0, 0))
     with pytest.raises(ValueError, match="cover the whole unpadded input"):
         GemmConv(g, torch.float32)(torch.randn(1, 32, 5, 5), (1, 1))
+
+
+@pytest.mark.parametrize("kind", ["onednn", "nnpack"])
+@pytest.mark.parametrize("relu, padding", [(True, (1, 1)), (False, (0, 2))])
+def test_fp16_layer_in_fp32_math_is_the_fp16_convolution(kind, relu, padding):
+    """At fp16 on a CPU the planner also offers oneDNN's and NNPACK's fp32 kernels on the
+    fp16-rounded weight: the fp16 convolution with fp32 sums (within one fp16 rounding of the
+    float64 result of the same fp16 values; NNPACK's Winograd adds ~2e-5 of the output)."""
+    from fastfcn.runtime.cpu_fast import Fp32MathConv, _Geom
+
+    if kind == "nnpack" and not cpu_fast.nnpack_available():
+        pytest.skip("this torch build has no NNPACK")
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(24, 16, 3, 3, generator=g) * 0.3, torch.randn(24, generator=g)
+    geom = _Geom(w, b, [1, 1], [1, 1], 1, relu=relu)
+    if kind == "nnpack" and padding != (1, 1):
+        padding = (1, 1)  # NNPACK pads symmetrically
+    conv = Fp32MathConv(geom, torch.float16, kind)
+    assert torch.equal(conv.inner.g.weight, w.half().float())
+    assert torch.equal(conv.inner.g.bias, b.half().float())
+    x = torch.randn(2, 16, 11, 13, generator=g).half().contiguous(memory_format=torch.channels_last)
+    got = conv(x, padding)
+    want = F.conv2d(x.double(), w.half().double(), b.half().double(), padding=padding)
+    want = (want.relu() if relu else want).half()
+    assert got.dtype == torch.float16 and got.is_contiguous(memory_format=torch.channels_last)
+    atol = (1e-5 if kind == "onednn" else 1e-4) * want.abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-10, atol=atol)
+    assert "onednn-fp32-float16" in cpu_fast.candidates(geom, torch.float16)
+
+
+def test_fused_fp16_runs_the_fp32_math_candidate(monkeypatch):
+    wins = "onednn-fp32-float16"
+    monkeypatch.setattr(cpu_fast, "wall_timer", lambda name, fn, best=None: (float(name != wins), fn()))
+    seg = fastfcn.Segmenter(small("fcn8s"), device="cpu", backend="fused", precision="fp16")
+    batch = torch.randint(0, 255, (1, 37, 45, 3), dtype=torch.uint8)
+    got = seg.run(batch, "logits")
+    convs = [e for e in seg.plan if e["compute_dtype"] == "float16" and e["layer"] != "maxpool"]
+    assert convs and {e["chosen"] for e in convs} == {wins}
+    ref = fastfcn.Segmenter(small("fcn8s"), device="cpu", backend="torch").run(batch, "logits")
+    # fp16's bound for the fused backend (its registry tolerance), on the logits' range
+    bound = backend_spec("fused").tolerance["fp16"].logits * float(ref.max() - ref.min())
+    assert float((got - ref).abs().max()) <= bound
 
 
 def test_gemm_candidate_is_offered_only_the_shapes_it_accepts(monkeypatch):

@@ -16,6 +16,8 @@ keeps the fastest for that shape:
   candidate pays two layout changes, included in its time. Error per layer ~2e-5 of the output's
   magnitude (vs ~1e-7 direct).
 - ``torch``: torch's own conv2d (+ ReLU) at the compute dtype.
+- at fp16, also ``onednn-fp32-float16`` and ``nnpack-float16`` (``Fp32MathConv``): the fp32
+  kernels on fp16-rounded weights, the result rounded to fp16, for CPUs without fp16 arithmetic.
 
 Which one wins depends on the CPU, the thread count and the layer's shape: on this project's
 2-core Zen 4, 1 thread, NNPACK beat oneDNN for 3x3 layers of >= 64 in / >= 128 out channels at
@@ -255,6 +257,24 @@ class Gemm1x1Conv:
         return y.view(n, h, w, -1).permute(0, 3, 1, 2)  # (N, C, H, W) with channels_last strides
 
 
+class Fp32MathConv:
+    """An fp16 layer computed by an fp32 kernel: the weight and bias rounded to fp16 (the values an
+    fp16 kernel reads), the fp16 input widened, the fp32 result rounded to fp16. That is what an
+    fp16 kernel accumulating in fp32 computes, to the order of its sums. oneDNN's own fp16 path
+    needs AVX512-FP16 or AVX-NE-CONVERT, and torch's fp16 fallback is its slow direct conv: FCN-32s
+    width 0.25 at 250x250, 2 threads, AMD EPYC Zen 4, fused fp16 took 200 ms with torch's fp16
+    conv against 33 ms at fp32. On CPUs with native fp16 the planner times both."""
+
+    def __init__(self, g: _Geom, dtype: torch.dtype, kind: str):
+        rounded = _Geom(g.weight.to(dtype).float(), g.bias.to(dtype).float(), g.stride, g.dilation, g.groups,
+                        g.relu)  # fmt: skip
+        self.dtype = dtype
+        self.inner = OneDnnConv(rounded, torch.float32) if kind == "onednn" else NNPackConv(rounded)
+
+    def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
+        return self.inner(x, padding).to(self.dtype)  # keeps the channels_last strides
+
+
 def candidates(g: _Geom, dtype: torch.dtype) -> dict:
     """name -> ConvImpl for one layer at compute dtype ``dtype``."""
     out = {}
@@ -268,6 +288,11 @@ def candidates(g: _Geom, dtype: torch.dtype) -> dict:
     if dtype == torch.float32 and NNPackConv.applies(g) and nnpack_available():
         out["nnpack"] = NNPackConv(g)
     out["torch" + suffix] = TorchConv(g, dtype, w)
+    if dtype == torch.float16:
+        if mkldnn_available():
+            out["onednn-fp32" + suffix] = Fp32MathConv(g, dtype, "onednn")
+        if NNPackConv.applies(g) and nnpack_available():
+            out["nnpack" + suffix] = Fp32MathConv(g, dtype, "nnpack")
     if GemmConv.applies(g) and g.weight.shape[2] * g.weight.shape[3] > 1:  # a 1x1 conv: gemm1x1
         out["gemm" + suffix] = GemmConv(g, dtype, w)
     if Gemm1x1Conv.applies(g):
@@ -490,7 +515,7 @@ def plan_model(model: SegmentationModel, dtype: torch.dtype = torch.float32, **k
 
 
 __all__ = [
-    "ConvPlanner", "CppPool", "Gemm1x1Conv", "NNPackConv", "OneDnnConv", "PlannedConv", "PlannedPool",
-    "TorchConv", "TorchPool", "candidates", "format_plan", "mkldnn_available", "native_bf16",
+    "ConvPlanner", "CppPool", "Fp32MathConv", "Gemm1x1Conv", "NNPackConv", "OneDnnConv", "PlannedConv",
+    "PlannedPool", "TorchConv", "TorchPool", "candidates", "format_plan", "mkldnn_available", "native_bf16",
     "nnpack_available", "plan_model", "wall_timer",
 ]  # fmt: skip
