@@ -410,12 +410,14 @@ def test_gemm_conv_is_the_convolution_when_the_kernel_covers_the_input():
         GemmConv(g, torch.float32)(torch.randn(1, 32, 5, 5), (1, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["onednn", "nnpack"])
 @pytest.mark.parametrize("relu, padding", [(True, (1, 1)), (False, (0, 2))])
-def test_fp16_layer_in_fp32_math_is_the_fp16_convolution(kind, relu, padding):
-    """At fp16 on a CPU the planner also offers oneDNN's and NNPACK's fp32 kernels on the
-    fp16-rounded weight: the fp16 convolution with fp32 sums (within one fp16 rounding of the
-    float64 result of the same fp16 values; NNPACK's Winograd adds ~2e-5 of the output)."""
+def test_layer_in_fp32_math_is_the_low_precision_convolution(dtype, kind, relu, padding):
+    """At fp16 (and at bf16 on CPUs without native bf16) the planner also offers oneDNN's and
+    NNPACK's fp32 kernels on the weight rounded to the dtype: the fp16 / bf16 convolution with
+    fp32 sums (within one rounding to the dtype of the float64 result of the same rounded values;
+    NNPACK's Winograd adds ~2e-5 of the output)."""
     from fastfcn.runtime.cpu_fast import Fp32MathConv, _Geom
 
     if kind == "nnpack" and not cpu_fast.nnpack_available():
@@ -425,30 +427,47 @@ def test_fp16_layer_in_fp32_math_is_the_fp16_convolution(kind, relu, padding):
     geom = _Geom(w, b, [1, 1], [1, 1], 1, relu=relu)
     if kind == "nnpack" and padding != (1, 1):
         padding = (1, 1)  # NNPACK pads symmetrically
-    conv = Fp32MathConv(geom, torch.float16, kind)
-    assert torch.equal(conv.inner.g.weight, w.half().float())
-    assert torch.equal(conv.inner.g.bias, b.half().float())
-    x = torch.randn(2, 16, 11, 13, generator=g).half().contiguous(memory_format=torch.channels_last)
+    conv = Fp32MathConv(geom, dtype, kind)
+    assert torch.equal(conv.inner.g.weight, w.to(dtype).float())
+    assert torch.equal(conv.inner.g.bias, b.to(dtype).float())
+    x = torch.randn(2, 16, 11, 13, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     got = conv(x, padding)
-    want = F.conv2d(x.double(), w.half().double(), b.half().double(), padding=padding)
-    want = (want.relu() if relu else want).half()
-    assert got.dtype == torch.float16 and got.is_contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x.double(), w.to(dtype).double(), b.to(dtype).double(), padding=padding)
+    want = (want.relu() if relu else want).to(dtype)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     atol = (1e-5 if kind == "onednn" else 1e-4) * want.abs().max().item()
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-10, atol=atol)
+    unit = 2**-10 if dtype == torch.float16 else 2**-7  # one unit in the last place, relative
+    torch.testing.assert_close(got.float(), want.float(), rtol=unit, atol=atol)
+
+
+def test_fp32_math_is_offered_where_the_cpu_lacks_the_arithmetic(monkeypatch):
+    from fastfcn.runtime.cpu_fast import _Geom
+
+    geom = _Geom(torch.randn(8, 4, 3, 3), torch.zeros(8), [1, 1], [1, 1], 1, relu=True)
+    monkeypatch.setattr(cpu_fast, "native_bf16", lambda: True)
+    assert cpu_fast.fp32_math_offered(torch.float16) and not cpu_fast.fp32_math_offered(torch.bfloat16)
+    assert not cpu_fast.fp32_math_offered(torch.float32)
     assert "onednn-fp32-float16" in cpu_fast.candidates(geom, torch.float16)
+    assert "onednn-fp32-bfloat16" not in cpu_fast.candidates(geom, torch.bfloat16)
+    monkeypatch.setattr(cpu_fast, "native_bf16", lambda: False)
+    assert cpu_fast.fp32_math_offered(torch.bfloat16)
+    assert "onednn-fp32-bfloat16" in cpu_fast.candidates(geom, torch.bfloat16)
 
 
-def test_fused_fp16_runs_the_fp32_math_candidate(monkeypatch):
-    wins = "onednn-fp32-float16"
+@pytest.mark.parametrize(
+    "precision, wins", [("fp16", "onednn-fp32-float16"), ("bf16", "onednn-fp32-bfloat16")]
+)
+def test_fused_low_precision_runs_the_fp32_math_candidate(monkeypatch, precision, wins):
+    monkeypatch.setattr(cpu_fast, "native_bf16", lambda: False)  # bf16: a CPU without native bf16
     monkeypatch.setattr(cpu_fast, "wall_timer", lambda name, fn, best=None: (float(name != wins), fn()))
-    seg = fastfcn.Segmenter(small("fcn8s"), device="cpu", backend="fused", precision="fp16")
+    seg = fastfcn.Segmenter(small("fcn8s"), device="cpu", backend="fused", precision=precision)
     batch = torch.randint(0, 255, (1, 37, 45, 3), dtype=torch.uint8)
     got = seg.run(batch, "logits")
-    convs = [e for e in seg.plan if e["compute_dtype"] == "float16" and e["layer"] != "maxpool"]
+    convs = [e for e in seg.plan if e["compute_dtype"] != "float32" and e["layer"] != "maxpool"]
     assert convs and {e["chosen"] for e in convs} == {wins}
     ref = fastfcn.Segmenter(small("fcn8s"), device="cpu", backend="torch").run(batch, "logits")
-    # fp16's bound for the fused backend (its registry tolerance), on the logits' range
-    bound = backend_spec("fused").tolerance["fp16"].logits * float(ref.max() - ref.min())
+    # the precision's bound for the fused backend (its registry tolerance), on the logits' range
+    bound = backend_spec("fused").tolerance[precision].logits * float(ref.max() - ref.min())
     assert float((got - ref).abs().max()) <= bound
 
 

@@ -16,8 +16,9 @@ keeps the fastest for that shape:
   candidate pays two layout changes, included in its time. Error per layer ~2e-5 of the output's
   magnitude (vs ~1e-7 direct).
 - ``torch``: torch's own conv2d (+ ReLU) at the compute dtype.
-- at fp16, also ``onednn-fp32-float16`` and ``nnpack-float16`` (``Fp32MathConv``): the fp32
-  kernels on fp16-rounded weights, the result rounded to fp16, for CPUs without fp16 arithmetic.
+- at fp16, and at bf16 on CPUs without native bf16, also ``onednn-fp32-<dtype>`` and
+  ``nnpack-<dtype>`` (``Fp32MathConv``): the fp32 kernels on weights rounded to the dtype, the
+  result rounded back, for CPUs without that arithmetic.
 
 Which one wins depends on the CPU, the thread count and the layer's shape: on this project's
 2-core Zen 4, 1 thread, NNPACK beat oneDNN for 3x3 layers of >= 64 in / >= 128 out channels at
@@ -258,12 +259,12 @@ class Gemm1x1Conv:
 
 
 class Fp32MathConv:
-    """An fp16 layer computed by an fp32 kernel: the weight and bias rounded to fp16 (the values an
-    fp16 kernel reads), the fp16 input widened, the fp32 result rounded to fp16. That is what an
-    fp16 kernel accumulating in fp32 computes, to the order of its sums. oneDNN's own fp16 path
-    needs AVX512-FP16 or AVX-NE-CONVERT, and torch's fp16 fallback is its slow direct conv: FCN-32s
-    width 0.25 at 250x250, 2 threads, AMD EPYC Zen 4, fused fp16 took 200 ms with torch's fp16
-    conv against 33 ms at fp32. On CPUs with native fp16 the planner times both."""
+    """An fp16 (or bf16) layer computed by an fp32 kernel: the weight and bias rounded to the
+    layer's dtype (the values its kernel reads), the input widened, the fp32 result rounded back.
+    That is what an fp16 / bf16 kernel accumulating in fp32 computes, to the order of its sums.
+    oneDNN's own fp16 path needs AVX512-FP16 or AVX-NE-CONVERT, and torch's fp16 fallback is its
+    slow direct conv: FCN-32s width 0.25 at 250x250, 2 threads, AMD EPYC Zen 4, fused fp16 took
+    200 ms with torch's fp16 conv against 33 ms at fp32. See ``fp32_math_offered`` for when."""
 
     def __init__(self, g: _Geom, dtype: torch.dtype, kind: str):
         rounded = _Geom(g.weight.to(dtype).float(), g.bias.to(dtype).float(), g.stride, g.dilation, g.groups,
@@ -275,20 +276,34 @@ class Fp32MathConv:
         return self.inner(x, padding).to(self.dtype)  # keeps the channels_last strides
 
 
-def candidates(g: _Geom, dtype: torch.dtype) -> dict:
-    """name -> ConvImpl for one layer at compute dtype ``dtype``."""
+def fp32_math_offered(dtype: torch.dtype) -> bool:
+    """Whether layers at ``dtype`` also get the ``Fp32MathConv`` candidates: at fp16 always (on a
+    CPU with native fp16 the planner times it against oneDNN's fp16 path); at bf16 where the CPU
+    has no native bf16 arithmetic. With it, a bf16 dot product does twice the multiplies of an
+    fp32 FMA per instruction, and fp32 math cannot win: FCN-32s width 0.5 at 250x250, 2 threads,
+    AMD EPYC Zen 4, fused bf16 217 ms against 836-940 ms at fp32. Without it (oneDNN held to
+    AVX512_CORE by ONEDNN_MAX_CPU_ISA) the same bf16 took 1451 ms, fp32 836 ms."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not native_bf16())
+
+
+def candidates(g: _Geom, dtype: torch.dtype, fp32_math: bool | None = None) -> dict:
+    """name -> ConvImpl for one layer at compute dtype ``dtype``. ``fp32_math``: offer the
+    ``Fp32MathConv`` candidates (None: ``fp32_math_offered(dtype)``)."""
     out = {}
     suffix = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
     w = g.weight.to(dtype)  # one copy shared by the candidates (none at fp32)
     if mkldnn_available():
         out["onednn" + suffix] = OneDnnConv(g, dtype, w)
-    # Not offered at bf16: fp32 Winograd lost to oneDNN's bf16 direct conv on every 3x3 shape of
-    # the dilated net (benchmarks/bf16_alternatives.py, 2 threads, AMD EPYC Zen 4: 416 vs 81 ms
-    # for 64->64 at 620x620, 70 vs 53 ms for 512->512 at 71x71).
+    # At bf16 only as an Fp32MathConv, where the CPU lacks native bf16: on one with it, fp32
+    # Winograd lost to oneDNN's bf16 direct conv on every 3x3 shape of the dilated net
+    # (benchmarks/bf16_alternatives.py, 2 threads, AMD EPYC Zen 4: 416 vs 81 ms for 64->64 at
+    # 620x620, 70 vs 53 ms for 512->512 at 71x71).
     if dtype == torch.float32 and NNPackConv.applies(g) and nnpack_available():
         out["nnpack"] = NNPackConv(g)
     out["torch" + suffix] = TorchConv(g, dtype, w)
-    if dtype == torch.float16:
+    if fp32_math is None:
+        fp32_math = fp32_math_offered(dtype)
+    if fp32_math:
         if mkldnn_available():
             out["onednn-fp32" + suffix] = Fp32MathConv(g, dtype, "onednn")
         if NNPackConv.applies(g) and nnpack_available():
@@ -422,10 +437,11 @@ class ConvPlanner:
         self._lock = threading.Lock()
         self._entries: list[dict] = []
         self.convs: dict[str, PlannedConv] = {}
+        widen = {torch.float32: False, dtype: fp32_math_offered(dtype)}  # reads the CPU flags once
         for step in model.conv_steps():
             g = _geometry(model, step)
             d = torch.float32 if step.name in model.head_convs else dtype
-            cands = candidates(g, d)
+            cands = candidates(g, d, widen[d])
             if only is not None:
                 cands = {k: v for k, v in cands.items() if k in only} or cands
             pc = PlannedConv(self, step.name, g, d, cands)
@@ -516,6 +532,6 @@ def plan_model(model: SegmentationModel, dtype: torch.dtype = torch.float32, **k
 
 __all__ = [
     "ConvPlanner", "CppPool", "Fp32MathConv", "Gemm1x1Conv", "NNPackConv", "OneDnnConv", "PlannedConv",
-    "PlannedPool", "TorchConv", "TorchPool", "candidates", "format_plan", "mkldnn_available", "native_bf16",
-    "nnpack_available", "plan_model", "wall_timer",
+    "PlannedPool", "TorchConv", "TorchPool", "candidates", "format_plan", "fp32_math_offered",
+    "mkldnn_available", "native_bf16", "nnpack_available", "plan_model", "wall_timer",
 ]  # fmt: skip
