@@ -4,8 +4,9 @@
 ``segment_video`` decodes with PyAV (FFmpeg) in the stream's reader thread, segments through
 ``Segmenter.stream`` (batching and inference in their own threads) and blends and encodes in
 the calling thread, so the three overlap. Every decoded frame of the chosen range is written,
-in order, with its original timestamp (variable frame rates stay correct); audio streams are
-copied packet for packet. Outputs:
+in order, with its original timestamp (variable frame rates stay correct; the frames of a raw
+stream without timestamps, .h264 and the like, at k / rate); audio streams are copied packet
+for packet. Outputs:
 
 - ``mode="overlay"`` / ``"side-by-side"``: H.264 (libx264, yuv420p; yuv444p when a side is
   odd, which 4:2:0 cannot hold), audio copied.
@@ -333,8 +334,15 @@ class _Decoder:
             return min((self.container.start_time or 0) / 1e6, 0.0) + self.container.duration / 1e6
         return None
 
+    @property
+    def untimed(self) -> bool:
+        """The container stores no timestamps (raw H.264 / HEVC / MPEG-4 streams, .h264 and the
+        like): its frames are timed by their order and rate (``_in_range``) and it cannot be
+        seeked by time (FFmpeg refuses, and leaves the demuxer at the end of the file)."""
+        return bool(self.container.format.flags & _av().format.Flags.no_timestamps.value)
+
     def _seek(self) -> None:
-        if self.start > 0:
+        if self.start > 0 and not self.untimed:
             tb = self.video.time_base
             try:  # to the keyframe at or before start; frames before start are decoded and dropped
                 self.container.seek(int(self.start / tb), stream=self.video, backward=True)
@@ -355,6 +363,10 @@ class _Decoder:
         go to ``audio_packets``. A decoding error raises InputError (``_damaged``)."""
         av = _av()
         self._seek()
+        tb = self.video.time_base
+        # A frame without a timestamp (an untimed stream's) follows the one before by its duration
+        # (1 / rate when the parser gives none), from 0: the times FFmpeg plays it at.
+        next_pts, tick = 0, max(1, round(1 / (float(self.rate) * tb))) if tb else 1
         try:
             for packet in self.container.demux(self.video, *self.audio):
                 if packet.stream.type == "audio":
@@ -365,6 +377,9 @@ class _Decoder:
                         self.audio_packets.append(packet)
                     continue
                 for frame in packet.decode():
+                    if frame.pts is None:
+                        frame.pts = next_pts
+                    next_pts = frame.pts + (frame.duration or tick)
                     t = frame.time if frame.time is not None else self.decoded / float(self.rate)
                     if t < self.start - 1e-6:
                         continue

@@ -248,6 +248,41 @@ def test_thousand_vfr_frames_in_order_with_their_timestamps(tmp_path):
     assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
 
 
+
+def test_raw_h264_without_timestamps_is_timed_by_its_frame_rate(seg, tmp_path):
+    """A raw H.264 stream (.h264: what Raspberry Pi cameras and many dashcams write) stores no
+    timestamps: its frames are k / rate, as FFmpeg plays them, and start / duration select by
+    those times (the file cannot be seeked by time; it is decoded from its first frame)."""
+    src = tmp_path / "cam.h264"
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
+    with av.open(str(src), "w", format="h264") as c:
+        s = c.add_stream("libx264", rate=25, options={"crf": "0"})
+        s.height, s.width, s.pix_fmt = 48, 64, "yuv444p"
+        for k, a in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    with av.open(str(src)) as c:
+        stored = [f for f in c.decode(video=0)]
+        assert len(stored) == 10 and all(f.pts is None for f in stored)
+        stored = [f.to_ndarray(format="rgb24") for f in stored]
+    for kwargs, ks in (({}, range(10)), ({"start": 0.2, "duration": 0.2}, range(5, 10)),
+                       ({"start": 0.1, "duration": 0.1}, range(3, 5))):  # fmt: skip
+        out = tmp_path / "labels.mkv"
+        summary = segment_video(src, out, seg, mode="labels", progress=False, **kwargs)
+        got = decode(out)
+        assert summary["frames_out"] == len(got) == len(ks), kwargs
+        assert [t for t, _ in got] == pytest.approx([k / 25 for k in ks], abs=1e-6)
+        expect = seg.run([stored[k] for k in ks])
+        assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
+    over = tmp_path / "over.mp4"
+    segment_video(src, over, seg, progress=False)
+    assert [t for t, _ in decode(over)] == pytest.approx([k / 25 for k in range(10)], abs=1e-6)
+
 # ------------------------------------------------------------------- RGB-D: depth and HHA videos
 
 RGBD = {"depth": "nyud-fcn32s-color-d", "hha": "nyud-fcn32s-color-hha"}
