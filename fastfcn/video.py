@@ -124,6 +124,11 @@ class _PngWriter:
     """One palette PNG per frame in a directory (pixel values are class ids)."""
 
     def __init__(self, path: Path, palette):
+        created = []
+        for folder in (path, *path.parents):
+            if folder.exists():
+                break
+            created.append(folder)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -131,6 +136,7 @@ class _PngWriter:
         if not os.access(path, os.W_OK):
             raise InputError(f"{path}: the label directory is not writable")
         self.path, self.palette, self.n = path, palette, 0
+        self.created = created  # removed again (if still empty) when no frame was written
 
     def write(self, arr: np.ndarray, pts: int, time_base) -> None:
         from .viz import save_labels
@@ -142,7 +148,12 @@ class _PngWriter:
         pass
 
     def close(self) -> None:
-        pass
+        if self.n == 0:
+            for folder in self.created:  # the deepest first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _is_dir_target(path: str | os.PathLike) -> bool:
@@ -270,6 +281,10 @@ class _Decoder:
         self.keep_audio = True  # False while frames past an error are only counted
         self.decoded = 0
         self.last_time: float | None = None
+        # The times of the frames just outside the range (the last before start, the first at its
+        # end), for the error of a range that holds no frame.
+        self.before: float | None = None
+        self.after: float | None = None
         self.second: _Decoder | None = None
         self.colour: _Decoder | None = None  # set by pair_by_time: this one then pairs by time
         self._range = None  # a second video's frames of the range, as take() consumes them
@@ -382,12 +397,29 @@ class _Decoder:
                     next_pts = frame.pts + (frame.duration or tick)
                     t = frame.time if frame.time is not None else self.decoded / float(self.rate)
                     if t < self.start - 1e-6:
+                        self.before = t
                         continue
                     if self.end is not None and t >= self.end - 1e-6:
+                        self.after = t
                         return  # past the end of the range
                     yield frame, t
         except av.error.FFmpegError as e:
             raise self._damaged(f"{type(e).__name__}: {e.strerror or e}") from None
+
+    def _nothing_in_range(self) -> InputError:
+        """The error of a video with no frame in the range (none at all, or start past its end)."""
+        if self.before is None and self.after is None:
+            return InputError(f"{self.path}: has no video frames; nothing was written")
+        end = "its end" if self.end is None else f"{self.end:.3f} s"
+        near = []
+        if self.before is not None:
+            near.append(f"the last frame before it is at {self.before:.3f} s")
+        if self.after is not None:
+            near.append(f"the first frame after it at {self.after:.3f} s")
+        return InputError(
+            f"{self.path}: no frame from {self.start:.3f} s to {end} (start / duration, in seconds of the "
+            f"video's timeline): {', '.join(near)}; nothing was written"
+        )
 
     def _array(self, frame, fmt: str) -> np.ndarray:
         try:
@@ -425,6 +457,8 @@ class _Decoder:
                     self.groups.append(group)
                     yield head
                     group = []
+            if self.decoded == 0:
+                raise self._nothing_in_range()
             self._check_complete()
             if self.second is not None:
                 self.second.check_rest(self)

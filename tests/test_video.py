@@ -136,6 +136,37 @@ def test_odd_size_is_encoded(seg, tmp_path):
     assert len(frames) == 4 and frames[0][1].shape == (33, 45, 3)
 
 
+def test_a_range_without_frames_is_an_error_not_an_empty_success(seg, clip, tmp_path):
+    """start past the end, a range between two frames, a file whose video stream holds no frame:
+    InputError saying nothing was written (an earlier run's file stays as it was, no label folder
+    is left behind), not a summary of 0 frames naming a destination that was never written."""
+    out = tmp_path / "seg.mp4"
+    out.write_bytes(b"an earlier run's video")
+    labels = tmp_path / "labels" / "run"
+    for kwargs, message in (
+        ({"start": 5}, r"no frame from 5\.000 s to its end \(start / duration, in seconds of the video's "
+                       r"timeline\): the last frame before it is at 0\.539 s; nothing was written$"),
+        ({"start": 0.01, "duration": 0.02},
+         r"no frame from 0\.010 s to 0\.030 s .*: the last frame before it is at 0\.000 s, the first frame "
+         r"after it at 0\.040 s; nothing"),
+    ):  # fmt: skip
+        with pytest.raises(InputError, match=f"^{re.escape(str(clip))}: {message}"):
+            segment_video(clip, out, seg, labels_out=labels, progress=False, **kwargs)
+        assert out.read_bytes() == b"an earlier run's video" and not (tmp_path / "labels").exists()
+    silent = tmp_path / "no_frames.mkv"  # a video stream and an audio stream, frames only in the audio
+    with av.open(str(silent), "w") as c:
+        v = c.add_stream("ffv1", rate=25)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=8000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        f.sample_rate, f.pts = 8000, 0
+        for p in [*a.encode(f), *a.encode(None)]:
+            c.mux(p)
+    nothing = "has no video frames; nothing was written$"
+    with pytest.raises(InputError, match=f"^{re.escape(str(silent))}: {nothing}"):
+        segment_video(silent, out, seg, labels_out=labels, progress=False)
+    assert out.read_bytes() == b"an earlier run's video" and not (tmp_path / "labels").exists()
+
 def test_corrupt_video_writes_frames_before_the_damage(seg, tmp_path):
     src = tmp_path / "clip.mp4"
     make_video(src, n=40, audio=False)
