@@ -356,13 +356,26 @@ class _Decoder:
         seeked by time (FFmpeg refuses, and leaves the demuxer at the end of the file)."""
         return bool(self.container.format.flags & _av().format.Flags.no_timestamps.value)
 
-    def _seek(self) -> None:
-        if self.start > 0 and not self.untimed:
-            tb = self.video.time_base
-            try:  # to the keyframe at or before start; frames before start are decoded and dropped
-                self.container.seek(int(self.start / tb), stream=self.video, backward=True)
-            except Exception:  # noqa: BLE001 - not seekable: decode from the beginning instead
-                pass
+    def _seek(self) -> bool:
+        """Seek to the keyframe at or before start (frames before start are then decoded and
+        dropped); True when the position is the seek's (``_in_range`` checks where it landed)."""
+        if self.start <= 0 or self.untimed:
+            return False
+        try:
+            self.container.seek(int(self.start / self.video.time_base), stream=self.video, backward=True)
+        except Exception:  # noqa: BLE001 - not seekable by time: decode from the beginning (_rewind)
+            pass
+        return True
+
+    def _rewind(self) -> None:
+        """Back to the first packet, after a seek that landed past start (``_in_range``)."""
+        try:
+            self.container.seek(0, backward=True)
+        except Exception as e:  # noqa: BLE001 - PyAV raises several kinds
+            raise InputError(f"{self.path}: cannot be read from its beginning again after seeking to "
+                             f"{self.start:.3f} s ({e}); segment it without start") from None  # fmt: skip
+        self.audio_packets.clear()  # those of the seek's pass: no frame was given out yet
+        self.before = self.after = None
 
     def _damaged(self, cause: str) -> InputError:
         t = "" if self.last_time is None else f" (t={self.last_time:.3f} s is the last good frame)"
@@ -375,9 +388,28 @@ class _Decoder:
 
     def _in_range(self):
         """(frame, t) of each decoded frame of the range, in order; the audio packets of the range
-        go to ``audio_packets``. A decoding error raises InputError (``_damaged``)."""
+        go to ``audio_packets``. A decoding error raises InputError (``_damaged``).
+
+        A seek to start can land past it: in a file without an index (MPEG-TS, .ts / .mts / .m2ts)
+        FFmpeg finds a packet near start by its timestamp, not the keyframe before it, and the
+        decoder drops every frame up to the next keyframe. A 10 s H.264 .ts with a keyframe each
+        second, start=1.5, duration=0.6: 1 of the 15 frames came out, from 2.08 s (read with
+        PyAV). So when the first frame after the seek is later than start, or none comes, the file
+        is decoded again from its beginning."""
+        if not self._seek():
+            yield from self._decode()
+            return
+        try:
+            yield from self._decode(landing=True)
+            return
+        except _LandedPast:
+            self._rewind()
+        yield from self._decode()
+
+    def _decode(self, landing: bool = False):
+        """``_in_range`` from where the container is; ``landing``: raise _LandedPast, before
+        anything is given out, when the first frame is later than start or there is none."""
         av = _av()
-        self._seek()
         tb = self.video.time_base
         # A frame without a timestamp (an untimed stream's) follows the one before by its duration
         # (1 / rate when the parser gives none), from 0: the times FFmpeg plays it at.
@@ -396,6 +428,9 @@ class _Decoder:
                         frame.pts = next_pts
                     next_pts = frame.pts + (frame.duration or tick)
                     t = frame.time if frame.time is not None else self.decoded / float(self.rate)
+                    if landing and t > self.start + 1e-6:
+                        raise _LandedPast
+                    landing = False
                     if t < self.start - 1e-6:
                         self.before = t
                         continue
@@ -405,6 +440,8 @@ class _Decoder:
                     yield frame, t
         except av.error.FFmpegError as e:
             raise self._damaged(f"{type(e).__name__}: {e.strerror or e}") from None
+        if landing:
+            raise _LandedPast
 
     def _nothing_in_range(self) -> InputError:
         """The error of a video with no frame in the range (none at all, or start past its end)."""
@@ -641,6 +678,10 @@ def _check_sizes(colour: _Decoder, second: _Decoder) -> None:
 
 
 _ENDED = object()  # take(): the second video has no frame left in the range
+
+
+class _LandedPast(Exception):
+    """_Decoder._decode: the seek to start landed past it (frames of the range would be lost)."""
 
 
 class _Near:

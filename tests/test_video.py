@@ -127,6 +127,34 @@ def test_start_and_duration_select_by_time(seg, clip, tmp_path):
     assert got == pytest.approx(want, abs=1e-3) and s["frames_out"] == len(want) == 6
 
 
+
+def test_start_in_an_mpeg_ts_keeps_every_frame_of_the_range(seg, tmp_path):
+    """MPEG-TS (.ts / .mts: camcorders, broadcast, DVRs) has no index: a seek to start lands on
+    a packet near it, not on the keyframe before it, and the frames up to the next keyframe
+    were lost (start=1.5: 1 frame of 15 written, from 2.08 s)."""
+    src = tmp_path / "cam.ts"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=25, options={"g": "25", "keyint_min": "25", "sc_threshold": "0"})
+        s.height, s.width, s.pix_fmt = 48, 64, "yuv420p"
+        for k in range(100):  # a keyframe every second
+            f = av.VideoFrame.from_ndarray(np.random.default_rng(k).integers(0, 256, (48, 64, 3), np.uint8),
+                                           format="rgb24")  # fmt: skip
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    stored = decode(src)
+    for start in (1.5, 2.3):
+        want = [(t, a) for t, a in stored if start <= t < start + 0.6]
+        out = tmp_path / "labels.mkv"
+        summary = segment_video(src, out, seg, mode="labels", start=start, duration=0.6, progress=False)
+        got = decode(out)
+        assert summary["frames_out"] == len(got) == len(want) == 15
+        assert [t for t, _ in got] == pytest.approx([t for t, _ in want], abs=1e-6)
+        expect = seg.run([a for _, a in want])
+        assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
+
 def test_odd_size_is_encoded(seg, tmp_path):
     src = tmp_path / "odd.mkv"
     make_video(src, n=4, size=(33, 45), audio=False, codec="ffv1")
