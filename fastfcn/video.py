@@ -713,10 +713,12 @@ def _count(frames, dec: _Decoder) -> tuple[int, bool]:
 # ------------------------------------------------------------------------------- segment_video
 
 
-def check_paths(source, destination, labels_out, second=None) -> tuple[Path, Path | None, Path | None]:
+def check_paths(source, destination, labels_out, second=None, mode: str = "overlay"
+                ) -> tuple[Path, Path | None, Path | None]:  # fmt: skip
     """``segment_video``'s paths checked before any work: the input (and ``second``, the depth /
     HHA video of a two-input net) exists, no output is an input or the other output, every
-    output can be written. Returns source, destination and labels_out as Paths."""
+    output can be written, and the destination of a picture ``mode`` is a file whose container
+    holds H.264 (``check_picture_target``). Returns source, destination and labels_out as Paths."""
     src = Path(source)
     ins = [src] + ([Path(second)] if second is not None else [])
     for path in ins:
@@ -741,7 +743,36 @@ def check_paths(source, destination, labels_out, second=None) -> tuple[Path, Pat
                 raise InputError(f"{out}: cannot write here: the folder {parent} does not exist")
             if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
                 raise InputError(f"{out}: cannot write here: permission denied")
+    if dst is not None and mode != "labels":
+        check_picture_target(dst, mode)
     return src, dst, lab
+
+
+PICTURE_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".nut")  # for the messages: containers that hold H.264
+
+
+def check_picture_target(path: Path, mode: str) -> None:
+    """An overlay / side-by-side video is one file in a container that holds H.264: a folder, a
+    name without a suffix or a container without H.264 (.webm, .gif, .png, .wav) failed only at
+    the first frame, after the model loaded, with FFmpeg's words ("'webm' format does not
+    support 'libx264' codec", "[Errno 21] Is a directory"). Opening for writing creates nothing
+    (the file is created with its header, at the first frame)."""
+    av = _av()
+    want = ", ".join(PICTURE_SUFFIXES)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; mode {mode!r} writes one video file ({want})")
+    try:
+        container = av.open(str(path), "w")
+    except (OSError, av.error.FFmpegError, ValueError):
+        raise InputError(f"{path}: no video format has the suffix {path.suffix!r}; mode {mode!r} writes one "
+                         f"H.264 video file ({want})") from None  # fmt: skip
+    try:
+        container.add_stream("libx264", rate=25)
+    except (ValueError, av.error.FFmpegError):
+        raise InputError(f"{path}: the {container.format.name} format cannot hold H.264 video, which mode "
+                         f"{mode!r} writes; expected {want}") from None  # fmt: skip
+    finally:
+        container.close()
 
 
 def head_target(path, head: str) -> Path:
@@ -770,11 +801,11 @@ def _head_paths(value, heads, what: str) -> dict:
     return {n: head_target(value, n) for n in names}
 
 
-def _check_head_paths(source, dsts: dict, labs: dict, second=None) -> None:
+def _check_head_paths(source, dsts: dict, labs: dict, second=None, mode: str = "overlay") -> None:
     """Every head's paths checked as ``check_paths`` checks one pair, and no two heads' alike."""
     seen: dict = {}
     for name in dsts:
-        check_paths(source, dsts[name], labs[name], second)
+        check_paths(source, dsts[name], labs[name], second, mode)
         for p in (dsts[name], labs[name]):
             if p is None:
                 continue
@@ -887,7 +918,7 @@ def segment_video(
     check_options(mode, alpha, batch_size, every, start, duration, pair, pair_tolerance)
     given = depth if depth is not None else hha
     if not isinstance(destination, dict) and not isinstance(labels_out, dict):
-        check_paths(source, destination, labels_out, given)  # before any model loads
+        check_paths(source, destination, labels_out, given, mode)  # before any model loads
     src = Path(source)
     _av()
     seg = segmenter
@@ -902,7 +933,7 @@ def segment_video(
     heads = seg.heads
     dsts = _head_paths(destination, heads, "destination")
     labs = _head_paths(labels_out, heads, "labels_out")
-    _check_head_paths(src, dsts, labs, given)
+    _check_head_paths(src, dsts, labs, given, mode)
     palettes = seg.head_palettes() if heads else {None: seg.palette}
     classes = dict(heads) if heads else {None: int(seg.config.get("num_classes", 256))}
     t0 = time.perf_counter()

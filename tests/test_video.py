@@ -244,6 +244,9 @@ def test_cli_writes_overlay_and_summary(clip, tmp_path, capsys):
         ("same", "is the input"),
         ("no_folder", "does not exist"),
         ("label_suffix", "lossless FFV1"),
+        ("webm", "o.webm: the webm format cannot hold H.264 video, which mode 'overlay' writes; expected"),
+        ("folder_out", "o.mp4: is a folder; mode 'overlay' writes one video file (.mp4"),
+        ("no_suffix", "o: no video format has the suffix ''; mode 'overlay' writes one H.264 video file"),
     ],
 )
 def test_cli_bad_input_one_line_status_1(clip, tmp_path, capsys, case, message):
@@ -270,6 +273,10 @@ def test_cli_bad_input_one_line_status_1(clip, tmp_path, capsys, case, message):
         out = tmp_path / "missing" / "o.mp4"
     elif case == "label_suffix":
         extra = ["--labels-out", str(tmp_path / "labels.mp4")]
+    elif case in ("webm", "no_suffix"):  # these failed at the first frame, after the model loaded
+        out = tmp_path / ("o.webm" if case == "webm" else "o")
+    elif case == "folder_out":
+        out.mkdir()
     rc = cli.main(["video", str(DEMO_MODEL), str(src), str(out), "--device", "cpu", "--quiet", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and message in err[0], err
