@@ -13,7 +13,8 @@ for packet. Outputs:
 - ``mode="labels"`` and ``labels_out``: a lossless video of class ids, FFV1 gray8 (gray16le
   above 256 classes) in .mkv / .avi / .nut, whose decoded frames equal the label maps
   exactly; a directory instead (an existing one, or a path ending in "/" or without a suffix)
-  gets one palette PNG per frame, ``frame_000000.png``, ... (the ``segment`` command's format).
+  gets one palette PNG per frame, ``frame_000000.png``, ... (the ``segment`` command's format;
+  an earlier run's frame PNGs there are replaced, ``_PngWriter``).
 
 A net with several heads (SIFT Flow: semantic and geometric) writes every output once per head,
 each in that head's colours: ``street_seg.mp4`` becomes ``street_seg.semantic.mp4`` and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -121,7 +123,10 @@ class _VideoWriter:
 
 
 class _PngWriter:
-    """One palette PNG per frame in a directory (pixel values are class ids)."""
+    """One palette PNG per frame in a directory (pixel values are class ids). The frame PNGs of
+    an earlier run there (``FRAME_PNG``) are removed when the first frame is written, so the
+    folder holds this run's frames only, as a video file holds its run's: a shorter second run
+    left the first run's later frames beside its own."""
 
     def __init__(self, path: Path, palette):
         created = []
@@ -141,6 +146,13 @@ class _PngWriter:
     def write(self, arr: np.ndarray, pts: int, time_base) -> None:
         from .viz import save_labels
 
+        if self.n == 0:
+            try:
+                for f in self.path.iterdir():
+                    if FRAME_PNG.fullmatch(f.name) and f.is_file():
+                        f.unlink()
+            except OSError as e:
+                raise InputError(f"{self.path}: cannot remove an earlier run's frame PNGs ({e})") from None
         save_labels(arr, self.palette, self.path / f"frame_{self.n:06d}.png")
         self.n += 1
 
@@ -154,6 +166,9 @@ class _PngWriter:
                     folder.rmdir()
                 except OSError:
                     break
+
+
+FRAME_PNG = re.compile(r"frame_\d{6,}\.png")  # what _PngWriter names its frames
 
 
 def _is_dir_target(path: str | os.PathLike) -> bool:

@@ -119,6 +119,26 @@ def test_every_reuses_labels_and_png_labels_out(seg, clip, tmp_path):
     assert decode(out)[0][1].shape == (48, 128, 3)
 
 
+
+def test_a_label_folder_holds_this_runs_frames_only(seg, clip, tmp_path):
+    """A second, shorter run into the label folder of a first one: the folder holds the second
+    run's frames only, as a label video would (the first run's frame_000005.png ... are not left
+    beside them as if they were frames of this run); other files stay."""
+    from PIL import Image
+
+    pngs = tmp_path / "labels"
+    segment_video(clip, tmp_path / "a.mkv", seg, mode="labels", labels_out=pngs, progress=False)
+    assert len(list(pngs.glob("frame_*.png"))) == 12
+    (pngs / "notes.txt").write_text("mine")
+    (pngs / "frame_12.png").write_bytes(b"not one of ours")
+    s = segment_video(clip, tmp_path / "b.mkv", seg, mode="labels", labels_out=pngs, duration=0.2,
+                      progress=False)  # fmt: skip
+    files = sorted(f.name for f in pngs.iterdir())
+    assert s["frames_out"] == 5
+    assert files == [f"frame_{k:06d}.png" for k in range(5)] + ["frame_12.png", "notes.txt"]
+    for f, (_, lab) in zip(sorted(pngs.glob("frame_0*.png")), decode(tmp_path / "b.mkv")):
+        np.testing.assert_array_equal(np.array(Image.open(f)), lab)
+
 def test_start_and_duration_select_by_time(seg, clip, tmp_path):
     out = tmp_path / "part.mkv"
     s = segment_video(clip, out, seg, mode="labels", start=0.1, duration=0.3, progress=False)
