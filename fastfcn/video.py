@@ -1013,6 +1013,11 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
     out = segmented = 0
     encode_s = 0.0
     mains = [main for main, _, _ in outs.values()]
+    # A video keeps its frames in time order (the muxer refuses a timestamp that goes back, as an
+    # unwritable output: "Invalid argument"); a folder of PNGs has no timestamps to keep.
+    timed = any(isinstance(w, _VideoWriter) for main, labels_writer, _ in outs.values()
+                for w in (main, labels_writer))  # fmt: skip
+    last = None  # (pts, time) of the last frame written
     # Closing waits for the reader to leave the decoder: the container is closed after this.
     results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats, source_wait_s=JOIN_S)
     try:
@@ -1022,6 +1027,9 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
             segmented += 1
             group = dec.groups.popleft()
             for pts, time_base, rgb in group:
+                if timed and last is not None and pts <= last[0]:
+                    raise _backwards(dec, out, float(pts * time_base), last[1])
+                last = pts, float(pts * time_base)
                 for name, (main, labels_writer, palette) in outs.items():
                     lab = labels[name]
                     if mode == "overlay":
@@ -1052,6 +1060,16 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
         "inference_s": stats.infer_s + stats.batch_s,
         "encode_s": encode_s,
     }
+
+
+def _backwards(dec: _Decoder, k: int, t: float, before: float) -> InputError:
+    """The error of frame ``k`` whose time ``t`` is not after the frame before it (at ``before``)."""
+    return InputError(
+        f"{dec.path}: frame {k} is at {t:.3f} s, not after frame {k - 1} at {before:.3f} s: its timestamps "
+        "go back (files joined end to end, as `cat a.ts b.ts` joins them, or damage) and a video keeps its "
+        f"frames in time order; segment the parts one by one (start / duration) or give a folder for PNGs; "
+        f"the {k} frames before it were written"
+    )
 
 
 def _mux_audio(dec: _Decoder, writers: list) -> None:

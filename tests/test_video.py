@@ -245,6 +245,27 @@ def test_truncated_video_is_reported(seg, tmp_path):
     assert 0 < len(decode(out)) < 40
 
 
+
+def test_timestamps_that_go_back_are_named_in_the_input(seg, tmp_path):
+    """Two MPEG-TS files joined end to end (`cat a.ts b.ts`, as recorded segments are joined):
+    the second part's timestamps start again. A video output stopped with "o.mkv: cannot write
+    the output video (Invalid argument)", blaming the output; now the input's frame is named,
+    after the frames before it; a folder of PNGs, which has no timestamps, takes every frame."""
+    part = tmp_path / "part.ts"
+    make_video(part, n=10, audio=False)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(part.read_bytes() * 2)
+    times = [t for t, _ in decode(joined)]
+    assert len(times) == 20 and times[10] < times[9]
+    out = tmp_path / "o.mkv"
+    message = (f"^{re.escape(str(joined))}: frame 10 is at {times[10]:.3f} s, not after frame 9 at "
+               f"{times[9]:.3f} s: its timestamps go back .* the 10 frames before it were written$")
+    with pytest.raises(InputError, match=message):
+        segment_video(joined, out, seg, mode="labels", batch_size=4, progress=False)
+    assert [t for t, _ in decode(out)] == pytest.approx(times[:10], abs=1e-6)
+    s = segment_video(joined, tmp_path / "pngs", seg, mode="labels", progress=False)
+    assert s["frames_out"] == len(list((tmp_path / "pngs").glob("frame_*.png"))) == 20
+
 def test_cli_writes_overlay_and_summary(clip, tmp_path, capsys):
     out = tmp_path / "o.mp4"
     rc = cli.main(["video", str(DEMO_MODEL), str(clip), str(out), "--batch-size", "4", "--device", "cpu",
