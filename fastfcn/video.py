@@ -73,6 +73,9 @@ class _VideoWriter:
             raise InputError(f"{path}: cannot write the output video ({e})") from None
         self.audio_in, self.audio = list(audio), {}
         self.stream = None
+        # Degrees of the input's display rotation (a phone's portrait video stores landscape
+        # frames): set before the first frame, so the output plays turned as the input does.
+        self.rotation = 0
 
     def _open_video(self, h: int, w: int) -> None:
         if self.lossless:
@@ -82,6 +85,8 @@ class _VideoWriter:
             s = self.container.add_stream("libx264", rate=self.rate, options=dict(H264_OPTIONS))
             s.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
         s.width, s.height = w, h
+        if self.rotation:
+            s.set_display_rotation(self.rotation)
         # The input's time base: frames keep their timestamps (a VFR file stays VFR).
         s.time_base = self.time_base
         s.codec_context.time_base = self.time_base
@@ -294,6 +299,7 @@ class _Decoder:
         self.groups: collections.deque = collections.deque()
         self.audio_packets: collections.deque = collections.deque()
         self.keep_audio = True  # False while frames past an error are only counted
+        self.rotation = 0  # degrees, the display rotation of the frames (set as they are decoded)
         self.decoded = 0
         self.last_time: float | None = None
         # The times of the frames just outside the range (the last before start, the first at its
@@ -446,6 +452,7 @@ class _Decoder:
                     if landing and t > self.start + 1e-6:
                         raise _LandedPast
                     landing = False
+                    self.rotation = frame.rotation
                     if t < self.start - 1e-6:
                         self.before = t
                         continue
@@ -1015,8 +1022,9 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
     mains = [main for main, _, _ in outs.values()]
     # A video keeps its frames in time order (the muxer refuses a timestamp that goes back, as an
     # unwritable output: "Invalid argument"); a folder of PNGs has no timestamps to keep.
-    timed = any(isinstance(w, _VideoWriter) for main, labels_writer, _ in outs.values()
-                for w in (main, labels_writer))  # fmt: skip
+    writers = [w for main, labels_writer, _ in outs.values() for w in (main, labels_writer)
+               if isinstance(w, _VideoWriter)]  # fmt: skip
+    timed = bool(writers)
     last = None  # (pts, time) of the last frame written
     # Closing waits for the reader to leave the decoder: the container is closed after this.
     results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats, source_wait_s=JOIN_S)
@@ -1026,6 +1034,9 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
             labels = host_results(result)  # {head: (H, W)}; {None: (H, W)} for one head
             segmented += 1
             group = dec.groups.popleft()
+            if segmented == 1:  # the outputs' streams are created with the first frame
+                for w in writers:
+                    w.rotation = dec.rotation
             for pts, time_base, rgb in group:
                 if timed and last is not None and pts <= last[0]:
                     raise _backwards(dec, out, float(pts * time_base), last[1])

@@ -215,6 +215,29 @@ def test_a_range_without_frames_is_an_error_not_an_empty_success(seg, clip, tmp_
         segment_video(silent, out, seg, labels_out=labels, progress=False)
     assert out.read_bytes() == b"an earlier run's video" and not (tmp_path / "labels").exists()
 
+
+def test_a_rotated_video_stays_rotated(seg, tmp_path):
+    """A phone's portrait video stores landscape frames and a display rotation players apply: the
+    outputs, stored as the input's frames are, carry the same rotation, so they play upright as
+    the input does (they played sideways)."""
+    src = tmp_path / "phone.mp4"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(90)
+        for k in range(3):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * k, np.uint8), format="rgb24")
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    segment_video(src, tmp_path / "o.mp4", seg, labels_out=tmp_path / "l.mkv", progress=False)
+    for path in (src, tmp_path / "o.mp4", tmp_path / "l.mkv"):
+        with av.open(str(path)) as c:
+            frames = list(c.decode(video=0))
+        assert [(f.rotation, f.width, f.height) for f in frames] == [(90, 64, 48)] * 3, path
+
 def test_corrupt_video_writes_frames_before_the_damage(seg, tmp_path):
     src = tmp_path / "clip.mp4"
     make_video(src, n=40, audio=False)
