@@ -8,8 +8,10 @@ What ``read_image`` guarantees, and why:
   20000 x 20000 (1.2 GB as RGB). Pillow reads the header lazily in ``Image.open``, so
   ``max_pixels`` is checked there; Pillow's own decompression-bomb error (above 2 x
   ``Image.MAX_IMAGE_PIXELS``, 179 M pixels by default) becomes the same one-line InputError.
-- EXIF orientation is applied (``ImageOps.exif_transpose``), so labels line up with the
-  image as every viewer shows it.
+- EXIF orientation is applied, so labels line up with the image as every viewer shows it.
+  Only the Orientation tag is read (``upright``): ``ImageOps.exif_transpose`` also writes the
+  EXIF back, which fails (struct.error, TypeError) on a tag stored with another type than the
+  standard's, e.g. an ASCII XResolution, though the pixels and the orientation read fine.
 - Modes are converted by their meaning, not by Pillow's clipping: 16-bit greyscale
   ("I;16*", and "I", which Pillow uses for 16-bit PNGs) is scaled 0..65535 -> 0..255
   (``convert("RGB")`` clips instead, so a 16-bit photo came out all white); "L", "1", "P"
@@ -72,12 +74,26 @@ def to_rgb(im) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)
 
 
+# EXIF Orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = 0x0112
+_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+              7: "TRANSVERSE", 8: "ROTATE_90"}  # fmt: skip
+
+
+def upright(im):
+    """A loaded PIL image turned as its EXIF Orientation says (itself when there is none): the
+    tag is only read, the rest of the EXIF is neither parsed further nor written back."""
+    from PIL import Image
+
+    orientation = im.getexif().get(_ORIENTATION)
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return im if method is None else im.transpose(Image.Transpose[method])
+
+
 def from_pil(im, max_pixels: int | None = None) -> np.ndarray:
     """A PIL image of any mode -> (H, W, 3) uint8 RGB, as ``read_image`` decodes files: the size
     checked against ``max_pixels`` before decoding (an image from ``Image.open`` is still lazy),
     EXIF orientation applied, modes converted as the module docstring says."""
-    from PIL import ImageOps
-
     w, h = im.size
     if max_pixels is not None and w * h > max_pixels:
         raise InputError(
@@ -86,7 +102,7 @@ def from_pil(im, max_pixels: int | None = None) -> np.ndarray:
             "or segment it in tiles (tile=, --tile)"
         )
     im.load()
-    return to_rgb(ImageOps.exif_transpose(im))
+    return to_rgb(upright(im))
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:

@@ -4,15 +4,17 @@
 ``segment_video`` decodes with PyAV (FFmpeg) in the stream's reader thread, segments through
 ``Segmenter.stream`` (batching and inference in their own threads) and blends and encodes in
 the calling thread, so the three overlap. Every decoded frame of the chosen range is written,
-in order, with its original timestamp (variable frame rates stay correct); audio streams are
-copied packet for packet. Outputs:
+in order, with its original timestamp (variable frame rates stay correct; the frames of a raw
+stream without timestamps, .h264 and the like, at k / rate); audio streams are copied packet
+for packet. Outputs:
 
 - ``mode="overlay"`` / ``"side-by-side"``: H.264 (libx264, yuv420p; yuv444p when a side is
   odd, which 4:2:0 cannot hold), audio copied.
 - ``mode="labels"`` and ``labels_out``: a lossless video of class ids, FFV1 gray8 (gray16le
   above 256 classes) in .mkv / .avi / .nut, whose decoded frames equal the label maps
   exactly; a directory instead (an existing one, or a path ending in "/" or without a suffix)
-  gets one palette PNG per frame, ``frame_000000.png``, ... (the ``segment`` command's format).
+  gets one palette PNG per frame, ``frame_000000.png``, ... (the ``segment`` command's format;
+  an earlier run's frame PNGs there are replaced, ``_PngWriter``).
 
 A net with several heads (SIFT Flow: semantic and geometric) writes every output once per head,
 each in that head's colours: ``street_seg.mp4`` becomes ``street_seg.semantic.mp4`` and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +73,9 @@ class _VideoWriter:
             raise InputError(f"{path}: cannot write the output video ({e})") from None
         self.audio_in, self.audio = list(audio), {}
         self.stream = None
+        # Degrees of the input's display rotation (a phone's portrait video stores landscape
+        # frames): set before the first frame, so the output plays turned as the input does.
+        self.rotation = 0
 
     def _open_video(self, h: int, w: int) -> None:
         if self.lossless:
@@ -79,6 +85,8 @@ class _VideoWriter:
             s = self.container.add_stream("libx264", rate=self.rate, options=dict(H264_OPTIONS))
             s.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
         s.width, s.height = w, h
+        if self.rotation:
+            s.set_display_rotation(self.rotation)
         # The input's time base: frames keep their timestamps (a VFR file stays VFR).
         s.time_base = self.time_base
         s.codec_context.time_base = self.time_base
@@ -120,9 +128,17 @@ class _VideoWriter:
 
 
 class _PngWriter:
-    """One palette PNG per frame in a directory (pixel values are class ids)."""
+    """One palette PNG per frame in a directory (pixel values are class ids). The frame PNGs of
+    an earlier run there (``FRAME_PNG``) are removed when the first frame is written, so the
+    folder holds this run's frames only, as a video file holds its run's: a shorter second run
+    left the first run's later frames beside its own."""
 
     def __init__(self, path: Path, palette):
+        created = []
+        for folder in (path, *path.parents):
+            if folder.exists():
+                break
+            created.append(folder)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -130,10 +146,18 @@ class _PngWriter:
         if not os.access(path, os.W_OK):
             raise InputError(f"{path}: the label directory is not writable")
         self.path, self.palette, self.n = path, palette, 0
+        self.created = created  # removed again (if still empty) when no frame was written
 
     def write(self, arr: np.ndarray, pts: int, time_base) -> None:
         from .viz import save_labels
 
+        if self.n == 0:
+            try:
+                for f in self.path.iterdir():
+                    if FRAME_PNG.fullmatch(f.name) and f.is_file():
+                        f.unlink()
+            except OSError as e:
+                raise InputError(f"{self.path}: cannot remove an earlier run's frame PNGs ({e})") from None
         save_labels(arr, self.palette, self.path / f"frame_{self.n:06d}.png")
         self.n += 1
 
@@ -141,7 +165,15 @@ class _PngWriter:
         pass
 
     def close(self) -> None:
-        pass
+        if self.n == 0:
+            for folder in self.created:  # the deepest first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+FRAME_PNG = re.compile(r"frame_\d{6,}\.png")  # what _PngWriter names its frames
 
 
 def _is_dir_target(path: str | os.PathLike) -> bool:
@@ -267,8 +299,13 @@ class _Decoder:
         self.groups: collections.deque = collections.deque()
         self.audio_packets: collections.deque = collections.deque()
         self.keep_audio = True  # False while frames past an error are only counted
+        self.rotation = 0  # degrees, the display rotation of the frames (set as they are decoded)
         self.decoded = 0
         self.last_time: float | None = None
+        # The times of the frames just outside the range (the last before start, the first at its
+        # end), for the error of a range that holds no frame.
+        self.before: float | None = None
+        self.after: float | None = None
         self.second: _Decoder | None = None
         self.colour: _Decoder | None = None  # set by pair_by_time: this one then pairs by time
         self._range = None  # a second video's frames of the range, as take() consumes them
@@ -333,13 +370,33 @@ class _Decoder:
             return min((self.container.start_time or 0) / 1e6, 0.0) + self.container.duration / 1e6
         return None
 
-    def _seek(self) -> None:
-        if self.start > 0:
-            tb = self.video.time_base
-            try:  # to the keyframe at or before start; frames before start are decoded and dropped
-                self.container.seek(int(self.start / tb), stream=self.video, backward=True)
-            except Exception:  # noqa: BLE001 - not seekable: decode from the beginning instead
-                pass
+    @property
+    def untimed(self) -> bool:
+        """The container stores no timestamps (raw H.264 / HEVC / MPEG-4 streams, .h264 and the
+        like): its frames are timed by their order and rate (``_in_range``) and it cannot be
+        seeked by time (FFmpeg refuses, and leaves the demuxer at the end of the file)."""
+        return bool(self.container.format.flags & _av().format.Flags.no_timestamps.value)
+
+    def _seek(self) -> bool:
+        """Seek to the keyframe at or before start (frames before start are then decoded and
+        dropped); True when the position is the seek's (``_in_range`` checks where it landed)."""
+        if self.start <= 0 or self.untimed:
+            return False
+        try:
+            self.container.seek(int(self.start / self.video.time_base), stream=self.video, backward=True)
+        except Exception:  # noqa: BLE001 - not seekable by time: decode from the beginning (_rewind)
+            pass
+        return True
+
+    def _rewind(self) -> None:
+        """Back to the first packet, after a seek that landed past start (``_in_range``)."""
+        try:
+            self.container.seek(0, backward=True)
+        except Exception as e:  # noqa: BLE001 - PyAV raises several kinds
+            raise InputError(f"{self.path}: cannot be read from its beginning again after seeking to "
+                             f"{self.start:.3f} s ({e}); segment it without start") from None  # fmt: skip
+        self.audio_packets.clear()  # those of the seek's pass: no frame was given out yet
+        self.before = self.after = None
 
     def _damaged(self, cause: str) -> InputError:
         t = "" if self.last_time is None else f" (t={self.last_time:.3f} s is the last good frame)"
@@ -352,9 +409,32 @@ class _Decoder:
 
     def _in_range(self):
         """(frame, t) of each decoded frame of the range, in order; the audio packets of the range
-        go to ``audio_packets``. A decoding error raises InputError (``_damaged``)."""
+        go to ``audio_packets``. A decoding error raises InputError (``_damaged``).
+
+        A seek to start can land past it: in a file without an index (MPEG-TS, .ts / .mts / .m2ts)
+        FFmpeg finds a packet near start by its timestamp, not the keyframe before it, and the
+        decoder drops every frame up to the next keyframe. A 10 s H.264 .ts with a keyframe each
+        second, start=1.5, duration=0.6: 1 of the 15 frames came out, from 2.08 s (read with
+        PyAV). So when the first frame after the seek is later than start, or none comes, the file
+        is decoded again from its beginning."""
+        if not self._seek():
+            yield from self._decode()
+            return
+        try:
+            yield from self._decode(landing=True)
+            return
+        except _LandedPast:
+            self._rewind()
+        yield from self._decode()
+
+    def _decode(self, landing: bool = False):
+        """``_in_range`` from where the container is; ``landing``: raise _LandedPast, before
+        anything is given out, when the first frame is later than start or there is none."""
         av = _av()
-        self._seek()
+        tb = self.video.time_base
+        # A frame without a timestamp (an untimed stream's) follows the one before by its duration
+        # (1 / rate when the parser gives none), from 0: the times FFmpeg plays it at.
+        next_pts, tick = 0, max(1, round(1 / (float(self.rate) * tb))) if tb else 1
         try:
             for packet in self.container.demux(self.video, *self.audio):
                 if packet.stream.type == "audio":
@@ -365,14 +445,40 @@ class _Decoder:
                         self.audio_packets.append(packet)
                     continue
                 for frame in packet.decode():
+                    if frame.pts is None:
+                        frame.pts = next_pts
+                    next_pts = frame.pts + (frame.duration or tick)
                     t = frame.time if frame.time is not None else self.decoded / float(self.rate)
+                    if landing and t > self.start + 1e-6:
+                        raise _LandedPast
+                    landing = False
+                    self.rotation = frame.rotation
                     if t < self.start - 1e-6:
+                        self.before = t
                         continue
                     if self.end is not None and t >= self.end - 1e-6:
+                        self.after = t
                         return  # past the end of the range
                     yield frame, t
         except av.error.FFmpegError as e:
             raise self._damaged(f"{type(e).__name__}: {e.strerror or e}") from None
+        if landing:
+            raise _LandedPast
+
+    def _nothing_in_range(self) -> InputError:
+        """The error of a video with no frame in the range (none at all, or start past its end)."""
+        if self.before is None and self.after is None:
+            return InputError(f"{self.path}: has no video frames; nothing was written")
+        end = "its end" if self.end is None else f"{self.end:.3f} s"
+        near = []
+        if self.before is not None:
+            near.append(f"the last frame before it is at {self.before:.3f} s")
+        if self.after is not None:
+            near.append(f"the first frame after it at {self.after:.3f} s")
+        return InputError(
+            f"{self.path}: no frame from {self.start:.3f} s to {end} (start / duration, in seconds of the "
+            f"video's timeline): {', '.join(near)}; nothing was written"
+        )
 
     def _array(self, frame, fmt: str) -> np.ndarray:
         try:
@@ -410,6 +516,8 @@ class _Decoder:
                     self.groups.append(group)
                     yield head
                     group = []
+            if self.decoded == 0:
+                raise self._nothing_in_range()
             self._check_complete()
             if self.second is not None:
                 self.second.check_rest(self)
@@ -594,6 +702,10 @@ def _check_sizes(colour: _Decoder, second: _Decoder) -> None:
 _ENDED = object()  # take(): the second video has no frame left in the range
 
 
+class _LandedPast(Exception):
+    """_Decoder._decode: the seek to start landed past it (frames of the range would be lost)."""
+
+
 class _Near:
     """nearest(): a decoded frame of a second video, its time from the stream's start, whether a
     colour frame took it, its array once converted, its number in the range."""
@@ -623,10 +735,12 @@ def _count(frames, dec: _Decoder) -> tuple[int, bool]:
 # ------------------------------------------------------------------------------- segment_video
 
 
-def check_paths(source, destination, labels_out, second=None) -> tuple[Path, Path | None, Path | None]:
+def check_paths(source, destination, labels_out, second=None, mode: str = "overlay"
+                ) -> tuple[Path, Path | None, Path | None]:  # fmt: skip
     """``segment_video``'s paths checked before any work: the input (and ``second``, the depth /
     HHA video of a two-input net) exists, no output is an input or the other output, every
-    output can be written. Returns source, destination and labels_out as Paths."""
+    output can be written, and the destination of a picture ``mode`` is a file whose container
+    holds H.264 (``check_picture_target``). Returns source, destination and labels_out as Paths."""
     src = Path(source)
     ins = [src] + ([Path(second)] if second is not None else [])
     for path in ins:
@@ -651,7 +765,36 @@ def check_paths(source, destination, labels_out, second=None) -> tuple[Path, Pat
                 raise InputError(f"{out}: cannot write here: the folder {parent} does not exist")
             if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
                 raise InputError(f"{out}: cannot write here: permission denied")
+    if dst is not None and mode != "labels":
+        check_picture_target(dst, mode)
     return src, dst, lab
+
+
+PICTURE_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".nut")  # for the messages: containers that hold H.264
+
+
+def check_picture_target(path: Path, mode: str) -> None:
+    """An overlay / side-by-side video is one file in a container that holds H.264: a folder, a
+    name without a suffix or a container without H.264 (.webm, .gif, .png, .wav) failed only at
+    the first frame, after the model loaded, with FFmpeg's words ("'webm' format does not
+    support 'libx264' codec", "[Errno 21] Is a directory"). Opening for writing creates nothing
+    (the file is created with its header, at the first frame)."""
+    av = _av()
+    want = ", ".join(PICTURE_SUFFIXES)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; mode {mode!r} writes one video file ({want})")
+    try:
+        container = av.open(str(path), "w")
+    except (OSError, av.error.FFmpegError, ValueError):
+        raise InputError(f"{path}: no video format has the suffix {path.suffix!r}; mode {mode!r} writes one "
+                         f"H.264 video file ({want})") from None  # fmt: skip
+    try:
+        container.add_stream("libx264", rate=25)
+    except (ValueError, av.error.FFmpegError):
+        raise InputError(f"{path}: the {container.format.name} format cannot hold H.264 video, which mode "
+                         f"{mode!r} writes; expected {want}") from None  # fmt: skip
+    finally:
+        container.close()
 
 
 def head_target(path, head: str) -> Path:
@@ -680,11 +823,11 @@ def _head_paths(value, heads, what: str) -> dict:
     return {n: head_target(value, n) for n in names}
 
 
-def _check_head_paths(source, dsts: dict, labs: dict, second=None) -> None:
+def _check_head_paths(source, dsts: dict, labs: dict, second=None, mode: str = "overlay") -> None:
     """Every head's paths checked as ``check_paths`` checks one pair, and no two heads' alike."""
     seen: dict = {}
     for name in dsts:
-        check_paths(source, dsts[name], labs[name], second)
+        check_paths(source, dsts[name], labs[name], second, mode)
         for p in (dsts[name], labs[name]):
             if p is None:
                 continue
@@ -797,7 +940,7 @@ def segment_video(
     check_options(mode, alpha, batch_size, every, start, duration, pair, pair_tolerance)
     given = depth if depth is not None else hha
     if not isinstance(destination, dict) and not isinstance(labels_out, dict):
-        check_paths(source, destination, labels_out, given)  # before any model loads
+        check_paths(source, destination, labels_out, given, mode)  # before any model loads
     src = Path(source)
     _av()
     seg = segmenter
@@ -812,7 +955,7 @@ def segment_video(
     heads = seg.heads
     dsts = _head_paths(destination, heads, "destination")
     labs = _head_paths(labels_out, heads, "labels_out")
-    _check_head_paths(src, dsts, labs, given)
+    _check_head_paths(src, dsts, labs, given, mode)
     palettes = seg.head_palettes() if heads else {None: seg.palette}
     classes = dict(heads) if heads else {None: int(seg.config.get("num_classes", 256))}
     t0 = time.perf_counter()
@@ -877,6 +1020,12 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
     out = segmented = 0
     encode_s = 0.0
     mains = [main for main, _, _ in outs.values()]
+    # A video keeps its frames in time order (the muxer refuses a timestamp that goes back, as an
+    # unwritable output: "Invalid argument"); a folder of PNGs has no timestamps to keep.
+    writers = [w for main, labels_writer, _ in outs.values() for w in (main, labels_writer)
+               if isinstance(w, _VideoWriter)]  # fmt: skip
+    timed = bool(writers)
+    last = None  # (pts, time) of the last frame written
     # Closing waits for the reader to leave the decoder: the container is closed after this.
     results = stream(seg, dec.frames(), batch_size=batch_size, stats=stats, source_wait_s=JOIN_S)
     try:
@@ -885,7 +1034,13 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
             labels = host_results(result)  # {head: (H, W)}; {None: (H, W)} for one head
             segmented += 1
             group = dec.groups.popleft()
+            if segmented == 1:  # the outputs' streams are created with the first frame
+                for w in writers:
+                    w.rotation = dec.rotation
             for pts, time_base, rgb in group:
+                if timed and last is not None and pts <= last[0]:
+                    raise _backwards(dec, out, float(pts * time_base), last[1])
+                last = pts, float(pts * time_base)
                 for name, (main, labels_writer, palette) in outs.items():
                     lab = labels[name]
                     if mode == "overlay":
@@ -916,6 +1071,16 @@ def _run(seg, dec: _Decoder, outs: dict, mode, alpha, batch_size, progress) -> d
         "inference_s": stats.infer_s + stats.batch_s,
         "encode_s": encode_s,
     }
+
+
+def _backwards(dec: _Decoder, k: int, t: float, before: float) -> InputError:
+    """The error of frame ``k`` whose time ``t`` is not after the frame before it (at ``before``)."""
+    return InputError(
+        f"{dec.path}: frame {k} is at {t:.3f} s, not after frame {k - 1} at {before:.3f} s: its timestamps "
+        "go back (files joined end to end, as `cat a.ts b.ts` joins them, or damage) and a video keeps its "
+        f"frames in time order; segment the parts one by one (start / duration) or give a folder for PNGs; "
+        f"the {k} frames before it were written"
+    )
 
 
 def _mux_audio(dec: _Decoder, writers: list) -> None:

@@ -1,8 +1,8 @@
 """Pictures of label maps: class colours, overlays, side by side, palette PNGs.
 
 Every function takes numpy arrays: images ``(H, W, 3)`` uint8 RGB, labels ``(H, W)``
-integer class ids, and a palette of ``(R, G, B)`` rows (the checkpoint's ``palette``);
-classes beyond the palette take the PASCAL VOC colour map.
+integer class ids 0..65535 (``class_ids``), and a palette of ``(R, G, B)`` rows (the
+checkpoint's ``palette``); classes beyond the palette take the PASCAL VOC colour map.
 """
 
 from __future__ import annotations
@@ -26,9 +26,30 @@ def colour_table(palette, n: int = 256) -> np.ndarray:
     return np.asarray(palette_bytes(palette, n), dtype=np.uint8).reshape(-1, 3)
 
 
+MAX_CLASS_ID = 65535  # the largest id a label PNG holds (16-bit greyscale above 255)
+
+
+def class_ids(labels) -> np.ndarray:
+    """``labels`` as a numpy array of class ids 0..MAX_CLASS_ID (a bool mask as 0 / 1), else
+    ValueError. Unchecked, a negative id (an ignore index such as -1) took the colour of the
+    table's last row and was saved as 255, an id past 16 bits was saved wrapped (70000 as 4464),
+    and a bool or float map stopped with numpy's IndexError."""
+    labels = np.asarray(labels)
+    if labels.dtype == np.uint8:
+        return labels
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class ids; got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > MAX_CLASS_ID):
+        raise ValueError(f"labels must be class ids 0..{MAX_CLASS_ID}; got values from {labels.min()} to "
+                         f"{labels.max()}")  # fmt: skip
+    return labels
+
+
 def colourize(labels: np.ndarray, palette) -> np.ndarray:
     """labels: (H, W) class ids -> (H, W, 3) uint8 class colours."""
-    labels = np.asarray(labels)
+    labels = class_ids(labels)
     return colour_table(palette, max(256, int(labels.max(initial=0)) + 1))[labels]
 
 
@@ -40,6 +61,7 @@ def overlay(
     image: (H, W, 3) uint8; labels: (H, W) class ids; palette: (R, G, B) rows, the VOC colour
     map beyond them. skip_background leaves class-0 pixels as they are, so objects stand out.
     """
+    labels = class_ids(labels)
     if image.shape[:2] != labels.shape:
         raise ValueError(
             f"image {image.shape[:2]} and labels {labels.shape} must have the same height and width"
@@ -64,6 +86,7 @@ def save_labels(labels: np.ndarray, palette, path: str | Path) -> None:
     256 classes do not fit a palette PNG and are written as 16-bit greyscale."""
     from PIL import Image
 
+    labels = class_ids(labels)
     if labels.max(initial=0) > 255:
         Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
         return

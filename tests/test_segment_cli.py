@@ -282,3 +282,18 @@ def test_float_images_are_refused(tmp_path):
     Image.fromarray(np.ones((4, 4), np.float32), "F").save(tmp_path / "f.tif")
     with pytest.raises(InputError, match=r"f\.tif: 32-bit float"):
         read_image(tmp_path / "f.tif")
+
+
+def test_exif_orientation_beside_a_tag_pillow_cannot_write_back(ckpt, tmp_path, capsys):
+    # XResolution (0x011A, RATIONAL by the standard) stored as ASCII text: Pillow reads it, but
+    # ImageOps.exif_transpose writes the EXIF back after turning the image and fails on it.
+    stored = photo(5, 6, 10)
+    entries = (struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0)  # Orientation, SHORT: 6 (turn 90 degrees clockwise)
+               + struct.pack(">HHII", 0x011A, 2, 8, 8 + 2 + 2 * 12 + 4))  # XResolution, ASCII, 8 bytes
+    raw = b"Exif\0\0MM\0*" + struct.pack(">IH", 8, 2) + entries + struct.pack(">I", 0) + b"caption\0"
+    path = write(tmp_path / "in" / "e.png", stored, exif=raw)
+    assert Image.open(path).getexif()[0x011A] == "caption"
+    assert np.array_equal(read_image(path), np.rot90(stored, -1))
+    rc, err = segment(ckpt, path, "--out", tmp_path / "o", capsys=capsys)
+    assert rc == 0, err
+    assert labels_of(tmp_path / "o" / "labels" / "e.png").shape == (10, 6)

@@ -119,6 +119,26 @@ def test_every_reuses_labels_and_png_labels_out(seg, clip, tmp_path):
     assert decode(out)[0][1].shape == (48, 128, 3)
 
 
+
+def test_a_label_folder_holds_this_runs_frames_only(seg, clip, tmp_path):
+    """A second, shorter run into the label folder of a first one: the folder holds the second
+    run's frames only, as a label video would (the first run's frame_000005.png ... are not left
+    beside them as if they were frames of this run); other files stay."""
+    from PIL import Image
+
+    pngs = tmp_path / "labels"
+    segment_video(clip, tmp_path / "a.mkv", seg, mode="labels", labels_out=pngs, progress=False)
+    assert len(list(pngs.glob("frame_*.png"))) == 12
+    (pngs / "notes.txt").write_text("mine")
+    (pngs / "frame_12.png").write_bytes(b"not one of ours")
+    s = segment_video(clip, tmp_path / "b.mkv", seg, mode="labels", labels_out=pngs, duration=0.2,
+                      progress=False)  # fmt: skip
+    files = sorted(f.name for f in pngs.iterdir())
+    assert s["frames_out"] == 5
+    assert files == [f"frame_{k:06d}.png" for k in range(5)] + ["frame_12.png", "notes.txt"]
+    for f, (_, lab) in zip(sorted(pngs.glob("frame_0*.png")), decode(tmp_path / "b.mkv")):
+        np.testing.assert_array_equal(np.array(Image.open(f)), lab)
+
 def test_start_and_duration_select_by_time(seg, clip, tmp_path):
     out = tmp_path / "part.mkv"
     s = segment_video(clip, out, seg, mode="labels", start=0.1, duration=0.3, progress=False)
@@ -126,6 +146,34 @@ def test_start_and_duration_select_by_time(seg, clip, tmp_path):
     got = [t for t, _ in decode(out)]
     assert got == pytest.approx(want, abs=1e-3) and s["frames_out"] == len(want) == 6
 
+
+
+def test_start_in_an_mpeg_ts_keeps_every_frame_of_the_range(seg, tmp_path):
+    """MPEG-TS (.ts / .mts: camcorders, broadcast, DVRs) has no index: a seek to start lands on
+    a packet near it, not on the keyframe before it, and the frames up to the next keyframe
+    were lost (start=1.5: 1 frame of 15 written, from 2.08 s)."""
+    src = tmp_path / "cam.ts"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=25, options={"g": "25", "keyint_min": "25", "sc_threshold": "0"})
+        s.height, s.width, s.pix_fmt = 48, 64, "yuv420p"
+        for k in range(100):  # a keyframe every second
+            f = av.VideoFrame.from_ndarray(np.random.default_rng(k).integers(0, 256, (48, 64, 3), np.uint8),
+                                           format="rgb24")  # fmt: skip
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    stored = decode(src)
+    for start in (1.5, 2.3):
+        want = [(t, a) for t, a in stored if start <= t < start + 0.6]
+        out = tmp_path / "labels.mkv"
+        summary = segment_video(src, out, seg, mode="labels", start=start, duration=0.6, progress=False)
+        got = decode(out)
+        assert summary["frames_out"] == len(got) == len(want) == 15
+        assert [t for t, _ in got] == pytest.approx([t for t, _ in want], abs=1e-6)
+        expect = seg.run([a for _, a in want])
+        assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
 
 def test_odd_size_is_encoded(seg, tmp_path):
     src = tmp_path / "odd.mkv"
@@ -135,6 +183,60 @@ def test_odd_size_is_encoded(seg, tmp_path):
     frames = decode(out)
     assert len(frames) == 4 and frames[0][1].shape == (33, 45, 3)
 
+
+def test_a_range_without_frames_is_an_error_not_an_empty_success(seg, clip, tmp_path):
+    """start past the end, a range between two frames, a file whose video stream holds no frame:
+    InputError saying nothing was written (an earlier run's file stays as it was, no label folder
+    is left behind), not a summary of 0 frames naming a destination that was never written."""
+    out = tmp_path / "seg.mp4"
+    out.write_bytes(b"an earlier run's video")
+    labels = tmp_path / "labels" / "run"
+    for kwargs, message in (
+        ({"start": 5}, r"no frame from 5\.000 s to its end \(start / duration, in seconds of the video's "
+                       r"timeline\): the last frame before it is at 0\.539 s; nothing was written$"),
+        ({"start": 0.01, "duration": 0.02},
+         r"no frame from 0\.010 s to 0\.030 s .*: the last frame before it is at 0\.000 s, the first frame "
+         r"after it at 0\.040 s; nothing"),
+    ):  # fmt: skip
+        with pytest.raises(InputError, match=f"^{re.escape(str(clip))}: {message}"):
+            segment_video(clip, out, seg, labels_out=labels, progress=False, **kwargs)
+        assert out.read_bytes() == b"an earlier run's video" and not (tmp_path / "labels").exists()
+    silent = tmp_path / "no_frames.mkv"  # a video stream and an audio stream, frames only in the audio
+    with av.open(str(silent), "w") as c:
+        v = c.add_stream("ffv1", rate=25)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=8000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        f.sample_rate, f.pts = 8000, 0
+        for p in [*a.encode(f), *a.encode(None)]:
+            c.mux(p)
+    nothing = "has no video frames; nothing was written$"
+    with pytest.raises(InputError, match=f"^{re.escape(str(silent))}: {nothing}"):
+        segment_video(silent, out, seg, labels_out=labels, progress=False)
+    assert out.read_bytes() == b"an earlier run's video" and not (tmp_path / "labels").exists()
+
+
+def test_a_rotated_video_stays_rotated(seg, tmp_path):
+    """A phone's portrait video stores landscape frames and a display rotation players apply: the
+    outputs, stored as the input's frames are, carry the same rotation, so they play upright as
+    the input does (they played sideways)."""
+    src = tmp_path / "phone.mp4"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(90)
+        for k in range(3):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * k, np.uint8), format="rgb24")
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    segment_video(src, tmp_path / "o.mp4", seg, labels_out=tmp_path / "l.mkv", progress=False)
+    for path in (src, tmp_path / "o.mp4", tmp_path / "l.mkv"):
+        with av.open(str(path)) as c:
+            frames = list(c.decode(video=0))
+        assert [(f.rotation, f.width, f.height) for f in frames] == [(90, 64, 48)] * 3, path
 
 def test_corrupt_video_writes_frames_before_the_damage(seg, tmp_path):
     src = tmp_path / "clip.mp4"
@@ -166,6 +268,27 @@ def test_truncated_video_is_reported(seg, tmp_path):
     assert 0 < len(decode(out)) < 40
 
 
+
+def test_timestamps_that_go_back_are_named_in_the_input(seg, tmp_path):
+    """Two MPEG-TS files joined end to end (`cat a.ts b.ts`, as recorded segments are joined):
+    the second part's timestamps start again. A video output stopped with "o.mkv: cannot write
+    the output video (Invalid argument)", blaming the output; now the input's frame is named,
+    after the frames before it; a folder of PNGs, which has no timestamps, takes every frame."""
+    part = tmp_path / "part.ts"
+    make_video(part, n=10, audio=False)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(part.read_bytes() * 2)
+    times = [t for t, _ in decode(joined)]
+    assert len(times) == 20 and times[10] < times[9]
+    out = tmp_path / "o.mkv"
+    message = (f"^{re.escape(str(joined))}: frame 10 is at {times[10]:.3f} s, not after frame 9 at "
+               f"{times[9]:.3f} s: its timestamps go back .* the 10 frames before it were written$")
+    with pytest.raises(InputError, match=message):
+        segment_video(joined, out, seg, mode="labels", batch_size=4, progress=False)
+    assert [t for t, _ in decode(out)] == pytest.approx(times[:10], abs=1e-6)
+    s = segment_video(joined, tmp_path / "pngs", seg, mode="labels", progress=False)
+    assert s["frames_out"] == len(list((tmp_path / "pngs").glob("frame_*.png"))) == 20
+
 def test_cli_writes_overlay_and_summary(clip, tmp_path, capsys):
     out = tmp_path / "o.mp4"
     rc = cli.main(["video", str(DEMO_MODEL), str(clip), str(out), "--batch-size", "4", "--device", "cpu",
@@ -185,6 +308,9 @@ def test_cli_writes_overlay_and_summary(clip, tmp_path, capsys):
         ("same", "is the input"),
         ("no_folder", "does not exist"),
         ("label_suffix", "lossless FFV1"),
+        ("webm", "o.webm: the webm format cannot hold H.264 video, which mode 'overlay' writes; expected"),
+        ("folder_out", "o.mp4: is a folder; mode 'overlay' writes one video file (.mp4"),
+        ("no_suffix", "o: no video format has the suffix ''; mode 'overlay' writes one H.264 video file"),
     ],
 )
 def test_cli_bad_input_one_line_status_1(clip, tmp_path, capsys, case, message):
@@ -211,6 +337,10 @@ def test_cli_bad_input_one_line_status_1(clip, tmp_path, capsys, case, message):
         out = tmp_path / "missing" / "o.mp4"
     elif case == "label_suffix":
         extra = ["--labels-out", str(tmp_path / "labels.mp4")]
+    elif case in ("webm", "no_suffix"):  # these failed at the first frame, after the model loaded
+        out = tmp_path / ("o.webm" if case == "webm" else "o")
+    elif case == "folder_out":
+        out.mkdir()
     rc = cli.main(["video", str(DEMO_MODEL), str(src), str(out), "--device", "cpu", "--quiet", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and message in err[0], err
@@ -247,6 +377,41 @@ def test_thousand_vfr_frames_in_order_with_their_timestamps(tmp_path):
     expect = tiny.run([f for _, f in decode(src)])
     assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
 
+
+
+def test_raw_h264_without_timestamps_is_timed_by_its_frame_rate(seg, tmp_path):
+    """A raw H.264 stream (.h264: what Raspberry Pi cameras and many dashcams write) stores no
+    timestamps: its frames are k / rate, as FFmpeg plays them, and start / duration select by
+    those times (the file cannot be seeked by time; it is decoded from its first frame)."""
+    src = tmp_path / "cam.h264"
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
+    with av.open(str(src), "w", format="h264") as c:
+        s = c.add_stream("libx264", rate=25, options={"crf": "0"})
+        s.height, s.width, s.pix_fmt = 48, 64, "yuv444p"
+        for k, a in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts = k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    with av.open(str(src)) as c:
+        stored = [f for f in c.decode(video=0)]
+        assert len(stored) == 10 and all(f.pts is None for f in stored)
+        stored = [f.to_ndarray(format="rgb24") for f in stored]
+    for kwargs, ks in (({}, range(10)), ({"start": 0.2, "duration": 0.2}, range(5, 10)),
+                       ({"start": 0.1, "duration": 0.1}, range(3, 5))):  # fmt: skip
+        out = tmp_path / "labels.mkv"
+        summary = segment_video(src, out, seg, mode="labels", progress=False, **kwargs)
+        got = decode(out)
+        assert summary["frames_out"] == len(got) == len(ks), kwargs
+        assert [t for t, _ in got] == pytest.approx([k / 25 for k in ks], abs=1e-6)
+        expect = seg.run([stored[k] for k in ks])
+        assert all(np.array_equal(g, e.numpy()) for (_, g), e in zip(got, expect))
+    over = tmp_path / "over.mp4"
+    segment_video(src, over, seg, progress=False)
+    assert [t for t, _ in decode(over)] == pytest.approx([k / 25 for k in range(10)], abs=1e-6)
 
 # ------------------------------------------------------------------- RGB-D: depth and HHA videos
 

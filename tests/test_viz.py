@@ -52,6 +52,28 @@ def test_palette_png_round_trip(tmp_path):
         np.testing.assert_array_equal(np.array(im), big)
 
 
+
+def test_class_ids_out_of_range_are_refused_not_wrapped(tmp_path):
+    """-1 (an ignore index) was coloured and saved as class 255, 70000 saved as 4464; a bool mask
+    is classes 0 / 1; a float map stopped with numpy's IndexError."""
+    img = np.zeros((1, 2, 3), np.uint8)
+    for bad, message in ((np.array([[-1, 0]]), "class ids 0..65535; got values from -1 to 0"),
+                         (np.array([[70000, 1]]), "class ids 0..65535; got values from 1 to 70000"),
+                         (np.array([[0.0, 1.5]]), "integer class ids; got dtype float64")):  # fmt: skip
+        calls = ((viz.save_labels, bad, None, tmp_path / "l.png"), (viz.colourize, bad, None),
+                 (viz.overlay, img, bad, None), (viz.side_by_side, img, bad, None))
+        for f, *args in calls:
+            with pytest.raises(ValueError, match=f"^labels must be {message}$"):
+                f(*args)
+    assert not (tmp_path / "l.png").exists()
+    mask = np.array([[True, False]])
+    np.testing.assert_array_equal(viz.overlay(img, mask, None), viz.overlay(img, mask.astype(np.uint8), None))
+    viz.save_labels(mask, None, tmp_path / "m.png")
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "m.png")), [[1, 0]])
+    top = np.array([[65535, 0]])
+    viz.save_labels(top, None, tmp_path / "t.png")
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "t.png")), top)
+
 def test_video_progress_line():
     # A known frame count: the bar, as every command draws it.
     buf = io.StringIO()

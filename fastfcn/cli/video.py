@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
 
     check_options(args.mode, args.alpha, args.batch_size, args.every, args.start, args.duration, args.pair,
                   args.pair_tolerance)  # fmt: skip
-    check_paths(args.input, args.output, args.labels_out, args.depth if args.depth is not None else args.hha)
+    check_paths(args.input, args.output, args.labels_out, args.depth if args.depth is not None else args.hha,
+                args.mode)
     seg = open_segmenter(checkpoint_path(args.checkpoint), args)
     second_video(seg.config, args.depth, args.hha, "--{m}", " VIDEO")  # the flag fits the net
     summary = segment_video(
