@@ -313,6 +313,36 @@ def test_interrupted_run_resumes_without_redoing(ray_local, ckpt, tmp_path, monk
     assert (s["skipped"], s["done"]) == (10, 0)
 
 
+def test_a_run_with_another_checkpoint_redoes_the_inputs(ray_local, ckpt, tmp_path):
+    """Each row records the checkpoint that wrote it (``model_key``): resume into the same folder
+    with another checkpoint redoes every input rather than keeping the first model's labels; a
+    row of an older manifest, without one, is checked as before."""
+    imgs = images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"]) == (0, 2)
+    assert {r["model"] for r in rows(out)} == {distributed.model_key(Path(ckpt).read_bytes())}
+    torch.manual_seed(1)
+    other = models.build("fcn8s", width=0.0625, num_classes=5).eval()
+    with torch.no_grad():
+        other.score_pool3.weight.normal_(0, 1)
+    other_ckpt = fastfcn.save(other, tmp_path / "other.safetensors")
+    s = distributed.segment_dataset([tmp_path / "in"], out, other_ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"], s["failed"]) == (0, 2, 0)
+    other_seg = fastfcn.Segmenter(str(other_ckpt), device="cpu", **OPTS)
+    for p in imgs:
+        got = np.array(Image.open(out / "labels" / p.relative_to(tmp_path / "in")))
+        np.testing.assert_array_equal(got, other_seg.run(read_image(p)).numpy())
+    s = distributed.segment_dataset([tmp_path / "in"], out, other_ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"]) == (2, 0)
+    task = distributed.plan([(str(imgs[0]), str(tmp_path / "in"))], out, ())[0]
+    row = distributed.read_manifest(out / "manifest.jsonl")[str(imgs[0])]
+    assert distributed.is_complete(row, task, row["model"])
+    assert not distributed.is_complete(row, task, "sha256:0")
+    old = {k: v for k, v in row.items() if k != "model"}
+    assert distributed.is_complete(old, task, "sha256:0")
+
+
 def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
     good = images(tmp_path / "in", 4)
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
