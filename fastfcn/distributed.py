@@ -373,16 +373,19 @@ def pair_second(found: list[tuple[str, str]], folder: str, modality: str,
 
 
 def read_manifest(path) -> dict[str, dict]:
-    """``{input: its last row}`` of a manifest; a line cut short by an interrupted run is ignored."""
+    """``{input: its last row}`` of a manifest; a line that is no row (cut short by an
+    interrupted run, or damaged: bytes that are not UTF-8, an ``input`` that is not a string)
+    is ignored, so its input is done again."""
     rows: dict[str, dict] = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        # Rows are ASCII (json.dumps): a byte that is not UTF-8 is damage, and spoils its line only.
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(row, dict) and "input" in row:
+                if isinstance(row, dict) and isinstance(row.get("input"), str):
                     rows[row["input"]] = row
     except FileNotFoundError:
         pass
@@ -432,7 +435,9 @@ def is_complete(row: dict | None, task: Task, model: str | None = None) -> bool:
     model: this run's ``model_key``; a row written by another checkpoint is due again.
     Rows written before stamps (or models) were recorded have none, and rows written when URIs
     were known by URI alone have None for a URI: neither is checked."""
-    if not row or row.get("status") != "ok" or tuple(row.get("outputs", ())) != task.outputs:
+    if not row or row.get("status") != "ok" or not isinstance(row.get("outputs"), list):
+        return False
+    if tuple(row["outputs"]) != task.outputs:
         return False
     if model is not None and row.get("model", model) != model:
         return False
@@ -443,8 +448,8 @@ def is_complete(row: dict | None, task: Task, model: str | None = None) -> bool:
             continue
         if row[key] != now:
             return False
-    sizes = row.get("sizes") or []
-    if len(sizes) != len(task.outputs):
+    sizes = row.get("sizes")
+    if not isinstance(sizes, list) or len(sizes) != len(task.outputs):
         return False
     for p, size in zip(task.outputs, sizes):
         try:

@@ -149,6 +149,22 @@ def test_manifest_completeness_and_truncated_lines(tmp_path):
     assert [json.loads(line)["input"] for line in m.read_text().splitlines()] == ["c.png", "in.png"]
 
 
+def test_a_damaged_manifest_redoes_the_damaged_rows_only(tmp_path):
+    """Lines that are no row (bytes that are not UTF-8, an input that is not a string, fields
+    of the wrong type) are inputs to do again, not a crash that blocks every later run."""
+    out = tmp_path / "o.png"
+    out.write_bytes(b"12345")
+    task = distributed.Task("in.png", "image", (str(out),))
+    ok = {"input": "in.png", "status": "ok", "outputs": [str(out)], "sizes": [5]}
+    m = tmp_path / "manifest.jsonl"
+    m.write_bytes(b"\xff\xfe\x00garbage\n" + json.dumps(ok).encode() + b"\n"
+                  + json.dumps({**ok, "input": ["in.png"]}).encode() + b"\n")
+    assert distributed.read_manifest(m) == {"in.png": ok}
+    for bad in ({**ok, "outputs": 5}, {**ok, "sizes": 5}, {**ok, "sizes": None}, {**ok, "outputs": None}):
+        assert not distributed.is_complete(bad, task), bad
+    assert distributed.is_complete(ok, task)
+
+
 def test_an_input_edited_in_place_is_due_again(tmp_path):
     """A row records its local input's (and second input's) size and mtime: resume redoes an
     input rewritten or touched at the same path; a row of an older manifest, without stamps, is
