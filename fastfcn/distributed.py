@@ -34,7 +34,8 @@ How the work is shared and why it survives failures:
 - The manifest (``OUT/manifest.jsonl``, one JSON object per input) is written by the driver
   alone, from the rows the workers return: a row is appended as it arrives (an interrupted run
   keeps what it finished) and the file is compacted to one row per input, atomically, at the
-  end. ``resume`` treats an input as complete when its last row is ``ok``, every output it
+  end. One run at a time writes into a folder (``_exclusive``: a second one is refused, naming
+  the first). ``resume`` treats an input as complete when its last row is ``ok``, every output it
   lists exists with the size it recorded and, for a two-input net, its row's ``second`` (the
   paired file) is the one paired now, and a local input (and depth / HHA file) still has the
   size and modification time the row recorded (``stamp``): one edited or replaced in place is
@@ -490,6 +491,56 @@ class Manifest:
 
 
 # ------------------------------------------------------------------------------------ writing
+
+
+LOCK = ".fastfcn-batch.lock"
+
+
+@contextmanager
+def _exclusive(out: Path):
+    """Holds ``OUT/.fastfcn-batch.lock`` (an exclusive ``flock``, released by the kernel when the
+    process dies, however it dies) while a run writes into ``out``: a second run into the same
+    folder is an InputError naming the first, instead of deleting its temporaries as stale and
+    compacting the manifest without its rows. The file is removed on the way out."""
+    path = out / LOCK
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise InputError(f"{out}: another fastfcn batch run ({holder}) is writing into this folder; "
+                             "wait for it to end or choose another output folder") from None  # fmt: skip
+        try:  # the file locked is still the one at `path` (not one a finishing run just removed)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, _worker_name().encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)  # while still locked: a run that opened it retries on the new file
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    """An exclusive lock on the open file ``fd``, or OSError when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def remove_stale_temporaries(output) -> int:
@@ -949,15 +1000,25 @@ def segment_dataset(
     manifest_path = out / MANIFEST
     previous = read_manifest(manifest_path)  # kept for inputs this run does not name
     model = model_key(ckpt_bytes)  # recorded in every row: another checkpoint redoes the inputs
-    todo = [t for t in tasks if not (resume and is_complete(previous.get(t.src), t, model))]
+
+    def due(previous: dict) -> list[Task]:
+        return [t for t in tasks if not (resume and is_complete(previous.get(t.src), t, model))]
+
+    todo = due(previous)
     skipped = len(tasks) - len(todo)
     t0 = time.perf_counter()
     rows: list[dict] = []
     if todo:
-        remove_stale_temporaries(out)
         device = "cuda" if num_gpus_per_worker else "cpu"
-        with _connected(address) as ray:
+        with _connected(address) as ray, ExitStack() as held:
             _check_gpus(ray.cluster_resources(), num_gpus_per_worker)  # before anything is written
+            held.enter_context(_exclusive(out))
+            # Read again under the lock: a run into this folder that ended meanwhile added rows,
+            # which this run's compaction would otherwise drop.
+            previous = read_manifest(manifest_path)
+            todo = due(previous)
+            skipped = len(tasks) - len(todo)
+            remove_stale_temporaries(out)  # no other batch run writes here while the lock is held
             ckpt_ref = ray.put(ckpt_bytes)
             manifest = Manifest(manifest_path, previous)
             try:

@@ -359,6 +359,27 @@ def test_a_run_with_another_checkpoint_redoes_the_inputs(ray_local, ckpt, tmp_pa
     assert distributed.is_complete(old, task, "sha256:0")
 
 
+def test_a_second_run_into_a_busy_folder_is_refused(ray_local, ckpt, tmp_path):
+    """While one run writes into OUT (it holds OUT/.fastfcn-batch.lock), another run into OUT
+    stops with one line naming it, and leaves the first run's temporaries and manifest alone;
+    once the first run has ended the folder is free, and no lock file is left behind."""
+    images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    live = out / "labels" / "cam0" / f".img000{distributed.TMP_TAG}123-abcd.png"  # the first run's
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"being written")
+    (out / "manifest.jsonl").write_text("")
+    with distributed._exclusive(out):
+        with pytest.raises(InputError, match=r"another fastfcn batch run \(.+:\d+\) is writing into"):
+            distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+        assert live.read_bytes() == b"being written"
+        assert (out / "manifest.jsonl").read_text() == ""
+    live.unlink()
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["done"], s["failed"]) == (2, 0)
+    assert not (out / distributed.LOCK).exists()
+
+
 def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
     good = images(tmp_path / "in", 4)
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
