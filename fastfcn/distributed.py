@@ -117,6 +117,45 @@ def _glob_base(pattern: str) -> str:
     return str(PurePosixPath(*fixed)) if fixed else "."
 
 
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` enters each folder once.
+    glob's ``**`` follows symlinked folders, so one link to a folder above ("in/up -> ..")
+    listed every image again at each depth, 40 deep, and two such links never ended (2^40
+    paths). Here the folders are entered by identity (device, inode), once: the folders reached
+    without links first, under their own names, then links to folders not yet entered; hidden
+    names are skipped, as glob skips them."""
+    from collections import deque
+
+    parts = pattern.replace(os.sep, "/").split("/")
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    head, rest = "/".join(parts[:i]) or ("/" if i else "."), "/".join(parts[i + 1:])
+    folders = deque(sorted(f for f in glob.glob(head) if os.path.isdir(f)))
+    links: deque[str] = deque()
+    seen: set[tuple[int, int]] = set()
+    found: list[str] = []
+    while folders or links:
+        folder = folders.popleft() if folders else links.popleft()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as glob skips it
+            continue
+        if rest:
+            found.extend(_glob(os.path.join(glob.escape(folder), rest)))
+        else:
+            found.extend(e.path for e in entries if e.is_file())
+        for e in entries:
+            if e.is_dir():
+                (links if e.is_symlink() else folders).append(e.path)
+    return found
+
+
 def _local(item: str, out: Path) -> list[tuple[str, str]]:
     """[(file, base)] for a local file, folder (recursive) or glob; never anything under ``out``."""
     out_r = out.resolve()
@@ -127,7 +166,7 @@ def _local(item: str, out: Path) -> list[tuple[str, str]]:
 
     if any(c in item for c in _GLOB_CHARS) and not os.path.exists(item):
         base = os.path.abspath(_glob_base(item))
-        files = sorted(f for f in glob.glob(item, recursive=True) if os.path.isfile(f))
+        files = sorted(f for f in _glob(item) if os.path.isfile(f))
         found = [(os.path.abspath(f), base) for f in files if _kind(f) and not inside_out(f)]
         if not found:
             raise InputError(f"{item}: no image or video matches this pattern")

@@ -113,6 +113,33 @@ def test_inputs_folders_globs_and_uris(tmp_path):
         distributed.collect_inputs([f"file://{src}/cam*/*.jpg"], tmp_path / "o")
 
 
+def test_a_recursive_glob_enters_each_folder_once(tmp_path, monkeypatch):
+    """``**`` lists what glob lists on a tree of folders (a link to a folder elsewhere
+    followed), and a symlink loop under it neither repeats the images at every depth nor runs
+    without end (glob follows both links); a link to a folder of the tree adds no second name."""
+    import glob
+
+    root = tmp_path / "root"
+    for rel in ("in/a.png", "in/.h.png", "in/.hid/b.png", "in/x/c.png", "in/x/y/d.jpg", "in/x/y/z/e.png",
+                "in/w/f.png", "../ext/g.png"):  # fmt: skip
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "in" / "w" / "linked").symlink_to(tmp_path / "ext")
+    monkeypatch.chdir(root)
+    for pattern in ("in/**/*.png", "in/**", "in/**/y/*.jpg", "**/*.png", "in/*/**/*.png", "in/**/z/**/*",
+                    f"{root}/in/**/*.png"):  # fmt: skip
+        want = sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        got = sorted(os.path.abspath(f) for f in distributed._glob(pattern) if os.path.isfile(f))
+        assert got == sorted(set(want)), pattern
+    before = distributed.collect_inputs(["in/**/*.png"], tmp_path / "o")
+    assert [f for f, _ in before] == [str(root / "in" / r) for r in ("a.png", "w/f.png", "w/linked/g.png",
+                                                                      "x/c.png", "x/y/z/e.png")]  # fmt: skip
+    (root / "in" / "up").symlink_to(root)  # loops: glob would list 2^40 paths
+    (root / "in" / "x" / "self").symlink_to(root / "in" / "x")
+    (root / "in" / "w" / "again").symlink_to(root / "in" / "x")
+    assert distributed.collect_inputs(["in/**/*.png"], tmp_path / "o") == before
+
+
 def test_plan_names_outputs_as_segment_does(tmp_path):
     found = [(str(tmp_path / "a" / "x.png"), str(tmp_path)), (str(tmp_path / "b" / "x.jpg"), str(tmp_path)),
              (str(tmp_path / "b" / "y.mp4"), str(tmp_path))]  # fmt: skip
