@@ -156,13 +156,17 @@ def _glob(pattern: str) -> list[str]:
     return found
 
 
+def _inside(p: str, out: Path) -> bool:
+    """The local path ``p`` is the folder ``out`` or under it (links resolved)."""
+    r, out_r = Path(p).resolve(), out.resolve()
+    return r == out_r or out_r in r.parents
+
+
 def _local(item: str, out: Path) -> list[tuple[str, str]]:
     """[(file, base)] for a local file, folder (recursive) or glob; never anything under ``out``."""
-    out_r = out.resolve()
 
     def inside_out(p: str) -> bool:
-        r = Path(p).resolve()
-        return r == out_r or out_r in r.parents
+        return _inside(p, out)
 
     if any(c in item for c in _GLOB_CHARS) and not os.path.exists(item):
         base = os.path.abspath(_glob_base(item))
@@ -200,9 +204,10 @@ def listed_stamp(info) -> list[int] | None:
     return [int(info.size)] if info.mtime_ns is None else [int(info.size), int(info.mtime_ns)]
 
 
-def _remote(item: str) -> list[tuple[str, str, list[int] | None]]:
+def _remote(item: str, out: Path) -> list[tuple[str, str, list[int] | None]]:
     """[(uri, base uri, its listed_stamp)] for a file, folder (recursive) or glob at a URI
-    pyarrow reads: one request for a file, two for a folder or glob (what it is, its listing)."""
+    pyarrow reads: one request for a file, two for a folder or glob (what it is, its listing).
+    A file:// URI is local: never anything under ``out``, as for a local path."""
     import pyarrow.fs as pafs
 
     scheme = item.split("://", 1)[0]
@@ -215,6 +220,9 @@ def _remote(item: str) -> list[tuple[str, str, list[int] | None]]:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{item}: no such file or folder")
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local and not pattern and _inside(path, out):
+        raise InputError(f"the output folder {out} holds the input {item}; choose one outside the inputs")
     # pyarrow's paths drop the scheme: "s3://b/k" -> "b/k", "file:///tmp/x" -> "/tmp/x".
     prefix = f"{scheme}://"
 
@@ -229,6 +237,8 @@ def _remote(item: str) -> list[tuple[str, str, list[int] | None]]:
                    if i.type == pafs.FileType.File and _kind(i.path))  # fmt: skip
     if pattern:
         files = [(f, st) for f, st in files if fnmatch.fnmatchcase(uri(f), pattern)]  # "*" also matches "/"
+    if local:  # earlier runs' outputs are not inputs
+        files = [(f, st) for f, st in files if not _inside(f, out)]
     if not files:
         raise InputError(f"{item}: no images or videos here")
     return [(uri(f), uri(path), st) for f, st in files]
@@ -249,7 +259,7 @@ def collect_inputs(inputs, output, stamps: dict | None = None) -> list[tuple[str
         if not _is_uri(item):
             found += _local(item, out)
             continue
-        for f, base, st in _remote(item):
+        for f, base, st in _remote(item, out):
             found.append((f, base))
             if stamps is not None:
                 stamps[f] = st

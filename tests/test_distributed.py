@@ -98,6 +98,10 @@ def test_inputs_folders_globs_and_uris(tmp_path):
     assert {b for _, b in globbed} == {str(src)}
     uri = distributed.collect_inputs([f"file://{src}/cam1"], tmp_path / "o")
     assert [f for f, _ in uri] == [f"file://{p}" for p in sorted(imgs) if p.parent.name == "cam1"]
+    whole = distributed.collect_inputs([f"file://{src}"], out)  # the outputs of a run before: not inputs
+    assert sorted(f for f, _ in whole) == sorted(f"file://{f}" for f, _ in found)
+    with pytest.raises(InputError, match="holds the input"):
+        distributed.collect_inputs([f"file://{out}/cam0"], out)
     with pytest.raises(InputError, match="no such file"):
         distributed.collect_inputs([tmp_path / "missing"], tmp_path / "o")
     with pytest.raises(InputError, match="holds the input"):
