@@ -117,24 +117,18 @@ def _glob_base(pattern: str) -> str:
     return str(PurePosixPath(*fixed)) if fixed else "."
 
 
-def _glob(pattern: str) -> list[str]:
-    """``glob.glob(pattern, recursive=True)``, except that ``**`` enters each folder once.
-    glob's ``**`` follows symlinked folders, so one link to a folder above ("in/up -> ..")
-    listed every image again at each depth, 40 deep, and two such links never ended (2^40
-    paths). Here the folders are entered by identity (device, inode), once: the folders reached
-    without links first, under their own names, then links to folders not yet entered; hidden
-    names are skipped, as glob skips them."""
+def _folders_once(tops, hidden: bool):
+    """(folder, its sorted entries) for the folders ``tops`` and every folder under them, each
+    entered once by identity (device, inode): the folders reached without links first, under
+    their own names, then links to folders not yet entered. glob's ``**`` and pyarrow's
+    recursive listing of file:// follow symlinked folders without end: one link to a folder
+    above ("in/up -> ..") listed every image again at each depth, 40 deep, and two such links
+    never ended (2^40 paths). hidden: whether names starting with "." are listed and entered
+    (glob skips them). An unreadable folder is skipped, as both skip it."""
     from collections import deque
 
-    parts = pattern.replace(os.sep, "/").split("/")
-    if "**" not in parts:
-        return glob.glob(pattern)
-    i = parts.index("**")
-    head, rest = "/".join(parts[:i]) or ("/" if i else "."), "/".join(parts[i + 1:])
-    folders = deque(sorted(f for f in glob.glob(head) if os.path.isdir(f)))
-    links: deque[str] = deque()
+    folders, links = deque(tops), deque()
     seen: set[tuple[int, int]] = set()
-    found: list[str] = []
     while folders or links:
         folder = folders.popleft() if folders else links.popleft()
         try:
@@ -143,16 +137,30 @@ def _glob(pattern: str) -> list[str]:
                 continue
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        except OSError:  # unreadable: skipped, as glob skips it
+                entries = sorted((e for e in it if hidden or e.name[:1] != "."), key=lambda e: e.name)
+        except OSError:
             continue
+        yield folder, entries
+        for e in entries:
+            if e.is_dir():
+                (links if e.is_symlink() else folders).append(e.path)
+
+
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` enters each folder once
+    (``_folders_once``)."""
+    parts = pattern.replace(os.sep, "/").split("/")
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    head, rest = "/".join(parts[:i]) or ("/" if i else "."), "/".join(parts[i + 1:])
+    found: list[str] = []
+    tops = sorted(f for f in glob.glob(head) if os.path.isdir(f))
+    for folder, entries in _folders_once(tops, hidden=False):
         if rest:
             found.extend(_glob(os.path.join(glob.escape(folder), rest)))
         else:
             found.extend(e.path for e in entries if e.is_file())
-        for e in entries:
-            if e.is_dir():
-                (links if e.is_symlink() else folders).append(e.path)
     return found
 
 
@@ -231,7 +239,11 @@ def _remote(item: str, out: Path) -> list[tuple[str, str, list[int] | None]]:
 
     if info.type == pafs.FileType.File:
         return [(uri(path), uri(str(PurePosixPath(path).parent)), listed_stamp(info))]
-    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    if local:  # each folder once (``_folders_once``); stamped by pyarrow as its listing stamps
+        listing = fs.get_file_info([e.path for _, entries in _folders_once([path], hidden=True)
+                                    for e in entries if e.is_file() and _kind(e.name)])  # fmt: skip
+    else:
+        listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     # a listing names each path once: the sort never compares stamps
     files = sorted((i.path, listed_stamp(i)) for i in listing
                    if i.type == pafs.FileType.File and _kind(i.path))  # fmt: skip

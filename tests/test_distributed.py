@@ -120,7 +120,8 @@ def test_inputs_folders_globs_and_uris(tmp_path):
 def test_a_recursive_glob_enters_each_folder_once(tmp_path, monkeypatch):
     """``**`` lists what glob lists on a tree of folders (a link to a folder elsewhere
     followed), and a symlink loop under it neither repeats the images at every depth nor runs
-    without end (glob follows both links); a link to a folder of the tree adds no second name."""
+    without end (glob follows both links); a link to a folder of the tree adds no second name.
+    The same for a file:// folder (hidden files included, as pyarrow lists them)."""
     import glob
 
     root = tmp_path / "root"
@@ -142,6 +143,10 @@ def test_a_recursive_glob_enters_each_folder_once(tmp_path, monkeypatch):
     (root / "in" / "x" / "self").symlink_to(root / "in" / "x")
     (root / "in" / "w" / "again").symlink_to(root / "in" / "x")
     assert distributed.collect_inputs(["in/**/*.png"], tmp_path / "o") == before
+    uris = distributed.collect_inputs([f"file://{root}/in"], tmp_path / "o")  # pyarrow follows links
+    names = (".h.png", ".hid/b.png", "a.png", "w/f.png", "w/linked/g.png", "x/c.png", "x/y/d.jpg",
+             "x/y/z/e.png")  # fmt: skip
+    assert [f for f, _ in uris] == [f"file://{root}/in/{r}" for r in names]
 
 
 def test_plan_names_outputs_as_segment_does(tmp_path):
