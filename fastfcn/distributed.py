@@ -522,6 +522,24 @@ def is_complete(row: dict | None, task: Task, model: str | None = None) -> bool:
     return True
 
 
+def _check_not_claimed(todo: list[Task], tasks: list[Task], previous: dict[str, dict], manifest) -> None:
+    """InputError when a task would overwrite an existing output that the manifest records for
+    an input this run does not name: two runs into one folder whose inputs share relative paths
+    (cam1/ then cam2/, both holding f.png: both write labels/f.png) would otherwise replace the
+    first run's labels without a word, and each resume would redo the other's."""
+    named = {t.src for t in tasks}
+    owner = {p: src for src, row in previous.items()
+             if src not in named and row.get("status") == "ok" and isinstance(row.get("outputs"), list)
+             for p in row["outputs"] if isinstance(p, str)}  # fmt: skip
+    clashes = [(t.src, p, owner[p]) for t in todo for p in t.outputs if p in owner and os.path.exists(p)]
+    if clashes:
+        src, p, other = clashes[0]
+        more = f" (and {len(clashes) - 1} more outputs)" if clashes[1:] else ""
+        raise InputError(f"{src} would overwrite {p}{more}, the output of {other} recorded in {manifest}; "
+                         "segment both in one run (their outputs then mirror their folders) or choose "
+                         "another output folder")  # fmt: skip
+
+
 class Manifest:
     """The driver's record: rows appended as they arrive, compacted to one per input by close()."""
 
@@ -1063,7 +1081,9 @@ def segment_dataset(
     model = model_key(ckpt_bytes)  # recorded in every row: another checkpoint redoes the inputs
 
     def due(previous: dict) -> list[Task]:
-        return [t for t in tasks if not (resume and is_complete(previous.get(t.src), t, model))]
+        todo = [t for t in tasks if not (resume and is_complete(previous.get(t.src), t, model))]
+        _check_not_claimed(todo, tasks, previous, manifest_path)
+        return todo
 
     todo = due(previous)
     skipped = len(tasks) - len(todo)

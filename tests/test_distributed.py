@@ -226,6 +226,32 @@ def test_an_input_edited_in_place_is_due_again(tmp_path):
     assert distributed.stamp(str(tmp_path / "gone")) is None
 
 
+def test_a_run_never_overwrites_the_outputs_of_another_runs_inputs(tmp_path, ckpt):
+    """cam1/ then cam2/ into one folder, both holding f.png: the second run would write the
+    labels/f.png the manifest records for cam1/f.png; it stops before Ray, naming both, and
+    leaves the file as it was. Inputs named again, or outputs gone, are no clash."""
+    out = tmp_path / "out"
+    cam1, cam2 = tmp_path / "cam1" / "f.png", tmp_path / "cam2" / "f.png"
+    for p in (cam1, cam2):
+        p.parent.mkdir()
+        Image.fromarray(photo(1)).save(p)
+    labels = out / "labels" / "f.png"
+    labels.parent.mkdir(parents=True)
+    labels.write_bytes(b"cam1's labels")
+    row = {"input": str(cam1), "kind": "image", "status": "ok", "outputs": [str(labels)], "sizes": [13],
+           "stamp": distributed.stamp(str(cam1))}  # fmt: skip
+    (out / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(InputError, match=rf"{cam2} would overwrite {labels}, the output of {cam1} recorded"):
+        distributed.segment_dataset([cam2.parent], out, ckpt, **OPTS)
+    assert labels.read_bytes() == b"cam1's labels"
+    assert rows(out) == [row]
+    tasks = distributed.plan([(str(cam1), str(cam1.parent))], out, ())
+    distributed._check_not_claimed(tasks, tasks, {str(cam1): row}, out / "manifest.jsonl")  # its own
+    labels.unlink()
+    tasks = distributed.plan([(str(cam2), str(cam2.parent))], out, ())
+    distributed._check_not_claimed(tasks, tasks, {str(cam1): row}, out / "manifest.jsonl")  # nothing to lose
+
+
 def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
     bad = (({"batch_size": 0}, "batch_size"), ({"concurrency": 0}, "concurrency"), ({"mode": "x"}, "mode"),
            ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"))  # fmt: skip
