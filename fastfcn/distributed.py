@@ -881,8 +881,8 @@ def _check_options(batch_size, concurrency, num_gpus_per_worker, mode) -> None:
         raise InputError(f"concurrency must be None (one worker per CPU or GPU) or an int >= 1; "
                          f"got {concurrency!r}")  # fmt: skip
     if isinstance(num_gpus_per_worker, bool) or not isinstance(num_gpus_per_worker, (int, float)) \
-            or num_gpus_per_worker < 0:
-        raise InputError(f"num_gpus_per_worker must be a number >= 0; got {num_gpus_per_worker!r}")
+            or not num_gpus_per_worker >= 0 or num_gpus_per_worker == float("inf"):  # NaN fails >= 0
+        raise InputError(f"num_gpus_per_worker must be a finite number >= 0; got {num_gpus_per_worker!r}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}")
 

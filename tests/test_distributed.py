@@ -254,7 +254,9 @@ def test_a_run_never_overwrites_the_outputs_of_another_runs_inputs(tmp_path, ckp
 
 def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
     bad = (({"batch_size": 0}, "batch_size"), ({"concurrency": 0}, "concurrency"), ({"mode": "x"}, "mode"),
-           ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"))  # fmt: skip
+           ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"),
+           ({"num_gpus_per_worker": float("nan")}, "num_gpus_per_worker"),  # it passed `< 0`: KeyError 'GPU'
+           ({"num_gpus_per_worker": float("inf")}, "num_gpus_per_worker"))  # fmt: skip
     for kw, msg in bad:
         with pytest.raises(InputError, match=msg):
             distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, **kw)
