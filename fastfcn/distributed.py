@@ -623,8 +623,13 @@ def _lock(fd: int) -> None:
 
 
 def remove_stale_temporaries(output) -> int:
-    """Delete temporaries that killed workers left under ``output``; returns how many."""
+    """Delete temporaries that killed workers left under ``output``, and the manifest's that a
+    driver killed while compacting it left beside it; returns how many."""
+    stem = Path(MANIFEST).stem
     n = 0
+    for old in Path(output).glob(f".{stem}{TMP_TAG}*"):
+        old.unlink()
+        n += 1
     for sub in ("labels", "overlays", "side-by-side"):
         for dirpath, _, filenames in os.walk(Path(output, sub)):
             for f in filenames:

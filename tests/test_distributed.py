@@ -183,6 +183,14 @@ def test_manifest_completeness_and_truncated_lines(tmp_path):
     assert distributed.read_manifest(m) == {"in.png": {**ok, "sizes": [9]}, "c.png": other}
     manifest.close(["c.png"])
     assert [json.loads(line)["input"] for line in m.read_text().splitlines()] == ["c.png", "in.png"]
+    # a driver killed while compacting leaves the manifest's temporary beside it: removed as stale
+    left = tmp_path / f".manifest{distributed.TMP_TAG}4242-0badcafe.jsonl"
+    left.write_text("half")
+    keep = tmp_path / "labels" / "a.png"  # an output: kept
+    keep.parent.mkdir()
+    keep.write_bytes(b"x")
+    assert distributed.remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.png", "manifest.jsonl"]
 
 
 def test_a_damaged_manifest_redoes_the_damaged_rows_only(tmp_path):
