@@ -489,6 +489,16 @@ def model_key(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _row_outputs(row: dict) -> tuple[str, ...] | None:
+    """A row's outputs as absolute paths (rows of runs before outputs were absolute hold them
+    relative to the driver's folder, this one's for a run again from there); None when the
+    row's ``outputs`` is not a list of paths."""
+    outputs = row.get("outputs")
+    if not isinstance(outputs, list) or not all(isinstance(p, str) for p in outputs):
+        return None
+    return tuple(map(os.path.abspath, outputs))
+
+
 def is_complete(row: dict | None, task: Task, model: str | None = None) -> bool:
     """The row says ``ok`` for exactly the outputs ``task`` plans, from the same second input (a
     two-input net), and each exists with its size; its input (and second input) must still have
@@ -497,9 +507,7 @@ def is_complete(row: dict | None, task: Task, model: str | None = None) -> bool:
     model: this run's ``model_key``; a row written by another checkpoint is due again.
     Rows written before stamps (or models) were recorded have none, and rows written when URIs
     were known by URI alone have None for a URI: neither is checked."""
-    if not row or row.get("status") != "ok" or not isinstance(row.get("outputs"), list):
-        return False
-    if tuple(row["outputs"]) != task.outputs:
+    if not row or row.get("status") != "ok" or _row_outputs(row) != tuple(map(os.path.abspath, task.outputs)):
         return False
     if model is not None and row.get("model", model) != model:
         return False
@@ -528,9 +536,8 @@ def _check_not_claimed(todo: list[Task], tasks: list[Task], previous: dict[str, 
     (cam1/ then cam2/, both holding f.png: both write labels/f.png) would otherwise replace the
     first run's labels without a word, and each resume would redo the other's."""
     named = {t.src for t in tasks}
-    owner = {p: src for src, row in previous.items()
-             if src not in named and row.get("status") == "ok" and isinstance(row.get("outputs"), list)
-             for p in row["outputs"] if isinstance(p, str)}  # fmt: skip
+    owner = {p: src for src, row in previous.items() if src not in named and row.get("status") == "ok"
+             for p in _row_outputs(row) or ()}  # fmt: skip
     clashes = [(t.src, p, owner[p]) for t in todo for p in t.outputs if p in owner and os.path.exists(p)]
     if clashes:
         src, p, other = clashes[0]
@@ -1067,7 +1074,9 @@ def segment_dataset(
     if _is_uri(os.fspath(output)):
         raise InputError(f"output {output}: expected a folder path (local, or a shared file system mounted "
                          "on every node); URIs are for inputs")  # fmt: skip
-    out = check_output_dir(output, "output")
+    # Absolute: the actors keep the working folder Ray started them in, not the driver's (on a
+    # cluster, where `ray start` ran), so a relative folder wrote the outputs somewhere else.
+    out = Path(os.path.abspath(check_output_dir(output, "output")))
     pictures = tuple(p for p in ("overlay", "side-by-side") if p == mode or (p == "overlay" and overlays))
     listed: dict = {}  # {uri: listed_stamp} of the inputs (and second inputs) at URIs
     found = collect_inputs(inputs, out, listed)

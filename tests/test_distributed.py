@@ -452,6 +452,26 @@ def test_a_second_run_into_a_busy_folder_is_refused(ray_local, ckpt, tmp_path):
     assert not (out / distributed.LOCK).exists()
 
 
+def test_a_relative_output_folder_is_the_drivers(ray_local, ckpt, tmp_path, monkeypatch):
+    """Actors keep the working folder Ray gave them (here the one this module started Ray in),
+    not the driver's: a relative output folder is the driver's, the outputs are where it says,
+    and rows record absolute paths; a row of an older run with relative paths, from the same
+    folder, is still complete."""
+    imgs = images(tmp_path / "in", 2)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    s = distributed.segment_dataset([tmp_path / "in"], "out", ckpt, concurrency=1, **OPTS)
+    assert (s["done"], s["failed"]) == (2, 0)
+    out = tmp_path / "work" / "out"
+    assert files(out) == sorted(["manifest.jsonl", *(str(Path("labels", p.relative_to(tmp_path / "in")))
+                                                     for p in imgs)])  # fmt: skip
+    row = distributed.read_manifest(out / "manifest.jsonl")[str(imgs[0])]
+    assert row["outputs"] == [str(out / "labels" / imgs[0].relative_to(tmp_path / "in"))]
+    task = distributed.plan([(str(imgs[0]), str(tmp_path / "in"))], out, ())[0]
+    old = {**row, "outputs": [os.path.relpath(p) for p in row["outputs"]]}
+    assert old["outputs"][0].startswith("out") and distributed.is_complete(old, task)
+
+
 def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
     good = images(tmp_path / "in", 4)
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
