@@ -374,6 +374,40 @@ def test_killed_worker_leaves_each_input_processed_once(ray_local, ckpt, tmp_pat
                                                      for p in imgs)])  # fmt: skip
 
 
+class _KillOnPoison(distributed._Worker):
+    """Exits its process on every attempt at ``poison.png``, as a decoder crash would; counts them."""
+
+    def process(self, task, ready=None):
+        if task.src.endswith("poison.png"):
+            with open(Path(task.outputs[0]).parents[2] / "deaths", "a") as f:  # beside OUT
+                f.write(f"{os.getpid()}\n")
+            os._exit(1)
+        return super().process(task, ready)
+
+
+def test_an_input_that_kills_its_worker_is_recorded_failed(ray_local, ckpt, tmp_path, monkeypatch):
+    """Ray Data runs the batch of an actor that died again, without end: an input that kills its
+    worker every time ran forever. The batch's journal sends the next run one input at a time;
+    the input in flight at ATTEMPTS deaths is recorded failed, the rest of its batch is done."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(distributed, "_Worker", _KillOnPoison)
+    imgs = images(tmp_path / "in", 3)
+    Image.fromarray(photo(9)).save(tmp_path / "in" / "poison.png")
+    out = tmp_path / "run" / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, batch_size=2, **OPTS)
+    assert (s["done"], s["failed"]) == (3, 1)
+    # once in its batch, then ATTEMPTS times on its own
+    assert len((tmp_path / "run" / "deaths").read_text().split()) == 1 + distributed.ATTEMPTS
+    by = distributed.read_manifest(out / "manifest.jsonl")
+    assert {k for k, r in by.items() if r["status"] == "ok"} == set(map(str, imgs))
+    error = by[str(tmp_path / "in" / "poison.png")]["error"]
+    assert error.startswith(f"its worker died {distributed.ATTEMPTS} times")
+    assert files(out) == sorted(["manifest.jsonl", *(str(Path("labels", p.relative_to(tmp_path / "in")))
+                                                     for p in imgs)])  # no journal left behind  # fmt: skip
+
+
 def test_interrupted_run_resumes_without_redoing(ray_local, ckpt, tmp_path, monkeypatch):
     images(tmp_path / "in", 10)
     out = tmp_path / "out"
