@@ -709,8 +709,8 @@ class _Worker:
     def __call__(self, batch: dict) -> dict:
         # the columns of work_items; "stamps": each task's [input, second input] listed_stamp
         columns = zip(batch["src"], batch["kind"], batch["outputs"], batch["second"], batch["stamps"])
-        tasks = [Task(str(s), str(k), tuple(json.loads(o)), str(d) or None, *map(_frozen, json.loads(ls)))
-                 for s, k, o, d, ls in columns]  # fmt: skip
+        tasks = [Task(json.loads(s), str(k), tuple(json.loads(o)), json.loads(d),
+                      *map(_frozen, json.loads(ls))) for s, k, o, d, ls in columns]  # fmt: skip
         log = self._journal(tasks)
         if log is not None and os.path.exists(log):  # this batch's actor died: one input at a time
             rows = self._one_by_one(tasks, log)
@@ -739,7 +739,8 @@ class _Worker:
             return None
         import hashlib
 
-        key = hashlib.sha1("\n".join(t.src for t in tasks).encode()).hexdigest()[:20]
+        names = "\n".join(t.src for t in tasks).encode("utf-8", "surrogateescape")  # as the OS gave them
+        key = hashlib.sha1(names).hexdigest()[:20]
         return os.path.join(self.journal, f".batch{TMP_TAG}{key}.jsonl")
 
     def _one_by_one(self, tasks: list[Task], log: str) -> list[dict]:
@@ -1059,9 +1060,13 @@ def _pool(ray, concurrency, num_gpus_per_worker, work: int) -> tuple[int, float]
 
 
 def work_items(tasks: list[Task]) -> list[dict]:
-    """The tasks as the rows of the Ray Dataset that ``_Worker`` reads (columns of plain strings)."""
-    return [{"src": t.src, "kind": t.kind, "outputs": json.dumps(list(t.outputs)), "second": t.second or "",
-             "stamps": json.dumps([t.stamp, t.second_stamp])} for t in tasks]  # fmt: skip
+    """The tasks as the rows of the Ray Dataset that ``_Worker`` reads: columns of JSON text.
+    Paths travel as JSON (ASCII): a file name that is not UTF-8 (Linux hands it to Python with
+    surrogates, "caf\\udce9.png") cannot become an Arrow string, and as a plain column it
+    stopped the whole run with a UnicodeEncodeError naming no file."""
+    return [{"src": json.dumps(t.src), "kind": t.kind, "outputs": json.dumps(list(t.outputs)),
+             "second": json.dumps(t.second), "stamps": json.dumps([t.stamp, t.second_stamp])}
+            for t in tasks]  # fmt: skip
 
 
 def _map(ray, tasks: list[Task], worker_args: dict, *, batch_size: int, actors: int, cpus: float,

@@ -506,6 +506,23 @@ def test_a_relative_output_folder_is_the_drivers(ray_local, ckpt, tmp_path, monk
     assert old["outputs"][0].startswith("out") and distributed.is_complete(old, task)
 
 
+def test_a_file_name_that_is_not_utf8_is_segmented_with_the_rest(ray_local, ckpt, seg, tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 (Latin-1 "café.png") reaches Python with
+    a surrogate, which no Arrow string column holds; it is segmented like the others, its labels
+    under the same bytes, and resumed as complete."""
+    imgs = images(tmp_path / "in", 2)
+    odd = tmp_path / "in" / os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(photo(5)).save(odd)
+    out = tmp_path / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["done"], s["failed"]) == (3, 0)
+    labels = out / "labels" / os.fsdecode(b"caf\xe9.png")
+    np.testing.assert_array_equal(np.array(Image.open(labels)), seg.run(read_image(odd)).numpy())
+    assert set(distributed.read_manifest(out / "manifest.jsonl")) == {*map(str, imgs), str(odd)}
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"]) == (3, 0)
+
+
 def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
     good = images(tmp_path / "in", 4)
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
