@@ -536,10 +536,11 @@ def _check_not_claimed(todo: list[Task], tasks: list[Task], previous: dict[str, 
     """InputError when a task would overwrite an existing output that the manifest records for
     an input this run does not name: two runs into one folder whose inputs share relative paths
     (cam1/ then cam2/, both holding f.png: both write labels/f.png) would otherwise replace the
-    first run's labels without a word, and each resume would redo the other's."""
+    first run's labels without a word, and each resume would redo the other's. An input that is
+    gone (a local file renamed or deleted since) no longer holds its outputs."""
     named = {t.src for t in tasks}
     owner = {p: src for src, row in previous.items() if src not in named and row.get("status") == "ok"
-             for p in _row_outputs(row) or ()}  # fmt: skip
+             and (_is_uri(src) or os.path.exists(src)) for p in _row_outputs(row) or ()}  # fmt: skip
     clashes = [(t.src, p, owner[p]) for t in todo for p in t.outputs if p in owner and os.path.exists(p)]
     if clashes:
         src, p, other = clashes[0]

@@ -237,7 +237,8 @@ def test_an_input_edited_in_place_is_due_again(tmp_path):
 def test_a_run_never_overwrites_the_outputs_of_another_runs_inputs(tmp_path, ckpt):
     """cam1/ then cam2/ into one folder, both holding f.png: the second run would write the
     labels/f.png the manifest records for cam1/f.png; it stops before Ray, naming both, and
-    leaves the file as it was. Inputs named again, or outputs gone, are no clash."""
+    leaves the file as it was. Inputs named again, outputs gone, or the other input gone (a
+    renamed file) are no clash."""
     out = tmp_path / "out"
     cam1, cam2 = tmp_path / "cam1" / "f.png", tmp_path / "cam2" / "f.png"
     for p in (cam1, cam2):
@@ -255,6 +256,10 @@ def test_a_run_never_overwrites_the_outputs_of_another_runs_inputs(tmp_path, ckp
     assert rows(out) == [row]
     tasks = distributed.plan([(str(cam1), str(cam1.parent))], out, ())
     distributed._check_not_claimed(tasks, tasks, {str(cam1): row}, out / "manifest.jsonl")  # its own
+    gone = str(tmp_path / "cam1" / "renamed-since.png")
+    moved = {gone: {**row, "input": gone}}
+    tasks = distributed.plan([(str(cam2), str(cam2.parent))], out, ())
+    distributed._check_not_claimed(tasks, tasks, moved, out / "manifest.jsonl")  # that input is gone
     labels.unlink()
     tasks = distributed.plan([(str(cam2), str(cam2.parent))], out, ())
     distributed._check_not_claimed(tasks, tasks, {str(cam1): row}, out / "manifest.jsonl")  # nothing to lose
