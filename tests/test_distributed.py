@@ -98,6 +98,10 @@ def test_inputs_folders_globs_and_uris(tmp_path):
     assert {b for _, b in globbed} == {str(src)}
     uri = distributed.collect_inputs([f"file://{src}/cam1"], tmp_path / "o")
     assert [f for f, _ in uri] == [f"file://{p}" for p in sorted(imgs) if p.parent.name == "cam1"]
+    whole = distributed.collect_inputs([f"file://{src}"], out)  # the outputs of a run before: not inputs
+    assert sorted(f for f, _ in whole) == sorted(f"file://{f}" for f, _ in found)
+    with pytest.raises(InputError, match="holds the input"):
+        distributed.collect_inputs([f"file://{out}/cam0"], out)
     with pytest.raises(InputError, match="no such file"):
         distributed.collect_inputs([tmp_path / "missing"], tmp_path / "o")
     with pytest.raises(InputError, match="holds the input"):
@@ -111,6 +115,38 @@ def test_inputs_folders_globs_and_uris(tmp_path):
         distributed.collect_inputs([str(src / "*.jpg")], tmp_path / "o")
     with pytest.raises(InputError, match="no images or videos here"):
         distributed.collect_inputs([f"file://{src}/cam*/*.jpg"], tmp_path / "o")
+
+
+def test_a_recursive_glob_enters_each_folder_once(tmp_path, monkeypatch):
+    """``**`` lists what glob lists on a tree of folders (a link to a folder elsewhere
+    followed), and a symlink loop under it neither repeats the images at every depth nor runs
+    without end (glob follows both links); a link to a folder of the tree adds no second name.
+    The same for a file:// folder (hidden files included, as pyarrow lists them)."""
+    import glob
+
+    root = tmp_path / "root"
+    for rel in ("in/a.png", "in/.h.png", "in/.hid/b.png", "in/x/c.png", "in/x/y/d.jpg", "in/x/y/z/e.png",
+                "in/w/f.png", "../ext/g.png"):  # fmt: skip
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "in" / "w" / "linked").symlink_to(tmp_path / "ext")
+    monkeypatch.chdir(root)
+    for pattern in ("in/**/*.png", "in/**", "in/**/y/*.jpg", "**/*.png", "in/*/**/*.png", "in/**/z/**/*",
+                    f"{root}/in/**/*.png"):  # fmt: skip
+        want = sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        got = sorted(os.path.abspath(f) for f in distributed._glob(pattern) if os.path.isfile(f))
+        assert got == sorted(set(want)), pattern
+    before = distributed.collect_inputs(["in/**/*.png"], tmp_path / "o")
+    assert [f for f, _ in before] == [str(root / "in" / r) for r in ("a.png", "w/f.png", "w/linked/g.png",
+                                                                      "x/c.png", "x/y/z/e.png")]  # fmt: skip
+    (root / "in" / "up").symlink_to(root)  # loops: glob would list 2^40 paths
+    (root / "in" / "x" / "self").symlink_to(root / "in" / "x")
+    (root / "in" / "w" / "again").symlink_to(root / "in" / "x")
+    assert distributed.collect_inputs(["in/**/*.png"], tmp_path / "o") == before
+    uris = distributed.collect_inputs([f"file://{root}/in"], tmp_path / "o")  # pyarrow follows links
+    names = (".h.png", ".hid/b.png", "a.png", "w/f.png", "w/linked/g.png", "x/c.png", "x/y/d.jpg",
+             "x/y/z/e.png")  # fmt: skip
+    assert [f for f, _ in uris] == [f"file://{root}/in/{r}" for r in names]
 
 
 def test_plan_names_outputs_as_segment_does(tmp_path):
@@ -147,6 +183,30 @@ def test_manifest_completeness_and_truncated_lines(tmp_path):
     assert distributed.read_manifest(m) == {"in.png": {**ok, "sizes": [9]}, "c.png": other}
     manifest.close(["c.png"])
     assert [json.loads(line)["input"] for line in m.read_text().splitlines()] == ["c.png", "in.png"]
+    # a driver killed while compacting leaves the manifest's temporary beside it: removed as stale
+    left = tmp_path / f".manifest{distributed.TMP_TAG}4242-0badcafe.jsonl"
+    left.write_text("half")
+    keep = tmp_path / "labels" / "a.png"  # an output: kept
+    keep.parent.mkdir()
+    keep.write_bytes(b"x")
+    assert distributed.remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.png", "manifest.jsonl"]
+
+
+def test_a_damaged_manifest_redoes_the_damaged_rows_only(tmp_path):
+    """Lines that are no row (bytes that are not UTF-8, an input that is not a string, fields
+    of the wrong type) are inputs to do again, not a crash that blocks every later run."""
+    out = tmp_path / "o.png"
+    out.write_bytes(b"12345")
+    task = distributed.Task("in.png", "image", (str(out),))
+    ok = {"input": "in.png", "status": "ok", "outputs": [str(out)], "sizes": [5]}
+    m = tmp_path / "manifest.jsonl"
+    m.write_bytes(b"\xff\xfe\x00garbage\n" + json.dumps(ok).encode() + b"\n"
+                  + json.dumps({**ok, "input": ["in.png"]}).encode() + b"\n")
+    assert distributed.read_manifest(m) == {"in.png": ok}
+    for bad in ({**ok, "outputs": 5}, {**ok, "sizes": 5}, {**ok, "sizes": None}, {**ok, "outputs": None}):
+        assert not distributed.is_complete(bad, task), bad
+    assert distributed.is_complete(ok, task)
 
 
 def test_an_input_edited_in_place_is_due_again(tmp_path):
@@ -174,9 +234,42 @@ def test_an_input_edited_in_place_is_due_again(tmp_path):
     assert distributed.stamp(str(tmp_path / "gone")) is None
 
 
+def test_a_run_never_overwrites_the_outputs_of_another_runs_inputs(tmp_path, ckpt):
+    """cam1/ then cam2/ into one folder, both holding f.png: the second run would write the
+    labels/f.png the manifest records for cam1/f.png; it stops before Ray, naming both, and
+    leaves the file as it was. Inputs named again, outputs gone, or the other input gone (a
+    renamed file) are no clash."""
+    out = tmp_path / "out"
+    cam1, cam2 = tmp_path / "cam1" / "f.png", tmp_path / "cam2" / "f.png"
+    for p in (cam1, cam2):
+        p.parent.mkdir()
+        Image.fromarray(photo(1)).save(p)
+    labels = out / "labels" / "f.png"
+    labels.parent.mkdir(parents=True)
+    labels.write_bytes(b"cam1's labels")
+    row = {"input": str(cam1), "kind": "image", "status": "ok", "outputs": [str(labels)], "sizes": [13],
+           "stamp": distributed.stamp(str(cam1))}  # fmt: skip
+    (out / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(InputError, match=rf"{cam2} would overwrite {labels}, the output of {cam1} recorded"):
+        distributed.segment_dataset([cam2.parent], out, ckpt, **OPTS)
+    assert labels.read_bytes() == b"cam1's labels"
+    assert rows(out) == [row]
+    tasks = distributed.plan([(str(cam1), str(cam1.parent))], out, ())
+    distributed._check_not_claimed(tasks, tasks, {str(cam1): row}, out / "manifest.jsonl")  # its own
+    gone = str(tmp_path / "cam1" / "renamed-since.png")
+    moved = {gone: {**row, "input": gone}}
+    tasks = distributed.plan([(str(cam2), str(cam2.parent))], out, ())
+    distributed._check_not_claimed(tasks, tasks, moved, out / "manifest.jsonl")  # that input is gone
+    labels.unlink()
+    tasks = distributed.plan([(str(cam2), str(cam2.parent))], out, ())
+    distributed._check_not_claimed(tasks, tasks, {str(cam1): row}, out / "manifest.jsonl")  # nothing to lose
+
+
 def test_bad_options_and_missing_ray(tmp_path, ckpt, monkeypatch):
     bad = (({"batch_size": 0}, "batch_size"), ({"concurrency": 0}, "concurrency"), ({"mode": "x"}, "mode"),
-           ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"))  # fmt: skip
+           ({"num_gpus_per_worker": -1}, "num_gpus_per_worker"),
+           ({"num_gpus_per_worker": float("nan")}, "num_gpus_per_worker"),  # it passed `< 0`: KeyError 'GPU'
+           ({"num_gpus_per_worker": float("inf")}, "num_gpus_per_worker"))  # fmt: skip
     for kw, msg in bad:
         with pytest.raises(InputError, match=msg):
             distributed.segment_dataset([tmp_path], tmp_path / "o", ckpt, **kw)
@@ -286,6 +379,40 @@ def test_killed_worker_leaves_each_input_processed_once(ray_local, ckpt, tmp_pat
                                                      for p in imgs)])  # fmt: skip
 
 
+class _KillOnPoison(distributed._Worker):
+    """Exits its process on every attempt at ``poison.png``, as a decoder crash would; counts them."""
+
+    def process(self, task, ready=None):
+        if task.src.endswith("poison.png"):
+            with open(Path(task.outputs[0]).parents[2] / "deaths", "a") as f:  # beside OUT
+                f.write(f"{os.getpid()}\n")
+            os._exit(1)
+        return super().process(task, ready)
+
+
+def test_an_input_that_kills_its_worker_is_recorded_failed(ray_local, ckpt, tmp_path, monkeypatch):
+    """Ray Data runs the batch of an actor that died again, without end: an input that kills its
+    worker every time ran forever. The batch's journal sends the next run one input at a time;
+    the input in flight at ATTEMPTS deaths is recorded failed, the rest of its batch is done."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(distributed, "_Worker", _KillOnPoison)
+    imgs = images(tmp_path / "in", 3)
+    Image.fromarray(photo(9)).save(tmp_path / "in" / "poison.png")
+    out = tmp_path / "run" / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, batch_size=2, **OPTS)
+    assert (s["done"], s["failed"]) == (3, 1)
+    # once in its batch, then ATTEMPTS times on its own
+    assert len((tmp_path / "run" / "deaths").read_text().split()) == 1 + distributed.ATTEMPTS
+    by = distributed.read_manifest(out / "manifest.jsonl")
+    assert {k for k, r in by.items() if r["status"] == "ok"} == set(map(str, imgs))
+    error = by[str(tmp_path / "in" / "poison.png")]["error"]
+    assert error.startswith(f"its worker died {distributed.ATTEMPTS} times")
+    assert files(out) == sorted(["manifest.jsonl", *(str(Path("labels", p.relative_to(tmp_path / "in")))
+                                                     for p in imgs)])  # no journal left behind  # fmt: skip
+
+
 def test_interrupted_run_resumes_without_redoing(ray_local, ckpt, tmp_path, monkeypatch):
     images(tmp_path / "in", 10)
     out = tmp_path / "out"
@@ -311,6 +438,94 @@ def test_interrupted_run_resumes_without_redoing(ray_local, ckpt, tmp_path, monk
     assert len(rows(out)) == 10 and {r["status"] for r in rows(out)} == {"ok"}
     s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=2, **OPTS)
     assert (s["skipped"], s["done"]) == (10, 0)
+
+
+def test_a_run_with_another_checkpoint_redoes_the_inputs(ray_local, ckpt, tmp_path):
+    """Each row records the checkpoint that wrote it (``model_key``): resume into the same folder
+    with another checkpoint redoes every input rather than keeping the first model's labels; a
+    row of an older manifest, without one, is checked as before."""
+    imgs = images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"]) == (0, 2)
+    assert {r["model"] for r in rows(out)} == {distributed.model_key(Path(ckpt).read_bytes())}
+    torch.manual_seed(1)
+    other = models.build("fcn8s", width=0.0625, num_classes=5).eval()
+    with torch.no_grad():
+        other.score_pool3.weight.normal_(0, 1)
+    other_ckpt = fastfcn.save(other, tmp_path / "other.safetensors")
+    s = distributed.segment_dataset([tmp_path / "in"], out, other_ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"], s["failed"]) == (0, 2, 0)
+    other_seg = fastfcn.Segmenter(str(other_ckpt), device="cpu", **OPTS)
+    for p in imgs:
+        got = np.array(Image.open(out / "labels" / p.relative_to(tmp_path / "in")))
+        np.testing.assert_array_equal(got, other_seg.run(read_image(p)).numpy())
+    s = distributed.segment_dataset([tmp_path / "in"], out, other_ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"]) == (2, 0)
+    task = distributed.plan([(str(imgs[0]), str(tmp_path / "in"))], out, ())[0]
+    row = distributed.read_manifest(out / "manifest.jsonl")[str(imgs[0])]
+    assert distributed.is_complete(row, task, row["model"])
+    assert not distributed.is_complete(row, task, "sha256:0")
+    old = {k: v for k, v in row.items() if k != "model"}
+    assert distributed.is_complete(old, task, "sha256:0")
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(ray_local, ckpt, tmp_path):
+    """While one run writes into OUT (it holds OUT/.fastfcn-batch.lock), another run into OUT
+    stops with one line naming it, and leaves the first run's temporaries and manifest alone;
+    once the first run has ended the folder is free, and no lock file is left behind."""
+    images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    live = out / "labels" / "cam0" / f".img000{distributed.TMP_TAG}123-abcd.png"  # the first run's
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"being written")
+    (out / "manifest.jsonl").write_text("")
+    with distributed._exclusive(out):
+        with pytest.raises(InputError, match=r"another fastfcn batch run \(.+:\d+\) is writing into"):
+            distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+        assert live.read_bytes() == b"being written"
+        assert (out / "manifest.jsonl").read_text() == ""
+    live.unlink()
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["done"], s["failed"]) == (2, 0)
+    assert not (out / distributed.LOCK).exists()
+
+
+def test_a_relative_output_folder_is_the_drivers(ray_local, ckpt, tmp_path, monkeypatch):
+    """Actors keep the working folder Ray gave them (here the one this module started Ray in),
+    not the driver's: a relative output folder is the driver's, the outputs are where it says,
+    and rows record absolute paths; a row of an older run with relative paths, from the same
+    folder, is still complete."""
+    imgs = images(tmp_path / "in", 2)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    s = distributed.segment_dataset([tmp_path / "in"], "out", ckpt, concurrency=1, **OPTS)
+    assert (s["done"], s["failed"]) == (2, 0)
+    out = tmp_path / "work" / "out"
+    assert files(out) == sorted(["manifest.jsonl", *(str(Path("labels", p.relative_to(tmp_path / "in")))
+                                                     for p in imgs)])  # fmt: skip
+    row = distributed.read_manifest(out / "manifest.jsonl")[str(imgs[0])]
+    assert row["outputs"] == [str(out / "labels" / imgs[0].relative_to(tmp_path / "in"))]
+    task = distributed.plan([(str(imgs[0]), str(tmp_path / "in"))], out, ())[0]
+    old = {**row, "outputs": [os.path.relpath(p) for p in row["outputs"]]}
+    assert old["outputs"][0].startswith("out") and distributed.is_complete(old, task)
+
+
+def test_a_file_name_that_is_not_utf8_is_segmented_with_the_rest(ray_local, ckpt, seg, tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 (Latin-1 "café.png") reaches Python with
+    a surrogate, which no Arrow string column holds; it is segmented like the others, its labels
+    under the same bytes, and resumed as complete."""
+    imgs = images(tmp_path / "in", 2)
+    odd = tmp_path / "in" / os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(photo(5)).save(odd)
+    out = tmp_path / "out"
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["done"], s["failed"]) == (3, 0)
+    labels = out / "labels" / os.fsdecode(b"caf\xe9.png")
+    np.testing.assert_array_equal(np.array(Image.open(labels)), seg.run(read_image(odd)).numpy())
+    assert set(distributed.read_manifest(out / "manifest.jsonl")) == {*map(str, imgs), str(odd)}
+    s = distributed.segment_dataset([tmp_path / "in"], out, ckpt, concurrency=1, **OPTS)
+    assert (s["skipped"], s["done"]) == (3, 0)
 
 
 def test_corrupt_inputs_are_recorded_failed_the_rest_complete(ray_local, ckpt, seg, tmp_path, capsys):
