@@ -634,6 +634,48 @@ def test_non_finite_weights_refused_by_name(tmp_path, value):
             fastfcn.load(p)
 
 
+def test_weights_that_overflow_float32_are_refused(tmp_path):
+    # A float64 weight beyond float32's range (3.4e38) is finite in the file and inf once cast
+    # to the model's float32: it must be refused like an inf in the file, not loaded as inf.
+    m = _model("fcn32s")
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    sd["fc7.bias"][3] = 1e39
+    p = tmp_path / "f64.pt"
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in fc7.bias"):
+        fastfcn.load(p)
+    sd["fc7.bias"][3] = 1e38  # in range: loads with the value rounded to float32
+    torch.save(sd, p)
+    assert fastfcn.load(p).state_dict()["fc7.bias"][3] == torch.tensor(1e38, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16])
+def test_low_precision_weights_load_and_are_checked(tmp_path, dtype):
+    m = _model("fcn32s")
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    p = tmp_path / "low.pt"
+    torch.save(sd, p)
+    got = fastfcn.load(p).state_dict()
+    for k, v in sd.items():
+        assert torch.equal(got[k], v.to(got[k].dtype)), k
+    sd["fc7.bias"][3] = float("nan")
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in fc7.bias"):
+        fastfcn.load(p)
+
+
+def test_complex_weights_are_refused(tmp_path):
+    # Copying a complex tensor into a float parameter drops its imaginary part (with only a
+    # UserWarning): the weights would be silently other than the file's.
+    m = _model("fcn32s")
+    sd = dict(m.state_dict())
+    sd["fc7.bias"] = sd["fc7.bias"].to(torch.complex64) * 1j
+    p = tmp_path / "complex.pt"
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"complex.pt: fc7.bias is a torch.complex64 tensor; expected"):
+        fastfcn.load(p)
+
+
 def _raw_safetensors(path, header: str, data: bytes = b""):
     raw = header.encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)

@@ -193,6 +193,16 @@ def test_non_finite_classifier_weights_are_refused(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_classifier_weights_that_overflow_float32_are_refused(tmp_path):
+    # A float64 torchvision file with a value beyond float32's range would copy in as inf.
+    sd = {k: v.double() for k, v in _torchvision_vgg16(_donor("fcn32s")).items()}
+    sd["features.10.weight"][0, 0, 0, 0] = 1e39  # conv3_1
+    path = tmp_path / "vgg16.pth"
+    torch.save(sd, path)
+    with pytest.raises(fastfcn.CheckpointError, match="non-finite.*'conv3_1'"):
+        fastfcn.init_from_classifier(models.build("fcn32s", width=W), path)
+
+
 def test_vgg_into_alexnet_is_refused(vgg):
     _, path = vgg
     with pytest.raises(fastfcn.InputError, match="'fc6'.*fcn-alexnet"):

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from .caffe import _caffe_name, _fields, _stream_fields, _WireError, read_caffemodel
-from .state import _all_finite, _short, _upsampling_keys
+from .state import _all_finite, _check_real, _short, _upsampling_keys
 from .torch_format import _LEGACY_TORCH_MAGIC, _ZIP_MAGIC
 
 # The 1000-way classifier layers (module names, '/' -> '_') of the three classifiers: never
@@ -183,7 +183,9 @@ def _fit(model, target: str, m: nn.Module, blobs: list[torch.Tensor], path, sour
     shape = tuple(blobs[0].shape)
     while len(shape) > m.weight.dim() and shape[0] == 1:
         shape = shape[1:]
-    if not all(_all_finite(b) for b in blobs):
+    for b in blobs:
+        _check_real(f"layer {target!r}", b, path)
+    if not all(_all_finite(b, p.dtype) for b, p in zip(blobs, params)):
         raise CheckpointError(f"{path}: non-finite values (NaN or inf) in layer {target!r}; the weights "
                               "are corrupt")  # fmt: skip
     return shape != tuple(m.weight.shape)
