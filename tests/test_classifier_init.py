@@ -267,6 +267,21 @@ def test_torchvision_vgg16_maps_by_order_and_converts_preprocessing(tmp_path):
         fastfcn.init_from_classifier(models.build("nyud-fcn32s-hha", width=W), path)
 
 
+def test_torchvision_vgg16_in_the_legacy_torch_format(tmp_path):
+    # torchvision's vgg16-397923af.pth predates torch 1.6: it is a legacy (non-zip) torch file,
+    # which torch.load cannot memory-map (pytorch/vision#2068 lists such old weight files).
+    donor = _donor("fcn32s", seed=3)
+    path = tmp_path / "vgg16-397923af.pth"
+    torch.save(_torchvision_vgg16(donor), path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:2] == b"\x80\x02"  # not a zip
+    assert is_classifier_file(path)
+    model = models.build("fcn32s", width=W)
+    rep = fastfcn.init_from_classifier(model, path)
+    assert rep.source == "torchvision vgg16" and set(rep.reshaped) == {"fc6", "fc7"}
+    for n in ("conv1_1", "conv5_3", "fc6", "fc7"):
+        assert torch.equal(getattr(model, n).weight, getattr(donor, n).weight), n
+
+
 def test_torchvision_alexnet_and_googlenet_are_refused(tmp_path):
     alex = {}
     for i, (o, c, k) in zip((0, 3, 6, 8, 10), ((64, 3, 11), (192, 64, 5), (384, 192, 3), (256, 384, 3),

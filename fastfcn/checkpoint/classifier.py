@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import CheckpointError, InputError
 from .caffe import _caffe_name, _fields, _stream_fields, _WireError, read_caffemodel
 from .state import _all_finite, _check_real, _short, _upsampling_keys
-from .torch_format import _LEGACY_TORCH_MAGIC, _ZIP_MAGIC
+from .torch_format import _LEGACY_TORCH_MAGIC, _ZIP_MAGIC, _torch_load_reason
 
 # The 1000-way classifier layers (module names, '/' -> '_') of the three classifiers: never
 # part of an FCN. A file holding one of them is a classifier (see is_classifier_file).
@@ -256,10 +256,14 @@ def _is_torch(path: Path) -> bool:
 
 
 def _load_torch(path: Path) -> dict:
+    # Memory-mapped where torch can (a zip: torch.save since 1.6); the legacy format, which
+    # torchvision's older weight files (vgg16-397923af.pth) are in, is read whole.
+    with open(path, "rb") as f:
+        mmap = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path}: cannot read as a torch state dict: {e}") from None
+        raise CheckpointError(f"{path}: cannot read as a torch state dict: {_torch_load_reason(e)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
