@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -331,6 +332,24 @@ def test_static_graph_matching_its_metadata_loads(tmp_path):
     path = tiny_onnx(tmp_path / "t.onnx", _config(), input_dims=[2, 3, 8, 8], output_dims=[2, 5, 8, 8],
                      export={"dynamic": False, "input_shape": [2, 3, 8, 8]})  # fmt: skip
     assert read_onnx_metadata(path)["export"]["input_shape"] == [2, 3, 8, 8]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_static_graph_refuses_other_shapes_with_an_input_error(tmp_path, backend):
+    # Every ONNX backend answers a static graph's wrong input shape alike, with one InputError
+    # line (ONNX Runtime raised its own InvalidArgument).
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    path = tiny_onnx(tmp_path / "t.onnx", _config(), input_dims=[2, 3, 8, 8], output_dims=[2, 5, 8, 8],
+                     export={"dynamic": False, "input_shape": [2, 3, 8, 8]})  # fmt: skip
+    seg = fastfcn.Segmenter(path, device="cpu", backend=backend, precision="fp32")
+    assert seg.run(np.zeros((2, 8, 8, 3), np.uint8)).shape == (2, 8, 8)
+    for images, got in ((np.zeros((1, 8, 8, 3), np.uint8), "(1, 3, 8, 8)"),
+                        (np.zeros((2, 8, 9, 3), np.uint8), "(2, 3, 8, 9)")):  # fmt: skip
+        want = f"t.onnx was exported with the static input shape (2, 3, 8, 8); got {got}"
+        with pytest.raises(InputError, match=re.escape(want)) as e:
+            seg.run(images)
+        assert "\n" not in str(e.value)
 
 
 def test_result_shape_checked_at_run_time(tmp_path):

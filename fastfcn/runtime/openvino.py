@@ -25,11 +25,11 @@ import threading
 
 import torch
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError
 from ..kernels.structure import check_output
 from ..models.multihead import finish
 from .backends import Backend
-from .onnx_source import OnnxSource, check_graph_input, check_graph_output
+from .onnx_source import OnnxSource, check_graph_input, check_graph_output, check_static_dims
 
 PRECISIONS = ("fp32", "bf16")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -107,9 +107,9 @@ class OpenVinoBackend(Backend):
                 f"({type(e).__name__}: {str(e).strip()[:400]})"
             ) from None
         self.ov_version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
-        shape = self.compiled.input(0).get_partial_shape()
         # A static export (``export_onnx(dynamic=False)``) runs at its one shape only.
-        self.static_shape = None if shape.is_dynamic else tuple(shape.to_shape())
+        shape = self.compiled.input(0).get_partial_shape()
+        self.input_dims = tuple(d.get_length() if d.is_static else None for d in shape)
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -131,11 +131,7 @@ class OpenVinoBackend(Backend):
         """
         check_output(output)
         x = check_graph_input(x, self.device, self._source.in_channels)
-        if self.static_shape is not None and tuple(x.shape) != self.static_shape:
-            raise InputError(
-                f"{self.onnx_path} was exported with the static input shape {self.static_shape}; got "
-                f"{tuple(x.shape)}. Export it with dynamic shapes (the default) to run other sizes"
-            )
+        check_static_dims(x, self.input_dims, self.onnx_path)
         # share_inputs: the plugin reads torch's buffer in place (x is contiguous float32).
         # share_outputs: y views the request's own output buffer, which the next call on this
         # thread overwrites; labels and probs are new tensors, logits are copied out.
