@@ -352,6 +352,46 @@ def test_static_graph_refuses_other_shapes_with_an_input_error(tmp_path, backend
         assert "\n" not in str(e.value)
 
 
+def _external_weight(path, location: str):
+    """The tiny graph of ``path`` with its weight moved to external data at ``location``."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    proto = onnx.load(str(path))
+    w = proto.graph.initializer[0]
+    data = numpy_helper.to_array(w).tobytes()
+    w.ClearField("raw_data")
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("length", str(len(data)))):
+        w.external_data.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return data
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/tmp/secret.bin", "sub/../../secret.bin"])
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, location):
+    # A hostile .onnx naming a file outside its folder: refused by name before any runtime opens
+    # it (OpenVINO's own refusal was a multi-line C++ trace, as BackendUnavailableError).
+    (tmp_path / "models").mkdir()
+    path = tiny_onnx(tmp_path / "models" / "t.onnx", _config())
+    _external_weight(path, location)
+    want = f"t.onnx: tensor 'w' keeps its data in {location!r}, outside the model's folder"
+    for load in (read_onnx_metadata, fastfcn.Segmenter):
+        with pytest.raises(CheckpointError, match=re.escape(want)) as e:
+            load(path)
+        assert "\n" not in str(e.value)
+
+
+def test_external_data_beside_the_model_runs(tmp_path):
+    path = tiny_onnx(tmp_path / "t.onnx", _config())
+    x = np.zeros((1, 4, 5, 3), np.uint8)
+    want = fastfcn.Segmenter(path, device="cpu").run(x, output="logits")
+    (tmp_path / "t.weights").write_bytes(_external_weight(path, "t.weights"))
+    got = fastfcn.Segmenter(path, device="cpu").run(x, output="logits")
+    assert torch.equal(got, want)
+
+
 def test_result_shape_checked_at_run_time(tmp_path):
     # Declared (N, 5, H, W), computes (N, 5, H/2, W/2): only the run shows it.
     path = tiny_onnx(tmp_path / "t.onnx", _config(), stride=2)
