@@ -134,6 +134,18 @@ def test_map_location_and_unknown_suffix_sniffed(tmp_path):
     assert loaded.config["arch"] == "fcn16s"
 
 
+def test_map_location_that_cannot_be_used_is_refused_before_loading(tmp_path, monkeypatch):
+    # torch's own answers were an AssertionError ("Torch not compiled with CUDA enabled") or a
+    # RuntimeError listing every device type, after the whole file was read and built.
+    path = fastfcn.save(cached("fcn16s"), tmp_path / "m.safetensors")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fastfcn.checkpoint, "_read", lambda *a: pytest.fail("the file was read"))
+    with pytest.raises(fastfcn.BackendUnavailableError, match="map_location 'cuda:1' names a CUDA device"):
+        fastfcn.load(path, map_location="cuda:1")
+    with pytest.raises(ValueError, match="map_location must be a device such as 'cpu' .*; got 'gpu0'"):
+        fastfcn.load(path, map_location="gpu0")
+
+
 @pytest.mark.parametrize(
     "meta, problem",
     [

@@ -51,7 +51,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ModelConfig, validate_config
-from ..errors import CheckpointError
+from ..errors import BackendUnavailableError, CheckpointError
 from .arch import _infer_config, _strip_prefix, infer_arch
 from .caffe import CaffeLayer, _caffe_arch, _caffe_name, _caffe_probe, _caffe_state, read_caffemodel
 from .classifier import SurgeryReport, init_from_classifier, is_classifier_file
@@ -155,8 +155,11 @@ def load(
     most), so loading takes about twice the file's tensor bytes. Weights that are not finite
     as the model holds them (NaN, inf, a float64 beyond float32's range) or complex are
     refused with the tensor's name.
-    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo).
+    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo). A
+    ``map_location`` that is no device (ValueError) or a CUDA device this machine lacks
+    (BackendUnavailableError) is refused before the file is read.
     """
+    _check_device(map_location)
     path = _regular_file(path)
     kind, state, config, hint, layers = _read(path)
     held = _tensor_bytes(state, path) if kind != "caffe" else sum(b.nbytes for ly in layers for b in ly.blobs)
@@ -187,6 +190,25 @@ def _infer_config_or_explain(state: dict, arch: str | None, path: Path) -> dict:
             f"{e}. The file is an ImageNet classifier, not an FCN: build the FCN and call "
             "fastfcn.init_from_classifier(model, path), or give it to fastfcn train --init"
         ) from None
+
+
+def _check_device(map_location) -> None:
+    """``map_location`` must be a device the model can be moved to here."""
+    import torch
+
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"map_location must be a device such as 'cpu' or 'cuda:0'; got {map_location!r}"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise BackendUnavailableError(
+                f"map_location {map_location!r} names a CUDA device, but this machine has {count} "
+                "usable CUDA device(s); load with map_location='cpu'"
+            )
 
 
 def _regular_file(path) -> Path:
