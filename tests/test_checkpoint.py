@@ -592,6 +592,31 @@ def test_zero_element_tensors_cannot_claim_a_huge_model(tmp_path, monkeypatch):
     assert not built
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_half_precision_checkpoints_pass_the_size_check(tmp_path, monkeypatch, dtype, suffix):
+    # A half-precision file holds half the bytes of the float32 model it loads into: FCN-32s at
+    # width 0.5 (135 MiB) in fp16 (68 MiB) was refused as describing more than it held. Without
+    # the slack (which hides this for small nets) the check must still pass.
+    import fastfcn.checkpoint.store as store
+
+    monkeypatch.setattr(store, "MODEL_SLACK", 0)
+    m = _model("fcn32s")
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    p = tmp_path / f"half{suffix}"
+    if suffix == ".pt":
+        torch.save(half, p)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in half.items()}, p)
+    got = fastfcn.load(p).state_dict()
+    assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in half.items())
+    # A config that describes more than the file holds, even at float32, is still refused.
+    with pytest.raises(CheckpointError, match="holds only"):
+        store._check_model_size(dict(m.config, width=2 * W), store._tensor_bytes(half, p), p)
+
+
 def test_model_size_estimate_is_exact():
     from fastfcn.config import model_bytes
 

@@ -152,7 +152,8 @@ def load(
     Nothing is built before every size the file claims has been checked: the config
     (``fastfcn.config.validate_config``), zip members' sizes, and the bytes of the model
     the config describes against the tensor bytes the file holds (``MODEL_SLACK`` more at
-    most), so loading takes about twice the file's tensor bytes. Weights that are not finite
+    most; tensors stored narrower than float32 counted at float32), so loading takes about
+    twice the file's tensor bytes (three times for a float16 file). Weights that are not finite
     as the model holds them (NaN, inf, a float64 beyond float32's range) or complex are
     refused with the tensor's name.
     ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo). A
