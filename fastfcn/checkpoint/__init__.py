@@ -194,9 +194,12 @@ def _infer_config_or_explain(state: dict, arch: str | None, path: Path) -> dict:
 
 
 def _check_device(map_location) -> None:
-    """``map_location`` must be a device the model can be moved to here."""
+    """``map_location`` must be a device the model can be moved to here (None: left on the CPU,
+    as model.to(None) leaves it)."""
     import torch
 
+    if map_location is None:
+        return
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError):
