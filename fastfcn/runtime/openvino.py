@@ -51,6 +51,16 @@ def native_bf16(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def _reason(e: Exception) -> str:
+    """An OpenVINO error as one line: its message is a C++ trace ("Exception from
+    src/inference/src/cpp/core.cpp:84:", "Check 'false' failed at ...") with the reason in the
+    lines after it ("-- No conversion rule found for operations: NoSuchOp-18")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    text = " ".join(useful or lines) or type(e).__name__
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
 class OpenVinoBackend(Backend):
     """An exported fastfcn graph compiled by OpenVINO for the CPU.
 
@@ -104,7 +114,7 @@ class OpenVinoBackend(Backend):
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long C++ traces
             raise BackendUnavailableError(
                 f"openvino cannot compile {self.onnx_path} for the CPU at {precision} "
-                f"({type(e).__name__}: {str(e).strip()[:400]})"
+                f"({type(e).__name__}: {_reason(e)})"
             ) from None
         self.ov_version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
         # A static export (``export_onnx(dynamic=False)``) runs at its one shape only.
