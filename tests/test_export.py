@@ -383,6 +383,22 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path, location):
         assert "\n" not in str(e.value)
 
 
+def test_external_data_of_a_constant_node_is_checked_too(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = tiny_onnx(tmp_path / "t.onnx", _config())
+    proto = onnx.load(str(path))
+    c = helper.make_tensor("k", TensorProto.FLOAT, [1], [0.0])
+    c.ClearField("float_data")
+    c.data_location = TensorProto.EXTERNAL
+    c.external_data.add(key="location", value="../../etc/passwd")
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], value=c))
+    onnx.save(proto, str(path))
+    with pytest.raises(CheckpointError, match="tensor 'k' keeps its data in '../../etc/passwd'"):
+        read_onnx_metadata(path)
+
+
 def test_external_data_beside_the_model_runs(tmp_path):
     path = tiny_onnx(tmp_path / "t.onnx", _config())
     x = np.zeros((1, 4, 5, 3), np.uint8)
