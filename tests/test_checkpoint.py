@@ -195,6 +195,19 @@ def test_save_rejects_unknown_suffix_and_non_models(tmp_path):
         fastfcn.save(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_save_of_a_compiled_model_loads(tmp_path, suffix):
+    # torch.compile's wrapper forwards .config but puts every state-dict key under "_orig_mod.":
+    # save wrote a file whose keys fit no model, and load refused it.
+    m = cached("fcn32s")
+    p = fastfcn.save(torch.compile(m), tmp_path / f"m{suffix}")
+    assert_same_weights(m, fastfcn.load(p))
+    # and the bare state dicts of compiled (and DataParallel-wrapped compiled) models
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        torch.save({prefix + k: v for k, v in m.state_dict().items()}, tmp_path / "bare.pt")
+        assert_same_weights(m, fastfcn.load(tmp_path / "bare.pt"))
+
+
 # ------------------------------------------------------------------------ pytorch-fcn layout (bare dicts)
 
 

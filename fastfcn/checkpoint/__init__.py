@@ -12,7 +12,7 @@ Formats
   ``{"format": "fastfcn", "config": {...}, "state_dict": {...}}`` or a bare state
   dict in the Caffe-named layout of the reference nets and of the pytorch-fcn
   port (``conv1_1.weight``, ..., ``score_fr.weight``, ``upscore2.weight``, ...;
-  a DataParallel ``module.`` prefix is stripped).
+  a DataParallel ``module.`` or torch.compile ``_orig_mod.`` prefix is stripped).
 - ``.caffemodel``: the original Caffe weights, decoded from the protobuf wire
   format here (no protobuf dependency); blobs map to modules by layer name.
 
@@ -56,7 +56,7 @@ from .arch import _infer_config, _strip_prefix, infer_arch
 from .caffe import CaffeLayer, _caffe_arch, _caffe_name, _caffe_probe, _caffe_state, read_caffemodel
 from .classifier import SurgeryReport, init_from_classifier, is_classifier_file
 from .safetensors_format import _read_safetensors, write_safetensors
-from .state import _build, _load_state
+from .state import _build, _load_state, _unwrap
 from .store import (
     FORMAT_VERSION,
     META_KEY,
@@ -76,7 +76,8 @@ _OVERRIDABLE = ("class_names", "palette", "color_order", "mean", "std", "input_s
 
 
 def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
-    """Save ``model`` (a fastfcn model, or one wrapped in DataParallel) to ``path``.
+    """Save ``model`` (a fastfcn model, or one wrapped in DataParallel, DistributedDataParallel
+    or torch.compile) to ``path``.
 
     The suffix picks the format: ``.safetensors`` (native) or ``.pt`` / ``.pth``
     (fastfcn's dict, loadable with ``weights_only=True``). ``meta`` overrides the
@@ -91,7 +92,7 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
     """
     path = Path(path)
     save_target(path)  # a directory or a parent that is a file: refused before any work
-    model = getattr(model, "module", model) if isinstance(model, nn.DataParallel) else model
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, Mapping):
         raise CheckpointError(

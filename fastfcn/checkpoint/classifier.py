@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from .caffe import _caffe_name, _fields, _stream_fields, _WireError, read_caffemodel
-from .state import _all_finite, _check_real, _short, _upsampling_keys
+from .state import _all_finite, _check_real, _short, _unwrap, _upsampling_keys
 from .torch_format import _LEGACY_TORCH_MAGIC, _ZIP_MAGIC, _torch_load_reason
 
 # The 1000-way classifier layers (module names, '/' -> '_') of the three classifiers: never
@@ -116,7 +116,7 @@ def init_from_classifier(model: nn.Module, path: str | os.PathLike) -> SurgeryRe
     and as a tensor (checkpoint.caffe reads a layer at a time)."""
     path = Path(path)
     source, layers = read_classifier(path)
-    model = getattr(model, "module", model)
+    model = _unwrap(model)
     modules = dict(model.named_modules())
     plan, skipped = [], []
     for name, blobs in layers.items():

@@ -10,6 +10,18 @@ from torch import nn
 from ..errors import CheckpointError
 
 
+def _unwrap(model):
+    """The model inside DataParallel / DistributedDataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, which put their own prefix on every state-dict key."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _build(config: dict, path) -> nn.Module:
     from ..models import build
 
