@@ -290,6 +290,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    _check_external_data(proto, path)
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
         raise CheckpointError(
@@ -308,6 +309,43 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         config["fastfcn_version"] = str(version)
     config["export"] = export
     return config
+
+
+def _graph_tensors(graph):
+    """Every TensorProto of a graph or function: initializers (sparse ones' values and indices)
+    and the tensors of node attributes (Constant), subgraphs (If, Loop) included."""
+    yield from getattr(graph, "initializer", ())
+    sparse = list(getattr(graph, "sparse_initializer", ()))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                sparse.append(attr.sparse_tensor)
+            sparse += attr.sparse_tensors
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graph_tensors(g)
+    for sp in sparse:
+        yield from (sp.values, sp.indices)
+
+
+def _check_external_data(proto, path) -> None:
+    """Refuse external data that lies outside the model's folder (an absolute path, or one that
+    climbs out with ".."): the runtimes read whatever file the model names."""
+    import itertools
+    import posixpath
+
+    for t in itertools.chain.from_iterable(_graph_tensors(g) for g in (proto.graph, *proto.functions)):
+        if t.data_location != t.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        norm = posixpath.normpath(loc.replace("\\", "/"))
+        if not loc or norm.startswith(("/", "../")) or norm == ".." or (len(loc) > 1 and loc[1] == ":"):
+            raise CheckpointError(
+                f"{path}: tensor {t.name!r} keeps its data in {loc!r}, outside the model's folder; "
+                "expected a file name relative to the .onnx file's folder"
+            )
 
 
 def _validate_export(e: dict, path, channels: int = 3) -> dict:

@@ -134,6 +134,18 @@ def test_map_location_and_unknown_suffix_sniffed(tmp_path):
     assert loaded.config["arch"] == "fcn16s"
 
 
+def test_map_location_that_cannot_be_used_is_refused_before_loading(tmp_path, monkeypatch):
+    # torch's own answers were an AssertionError ("Torch not compiled with CUDA enabled") or a
+    # RuntimeError listing every device type, after the whole file was read and built.
+    path = fastfcn.save(cached("fcn16s"), tmp_path / "m.safetensors")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fastfcn.checkpoint, "_read", lambda *a: pytest.fail("the file was read"))
+    with pytest.raises(fastfcn.BackendUnavailableError, match="map_location 'cuda:1' names a CUDA device"):
+        fastfcn.load(path, map_location="cuda:1")
+    with pytest.raises(ValueError, match="map_location must be a device such as 'cpu' .*; got 'gpu0'"):
+        fastfcn.load(path, map_location="gpu0")
+
+
 @pytest.mark.parametrize(
     "meta, problem",
     [
@@ -181,6 +193,19 @@ def test_save_rejects_unknown_suffix_and_non_models(tmp_path):
         fastfcn.save(cached("fcn32s"), tmp_path / "m.onnx")
     with pytest.raises(CheckpointError, match="fastfcn model"):
         fastfcn.save(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_save_of_a_compiled_model_loads(tmp_path, suffix):
+    # torch.compile's wrapper forwards .config but puts every state-dict key under "_orig_mod.":
+    # save wrote a file whose keys fit no model, and load refused it.
+    m = cached("fcn32s")
+    p = fastfcn.save(torch.compile(m), tmp_path / f"m{suffix}")
+    assert_same_weights(m, fastfcn.load(p))
+    # and the bare state dicts of compiled (and DataParallel-wrapped compiled) models
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        torch.save({prefix + k: v for k, v in m.state_dict().items()}, tmp_path / "bare.pt")
+        assert_same_weights(m, fastfcn.load(tmp_path / "bare.pt"))
 
 
 # ------------------------------------------------------------------------ pytorch-fcn layout (bare dicts)
@@ -580,6 +605,31 @@ def test_zero_element_tensors_cannot_claim_a_huge_model(tmp_path, monkeypatch):
     assert not built
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_half_precision_checkpoints_pass_the_size_check(tmp_path, monkeypatch, dtype, suffix):
+    # A half-precision file holds half the bytes of the float32 model it loads into: FCN-32s at
+    # width 0.5 (135 MiB) in fp16 (68 MiB) was refused as describing more than it held. Without
+    # the slack (which hides this for small nets) the check must still pass.
+    import fastfcn.checkpoint.store as store
+
+    monkeypatch.setattr(store, "MODEL_SLACK", 0)
+    m = _model("fcn32s")
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    p = tmp_path / f"half{suffix}"
+    if suffix == ".pt":
+        torch.save(half, p)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in half.items()}, p)
+    got = fastfcn.load(p).state_dict()
+    assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in half.items())
+    # A config that describes more than the file holds, even at float32, is still refused.
+    with pytest.raises(CheckpointError, match="holds only"):
+        store._check_model_size(dict(m.config, width=2 * W), store._tensor_bytes(half, p), p)
+
+
 def test_model_size_estimate_is_exact():
     from fastfcn.config import model_bytes
 
@@ -632,6 +682,48 @@ def test_non_finite_weights_refused_by_name(tmp_path, value):
         p = fastfcn.save(m, tmp_path / f"m{suffix}")
         with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in fc7.bias"):
             fastfcn.load(p)
+
+
+def test_weights_that_overflow_float32_are_refused(tmp_path):
+    # A float64 weight beyond float32's range (3.4e38) is finite in the file and inf once cast
+    # to the model's float32: it must be refused like an inf in the file, not loaded as inf.
+    m = _model("fcn32s")
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    sd["fc7.bias"][3] = 1e39
+    p = tmp_path / "f64.pt"
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in fc7.bias"):
+        fastfcn.load(p)
+    sd["fc7.bias"][3] = 1e38  # in range: loads with the value rounded to float32
+    torch.save(sd, p)
+    assert fastfcn.load(p).state_dict()["fc7.bias"][3] == torch.tensor(1e38, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16])
+def test_low_precision_weights_load_and_are_checked(tmp_path, dtype):
+    m = _model("fcn32s")
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    p = tmp_path / "low.pt"
+    torch.save(sd, p)
+    got = fastfcn.load(p).state_dict()
+    for k, v in sd.items():
+        assert torch.equal(got[k], v.to(got[k].dtype)), k
+    sd["fc7.bias"][3] = float("nan")
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in fc7.bias"):
+        fastfcn.load(p)
+
+
+def test_complex_weights_are_refused(tmp_path):
+    # Copying a complex tensor into a float parameter drops its imaginary part (with only a
+    # UserWarning): the weights would be silently other than the file's.
+    m = _model("fcn32s")
+    sd = dict(m.state_dict())
+    sd["fc7.bias"] = sd["fc7.bias"].to(torch.complex64) * 1j
+    p = tmp_path / "complex.pt"
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"complex.pt: fc7.bias is a torch.complex64 tensor; expected"):
+        fastfcn.load(p)
 
 
 def _raw_safetensors(path, header: str, data: bytes = b""):

@@ -193,6 +193,16 @@ def test_non_finite_classifier_weights_are_refused(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_classifier_weights_that_overflow_float32_are_refused(tmp_path):
+    # A float64 torchvision file with a value beyond float32's range would copy in as inf.
+    sd = {k: v.double() for k, v in _torchvision_vgg16(_donor("fcn32s")).items()}
+    sd["features.10.weight"][0, 0, 0, 0] = 1e39  # conv3_1
+    path = tmp_path / "vgg16.pth"
+    torch.save(sd, path)
+    with pytest.raises(fastfcn.CheckpointError, match="non-finite.*'conv3_1'"):
+        fastfcn.init_from_classifier(models.build("fcn32s", width=W), path)
+
+
 def test_vgg_into_alexnet_is_refused(vgg):
     _, path = vgg
     with pytest.raises(fastfcn.InputError, match="'fc6'.*fcn-alexnet"):
@@ -255,6 +265,21 @@ def test_torchvision_vgg16_maps_by_order_and_converts_preprocessing(tmp_path):
     assert rep.preprocessing and "torchvision" in rep.summary()
     with pytest.raises(fastfcn.InputError, match="RGB 0..1.*hha"):
         fastfcn.init_from_classifier(models.build("nyud-fcn32s-hha", width=W), path)
+
+
+def test_torchvision_vgg16_in_the_legacy_torch_format(tmp_path):
+    # torchvision's vgg16-397923af.pth predates torch 1.6: it is a legacy (non-zip) torch file,
+    # which torch.load cannot memory-map (pytorch/vision#2068 lists such old weight files).
+    donor = _donor("fcn32s", seed=3)
+    path = tmp_path / "vgg16-397923af.pth"
+    torch.save(_torchvision_vgg16(donor), path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:2] == b"\x80\x02"  # not a zip
+    assert is_classifier_file(path)
+    model = models.build("fcn32s", width=W)
+    rep = fastfcn.init_from_classifier(model, path)
+    assert rep.source == "torchvision vgg16" and set(rep.reshaped) == {"fc6", "fc7"}
+    for n in ("conv1_1", "conv5_3", "fc6", "fc7"):
+        assert torch.equal(getattr(model, n).weight, getattr(donor, n).weight), n
 
 
 def test_torchvision_alexnet_and_googlenet_are_refused(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -331,6 +332,80 @@ def test_static_graph_matching_its_metadata_loads(tmp_path):
     path = tiny_onnx(tmp_path / "t.onnx", _config(), input_dims=[2, 3, 8, 8], output_dims=[2, 5, 8, 8],
                      export={"dynamic": False, "input_shape": [2, 3, 8, 8]})  # fmt: skip
     assert read_onnx_metadata(path)["export"]["input_shape"] == [2, 3, 8, 8]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_static_graph_refuses_other_shapes_with_an_input_error(tmp_path, backend):
+    # Every ONNX backend answers a static graph's wrong input shape alike, with one InputError
+    # line (ONNX Runtime raised its own InvalidArgument).
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    path = tiny_onnx(tmp_path / "t.onnx", _config(), input_dims=[2, 3, 8, 8], output_dims=[2, 5, 8, 8],
+                     export={"dynamic": False, "input_shape": [2, 3, 8, 8]})  # fmt: skip
+    seg = fastfcn.Segmenter(path, device="cpu", backend=backend, precision="fp32")
+    assert seg.run(np.zeros((2, 8, 8, 3), np.uint8)).shape == (2, 8, 8)
+    for images, got in ((np.zeros((1, 8, 8, 3), np.uint8), "(1, 3, 8, 8)"),
+                        (np.zeros((2, 8, 9, 3), np.uint8), "(2, 3, 8, 9)")):  # fmt: skip
+        want = f"t.onnx was exported with the static input shape (2, 3, 8, 8); got {got}"
+        with pytest.raises(InputError, match=re.escape(want)) as e:
+            seg.run(images)
+        assert "\n" not in str(e.value)
+
+
+def _external_weight(path, location: str):
+    """The tiny graph of ``path`` with its weight moved to external data at ``location``."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    proto = onnx.load(str(path))
+    w = proto.graph.initializer[0]
+    data = numpy_helper.to_array(w).tobytes()
+    w.ClearField("raw_data")
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("length", str(len(data)))):
+        w.external_data.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return data
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/tmp/secret.bin", "sub/../../secret.bin"])
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, location):
+    # A hostile .onnx naming a file outside its folder: refused by name before any runtime opens
+    # it (OpenVINO's own refusal was a multi-line C++ trace, as BackendUnavailableError).
+    (tmp_path / "models").mkdir()
+    path = tiny_onnx(tmp_path / "models" / "t.onnx", _config())
+    _external_weight(path, location)
+    want = f"t.onnx: tensor 'w' keeps its data in {location!r}, outside the model's folder"
+    for load in (read_onnx_metadata, fastfcn.Segmenter):
+        with pytest.raises(CheckpointError, match=re.escape(want)) as e:
+            load(path)
+        assert "\n" not in str(e.value)
+
+
+def test_external_data_of_a_constant_node_is_checked_too(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = tiny_onnx(tmp_path / "t.onnx", _config())
+    proto = onnx.load(str(path))
+    c = helper.make_tensor("k", TensorProto.FLOAT, [1], [0.0])
+    c.ClearField("float_data")
+    c.data_location = TensorProto.EXTERNAL
+    c.external_data.add(key="location", value="../../etc/passwd")
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], value=c))
+    onnx.save(proto, str(path))
+    with pytest.raises(CheckpointError, match="tensor 'k' keeps its data in '../../etc/passwd'"):
+        read_onnx_metadata(path)
+
+
+def test_external_data_beside_the_model_runs(tmp_path):
+    path = tiny_onnx(tmp_path / "t.onnx", _config())
+    x = np.zeros((1, 4, 5, 3), np.uint8)
+    want = fastfcn.Segmenter(path, device="cpu").run(x, output="logits")
+    (tmp_path / "t.weights").write_bytes(_external_weight(path, "t.weights"))
+    got = fastfcn.Segmenter(path, device="cpu").run(x, output="logits")
+    assert torch.equal(got, want)
 
 
 def test_result_shape_checked_at_run_time(tmp_path):

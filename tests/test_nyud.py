@@ -316,6 +316,19 @@ def test_run_with_second_input_in_every_form(arch, keyword):
     assert tiled.shape == (5, 21, 17)
 
 
+def test_big_endian_arrays_are_read_by_value():
+    # Raw big-endian arrays (a 16-bit PGM opened by PIL as I;16B and turned into an array, FITS,
+    # np.fromfile(">u2")) hold the same millimetres: torch.from_numpy refused them.
+    seg = _segmenter("nyud-fcn32s-color-d")
+    color, d = images(1, 15, 12), depths(1, 15, 12)
+    want = seg.run(color[0], "logits", depth=d[0])
+    for dtype in (">u2", ">i4", ">f4"):
+        torch.testing.assert_close(seg.run(color[0], "logits", depth=d[0].astype(dtype)), want, msg=dtype)
+    x = reference_input(color, d, "nyud-fcn32s-color-d").numpy()
+    pre = seg.run(x.astype(">f4"), "logits", preprocessed=True)
+    torch.testing.assert_close(pre, seg.run(x, "logits", preprocessed=True), rtol=0, atol=0)
+
+
 def test_depth_png_files(tmp_path):
     from PIL import Image
 

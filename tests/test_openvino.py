@@ -245,3 +245,17 @@ def test_result_shape_checked_at_run_time(tmp_path):
     backend = OpenVinoBackend(tiny_onnx(tmp_path / "t.onnx", config, stride=2), "cpu", "fp32")
     with pytest.raises(CheckpointError, match=r"t.onnx: the graph returned \(\(1, 5, 4, 5\)"):
         backend(torch.randn(1, 3, 8, 9), "labels")
+
+
+def test_a_graph_openvino_cannot_convert_is_one_line_naming_the_op(tmp_path):
+    # OpenVINO's own message is a multi-line C++ trace whose reason comes last.
+    import onnx
+
+    config = models.build("fcn32s", num_classes=5, width=0.0625).config.to_dict()
+    path = tiny_onnx(tmp_path / "t.onnx", config)
+    proto = onnx.load(str(path))
+    proto.graph.node[0].op_type = "NoSuchOp"
+    onnx.save(proto, str(path))
+    with pytest.raises(BackendUnavailableError, match="openvino cannot compile .*t.onnx.*NoSuchOp") as e:
+        OpenVinoBackend(path, "cpu", "fp32")
+    assert "\n" not in str(e.value) and "core.cpp" not in str(e.value)

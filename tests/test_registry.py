@@ -88,6 +88,22 @@ def test_user_backend_runs_through_the_segmenter(clean_registry, monkeypatch):
         fastfcn.Segmenter(_model(), backend="negated", precision="bf16", device="cpu")
 
 
+def test_auto_precision_is_one_the_backend_offers(clean_registry, monkeypatch):
+    from fastfcn.runtime.execution import resolve_precision
+
+    # A CUDA entry without bf16: "auto" (bf16 on Ampere or newer) falls back to its fp32.
+    register_backend("negated", Negated, precisions={"cpu": ("fp32",), "cuda": ("fp32", "fp16")})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_precision("auto", torch.device("cuda", 0), "negated") == "fp32"
+    assert resolve_precision("auto", torch.device("cuda", 0), "torch") == "bf16"
+    monkeypatch.undo()
+    # An entry that offers only bf16 on the CPU runs at bf16, where "auto" would say fp32.
+    register_backend("negated_bf16", Negated, devices=("cpu",), precisions={"cpu": ("bf16",)})
+    seg = fastfcn.Segmenter(_model(), backend="negated_bf16", device="cpu")
+    assert seg.precision == "bf16"
+    assert seg.run(_images(1)).shape == (1, 21, 27)
+
+
 def test_factory_must_return_a_backend(clean_registry):
     register_backend("plain", lambda source, device, precision: object(), devices=("cpu",),
                      precisions={"cpu": ("fp32",)})

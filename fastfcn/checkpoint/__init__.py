@@ -12,7 +12,7 @@ Formats
   ``{"format": "fastfcn", "config": {...}, "state_dict": {...}}`` or a bare state
   dict in the Caffe-named layout of the reference nets and of the pytorch-fcn
   port (``conv1_1.weight``, ..., ``score_fr.weight``, ``upscore2.weight``, ...;
-  a DataParallel ``module.`` prefix is stripped).
+  a DataParallel ``module.`` or torch.compile ``_orig_mod.`` prefix is stripped).
 - ``.caffemodel``: the original Caffe weights, decoded from the protobuf wire
   format here (no protobuf dependency); blobs map to modules by layer name.
 
@@ -51,12 +51,12 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ModelConfig, validate_config
-from ..errors import CheckpointError
+from ..errors import BackendUnavailableError, CheckpointError
 from .arch import _infer_config, _strip_prefix, infer_arch
 from .caffe import CaffeLayer, _caffe_arch, _caffe_name, _caffe_probe, _caffe_state, read_caffemodel
 from .classifier import SurgeryReport, init_from_classifier, is_classifier_file
 from .safetensors_format import _read_safetensors, write_safetensors
-from .state import _build, _load_state
+from .state import _build, _load_state, _unwrap
 from .store import (
     FORMAT_VERSION,
     META_KEY,
@@ -76,7 +76,8 @@ _OVERRIDABLE = ("class_names", "palette", "color_order", "mean", "std", "input_s
 
 
 def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
-    """Save ``model`` (a fastfcn model, or one wrapped in DataParallel) to ``path``.
+    """Save ``model`` (a fastfcn model, or one wrapped in DataParallel, DistributedDataParallel
+    or torch.compile) to ``path``.
 
     The suffix picks the format: ``.safetensors`` (native) or ``.pt`` / ``.pth``
     (fastfcn's dict, loadable with ``weights_only=True``). ``meta`` overrides the
@@ -91,7 +92,7 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
     """
     path = Path(path)
     save_target(path)  # a directory or a parent that is a file: refused before any work
-    model = getattr(model, "module", model) if isinstance(model, nn.DataParallel) else model
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, Mapping):
         raise CheckpointError(
@@ -152,10 +153,15 @@ def load(
     Nothing is built before every size the file claims has been checked: the config
     (``fastfcn.config.validate_config``), zip members' sizes, and the bytes of the model
     the config describes against the tensor bytes the file holds (``MODEL_SLACK`` more at
-    most), so loading takes about twice the file's tensor bytes. Non-finite weights are
+    most; tensors stored narrower than float32 counted at float32), so loading takes about
+    twice the file's tensor bytes (three times for a float16 file). Weights that are not finite
+    as the model holds them (NaN, inf, a float64 beyond float32's range) or complex are
     refused with the tensor's name.
-    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo).
+    ``path`` may also be a built-in model's name (``"demo"``, see fastfcn.zoo). A
+    ``map_location`` that is no device (ValueError) or a CUDA device this machine lacks
+    (BackendUnavailableError) is refused before the file is read.
     """
+    _check_device(map_location)
     path = _regular_file(path)
     kind, state, config, hint, layers = _read(path)
     held = _tensor_bytes(state, path) if kind != "caffe" else sum(b.nbytes for ly in layers for b in ly.blobs)
@@ -186,6 +192,28 @@ def _infer_config_or_explain(state: dict, arch: str | None, path: Path) -> dict:
             f"{e}. The file is an ImageNet classifier, not an FCN: build the FCN and call "
             "fastfcn.init_from_classifier(model, path), or give it to fastfcn train --init"
         ) from None
+
+
+def _check_device(map_location) -> None:
+    """``map_location`` must be a device the model can be moved to here (None: left on the CPU,
+    as model.to(None) leaves it)."""
+    import torch
+
+    if map_location is None:
+        return
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"map_location must be a device such as 'cpu' or 'cuda:0'; got {map_location!r}"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise BackendUnavailableError(
+                f"map_location {map_location!r} names a CUDA device, but this machine has {count} "
+                "usable CUDA device(s); load with map_location='cpu'"
+            )
 
 
 def _regular_file(path) -> Path:

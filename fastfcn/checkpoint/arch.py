@@ -19,11 +19,17 @@ from ..config import PASCAL_CONTEXT_CLASSES
 from ..errors import CheckpointError
 from .state import _short
 
+# DataParallel / DistributedDataParallel save every key under "module.", torch.compile's wrapper
+# under "_orig_mod."; either may wrap the other.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
 
 def _strip_prefix(state: dict) -> dict:
-    # DataParallel / DistributedDataParallel save every key under "module.".
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

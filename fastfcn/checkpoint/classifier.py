@@ -42,8 +42,8 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from .caffe import _caffe_name, _fields, _stream_fields, _WireError, read_caffemodel
-from .state import _all_finite, _short, _upsampling_keys
-from .torch_format import _LEGACY_TORCH_MAGIC, _ZIP_MAGIC
+from .state import _all_finite, _check_real, _short, _unwrap, _upsampling_keys
+from .torch_format import _LEGACY_TORCH_MAGIC, _ZIP_MAGIC, _torch_load_reason
 
 # The 1000-way classifier layers (module names, '/' -> '_') of the three classifiers: never
 # part of an FCN. A file holding one of them is a classifier (see is_classifier_file).
@@ -116,7 +116,7 @@ def init_from_classifier(model: nn.Module, path: str | os.PathLike) -> SurgeryRe
     and as a tensor (checkpoint.caffe reads a layer at a time)."""
     path = Path(path)
     source, layers = read_classifier(path)
-    model = getattr(model, "module", model)
+    model = _unwrap(model)
     modules = dict(model.named_modules())
     plan, skipped = [], []
     for name, blobs in layers.items():
@@ -183,7 +183,9 @@ def _fit(model, target: str, m: nn.Module, blobs: list[torch.Tensor], path, sour
     shape = tuple(blobs[0].shape)
     while len(shape) > m.weight.dim() and shape[0] == 1:
         shape = shape[1:]
-    if not all(_all_finite(b) for b in blobs):
+    for b in blobs:
+        _check_real(f"layer {target!r}", b, path)
+    if not all(_all_finite(b, p.dtype) for b, p in zip(blobs, params)):
         raise CheckpointError(f"{path}: non-finite values (NaN or inf) in layer {target!r}; the weights "
                               "are corrupt")  # fmt: skip
     return shape != tuple(m.weight.shape)
@@ -254,10 +256,14 @@ def _is_torch(path: Path) -> bool:
 
 
 def _load_torch(path: Path) -> dict:
+    # Memory-mapped where torch can (a zip: torch.save since 1.6); the legacy format, which
+    # torchvision's older weight files (vgg16-397923af.pth) are in, is read whole.
+    with open(path, "rb") as f:
+        mmap = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path}: cannot read as a torch state dict: {e}") from None
+        raise CheckpointError(f"{path}: cannot read as a torch state dict: {_torch_load_reason(e)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -10,6 +10,18 @@ from torch import nn
 from ..errors import CheckpointError
 
 
+def _unwrap(model):
+    """The model inside DataParallel / DistributedDataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, which put their own prefix on every state-dict key."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _build(config: dict, path) -> nn.Module:
     from ..models import build
 
@@ -23,14 +35,34 @@ def _short(items: list, n: int = 12) -> str:
     return ", ".join(map(str, items[:n])) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _all_finite(t: torch.Tensor, chunk: int = 2**20) -> bool:
-    """Whether a tensor holds no NaN or inf, checked a chunk at a time: torch.isfinite of a
-    float tensor allocates a float copy (abs) and a bool map of the whole tensor, which put
-    loading a 135 MiB FCN-32s (width 0.5) at 3.1x its tensor bytes of peak RSS instead of 2.1x."""
+def _all_finite(t: torch.Tensor, dtype: torch.dtype | None = None, chunk: int = 2**20) -> bool:
+    """Whether a tensor holds no NaN or inf once cast to ``dtype`` (the parameter's; None: as it
+    is): a float64 1e39 is finite in the file and inf in a float32 model. Checked a chunk at a
+    time: torch.isfinite of a float tensor allocates a float copy (abs) and a bool map of the
+    whole tensor, which put loading a 135 MiB FCN-32s (width 0.5) at 3.1x its tensor bytes of
+    peak RSS instead of 2.1x."""
     if not t.is_floating_point():
         return True
+    cast = dtype if dtype is not None and dtype.is_floating_point else t.dtype
+
+    def finite(part: torch.Tensor) -> bool:
+        part = part.to(cast)
+        if part.element_size() == 1:  # torch has no isfinite for the float8 dtypes
+            part = part.float()
+        return bool(torch.isfinite(part).all())
+
     flat = t.reshape(-1)  # a view for the usual contiguous tensor; a copy of a (bounded) slice else
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+    return all(finite(flat[i:i + chunk]) for i in range(0, flat.numel(), chunk))
+
+
+def _check_real(name: str, t: torch.Tensor, path) -> None:
+    """Refuse a complex tensor: copying it into a real parameter drops the imaginary part (torch
+    only warns)."""
+    if t.is_complex():
+        raise CheckpointError(
+            f"{path}: {name} is a {t.dtype} tensor; expected real numbers (a copy into the model's "
+            "real weights would drop the imaginary part)"
+        )
 
 
 def _upsampling_keys(model: nn.Module) -> set[str]:
@@ -58,7 +90,10 @@ def _load_state(model: nn.Module, state: dict, path, strict: bool, fill_upsampli
             f"{path}: does not fit {c['arch']} (num_classes={c['num_classes']}, "
             f"width={c['width']:g}): " + "; ".join(parts)
         )
-    bad = [k for k in own if k in state and not _all_finite(state[k])]
+    for k in own:
+        if k in state:
+            _check_real(k, state[k], path)
+    bad = [k for k in own if k in state and not _all_finite(state[k], own[k].dtype)]
     if bad:
         raise CheckpointError(
             f"{path}: non-finite values (NaN or inf) in {_short(bad)}; the weights are corrupt"

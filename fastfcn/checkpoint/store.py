@@ -65,15 +65,18 @@ def _check_model_size(config: dict, held: int, path) -> None:
         raise CheckpointError(
             f"{path}: the file describes a {config['arch']} of width {config['width']:g} with "
             f"{config['num_classes']} classes ({need / 2**20:.1f} MiB of weights) but holds only "
-            f"{held / 2**20:.1f} MiB of tensors; refusing to build it (the config, or the tensor "
-            "shapes it was inferred from, do not match the weights the file carries)"
+            f"{held / 2**20:.1f} MiB of tensors (at float32); refusing to build it (the config, or the "
+            "tensor shapes it was inferred from, do not match the weights the file carries)"
         )
 
 
 def _tensor_bytes(state: Mapping[str, torch.Tensor], path) -> int:
-    """Bytes of the distinct storages behind ``state``; refuses tensors that claim more
-    elements than their storage holds (stride-0 or overlapping views: an 'expanded'
-    tensor of 1e12 elements can sit on 4 bytes and would be materialised by any copy)."""
+    """Bytes of the distinct storages behind ``state``, counted at float32 (the models' dtype)
+    where stored narrower: a float16 / bfloat16 file holds half the bytes of the model it loads
+    into (FCN-32s width 0.5: 68 of 135 MiB) and must not look like one that describes more than
+    it holds. Refuses tensors that claim more elements than their storage holds (stride-0 or
+    overlapping views: an 'expanded' tensor of 1e12 elements can sit on 4 bytes and would be
+    materialised by any copy)."""
     seen: dict[int, int] = {}
     for k, t in state.items():
         st = t.untyped_storage()
@@ -83,5 +86,6 @@ def _tensor_bytes(state: Mapping[str, torch.Tensor], path) -> int:
                 f"{path}: tensor {k!r} of shape {tuple(t.shape)} claims more elements than its storage "
                 f"holds ({st.nbytes()} bytes); expected a plain contiguous tensor"
             )
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        widened = st.nbytes() * max(1, 4 // t.element_size())
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), widened)
     return sum(seen.values())

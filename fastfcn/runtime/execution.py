@@ -64,18 +64,29 @@ def resolve_backend(backend: str, graph: bool) -> str:
 
 def resolve_precision(precision: str, device: torch.device, backend: str = "auto") -> str:
     """"auto" -> bf16 on GPUs that support it, on the CPU for the fused backend where the CPU
-    computes bf16 natively (cpu_auto_precision), fp32 otherwise; a named precision is checked."""
+    computes bf16 natively (cpu_auto_precision), fp32 otherwise; for a named backend, that
+    choice only where its registry entry offers it on this device type (else fp32, else the
+    first it offers). A named precision is checked."""
     if precision == "auto":
-        # Native bf16 on this device (Ampere, sm_80, or newer): is_bf16_supported() asks about the
-        # current device, not this one, and counts the emulated bf16 of a V100 or T4 (slower than
-        # fp32) as support.
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-            return "bf16"
-        if device.type == "cpu" and backend in ("auto", "fused"):
-            return cpu_auto_precision()
-        return "fp32"
+        choice = _auto_precision(device, backend)
+        if backend != "auto":
+            offered = backend_spec(backend).precisions.get(device.type, ())
+            if offered and choice not in offered:
+                choice = "fp32" if "fp32" in offered else offered[0]
+        return choice
     check_precision_name(precision)
     return precision
+
+
+def _auto_precision(device: torch.device, backend: str) -> str:
+    # Native bf16 on this device (Ampere, sm_80, or newer): is_bf16_supported() asks about the
+    # current device, not this one, and counts the emulated bf16 of a V100 or T4 (slower than
+    # fp32) as support.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    if device.type == "cpu" and backend in ("auto", "fused"):
+        return cpu_auto_precision()
+    return "fp32"
 
 
 def cpu_auto_precision() -> str:

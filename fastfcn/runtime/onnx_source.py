@@ -3,6 +3,7 @@
     src = OnnxSource(model_or_path, export_precision="fp32", prefix="fastfcn-ort-")
     src.path, src.config, src.exported      # the .onnx file, its fastfcn config, "fp32" | "fp16"
     x = check_graph_input(x, device)        # float32 contiguous (N, 3, H, W) or InputError
+    check_static_dims(x, dims, path)        # a static graph's fixed dims, or InputError
 
 A model is exported once to a temporary .onnx owned by the OnnxSource (removed when it is
 garbage-collected); a path is used as it is and must be an .onnx file exported by fastfcn.
@@ -72,6 +73,18 @@ def check_graph_output(x: torch.Tensor, y, num_classes: int, path) -> None:
         )
 
 
+def check_static_dims(x: torch.Tensor, dims, path) -> None:
+    """x's shape against the graph input's ``dims`` (N, C, H, W: an int where the graph fixes it,
+    None where it is symbolic), as the backend's runtime reads them: a static export
+    (``export_onnx(dynamic=False)``) runs at its one shape only. Raises InputError."""
+    if any(d is not None and d != n for d, n in zip(dims, x.shape)):
+        shape = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+        raise InputError(
+            f"{path} was exported with the static input shape {shape}; got {tuple(x.shape)}. "
+            "Export it with dynamic shapes (the default) to run other sizes"
+        )
+
+
 def check_graph_input(x, device: torch.device, channels: int = 3) -> torch.Tensor:
     """x: preprocessed float (N, channels, H, W) on ``device`` -> float32 contiguous (the graph's
     interface at every precision; fp16 graphs cast inside). Raises InputError otherwise.
@@ -88,4 +101,4 @@ def check_graph_input(x, device: torch.device, channels: int = 3) -> torch.Tenso
     return x.to(torch.float32).contiguous()
 
 
-__all__ = ["OnnxSource", "check_graph_input", "check_graph_output"]
+__all__ = ["OnnxSource", "check_graph_input", "check_graph_output", "check_static_dims"]

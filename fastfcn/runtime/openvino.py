@@ -25,11 +25,11 @@ import threading
 
 import torch
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError
 from ..kernels.structure import check_output
 from ..models.multihead import finish
 from .backends import Backend
-from .onnx_source import OnnxSource, check_graph_input, check_graph_output
+from .onnx_source import OnnxSource, check_graph_input, check_graph_output, check_static_dims
 
 PRECISIONS = ("fp32", "bf16")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -49,6 +49,16 @@ def _ov():
 def native_bf16(core) -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 here (AVX512-BF16 or AMX)."""
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _reason(e: Exception) -> str:
+    """An OpenVINO error as one line: its message is a C++ trace ("Exception from
+    src/inference/src/cpp/core.cpp:84:", "Check 'false' failed at ...") with the reason in the
+    lines after it ("-- No conversion rule found for operations: NoSuchOp-18")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    text = " ".join(useful or lines) or type(e).__name__
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 class OpenVinoBackend(Backend):
@@ -104,12 +114,12 @@ class OpenVinoBackend(Backend):
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long C++ traces
             raise BackendUnavailableError(
                 f"openvino cannot compile {self.onnx_path} for the CPU at {precision} "
-                f"({type(e).__name__}: {str(e).strip()[:400]})"
+                f"({type(e).__name__}: {_reason(e)})"
             ) from None
         self.ov_version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
-        shape = self.compiled.input(0).get_partial_shape()
         # A static export (``export_onnx(dynamic=False)``) runs at its one shape only.
-        self.static_shape = None if shape.is_dynamic else tuple(shape.to_shape())
+        shape = self.compiled.input(0).get_partial_shape()
+        self.input_dims = tuple(d.get_length() if d.is_static else None for d in shape)
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -131,11 +141,7 @@ class OpenVinoBackend(Backend):
         """
         check_output(output)
         x = check_graph_input(x, self.device, self._source.in_channels)
-        if self.static_shape is not None and tuple(x.shape) != self.static_shape:
-            raise InputError(
-                f"{self.onnx_path} was exported with the static input shape {self.static_shape}; got "
-                f"{tuple(x.shape)}. Export it with dynamic shapes (the default) to run other sizes"
-            )
+        check_static_dims(x, self.input_dims, self.onnx_path)
         # share_inputs: the plugin reads torch's buffer in place (x is contiguous float32).
         # share_outputs: y views the request's own output buffer, which the next call on this
         # thread overwrites; labels and probs are new tensors, logits are copied out.

@@ -20,7 +20,7 @@ from ..errors import BackendUnavailableError
 from ..kernels.structure import check_output
 from ..models.multihead import finish
 from .backends import Backend
-from .onnx_source import OnnxSource, check_graph_input, check_graph_output
+from .onnx_source import OnnxSource, check_graph_input, check_graph_output, check_static_dims
 
 # "tf32" is fp32 storage with TF32 tensor-core math (CUDA provider only); "auto" means the
 # precision an .onnx file was exported at (fp32 for a model).
@@ -132,8 +132,11 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime could not start its CUDA provider on {self.device} (missing CUDA/cuDNN "
                 f"libraries?); providers in use: {self.session.get_providers()}"
             )
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
         self.output_name = self.session.get_outputs()[0].name
+        # ORT reports a symbolic dim as its name (or None), a fixed one as an int.
+        self.input_dims = tuple(d if isinstance(d, int) else None for d in graph_input.shape)
 
     def __repr__(self) -> str:
         return (f"OnnxRuntimeBackend({self.config.get('arch')}, device={self.device}, "
@@ -148,6 +151,7 @@ class OnnxRuntimeBackend(Backend):
         """
         check_output(output)
         x = check_graph_input(x, self.device, self._source.in_channels)
+        check_static_dims(x, self.input_dims, self.onnx_path)
         if self.device.type == "cuda":
             y = self._run_cuda(x)
         else:

@@ -51,9 +51,12 @@ def _as_tensor(obj, what: str) -> torch.Tensor:
     if isinstance(obj, np.ndarray):
         if obj.dtype == object:
             raise TypeError(f"{what} must be a numeric array; got a numpy array of dtype object")
-        # from_numpy shares memory; numpy arrays with negative strides (img[:, ::-1]) need a copy.
+        # from_numpy shares memory; numpy arrays with negative strides (img[:, ::-1]) need a copy,
+        # and so do those of the other byte order (a 16-bit PGM or FITS file's big-endian values).
         if any(s < 0 for s in obj.strides):
             obj = np.ascontiguousarray(obj)
+        if not obj.dtype.isnative:
+            obj = obj.astype(obj.dtype.newbyteorder("="))
         try:
             return torch.from_numpy(obj)
         except TypeError as e:

@@ -71,7 +71,8 @@ class Segmenter:
         fused) and the head's score layers and upsampling in fp32: on a Zen 4 it measured
         1.2-1.45x faster than fp32 and kept 99.986% of the shipped FCN-8s's labels (mean IU
         unchanged: 91.99 vs 91.98); see fastfcn.runtime.execution.cpu_auto_precision.
-        FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU.
+        FASTFCN_CPU_PRECISION=fp32 pins "auto" to fp32 on the CPU. A backend whose registry
+        entry does not offer that choice on the device runs at fp32 (else the first it offers).
     max_pixels: the largest H * W accepted per image (larger ones raise InputError).
     graph_cache: how many CUDA graphs (one per batch size, H, W, input kind and output) are
         kept, least recently used dropped first; 0 disables graphs. CUDA + backend "fused" only.
