@@ -52,6 +52,28 @@ def test_resume_continues_the_same_run(tmp_path):
     assert cli.main(["train", "--out", str(tmp_path / "c"), *TINY, "--iters", "2", "--resume"]) == 1
 
 
+def test_resume_refuses_a_damaged_state_file_in_one_line(tmp_path, capsys):
+    _train(tmp_path, "--iters", "2", "--val-every", "0")
+    state = tmp_path / "train_state.pt"
+    data = state.read_bytes()
+    for damaged, why in ((data[: len(data) // 2], "not a readable training state (truncated or damaged"),
+                         (b"garbage\n", "not a readable training state (truncated or damaged"),
+                         (_saved({"step": 2}), "not a training state of fastfcn train (it lacks stage")):
+        state.write_bytes(damaged)
+        capsys.readouterr()
+        assert cli.main(["train", "--out", str(tmp_path), *TINY, "--iters", "4", "--resume"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fastfcn train: error: --resume: {state}") and why in err, err
+
+
+def _saved(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def test_staged_schedule_initialises_from_coarser_net(tmp_path, capsys):
     _train(tmp_path, "--stages", "fcn32s:2,fcn16s:2", "--val-every", "0")
     err = capsys.readouterr().err

@@ -13,12 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..checkpoint.torch_format import _check_zip_sizes, _torch_load_reason
+from ..errors import CheckpointError, InputError
 from ..paths import atomic_path
 from .batchnorm import plain_copy
 from .plots import for_plot, plot_curves
 
 STATE_FILE = "train_state.pt"
+# What save_point writes (and with --batchnorm "model").
+_STATE_KEYS = ("step", "stage", "optimizer", "history", "torch_rng")
 
 
 def new_history(heads=None) -> dict:
@@ -37,7 +40,22 @@ def load_state(out: Path) -> dict:
     path = out / STATE_FILE
     if not path.is_file():
         raise InputError(f"--resume: {path} is missing; train without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        _check_zip_sizes(path, path.stat().st_size)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as e:
+        raise InputError(f"--resume: {e}") from None
+    except Exception as e:  # a damaged file: RuntimeError, EOFError, UnpicklingError... from torch.load
+        raise InputError(
+            f"--resume: {path} is not a readable training state (truncated or damaged: "
+            f"{_torch_load_reason(e)}); train without --resume to start over"
+        ) from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise InputError(
+            f"--resume: {path} is not a training state of fastfcn train (it lacks {', '.join(missing)})"
+        )
+    return state
 
 
 def meta(args, step: int, arch: str) -> dict:
