@@ -52,6 +52,24 @@ def test_resume_continues_the_same_run(tmp_path):
     assert cli.main(["train", "--out", str(tmp_path / "c"), *TINY, "--iters", "2", "--resume"]) == 1
 
 
+def test_resume_refuses_a_run_of_other_options_in_one_line(tmp_path, capsys):
+    base = ["--arch", "fcn32s", "--val-every", "0", "--iters"]
+    _train(tmp_path, *base, "2")
+    for other, why in ((["--arch", "fcn16s"], "--arch fcn32s (now fcn16s)"),
+                       (["--width", "0.125"], "--width 0.0625 (now 0.125)"),
+                       (["--num-classes", "4"], "classes 3 (now 4)"),
+                       (["--optimizer", "sgd"], "--optimizer adam (now sgd)"),
+                       (["--batchnorm"], "--batchnorm off (now on)"),
+                       (["--learnable-upsampling"], "--learnable-upsampling off (now on)"),
+                       (["--stages", "fcn32s:1,fcn32s:3"], "stage 1 (now 2)")):  # fmt: skip
+        capsys.readouterr()
+        assert cli.main(["train", "--out", str(tmp_path), *TINY, *base, "4", "--resume", *other]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fastfcn train: error: --resume: the run in {tmp_path} stopped at step 2 with "
+                              f"{why}; resume it with the options"), err  # fmt: skip
+    assert json.loads((tmp_path / "history.json").read_text())["loss"][-1][0] == 2  # nothing overwritten
+
+
 def test_resume_refuses_a_damaged_state_file_in_one_line(tmp_path, capsys):
     _train(tmp_path, "--iters", "2", "--val-every", "0")
     state = tmp_path / "train_state.pt"

@@ -179,6 +179,8 @@ class Run:
     # The preprocessing an --init classifier set (torchvision's RGB 0..1 ImageNet mean/std): every
     # later stage's model is fed as the weights it starts from were trained.
     preprocessing: dict = field(default_factory=dict)
+    # The resume point's model (last.safetensors, BatchNorm folded), None for a fresh run
+    last: nn.Module | None = None
 
     @property
     def main_rank(self) -> bool:
@@ -295,6 +297,8 @@ def setup(args: argparse.Namespace) -> Run:
     run = Run(args, rank, world, device, out, stages, ds, val, num_classes, class_names,
               step=int(state["step"]) if state else 0, state=state, heads=heads,
               history=state["history"] if state else new_history(heads))  # fmt: skip
+    if state:
+        run.last = resume_point(run)
     if run.main_rank:
         # Only now, with the arguments, the data and the resume state checked, is anything written.
         out.mkdir(parents=True, exist_ok=True)
@@ -305,12 +309,47 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
+def resume_point(run: Run) -> nn.Module:
+    """The model of the resume point in ``run.out``, after checking that it is the one this run
+    would build where the run stopped: stage and step, arch, classes, width, learnable
+    upsampling, BatchNorm and optimizer as it was trained; one InputError listing what differs
+    (loading its weights or optimizer state into another net fails deep inside torch, or, where
+    the shapes happen to fit, continues another run)."""
+    import fastfcn
+    from fastfcn.checkpoint.classifier import TORCHVISION_PREPROCESSING
+
+    args, state = run.args, run.state
+    last = fastfcn.load(run.out / "last.safetensors")
+    cfg = last.config
+    trained = (cfg.get("meta") or {}).get("trained", {})
+    step, stage = int(state["step"]), int(state["stage"])
+    firsts = [sum(n for _, n in run.stages[:i]) for i in range(len(run.stages))]
+    now = next((i for i, f in enumerate(firsts) if f < step <= f + run.stages[i][1]), None)
+    saved = {"stage": (stage + 1, None if now is None else now + 1),
+             "--arch": (cfg["arch"], run.stages[now][0] if now is not None else None),
+             "classes": (cfg["num_classes"], run.num_classes), "--width": (cfg["width"], args.width),
+             "--learnable-upsampling": (bool((cfg.get("options") or {}).get("learnable_upsampling")),
+                                        bool(args.learnable_upsampling)),
+             "--batchnorm": ("model" in state, bool(args.batchnorm)),
+             "--optimizer": (trained.get("optimizer", args.optimizer), args.optimizer),
+             "step of last.safetensors": (trained.get("iterations", step), step)}  # fmt: skip
+    shown = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # noqa: E731
+    differ = [f"{k} {shown(a)} (now {shown(b)})" for k, (a, b) in saved.items() if a != b]
+    if differ:
+        raise InputError(
+            f"--resume: the run in {run.out} stopped at step {step} with {', '.join(differ)}; resume it "
+            "with the options (--arch, --stages, --iters, --width, data) it was started with, or train "
+            "afresh in another --out"
+        )
+    run.preprocessing = {k: getattr(cfg, k) for k in TORCHVISION_PREPROCESSING}
+    return last
+
+
 def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Module:
     """Stage ``si``'s model: fresh weights, then the resume point, the previous stage or --init."""
     import fastfcn
     from fastfcn import models
     from fastfcn.checkpoint import is_classifier_file
-    from fastfcn.checkpoint.classifier import TORCHVISION_PREPROCESSING
 
     args = run.args
     options = {"dropout": args.dropout}
@@ -323,9 +362,7 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
         model.config = model.config.replace(class_names=tuple(run.class_names))
     resumed = _resumes(run, si)
     if resumed:
-        last = fastfcn.load(run.out / "last.safetensors")
-        model.load_state_dict(last.state_dict())
-        run.preprocessing = {k: getattr(last.config, k) for k in TORCHVISION_PREPROCESSING}
+        model.load_state_dict(run.last.state_dict())
     elif prev_state is not None:
         copied = copy_by_name(model, prev_state)
         run.say(f"stage {si + 1}: {arch} initialised from the previous stage ({len(copied)} tensors)")
