@@ -99,6 +99,21 @@ def test_staged_schedule_initialises_from_coarser_net(tmp_path, capsys):
     assert fastfcn.load(tmp_path / "final.safetensors").config["arch"] == "fcn16s"
 
 
+def test_resume_at_a_stage_end_starts_the_next_stage_from_it(tmp_path, capsys):
+    # A run stopped after its save at the end of a stage (before the next stage's first save):
+    # the resumed run must initialise the next stage from that stage, as the run that went on.
+    stages = ["--stages", "fcn32s:2,fcn16s:2", "--val-every", "0", "--save-every", "2"]
+    whole = _train(tmp_path / "a", *stages)
+    _train(tmp_path / "b", *stages[:1], "fcn32s:2", *stages[2:])
+    capsys.readouterr()
+    assert _train(tmp_path / "b", *stages, "--resume") == whole
+    assert "stage 2: fcn16s initialised from the previous stage" in capsys.readouterr().err
+    a = fastfcn.load(tmp_path / "a" / "final.safetensors").state_dict()
+    b = fastfcn.load(tmp_path / "b" / "final.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_refuses_the_heldout_seed(tmp_path):
     args = ["--iters", "1", "--seed", str(HELDOUT_SEED)]
     assert cli.main(["train", "--out", str(tmp_path), *TINY, *args]) == 1

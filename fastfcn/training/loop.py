@@ -500,9 +500,13 @@ def train(args: argparse.Namespace) -> dict:
     model, prev_state, first, arch = None, None, 0, args.arch
     t_start = time.time()
     for si, (arch, iters) in enumerate(run.stages):
-        if run.step < first + iters:  # else: finished before a resume
+        if run.step < first + iters:
             model = run_stage(run, si, arch, first, iters, prev_state)
             prev_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        elif _resumes(run, si):
+            # Finished before a resume, whose point is this stage's end: the next stage starts
+            # from its weights, as it would have without the stop.
+            prev_state = {k: v.detach().cpu() for k, v in run.last.state_dict().items()}
         first += iters
     if model is None:
         raise InputError(f"nothing to do: {run.out} already holds a run of {run.total} iterations")
