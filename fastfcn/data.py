@@ -72,6 +72,15 @@ def _read_label(path: Path) -> np.ndarray:
         raise InputError(f"label file {path} is corrupt or not a PNG ({e})") from None
 
 
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """A ``class_names.txt``: one name per line, as ``write_voc`` writes it (a name may hold
+    spaces: NYUDv2's "floor mat", "night stand"); blank lines and the ends of lines are
+    dropped. A file of one line lists its names separated by white space."""
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    return tuple(lines[0].split() if len(lines) == 1 else lines)
+
+
 class VOCSegmentation:
     """PASCAL VOC segmentation: ``root`` holds ``JPEGImages/``, ``SegmentationClass/`` and
     ``ImageSets/Segmentation/<split>.txt`` (e.g. ``VOCdevkit/VOC2012``; the devkit folder
@@ -148,7 +157,7 @@ class VOCSegmentation:
         self.num_classes = len(VOC_CLASSES)
         names = root / "class_names.txt"  # written by `fastfcn data synth`
         if names.is_file():
-            self.class_names = tuple(n for n in names.read_text().split() if n)
+            self.class_names = read_class_names(names)
             self.num_classes = len(self.class_names)
 
     def _label_file(self, label_dirs: list[Path], rel: Path, list_file: Path) -> Path:

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from fastfcn import cli
+from fastfcn.config import NYUD_CLASSES
 from fastfcn.data import (
     DEPTH_RANGE_MM,
     HELDOUT_SEED,
@@ -168,6 +169,17 @@ def test_voc_reader_round_trip(voc_tree):
         assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]
     # The devkit folder above the VOC root is accepted as well.
     assert len(VOCSegmentation(root.parent, "val")) == 5
+
+
+def test_voc_reader_class_names_with_spaces_round_trip(voc_tree):
+    # NYUDv2's classes include "floor mat", "shower curtain" and "night stand": one per line.
+    root, ds, _ = voc_tree
+    ds.class_names = NYUD_CLASSES
+    write_voc(ds, root, "val")
+    voc = VOCSegmentation(root, "val")
+    assert voc.class_names == NYUD_CLASSES and voc.num_classes == 40
+    (root / "class_names.txt").write_text("background disc box triangle\n")  # one line: white space
+    assert VOCSegmentation(root, "val").class_names == ("background", "disc", "box", "triangle")
 
 
 def test_voc_reader_void_label(voc_tree):
