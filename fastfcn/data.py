@@ -76,7 +76,7 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     """A ``class_names.txt``: one name per line, as ``write_voc`` writes it (a name may hold
     spaces: NYUDv2's "floor mat", "night stand"); blank lines and the ends of lines are
     dropped. A file of one line lists its names separated by white space."""
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]  # as split lists
     lines = [ln for ln in lines if ln]
     return tuple(lines[0].split() if len(lines) == 1 else lines)
 
@@ -127,7 +127,9 @@ class VOCSegmentation:
             have = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
             raise InputError(f"split list {list_file} is missing; splits present: {have or 'none'}")
         ids = []
-        for line in list_file.read_text().splitlines():
+        # utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
+        # otherwise become part of the first id (a "missing" file whose name looks right).
+        for line in list_file.read_text(encoding="utf-8-sig").splitlines():
             # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs.
             tok = line.split()
             if tok:

@@ -182,6 +182,16 @@ def test_voc_reader_class_names_with_spaces_round_trip(voc_tree):
     assert VOCSegmentation(root, "val").class_names == ("background", "disc", "box", "triangle")
 
 
+def test_voc_reader_lists_with_byte_order_mark_and_crlf(voc_tree):
+    # As Windows editors save them: a UTF-8 byte-order mark, CRLF line ends, a blank line.
+    root, _, ids = voc_tree
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_bytes(
+        "\ufeff".encode() + f"{ids[1]}\r\n{ids[0]}\r\n\r\n".encode())
+    (root / "class_names.txt").write_bytes("\ufeff".encode() + b"background\r\ndisc\r\nbox\r\ntriangle\r\n")
+    voc = VOCSegmentation(root, "val")
+    assert voc.ids == [ids[1], ids[0]] and voc.class_names == ("background", "disc", "box", "triangle")
+
+
 def test_voc_reader_void_label(voc_tree):
     root, _, ids = voc_tree
     p = root / "SegmentationClass" / f"{ids[0]}.png"
