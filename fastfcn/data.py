@@ -209,7 +209,13 @@ class Paired:
 
     def __getitem__(self, i: int):
         image, label = self.ds[i]
-        return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
+        second = read_second(self.files[i], self.modality, self.max_pixels)
+        if second.shape[:2] != image.shape[:2]:
+            raise InputError(
+                f"{self.modality} file {self.files[i]} is {second.shape[1]}x{second.shape[0]} but image "
+                f"{self.ds.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
+            )
+        return image, label, {self.modality: second}
 
 
 # --------------------------------------------------------------------------- synthetic scenes
