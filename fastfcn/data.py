@@ -20,7 +20,7 @@ from PIL import Image
 
 from .config import SIFTFLOW_GEOMETRIC
 from .errors import InputError
-from .imageio import read_image, read_second
+from .imageio import IMAGE_SUFFIXES, read_image, read_second
 from .paths import StemIndex, match_file
 from .viz import save_labels
 
@@ -130,10 +130,12 @@ class VOCSegmentation:
         # utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
         # otherwise become part of the first id (a "missing" file whose name looks right).
         for line in list_file.read_text(encoding="utf-8-sig").splitlines():
-            # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs.
+            # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs: the
+            # id is the file's name less an image suffix; a bare id keeps any dots ("cam1.000").
             tok = line.split()
             if tok:
-                ids.append(Path(tok[0]).stem)
+                name = Path(tok[0])
+                ids.append(name.stem if name.suffix.lower() in IMAGE_SUFFIXES else name.name)
         if not ids:
             raise InputError(f"split list {list_file} is empty")
         self.ids = ids

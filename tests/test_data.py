@@ -192,6 +192,19 @@ def test_voc_reader_lists_with_byte_order_mark_and_crlf(voc_tree):
     assert voc.ids == [ids[1], ids[0]] and voc.class_names == ("background", "disc", "box", "triangle")
 
 
+def test_voc_reader_ids_with_dots(voc_tree):
+    # A bare id keeps its dots: "cam1.000" is cam1.000.jpg, never cam1.jpg (which exists here too).
+    root, ds, ids = voc_tree
+    for i, name in ((0, "cam1.000"), (1, "cam1")):
+        (root / "JPEGImages" / f"{ids[i]}.jpg").rename(root / "JPEGImages" / f"{name}.jpg")
+        (root / "SegmentationClass" / f"{ids[i]}.png").rename(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("cam1.000\ncam1\n/JPEGImages/cam1.jpg\n")
+    voc = VOCSegmentation(root, "val")
+    assert voc.ids == ["cam1.000", "cam1", "cam1"]
+    np.testing.assert_array_equal(voc[0][1], ds[0][1])
+    np.testing.assert_array_equal(voc[1][1], ds[1][1])
+
+
 def test_voc_reader_void_label(voc_tree):
     root, _, ids = voc_tree
     p = root / "SegmentationClass" / f"{ids[0]}.png"
