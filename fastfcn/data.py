@@ -72,6 +72,21 @@ def _read_label(path: Path) -> np.ndarray:
         raise InputError(f"label file {path} is corrupt or not a PNG ({e})") from None
 
 
+def split_ids(list_file: Path) -> list[str]:
+    """The image ids of a split list (``ImageSets/Segmentation/<split>.txt``), blank lines skipped."""
+    ids = []
+    # utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
+    # otherwise become part of the first id (a "missing" file whose name looks right).
+    for line in list_file.read_text(encoding="utf-8-sig").splitlines():
+        # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs: the
+        # id is the file's name less an image suffix; a bare id keeps any dots ("cam1.000").
+        tok = line.split()
+        if tok:
+            name = Path(tok[0])
+            ids.append(name.stem if name.suffix.lower() in IMAGE_SUFFIXES else name.name)
+    return ids
+
+
 def read_class_names(path: Path) -> tuple[str, ...]:
     """A ``class_names.txt``: one name per line, as ``write_voc`` writes it (a name may hold
     spaces: NYUDv2's "floor mat", "night stand"); blank lines and the ends of lines are
@@ -126,16 +141,7 @@ class VOCSegmentation:
         if not list_file.is_file():
             have = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
             raise InputError(f"split list {list_file} is missing; splits present: {have or 'none'}")
-        ids = []
-        # utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
-        # otherwise become part of the first id (a "missing" file whose name looks right).
-        for line in list_file.read_text(encoding="utf-8-sig").splitlines():
-            # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs: the
-            # id is the file's name less an image suffix; a bare id keeps any dots ("cam1.000").
-            tok = line.split()
-            if tok:
-                name = Path(tok[0])
-                ids.append(name.stem if name.suffix.lower() in IMAGE_SUFFIXES else name.name)
+        ids = split_ids(list_file)
         if not ids:
             raise InputError(f"split list {list_file} is empty")
         self.ids = ids
