@@ -72,12 +72,21 @@ def _read_label(path: Path) -> np.ndarray:
         raise InputError(f"label file {path} is corrupt or not a PNG ({e})") from None
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A list file's text; InputError naming it when it is not UTF-8 (PowerShell's ``>`` writes
+    UTF-16). utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
+    otherwise become part of the first name (a "missing" file whose printed name looks right)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
+                         "one name a line") from None
+
+
 def split_ids(list_file: Path) -> list[str]:
     """The image ids of a split list (``ImageSets/Segmentation/<split>.txt``), blank lines skipped."""
     ids = []
-    # utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
-    # otherwise become part of the first id (a "missing" file whose name looks right).
-    for line in list_file.read_text(encoding="utf-8-sig").splitlines():
+    for line in _read_text(list_file, "split list").splitlines():
         # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs: the
         # id is the file's name less an image suffix; a bare id keeps any dots ("cam1.000").
         tok = line.split()
@@ -91,7 +100,7 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     """A ``class_names.txt``: one name per line, as ``write_voc`` writes it (a name may hold
     spaces: NYUDv2's "floor mat", "night stand"); blank lines and the ends of lines are
     dropped. A file of one line lists its names separated by white space."""
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]  # as split lists
+    lines = [ln.strip() for ln in _read_text(path, "class list").splitlines()]
     lines = [ln for ln in lines if ln]
     return tuple(lines[0].split() if len(lines) == 1 else lines)
 

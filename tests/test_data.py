@@ -190,6 +190,13 @@ def test_voc_reader_lists_with_byte_order_mark_and_crlf(voc_tree):
     (root / "class_names.txt").write_bytes("\ufeff".encode() + b"background\r\ndisc\r\nbox\r\ntriangle\r\n")
     voc = VOCSegmentation(root, "val")
     assert voc.ids == [ids[1], ids[0]] and voc.class_names == ("background", "disc", "box", "triangle")
+    # PowerShell's `>` writes UTF-16: named, not a bare UnicodeDecodeError
+    for path in (root / "class_names.txt", root / "ImageSets" / "Segmentation" / "val.txt"):
+        path.write_bytes(f"{ids[0]}\r\n".encode("utf-16"))
+        with pytest.raises(InputError) as e:
+            VOCSegmentation(root, "val")
+        assert str(e.value).startswith(f"{'split' if path.name == 'val.txt' else 'class'} list {path} is not "
+                                       "UTF-8 text (invalid start byte at byte 0); save it as UTF-8")
 
 
 def test_voc_reader_ids_with_dots(voc_tree):
