@@ -114,6 +114,21 @@ def test_resume_at_a_stage_end_starts_the_next_stage_from_it(tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+def test_mixed_sizes_name_the_options_that_train_on_them(tmp_path, capsys):
+    from fastfcn.data import SyntheticScenes, write_voc
+
+    root = tmp_path / "voc"
+    ids = write_voc(SyntheticScenes(2, 32, num_classes=3), root, "train")
+    ids += write_voc(SyntheticScenes(2, (24, 40), num_classes=3), root, "train", start=2)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids))
+    argv = ["train", *TINY, "--data", str(root), "--arch", "fcn32s", "--iters", "2", "--val-every", "0",
+            "--batch", "1"]  # fmt: skip
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--mosaic", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "differ in size ([(24, 40, 3), (32, 32, 3)]); use --batch 1 and --mosaic 1 for" in err, err
+    assert cli.main([*argv, "--out", str(tmp_path / "b"), "--mosaic", "1"]) == 0  # the advice works
+
+
 def test_refuses_the_heldout_seed(tmp_path):
     args = ["--iters", "1", "--seed", str(HELDOUT_SEED)]
     assert cli.main(["train", "--out", str(tmp_path), *TINY, *args]) == 1

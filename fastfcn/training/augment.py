@@ -64,8 +64,8 @@ def batch_of(ds, idx, heads=None):
     shapes = {item[0].shape for item in items}
     if len(shapes) != 1:
         raise InputError(
-            f"images of one batch differ in size ({sorted(shapes)}); use --batch 1 for datasets of mixed "
-            "sizes (whole-image training, as in the paper)"
+            f"images of one batch or mosaic differ in size ({sorted(shapes)}); use --batch 1 and --mosaic 1 "
+            "for datasets of mixed sizes (whole-image training, as in the paper)"
         )
     images = torch.from_numpy(np.stack([item[0] for item in items]))
     if heads:
