@@ -46,13 +46,20 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None):
         inputs = {k: np.stack([item[2][k] for item in pending]) for k in pending[0][2]}
         preds = host_results(seg.run(images, output="labels", **inputs))
         for name, cm in cms.items():
-            cm.update(np.stack([_head_label(item[1], name) for item in pending]), preds[name])
+            labels = [_head_label(item[1], name) for item in pending]
+            try:
+                cm.update(np.stack(labels), preds[name])
+            except InputError as e:
+                raise InputError(f"{e}{_culprit(dataset, first, labels, cm, name)}") from None
         pending.clear()
 
+    first = 0  # the dataset index of pending[0]
     for i in range(len(dataset)):
         item = _item(dataset[i], i)
         if pending and (item[0].shape != pending[0][0].shape or len(pending) >= batch):
             flush()
+        if not pending:
+            first = i
         pending.append(item)
         if progress is not None:
             progress.update(i + 1)
@@ -60,6 +67,24 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None):
     if not heads:
         return scores(cms[None].matrix), cms[None].matrix
     return {n: scores(cm.matrix) for n, cm in cms.items()}, {n: cm.matrix for n, cm in cms.items()}
+
+
+def _culprit(dataset, first: int, labels: list, cm: ConfusionMatrix, head: str | None) -> str:
+    """Where the ground truth of a batch (dataset items ``first``, ...) holds an id outside the
+    classes: ``" in <label file> (item i)"``, so that one file of thousands can be found; "" when
+    no label is to blame."""
+    base = dataset
+    while hasattr(base, "ds"):  # Paired, training's Subset: the same items of a VOCSegmentation
+        base = base.ds
+    files = getattr(base, "labels", None)
+    for k, lab in enumerate(labels):
+        lab = np.asarray(lab)
+        if ((lab != cm.ignore) & ((lab < 0) | (lab >= cm.num_classes))).any():
+            i = first + k
+            if not isinstance(files, list) or i >= len(files):
+                return f" in item {i}"
+            return f" in {files[i][head] if isinstance(files[i], dict) else files[i]} (item {i})"
+    return ""
 
 
 def _item(item, i: int) -> tuple:

@@ -225,6 +225,30 @@ def test_voc_reader_void_label(voc_tree):
     assert (VOCSegmentation(root, "val")[0][1][:3] == 255).all()
 
 
+def test_evaluate_names_the_label_file_with_an_id_outside_the_classes(voc_tree):
+    from fastfcn.evaluate import evaluate
+
+    class Background:  # a model that predicts class 0 everywhere
+        def run(self, images, output="labels"):
+            return np.zeros(images.shape[:3], np.uint8)
+
+    root, _, ids = voc_tree
+    p = root / "SegmentationClass" / f"{ids[3]}.png"
+    with Image.open(p) as im:
+        a, pal = np.array(im), im.getpalette()
+    a[5, 7] = 30  # not a class of 4, and not void
+    out = Image.fromarray(a, mode="P")
+    out.putpalette(pal)
+    out.save(p)
+    voc = VOCSegmentation(root, "val")
+    with pytest.raises(InputError) as e:
+        evaluate(Background(), voc, 4, batch=2)  # the bad label is the second of the second batch
+    assert str(e.value) == f"labels hold 30, outside 0..3 (and not the ignore label 255) in {p} (item 3)"
+    with pytest.raises(InputError) as e:
+        evaluate(Background(), [voc[i] for i in range(5)], 4, batch=2)  # no files: the item
+    assert str(e.value).endswith("(and not the ignore label 255) in item 3")
+
+
 def test_voc_reader_missing_files(voc_tree):
     root, _, ids = voc_tree
     with pytest.raises(InputError, match=r"train\.txt is missing.*val"):
