@@ -331,8 +331,7 @@ def resume_point(run: Run) -> nn.Module:
              "--learnable-upsampling": (bool((cfg.get("options") or {}).get("learnable_upsampling")),
                                         bool(args.learnable_upsampling)),
              "--batchnorm": ("model" in state, bool(args.batchnorm)),
-             "--optimizer": (trained.get("optimizer", args.optimizer), args.optimizer),
-             "step of last.safetensors": (trained.get("iterations", step), step)}  # fmt: skip
+             "--optimizer": (trained.get("optimizer", args.optimizer), args.optimizer)}  # fmt: skip
     shown = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # noqa: E731
     differ = [f"{k} {shown(a)} (now {shown(b)})" for k, (a, b) in saved.items() if a != b]
     if differ:
