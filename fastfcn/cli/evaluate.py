@@ -50,7 +50,10 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
         extra = (f", with {second[0]}" if second else "") + (", HHA images" if image == "hha" else "")
         return ds, f"held-out synthetic split ({n} scenes{extra})"
     ds = data.VOCSegmentation(args.data, args.split, heads=[n for n, _ in heads] if heads else None)
-    if not heads and ds.num_classes != num_classes:
+    # A folder of labels per head without a class_names.txt has no class count of its own (the
+    # reader's default is VOC's): there the net's are taken, as `fastfcn train` takes the arch's.
+    counted = not heads or (ds.root / "class_names.txt").is_file()
+    if counted and ds.num_classes != num_classes:
         raise InputError(
             f"{args.data} has {ds.num_classes} classes but the model predicts {num_classes}; "
             "evaluate a model trained for this dataset"
