@@ -102,6 +102,8 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     dropped. A file of one line lists its names separated by white space."""
     lines = [ln.strip() for ln in _read_text(path, "class list").splitlines()]
     lines = [ln for ln in lines if ln]
+    if not lines:
+        raise InputError(f"class list {path} is empty; expected the data set's class names, one a line")
     return tuple(lines[0].split() if len(lines) == 1 else lines)
 
 

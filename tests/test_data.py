@@ -180,6 +180,11 @@ def test_voc_reader_class_names_with_spaces_round_trip(voc_tree):
     assert voc.class_names == NYUD_CLASSES and voc.num_classes == 40
     (root / "class_names.txt").write_text("background disc box triangle\n")  # one line: white space
     assert VOCSegmentation(root, "val").class_names == ("background", "disc", "box", "triangle")
+    (root / "class_names.txt").write_text("\n \n")  # a net of 0 classes would be refused later, unnamed
+    with pytest.raises(InputError) as e:
+        VOCSegmentation(root, "val")
+    names = root / "class_names.txt"
+    assert str(e.value) == f"class list {names} is empty; expected the data set's class names, one a line"
 
 
 def test_voc_reader_lists_with_byte_order_mark_and_crlf(voc_tree):
