@@ -171,6 +171,8 @@ def bad_paths(tmp_path):
         (["export", "{ckpt}", "{run}/x.onnx", "--opset", "7"], "--opset 7"),
         (["export", "{ckpt}", "{file}/x.onnx"], "afile is a file"),
         (["eval", "{ckpt}", "--data", "synthetic", "--backend", "onnx"], "'onnx'"),
+        (["eval", "{ckpt}", "--data", "synthetic"], "scenes have 2..9 classes (background + shapes) but the "
+                                                    "model predicts 21; evaluate it on its own data set"),
         (["train", "--arch", "fcn8", "--out", "{run}"], "'fcn8'"),
         (["train", "--width", "0", "--out", "{run}"], "--width 0"),
         (["train", "--lr", "-1", "--out", "{run}"], "--lr -1"),
