@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import fastfcn
@@ -50,6 +51,23 @@ def test_resume_continues_the_same_run(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert cli.main(["train", "--out", str(tmp_path / "c"), *TINY, "--iters", "2", "--resume"]) == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through Linux's /proc")
+def test_every_save_point_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    # Both files of a resume point are fsynced before their rename: after a power loss the
+    # renamed train_state.pt is never an empty file beside a complete checkpoint.
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _train(tmp_path, "--iters", "2", "--save-every", "1", "--val-every", "0")
+    names = [os.path.basename(p) for p in synced]
+    for stem, suffix in (("last", ".safetensors"), ("train_state", ".pt")):
+        assert sum(n.startswith(f".{stem}.fastfcn-tmp-") and n.endswith(suffix) for n in names) == 2, names
 
 
 def test_resume_refuses_a_run_of_other_options_in_one_line(tmp_path, capsys):

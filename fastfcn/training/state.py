@@ -69,14 +69,15 @@ def save_point(model: nn.Module, out: Path, step: int, stage: int, opt, history:
     """``last.safetensors`` (BatchNorm folded) and ``train_state.pt``: a resume point."""
     import fastfcn
 
-    # fastfcn.save writes atomically; the state file is renamed into place the same way, so an
-    # interrupted save never leaves a broken resume point.
+    # fastfcn.save writes atomically and durably (fsync before the rename); the state file is
+    # renamed into place the same way, so neither an interrupted save nor a power loss after it
+    # leaves a resume point whose state file is empty or cut short beside its checkpoint.
     fastfcn.save(plain_copy(model), out / "last.safetensors", **meta(args, step, arch))
     state = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "history": history,
              "torch_rng": torch.get_rng_state()}  # fmt: skip
     if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out / STATE_FILE) as tmp:
+    with atomic_path(out / STATE_FILE, durable=True) as tmp:
         torch.save(state, tmp)
 
 
