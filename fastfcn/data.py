@@ -21,6 +21,7 @@ from PIL import Image
 from .config import SIFTFLOW_GEOMETRIC
 from .errors import InputError
 from .imageio import IMAGE_SUFFIXES, read_image, read_second
+from .names import DEFAULT_MAX_PIXELS
 from .paths import StemIndex, match_file
 from .viz import save_labels
 
@@ -483,6 +484,12 @@ class SyntheticScenes:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         if h < 8 or w < 8:
             raise InputError(f"scene size must be at least 8x8; got {h}x{w}")
+        if h * w > DEFAULT_MAX_PIXELS:
+            # The pixel grids below take 16 bytes a pixel at once (a --size 96000 typo: 147 GB).
+            raise InputError(
+                f"scene size {h}x{w} is over {DEFAULT_MAX_PIXELS} pixels, the most a Segmenter takes by "
+                "default; expected a smaller --size"
+            )
         self.n, self.size, self.seed = int(n), (int(h), int(w)), int(seed)
         self.heads, self.second = (SYNTHETIC_HEADS if heads is not None else None), second
         self.image = image

@@ -68,6 +68,9 @@ def test_synthetic_bad_arguments():
         SyntheticScenes(1, 32, 0, len(SHAPES) + 2)
     with pytest.raises(InputError, match="8x8"):
         SyntheticScenes(1, 4, 0, 3)
+    # refused before its pixel grids are made (16 bytes a pixel: --size 96000 would take 147 GB)
+    with pytest.raises(InputError, match="scene size 8x2097153 is over 16777216 pixels"):
+        SyntheticScenes(1, (8, 4096 * 512 + 1), 0, 3)
     with pytest.raises(IndexError):
         SyntheticScenes(2, 32, 0, 3)[2]
     assert heldout_scenes(3, 32, 3).seed == HELDOUT_SEED
