@@ -147,6 +147,24 @@ def test_mixed_sizes_name_the_options_that_train_on_them(tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path / "b"), "--mosaic", "1"]) == 0  # the advice works
 
 
+def test_init_from_a_checkpoint_of_another_width_is_refused(tmp_path, capsys):
+    donor = tmp_path / "donor"
+    _train(donor, "--arch", "fcn32s", "--iters", "1", "--val-every", "0")
+    init = str(donor / "final.safetensors")
+    argv = ["train", *TINY, "--arch", "fcn16s", "--iters", "1", "--val-every", "0", "--init", init]
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--width", "0.125"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fastfcn train: error: --init {init} is a net of width 0.0625, this run trains width 0.125: its "
+        "layers do not fit; expected a checkpoint of --width 0.125"
+    )
+    # the same width: the backbone is copied (and fcn16s' new layers start afresh)
+    assert cli.main([*argv, "--out", str(tmp_path / "b"), "--lr", "1e-12"]) == 0
+    assert f"fcn16s initialised from {init} (" in capsys.readouterr().err
+    a, b = fastfcn.load(init).state_dict(), fastfcn.load(tmp_path / "b" / "final.safetensors").state_dict()
+    torch.testing.assert_close(b["conv3_1.weight"], a["conv3_1.weight"], rtol=0, atol=1e-6)
+
+
 def test_refuses_the_heldout_seed(tmp_path):
     args = ["--iters", "1", "--seed", str(HELDOUT_SEED)]
     assert cli.main(["train", "--out", str(tmp_path), *TINY, *args]) == 1

@@ -371,7 +371,15 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
         run.say(f"{arch} initialised from the ImageNet classifier {args.init} "
                 f"({report.source}): {report.summary()}")  # fmt: skip
     elif args.init:
-        copied = copy_by_name(model, fastfcn.load(args.init).state_dict())
+        src = fastfcn.load(args.init)
+        if src.config["width"] != args.width:
+            # Every convolution would differ in shape: only a few class-sized tensors would be
+            # copied and the run would start from scratch under an "initialised" line.
+            raise InputError(
+                f"--init {args.init} is a net of width {src.config['width']}, this run trains width "
+                f"{args.width}: its layers do not fit; expected a checkpoint of --width {args.width}"
+            )
+        copied = copy_by_name(model, src.state_dict())
         run.say(f"{arch} initialised from {args.init} ({len(copied)} tensors by name)")
     if run.preprocessing:
         model.config = model.config.replace(**run.preprocessing)
