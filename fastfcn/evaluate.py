@@ -44,7 +44,11 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None):
 
         images = np.stack([item[0] for item in pending])
         inputs = {k: np.stack([item[2][k] for item in pending]) for k in pending[0][2]}
-        preds = host_results(seg.run(images, output="labels", **inputs))
+        try:
+            preds = host_results(seg.run(images, output="labels", **inputs))
+        except InputError as e:  # too large for the model, a depth map it refuses...: say which
+            more = f" and the {len(pending) - 1} after it" if len(pending) > 1 else ""
+            raise InputError(f"{e} (in {_where(dataset, first, 'images')}{more})") from None
         for name, cm in cms.items():
             labels = [_head_label(item[1], name) for item in pending]
             try:
@@ -73,18 +77,23 @@ def _culprit(dataset, first: int, labels: list, cm: ConfusionMatrix, head: str |
     """Where the ground truth of a batch (dataset items ``first``, ...) holds an id outside the
     classes: ``" in <label file> (item i)"``, so that one file of thousands can be found; "" when
     no label is to blame."""
-    base = dataset
-    while hasattr(base, "ds"):  # Paired, training's Subset: the same items of a VOCSegmentation
-        base = base.ds
-    files = getattr(base, "labels", None)
     for k, lab in enumerate(labels):
         lab = np.asarray(lab)
         if ((lab != cm.ignore) & ((lab < 0) | (lab >= cm.num_classes))).any():
-            i = first + k
-            if not isinstance(files, list) or i >= len(files):
-                return f" in item {i}"
-            return f" in {files[i][head] if isinstance(files[i], dict) else files[i]} (item {i})"
+            return f" in {_where(dataset, first + k, 'labels', head)}"
     return ""
+
+
+def _where(dataset, i: int, files: str, head: str | None = None) -> str:
+    """Item ``i`` of ``dataset`` as ``"<its image or label file> (item i)"`` where the dataset
+    has files (a VOCSegmentation, also inside Paired or training's Subset), else ``"item i"``."""
+    base = dataset
+    while hasattr(base, "ds"):  # Paired, training's Subset: the same items of a VOCSegmentation
+        base = base.ds
+    paths = getattr(base, files, None)
+    if not isinstance(paths, list) or i >= len(paths):
+        return f"item {i}"
+    return f"{paths[i][head] if isinstance(paths[i], dict) else paths[i]} (item {i})"
 
 
 def _item(item, i: int) -> tuple:

@@ -257,6 +257,19 @@ def test_evaluate_names_the_label_file_with_an_id_outside_the_classes(voc_tree):
     assert str(e.value).endswith("(and not the ignore label 255) in item 3")
 
 
+def test_evaluate_names_the_image_a_model_refuses(voc_tree):
+    import fastfcn
+    from fastfcn.evaluate import evaluate
+
+    root, _, ids = voc_tree
+    model = fastfcn.models.build("fcn32s", num_classes=4, width=0.0625)
+    seg = fastfcn.Segmenter(model, backend="torch", device="cpu", max_pixels=40 * 56 - 1)  # one pixel short
+    with pytest.raises(InputError) as e:
+        evaluate(seg, VOCSegmentation(root, "val"), 4, batch=2)
+    assert str(e.value).endswith(f"(in {root / 'JPEGImages' / ids[0]}.jpg (item 0) and the 1 after it)")
+    assert "exceeds max_pixels=2239" in str(e.value)
+
+
 def test_voc_reader_missing_files(voc_tree):
     root, _, ids = voc_tree
     with pytest.raises(InputError, match=r"train\.txt is missing.*val"):
