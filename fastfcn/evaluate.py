@@ -48,7 +48,7 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None):
             preds = host_results(seg.run(images, output="labels", **inputs))
         except InputError as e:  # too large for the model, a depth map it refuses...: say which
             more = f" and the {len(pending) - 1} after it" if len(pending) > 1 else ""
-            raise InputError(f"{e} (in {_where(dataset, first, 'images')}{more})") from None
+            raise InputError(f"{e} (in {item_name(dataset, first, 'images')}{more})") from None
         for name, cm in cms.items():
             labels = [_head_label(item[1], name) for item in pending]
             try:
@@ -80,13 +80,14 @@ def _culprit(dataset, first: int, labels: list, cm: ConfusionMatrix, head: str |
     for k, lab in enumerate(labels):
         lab = np.asarray(lab)
         if ((lab != cm.ignore) & ((lab < 0) | (lab >= cm.num_classes))).any():
-            return f" in {_where(dataset, first + k, 'labels', head)}"
+            return f" in {item_name(dataset, first + k, 'labels', head)}"
     return ""
 
 
-def _where(dataset, i: int, files: str, head: str | None = None) -> str:
-    """Item ``i`` of ``dataset`` as ``"<its image or label file> (item i)"`` where the dataset
-    has files (a VOCSegmentation, also inside Paired or training's Subset), else ``"item i"``."""
+def item_name(dataset, i: int, files: str, head: str | None = None) -> str:
+    """Item ``i`` of ``dataset`` as ``"<its image or label file> (item i)"`` (``files``: "images"
+    or "labels"; ``head``: whose label) where the dataset has files (a VOCSegmentation, also
+    inside Paired or training's Subset), else ``"item i"``."""
     base = dataset
     while hasattr(base, "ds"):  # Paired, training's Subset: the same items of a VOCSegmentation
         base = base.ds

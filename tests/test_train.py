@@ -165,6 +165,29 @@ def test_init_from_a_checkpoint_of_another_width_is_refused(tmp_path, capsys):
     torch.testing.assert_close(b["conv3_1.weight"], a["conv3_1.weight"], rtol=0, atol=1e-6)
 
 
+def test_a_label_outside_the_classes_is_named(tmp_path, capsys):
+    from PIL import Image
+
+    from fastfcn.data import SyntheticScenes, write_voc
+
+    root = tmp_path / "voc"
+    write_voc(SyntheticScenes(3, 32, num_classes=3), root, "train")
+    bad = root / "SegmentationClass" / "train_000001.png"
+    with Image.open(bad) as im:
+        a, pal = np.array(im), im.getpalette()
+    a[3, 4] = 7  # a class id the 3 classes of class_names.txt do not have, and not void
+    out = Image.fromarray(a, mode="P")
+    out.putpalette(pal)
+    out.save(bad)
+    argv = ["train", *TINY, "--data", str(root), "--arch", "fcn32s", "--iters", "4", "--val-every", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "the labels hold class ids [7] but the net has 3 classes: expected ids 0..2 and 255 (ignored); check "
+        f"the data's class_names.txt or label PNGs (in {bad} (item 1))"
+    )
+
+
 def test_refuses_the_heldout_seed(tmp_path):
     args = ["--iters", "1", "--seed", str(HELDOUT_SEED)]
     assert cli.main(["train", "--out", str(tmp_path), *TINY, *args]) == 1

@@ -31,9 +31,9 @@ from ..errors import InputError
 from ..evaluate import evaluate
 from ..progress import Progress
 from ..runtime.preprocess import Preprocessor
-from .augment import Subset, augment, draw_batch, open_dataset
+from .augment import Subset, augment, batch_items, draw_batch, open_dataset
 from .batchnorm import add_batchnorm, plain_copy
-from .loss import segmentation_loss
+from .loss import IGNORE, segmentation_loss
 from .plots import smooth
 from .state import load_state, new_history, save_final, save_point
 
@@ -438,7 +438,10 @@ def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
     """One optimizer step on this rank's share of the global batch of ``run.step``; returns the loss."""
     args = run.args
     x, y = training_batch(run, pre, run.step)
-    loss, parts = segmentation_loss(net(x), y, run.heads, args.loss_reduction)
+    try:
+        loss, parts = segmentation_loss(net(x), y, run.heads, args.loss_reduction)
+    except InputError as e:  # labels outside the classes: name the file among thousands
+        raise InputError(f"{e}{_bad_labels(run, run.step)}") from None
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -453,6 +456,20 @@ def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
         for name, part in parts.items():
             run.history["heads"][name]["loss"].append([run.step, float(part.detach())])
     return lv
+
+
+def _bad_labels(run: Run, step: int) -> str:
+    """``" (in <label file> (item i))"`` of the first item of this rank's batch of ``step`` whose
+    labels hold an id outside its classes (255 aside), "" when none does."""
+    from ..evaluate import item_name
+
+    for i in batch_items(run.args, run.ds, step, run.rank, run.world):
+        target = run.ds[i][1]
+        for head, classes in run.heads or ((None, run.num_classes),):
+            lab = target[head] if head else target
+            if ((lab != IGNORE) & (lab >= classes)).any():
+                return f" (in {item_name(run.ds, i, 'labels', head)})"
+    return ""
 
 
 def validate(run: Run, model: nn.Module, loss: float, lr: float, progress: Progress) -> None:
