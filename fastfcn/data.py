@@ -481,6 +481,8 @@ class SyntheticScenes:
         _check_kind(heads, second, image)
         if n < 0:
             raise InputError(f"n must be >= 0; got {n}")
+        if seed < 0:  # numpy's generators take none; their own error names no option
+            raise InputError(f"seed must be >= 0; got {seed}")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         if h < 8 or w < 8:
             raise InputError(f"scene size must be at least 8x8; got {h}x{w}")

@@ -93,7 +93,7 @@ def check_args(args: argparse.Namespace) -> None:
     for option in ("batch", "iters", "mosaic", "save_every", "train_n"):
         v = getattr(args, option)
         need(v >= 1, "--" + option.replace("_", "-"), v, ">= 1")
-    for option in ("val_every", "val_n", "threads"):
+    for option in ("val_every", "val_n", "threads", "seed"):  # numpy's generators take no negative seed
         v = getattr(args, option)
         need(v >= 0, "--" + option.replace("_", "-"), v, ">= 0")
     need(args.num_classes >= 2, "--num-classes", args.num_classes, ">= 2 (background and one object class)")
