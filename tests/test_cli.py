@@ -178,6 +178,7 @@ def bad_paths(tmp_path):
         (["train", "--lr", "-1", "--out", "{run}"], "--lr -1"),
         (["train", "--iters", "0", "--out", "{run}"], "--iters 0"),
         (["train", "--seed", "-1", "--out", "{run}"], "--seed -1: expected >= 0"),
+        (["train", "--scale-max", "inf", "--out", "{run}"], "--scale-max inf: expected a finite number"),
         (["data", "synth", "{run}", "--seed", "-1"], "seed must be >= 0; got -1"),
         (["train", "--stages", "fcn32s:5,fcn4s:5", "--out", "{run}"], "'fcn4s'"),
         (["train", "--out", "{file}/run"], "afile is a file"),

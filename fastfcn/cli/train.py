@@ -98,6 +98,9 @@ def check_args(args: argparse.Namespace) -> None:
         need(v >= 0, "--" + option.replace("_", "-"), v, ">= 0")
     need(args.num_classes >= 2, "--num-classes", args.num_classes, ">= 2 (background and one object class)")
     need(args.size >= 8, "--size", args.size, ">= 8 pixels")
+    for option in ("scale_min", "scale_max"):  # numpy's uniform(0.5, inf) overflows, naming no option
+        v = getattr(args, option)
+        need(finite(v), "--" + option.replace("_", "-"), v, "a finite number")
     if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
         raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
     stages = parse_stages(args.stages, args.arch, args.iters)
