@@ -20,7 +20,8 @@ from PIL import Image
 
 from .config import SIFTFLOW_GEOMETRIC
 from .errors import InputError
-from .imageio import read_image, read_second
+from .imageio import IMAGE_SUFFIXES, read_image, read_second
+from .names import DEFAULT_MAX_PIXELS
 from .paths import StemIndex, match_file
 from .viz import save_labels
 
@@ -72,6 +73,41 @@ def _read_label(path: Path) -> np.ndarray:
         raise InputError(f"label file {path} is corrupt or not a PNG ({e})") from None
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A list file's text; InputError naming it when it is not UTF-8 (PowerShell's ``>`` writes
+    UTF-16). utf-8-sig: Windows editors start a UTF-8 file with a byte-order mark, which would
+    otherwise become part of the first name (a "missing" file whose printed name looks right)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
+                         "one name a line") from None
+
+
+def split_ids(list_file: Path) -> list[str]:
+    """The image ids of a split list (``ImageSets/Segmentation/<split>.txt``), blank lines skipped."""
+    ids = []
+    for line in _read_text(list_file, "split list").splitlines():
+        # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs: the
+        # id is the file's name less an image suffix; a bare id keeps any dots ("cam1.000").
+        tok = line.split()
+        if tok:
+            name = Path(tok[0])
+            ids.append(name.stem if name.suffix.lower() in IMAGE_SUFFIXES else name.name)
+    return ids
+
+
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """A ``class_names.txt``: one name per line, as ``write_voc`` writes it (a name may hold
+    spaces: NYUDv2's "floor mat", "night stand"); blank lines and the ends of lines are
+    dropped. A file of one line lists its names separated by white space."""
+    lines = [ln.strip() for ln in _read_text(path, "class list").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise InputError(f"class list {path} is empty; expected the data set's class names, one a line")
+    return tuple(lines[0].split() if len(lines) == 1 else lines)
+
+
 class VOCSegmentation:
     """PASCAL VOC segmentation: ``root`` holds ``JPEGImages/``, ``SegmentationClass/`` and
     ``ImageSets/Segmentation/<split>.txt`` (e.g. ``VOCdevkit/VOC2012``; the devkit folder
@@ -117,12 +153,7 @@ class VOCSegmentation:
         if not list_file.is_file():
             have = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
             raise InputError(f"split list {list_file} is missing; splits present: {have or 'none'}")
-        ids = []
-        for line in list_file.read_text().splitlines():
-            # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs.
-            tok = line.split()
-            if tok:
-                ids.append(Path(tok[0]).stem)
+        ids = split_ids(list_file)
         if not ids:
             raise InputError(f"split list {list_file} is empty")
         self.ids = ids
@@ -148,7 +179,7 @@ class VOCSegmentation:
         self.num_classes = len(VOC_CLASSES)
         names = root / "class_names.txt"  # written by `fastfcn data synth`
         if names.is_file():
-            self.class_names = tuple(n for n in names.read_text().split() if n)
+            self.class_names = read_class_names(names)
             self.num_classes = len(self.class_names)
 
     def _label_file(self, label_dirs: list[Path], rel: Path, list_file: Path) -> Path:
@@ -198,7 +229,13 @@ class Paired:
 
     def __getitem__(self, i: int):
         image, label = self.ds[i]
-        return image, label, {self.modality: read_second(self.files[i], self.modality, self.max_pixels)}
+        second = read_second(self.files[i], self.modality, self.max_pixels)
+        if second.shape[:2] != image.shape[:2]:
+            raise InputError(
+                f"{self.modality} file {self.files[i]} is {second.shape[1]}x{second.shape[0]} but image "
+                f"{self.ds.images[i]} is {image.shape[1]}x{image.shape[0]}; they must match"
+            )
+        return image, label, {self.modality: second}
 
 
 # --------------------------------------------------------------------------- synthetic scenes
@@ -444,9 +481,17 @@ class SyntheticScenes:
         _check_kind(heads, second, image)
         if n < 0:
             raise InputError(f"n must be >= 0; got {n}")
+        if seed < 0:  # numpy's generators take none; their own error names no option
+            raise InputError(f"seed must be >= 0; got {seed}")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         if h < 8 or w < 8:
             raise InputError(f"scene size must be at least 8x8; got {h}x{w}")
+        if h * w > DEFAULT_MAX_PIXELS:
+            # The pixel grids below take 16 bytes a pixel at once (a --size 96000 typo: 147 GB).
+            raise InputError(
+                f"scene size {h}x{w} is over {DEFAULT_MAX_PIXELS} pixels, the most a Segmenter takes by "
+                "default; expected a smaller --size"
+            )
         self.n, self.size, self.seed = int(n), (int(h), int(w)), int(seed)
         self.heads, self.second = (SYNTHETIC_HEADS if heads is not None else None), second
         self.image = image

@@ -22,8 +22,10 @@ the member being added, whatever the number of members.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -88,7 +90,9 @@ def _check_weights(weights, n: int) -> tuple[float, ...]:
         raise ValueError(f"got {len(weights)} weights for {n} segmenters; expected one weight per segmenter")
     w = []
     for i, v in enumerate(weights):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        # numbers.Real: numpy's scalars too (weights taken from an array of validation scores)
+        real = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+        if not real or not math.isfinite(v) or v <= 0:
             raise ValueError(f"weight {i} is {v!r}; expected a finite number > 0")
         w.append(float(v))
     total = math.fsum(w)

@@ -44,15 +44,26 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None):
 
         images = np.stack([item[0] for item in pending])
         inputs = {k: np.stack([item[2][k] for item in pending]) for k in pending[0][2]}
-        preds = host_results(seg.run(images, output="labels", **inputs))
+        try:
+            preds = host_results(seg.run(images, output="labels", **inputs))
+        except InputError as e:  # too large for the model, a depth map it refuses...: say which
+            more = f" and the {len(pending) - 1} after it" if len(pending) > 1 else ""
+            raise InputError(f"{e} (in {item_name(dataset, first, 'images')}{more})") from None
         for name, cm in cms.items():
-            cm.update(np.stack([_head_label(item[1], name) for item in pending]), preds[name])
+            labels = [_head_label(item[1], name) for item in pending]
+            try:
+                cm.update(np.stack(labels), preds[name])
+            except InputError as e:
+                raise InputError(f"{e}{_culprit(dataset, first, labels, cm, name)}") from None
         pending.clear()
 
+    first = 0  # the dataset index of pending[0]
     for i in range(len(dataset)):
         item = _item(dataset[i], i)
         if pending and (item[0].shape != pending[0][0].shape or len(pending) >= batch):
             flush()
+        if not pending:
+            first = i
         pending.append(item)
         if progress is not None:
             progress.update(i + 1)
@@ -60,6 +71,30 @@ def evaluate(seg, dataset, num_classes: int, *, batch: int = 8, progress=None):
     if not heads:
         return scores(cms[None].matrix), cms[None].matrix
     return {n: scores(cm.matrix) for n, cm in cms.items()}, {n: cm.matrix for n, cm in cms.items()}
+
+
+def _culprit(dataset, first: int, labels: list, cm: ConfusionMatrix, head: str | None) -> str:
+    """Where the ground truth of a batch (dataset items ``first``, ...) holds an id outside the
+    classes: ``" in <label file> (item i)"``, so that one file of thousands can be found; "" when
+    no label is to blame."""
+    for k, lab in enumerate(labels):
+        lab = np.asarray(lab)
+        if ((lab != cm.ignore) & ((lab < 0) | (lab >= cm.num_classes))).any():
+            return f" in {item_name(dataset, first + k, 'labels', head)}"
+    return ""
+
+
+def item_name(dataset, i: int, files: str, head: str | None = None) -> str:
+    """Item ``i`` of ``dataset`` as ``"<its image or label file> (item i)"`` (``files``: "images"
+    or "labels"; ``head``: whose label) where the dataset has files (a VOCSegmentation, also
+    inside Paired or training's Subset), else ``"item i"``."""
+    base = dataset
+    while hasattr(base, "ds"):  # Paired, training's Subset: the same items of a VOCSegmentation
+        base = base.ds
+    paths = getattr(base, files, None)
+    if not isinstance(paths, list) or i >= len(paths):
+        return f"item {i}"
+    return f"{paths[i][head] if isinstance(paths[i], dict) else paths[i]} (item {i})"
 
 
 def _item(item, i: int) -> tuple:

@@ -142,6 +142,7 @@ def test_unary_is_minus_log_p_clipped():
         (np.full((3, 7, 9), -2.0, np.float32), np.zeros((7, 9, 3), np.uint8), "not logits"),
         (np.full((3, 7, 9), np.nan, np.float32), np.zeros((7, 9, 3), np.uint8), "finite"),
         (np.zeros((3, 7, 9), np.int64), np.zeros((7, 9, 3), np.uint8), "float"),
+        (np.zeros((3, 0, 9), np.float32), np.zeros((0, 9, 3), np.uint8), "0x9; expected an image"),
     ],
 )
 def test_bad_inputs(probs, image, match):

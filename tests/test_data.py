@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from fastfcn import cli
+from fastfcn.config import NYUD_CLASSES
 from fastfcn.data import (
     DEPTH_RANGE_MM,
     HELDOUT_SEED,
@@ -67,6 +68,9 @@ def test_synthetic_bad_arguments():
         SyntheticScenes(1, 32, 0, len(SHAPES) + 2)
     with pytest.raises(InputError, match="8x8"):
         SyntheticScenes(1, 4, 0, 3)
+    # refused before its pixel grids are made (16 bytes a pixel: --size 96000 would take 147 GB)
+    with pytest.raises(InputError, match="scene size 8x2097153 is over 16777216 pixels"):
+        SyntheticScenes(1, (8, 4096 * 512 + 1), 0, 3)
     with pytest.raises(IndexError):
         SyntheticScenes(2, 32, 0, 3)[2]
     assert heldout_scenes(3, 32, 3).seed == HELDOUT_SEED
@@ -170,6 +174,52 @@ def test_voc_reader_round_trip(voc_tree):
     assert len(VOCSegmentation(root.parent, "val")) == 5
 
 
+def test_voc_reader_class_names_with_spaces_round_trip(voc_tree):
+    # NYUDv2's classes include "floor mat", "shower curtain" and "night stand": one per line.
+    root, ds, _ = voc_tree
+    ds.class_names = NYUD_CLASSES
+    write_voc(ds, root, "val")
+    voc = VOCSegmentation(root, "val")
+    assert voc.class_names == NYUD_CLASSES and voc.num_classes == 40
+    (root / "class_names.txt").write_text("background disc box triangle\n")  # one line: white space
+    assert VOCSegmentation(root, "val").class_names == ("background", "disc", "box", "triangle")
+    (root / "class_names.txt").write_text("\n \n")  # a net of 0 classes would be refused later, unnamed
+    with pytest.raises(InputError) as e:
+        VOCSegmentation(root, "val")
+    names = root / "class_names.txt"
+    assert str(e.value) == f"class list {names} is empty; expected the data set's class names, one a line"
+
+
+def test_voc_reader_lists_with_byte_order_mark_and_crlf(voc_tree):
+    # As Windows editors save them: a UTF-8 byte-order mark, CRLF line ends, a blank line.
+    root, _, ids = voc_tree
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_bytes(
+        "\ufeff".encode() + f"{ids[1]}\r\n{ids[0]}\r\n\r\n".encode())
+    (root / "class_names.txt").write_bytes("\ufeff".encode() + b"background\r\ndisc\r\nbox\r\ntriangle\r\n")
+    voc = VOCSegmentation(root, "val")
+    assert voc.ids == [ids[1], ids[0]] and voc.class_names == ("background", "disc", "box", "triangle")
+    # PowerShell's `>` writes UTF-16: named, not a bare UnicodeDecodeError
+    for path in (root / "class_names.txt", root / "ImageSets" / "Segmentation" / "val.txt"):
+        path.write_bytes(f"{ids[0]}\r\n".encode("utf-16"))
+        with pytest.raises(InputError) as e:
+            VOCSegmentation(root, "val")
+        assert str(e.value).startswith(f"{'split' if path.name == 'val.txt' else 'class'} list {path} is not "
+                                       "UTF-8 text (invalid start byte at byte 0); save it as UTF-8")
+
+
+def test_voc_reader_ids_with_dots(voc_tree):
+    # A bare id keeps its dots: "cam1.000" is cam1.000.jpg, never cam1.jpg (which exists here too).
+    root, ds, ids = voc_tree
+    for i, name in ((0, "cam1.000"), (1, "cam1")):
+        (root / "JPEGImages" / f"{ids[i]}.jpg").rename(root / "JPEGImages" / f"{name}.jpg")
+        (root / "SegmentationClass" / f"{ids[i]}.png").rename(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("cam1.000\ncam1\n/JPEGImages/cam1.jpg\n")
+    voc = VOCSegmentation(root, "val")
+    assert voc.ids == ["cam1.000", "cam1", "cam1"]
+    np.testing.assert_array_equal(voc[0][1], ds[0][1])
+    np.testing.assert_array_equal(voc[1][1], ds[1][1])
+
+
 def test_voc_reader_void_label(voc_tree):
     root, _, ids = voc_tree
     p = root / "SegmentationClass" / f"{ids[0]}.png"
@@ -181,6 +231,43 @@ def test_voc_reader_void_label(voc_tree):
     out.putpalette(pal)
     out.save(p)
     assert (VOCSegmentation(root, "val")[0][1][:3] == 255).all()
+
+
+def test_evaluate_names_the_label_file_with_an_id_outside_the_classes(voc_tree):
+    from fastfcn.evaluate import evaluate
+
+    class Background:  # a model that predicts class 0 everywhere
+        def run(self, images, output="labels"):
+            return np.zeros(images.shape[:3], np.uint8)
+
+    root, _, ids = voc_tree
+    p = root / "SegmentationClass" / f"{ids[3]}.png"
+    with Image.open(p) as im:
+        a, pal = np.array(im), im.getpalette()
+    a[5, 7] = 30  # not a class of 4, and not void
+    out = Image.fromarray(a, mode="P")
+    out.putpalette(pal)
+    out.save(p)
+    voc = VOCSegmentation(root, "val")
+    with pytest.raises(InputError) as e:
+        evaluate(Background(), voc, 4, batch=2)  # the bad label is the second of the second batch
+    assert str(e.value) == f"labels hold 30, outside 0..3 (and not the ignore label 255) in {p} (item 3)"
+    with pytest.raises(InputError) as e:
+        evaluate(Background(), [voc[i] for i in range(5)], 4, batch=2)  # no files: the item
+    assert str(e.value).endswith("(and not the ignore label 255) in item 3")
+
+
+def test_evaluate_names_the_image_a_model_refuses(voc_tree):
+    import fastfcn
+    from fastfcn.evaluate import evaluate
+
+    root, _, ids = voc_tree
+    model = fastfcn.models.build("fcn32s", num_classes=4, width=0.0625)
+    seg = fastfcn.Segmenter(model, backend="torch", device="cpu", max_pixels=40 * 56 - 1)  # one pixel short
+    with pytest.raises(InputError) as e:
+        evaluate(seg, VOCSegmentation(root, "val"), 4, batch=2)
+    assert str(e.value).endswith(f"(in {root / 'JPEGImages' / ids[0]}.jpg (item 0) and the 1 after it)")
+    assert "exceeds max_pixels=2239" in str(e.value)
 
 
 def test_voc_reader_missing_files(voc_tree):

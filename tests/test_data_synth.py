@@ -75,6 +75,25 @@ def test_without_arch_the_files_are_as_before(tmp_path, capsys):
         assert _tree_hashes(tmp_path / arch) == hashes
 
 
+def test_refuses_to_write_over_a_real_data_set(tmp_path, capsys):
+    # A VOC root of real images: its lists and classes must survive `data synth` pointed at it.
+    argv = ["--n", "2", "--val-n", "1", "--size", "24"]
+    root = tmp_path / "VOC2012"
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "val.txt").write_text("2007_000033\n2007_000042\n")
+    before = _tree_hashes(root)
+    assert cli.main(["data", "synth", str(root), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fastfcn data: error: OUT {root}: {lists / 'val.txt'} lists images that data synth "
+                   "did not write (2007_000033, ...); writing there would replace it: choose a new or empty "
+                   "folder")  # fmt: skip
+    assert _tree_hashes(root) == before
+    # its own folder is written again
+    _synth(capsys, tmp_path / "own", *argv)
+    _synth(capsys, tmp_path / "own", *argv)
+
+
 def _read_back(out, split: str, arch: str):
     """The folder's split as `fastfcn train` / `eval` open it for ``arch`` (given its --depth / --hha)."""
     options, second = LAYOUTS[arch]

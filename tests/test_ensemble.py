@@ -36,7 +36,7 @@ def test_members_really_differ(members):
     assert float((a.run(x, "probs") - b.run(x, "probs")).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("weights", [None, (1, 3), (2.5, 0.5)])
+@pytest.mark.parametrize("weights", [None, (1, 3), (2.5, 0.5), [np.float32(0.25), np.int64(3)]])
 def test_probs_are_the_weighted_mean_of_the_members(members, weights):
     a, b = members
     x = images()
@@ -144,6 +144,8 @@ def _crf_member():
         (lambda m: Ensemble(m, [1, math.nan]), ValueError, "finite"),
         (lambda m: Ensemble(m, [1, math.inf]), ValueError, "finite"),
         (lambda m: Ensemble(m, [True, 1]), ValueError, "weight 0 is True"),
+        (lambda m: Ensemble(m, [np.True_, 1]), ValueError, "weight 0 is "),
+        (lambda m: Ensemble(m, [np.float32(-1), 1]), ValueError, "weight 0 is .*-1"),
         (lambda m: Ensemble(m, "12"), TypeError, "list of numbers"),
         (lambda m: Ensemble(m, postprocess="blur"), ValueError, "postprocess must be"),
         (lambda m: Ensemble([_segmenter("nyud-fcn32s-color", 0), _segmenter("nyud-fcn32s-hha", 1)]),

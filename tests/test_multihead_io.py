@@ -227,6 +227,23 @@ def test_eval_scores_each_head(sift_file, tmp_path, capsys):
         assert got["heads"][h]["mean_iu"] == pytest.approx(want[h]["mean_iu"], abs=1e-12)
 
 
+def test_eval_refuses_a_folder_of_other_classes_per_head(sift_file, tmp_path, capsys):
+    # As for a net of one head: the folder's class_names.txt must count the model's classes.
+    root = tmp_path / "siftflow"
+    labels = {h: {"sf_0": np.zeros((16, 16), np.uint8)} for h in HEADS}
+    _voc(root, {"sf_0": np.zeros((16, 16, 3), np.uint8)}, labels)
+    names = [f"s{k}" for k in range(SEM + 1)] + ["sky", "horizontal", "vertical"]
+    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    capsys.readouterr()
+    assert cli.main(["eval", str(sift_file), "--data", str(root), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"fastfcn eval: error: {root} has {SEM + 1 + GEO} classes but the model predicts {SEM + GEO}; "
+        "evaluate a model trained for this dataset"
+    )
+    (root / "class_names.txt").write_text("\n".join(names[:SEM] + names[SEM + 1:]) + "\n")
+    assert _eval_json(capsys, [str(sift_file), "--data", str(root)])["images"] == 1
+
+
 def test_eval_two_input_net_pairs_files_by_stem(tmp_path, capsys):
     from PIL import Image
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import fastfcn
@@ -52,11 +53,139 @@ def test_resume_continues_the_same_run(tmp_path):
     assert cli.main(["train", "--out", str(tmp_path / "c"), *TINY, "--iters", "2", "--resume"]) == 1
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through Linux's /proc")
+def test_every_save_point_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    # Both files of a resume point are fsynced before their rename: after a power loss the
+    # renamed train_state.pt is never an empty file beside a complete checkpoint.
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _train(tmp_path, "--iters", "2", "--save-every", "1", "--val-every", "0")
+    names = [os.path.basename(p) for p in synced]
+    for stem, suffix in (("last", ".safetensors"), ("train_state", ".pt")):
+        assert sum(n.startswith(f".{stem}.fastfcn-tmp-") and n.endswith(suffix) for n in names) == 2, names
+
+
+def test_resume_refuses_a_run_of_other_options_in_one_line(tmp_path, capsys):
+    base = ["--arch", "fcn32s", "--val-every", "0", "--iters"]
+    _train(tmp_path, *base, "2")
+    for other, why in ((["--arch", "fcn16s"], "--arch fcn32s (now fcn16s)"),
+                       (["--width", "0.125"], "--width 0.0625 (now 0.125)"),
+                       (["--num-classes", "4"], "classes 3 (now 4)"),
+                       (["--optimizer", "sgd"], "--optimizer adam (now sgd)"),
+                       (["--batchnorm"], "--batchnorm off (now on)"),
+                       (["--learnable-upsampling"], "--learnable-upsampling off (now on)"),
+                       (["--stages", "fcn32s:1,fcn32s:3"], "stage 1 (now 2)")):  # fmt: skip
+        capsys.readouterr()
+        assert cli.main(["train", "--out", str(tmp_path), *TINY, *base, "4", "--resume", *other]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fastfcn train: error: --resume: the run in {tmp_path} stopped at step 2 with "
+                              f"{why}; resume it with the options"), err  # fmt: skip
+    assert json.loads((tmp_path / "history.json").read_text())["loss"][-1][0] == 2  # nothing overwritten
+
+
+def test_resume_refuses_a_damaged_state_file_in_one_line(tmp_path, capsys):
+    _train(tmp_path, "--iters", "2", "--val-every", "0")
+    state = tmp_path / "train_state.pt"
+    data = state.read_bytes()
+    for damaged, why in ((data[: len(data) // 2], "not a readable training state (truncated or damaged"),
+                         (b"garbage\n", "not a readable training state (truncated or damaged"),
+                         (_saved({"step": 2}), "not a training state of fastfcn train (it lacks stage")):
+        state.write_bytes(damaged)
+        capsys.readouterr()
+        assert cli.main(["train", "--out", str(tmp_path), *TINY, "--iters", "4", "--resume"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fastfcn train: error: --resume: {state}") and why in err, err
+
+
+def _saved(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def test_staged_schedule_initialises_from_coarser_net(tmp_path, capsys):
     _train(tmp_path, "--stages", "fcn32s:2,fcn16s:2", "--val-every", "0")
     err = capsys.readouterr().err
     assert "fcn16s initialised from the previous stage" in err
     assert fastfcn.load(tmp_path / "final.safetensors").config["arch"] == "fcn16s"
+
+
+def test_resume_at_a_stage_end_starts_the_next_stage_from_it(tmp_path, capsys):
+    # A run stopped after its save at the end of a stage (before the next stage's first save):
+    # the resumed run must initialise the next stage from that stage, as the run that went on.
+    stages = ["--stages", "fcn32s:2,fcn16s:2", "--val-every", "0", "--save-every", "2"]
+    whole = _train(tmp_path / "a", *stages)
+    _train(tmp_path / "b", *stages[:1], "fcn32s:2", *stages[2:])
+    capsys.readouterr()
+    assert _train(tmp_path / "b", *stages, "--resume") == whole
+    assert "stage 2: fcn16s initialised from the previous stage" in capsys.readouterr().err
+    a = fastfcn.load(tmp_path / "a" / "final.safetensors").state_dict()
+    b = fastfcn.load(tmp_path / "b" / "final.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_mixed_sizes_name_the_options_that_train_on_them(tmp_path, capsys):
+    from fastfcn.data import SyntheticScenes, write_voc
+
+    root = tmp_path / "voc"
+    ids = write_voc(SyntheticScenes(2, 32, num_classes=3), root, "train")
+    ids += write_voc(SyntheticScenes(2, (24, 40), num_classes=3), root, "train", start=2)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids))
+    argv = ["train", *TINY, "--data", str(root), "--arch", "fcn32s", "--iters", "2", "--val-every", "0",
+            "--batch", "1"]  # fmt: skip
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--mosaic", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "differ in size ([(24, 40, 3), (32, 32, 3)]); use --batch 1 and --mosaic 1 for" in err, err
+    assert cli.main([*argv, "--out", str(tmp_path / "b"), "--mosaic", "1"]) == 0  # the advice works
+
+
+def test_init_from_a_checkpoint_of_another_width_is_refused(tmp_path, capsys):
+    donor = tmp_path / "donor"
+    _train(donor, "--arch", "fcn32s", "--iters", "1", "--val-every", "0")
+    init = str(donor / "final.safetensors")
+    argv = ["train", *TINY, "--arch", "fcn16s", "--iters", "1", "--val-every", "0", "--init", init]
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--width", "0.125"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fastfcn train: error: --init {init} is a net of width 0.0625, this run trains width 0.125: its "
+        "layers do not fit; expected a checkpoint of --width 0.125"
+    )
+    # the same width: the backbone is copied (and fcn16s' new layers start afresh)
+    assert cli.main([*argv, "--out", str(tmp_path / "b"), "--lr", "1e-12"]) == 0
+    assert f"fcn16s initialised from {init} (" in capsys.readouterr().err
+    a, b = fastfcn.load(init).state_dict(), fastfcn.load(tmp_path / "b" / "final.safetensors").state_dict()
+    torch.testing.assert_close(b["conv3_1.weight"], a["conv3_1.weight"], rtol=0, atol=1e-6)
+
+
+def test_a_label_outside_the_classes_is_named(tmp_path, capsys):
+    from PIL import Image
+
+    from fastfcn.data import SyntheticScenes, write_voc
+
+    root = tmp_path / "voc"
+    write_voc(SyntheticScenes(3, 32, num_classes=3), root, "train")
+    bad = root / "SegmentationClass" / "train_000001.png"
+    with Image.open(bad) as im:
+        a, pal = np.array(im), im.getpalette()
+    a[3, 4] = 7  # a class id the 3 classes of class_names.txt do not have, and not void
+    out = Image.fromarray(a, mode="P")
+    out.putpalette(pal)
+    out.save(bad)
+    argv = ["train", *TINY, "--data", str(root), "--arch", "fcn32s", "--iters", "4", "--val-every", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "the labels hold class ids [7] but the net has 3 classes: expected ids 0..2 and 255 (ignored); check "
+        f"the data's class_names.txt or label PNGs (in {bad} (item 1))"
+    )
 
 
 def test_refuses_the_heldout_seed(tmp_path):

@@ -303,6 +303,24 @@ def test_second_input_refusals(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_second_input_of_another_size_than_its_image_is_named(tmp_path, capsys):
+    from fastfcn.data import Paired, VOCSegmentation
+
+    root = tmp_path / "nyud"
+    depth = write_voc(root, n_train=2, n_val=1, second="depth", names=NYUD_NAMES)
+    Image.fromarray(np.full((H - 4, W), 1000, np.uint16)).save(depth / "train_1.png")
+    image = root / "JPEGImages" / "train_1.jpg"
+    want = f"depth file {depth / 'train_1.png'} is {W}x{H - 4} but image {image} is {W}x{H}; they must match"
+    ds = Paired(VOCSegmentation(root, "train"), "depth", depth, None)
+    assert ds[0][2]["depth"].shape == (H, W)
+    with pytest.raises(InputError) as e:
+        ds[1]
+    assert str(e.value) == want
+    argv = ["--data", str(root), "--arch", "nyud-fcn32s-color-d", "--depth", str(depth), "--val-every", "0"]
+    assert cli.main(["train", "--out", str(tmp_path / "x"), *TINY, *argv, "--iters", "2"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"fastfcn train: error: {want}"
+
+
 @pytest.mark.parametrize("arch", ["siftflow-fcn16s", "nyud-fcn32s-color-d", "nyud-fcn32s-color-hha"])
 def test_two_headed_and_two_input_nets_train_on_synthetic_scenes(tmp_path, capsys, arch):
     """`fastfcn train --data synthetic` for a SIFT Flow net (semantic + geometric labels of the

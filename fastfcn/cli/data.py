@@ -62,6 +62,26 @@ def _options(arch: str | None) -> dict:
     raise InputError(f"--arch {arch}: {why}; expected one of {', '.join(served)}")
 
 
+def _check_own_lists(out: Path) -> None:
+    """Refuse an OUT whose split lists name images that ``data synth`` did not write (a real data
+    set's VOC root): writing would replace its train, val and trainval lists and add a
+    class_names.txt of the scenes' classes, after which the folder reads as the scenes. A folder
+    it wrote before is written again."""
+    import re
+
+    from ..data import split_ids
+
+    for split in ("train", "val", "trainval"):
+        lst = out / "ImageSets" / "Segmentation" / f"{split}.txt"
+        ids = split_ids(lst) if lst.is_file() else []
+        foreign = [i for i in ids if not re.fullmatch(r"(train|val)_\d{6,}", i)]
+        if foreign:
+            raise InputError(
+                f"OUT {out}: {lst} lists images that data synth did not write ({foreign[0]}, ...); "
+                "writing there would replace it: choose a new or empty folder"
+            )
+
+
 def main(args: argparse.Namespace) -> int:
     if args.data_command != "synth":
         raise InputError(f"unknown data action {args.data_command!r}")
@@ -71,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
     from ..paths import check_output_dir
 
     check_output_dir(args.out, "OUT")
+    _check_own_lists(Path(args.out))
     train = SyntheticScenes(args.n, args.size, args.seed, args.num_classes, **options)
     val = SyntheticScenes(args.val_n, args.size, HELDOUT_SEED, args.num_classes, **options)
     a = write_voc(train, args.out, "train")

@@ -45,12 +45,21 @@ def _open_data(args, num_classes: int, heads=None, second=None, max_pixels: int 
         n = args.n or data.HELDOUT_N
         names = [name for name, _ in heads] if heads else None
         semantic = heads[0][1] if heads else num_classes  # SIFT Flow's semantic head comes first
+        if not 2 <= semantic <= data.MAX_CLASSES:
+            raise InputError(
+                f"--data synthetic: the scenes have 2..{data.MAX_CLASSES} classes (background + shapes) but "
+                f"the model predicts {semantic}{' semantic' if heads else ''}; evaluate it on its own data "
+                "set (a VOC root)"
+            )
         ds = data.heldout_scenes(n, args.size, semantic, heads=names, second=second and second[0],
                                  image=image)  # fmt: skip
         extra = (f", with {second[0]}" if second else "") + (", HHA images" if image == "hha" else "")
         return ds, f"held-out synthetic split ({n} scenes{extra})"
     ds = data.VOCSegmentation(args.data, args.split, heads=[n for n, _ in heads] if heads else None)
-    if not heads and ds.num_classes != num_classes:
+    # A folder of labels per head without a class_names.txt has no class count of its own (the
+    # reader's default is VOC's): there the net's are taken, as `fastfcn train` takes the arch's.
+    counted = not heads or (ds.root / "class_names.txt").is_file()
+    if counted and ds.num_classes != num_classes:
         raise InputError(
             f"{args.data} has {ds.num_classes} classes but the model predicts {num_classes}; "
             "evaluate a model trained for this dataset"

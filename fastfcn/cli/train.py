@@ -93,11 +93,14 @@ def check_args(args: argparse.Namespace) -> None:
     for option in ("batch", "iters", "mosaic", "save_every", "train_n"):
         v = getattr(args, option)
         need(v >= 1, "--" + option.replace("_", "-"), v, ">= 1")
-    for option in ("val_every", "val_n", "threads"):
+    for option in ("val_every", "val_n", "threads", "seed"):  # numpy's generators take no negative seed
         v = getattr(args, option)
         need(v >= 0, "--" + option.replace("_", "-"), v, ">= 0")
     need(args.num_classes >= 2, "--num-classes", args.num_classes, ">= 2 (background and one object class)")
     need(args.size >= 8, "--size", args.size, ">= 8 pixels")
+    for option in ("scale_min", "scale_max"):  # numpy's uniform(0.5, inf) overflows, naming no option
+        v = getattr(args, option)
+        need(finite(v), "--" + option.replace("_", "-"), v, "a finite number")
     if not 0 <= args.scale_min <= args.scale_max and args.scale_max != 0:
         raise InputError(f"--scale-min {args.scale_min} must be in 0..--scale-max ({args.scale_max})")
     stages = parse_stages(args.stages, args.arch, args.iters)

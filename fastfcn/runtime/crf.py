@@ -146,6 +146,8 @@ def check_inputs(probs, image) -> tuple[np.ndarray, np.ndarray]:
             f"the CRF's image is {im.shape[0]}x{im.shape[1]} but the probabilities are "
             f"{p.shape[1]}x{p.shape[2]}; expected the same height and width"
         )
+    if p.shape[1] == 0 or p.shape[2] == 0:  # numpy's min() of nothing would say "zero-size array"
+        raise InputError(f"CRF probs are {p.shape[1]}x{p.shape[2]}; expected an image of at least 1x1 pixel")
     p = p.astype(np.float32, copy=False)
     if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1 + 1e-3:
         raise InputError("CRF probs must be finite probabilities in [0, 1] (softmax output, not logits)")

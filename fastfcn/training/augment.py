@@ -64,8 +64,8 @@ def batch_of(ds, idx, heads=None):
     shapes = {item[0].shape for item in items}
     if len(shapes) != 1:
         raise InputError(
-            f"images of one batch differ in size ({sorted(shapes)}); use --batch 1 for datasets of mixed "
-            "sizes (whole-image training, as in the paper)"
+            f"images of one batch or mosaic differ in size ({sorted(shapes)}); use --batch 1 and --mosaic 1 "
+            "for datasets of mixed sizes (whole-image training, as in the paper)"
         )
     images = torch.from_numpy(np.stack([item[0] for item in items]))
     if heads:
@@ -127,15 +127,26 @@ def draw_batch(args, ds, step: int, rank: int, world: int, heads=None):
     (n, H, W) long (per head (n, H, W, K)), second input (n, H, W[, 3]) or None, scale, flips (n,)
     bool)``. The batch depends only on (seed, step): a resumed run sees the same data, and the
     ranks split one batch between them."""
-    rng = np.random.default_rng([args.seed, step, 0xB47C])
-    idx = rng.integers(0, len(ds), (args.batch, args.mosaic * args.mosaic))
+    rng, idx, mine = _draw(args, len(ds), step, rank, world)
     scale = float(rng.uniform(args.scale_min, args.scale_max)) if args.scale_max > 0 else 1.0
     flips = torch.from_numpy(rng.random(args.batch) < 0.5)
     if not args.flip:
         flips[:] = False
-    mine = slice(rank * args.batch // world, (rank + 1) * args.batch // world)
     images, labels, second = batch_of(ds, idx[mine].reshape(-1), heads)
     images, labels = mosaic(images, labels, args.mosaic)
     if second is not None:
         second = tile(second, args.mosaic)
     return images, labels, second, scale, flips[mine]
+
+
+def batch_items(args, ds, step: int, rank: int, world: int) -> list[int]:
+    """The dataset indices ``draw_batch`` reads for this rank's share of the batch of ``step``."""
+    _, idx, mine = _draw(args, len(ds), step, rank, world)
+    return [int(i) for i in idx[mine].reshape(-1)]
+
+
+def _draw(args, n: int, step: int, rank: int, world: int):
+    """(the batch's generator, after its indices: (batch, mosaic * mosaic) of ``n``, this rank's rows)."""
+    rng = np.random.default_rng([args.seed, step, 0xB47C])
+    idx = rng.integers(0, n, (args.batch, args.mosaic * args.mosaic))
+    return rng, idx, slice(rank * args.batch // world, (rank + 1) * args.batch // world)

@@ -31,9 +31,9 @@ from ..errors import InputError
 from ..evaluate import evaluate
 from ..progress import Progress
 from ..runtime.preprocess import Preprocessor
-from .augment import Subset, augment, draw_batch, open_dataset
+from .augment import Subset, augment, batch_items, draw_batch, open_dataset
 from .batchnorm import add_batchnorm, plain_copy
-from .loss import segmentation_loss
+from .loss import IGNORE, segmentation_loss
 from .plots import smooth
 from .state import load_state, new_history, save_final, save_point
 
@@ -179,6 +179,8 @@ class Run:
     # The preprocessing an --init classifier set (torchvision's RGB 0..1 ImageNet mean/std): every
     # later stage's model is fed as the weights it starts from were trained.
     preprocessing: dict = field(default_factory=dict)
+    # The resume point's model (last.safetensors, BatchNorm folded), None for a fresh run
+    last: nn.Module | None = None
 
     @property
     def main_rank(self) -> bool:
@@ -295,6 +297,8 @@ def setup(args: argparse.Namespace) -> Run:
     run = Run(args, rank, world, device, out, stages, ds, val, num_classes, class_names,
               step=int(state["step"]) if state else 0, state=state, heads=heads,
               history=state["history"] if state else new_history(heads))  # fmt: skip
+    if state:
+        run.last = resume_point(run)
     if run.main_rank:
         # Only now, with the arguments, the data and the resume state checked, is anything written.
         out.mkdir(parents=True, exist_ok=True)
@@ -305,12 +309,46 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
+def resume_point(run: Run) -> nn.Module:
+    """The model of the resume point in ``run.out``, after checking that it is the one this run
+    would build where the run stopped: stage and step, arch, classes, width, learnable
+    upsampling, BatchNorm and optimizer as it was trained; one InputError listing what differs
+    (loading its weights or optimizer state into another net fails deep inside torch, or, where
+    the shapes happen to fit, continues another run)."""
+    import fastfcn
+    from fastfcn.checkpoint.classifier import TORCHVISION_PREPROCESSING
+
+    args, state = run.args, run.state
+    last = fastfcn.load(run.out / "last.safetensors")
+    cfg = last.config
+    trained = (cfg.get("meta") or {}).get("trained", {})
+    step, stage = int(state["step"]), int(state["stage"])
+    firsts = [sum(n for _, n in run.stages[:i]) for i in range(len(run.stages))]
+    now = next((i for i, f in enumerate(firsts) if f < step <= f + run.stages[i][1]), None)
+    saved = {"stage": (stage + 1, None if now is None else now + 1),
+             "--arch": (cfg["arch"], run.stages[now][0] if now is not None else None),
+             "classes": (cfg["num_classes"], run.num_classes), "--width": (cfg["width"], args.width),
+             "--learnable-upsampling": (bool((cfg.get("options") or {}).get("learnable_upsampling")),
+                                        bool(args.learnable_upsampling)),
+             "--batchnorm": ("model" in state, bool(args.batchnorm)),
+             "--optimizer": (trained.get("optimizer", args.optimizer), args.optimizer)}  # fmt: skip
+    shown = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # noqa: E731
+    differ = [f"{k} {shown(a)} (now {shown(b)})" for k, (a, b) in saved.items() if a != b]
+    if differ:
+        raise InputError(
+            f"--resume: the run in {run.out} stopped at step {step} with {', '.join(differ)}; resume it "
+            "with the options (--arch, --stages, --iters, --width, data) it was started with, or train "
+            "afresh in another --out"
+        )
+    run.preprocessing = {k: getattr(cfg, k) for k in TORCHVISION_PREPROCESSING}
+    return last
+
+
 def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Module:
     """Stage ``si``'s model: fresh weights, then the resume point, the previous stage or --init."""
     import fastfcn
     from fastfcn import models
     from fastfcn.checkpoint import is_classifier_file
-    from fastfcn.checkpoint.classifier import TORCHVISION_PREPROCESSING
 
     args = run.args
     options = {"dropout": args.dropout}
@@ -323,9 +361,7 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
         model.config = model.config.replace(class_names=tuple(run.class_names))
     resumed = _resumes(run, si)
     if resumed:
-        last = fastfcn.load(run.out / "last.safetensors")
-        model.load_state_dict(last.state_dict())
-        run.preprocessing = {k: getattr(last.config, k) for k in TORCHVISION_PREPROCESSING}
+        model.load_state_dict(run.last.state_dict())
     elif prev_state is not None:
         copied = copy_by_name(model, prev_state)
         run.say(f"stage {si + 1}: {arch} initialised from the previous stage ({len(copied)} tensors)")
@@ -335,7 +371,15 @@ def build_model(run: Run, si: int, arch: str, prev_state: dict | None) -> nn.Mod
         run.say(f"{arch} initialised from the ImageNet classifier {args.init} "
                 f"({report.source}): {report.summary()}")  # fmt: skip
     elif args.init:
-        copied = copy_by_name(model, fastfcn.load(args.init).state_dict())
+        src = fastfcn.load(args.init)
+        if src.config["width"] != args.width:
+            # Every convolution would differ in shape: only a few class-sized tensors would be
+            # copied and the run would start from scratch under an "initialised" line.
+            raise InputError(
+                f"--init {args.init} is a net of width {src.config['width']}, this run trains width "
+                f"{args.width}: its layers do not fit; expected a checkpoint of --width {args.width}"
+            )
+        copied = copy_by_name(model, src.state_dict())
         run.say(f"{arch} initialised from {args.init} ({len(copied)} tensors by name)")
     if run.preprocessing:
         model.config = model.config.replace(**run.preprocessing)
@@ -394,7 +438,10 @@ def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
     """One optimizer step on this rank's share of the global batch of ``run.step``; returns the loss."""
     args = run.args
     x, y = training_batch(run, pre, run.step)
-    loss, parts = segmentation_loss(net(x), y, run.heads, args.loss_reduction)
+    try:
+        loss, parts = segmentation_loss(net(x), y, run.heads, args.loss_reduction)
+    except InputError as e:  # labels outside the classes: name the file among thousands
+        raise InputError(f"{e}{_bad_labels(run, run.step)}") from None
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -409,6 +456,20 @@ def train_step(run: Run, net: nn.Module, opt, pre: Preprocessor) -> float:
         for name, part in parts.items():
             run.history["heads"][name]["loss"].append([run.step, float(part.detach())])
     return lv
+
+
+def _bad_labels(run: Run, step: int) -> str:
+    """``" (in <label file> (item i))"`` of the first item of this rank's batch of ``step`` whose
+    labels hold an id outside its classes (255 aside), "" when none does."""
+    from ..evaluate import item_name
+
+    for i in batch_items(run.args, run.ds, step, run.rank, run.world):
+        target = run.ds[i][1]
+        for head, classes in run.heads or ((None, run.num_classes),):
+            lab = target[head] if head else target
+            if ((lab != IGNORE) & (lab >= classes)).any():
+                return f" (in {item_name(run.ds, i, 'labels', head)})"
+    return ""
 
 
 def validate(run: Run, model: nn.Module, loss: float, lr: float, progress: Progress) -> None:
@@ -463,9 +524,13 @@ def train(args: argparse.Namespace) -> dict:
     model, prev_state, first, arch = None, None, 0, args.arch
     t_start = time.time()
     for si, (arch, iters) in enumerate(run.stages):
-        if run.step < first + iters:  # else: finished before a resume
+        if run.step < first + iters:
             model = run_stage(run, si, arch, first, iters, prev_state)
             prev_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        elif _resumes(run, si):
+            # Finished before a resume, whose point is this stage's end: the next stage starts
+            # from its weights, as it would have without the stop.
+            prev_state = {k: v.detach().cpu() for k, v in run.last.state_dict().items()}
         first += iters
     if model is None:
         raise InputError(f"nothing to do: {run.out} already holds a run of {run.total} iterations")

@@ -13,12 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..checkpoint.torch_format import _check_zip_sizes, _torch_load_reason
+from ..errors import CheckpointError, InputError
 from ..paths import atomic_path
 from .batchnorm import plain_copy
 from .plots import for_plot, plot_curves
 
 STATE_FILE = "train_state.pt"
+# What save_point writes (and with --batchnorm "model").
+_STATE_KEYS = ("step", "stage", "optimizer", "history", "torch_rng")
 
 
 def new_history(heads=None) -> dict:
@@ -37,7 +40,22 @@ def load_state(out: Path) -> dict:
     path = out / STATE_FILE
     if not path.is_file():
         raise InputError(f"--resume: {path} is missing; train without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        _check_zip_sizes(path, path.stat().st_size)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as e:
+        raise InputError(f"--resume: {e}") from None
+    except Exception as e:  # a damaged file: RuntimeError, EOFError, UnpicklingError... from torch.load
+        raise InputError(
+            f"--resume: {path} is not a readable training state (truncated or damaged: "
+            f"{_torch_load_reason(e)}); train without --resume to start over"
+        ) from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise InputError(
+            f"--resume: {path} is not a training state of fastfcn train (it lacks {', '.join(missing)})"
+        )
+    return state
 
 
 def meta(args, step: int, arch: str) -> dict:
@@ -51,14 +69,15 @@ def save_point(model: nn.Module, out: Path, step: int, stage: int, opt, history:
     """``last.safetensors`` (BatchNorm folded) and ``train_state.pt``: a resume point."""
     import fastfcn
 
-    # fastfcn.save writes atomically; the state file is renamed into place the same way, so an
-    # interrupted save never leaves a broken resume point.
+    # fastfcn.save writes atomically and durably (fsync before the rename); the state file is
+    # renamed into place the same way, so neither an interrupted save nor a power loss after it
+    # leaves a resume point whose state file is empty or cut short beside its checkpoint.
     fastfcn.save(plain_copy(model), out / "last.safetensors", **meta(args, step, arch))
     state = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "history": history,
              "torch_rng": torch.get_rng_state()}  # fmt: skip
     if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out / STATE_FILE) as tmp:
+    with atomic_path(out / STATE_FILE, durable=True) as tmp:
         torch.save(state, tmp)
 
 
