@@ -20,6 +20,31 @@ from fastfcn.video import segment_video, write_depth_video, write_video  # noqa:
 MS = fractions.Fraction(1, 1000)
 
 
+def write_flat_frames(out, vs, n, step, base=0, fmt="rgb24"):
+    """``n`` flat frames of value ``base + step * k`` at pts k into the video stream ``vs`` of
+    ``out``; ``fmt``: "rgb24" or "gray"."""
+    shape = (vs.height, vs.width, 3) if fmt == "rgb24" else (vs.height, vs.width)
+    for k in range(n):
+        f = av.VideoFrame.from_ndarray(np.full(shape, base + step * k, np.uint8), format=fmt)
+        f.pts = k
+        for p in vs.encode(f):
+            out.mux(p)
+    for p in vs.encode(None):
+        out.mux(p)
+
+
+def write_tone(out, a, packets):
+    """``packets`` x 1024 samples of a 16 kHz mono tone into the AAC stream ``a`` of ``out``."""
+    for i in range(packets):
+        tone = np.sin(np.arange(i * 1024, (i + 1) * 1024) * 0.05).astype(np.float32)[None]
+        af = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        af.sample_rate, af.pts, af.time_base = 16000, i * 1024, fractions.Fraction(1, 16000)
+        for p in a.encode(af):
+            out.mux(p)
+    for p in a.encode(None):
+        out.mux(p)
+
+
 def make_video(path, n=12, size=(48, 64), audio=True, codec="libx264", step=(40, 40, 73)):
     """A VFR video: frame k at a timestamp that advances 40, 40, 73 ms, ... ; noise-free
     gradients that move, so frames differ. Returns the timestamps in ms."""
@@ -42,14 +67,7 @@ def make_video(path, n=12, size=(48, 64), audio=True, codec="libx264", step=(40,
     for p in vs.encode(None):
         out.mux(p)
     if a is not None:
-        for i in range(int(pts / 1000 * 16000 / 1024) + 1):
-            tone = np.sin(np.arange(i * 1024, (i + 1) * 1024) * 0.05).astype(np.float32)[None]
-            af = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-            af.sample_rate, af.pts, af.time_base = 16000, i * 1024, fractions.Fraction(1, 16000)
-            for p in a.encode(af):
-                out.mux(p)
-        for p in a.encode(None):
-            out.mux(p)
+        write_tone(out, a, int(pts / 1000 * 16000 / 1024) + 1)
     out.close()
     return stamps
 
@@ -225,13 +243,7 @@ def test_a_rotated_video_stays_rotated(seg, tmp_path):
         s = c.add_stream("libx264", rate=25)
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
         s.set_display_rotation(90)
-        for k in range(3):
-            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * k, np.uint8), format="rgb24")
-            f.pts = k
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
+        write_flat_frames(c, s, 3, 60)
     segment_video(src, tmp_path / "o.mp4", seg, labels_out=tmp_path / "l.mkv", progress=False)
     for path in (src, tmp_path / "o.mp4", tmp_path / "l.mkv"):
         with av.open(str(path)) as c:
@@ -267,6 +279,38 @@ def test_truncated_video_is_reported(seg, tmp_path):
         segment_video(cut, out, seg, mode="labels", progress=False)
     assert 0 < len(decode(out)) < 40
 
+
+@pytest.mark.parametrize("codec", ["libx264", "ffv1"])
+@pytest.mark.parametrize("frac", [0.3, 0.5, 0.8])
+def test_truncated_video_with_audio_is_reported(seg, tmp_path, codec, frac):
+    """Matroska records no frame count and its header's duration is the whole file's, which may
+    be the audio's: a file with audio cut short was taken as complete (half of it written, exit
+    0). What was read now ends at the later of the last frame and the audio."""
+    src = tmp_path / "clip.mkv"
+    make_video(src, n=30, size=(16, 16), codec=codec)
+    cut = tmp_path / "cut.mkv"
+    data = src.read_bytes()
+    cut.write_bytes(data[: int(len(data) * frac)])
+    out = tmp_path / "out.mkv"
+    with pytest.raises(InputError, match="truncated at frame"):
+        segment_video(cut, out, seg, mode="labels", progress=False)
+    assert len(decode(out)) < 30
+
+
+def test_whole_video_with_longer_audio_is_complete(seg, tmp_path):
+    """The file's declared end is its audio's, 2 s past the last frame: not a truncation."""
+    src = tmp_path / "clip.mkv"
+    out = av.open(str(src), "w")
+    vs = out.add_stream("libx264", rate=25)
+    vs.width, vs.height, vs.pix_fmt = 16, 16, "yuv420p"
+    a = out.add_stream("aac", rate=16000)
+    write_flat_frames(out, vs, 10, 20)
+    write_tone(out, a, 40)  # 40 x 64 ms = 2.56 s of audio beside 0.4 s of video
+    out.close()
+    with av.open(str(src)) as c:
+        assert c.duration / 1e6 > 2.0  # the header's end is the audio's
+    summary = segment_video(src, tmp_path / "out.mkv", seg, mode="labels", progress=False)
+    assert summary["frames_out"] == 10 and len(decode(tmp_path / "out.mkv")) == 10
 
 
 def test_timestamps_that_go_back_are_named_in_the_input(seg, tmp_path):
@@ -541,13 +585,7 @@ def _gray8_video(path, n=3, size=(24, 32)):
     with av.open(str(path), "w") as c:
         s = c.add_stream("ffv1", rate=25)
         s.width, s.height, s.pix_fmt = size[1], size[0], "gray"
-        for k in range(n):
-            f = av.VideoFrame.from_ndarray(np.full(size, 40 + k, np.uint8), format="gray")
-            f.pts = k
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
+        write_flat_frames(c, s, n, 1, base=40, fmt="gray")
 
 
 def test_rgbd_refusals_before_anything_is_written(rgbd, seg, tmp_path):
