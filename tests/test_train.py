@@ -70,6 +70,23 @@ def test_every_save_point_is_on_disk_before_it_replaces_the_last(tmp_path, monke
         assert sum(n.startswith(f".{stem}.fastfcn-tmp-") and n.endswith(suffix) for n in names) == 2, names
 
 
+def test_resume_point_keeps_the_cuda_generators(tmp_path, monkeypatch):
+    """A run on a GPU draws its dropout masks from the CUDA generators: the resume point keeps
+    their states and a resume puts them back (CUDA faked: torch's calls are recorded)."""
+    saved = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    _train(tmp_path, "--device", "cpu", "--iters", "2", "--val-every", "0")
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert len(state["cuda_rng"]) == 1 and torch.equal(state["cuda_rng"][0], saved[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    _train(tmp_path, "--device", "cpu", "--iters", "3", "--val-every", "0", "--resume")
+    assert len(restored) == 1 and torch.equal(restored[0][0], saved[0])
+
+
 def test_resume_refuses_a_run_of_other_options_in_one_line(tmp_path, capsys):
     base = ["--arch", "fcn32s", "--val-every", "0", "--iters"]
     _train(tmp_path, *base, "2")

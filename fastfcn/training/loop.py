@@ -405,6 +405,9 @@ def make_optimizer(run: Run, model: nn.Module, si: int):
     if _resumes(run, si):
         opt.load_state_dict(run.state["optimizer"])
         torch.set_rng_state(run.state["torch_rng"])
+        cuda_rng = run.state.get("cuda_rng")  # a run on a GPU: its dropout masks continue too
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
     return opt
 
 

@@ -75,6 +75,8 @@ def save_point(model: nn.Module, out: Path, step: int, stage: int, opt, history:
     fastfcn.save(plain_copy(model), out / "last.safetensors", **meta(args, step, arch))
     state = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "history": history,
              "torch_rng": torch.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_initialized():  # dropout on a GPU draws from the CUDA generators
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     if args.batchnorm:  # the unfolded weights and statistics, for an exact resume
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(out / STATE_FILE, durable=True) as tmp:
