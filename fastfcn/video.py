@@ -100,14 +100,24 @@ class _VideoWriter:
             arr = arr.astype(np.uint16 if self.fmt == "gray16le" else np.uint8, copy=False)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=self.fmt)
         frame.pts, frame.time_base = pts, time_base
+        first = self.stream is None
         try:
-            if self.stream is None:
+            if first:
                 self._open_video(arr.shape[0], arr.shape[1])
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)
         except (OSError, av.error.FFmpegError) as e:
-            # The file is created when the header is written, with the first frame.
-            raise InputError(f"{self.path}: cannot write the output video ({e})") from None
+            # The file is created when the header is written, with the first frame. An encoder
+            # that refuses the frame size says only "Function not implemented" (FFV1 refuses any
+            # 1-pixel-wide frame taller than 1, read with PyAV).
+            why = ""
+            if first:
+                h, w = arr.shape[:2]
+                codec = "ffv1" if self.lossless else "libx264"
+                why = f" at its first frame, {w}x{h}, with FFmpeg's {codec} encoder"
+                if self.lossless:
+                    why += "; if the size is why, write the labels to a folder of PNGs (a path ending in /)"
+            raise InputError(f"{self.path}: cannot write the output video ({e}){why}") from None
 
     def mux_audio(self, packet, index: int) -> None:
         """Copy an input audio packet of the input's stream ``index``; called after the first

@@ -313,6 +313,20 @@ def test_whole_video_with_longer_audio_is_complete(seg, tmp_path):
     assert summary["frames_out"] == 10 and len(decode(tmp_path / "out.mkv")) == 10
 
 
+def test_a_label_video_the_encoder_refuses_says_what_to_do(seg, tmp_path):
+    """FFV1 refuses a 1-pixel-wide frame taller than 1 with "Function not implemented": the error
+    names the first frame's size and the encoder, and offers the folder of PNGs, which works."""
+    src = tmp_path / "thin.nut"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("png", rate=25)
+        s.width, s.height, s.pix_fmt = 1, 8, "rgb24"
+        write_flat_frames(c, s, 3, 50)
+    with pytest.raises(InputError, match=r"at its first frame, 1x8, with FFmpeg.s ffv1 encoder; .* of PNGs"):
+        segment_video(src, tmp_path / "l.mkv", seg, mode="labels", progress=False)
+    summary = segment_video(src, tmp_path / "labels/", seg, mode="labels", progress=False)
+    assert summary["frames_out"] == 3 and len(list((tmp_path / "labels").glob("frame_*.png"))) == 3
+
+
 def test_timestamps_that_go_back_are_named_in_the_input(seg, tmp_path):
     """Two MPEG-TS files joined end to end (`cat a.ts b.ts`, as recorded segments are joined):
     the second part's timestamps start again. A video output stopped with "o.mkv: cannot write
