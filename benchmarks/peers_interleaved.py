@@ -6,7 +6,9 @@ alike (the pytest suite times one backend after the other).
         --runs fused:fp32 fused:bf16 onnxruntime:fp32 openvino:fp32 openvino:bf16
 
 ``fused-noskip:PRECISION`` is the fused backend computing every position (the dead-zone
-ablation, ``Segmenter(skip_dead_zone=False)``); it is not counted as a peer.
+ablation, ``Segmenter(skip_dead_zone=False)``), ``fused-nofft:PRECISION`` the fused backend
+without its Fourier-domain convolution candidates (``cpu_fast.FftConv``); neither is counted as a
+peer.
 
 Same seeded model (width 1) and seeded uint8 images as benchmarks/test_end_to_end.py; the
 ONNX peers share one fp32 export (``onnxruntime:fp16`` runs an fp16 export of the same model).
@@ -49,6 +51,9 @@ def build(args, folder: str) -> dict:
         options = {}
         if backend == "fused-noskip":  # the dead-zone ablation: fused computing every position
             backend, options = "fused", {"skip_dead_zone": False}
+        nofft = backend == "fused-nofft"
+        if nofft:
+            backend = "fused"
         if precision == "bf16" and not native_bf16_cpu()[0]:
             print(f"skipped {run}: {native_bf16_cpu()[1]}")
             continue
@@ -64,6 +69,10 @@ def build(args, folder: str) -> dict:
                                           **options)
         except fastfcn.BackendUnavailableError as e:
             print(f"skipped {run}: {e}")
+            continue
+        if nofft:  # the ablation: the planner never offered the FftConv candidates
+            for conv in segs[run]._backend.planner.convs.values():
+                conv.cands = {k: v for k, v in conv.cands.items() if not k.startswith("fft")}
     return segs
 
 
