@@ -2,6 +2,8 @@
 layers (fc6 of FCN, FCN-AlexNet and the dilated net) as products of spectra, with dilation by
 space-to-batch and tiling by overlap-save."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,3 +159,122 @@ def test_dilated_net_through_the_fft_fc6_agrees_with_torch():
     chosen = {e["layer"]: e["chosen"] for e in seg.plan}
     assert chosen["fc6"] == "fft"
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def _dilated_frontend():
+    torch.manual_seed(0)
+    return models.fold_batchnorm(models.build("dilated-frontend", 5, 1 / 16).eval())
+
+
+def _planned_and_cached(tmp_path, monkeypatch, prefer):
+    """A dilated front end planned with ``prefer`` winning, its choices in a plan cache under
+    tmp_path: (input, output, path of the cache file)."""
+    monkeypatch.setenv("FASTFCN_PLAN_CACHE", "on")
+    monkeypatch.setenv("FASTFCN_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 3, 200, 190).contiguous(memory_format=CL)
+    m = _dilated_frontend()
+    cpu_fast.ConvPlanner(m, timer=Prefer(prefer))
+    with torch.no_grad():
+        want = m(x)
+    (path,) = tmp_path.glob("conv-plan-*.json")
+    return x, want, path
+
+
+def _must_not_time(name, fn, best=None):
+    raise AssertionError("a cached choice was re-measured")
+
+
+def test_a_cached_fft_choice_runs_the_runner_up_until_the_set_up_would_have_paid(tmp_path, monkeypatch):
+    """Ski rental: a process that takes "fft" from the plan cache runs the runner-up for
+    set-up / saving calls (both recorded when the choice was measured), then builds the spectra."""
+    monkeypatch.setenv("FASTFCN_PLAN_CACHE", "on")
+    monkeypatch.setenv("FASTFCN_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 3, 200, 190).contiguous(memory_format=CL)
+    m = _dilated_frontend()
+    p1 = cpu_fast.ConvPlanner(m, timer=Prefer("fft"))
+    with torch.no_grad():
+        want = m(x)
+    (path,) = tmp_path.glob("conv-plan-*.json")
+    data = json.loads(path.read_text())
+    (key,) = [k for k in data if k.endswith(cpu_fast.DEFERRAL)]
+    rec = data[key]
+    assert data[key.removesuffix(cpu_fast.DEFERRAL)] == "fft"
+    assert rec["setup_s"] == round(p1.convs["fc6"].cands["fft"].prepare_seconds, 4)
+    assert rec["saving_s"] == pytest.approx(0.9) and rec["runner"] != "fft"  # Prefer: 1 s against 0.1 s
+    data[key] = {**rec, "setup_s": 2.5, "saving_s": 1.0}  # 3 calls of the runner-up
+    path.write_text(json.dumps(data))
+
+    m2 = _dilated_frontend()
+    p2 = cpu_fast.ConvPlanner(m2, timer=_must_not_time)
+    fc6 = p2.convs["fc6"]
+    runner = fc6.cands[rec["runner"]]
+    ran = []
+    for name, impl in (("fft", fc6.cands["fft"]), ("runner", runner)):
+        orig = impl.__call__
+
+        class Spy(type(impl)):
+            def __call__(self, x, padding, name=name, orig=orig):
+                ran.append(name)
+                return orig(x, padding)
+
+        impl.__class__ = Spy
+    with torch.no_grad():
+        outs = [m2(x) for _ in range(5)]
+    assert ran == ["runner"] * 3 + ["fft"] * 2
+    (entry,) = [e for e in p2.plan() if e["layer"] == "fc6"]
+    assert entry["chosen"] == "fft" and entry["source"] == "cache" and entry["deferred_calls"] == 3
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", [None, "text", [1], {"runner": "nope", "setup_s": 1, "saving_s": 1},
+                                    {"runner": "RUNNER", "setup_s": float("nan"), "saving_s": 1},
+                                    {"runner": "RUNNER", "setup_s": 1, "saving_s": -1},
+                                    {"runner": "RUNNER", "setup_s": True, "saving_s": 1},
+                                    {"runner": "fft", "setup_s": 1, "saving_s": 1}])  # fmt: skip
+def test_an_unusable_deferral_record_runs_the_cached_winner_at_once(damage, tmp_path, monkeypatch):
+    x, _, path = _planned_and_cached(tmp_path, monkeypatch, "fft")
+    data = json.loads(path.read_text())
+    (key,) = [k for k in data if k.endswith(cpu_fast.DEFERRAL)]
+    runner = data[key]["runner"]
+    if damage is None:
+        del data[key]
+    else:
+        if isinstance(damage, dict):
+            damage = {k: (runner if v == "RUNNER" else v) for k, v in damage.items()}
+        data[key] = damage
+    path.write_text(json.dumps(data, allow_nan=True))
+    m2 = _dilated_frontend()
+    p2 = cpu_fast.ConvPlanner(m2, timer=_must_not_time)
+    with torch.no_grad():
+        m2(x)
+    (entry,) = [e for e in p2.plan() if e["layer"] == "fc6"]
+    assert entry["chosen"] == "fft" and "deferred_calls" not in entry
+    assert p2.convs["fc6"].cands["fft"].prepared
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"x"', "{", '{"KEY": [1]}'])
+def test_a_damaged_plan_cache_is_measured_again(content, tmp_path, monkeypatch):
+    """A cache file that is not a JSON object, or a layer entry that is not a name, is measured
+    again, not an error (it was an AttributeError / unhashable-type TypeError)."""
+    x, want, path = _planned_and_cached(tmp_path, monkeypatch, "onednn")
+    if "KEY" in content:
+        data = json.loads(path.read_text())
+        key = sorted(data)[0]
+        content = json.dumps({**data, key: [1]})
+    path.write_text(content)
+    m2 = _dilated_frontend()
+    timer = Prefer("onednn")
+    p2 = cpu_fast.ConvPlanner(m2, timer=timer)
+    with torch.no_grad():
+        got = m2(x)
+    assert timer.calls and any(e["source"] == "measured" for e in p2.plan())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_format_plan_names_a_deferral():
+    e = {"layer": "fc6", "input": [1, 512, 56, 56], "compute_dtype": "bfloat16", "chosen": "fft-bfloat16",
+         "source": "cache", "times_ms": {}, "deferred_calls": 4}  # fmt: skip
+    assert cpu_fast.format_plan([e]).endswith("(cache, after 4 calls of the runner-up)")
+    del e["deferred_calls"]
+    assert cpu_fast.format_plan([e]).endswith("(cache)")

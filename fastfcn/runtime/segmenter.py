@@ -256,8 +256,10 @@ class Segmenter:
     def plan(self) -> list[dict]:
         """The convolution implementations the backend chose, one dict per (layer, input shape):
         layer, input, input_dtype, compute_dtype, chosen, source ("measured" or "cache") and
-        times_ms per candidate. Filled at the first run of each input shape (fused backend on the
-        CPU: see fastfcn.runtime.cpu_fast); [] for backends that do not choose.
+        times_ms per candidate; deferred_calls where a cached winner with a one-off set-up runs
+        the runner-up that many calls first (see fastfcn.runtime.cpu_fast.Deferred). Filled at
+        the first run of each input shape (fused backend on the CPU: see
+        fastfcn.runtime.cpu_fast); [] for backends that do not choose.
         ``fastfcn.runtime.cpu_fast.format_plan(seg.plan)`` gives it as text."""
         return self._backend.plan()
 
