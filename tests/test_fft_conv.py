@@ -278,3 +278,24 @@ def test_format_plan_names_a_deferral():
     assert cpu_fast.format_plan([e]).endswith("(cache, after 4 calls of the runner-up)")
     del e["deferred_calls"]
     assert cpu_fast.format_plan([e]).endswith("(cache)")
+
+
+def test_a_choice_cached_before_a_candidate_existed_is_measured_again(tmp_path, monkeypatch):
+    """A plan cache written when fc6 had no fft candidate (an earlier version) does not keep fc6 on
+    its old choice: the candidate set is part of the key."""
+    monkeypatch.setenv("FASTFCN_PLAN_CACHE", "on")
+    monkeypatch.setenv("FASTFCN_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 3, 200, 190).contiguous(memory_format=CL)
+    m = _dilated_frontend()
+    old = cpu_fast.ConvPlanner(m, timer=Prefer("onednn"))
+    old.convs["fc6"].cands.pop("fft")  # as before fft existed
+    with torch.no_grad():
+        m(x)
+    m2 = _dilated_frontend()
+    timer = Prefer("fft")
+    p2 = cpu_fast.ConvPlanner(m2, timer=timer)
+    with torch.no_grad():
+        m2(x)
+    chosen = {e["layer"]: (e["chosen"], e["source"]) for e in p2.plan()}
+    assert chosen["fc6"] == ("fft", "measured")
+    assert chosen["conv1_1"] == ("onednn", "cache")  # same candidates: the cached choice stands

@@ -662,7 +662,10 @@ class ConvPlanner:
         with self._lock:
             if key in pc.chosen:
                 return pc.chosen[key](x, padding)
-            skey = f"{pc.signature} in{list(key[0])} {str(key[1]).removeprefix('torch.')} pad{list(key[2])}"
+            # The candidates are part of the key: a choice made before a candidate existed (fft is
+            # newer than the cache files of earlier versions) is measured again, not kept for good.
+            skey = (f"{pc.signature} in{list(key[0])} {str(key[1]).removeprefix('torch.')} pad{list(key[2])} "
+                    f"of[{' '.join(sorted(pc.cands))}]")  # fmt: skip
             cached = self.store.get(skey)
             cached = cached if isinstance(cached, str) else None  # a damaged entry is measured again
             # The file is shared by every install with this CPU, torch version and thread count:
