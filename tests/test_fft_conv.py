@@ -299,3 +299,19 @@ def test_a_choice_cached_before_a_candidate_existed_is_measured_again(tmp_path, 
     chosen = {e["layer"]: (e["chosen"], e["source"]) for e in p2.plan()}
     assert chosen["fc6"] == ("fft", "measured")
     assert chosen["conv1_1"] == ("onednn", "cache")  # same candidates: the cached choice stands
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_in_chunks_give_the_same_result(dtype, monkeypatch):
+    """The products go in chunks of tiles (FFT_CHUNK_BYTES bounds their memory): one tile a chunk
+    gives what one chunk for all gives, up to the order of the matrix product's sums (a misplaced
+    tile would differ by the output's magnitude)."""
+    g = geom(8, 16, (7, 7), (2, 2), relu=True, seed=7)
+    x = torch.randn(2, 8, 45, 39, generator=torch.Generator().manual_seed(5)).to(dtype)
+    whole = FftConv(g, dtype)(x, (3, 3))
+    monkeypatch.setattr(cpu_fast, "FFT_CHUNK_BYTES", 1)
+    chunked = FftConv(g, dtype)(x, (3, 3))
+    step = 1e-6 if dtype == torch.float32 else 2**-8  # fp32 sums' order; one bf16 rounding
+    torch.testing.assert_close(chunked.float(), whole.float(), rtol=0, atol=step * whole.abs().max().item())
+    bound = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: rounded input, weight and output
+    assert rel_err(chunked.float(), reference(x.float(), g, (3, 3))) < bound
