@@ -107,10 +107,10 @@ def test_refuses_empty_output_and_spectra_that_do_not_fit(monkeypatch):
     assert not conv.accepts(small, (0, 0))
     with pytest.raises(ValueError, match="gives no output"):
         conv(small, (0, 0))
-    x = torch.randn(1, 8, 30, 30)
+    x = torch.randn(1, 8, 56, 56)
     assert conv.accepts(x, (0, 0))
     monkeypatch.setattr(cpu_fast, "_mem_available", lambda: 4 * conv.spectra_bytes() - 1)
-    assert not conv.accepts(x, (0, 0))
+    assert not conv.accepts(x, (0, 0)) and not conv.runnable(x, (0, 0))
     with pytest.raises(ValueError, match="quarter of the available memory"):
         conv(x, (0, 0))
     monkeypatch.setattr(cpu_fast, "_mem_available", lambda: 4 * conv.spectra_bytes())
@@ -154,7 +154,8 @@ def test_dilated_net_through_the_fft_fc6_agrees_with_torch():
     ref = fastfcn.Segmenter(model, device="cpu", backend="torch", precision="fp32")
     seg = fastfcn.Segmenter(model, device="cpu", backend="fused", precision="fp32")
     seg._backend.planner.timer = Prefer("fft")
-    x = torch.randint(0, 256, (2, 61, 75, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    # 200x180: fc6 gets a 49x47 map (at 61x75 it got 32x34, where fft would do more multiplies)
+    x = torch.randint(0, 256, (2, 200, 180, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     got, want = seg.run(x, output="logits"), ref.run(x, output="logits")
     chosen = {e["layer"]: e["chosen"] for e in seg.plan}
     assert chosen["fc6"] == "fft"
@@ -315,3 +316,21 @@ def test_tiles_in_chunks_give_the_same_result(dtype, monkeypatch):
     torch.testing.assert_close(chunked.float(), whole.float(), rtol=0, atol=step * whole.abs().max().item())
     bound = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: rounded input, weight and output
     assert rel_err(chunked.float(), reference(x.float(), g, (3, 3))) < bound
+
+
+@pytest.mark.parametrize(
+    "shape,padding,k,dilation,offered",
+    [((1, 8, 56, 56), (0, 0), (7, 7), (4, 4), True),  # the dilated net's fc6: 7x fewer
+     ((1, 8, 30, 30), (0, 0), (7, 7), (4, 4), False),  # 6x6 out over 16 phases: 4x more
+     ((2, 8, 22, 22), (0, 0), (7, 7), (1, 1), True),  # FCN-8s's fc6 at 500x500
+     ((2, 8, 7, 7), (0, 0), (7, 7), (1, 1), False),  # DeconvNet's fc6: one output
+     ((2, 8, 1, 1), (6, 6), (7, 7), (1, 1), False),  # its deconvolution: one tap per output
+     ((1, 8, 21, 21), (0, 0), (6, 6), (1, 1), True)],  # FCN-AlexNet's fc6
+)  # fmt: skip
+def test_offered_only_where_it_does_fewer_multiplies(shape, padding, k, dilation, offered):
+    conv = FftConv(geom(8, 8, k, dilation), torch.float32)
+    x = torch.randn(shape)
+    assert conv.accepts(x, padding) == offered
+    assert conv.runnable(x, padding)
+    if not offered:  # still right when called
+        assert rel_err(conv(x, padding), reference(x, conv.g, padding)) < 2e-6

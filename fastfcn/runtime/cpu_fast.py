@@ -272,6 +272,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _taps_inside(size: int, pad: int, k: int, dilation: int, out: int) -> int:
+    """(output, tap) pairs along one axis whose input position lies inside the unpadded input."""
+    return sum(max(0, min(k, (size - 1 + pad - i) // dilation + 1) - max(0, _ceil_div(pad - i, dilation)))
+               for i in range(out))  # fmt: skip
+
+
 def _mem_available() -> int:
     """Bytes the kernel says can be allocated without swapping (MemAvailable); 0 if unknown."""
     try:
@@ -320,6 +326,7 @@ class FftConv:
         self.bf16_products = dtype == torch.bfloat16 and native_bf16()
         self.spectra: torch.Tensor | None = None
         self.prepare_seconds: float | None = None  # the last build of the spectra
+        self._worth: dict = {}  # (input shape, padding) -> fewer multiplies than direct
         self._lock = threading.Lock()
 
     @staticmethod
@@ -332,7 +339,7 @@ class FftConv:
         th, tw = self.tile
         return o * i * th * (tw // 2 + 1) * (4 if self.bf16_products else 8)
 
-    def accepts(self, x: torch.Tensor, padding) -> bool:
+    def runnable(self, x: torch.Tensor, padding) -> bool:
         """A 4-D input whose output is not empty, and spectra already made or fitting in a quarter
         of the available memory."""
         kh, kw = self.g.weight.shape[2:]
@@ -344,6 +351,29 @@ class FftConv:
         if ho <= 0 or wo <= 0:
             return False
         return self.spectra is not None or self.spectra_bytes() <= _mem_available() // 4
+
+    def accepts(self, x: torch.Tensor, padding) -> bool:
+        """What the planner offers it: ``runnable`` inputs on which it does fewer multiplies than
+        a direct convolution does, counting only the taps that fall on the input (oneDNN skips
+        the padding). DeconvNet's fc6 (one output of 7x7) and its 7x7 deconvolution of a 1x1 map
+        do 9-19x more here; measuring them anyway cost ~1.5 s and 1.9 GB each at planning."""
+        if not self.runnable(x, padding):
+            return False
+        key = (tuple(x.shape), tuple(int(p) for p in padding))
+        ok = self._worth.get(key)
+        if ok is None:
+            h, w = x.shape[2:]
+            kh, kw = self.g.weight.shape[2:]
+            dh, dw = self.g.dilation
+            th, tw = self.tile
+            ph, pw = key[1]
+            ho, wo = h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1)
+            direct = _taps_inside(h, ph, kh, dh, ho) * _taps_inside(w, pw, kw, dw, wo)
+            rows = dh * _ceil_div(_ceil_div(ho, dh), th - kh + 1)
+            tiles = rows * dw * _ceil_div(_ceil_div(wo, dw), tw - kw + 1)
+            # per image and channel pair: 4 real multiplies per frequency of each tile
+            ok = self._worth[key] = tiles * th * (tw // 2 + 1) * 4 < direct
+        return ok
 
     def prepare(self) -> torch.Tensor:
         """Make the weight's spectra if they are not made (the planner calls this before timing:
@@ -401,7 +431,7 @@ class FftConv:
         return out
 
     def __call__(self, x: torch.Tensor, padding) -> torch.Tensor:
-        if not self.accepts(x, padding):
+        if not self.runnable(x, padding):
             raise ValueError(f"fft: input {tuple(x.shape)} with padding {tuple(padding)} gives no output, "
                              f"or the weight's spectra ({self.spectra_bytes() / 2**30:.2f} GiB) do not fit "
                              "in a quarter of the available memory")  # fmt: skip
