@@ -334,3 +334,17 @@ def test_offered_only_where_it_does_fewer_multiplies(shape, padding, k, dilation
     assert conv.runnable(x, padding)
     if not offered:  # still right when called
         assert rel_err(conv(x, padding), reference(x, conv.g, padding)) < 2e-6
+
+
+def test_taps_inside_counts_what_a_loop_over_taps_counts():
+    """The closed form behind ``accepts``' multiply count, against the plain count of (output, tap)
+    pairs landing on the input, over sizes, paddings, kernels and dilations."""
+    for size in range(1, 12):
+        for pad in range(8):
+            for k in range(1, 8):
+                for d in range(1, 5):
+                    out = size + 2 * pad - d * (k - 1)
+                    if out <= 0:
+                        continue
+                    want = sum(0 <= i - pad + t * d < size for i in range(out) for t in range(k))
+                    assert cpu_fast._taps_inside(size, pad, k, d, out) == want, (size, pad, k, d)
