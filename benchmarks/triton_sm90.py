@@ -8,10 +8,11 @@ shared memory. A specialisation that does not compile here would not compile on 
 so the first GPU contact cannot fail on one of these; and the launch-config comments in
 kernels/ cite the measured registers and spills from the files this writes.
 
-    python benchmarks/triton_sm90.py [--out DIR] [--only PATTERN]
+    python benchmarks/triton_sm90.py [--out DIR] [--only PATTERN [--merge]]
 
 writes DIR/sm90a-triton-<version>.json and .md (default DIR: benchmarks/results/static).
---only keeps the specialisations whose name contains PATTERN (a regular expression, searched).
+--only keeps the specialisations whose name contains PATTERN (a regular expression, searched);
+with --merge they replace or join the rows of the existing report for this Triton version.
 
 What is enumerated (derived from the code, so a new kind, output, config or layer shows up here):
 
@@ -23,6 +24,9 @@ What is enumerated (derived from the code, so a new kind, output, config or laye
 - ``unpool``: pooling with switches and the unpool gather for the pool geometries of every net
   with switches (DeconvNet), int32 and int64 indexing (``unpool.needs_int64``), relu, uint8
   switches and int64 indices, fp32/bf16/fp16, config ``unpool.launch_config(.., True)``;
+- ``pool.max_pool_kernel``: every pool without switches that follows a conv in fastfcn.models'
+  nets (the fused CUDA backend's conv_pool candidate), per channel count, channels_last
+  strides, int32 and int64 indexing, fp32/bf16/fp16, config ``pool.launch_config(.., True)``;
 - ``conv_epilogue.conv_bias_relu_kernel``: every backbone conv that the fused CUDA backend gives
   a Triton candidate (``fastfcn.runtime.cuda_fast.install`` on each net of fastfcn.models,
   built on the meta device), with the pool epilogue where a 2x2/2 pool without switches
@@ -186,8 +190,11 @@ def upsample_launches(table: dict) -> None:
                         name = (f"upsample/{stage}/{kind}/{output if stage == 'final' else 'add'}-{_dt(o)}/"
                                 f"x{_dt(x)}-skip{_dt(skip)}/k{k}s{s}")  # fmt: skip
                         launch = Launch(
-                            name, "upsample.upsample_kernel", (x, wk, sk, o, *ints, 1.0),
-                            {**cx, "BLOCK_P": cfg[0], "BLOCK_C": cfg[1]}, cfg[2],
+                            name,
+                            "upsample.upsample_kernel",
+                            (x, wk, sk, o, *ints, 1.0),
+                            {**cx, "BLOCK_P": cfg[0], "BLOCK_C": cfg[1]},
+                            cfg[2],
                             config=f"upsample.CUDA_LAUNCH[{kind!r}] = {cfg}",
                         )
                         _add(table, launch, f"{via} ({', '.join(heads)})")
@@ -229,8 +236,10 @@ def unpool_launches(table: dict) -> None:
                 block, warps = unpool.launch_config(total, True)
                 launch = Launch(
                     f"unpool/pool/{_dt(d)}/int64={int64}/total={_arg_class(total)}/k{k}s{s}",
-                    "unpool.max_pool_switches_kernel", (d, d, torch.uint8, total, H, H, h, h),
-                    {"KERNEL": k, "STRIDE": s, "INT64": int64, "BLOCK": block}, warps,
+                    "unpool.max_pool_switches_kernel",
+                    (d, d, torch.uint8, total, H, H, h, h),
+                    {"KERNEL": k, "STRIDE": s, "INT64": int64, "BLOCK": block},
+                    warps,
                     config=f"unpool.CUDA_LAUNCH = {(block, warps)}",
                 )
                 _add(table, launch, f"ops.max_pool2d_with_switches ({uses})")
@@ -246,6 +255,49 @@ def unpool_launches(table: dict) -> None:
                             config=f"unpool.CUDA_LAUNCH = {(block, warps)}",
                         )  # fmt: skip
                         _add(table, launch, f"ops.max_unpool2d ({uses})")
+
+
+def plain_pools() -> dict:
+    """{(kernel, stride, channels): [arch]} of every Pool step without switches right after a Conv
+    step in fastfcn.models' nets: the pools the fused CUDA backend's conv_pool may run through
+    pool.max_pool_kernel."""
+    from fastfcn import models
+    from fastfcn.models.backbone import Conv, Pool
+
+    found: dict = {}
+    for arch in models.available():
+        with torch.device("meta"):
+            m = models.build(arch)
+        for steps in m.backbone_streams().values():
+            for a, b in zip(steps, steps[1:]):
+                if isinstance(a, Conv) and isinstance(b, Pool) and b.switches is None:
+                    c = getattr(m, a.name).out_channels
+                    archs = found.setdefault((b.kernel, b.stride, c), [])
+                    if arch not in archs:
+                        archs.append(arch)
+    return found
+
+
+def pool_launches(table: dict) -> None:
+    from fastfcn.kernels import pool
+
+    H = SIZES["conv_in"]
+    for (k, s, c), archs in sorted(plain_pools().items()):
+        h = (H - k + s - 1) // s + 1
+        for d in FLOATS:
+            for int64 in (False, True):
+                for n in SIZES["conv_batches"]:
+                    p = n * h * h
+                    bp, bc, warps = pool.launch_config(p, c, True)
+                    # channels_last strides of the input and the output
+                    strides = (H * H * c, 1, H * c, c, h * h * c, 1, h * c, c)
+                    launch = Launch(
+                        f"pool/{_dt(d)}/int64={int64}/k{k}s{s}/c{c}/n{n}",
+                        "pool.max_pool_kernel", (d, d, p, c, H, H, h, h, *strides),
+                        {"KERNEL": k, "STRIDE": s, "INT64": int64, "BLOCK_P": bp, "BLOCK_C": bc}, warps,
+                        config=f"pool.CUDA_TILE = {pool.CUDA_TILE}, pool.CUDA_WARPS = {warps}",
+                    )  # fmt: skip
+                    _add(table, launch, f"cuda_fast conv_pool ({', '.join(archs)})")
 
 
 # ---------------------------------------------------------------- conv epilogue (fused backbone)
@@ -316,6 +368,7 @@ def all_launches(only: str | None = None) -> list[Launch]:
     table: dict = {}
     upsample_launches(table)
     unpool_launches(table)
+    pool_launches(table)
     conv_launches(table)
     launches = list(table.values())
     if only:
@@ -397,8 +450,14 @@ class Compiler:
         from triton import knobs
         from triton.compiler import ASTSource
 
-        row = {"name": launch.name, "kernel": launch.kernel, "config": launch.config,
-               "num_warps": launch.num_warps, "num_stages": launch.num_stages, "uses": launch.uses}
+        row = {
+            "name": launch.name,
+            "kernel": launch.kernel,
+            "config": launch.config,
+            "num_warps": launch.num_warps,
+            "num_stages": launch.num_stages,
+            "uses": launch.uses,
+        }
         options = {"num_warps": launch.num_warps}
         if launch.num_stages is not None:
             options["num_stages"] = launch.num_stages
@@ -450,7 +509,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
         f"# Triton {env['triton']}: static sm_90a build of every fastfcn CUDA kernel specialisation",
         "",
         f"{env['date']}, compiled on {env['cpu']} (no GPU); {env['ptxas']}; torch {env['torch']}, "
-        f"Python {env['python']}. Written by `python benchmarks/triton_sm90.py`.",
+        f"Python {env['python']}. Written by `python benchmarks/triton_sm90.py`."
+        + (
+            f" Rows of `--only {env['merged'].get('only')}` rebuilt on {env['merged']['date']} and merged in."
+            if env.get("merged")
+            else ""
+        ),
         "",
         f"{len(rows)} specialisations: {len(ok)} compiled, {len(rows) - len(ok)} failed, "
         f"{len(spilling)} spill; total compile {sum(r['compile_s'] for r in rows):.1f} s.",
@@ -477,6 +541,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(RESULTS), help="folder for the .json and .md (default: %(default)s)")
     ap.add_argument("--only", default=None, help="a regular expression: keep the specialisations it finds")
+    ap.add_argument(
+        "--merge", action="store_true",
+        help="keep the existing report's other rows (this Triton's, in --out) and replace or add only the "
+        "ones built now: a new kernel is reported without rebuilding the rest",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("triton was imported with TRITON_INTERPRET=1: run this report in a fresh process")
@@ -502,6 +571,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"sm90a-triton-{env['triton']}"  # no with_suffix: the version has dots
+    if args.merge and Path(f"{stem}.json").exists():
+        old = json.loads(Path(f"{stem}.json").read_text())
+        built = {r["name"]: r for r in rows}
+        kept = {r["name"]: r for r in old["specialisations"] if r["name"] not in built}
+        order = [x.name for x in all_launches()]  # today's order; rows the code no longer launches last
+        merged = {**kept, **built}
+        rows = [merged.pop(n) for n in order if n in merged] + list(merged.values())
+        env = {**old["environment"], "merged": {**env, "only": args.only}}
     # one specialisation per line: diffs between runs stay readable
     body = ",\n".join(json.dumps(r) for r in rows)
     text = f'{{"environment": {json.dumps(env)},\n"specialisations": [\n{body}\n]}}\n'

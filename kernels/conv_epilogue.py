@@ -114,9 +114,11 @@ def conv_bias_relu_kernel(
 # (128, 64, 32, 4, 3) and pooled (64, 64, 32, 4, 3) for every dtype, with the first kernel (taps
 # and pooled windows unrolled), spilled on 3.9.0 at 255 registers: conv1_1 (3 input channels)
 # bf16 756/1368 B (stores/loads), TF32 1792/3028 B; pooled bf16 132/388 B, pooled TF32
-# 1016/2584 B, pooled fp32 760/2604 B. Speed is not measured on a GPU yet: the runtime times
-# this kernel against cuDNN per layer and shape (fastfcn.runtime.cuda_fast) and uses it only
-# where it wins.
+# 1016/2584 B, pooled fp32 760/2604 B. The runtime times this kernel against cuDNN per layer
+# and shape (fastfcn.runtime.cuda_fast) and uses it only where it wins: on an H200 (Triton 3.6.0,
+# bf16, benchmarks/results/h200-2026-12-04-r2.json) only conv1_1 (conv3_3 at batch 8: 1.49 ms
+# against cuDNN's fused conv + bias + ReLU 0.37; conv1_2 with its pool at batch 1: 0.216 against
+# 0.085 ms for the conv alone).
 CUDA_LAUNCH = {
     # 8 warps and a K tile of 16 (a 3-channel conv1_1 used 255 registers at 32 x 4 warps):
     # bf16 / fp16 58-124 / 62-124 registers, TF32 62-123 / 63-128

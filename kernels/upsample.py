@@ -169,8 +169,11 @@ def _pow2(v: int) -> int:
 # static sm_90a builds of all 198 upsample specialisations (every kind x output x dtype x head
 # geometry; benchmarks/results/static/sm90a-triton-3.9.0.md and -3.6.0.md, from
 # benchmarks/triton_sm90.py), use no shared memory and never spill on Triton 3.9.0 or 3.6.0;
-# registers per kind below (3.9.0 / 3.6.0 where they differ). Their time is not measured yet (no
-# GPU run since): benchmarks/gpu_first_contact.sh records it beside the old tiles.
+# registers per kind below (3.9.0 / 3.6.0 where they differ). Measured on an H200 (Triton 3.6.0,
+# final stage to labels, batch 8, 1080x1920, 21 classes; benchmarks/results/h200-2026-12-04-r2.json):
+# bilinear 0.660 ms, depthwise 0.793, dense 14.1 (the old 256 x 32 tiles: 1.33, 3.47, 17.7; the
+# best alternatives measured: 128 x 1 at 0.61 / 0.75, and for dense 128 x 8 at 9.9 ms, not
+# taken: a class axis is what spilled on Triton 3.9 above, and 9.9 ms is still eager's 9.4).
 CUDA_LAUNCH = {
     # logits 30-32, add stages 30-32, labels 56, probs 48 registers
     "bilinear": (256, 1, 4),

@@ -673,3 +673,48 @@ def test_conv_pool_is_not_used_before_pools_with_switches(size, image):
         assert sw[level][1] == ref_sw[level][1] and torch.equal(sw[level][0], ref_sw[level][0]), level
     if image == size:  # no dead zone: every step computes all of its outputs
         assert all(sp.full for sp in fwd.plan(size, image).steps)
+
+
+@pytest.mark.parametrize(
+    "dtype,c",
+    [(torch.bfloat16, 64), (torch.float32, 6), (torch.float16, 3), (torch.uint8, 16), (torch.float32, 1)],
+)
+def test_paste_equals_copy_bit_for_bit(dtype, c):
+    """deadzone._paste (channels as 8- or 4-byte words where both sides are channels_last) is
+    copy_: into a window of a larger map, from a window and from a (1, C, h, w) ring broadcast
+    over the batch; NaN payloads and -0.0 kept; NCHW and odd channel counts take copy_ itself."""
+    from fastfcn.runtime.deadzone import _paste
+
+    g = torch.Generator().manual_seed(c)
+    big = (
+        (torch.randn(3, c, 12, 13, generator=g) * 100).to(dtype).contiguous(memory_format=torch.channels_last)
+    )
+    if dtype.is_floating_point:
+        flat = big.permute(0, 2, 3, 1).view(-1)  # channels_last memory, flat
+        flat[::7] = float("nan")
+        flat[1::11] = -0.0
+    src = big[:, :, 2:9, 3:11]
+    ring = big[:1, :, 0:7, 0:8]
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        for s in (src, ring, src.contiguous()):
+            a = torch.zeros(3, c, 10, 12, dtype=dtype).contiguous(memory_format=fmt)
+            b = a.clone()
+            _paste(a[:, :, 1:8, 2:10], s)
+            b[:, :, 1:8, 2:10].copy_(s)
+            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+            assert torch.equal(a.view(bits), b.view(bits))
+
+
+def test_dense_window_only_on_cuda():
+    """deadzone._dense: a channels_last window is made contiguous (channels_last) by _paste on
+    CUDA, where the convolution would copy it element by element; on the CPU it is the view."""
+    from fastfcn.runtime.deadzone import _dense, _memory_format
+
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    win = x[:, :, 1:7, 2:8]
+    assert _memory_format(win) == torch.channels_last
+    assert _memory_format(x[:, :1, 1:7, 2:8]) == torch.contiguous_format
+    assert _dense(win) is win
+    if torch.cuda.is_available():
+        d = _dense(win.cuda())
+        assert d.is_contiguous(memory_format=torch.channels_last) and torch.equal(d.cpu(), win)

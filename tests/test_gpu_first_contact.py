@@ -85,8 +85,8 @@ def test_dry_run_writes_every_stage(tmp_path):
     convs = [v for n, v in kernels.items() if n.startswith("triton_conv_")]
     assert len(convs) == 4
     assert all(v["err_over_max"] < (1e-5 if "float32" in v["name"] else 2e-2) for v in convs)
-    exact = [v["exact"] for n, v in kernels.items() if n.startswith(("maxpool", "unpool"))]
-    assert len(exact) == 6 and all(exact)
+    exact = [v["exact"] for n, v in kernels.items() if n.startswith(("maxpool", "unpool", "window_paste"))]
+    assert len(exact) == 10 and all(exact)  # switches 2 + unpool 4 + NHWC pool 2 + window paste 2
     checks = data["correctness"]["graph_checks"]
     for key in (
         "replay_bitwise_repeatable",
@@ -102,7 +102,14 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert data["correctness"]["fused_bf16_conv_plan"]["cpu_plan"]  # the CPU planner's, in a dry run
     cases = data["headline"]["cases"]
     measured = {(c["backend"], c["batch"]) for c in cases if c.get("ms_per_image", 0) > 0}
-    assert measured == {("fused", 1), ("fused", 2), ("torch", 1), ("torch", 2), ("fused-whole", 1)}
+    assert measured == {
+        ("fused", 1),
+        ("fused", 2),
+        ("torch", 1),
+        ("torch", 2),
+        ("fused-whole", 1),
+        ("fused-whole", 2),
+    }
     assert {c["backend"] for c in cases if "skipped" in c} == {"compile"}
     profiles = data["profile"]["profiles"]
     assert [(p["backend"], p["batch"]) for p in profiles] == [("fused", 1), ("torch", 1)]
@@ -147,8 +154,9 @@ def test_conv_plan_reports_choices_pool_epilogues_and_failures(monkeypatch):
     assert len(plan) == 14 and len(plan["fc6"]["choice"]) == 1
     convs = {k: v for k, v in plan.items() if k.startswith("conv")}
     assert all(list(v["choice"].values()) == ["eager"] for v in convs.values())
-    assert sorted(k for k, v in convs.items() if "pool" in v) == [f"conv{i}_{j}" for i, j in
-                                                                    ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))]
+    assert sorted(k for k, v in convs.items() if "pool" in v) == [
+        f"conv{i}_{j}" for i, j in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+    ]
     failed = plan["conv1_1"]["failed"]
     assert any(k.startswith("cudnn_relu") and "NOT_SUPPORTED" in v for k, v in failed.items())
     assert any(k.startswith("triton") and "CUDA tensors" in v for k, v in failed.items())

@@ -575,9 +575,13 @@ def test_triton_conv_and_pool_epilogue_chosen_by_measurement(monkeypatch):
     pooled = impl.conv_pool(x, (1, 1), 2, 2)
     torch.testing.assert_close(pooled.double(), F.max_pool2d(want, 2, 2, ceil_mode=True), **EPI_TOL)
     assert list(impl._pool_choosers[(2, 2)].choice.values()) == ["triton_pool"]
-    # a 3x3/2 pool has no fused kernel: the conv's choice, then torch's pool
+    assert list(impl._pool_choosers[(2, 2)].candidates) == ["triton_pool", "triton_maxpool", "separate"]
+    # a 3x3/2 pool has no fused kernel: the conv's choice, then Triton's pool or torch's
+    impl.timer = _fake_timer([1.0, 2.0])  # the Triton pool measured faster
     got = impl.conv_pool(x, (1, 1), 3, 2)
-    assert list(impl._pool_choosers[(3, 2)].candidates) == ["separate"]
+    assert list(impl._pool_choosers[(3, 2)].candidates) == ["triton_maxpool", "separate"]
+    assert list(impl._pool_choosers[(3, 2)].choice.values()) == ["triton_maxpool"]
+    assert not impl._pool_choosers[(3, 2)].failed
     torch.testing.assert_close(got.double(), F.max_pool2d(want, 3, 2, ceil_mode=True), **EPI_TOL)
 
 

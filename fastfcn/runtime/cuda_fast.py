@@ -27,8 +27,11 @@ them) would win by. Two remedies, both per layer and both measured before use:
 the fallback: when cuDNN's fused op is missing from this torch build or refuses a call (a
 dtype, a layout), the step runs eager. Which candidate wins is measured once per layer and
 input shape, on the first call (the Segmenter's warm-up before a CUDA-graph capture), never
-during a capture. Nothing is measured on a GPU yet (no GPU run since this was written);
-``benchmarks/gpu_first_contact.sh`` profiles the fused backend by kernel category.
+during a capture. On an H200 (FCN-8s 500x500 bf16, benchmarks/results/h200-2026-12-04-r2.json)
+``cudnn_relu`` won every 3x3 conv (conv3_3 at batch 8: 0.37 ms against 1.49 ms for the Triton
+conv), the Triton conv only conv1_1 (3 input channels), eager cuDNN fc6 (0.17 ms at batch 1,
+the GEMM paths 0.17-0.21 ms), and ``triton_maxpool`` every pool (0.084 ms against torch's 0.359
+for a 8 x 64 x 506^2 map).
 """
 
 from __future__ import annotations
@@ -318,11 +321,22 @@ class EpilogueConv:
         return self.chooser(_key(x, padding), x, padding)
 
     def conv_pool(self, x: torch.Tensor, padding, kernel: int, stride: int) -> torch.Tensor:
-        """max_pool2d(self(x, padding), kernel, stride, ceil_mode=True): the pool inside the conv's
-        epilogue (2x2/2 only) where measured faster than the conv's best followed by torch's pool."""
+        """max_pool2d(self(x, padding), kernel, stride, ceil_mode=True), the fastest of: the pool
+        inside the conv's epilogue (2x2/2 only), the conv's best then fastfcn's Triton pool
+        (kernels/pool.py; torch's NHWC pool ran at ~18% of the H200's memory bandwidth), and the
+        conv's best then torch's pool (the reference)."""
         chooser = self._pool_choosers.get((kernel, stride))
         if chooser is None:
             cands = dict(self._pool_candidates) if (kernel, stride) == (2, 2) else {}
+
+            def conv_then_triton_pool(x, padding):
+                y = self(x, padding)
+                _triton_here(y)
+                from ..kernels import pool
+
+                return pool.max_pool2d(y, kernel, stride)
+
+            cands["triton_maxpool"] = conv_then_triton_pool
 
             def separate(x, padding):
                 return F.max_pool2d(self(x, padding), kernel, stride, ceil_mode=True)
