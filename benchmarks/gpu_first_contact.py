@@ -115,6 +115,13 @@ def conv_plan(seg) -> dict:
             entry.setdefault(what, {}).update({str(k[0]): v for k, v in ch.choice.items()})
             entry.setdefault("failed", {}).update({f"{k[1]} {k[0][0]}": v for k, v in ch.failed.items()})
         plan[name] = {k: v for k, v in entry.items() if v}
+    runners = getattr(seg._backend, "dead_zone", None)
+    for stream, dz in (runners.items() if isinstance(runners, dict) else [("", runners)]):
+        if getattr(dz, "choice", None):  # the skip against whole maps, per input (CUDA)
+            plan[f"dead_zone{stream}"] = {
+                str(k[0]): {"choice": v, "ms": {w: t * 1e3 for w, t in dz.times.get(k, {}).items()}}
+                for k, v in dz.choice.items()
+            }
     return plan or {"cpu_plan": [f"{p.get('layer')} {p.get('chosen')}" for p in seg.plan]}
 
 
@@ -658,6 +665,8 @@ def stage_headline(out: str, dry: bool, budget_s: float) -> None:
                 seg.run(xs[i % 2])
             sync(cuda)
             case["setup_s"] = round(time.time() - t0, 1)
+            if backend == "fused" and "dead_zone" in conv_plan(seg):  # skip or whole maps, measured
+                case["dead_zone"] = conv_plan(seg)["dead_zone"]
             lat = []
             for i in range(15 if not dry else 2):
                 t1 = time.perf_counter()
@@ -874,6 +883,7 @@ def stage_summary(out: str) -> str:
             lines.append(
                 f"{r['backend']:8s} {r['batch']:3d} {r['ms_per_batch']:9.3f} {r['ms_per_image']:7.3f} "
                 f"{r['images_per_s']:8.1f} {r['tflops']:7.2f} {r['pct_of_measured_peak']:6.1f} {r['setup_s']}"
+                + (f" dead zone {r['dead_zone']}" if r.get("dead_zone") else "")
             )
         else:
             lines.append(f"{r['backend']:8s} {r['batch']:3d} {r.get('error') or r.get('skipped')}")

@@ -187,3 +187,62 @@ def test_flops_count_the_convs_grown_for_their_pool_epilogue():
         alex = fastfcn.models.build("fcn-alexnet").eval()
     a, b = count_macs(alex, (1, 3, 500, 500)), count_macs(alex, (1, 3, 500, 500), conv_pool=True)
     assert a.computed_macs == b.computed_macs
+
+
+def _timer(times: dict):
+    """A timer that runs fn once and 'measures' it by which way it is (DeadZoneForward names
+    them "skip" and "whole"): times maps each to seconds; ``seen`` lists what was timed."""
+    seen = []
+
+    def timer(fn, cuda):
+        assert fn.__name__ in times, fn.__name__
+        fn()
+        seen.append(fn.__name__)
+        return times[fn.__name__]
+
+    timer.seen = seen
+    return timer
+
+
+@pytest.mark.parametrize("faster", ["skip", "whole"])
+def test_skip_or_whole_measured_per_input(faster):
+    """With a timer (the fused CUDA backend's), each new input shape runs both ways once and the
+    faster is kept per shape; either way the backbone's output and taps are the plain steps'."""
+    from fastfcn.models.backbone import run_steps
+
+    m = model("fcn8s", width=0.0625)
+    timer = _timer({"skip": 1.0, "whole": 2.0} if faster == "skip" else {"skip": 2.0, "whole": 1.0})
+    fwd = DeadZoneForward(m, timer=timer)
+    g = torch.Generator().manual_seed(2)
+    for n in (1, 2, 2):
+        x = torch.randn(n, 3, 21, 17, generator=g) * 40
+        with torch.no_grad():
+            ref_feats, feats = {}, {}
+            ref = run_steps(m, m.backbone, x, ref_feats)
+            got = fwd(x, feats)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        for t in ("pool3", "pool4"):
+            tol = 1e-5 * float(ref_feats[t].abs().max())
+            torch.testing.assert_close(feats[t], ref_feats[t], rtol=1e-5, atol=tol)
+    assert timer.seen == ["skip", "whole"] * 2  # batch 1 and batch 2 measured once each
+    assert set(fwd.choice.values()) == {faster} and len(fwd.choice) == 2
+    assert all(set(t) == {"skip", "whole"} for t in fwd.times.values())
+
+
+def test_whole_maps_out_of_memory_keep_the_skip(monkeypatch):
+    """A whole-map run that does not fit leaves the skip chosen (its own OOM would propagate)."""
+    from fastfcn.runtime import deadzone
+
+    m = model("fcn8s", width=0.0625)
+
+    def timer(fn, cuda):
+        if fn.__name__ == "whole":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        fn()
+        return 1.0
+
+    fwd = DeadZoneForward(m, timer=timer)
+    with torch.no_grad():
+        fwd(torch.randn(1, 3, 21, 17), {})
+    assert list(fwd.choice.values()) == ["skip"] and list(fwd.times.values()) == [{"skip": 1.0}]
+    assert deadzone.DeadZoneForward(m).timer is None  # the CPU backend measures nothing

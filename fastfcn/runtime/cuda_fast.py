@@ -68,15 +68,29 @@ Timer = Callable[[Callable[[], object], bool], float]
 SPIN_CYCLES = 1_000_000
 
 
-def device_timer(fn: Callable[[], object], cuda: bool, reps: int = 3) -> float:
+# The spin before each timed whole backbone (the dead-zone skip against whole maps): the skip's
+# host side (plans, cache lookups, ~110 launches) took longer than SPIN_CYCLES at batch 1 on the
+# H200, so its eager timing (1.92 ms) was host-bound against 0.67 ms for the whole maps, while
+# the CUDA graph replays both without host cost (0.960 against 0.932 ms per call in the
+# headline; benchmarks/results/h200-2026-12-04-r3.json). ~10 ms at 1.98 GHz covers the host.
+BACKBONE_SPIN_CYCLES = 20_000_000
+
+
+def backbone_timer(fn: Callable[[], object], cuda: bool) -> float:
+    """device_timer with BACKBONE_SPIN_CYCLES: device time of a whole backbone pass."""
+    return device_timer(fn, cuda, spin=BACKBONE_SPIN_CYCLES)
+
+
+def device_timer(fn: Callable[[], object], cuda: bool, reps: int = 3, spin: int | None = None) -> float:
     """Seconds per call of fn (median of reps after one warm-up); CUDA events when cuda, each
-    timed call queued behind a spin kernel (SPIN_CYCLES) so that launches do not count."""
+    timed call queued behind a spin kernel (``spin`` cycles, default SPIN_CYCLES) so that
+    launches do not count."""
     fn()
     times = []
     for _ in range(reps):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(SPIN_CYCLES)
+            torch.cuda._sleep(SPIN_CYCLES if spin is None else spin)
             a.record()
             fn()
             b.record()

@@ -504,6 +504,8 @@ class DeadZoneForward:
     ``_conv_impls`` (``set_conv_impl``), else torch's own.
 
     ``enabled``: False runs the plain steps (ablation); None follows the module's ``ENABLED``.
+    ``timer``: ``timer(fn, cuda) -> seconds``; with one, each new input is run both ways on its
+    first call and the faster kept (``choice``): the fused CUDA backend passes its device timer.
     ``cache``: a DeadZoneCache to share (default: one per instance); ``align``: see
     DeadZonePlan. The convolutions run on windows of other shapes than the whole maps, plus
     once on the whole map per shape to fill the cache.
@@ -519,6 +521,7 @@ class DeadZoneForward:
         cache: DeadZoneCache | None = None,
         taps: Collection[str] | None = None,
         align: float = 0.02,
+        timer: Callable[[Callable[[], object], bool], float] | None = None,
     ):
         self.model = model
         self.steps = tuple(model.backbone if steps is None else steps)
@@ -543,6 +546,11 @@ class DeadZoneForward:
                 f"taps {sorted(self.taps - step_taps)} are not taps of these steps {sorted(step_taps)}"
             )
         self.enabled = enabled
+        # timer(fn, cuda) -> seconds: each new input (shape, dtype, device, image size) is then
+        # run both ways once and the faster kept (``choice``; ``times`` keeps the measurements).
+        self.timer = timer
+        self.choice: dict = {}
+        self.times: dict = {}
         self.align = align
         self.cache = DeadZoneCache() if cache is None else cache
         names = [n for st in self.steps for n in (getattr(st, "name", None), getattr(st, "bn", None)) if n]
@@ -575,6 +583,47 @@ class DeadZoneForward:
             raise ValueError(f"input must be a 4-d tensor (N, C, H, W); got shape {tuple(x.shape)}")
         if switches is None and any(isinstance(s, Pool) and s.switches is not None for s in self.steps):
             raise ValueError("these steps keep pooling switches: pass a dict as `switches`")
+        if self.timer is not None and self._chosen(x, switches, image_size) == "whole":
+            return run_steps(self.model, self.steps, x, feats, switches, self.pool_with_switches)
+        return self._skip(x, feats, switches, image_size)
+
+    def _chosen(self, x: torch.Tensor, switches, image_size) -> str:
+        """"skip" or "whole" for this input, measured on its first call (``timer``).
+
+        On an H200 (FCN-8s 500x500 bf16, benchmarks/results/h200-2026-12-04-r2.json) the whole
+        maps were 4% faster at batch 1 (0.919 against 0.960 ms: the skip's window copies cost
+        more there than the 31% of MACs it saves) and the skip 1.27x faster at batch 8 (4.67
+        against 5.96 ms), so the faster way depends on the batch and the GPU, and is measured.
+        A CUDA-graph capture never measures (it would synchronise): it takes the skip until a
+        call outside a capture has measured. A whole-map run out of memory leaves the skip."""
+        key = (tuple(x.shape), x.dtype, x.device, _memory_format(x),
+               None if image_size is None else tuple(image_size))  # fmt: skip
+        how = self.choice.get(key)
+        if how is not None:
+            return how
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "skip"
+
+        def scratch():
+            return {} if switches is not None else None
+
+        def skip():
+            return self._skip(x, {}, scratch(), image_size)
+
+        def whole():
+            return run_steps(self.model, self.steps, x, {}, scratch(), self.pool_with_switches)
+
+        times = {"skip": self.timer(skip, x.is_cuda)}
+        try:
+            times["whole"] = self.timer(whole, x.is_cuda)
+        except torch.OutOfMemoryError:
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+        how = min(times, key=times.get)  # a tie keeps the skip (first)
+        self.times[key], self.choice[key] = times, how
+        return how
+
+    def _skip(self, x: torch.Tensor, feats: dict, switches, image_size) -> torch.Tensor:
         plan = self.plan((x.shape[-2], x.shape[-1]), image_size)
         entry = self.cache.get(self._key(x, plan), lambda: self._build(x, plan))
         held = getattr(_held, "entries", None)
