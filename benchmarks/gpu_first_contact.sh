@@ -51,9 +51,9 @@ LOG=$OUTDIR/run.log
 T0=$(date +%s)
 TOTAL=${FC_TOTAL:-465}
 left() { echo $((T0 + TOTAL - 10 - $(date +%s))); }  # seconds left, the summary's 10 s kept
-capped() {  # capped CAP: CAP, or what is left of the run if less (at least 1)
+capped() {  # capped CAP [OWN]: CAP, or what is left of the run (plus OWN, time kept for this stage) if less (>= 1)
     local l
-    l=$(left)
+    l=$(( $(left) + ${2:-0} ))
     [ "$l" -lt "$1" ] && { [ "$l" -gt 1 ] && echo "$l" || echo 1; } || echo "$1"
 }
 say() { echo "=== $* (+$(($(date +%s) - T0)) s)" | tee -a "$LOG"; }
@@ -72,8 +72,9 @@ if ! (cd /tmp && "$PY" -c "import fastfcn.kernels" >/dev/null 2>&1); then
 fi
 
 stage() {  # stage NAME CAP [extra args]
-    local name=$1 cap
-    cap=$(capped "$2")
+    local name=$1 cap own=0
+    [ "$name" = summary ] && own=10  # left() keeps the summary's 10 s: they are its own
+    cap=$(capped "$2" "$own")
     shift 2
     say "$name (cap $cap s)"
     timeout -k 5 "$cap" "$PY" "$ROOT/benchmarks/gpu_first_contact.py" "$name" "$OUTDIR" ${DRYARG[@]+"${DRYARG[@]}"} "$@" \

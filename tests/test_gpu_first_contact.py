@@ -39,6 +39,25 @@ def test_caps_are_cut_to_what_is_left_of_the_run(tmp_path):
 @pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
 )
+def test_summary_keeps_its_own_ten_seconds(tmp_path):
+    """The stages before leave the summary the 10 s the run keeps for it: with nothing else
+    left (FC_TOTAL 10) it still gets its cap of 10 s and writes summary.txt. The H200's third
+    call gave it 1 s (the tests had taken the rest) and it was killed before writing."""
+    out = tmp_path / "fc"
+    env = {**os.environ, "FC_DRY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "STAGES": "summary", "FC_TOTAL": "10"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "run.log").read_text()
+    assert "=== summary (cap 10 s)" in log and "hit its cap" not in log, log
+    assert (out / "summary.txt").exists()
+
+
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
+)
 def test_dry_run_writes_every_stage(tmp_path):
     out = tmp_path / "fc"
     env = {
