@@ -665,8 +665,10 @@ def stage_headline(out: str, dry: bool, budget_s: float) -> None:
                 seg.run(xs[i % 2])
             sync(cuda)
             case["setup_s"] = round(time.time() - t0, 1)
-            if backend == "fused" and "dead_zone" in conv_plan(seg):  # skip or whole maps, measured
-                case["dead_zone"] = conv_plan(seg)["dead_zone"]
+            if backend == "fused":  # skip or whole maps, measured per input (CUDA)
+                dz = conv_plan(seg).get("dead_zone")
+                if dz:
+                    case["dead_zone"] = dz
             lat = []
             for i in range(15 if not dry else 2):
                 t1 = time.perf_counter()

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .structure import pool_out_size
+from .unpool import INT32_LIMIT
 
 
 @triton.jit
@@ -64,10 +65,6 @@ def max_pool_kernel(
 CUDA_TILE = 1024
 CUDA_WARPS = 4
 
-# Offsets fit int32 up to here (a tile's lanes reach at most one tile past the last element).
-INT32_LIMIT = 2**31 - 1
-
-
 def _extent(t) -> int:
     """One past the largest element offset t's strides reach."""
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
@@ -107,7 +104,8 @@ def max_pool2d(x, kernel: int, stride: int):
     if p == 0 or c == 0:
         return out
     bp, bc, warps = launch_config(p, c, x.is_cuda)
-    # the last window's positions past the map are masked but their offsets are still formed
+    # Offsets in int32 up to unpool.INT32_LIMIT: the last window's positions past the map are
+    # masked but their offsets are still formed, and a tile's lanes reach one tile past the end.
     reach = _extent(x) + kernel * (abs(x.stride(2)) + abs(x.stride(3)))
     int64 = max(reach, _extent(out), p + bp, c + bc) > INT32_LIMIT
     max_pool_kernel[(triton.cdiv(p, bp), triton.cdiv(c, bc))](
